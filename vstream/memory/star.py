@@ -1,0 +1,274 @@
+"""STAR memory in `paper` mode: equations (1)-(5) applied incrementally, one frame or one chunk of frames at a time.
+
+State is a set of preallocated tensors written in place; its size never depends on the stream length. Host-side
+counters (frames seen, filled slots) are plain Python integers known without reading the device, so an update never
+synchronises with it. `read()` returns a snapshot: new tensors that later updates do not touch.
+
+What the state means (D = feature width, F_tem = P_tem^2 * D):
+- buffer: the newest N_buff frames at P_spa (eq. 1), a ring; `buffer_tem` holds the same frames at P_tem for the
+  retrieval distances, `buffer_time` their stream times.
+- spatial: the newest N_spa buffer frames (eq. 2), oldest first.
+- temporal: N_tem centroids of a weighted k-means over [old centroids with their carried weights, new frames with
+  weight 1] (eq. 3). Weights sum to the number of frames seen. Each centroid carries the first, last and weighted-mean
+  stream time of the frames it stands for; centroids are kept in order of their mean time.
+- abstract: N_abs slots; the first N_abs frames fill them, later frames update them by semantic attention (eq. 4,
+  `AbstractAttention.update_paper`).
+- retrieved: for each of the N_ret heaviest clusters (ties: the earlier cluster), the buffer frame nearest its
+  centroid (eq. 5; near-ties: the most recent frame), in time order.
+
+Chunked vs frame-by-frame ingestion: the buffer, the spatial frames, the total temporal weight and the time coverage
+are identical; the k-means partition and the abstract slots may differ (clustering and attention see the chunk at once).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from vstream.config import MemoryConfig
+from vstream.encoder.pooling import pyramid
+from vstream.memory.attention import AbstractAttention
+from vstream.memory.kmeans import squared_distances, weighted_kmeans
+
+PARTS = ("abstract", "temporal", "retrieved", "spatial")
+
+
+@dataclass
+class MemoryRead:
+    """A snapshot of the memory: tokens in the order [abstract | temporal | retrieved | spatial] and their times."""
+
+    tokens: torch.Tensor  # [N, D]
+    counts: dict[str, int]  # tokens per part, in PARTS order
+    spatial_times: torch.Tensor  # [n_spa] float64, oldest first
+    retrieved_times: torch.Tensor  # [n_ret] float64
+    temporal_spans: torch.Tensor  # [n_tem, 3] float64: first, last, weighted-mean time of each cluster
+    temporal_weights: torch.Tensor  # [n_tem] float32: frames each cluster stands for
+    frames_seen: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.shape[0]
+
+
+class StarMemoryBase:
+    """What both modes share: configuration, pooling of new frames, counters and budgets."""
+
+    def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None):
+        cfg.validate(grid)
+        self.cfg = cfg
+        self.dim = dim
+        self.grid = grid
+        self.attention = attention
+        self.device = torch.device(device) if device is not None else attention.q_proj.weight.device
+        self.dtype = dtype if dtype is not None else attention.q_proj.weight.dtype
+        self.frames_seen = 0
+
+    def _tensor(self, *shape, dtype=None, fill=0.0) -> torch.Tensor:
+        return torch.full(shape, fill, dtype=dtype or self.dtype, device=self.device)
+
+    def _prepare(self, features: torch.Tensor, times) -> tuple[torch.Tensor, ...]:
+        """Check and pool a chunk: features [n, grid^2, D] (or already at P_spa^2), times [n] -> pyramid + times."""
+        if features.dim() != 3 or features.shape[-1] != self.dim:
+            raise ValueError(f"expected frame features [n, tokens, {self.dim}], got {tuple(features.shape)}")
+        n = features.shape[0]
+        if n == 0:
+            raise ValueError("a memory update needs at least one frame, got 0")
+        if features.shape[1] not in (self.grid**2, self.cfg.spatial_size**2):
+            raise ValueError(
+                f"expected {self.grid**2} tokens per frame (or {self.cfg.spatial_size**2} already pooled), "
+                f"got {features.shape[1]}"
+            )
+        if times is None:
+            times = torch.arange(self.frames_seen, self.frames_seen + n, dtype=torch.float64)
+        times = torch.as_tensor(times, dtype=torch.float64, device=self.device).reshape(-1)
+        if times.shape[0] != n:
+            raise ValueError(f"expected {n} timestamps, one per frame, got {times.shape[0]}")
+        features = features.to(device=self.device, dtype=self.dtype)
+        c = self.cfg
+        spa, tem, abs_ = pyramid(features, c.spatial_size, c.temporal_size, c.abstract_size)
+        return spa, tem, abs_, times
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the state tensors (fixed at construction)."""
+        return sum(t.numel() * t.element_size() for t in self._state().values())
+
+    @property
+    def max_tokens(self) -> int:
+        return self.cfg.max_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.counts().values())
+
+    def counts(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Tensors and counters that restore this memory exactly with `load_state_dict`."""
+        return {"tensors": {k: v.clone() for k, v in self._state().items()}, "counters": self._counters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self._state()
+        if set(state["tensors"]) != set(mine):
+            raise ValueError(f"memory state has tensors {sorted(state['tensors'])}, expected {sorted(mine)}")
+        for name, value in state["tensors"].items():
+            if value.shape != mine[name].shape:
+                raise ValueError(f"memory state {name!r} has shape {tuple(value.shape)}, expected {tuple(mine[name].shape)}")
+            mine[name].copy_(value)
+        for name, value in state["counters"].items():
+            setattr(self, name, value)
+
+    def _counters(self) -> dict:
+        return {k: v for k, v in vars(self).items() if k == "frames_seen" or k.startswith("n_")}
+
+
+class PaperStarMemory(StarMemoryBase):
+    """The paper's STAR memory with carried cluster weights and a bounded ring buffer."""
+
+    def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None):
+        super().__init__(cfg, dim, attention, grid, device, dtype)
+        c, d = cfg, dim
+        self.buffer = self._tensor(c.buffer_length, c.spatial_size**2, d)  # [N_buff, P_spa^2, D]
+        self.buffer_tem = self._tensor(c.buffer_length, c.temporal_size**2, d)  # [N_buff, P_tem^2, D]
+        self.buffer_time = self._tensor(c.buffer_length, dtype=torch.float64, fill=float("nan"))  # [N_buff]
+        self.temporal = self._tensor(c.temporal_length, c.temporal_size**2, d)  # [N_tem, P_tem^2, D]
+        self.tem_weight = self._tensor(c.temporal_length, dtype=torch.float32)  # [N_tem]
+        self.tem_span = self._tensor(c.temporal_length, 3, dtype=torch.float64, fill=float("nan"))  # [N_tem, 3]
+        self.abstract = self._tensor(c.abstract_length, c.abstract_size**2, d)  # [N_abs, P_abs^2, D]
+        self.retrieved = torch.zeros(c.retrieved_length, dtype=torch.long, device=self.device)  # [N_ret] buffer slots
+        self.n_tem = self.n_abs = self.n_ret = 0
+
+    def counts(self) -> dict[str, int]:
+        c = self.cfg
+        return {
+            "abstract": self.n_abs * c.abstract_size**2,
+            "temporal": self.n_tem * c.temporal_size**2,
+            "retrieved": self.n_ret * c.spatial_size**2,
+            "spatial": min(self.frames_seen, c.spatial_length) * c.spatial_size**2,
+        }
+
+    @torch.no_grad()
+    def update(self, features: torch.Tensor, times=None) -> None:
+        """Add a chunk of frames: features [n, grid^2, D] (or [n, P_spa^2, D]), times [n] stream seconds."""
+        spa, tem, abs_, times = self._prepare(features, times)
+        self._push_buffer(spa, tem, times)  # (1), and (2) is read from the ring
+        self._update_temporal(tem, times)  # (3)
+        self._update_abstract(abs_)  # (4)
+        self._retrieve()  # (5)
+
+    def _push_buffer(self, spa, tem, times) -> None:
+        n_buff = self.cfg.buffer_length
+        keep = min(spa.shape[0], n_buff)  # a chunk longer than the buffer leaves only its newest frames
+        slots = torch.arange(self.frames_seen + spa.shape[0] - keep, self.frames_seen + spa.shape[0], device=self.device)
+        slots = slots % n_buff
+        self.buffer.index_copy_(0, slots, spa[-keep:])
+        self.buffer_tem.index_copy_(0, slots, tem[-keep:])
+        self.buffer_time.index_copy_(0, slots, times[-keep:])
+        self.frames_seen += spa.shape[0]
+
+    def _update_temporal(self, tem, times) -> None:
+        k, n = self.cfg.temporal_length, tem.shape[0]
+        if self.n_tem + n <= k:
+            sl = slice(self.n_tem, self.n_tem + n)
+            self.temporal[sl] = tem
+            self.tem_weight[sl] = 1.0
+            self.tem_span[sl] = times[:, None].expand(n, 3)
+            self.n_tem += n
+            return
+        points = torch.cat([self.temporal[: self.n_tem].flatten(1), tem.flatten(1)])  # [T, F_tem], T <= k + n
+        weight = torch.cat([self.tem_weight[: self.n_tem], torch.ones(n, device=self.device)])
+        span = torch.cat([self.tem_span[: self.n_tem], times[:, None].expand(n, 3)])
+        result = weighted_kmeans(
+            points, k, weights=weight, init_indices=seed_indices(points, weight, k),
+            max_iter=self.cfg.kmeans_iters, tol=self.cfg.kmeans_tol, empty="keep",
+        )
+        new_span = cluster_spans(span, weight, result.labels, k)
+        order = torch.argsort(torch.nan_to_num(new_span[:, 2], nan=float("inf")))  # time order, empty clusters last
+        self.temporal.copy_(result.centroids[order].view_as(self.temporal))
+        self.tem_weight.copy_(result.weights[order])
+        self.tem_span.copy_(new_span[order])
+        self.n_tem = k
+
+    def _update_abstract(self, abs_) -> None:
+        free = self.cfg.abstract_length - self.n_abs
+        fill = min(free, abs_.shape[0])
+        if fill:
+            self.abstract[self.n_abs : self.n_abs + fill] = abs_[:fill]
+            self.n_abs += fill
+        if fill < abs_.shape[0]:
+            self.abstract.copy_(self.attention.update_paper(self.abstract, abs_[fill:], self.cfg.update_ratio))
+
+    def _retrieve(self) -> None:
+        r = min(self.cfg.retrieved_length, self.n_tem)
+        valid = min(self.frames_seen, self.cfg.buffer_length)  # ring slots 0..valid-1 hold frames
+        top = torch.sort(self.tem_weight[: self.n_tem], descending=True, stable=True).indices[:r]  # heaviest; ties: earlier
+        dist = squared_distances(self.temporal[top].flatten(1), self.buffer_tem[:valid].flatten(1))  # [r, valid]
+        slots = nearest_most_recent(dist, self.buffer_time[:valid])
+        slots = slots[torch.argsort(self.buffer_time[slots])]  # time order
+        self.retrieved[:r] = slots
+        self.n_ret = r
+
+    def spatial_slots(self) -> torch.Tensor:
+        """Ring slots of the newest N_spa frames, oldest first."""
+        n = min(self.frames_seen, self.cfg.spatial_length)
+        return torch.arange(self.frames_seen - n, self.frames_seen, device=self.device) % self.cfg.buffer_length
+
+    def read(self) -> MemoryRead:
+        spa = self.spatial_slots()
+        ret = self.retrieved[: self.n_ret]
+        tokens = torch.cat(
+            [
+                self.abstract[: self.n_abs].flatten(0, 1),
+                self.temporal[: self.n_tem].flatten(0, 1),
+                self.buffer[ret].flatten(0, 1),
+                self.buffer[spa].flatten(0, 1),
+            ]
+        )
+        return MemoryRead(
+            tokens=tokens,
+            counts=self.counts(),
+            spatial_times=self.buffer_time[spa].clone(),
+            retrieved_times=self.buffer_time[ret].clone(),
+            temporal_spans=self.tem_span[: self.n_tem].clone(),
+            temporal_weights=self.tem_weight[: self.n_tem].clone(),
+            frames_seen=self.frames_seen,
+        )
+
+
+def seed_indices(points: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Deterministic k-means seeds for [old centroids, new frames]: the k points that would cost most to merge away.
+
+    A point's cost is its weight times the squared distance to its nearest other point, so near-duplicates and light
+    points are merged first and a novel frame keeps a cluster of its own. With one new frame this makes the k-means
+    start from the best single merge (Ward's criterion up to the neighbour's own shift).
+    """
+    d = squared_distances(points, points)
+    d.fill_diagonal_(float("inf"))
+    cost = weight * d.min(dim=1).values
+    return torch.sort(cost, descending=True, stable=True).indices[:k]  # ties: earlier point first
+
+
+def nearest_most_recent(dist: torch.Tensor, times: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
+    """dist [r, B], times [B] -> [r]: per row the column at the smallest distance; columns within `rel_tol` of it
+    count as tied (a two-frame centroid is equidistant from both frames) and the most recent of them wins."""
+    best = dist.min(dim=1, keepdim=True).values
+    tied = dist <= best * (1 + rel_tol) + 1e-12
+    return torch.where(tied, times[None, :], torch.tensor(float("-inf"), dtype=times.dtype, device=times.device)).argmax(1)
+
+
+def cluster_spans(span: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-cluster (first, last, weighted-mean) time from the members' spans [T, 3]; NaN rows for empty clusters."""
+    out = torch.full((k, 3), float("nan"), dtype=torch.float64, device=span.device)
+    out[:, 0].scatter_reduce_(0, labels, span[:, 0], reduce="amin", include_self=False)
+    out[:, 1].scatter_reduce_(0, labels, span[:, 1], reduce="amax", include_self=False)
+    w = weight.double()
+    total = torch.zeros(k, dtype=torch.float64, device=span.device).index_add_(0, labels, w)
+    mean = torch.zeros(k, dtype=torch.float64, device=span.device).index_add_(0, labels, w * span[:, 2])
+    out[:, 2] = mean / total  # 0/0 = NaN for empty clusters
+    return out
