@@ -1,0 +1,156 @@
+"""The Flash-VStream model in one file: frames -> vision tower -> STAR memory -> projector -> splice -> LLM -> text.
+
+The model owns its weights and turns inputs into outputs; it does no I/O beyond `answer(video_path, ...)`, the offline
+convenience that decodes a file. Streaming sessions (ingest and answer concurrently) are built on `encode`,
+`new_memory` and `stream_answer` elsewhere. Loading and saving live in `vstream.model.loading`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from vstream.config import ModelConfig
+from vstream.encoder.preprocess import preprocess_frames
+from vstream.encoder.tower import VisionTower
+from vstream.memory import AbstractAttention, MemoryRead, build_memory, official_offline_memory
+from vstream.model.generate import stream_generate
+from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings, tokenizer_image_token
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
+    """`mlp2x_gelu`: Linear, GELU (exact erf), Linear; `linear`: one Linear. Indices match the released keys."""
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
+    if kind == "linear":
+        return nn.Linear(in_dim, out_dim)
+    raise ValueError(f"projector type must be 'mlp2x_gelu' or 'linear', got {kind!r}")
+
+
+@dataclass
+class Answer:
+    """An answer with the stream times its memory rests on and what it cost."""
+
+    text: str
+    question: str
+    frames: int
+    memory_tokens: int
+    spatial_times: list[float]
+    retrieved_times: list[float]
+    temporal_spans: list[tuple[float, float]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(vars(self))
+
+
+class FlashVStream(nn.Module):
+    """Vision tower (optional: features can be given directly), abstract attention, projector and a causal LM."""
+
+    def __init__(self, cfg: ModelConfig, llm: nn.Module, tokenizer, vision: VisionTower | None):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = vision
+        dim = cfg.vision.hidden_size
+        self.attention_model = AbstractAttention(dim, cfg.memory.attention_dim)
+        self.mm_projector = build_projector(cfg.projector_type, dim, llm.config.hidden_size)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        cfg.memory.validate(cfg.vision.grid)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.mm_projector.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.mm_projector.parameters()).dtype
+
+    # ---------------------------------------------------------------- frames -> features -> memory
+
+    def encode(self, frames: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
+        """RGB frames (any size) -> patch features [n, grid^2, D] at the tower's selected layer."""
+        if self.vision is None:
+            raise RuntimeError("this model was loaded without a vision tower; pass pre-extracted features instead")
+        pixels = preprocess_frames(frames, self.cfg.vision)
+        return self.vision.encode(pixels, batch_size=batch_size)
+
+    def new_memory(self):
+        """An empty streaming STAR memory of the configured mode, on the model's device and dtype."""
+        return build_memory(
+            self.cfg.memory, self.cfg.vision.hidden_size, self.attention_model, self.cfg.vision.grid,
+            device=self.device, dtype=self.dtype,
+        )
+
+    @torch.no_grad()
+    def memory_from_features(self, features: torch.Tensor, times: Sequence[float] | None = None) -> MemoryRead:
+        """The memory after a whole clip [T, tokens, D]: the released offline function in `official` mode, frame-by-frame
+        streaming updates in `paper` mode (so an offline answer sees what a live stream would have built)."""
+        if self.cfg.memory.mode == "official":
+            return official_offline_memory(features.to(self.device, self.dtype), times, self.cfg.memory, self.attention_model)
+        memory = self.new_memory()
+        for i in range(features.shape[0]):
+            memory.update(features[i : i + 1], None if times is None else [times[i]])
+        return memory.read()
+
+    # ---------------------------------------------------------------- memory + question -> prompt embeddings -> text
+
+    def prompt_embeds(self, memory_tokens: torch.Tensor, question: str, system_extra: str | None = None) -> torch.Tensor:
+        """Project the memory [N, D] and splice it at the prompt's single `<image>` -> inputs_embeds [1, S, H]."""
+        prompt = build_prompt(self.cfg.template, question, system_extra=system_extra)
+        ids = torch.tensor(tokenizer_image_token(prompt, self.tokenizer), device=self.device)
+        where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(where) != 1:
+            raise ValueError(f"the prompt must hold exactly one {IMAGE_TOKEN_INDEX} image placeholder, found {len(where)}")
+        embed = self.llm.get_input_embeddings()
+        vision = self.mm_projector(memory_tokens.to(self.device, self.dtype)).to(embed.weight.dtype)  # [N, H]
+        text = embed(ids.clamp_min(0))  # [S_text, H]; the placeholder row is replaced below
+        i = where[0]
+        return torch.cat([text[:i], vision, text[i + 1 :]])[None]
+
+    def stream_answer(
+        self, memory: MemoryRead, question: str, max_new_tokens: int | None = None, temperature: float = 0.0
+    ) -> Iterator[str]:
+        """Yield the answer's text pieces as they are generated from a memory snapshot (greedy by default)."""
+        with torch.inference_mode():
+            embeds = self.prompt_embeds(memory.tokens, question)
+        yield from stream_generate(
+            self.llm, embeds, self.tokenizer,
+            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            stop_strings=stop_strings(self.cfg.template), temperature=temperature,
+        )
+
+    def answer(self, video: str, question: str, at: float | None = None, max_new_tokens: int | None = None) -> Answer:
+        """Decode `video` at `cfg.sample_fps` up to `at` seconds (default: the end), build the memory, answer."""
+        from vstream.video import read_frames
+
+        t0 = time.perf_counter()
+        times, frames = read_frames(video, fps=self.cfg.sample_fps, until=at)
+        t1 = time.perf_counter()
+        features = self.encode(frames)
+        t2 = time.perf_counter()
+        memory = self.memory_from_features(features, times)
+        t3 = time.perf_counter()
+        pieces, first = [], None
+        for piece in self.stream_answer(memory, question, max_new_tokens=max_new_tokens):
+            first = first if first is not None else time.perf_counter()
+            pieces.append(piece)
+        t4 = time.perf_counter()
+        return Answer(
+            text="".join(pieces).strip(),
+            question=question,
+            frames=len(frames),
+            memory_tokens=memory.num_tokens,
+            spatial_times=memory.spatial_times.tolist(),
+            retrieved_times=memory.retrieved_times.tolist(),
+            temporal_spans=[(a, b) for a, b, _ in memory.temporal_spans.tolist()],
+            timings={
+                "decode_s": t1 - t0, "encode_s": t2 - t1, "memory_s": t3 - t2,
+                "first_token_s": (first or t4) - t3, "answer_s": t4 - t3,
+            },
+        )
