@@ -93,7 +93,8 @@ def _assign(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor, k: int, exact: bo
     points resolve the same way (first cluster wins); otherwise by the cheaper expansion."""
     dist = direct_distances(x, c) if exact else squared_distances(x, c)
     labels = dist.argmin(dim=1)  # first index wins ties
-    onehot = torch.nn.functional.one_hot(labels, k).to(torch.float32) * w[:, None]  # [T, K]
+    # a comparison, not F.one_hot: one_hot validates its input on the host, which would synchronise
+    onehot = (labels[:, None] == torch.arange(k, device=x.device)[None, :]).to(torch.float32) * w[:, None]  # [T, K]
     wsum = onehot.sum(0)
     means = (onehot.T @ x) / wsum.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
     return labels, wsum, means

@@ -80,8 +80,9 @@ class StarMemoryBase:
                 f"expected {self.grid**2} tokens per frame (or {self.cfg.spatial_size**2} already pooled), "
                 f"got {features.shape[1]}"
             )
-        if times is None:
-            times = torch.arange(self.frames_seen, self.frames_seen + n, dtype=torch.float64)
+        if times is None:  # frame numbers as times, made on the device (no host-to-device copy)
+            times = torch.arange(self.frames_seen, self.frames_seen + n, dtype=torch.float64, device=self.device)
+        # a list of floats is copied to the device; pass a device tensor to keep the update free of synchronisation
         times = torch.as_tensor(times, dtype=torch.float64, device=self.device).reshape(-1)
         if times.shape[0] != n:
             raise ValueError(f"expected {n} timestamps, one per frame, got {times.shape[0]}")
@@ -259,7 +260,7 @@ def nearest_most_recent(dist: torch.Tensor, times: torch.Tensor, rel_tol: float 
     count as tied (a two-frame centroid is equidistant from both frames) and the most recent of them wins."""
     best = dist.min(dim=1, keepdim=True).values
     tied = dist <= best * (1 + rel_tol) + 1e-12
-    return torch.where(tied, times[None, :], torch.tensor(float("-inf"), dtype=times.dtype, device=times.device)).argmax(1)
+    return times[None, :].expand_as(dist).masked_fill(~tied, float("-inf")).argmax(1)
 
 
 def cluster_spans(span: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
