@@ -13,7 +13,7 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionCo
 
 from vstream.config import VisionConfig, preset
 from vstream.encoder.preprocess import preprocess_frames, resized_size, to_rgb
-from vstream.encoder.tower import VisionTower, load_clip_directory, load_clip_weights
+from vstream.encoder.tower import VisionTower, clip_config, load_clip_directory, load_clip_weights
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +108,7 @@ def test_to_rgb_rejects_what_it_cannot_convert_exactly(bad, message):
 def _full_tower(cfg: VisionConfig, seed=0) -> CLIPVisionModel:
     """Full-depth random CLIP vision model of `cfg`, with non-trivial LayerNorms."""
     torch.manual_seed(seed)
-    model = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_hidden_layers,
-            num_attention_heads=cfg.num_attention_heads,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            hidden_act=cfg.hidden_act,
-        )
-    ).eval()
+    model = CLIPVisionModel(clip_config(cfg)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -217,15 +207,7 @@ TINY_TEXT = dict(
 
 
 def _tiny_hf_vision_config() -> CLIPVisionConfig:
-    v = preset("tiny").vision
-    return CLIPVisionConfig(
-        hidden_size=v.hidden_size,
-        intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-    )
+    return clip_config(preset("tiny").vision)
 
 
 def _check_directory_tower(tower: VisionTower, vision: CLIPVisionModel, select_layer=-2):

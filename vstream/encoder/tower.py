@@ -27,10 +27,27 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vstream.config import VisionConfig
+from vstream.weights import read_state_dict
 
 _BLOCK = re.compile(r"encoder\.layers\.(\d+)\.")
 _NON_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")  # CLIPModel keys we never use
 _MAX_LISTED = 20  # names shown per list in a load error
+
+
+def clip_config(cfg: VisionConfig, num_layers: int | None = None) -> CLIPVisionConfig:
+    """The transformers config of `cfg`'s tower with `num_layers` blocks (default: the full depth)."""
+    return CLIPVisionConfig(
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers if num_layers is None else num_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_channels=3,
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        hidden_act=cfg.hidden_act,
+        layer_norm_eps=cfg.layer_norm_eps,
+        attn_implementation="sdpa",
+    )
 
 
 class VisionTower(nn.Module):
@@ -40,18 +57,7 @@ class VisionTower(nn.Module):
     def __init__(self, cfg: VisionConfig, device: torch.device | str | None = None):
         super().__init__()
         self.cfg = cfg
-        hf_config = CLIPVisionConfig(
-            hidden_size=cfg.hidden_size,
-            intermediate_size=cfg.intermediate_size,
-            num_hidden_layers=cfg.num_layers_used,
-            num_attention_heads=cfg.num_attention_heads,
-            num_channels=3,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            hidden_act=cfg.hidden_act,
-            layer_norm_eps=cfg.layer_norm_eps,
-            attn_implementation="sdpa",
-        )
+        hf_config = clip_config(cfg, num_layers=cfg.num_layers_used)
         with torch.device(device) if device is not None else contextlib.nullcontext():
             self.clip = CLIPVisionModel(hf_config)
         # post_layernorm only touches the pooled CLS token, which is dropped: keep no parameters for it.
@@ -139,10 +145,9 @@ def load_clip_directory(path: str | Path, cfg: VisionConfig | None = None) -> Vi
         raise FileNotFoundError(
             f"{root} {found}: expected a local CLIP directory with config.json and weights (nothing is downloaded)"
         )
-    vision_cfg = _vision_config(root, cfg)
-    state = _read_weights(root)
+    vision_cfg = vision_config_from_dir(root, cfg)
+    state = read_state_dict(root, skip_prefixes=_NON_VISION)
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
-    state = {k: v for k, v in state.items() if not k.startswith(_NON_VISION)}
     tower = VisionTower(vision_cfg, device="meta")
     load_clip_weights(tower, state, prefix)
     return tower
@@ -178,7 +183,9 @@ def _materialise_position_ids(tower: VisionTower) -> None:
         embeddings.register_buffer("position_ids", ids, persistent=False)
 
 
-def _vision_config(root: Path, cfg: VisionConfig | None) -> VisionConfig:
+def vision_config_from_dir(root: Path, cfg: VisionConfig | None = None) -> VisionConfig:
+    """The architecture of a local CLIP directory (CLIPModel or CLIPVisionModel config.json); the remaining fields
+    (selected layer, normalisation) come from `cfg` when given."""
     raw = json.loads((root / "config.json").read_text())
     model_type = raw.get("model_type")
     if model_type == "clip":
@@ -199,30 +206,3 @@ def _vision_config(root: Path, cfg: VisionConfig | None) -> VisionConfig:
         layer_norm_eps=hf.layer_norm_eps,
     )
     return dataclasses.replace(cfg, **arch) if cfg is not None else VisionConfig(**arch)
-
-
-def _read_weights(root: Path) -> dict[str, torch.Tensor]:
-    """All tensors of the directory's checkpoint (safetensors preferred), on the CPU."""
-    for single, index_name in (
-        ("model.safetensors", "model.safetensors.index.json"),
-        ("pytorch_model.bin", "pytorch_model.bin.index.json"),
-    ):
-        if (root / single).is_file():
-            return _read_file(root / single)
-        if (root / index_name).is_file():
-            shards = sorted(set(json.loads((root / index_name).read_text())["weight_map"].values()))
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                state.update(_read_file(root / shard))
-            return state
-    present = sorted(p.name for p in root.iterdir())
-    raise FileNotFoundError(
-        f"{root}: expected model.safetensors, pytorch_model.bin or an index of their shards; found {present}"
-    )
-
-
-def _read_file(file: Path) -> dict[str, torch.Tensor]:
-    if file.suffix == ".safetensors":
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys() if not key.startswith(_NON_VISION)}
-    return torch.load(file, map_location="cpu", weights_only=True)

@@ -16,9 +16,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from vstream.config import PRESETS, MemoryConfig, ModelConfig, VisionConfig, preset
-from vstream.encoder.tower import VisionTower, load_clip_directory, load_clip_weights
+from vstream.encoder.tower import VisionTower, load_clip_directory, load_clip_weights, vision_config_from_dir
 from vstream.model.tokenizers import build_tiny_tokenizer, load_tokenizer
 from vstream.model.vlm import FlashVStream
+from vstream.weights import read_state_dict
 
 OWN_CONFIG = "vstream_config.json"
 OWN_WEIGHTS = "vstream.safetensors"
@@ -166,48 +167,13 @@ def _official_vision_config(raw: dict, override, path: Path) -> VisionConfig:
     local = Path(source) if Path(source).is_absolute() else path / source
     for candidate in (Path(source), local):
         if (candidate / "config.json").exists():
-            return _vision_config_from_dir(candidate)
+            return vision_config_from_dir(candidate)
     if str(source) in KNOWN_TOWERS:
         return VisionConfig(**vars(KNOWN_TOWERS[str(source)]))
     raise ValueError(
         f"mm_vision_tower {source!r} is not a local CLIP directory and not a known tower {sorted(KNOWN_TOWERS)}; "
         "pass vision_tower=LOCAL_CLIP_DIR (nothing is downloaded)"
     )
-
-
-def _vision_config_from_dir(directory: Path) -> VisionConfig:
-    raw = json.loads((directory / "config.json").read_text())
-    v = raw.get("vision_config", raw)
-    return VisionConfig(
-        hidden_size=v["hidden_size"], intermediate_size=v["intermediate_size"], num_hidden_layers=v["num_hidden_layers"],
-        num_attention_heads=v["num_attention_heads"], image_size=v["image_size"], patch_size=v["patch_size"],
-        hidden_act=v.get("hidden_act", "quick_gelu"), layer_norm_eps=v.get("layer_norm_eps", 1e-5),
-    )
-
-
-def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a HF-style weights folder: single or sharded safetensors, or `.bin` files."""
-    for index_name, loader in (("model.safetensors.index.json", load_file), ("pytorch_model.bin.index.json", _load_bin)):
-        index = directory / index_name
-        if index.exists():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            missing = [s for s in shards if not (directory / s).exists()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shards that are not in {directory}: {missing}")
-            out: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                out.update(loader(str(directory / shard)))
-            return out
-    for single, loader in (("model.safetensors", load_file), ("pytorch_model.bin", _load_bin)):
-        if (directory / single).exists():
-            return loader(str(directory / single))
-    raise FileNotFoundError(
-        f"no weights in {directory}: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)"
-    )
-
-
-def _load_bin(path: str) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _load_official(path: Path, vision_tower) -> FlashVStream:

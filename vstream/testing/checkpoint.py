@@ -14,22 +14,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 
 from vstream.config import ModelConfig, preset
+from vstream.encoder.tower import clip_config
 from vstream.memory import AbstractAttention
 from vstream.model.loading import OFFICIAL_VISION_PREFIX as VISION_PREFIX
 from vstream.model.tokenizers import build_tiny_tokenizer
 from vstream.model.vlm import build_projector
-
-
-def _clip_config(cfg: ModelConfig) -> CLIPVisionConfig:
-    v = cfg.vision
-    return CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-        hidden_act=v.hidden_act, layer_norm_eps=v.layer_norm_eps,
-    )
 
 
 def released_config(cfg: ModelConfig, vision_tower: str, vocab_size: int) -> dict:
@@ -63,7 +55,7 @@ def released_weights(cfg: ModelConfig, vocab_size: int, seed: int = 0) -> tuple[
     """Random weights under the released names (float32; the writer stores bfloat16), and the full CLIP tower."""
     torch.manual_seed(seed)
     llm = LlamaForCausalLM(LlamaConfig(**(cfg.llm.to_hf() | {"vocab_size": vocab_size})))
-    clip = CLIPVisionModel(_clip_config(cfg))
+    clip = CLIPVisionModel(clip_config(cfg.vision))
     projector = build_projector(cfg.projector_type, cfg.vision.hidden_size, cfg.llm.hidden_size)
     attention = AbstractAttention(cfg.vision.hidden_size, cfg.memory.attention_dim)
     out = dict(llm.state_dict())
