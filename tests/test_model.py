@@ -203,3 +203,16 @@ def test_cli_ask_bad_input_is_one_clear_line(tmp_path, content, message):
 def test_cli_rejects_negative_at(video):
     out = run_cli("ask", str(video), "What?", "--at", "-1")
     assert out.returncode == 2 and "--at must be" in out.stderr
+
+
+def test_snapshots_in_one_pass_equal_separate_answers(video, released):
+    for model in (vstream.load("tiny"), vstream.load(released)):
+        snaps = list(model.memory_snapshots(str(video), [2.0, 7.5, None]))
+        assert [s.frames_seen for s in snaps] == [3, 8, 12]
+        for at, snap in zip([2.0, 7.5, None], snaps):
+            alone = next(model.memory_snapshots(str(video), [at]))
+            if model.cfg.memory.mode == "paper":  # official mode draws random numbers: compare shapes and times only
+                torch.testing.assert_close(snap.tokens, alone.tokens)
+            assert snap.num_tokens == alone.num_tokens and snap.spatial_times.tolist() == alone.spatial_times.tolist()
+    with pytest.raises(ValueError, match="must increase"):
+        next(model.memory_snapshots(str(video), [5.0, 2.0]))

@@ -118,9 +118,11 @@ def demo(
         video = write_test_video(Path(tmp) / "demo.mp4", seconds=seconds, seed=seed)
         typer.echo(f"stream: {seconds}s generated video (seed {seed}); model {m.cfg.name}, memory mode {m.cfg.memory.mode}, "
                    f"at most {m.cfg.memory.max_tokens} memory tokens")
-        for at, q in ((seconds * 0.25, "What is on the screen now?"), (seconds * 0.6, "What happened so far?"),
-                      (None, "Which colours appeared in the video?")):
-            result = m.answer(str(video), q, at=at)
+        questions = [(seconds * 0.25, "What is on the screen now?"), (seconds * 0.6, "What happened so far?"),
+                     (None, "Which colours appeared in the video?")]
+        snapshots = m.memory_snapshots(str(video), [at for at, _ in questions])  # one pass over the stream
+        for (at, q), memory in zip(questions, snapshots):
+            result = m.answer_from(memory, q)
             when = f"{at:.0f}s" if at is not None else "end"
             typer.echo(f"\n[{when}] Q: {q}\n  A: {result.text!r}\n  ({result.frames} frames, {result.memory_tokens} "
                        f"memory tokens, key frames at {[round(t, 1) for t in result.retrieved_times]}, "

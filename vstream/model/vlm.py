@@ -7,6 +7,7 @@ convenience that decodes a file. Streaming sessions (ingest and answer concurren
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from vstream.config import ModelConfig
+from vstream.encoder.pooling import pool_grid
 from vstream.encoder.preprocess import preprocess_frames
 from vstream.encoder.tower import VisionTower
 from vstream.memory import AbstractAttention, MemoryRead, build_memory, official_offline_memory
@@ -89,14 +91,48 @@ class FlashVStream(nn.Module):
 
     @torch.no_grad()
     def memory_from_features(self, features: torch.Tensor, times: Sequence[float] | None = None) -> MemoryRead:
-        """The memory after a whole clip [T, tokens, D]: the released offline function in `official` mode, frame-by-frame
-        streaming updates in `paper` mode (so an offline answer sees what a live stream would have built)."""
-        if self.cfg.memory.mode == "official":
-            return official_offline_memory(features.to(self.device, self.dtype), times, self.cfg.memory, self.attention_model)
-        memory = self.new_memory()
-        for i in range(features.shape[0]):
-            memory.update(features[i : i + 1], None if times is None else [times[i]])
-        return memory.read()
+        """The memory after a whole clip [T, tokens, D] (see `ClipMemory`)."""
+        clip = ClipMemory(self)
+        clip.add(features, list(times) if times is not None else [float(i) for i in range(features.shape[0])])
+        return clip.read()
+
+    @torch.no_grad()
+    def memory_snapshots(
+        self, video: str, at: Sequence[float | None], batch_size: int = 32
+    ) -> Iterator[MemoryRead]:
+        """One sequential pass over `video`: yield the memory as of each time in `at` (increasing; None = the end).
+
+        Frames are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so the host
+        never holds more than one batch of frames."""
+        from vstream.video import VideoError, iter_frames
+
+        keys = [math.inf if t is None else t for t in at]
+        if keys != sorted(keys):
+            raise ValueError(f"snapshot times must increase (None last), got {list(at)}")
+        clip, pending = ClipMemory(self), list(keys)
+        times: list[float] = []
+        frames: list[np.ndarray] = []
+
+        def flush() -> None:
+            if frames:
+                clip.add(self.encode(frames, batch_size), times)
+                times.clear()
+                frames.clear()
+
+        for t, frame in iter_frames(video, fps=self.cfg.sample_fps, until=None if math.inf in keys else max(keys)):
+            while pending and t > pending[0]:
+                flush()
+                yield clip.read()
+                pending.pop(0)
+            times.append(t)
+            frames.append(frame)
+            if len(frames) == batch_size:
+                flush()
+        flush()
+        if clip.frames == 0:
+            raise VideoError(f"{video} contains no decodable video frames")
+        for _ in pending:
+            yield clip.read()
 
     # ---------------------------------------------------------------- memory + question -> prompt embeddings -> text
 
@@ -127,14 +163,19 @@ class FlashVStream(nn.Module):
 
     def answer(self, video: str, question: str, at: float | None = None, max_new_tokens: int | None = None) -> Answer:
         """Decode `video` at `cfg.sample_fps` up to `at` seconds (default: the end), build the memory, answer."""
-        from vstream.video import read_frames
-
         t0 = time.perf_counter()
-        times, frames = read_frames(video, fps=self.cfg.sample_fps, until=at)
-        t1 = time.perf_counter()
-        features = self.encode(frames)
-        t2 = time.perf_counter()
-        memory = self.memory_from_features(features, times)
+        snapshots = self.memory_snapshots(video, [at])
+        try:
+            memory = next(snapshots)
+        finally:
+            snapshots.close()  # closes the video file now, not at garbage collection
+        t3 = time.perf_counter()
+        return self.answer_from(memory, question, max_new_tokens=max_new_tokens, timings={"memory_build_s": t3 - t0})
+
+    def answer_from(
+        self, memory: MemoryRead, question: str, max_new_tokens: int | None = None, timings: dict | None = None
+    ) -> Answer:
+        """Answer from a memory snapshot, with the times it rests on and the answer's latencies."""
         t3 = time.perf_counter()
         pieces, first = [], None
         for piece in self.stream_answer(memory, question, max_new_tokens=max_new_tokens):
@@ -144,13 +185,49 @@ class FlashVStream(nn.Module):
         return Answer(
             text="".join(pieces).strip(),
             question=question,
-            frames=len(frames),
+            frames=memory.frames_seen,
             memory_tokens=memory.num_tokens,
             spatial_times=memory.spatial_times.tolist(),
             retrieved_times=memory.retrieved_times.tolist(),
             temporal_spans=[(a, b) for a, b, _ in memory.temporal_spans.tolist()],
-            timings={
-                "decode_s": t1 - t0, "encode_s": t2 - t1, "memory_s": t3 - t2,
-                "first_token_s": (first or t4) - t3, "answer_s": t4 - t3,
-            },
+            timings=(timings or {}) | {"first_token_s": (first or t4) - t3, "answer_s": t4 - t3},
         )
+
+
+class ClipMemory:
+    """The memory of one clip as its frames arrive in time order.
+
+    `paper` mode: the streaming memory, updated one frame at a time (an offline answer sees what a live stream would
+    have built). `official` mode: the released offline function over all frames so far, recomputed at each `read()`
+    from their P_spa features (64 tokens a frame are kept, not the full grid)."""
+
+    def __init__(self, model: FlashVStream):
+        self.model = model
+        self.official = model.cfg.memory.mode == "official"
+        self.memory = None if self.official else model.new_memory()
+        self.features: list[torch.Tensor] = []
+        self.times: list[float] = []
+
+    @property
+    def frames(self) -> int:
+        return len(self.times)
+
+    def add(self, features: torch.Tensor, times: Sequence[float]) -> None:
+        """features [n, tokens, D] in time order, times [n] seconds."""
+        if features.shape[0] != len(times):
+            raise ValueError(f"expected one time per frame: {features.shape[0]} frames, {len(times)} times")
+        m = self.model
+        features = features.to(m.device, m.dtype)
+        if self.official:
+            self.features.append(pool_grid(features, m.cfg.memory.spatial_size))
+        else:
+            for i in range(features.shape[0]):
+                self.memory.update(features[i : i + 1], times[i : i + 1])
+        self.times.extend(times)
+
+    def read(self) -> MemoryRead:
+        if not self.official:
+            return self.memory.read()
+        if not self.features:
+            raise ValueError("the memory of a clip needs at least one frame, got 0")
+        return official_offline_memory(torch.cat(self.features), self.times, self.model.cfg.memory, self.model.attention_model)
