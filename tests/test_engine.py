@@ -1,0 +1,166 @@
+"""The stream session: ingestion goes on while answers are generated, the drop policy, consistent snapshots, errors.
+Every wait is bounded."""
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import vstream
+from vstream.engine import FrameQueue, StreamSession
+from vstream.sources import PushSource, file_source, replay_source
+from vstream.synth.clips import moving_shapes, write_test_video, write_video
+
+
+@pytest.fixture(scope="module")
+def model():
+    return vstream.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return write_test_video(tmp_path_factory.mktemp("engine") / "clip.mp4", seconds=10, fps=10, seed=2)
+
+
+def slowed(model, seconds):
+    """The same model with `seconds` added to each encoder call (a stand-in for a slow device)."""
+    real = model.encode
+
+    def encode(frames, batch_size=32):
+        time.sleep(seconds)
+        return real(frames, batch_size)
+
+    model.encode = encode
+    return model
+
+
+def test_frames_are_ingested_while_an_answer_is_generated(model):
+    source = PushSource()
+    frames = list(moving_shapes(400, 64, 48, seed=1))
+    stop = threading.Event()
+    with StreamSession(model, queue_size=4, batch_size=1).start(source, live=True) as session:
+        def pusher():
+            for i, frame in enumerate(frames):
+                if stop.is_set():
+                    return
+                source.push(i * 0.1, frame)
+                time.sleep(0.01)
+
+        pushing = threading.Thread(target=pusher, daemon=True)
+        pushing.start()
+        session.wait_for_frames(3, timeout=30)
+        _, pieces = session.ask_stream("Describe everything that happened.", max_new_tokens=400)
+        first = next(pieces)
+        at_first = session.counters.encoded
+        rest = list(pieces)
+        at_end = session.counters.encoded
+        stop.set()
+        pushing.join(timeout=10)
+        source.close()
+    assert len(rest) > 50, "the answer was too short to overlap with ingestion"
+    assert at_end > at_first, f"no frame was encoded during generation ({at_first} -> {at_end})"
+    assert isinstance(first, str)
+
+
+def test_slow_encoder_drops_frames_from_a_live_source_and_none_from_a_file(clip):
+    slow = slowed(vstream.load("tiny"), 0.05)
+    with StreamSession(slow, queue_size=2, batch_size=1).start(replay_source(str(clip), fps=5, speed=20), live=True) as s:
+        assert s.wait(timeout=60)
+    live = s.stats()
+    assert live["frames_received"] == 50 and live["frames_dropped"] > 0
+    assert live["frames_encoded"] + live["frames_dropped"] == 50
+    with StreamSession(slow, queue_size=2, batch_size=1).start(file_source(str(clip), fps=5), live=False) as s:
+        assert s.wait(timeout=60)
+    offline = s.stats()
+    assert offline["frames_dropped"] == 0 and offline["frames_encoded"] == 50 and offline["error"] is None
+
+
+def test_snapshots_are_consistent_under_concurrent_questions(model, clip):
+    errors, seen = [], []
+    with StreamSession(model, queue_size=4, batch_size=2).start(file_source(str(clip), fps=10), live=False) as s:
+        s.wait_for_frames(1, timeout=30)
+
+        def asker():
+            try:
+                for _ in range(8):
+                    snap = s.snapshot()
+                    answer = s.ask("What is there?", max_new_tokens=3)
+                    mem = snap.memory
+                    assert mem.frames_seen == snap.frames
+                    assert mem.num_tokens == sum(mem.counts.values()) == mem.tokens.shape[0]
+                    assert abs(float(mem.temporal_weights.sum()) - snap.frames) < 1e-3
+                    assert mem.spatial_times.tolist() == [snap.stream_time]
+                    assert answer.frames >= snap.frames
+                    seen.append(snap.version)
+            except Exception as exc:  # collected and re-raised on the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=asker) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert s.wait(timeout=60)
+    assert not errors, errors[0]
+    assert len(seen) == 32 and s.stats()["frames_encoded"] == 100
+    assert s.stats()["latency"]["first_token"]["count"] == 32
+
+
+def test_a_file_that_breaks_mid_stream_ends_the_session_with_its_error_and_keeps_the_memory(model, tmp_path):
+    rng = np.random.default_rng(0)
+    frames = (rng.integers(0, 255, (96, 128, 3), dtype=np.uint8) for _ in range(60))
+    full = write_video(tmp_path / "full.mp4", frames, fps=10, options={"preset": "ultrafast"})
+    data = bytearray(full.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 40_000] = rng.bytes(40_000)
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    with StreamSession(model).start(file_source(str(bad), fps=10), live=False) as s:
+        assert s.wait(timeout=60)
+    assert s.error is not None and "bad.mp4" in str(s.error)
+    assert 0 < s.counters.encoded < 60
+    assert s.ask("What was there?", max_new_tokens=2).frames == s.counters.encoded
+
+
+def test_bad_questions_and_early_questions_are_clear_errors(model):
+    source = PushSource()
+    with StreamSession(model).start(source, live=True) as s:
+        with pytest.raises(RuntimeError, match="no frame has been ingested yet"):
+            s.ask("Anything?")
+        source.push(0.0, np.zeros((32, 32, 3), np.uint8))
+        s.wait_for_frames(1, timeout=30)
+        with pytest.raises(ValueError, match="question is empty"):
+            s.ask("   ")
+        with pytest.raises(ValueError, match="frame times must increase"):
+            source.push(0.0, np.zeros((32, 32, 3), np.uint8))
+        source.close()
+        assert s.wait(timeout=30)
+
+
+def test_missing_file_source_ends_the_session_with_a_clear_error(model, tmp_path):
+    with StreamSession(model).start(file_source(str(tmp_path / "nope.mp4")), live=False) as s:
+        assert s.wait(timeout=30)
+    assert "does not exist" in str(s.error)
+    with pytest.raises(RuntimeError, match="ended before any frame"):
+        s.wait_for_frames(1, timeout=5)
+
+
+def test_frame_queue_drop_oldest_and_backpressure():
+    q = FrameQueue(2)
+    assert q.put(1, drop_oldest=True) == 0 and q.put(2, drop_oldest=True) == 0
+    assert q.put(3, drop_oldest=True) == 1
+    assert q.get_batch(5, timeout=0.1) == [2, 3]
+    q.put(4, drop_oldest=False)
+    q.put(5, drop_oldest=False)
+    with pytest.raises(TimeoutError, match="stayed full"):
+        q.put(6, drop_oldest=False, timeout=0.05)
+    assert q.get_batch(1, timeout=0.1) == [4]
+    assert q.get_batch(1, timeout=0.1) == [5] and q.get_batch(1, timeout=0.05) == []
+
+
+def test_replay_paces_by_stream_time(clip):
+    start = time.monotonic()
+    times = [t for t, _ in replay_source(str(clip), fps=2, speed=10, until=4.0)]
+    elapsed = time.monotonic() - start
+    assert times == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
+    assert elapsed >= 0.4 - 0.02  # 4 s of stream at 10x
