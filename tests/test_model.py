@@ -177,9 +177,11 @@ def test_cli_ask_with_released_checkpoint(video, released):
     out = run_cli("ask", str(video), "What is in the video?", "--model", str(released), "--at", "6", "--json")
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
-    assert data["frames"] == 7 and data["memory_mode"] == "official"
-    assert data["memory_tokens"] == 64 + 17 * 6 + 64 * 3
-    assert "text" in data and data["spatial_times"] == [6.0]
+    assert data["memory_mode"] == "official"
+    (answer,) = data["answers"]
+    assert answer["frames"] == 7 and answer["at"] == 6.0
+    assert answer["memory_tokens"] == 64 + 17 * 6 + 64 * 3
+    assert "text" in answer and answer["spatial_times"] == [6.0]
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import tempfile
 from pathlib import Path
@@ -69,32 +70,82 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
 
 @app.command()
 def ask(
-    video: Annotated[Path, typer.Argument(help="Video file.")],
-    question: Annotated[str, typer.Argument(help="Question about the video.")],
-    at: Annotated[Optional[float], typer.Option(help="Answer from the stream as of this many seconds.")] = None,
+    source: Annotated[str, typer.Argument(help="Video file, URL (http/https/rtsp) or webcam:N.")],
+    questions: Annotated[list[str], typer.Argument(help="Questions, in the order of their --at times.")],
+    at: Annotated[Optional[list[float]], typer.Option(help="Stream time of each question (one per question).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     memory_mode: Annotated[Optional[str], typer.Option(help="paper or official (default: the model's).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")] = None,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     as_json: JsonOpt = False,
 ) -> None:
-    """Answer a question about a video file, from the memory built up to `--at` seconds (default: the end)."""
+    """One pass over the source; each question is answered from the memory as it stood at its `--at` time (default:
+    the end), so it sees only the frames up to that time."""
     import vstream
+    from vstream.sources import open_source
 
-    if at is not None and at < 0:
-        raise UserError(f"--at must be a time in seconds >= 0, got {at}")
+    times = _question_times(questions, at)
     m = vstream.load(model, device=device, memory_mode=memory_mode)
-    result = m.answer(str(video), question, at=at, max_new_tokens=max_new_tokens)
+    frames, _ = open_source(source, fps=m.cfg.sample_fps)
+    order = sorted(range(len(questions)), key=lambda i: math.inf if times[i] is None else times[i])
+    answers: dict[int, dict] = {}
+    snapshots = m.memory_snapshots(frames, [times[i] for i in order])
+    for i, memory in zip(order, snapshots):
+        result = m.answer_from(memory, questions[i], max_new_tokens=max_new_tokens)
+        answers[i] = result.to_dict() | {"at": times[i]}
+        if not as_json:
+            _print_answer(answers[i])
     if as_json:
-        typer.echo(json.dumps(result.to_dict() | {"model": m.cfg.name, "memory_mode": m.cfg.memory.mode}, indent=2))
-        return
-    typer.echo(result.text)
+        out = {"source": source, "model": m.cfg.name, "memory_mode": m.cfg.memory.mode,
+               "answers": [answers[i] for i in range(len(questions))]}
+        typer.echo(json.dumps(out, indent=2))
+
+
+def _question_times(questions: list[str], at: list[float] | None) -> list[float | None]:
+    if any(not q.strip() for q in questions):
+        raise UserError("a question is empty: expected non-empty text for every question")
+    if at and len(at) != len(questions):
+        raise UserError(f"give one --at per question: {len(questions)} questions, {len(at)} --at times")
+    if at and any(t < 0 for t in at):
+        raise UserError(f"--at must be a time in seconds >= 0, got {at}")
+    return list(at) if at else [None] * len(questions)
+
+
+def _print_answer(a: dict) -> None:
+    when = "end" if a["at"] is None else f"{a['at']:g}s"
+    typer.echo(f"[{when}] {a['question']}\n{a['text']}")
     typer.echo(
-        f"[{result.frames} frames, {result.memory_tokens} memory tokens, spatial frame at "
-        f"{', '.join(f'{t:.1f}s' for t in result.spatial_times)}, key frames at "
-        f"{', '.join(f'{t:.1f}s' for t in result.retrieved_times) or '-'}]",
+        f"  ({a['frames']} frames, {a['memory_tokens']} memory tokens; spatial frame at "
+        f"{', '.join(f'{t:.1f}s' for t in a['spatial_times'])}; key frames at "
+        f"{', '.join(f'{t:.1f}s' for t in a['retrieved_times']) or '-'}; first token "
+        f"{a['timings']['first_token_s'] * 1000:.0f} ms)",
         err=True,
     )
+
+
+@app.command()
+def run(
+    source: Annotated[str, typer.Argument(help="Video file, URL (http/https/rtsp) or webcam:N.")],
+    speed: Annotated[Optional[float], typer.Option(help="Replay a file in simulated real time at this speed.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    memory_mode: Annotated[Optional[str], typer.Option(help="paper or official (default: the model's).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Play a source, show a live status line, and answer questions typed on stdin while ingestion goes on."""
+    import vstream
+    from vstream.engine import StreamSession
+    from vstream.engine.console import run_console
+
+    if speed is not None and speed <= 0:
+        raise UserError(f"--speed must be > 0, got {speed}")
+    m = vstream.load(model, device=device, memory_mode=memory_mode)
+    from vstream.sources import open_source
+
+    frames, live = open_source(source, fps=m.cfg.sample_fps, speed=speed)
+    with StreamSession(m).start(frames, live=live) as session:
+        code = run_console(session, sys.stdin, max_new_tokens=max_new_tokens)
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -2,7 +2,10 @@
 
 - `file_source`: a video file decoded sequentially as fast as possible (not live: the engine may apply back-pressure).
 - `replay_source`: the same file paced in simulated real time (`speed=1` is wall clock), i.e. a live source.
+- `network_source`: RTSP / HTTP(S) / HLS through PyAV, with bounded reconnect attempts and exponential backoff.
+- `webcam_source`: a V4L2 capture device through PyAV (a live source).
 - `PushSource`: frames pushed by the caller (a server, a browser), a live source; `close()` ends it.
+- `open_source(spec)`: a file path, a URL or `webcam:N` -> (frames, live).
 Sampling to the target rate is by timestamp (see `vstream.video.iter_frames`).
 """
 
@@ -14,7 +17,9 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from vstream.video import iter_frames
+from vstream.video import VideoError, iter_frames
+
+NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https")
 
 
 def file_source(path: str, fps: float = 1.0, until: float | None = None) -> Iterator[tuple[float, np.ndarray]]:
@@ -36,6 +41,67 @@ def replay_source(
         if delay > 0:
             sleep(delay)
         yield t, frame
+
+
+def network_source(
+    url: str, fps: float = 1.0, *, retries: int = 3, backoff: float = 0.5, timeout: float = 5.0,
+    live: bool | None = None, sleep: Callable[[float], None] = time.sleep,
+) -> Iterator[tuple[float, np.ndarray]]:
+    """Frames from a network URL. A failure to open or a decoding error is retried up to `retries` times in a row,
+    waiting `backoff * 2**k` seconds; a live stream (RTSP by default) that ends is also reconnected, a file served over
+    HTTP that ends is the end. Stream time continues across reconnects. Raises VideoError once the attempts are spent.
+    """
+    scheme = url.partition("://")[0].lower()
+    if scheme not in NETWORK_SCHEMES:
+        raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}: expected one of {NETWORK_SCHEMES}")
+    live = scheme.startswith("rtsp") if live is None else live
+    options = {"rtsp_transport": "tcp"} if scheme.startswith("rtsp") else {}
+    return _reconnecting(url, fps, options, retries, backoff, timeout, live, sleep)
+
+
+def _reconnecting(url, fps, options, retries, backoff, timeout, live, sleep) -> Iterator[tuple[float, np.ndarray]]:
+    failures, offset, last = 0, 0.0, None
+    while True:
+        origin = None
+        try:
+            for t, frame in iter_frames(url, fps=fps, options=options, timeout=timeout):
+                origin = t if origin is None else origin
+                failures = 0
+                last = offset + t - origin
+                yield last, frame
+            if not live:
+                return
+            problem = "the stream ended"
+        except VideoError as exc:
+            problem = str(exc)
+        failures += 1
+        if failures > retries:
+            raise VideoError(f"{url}: gave up after {retries} reconnect attempts; last problem: {problem}")
+        sleep(backoff * 2 ** (failures - 1))
+        if last is not None:
+            offset = last + 1.0 / fps  # a reconnected live stream restarts its clock
+
+
+def webcam_source(device: int | str = 0, fps: float = 1.0, timeout: float = 5.0) -> Iterator[tuple[float, np.ndarray]]:
+    """Frames from a V4L2 device (`/dev/videoN` or its number)."""
+    path = f"/dev/video{device}" if isinstance(device, int) or str(device).isdigit() else str(device)
+    return iter_frames(path, fps=fps, format="v4l2", timeout=timeout)
+
+
+def open_source(spec: str, fps: float = 1.0, speed: float | None = None) -> tuple[Iterator, bool]:
+    """A source spec -> (frames, live). `webcam:N`, a URL, or a file path (replayed at `speed` when given: live)."""
+    if spec.startswith("webcam:"):
+        return webcam_source(spec.partition(":")[2] or 0, fps=fps), True
+    if "://" in spec:
+        scheme = spec.partition("://")[0].lower()
+        if scheme == "file":
+            spec = spec.partition("://")[2]
+        else:
+            source = network_source(spec, fps=fps)  # checks the scheme before any connection
+            return source, scheme.startswith("rtsp")
+    if speed is not None:
+        return replay_source(spec, fps=fps, speed=speed), True
+    return file_source(spec, fps=fps), False
 
 
 class PushSource:

@@ -81,7 +81,14 @@ def probe(path: str | Path) -> VideoInfo:
 
 
 def iter_frames(
-    path: str | Path, fps: float = 1.0, start: float = 0.0, until: float | None = None
+    path: str | Path,
+    fps: float = 1.0,
+    start: float = 0.0,
+    until: float | None = None,
+    *,
+    format: str | None = None,
+    options: dict[str, str] | None = None,
+    timeout: float | None = None,
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Yield `(t, frame)` sampled by timestamp: t in seconds from the stream start, frame HxWx3 uint8 RGB.
 
@@ -90,9 +97,12 @@ def iter_frames(
     after the frame taken), so variable-frame-rate video is sampled correctly. Frames after `until` seconds (inclusive
     bound, same clock as `start`) end the iteration. Grayscale, alpha and 4:4:4 sources all come back as RGB (alpha
     dropped). See the module docstring for how damaged files end.
+
+    `path` may also be a URL (`rtsp://`, `http(s)://`) or a capture device with its FFmpeg `format` (e.g. `v4l2`);
+    `options` are FFmpeg options (e.g. `{"rtsp_transport": "tcp"}`) and `timeout` bounds each network wait in seconds.
     """
     _check_sampling(fps, start, until)
-    with _open(path) as container:
+    with _open(path, format=format, options=options, timeout=timeout) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         # Times count from the stream's start time; a container that states none counts from 0.
@@ -135,7 +145,12 @@ def read_frames(
     return times, frames
 
 
-def _open(path: str | Path) -> av.container.InputContainer:
+def _open(path: str | Path, format=None, options=None, timeout=None) -> av.container.InputContainer:
+    if format is not None or "://" in str(path):  # a URL or a device: nothing to check on the file system
+        try:
+            return av.open(str(path), format=format, options=options or {}, timeout=timeout, metadata_errors="replace")
+        except av.FFmpegError as e:
+            raise VideoError(f"{path} could not be opened as a video source: FFmpeg reported {_describe(e)}") from e
     p = Path(path)
     if not p.exists():
         raise VideoNotFoundError(f"{p} does not exist: expected a video file")

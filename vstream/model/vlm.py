@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,12 +99,13 @@ class FlashVStream(nn.Module):
 
     @torch.no_grad()
     def memory_snapshots(
-        self, video: str, at: Sequence[float | None], batch_size: int = 32
+        self, video: str | Iterable[tuple[float, np.ndarray]], at: Sequence[float | None], batch_size: int = 32
     ) -> Iterator[MemoryRead]:
-        """One sequential pass over `video`: yield the memory as of each time in `at` (increasing; None = the end).
+        """One sequential pass over `video` (a file path, or any `(t, frame)` source): yield the memory as of each time
+        in `at` (increasing; None = the end).
 
-        Frames are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so the host
-        never holds more than one batch of frames."""
+        Frames of a file are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so the
+        host never holds more than one batch of frames."""
         from vstream.video import VideoError, iter_frames
 
         keys = [math.inf if t is None else t for t in at]
@@ -119,18 +121,23 @@ class FlashVStream(nn.Module):
                 times.clear()
                 frames.clear()
 
-        for t, frame in iter_frames(video, fps=self.cfg.sample_fps, until=None if math.inf in keys else max(keys)):
+        name = str(video) if isinstance(video, (str, Path)) else "the source"
+        if isinstance(video, (str, Path)):
+            video = iter_frames(video, fps=self.cfg.sample_fps, until=None if math.inf in keys else max(keys))
+        for t, frame in video:
             while pending and t > pending[0]:
                 flush()
                 yield clip.read()
                 pending.pop(0)
+            if not pending:
+                return
             times.append(t)
             frames.append(frame)
             if len(frames) == batch_size:
                 flush()
         flush()
         if clip.frames == 0:
-            raise VideoError(f"{video} contains no decodable video frames")
+            raise VideoError(f"{name} contains no decodable video frames")
         for _ in pending:
             yield clip.read()
 

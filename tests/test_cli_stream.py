@@ -1,0 +1,70 @@
+"""`vstream ask` with questions at several stream times, and `vstream run` with questions on stdin (real processes)."""
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from vstream.synth.clips import write_test_video
+
+
+@pytest.fixture(scope="module")
+def long_clip(tmp_path_factory):
+    return write_test_video(tmp_path_factory.mktemp("cli") / "long.mp4", seconds=40, fps=5, size=(160, 120), seed=4)
+
+
+def cli(*args, stdin=None, timeout=180):
+    return subprocess.run(
+        [sys.executable, "-m", "vstream.cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout,
+        env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_ask_answers_each_question_from_the_memory_at_its_time(long_clip):
+    out = cli("ask", str(long_clip), "What is at thirty?", "What is at twelve?", "And at the end?",
+              "--at", "30", "--at", "12.5", "--at", "39", "--max-new-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    answers = json.loads(out.stdout)["answers"]
+    assert [a["question"] for a in answers] == ["What is at thirty?", "What is at twelve?", "And at the end?"]
+    thirty, twelve, end = answers
+    assert thirty["frames"] == 31 and thirty["spatial_times"] == [30.0]
+    assert max(b for _, b in thirty["temporal_spans"]) == 30.0 and max(thirty["retrieved_times"]) <= 30.0
+    assert twelve["frames"] == 13 and twelve["spatial_times"] == [12.0]
+    assert end["frames"] == 40 and end["memory_tokens"] == 681
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["What?", "Why?", "--at", "3"], "give one --at per question: 2 questions, 1 --at times"),
+        (["   "], "a question is empty"),
+        (["What?", "--at", "-2"], "--at must be a time in seconds >= 0"),
+    ],
+)
+def test_ask_rejects_bad_questions(long_clip, args, message):
+    out = cli("ask", str(long_clip), *args)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_ask_unknown_scheme_is_a_clear_error():
+    out = cli("ask", "gopher://127.0.0.1/x.mp4", "What?")
+    assert out.returncode == 2 and "unsupported URL scheme 'gopher'" in out.stderr
+
+
+def test_run_answers_questions_from_stdin_while_the_stream_plays(long_clip):
+    out = cli("run", str(long_clip), "--speed", "40", "--max-new-tokens", "5", stdin="What is there?\nAnd now?\n")
+    assert out.returncode == 0, out.stderr
+    answers = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert len(answers) == 2 and answers[0].split("]")[0].endswith("s")
+    last_status = out.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"\[stream +([\d.]+)s \| frames 40 encoded (\d+) dropped (\d+) \| memory (\d+) tokens\]", last_status)
+    assert match, last_status
+    assert int(match[2]) + int(match[3]) == 40 and int(match[4]) <= 681
+
+
+def test_run_on_a_missing_file_ends_with_its_error(tmp_path):
+    out = cli("run", str(tmp_path / "absent.mp4"), stdin="")
+    assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr

@@ -1,0 +1,86 @@
+"""The interactive console of `vstream run`: a live status line on stderr, questions read from stdin at any moment,
+answers streamed to stdout while ingestion goes on. It only talks to a `StreamSession`; it never touches the model.
+
+Status line (rewritten in place on a terminal, one line per refresh otherwise):
+    [stream   42.0s | frames 43 encoded 41 dropped 2 | memory 681 tokens]
+Each answer starts with the stream time of the memory it rests on: `[42.0s] A red circle moves left.`
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from typing import TextIO
+
+from vstream.engine.session import StreamSession
+
+FIRST_FRAME_WAIT_S = 30.0  # a question typed before the first frame waits this long for it
+
+
+def status_line(stats: dict) -> str:
+    t = stats["stream_time"]
+    when = "     -" if t is None else f"{t:6.1f}s"
+    return (
+        f"[stream {when} | frames {stats['frames_received']} encoded {stats['frames_encoded']} "
+        f"dropped {stats['frames_dropped']} | memory {stats['memory_tokens']} tokens]"
+    )
+
+
+def _read_lines(stream: TextIO, into: queue.Queue) -> None:
+    for line in stream:
+        into.put(line.strip())
+    into.put(None)  # end of input
+
+
+def run_console(
+    session: StreamSession, stdin: TextIO, max_new_tokens: int | None = None,
+    out: TextIO = sys.stdout, err: TextIO = sys.stderr, interval: float = 0.5,
+) -> int:
+    """Run until the source ends (and no question is waiting) or Ctrl-C. Returns the exit code: 0, 1 when the
+    source failed (its error is printed; what was ingested was still answerable), 130 on Ctrl-C."""
+    questions: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(stdin, questions), daemon=True).start()
+    rewrite = "\r" if err.isatty() else ""
+    end = "" if err.isatty() else "\n"
+    input_open = True
+    try:
+        while True:
+            try:
+                question = questions.get(timeout=interval)
+            except queue.Empty:
+                question = ""
+                if session.finished:  # the source ended and no question came for one interval
+                    break
+            if question is None:
+                input_open = False
+            elif question:
+                _answer(session, question, max_new_tokens, out, err)
+            err.write(rewrite + status_line(session.stats()) + end)
+            err.flush()
+            if session.finished and not input_open and questions.empty():
+                break
+    except KeyboardInterrupt:
+        err.write("\ninterrupted\n")
+        return 130
+    err.write(rewrite + status_line(session.stats()) + "\n")
+    if session.error is not None:
+        err.write(f"error: the source ended with an error after {session.counters.encoded} frames: {session.error}\n")
+        return 1
+    return 0
+
+
+def _answer(session: StreamSession, question: str, max_new_tokens: int | None, out: TextIO, err: TextIO) -> None:
+    try:
+        if session.snapshot() is None and not session.finished:  # asked before the first frame: wait for it
+            session.wait_for_frames(1, timeout=FIRST_FRAME_WAIT_S)
+        snap, pieces = session.ask_stream(question, max_new_tokens=max_new_tokens)
+    except (ValueError, RuntimeError, TimeoutError) as exc:
+        err.write(f"\nerror: {exc}\n")
+        return
+    out.write(f"[{snap.stream_time:.1f}s] ")
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+    out.write("\n")
+    out.flush()
