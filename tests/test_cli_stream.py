@@ -68,3 +68,14 @@ def test_run_answers_questions_from_stdin_while_the_stream_plays(long_clip):
 def test_run_on_a_missing_file_ends_with_its_error(tmp_path):
     out = cli("run", str(tmp_path / "absent.mp4"), stdin="")
     assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bench_stream_reports_throughput_drops_and_latency():
+    out = cli("bench", "stream", "--seconds", "10", "--speed", "20", "--questions", "2", "--max-new-tokens", "3", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["environment"]["model"] == "tiny" and result["environment"]["torch"]
+    assert result["offline"]["frames"] == 10 and result["offline"]["dropped"] == 0 and result["offline"]["ingest_fps"] > 0
+    live = result["live"]
+    assert live["frames_received"] == 10 and live["frames_encoded"] + live["frames_dropped"] == 10
+    assert live["latency"]["first_token"]["count"] == 2 and live["latency"]["first_token"]["p95_ms"] > 0
