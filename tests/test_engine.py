@@ -164,3 +164,16 @@ def test_replay_paces_by_stream_time(clip):
     elapsed = time.monotonic() - start
     assert times == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0]
     assert elapsed >= 0.4 - 0.02  # 4 s of stream at 10x
+
+
+def test_variable_frame_rate_file_is_sampled_by_timestamp_in_a_session(model, tmp_path):
+    # 20 frames at irregular times; at 1 fps, sample k is the first frame at or after k s (each frame serves one sample)
+    stamps = [0.0, 0.3, 0.35, 1.2, 1.25, 1.3, 2.9, 2.95, 3.0, 3.4, 3.5, 3.6, 3.7, 3.8, 3.9, 4.6, 5.5, 5.9, 6.0, 6.1]
+    path = write_video(tmp_path / "vfr.mkv", moving_shapes(len(stamps), 64, 48, seed=3), codec="ffv1",
+                       pix_fmt="yuv420p", timestamps=stamps)
+    with StreamSession(model).start(file_source(str(path), fps=1), live=False) as s:
+        assert s.wait(timeout=30)
+    snap = s.snapshot()
+    assert snap.frames == 7 and snap.stream_time == 6.0
+    spans = snap.memory.temporal_spans[:, 0].tolist()
+    assert sorted(spans) == [0.0, 1.2, 2.9, 3.0, 4.6, 5.5, 6.0]
