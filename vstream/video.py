@@ -107,11 +107,14 @@ def iter_frames(
         stream.thread_type = "AUTO"
         # Times count from the stream's start time; a container that states none counts from 0.
         origin = 0.0 if stream.start_time is None else float(stream.start_time * stream.time_base)
+        live_input = format is not None or "://" in str(path)
         next_slot = 0  # index k of the earliest due time not yet served
         decoded, taken, last = 0, 0, -math.inf
         try:
             for packet in container.demux(stream):
                 for frame in packet.decode():
+                    if frame.pts is None and live_input and last == -math.inf:
+                        continue  # RTSP: frames decoded before the first RTCP sync carry no timestamp
                     decoded += 1
                     t = _frame_time(frame, origin, path, decoded, last)
                     last = t

@@ -1,0 +1,239 @@
+"""`network_source` / `open_source` against real servers on 127.0.0.1: a file over HTTP (Python's http.server), URLs
+that refuse, hang or 404, unknown schemes, and a live RTSP stream (GStreamer's RTSP server, `tests/rtsp_server.py`, run
+by Debian's `/usr/bin/python3`, which sees `python3-gi`) that goes away mid-stream or comes back during the backoff.
+No mocks; every wait is bounded. The RTSP tests need the Debian packages that `.ci/run` installs.
+"""
+
+import functools
+import http.server
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from vstream.sources import network_source, open_source
+from vstream.synth.clips import write_test_video
+from vstream.video import VideoError
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def take(frames, n: int, seconds: float = 30.0) -> list:
+    """The first `n` items of `frames`, failing (not hanging) if they take longer than `seconds` in all."""
+    out, deadline = [], time.monotonic() + seconds
+    for item in frames:
+        out.append(item)
+        assert time.monotonic() < deadline, f"got only {len(out)} of {n} frames in {seconds} s"
+        if len(out) == n:
+            break
+    return out
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_url(tmp_path_factory):
+    """Base URL of an HTTP server serving a directory that holds `clip.mp4` (6 s at 10 fps)."""
+    root = tmp_path_factory.mktemp("http")
+    write_test_video(root / "clip.mp4", seconds=6, fps=10, size=(160, 120), seed=3)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=5)
+
+
+def test_http_file_is_sampled_by_time_and_ends(http_url):
+    start = time.monotonic()
+    got = list(network_source(f"{http_url}/clip.mp4", fps=1, retries=0, timeout=5))
+    assert len(got) in (6, 7)
+    assert [round(t, 3) for t, _ in got] == list(range(len(got)))
+    assert all(f.shape == (120, 160, 3) and f.dtype.name == "uint8" for _, f in got)
+    assert time.monotonic() - start < 15
+
+    frames, live = open_source(f"{http_url}/clip.mp4", fps=1)
+    assert live is False
+    assert [round(t, 3) for t, _ in frames] == [round(t, 3) for t, _ in got]  # ends: no reconnect, no repeat
+
+
+def test_http_404_is_a_clear_error(http_url):
+    with pytest.raises(VideoError) as err:
+        list(network_source(f"{http_url}/missing.mp4", retries=1, backoff=0.01, timeout=2))
+    message = str(err.value)
+    assert "missing.mp4" in message and "gave up after 1 reconnect attempts" in message
+    assert "404" in message or "Not Found" in message, message
+
+
+def test_refused_connection_gives_up_after_the_retries():
+    url = f"http://127.0.0.1:{free_port()}/clip.mp4"  # nothing listens there
+    pauses = []
+    start = time.monotonic()
+    with pytest.raises(VideoError, match="gave up after 2 reconnect attempts") as err:
+        list(network_source(url, retries=2, backoff=0.05, timeout=1, sleep=lambda s: (pauses.append(s), time.sleep(s))))
+    assert time.monotonic() - start < 15
+    assert pauses == [0.05, 0.1]  # exponential backoff, one pause per reconnect attempt
+    assert url in str(err.value) and "refused" in str(err.value).lower()
+
+
+@pytest.mark.parametrize("scheme", ["http", "rtsp"])
+def test_server_that_never_answers_times_out(scheme):
+    """A socket that accepts connections and never sends a byte: each attempt ends after `timeout`, not never."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held, stop = [], threading.Event()
+    listener.settimeout(0.1)
+
+    def accept():
+        while not stop.is_set():
+            try:
+                held.append(listener.accept()[0])
+            except (TimeoutError, OSError):
+                pass
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/stream"
+    try:
+        start = time.monotonic()
+        with pytest.raises(VideoError, match="gave up after 2 reconnect attempts"):
+            list(network_source(url, retries=2, backoff=0.05, timeout=1))
+        elapsed = time.monotonic() - start
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        for conn in held:
+            conn.close()
+        listener.close()
+    assert elapsed < 15, f"3 attempts with timeout=1 took {elapsed:.1f} s"
+    assert len(held) >= 3  # every attempt did connect: what ended them was the timeout
+
+
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1/clip.mp4", "gopher://example.org/x", "clip.mp4://x"])
+def test_unknown_scheme_is_refused_at_call_time(url):
+    with pytest.raises(ValueError, match="expected one of") as err:
+        network_source(url)  # no iteration: the check happens before any connection
+    assert all(s in str(err.value) for s in ("rtsp", "http", "https"))
+    with pytest.raises(ValueError, match="unsupported URL scheme"):
+        open_source(url)
+
+
+def _rtsp_available() -> str | None:
+    """Why the RTSP server cannot run here, or None when it can."""
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"{SYSTEM_PYTHON} not found"
+    check = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, text=True, timeout=30)
+    if probe.returncode:
+        return ("GStreamer RTSP server not importable by /usr/bin/python3 (apt-get install gir1.2-gst-rtsp-server-1.0 "
+                f"gstreamer1.0-rtsp python3-gi gstreamer1.0-plugins-{{base,good,ugly}}): {probe.stderr.strip()[-300:]}")
+    return None
+
+
+class RtspServer:
+    """`tests/rtsp_server.py` as a subprocess on `port`; `start()` waits (bounded) for its ready line."""
+
+    def __init__(self, port: int):
+        self.port, self.proc = port, None
+        self.url = f"rtsp://127.0.0.1:{port}/test"
+
+    def start(self, seconds: float = 20.0) -> "RtspServer":
+        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(RTSP_SERVER), str(self.port), "/test"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=seconds)
+        if not (ready and ready[0].startswith("READY")):
+            self.stop()
+            pytest.fail(f"RTSP server on port {self.port} not ready within {seconds} s: stdout {ready}, "
+                        f"stderr {self.proc.stderr.read()[-1000:]!r}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def rtsp():
+    reason = _rtsp_available()
+    if reason:
+        pytest.skip(reason)
+    servers = []
+
+    def make(port=None):
+        servers.append(RtspServer(port or free_port()).start())
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def test_rtsp_live_stream(rtsp):
+    server = rtsp()
+    _, live = open_source(server.url, fps=5)
+    assert live is True
+    got = take(network_source(server.url, fps=5, retries=0, timeout=5), 10)
+    times = [t for t, _ in got]
+    assert times[0] == 0 and all(b > a for a, b in zip(times, times[1:])), times
+    assert 1.5 < times[-1] < 3.0, times  # 10 samples at 5 fps of a 10 fps stream: ~1.8 s of stream time
+    assert all(f.shape == (240, 320, 3) for _, f in got)
+
+
+def test_rtsp_server_going_away_ends_with_a_clear_error(rtsp):
+    server = rtsp()
+    pauses, times = [], []
+    source = network_source(server.url, fps=5, retries=2, backoff=0.05, timeout=2,
+                            sleep=lambda s: (pauses.append(s), time.sleep(s)))
+    start = time.monotonic()
+    with pytest.raises(VideoError, match="gave up after 2 reconnect attempts"):
+        for t, _ in source:
+            times.append(t)
+            if len(times) == 5:
+                server.stop()  # mid-stream: the frames already buffered may still come
+            assert time.monotonic() - start < 30, "the source did not notice the server had gone"
+    assert len(times) >= 5 and all(b > a for a, b in zip(times, times[1:])), times
+    assert pauses == [0.05, 0.1]
+
+
+def test_rtsp_reconnect_succeeds_and_stream_time_continues(rtsp):
+    server = rtsp()
+    times, back_at = [], []  # back_at: how many frames had come when the server was restarted
+
+    def pause(seconds):  # the server comes back on the same port during the first backoff
+        if not back_at and server.proc.poll() is not None:  # only once the old server is gone
+            rtsp(server.port)
+            back_at.append(len(times))
+        time.sleep(seconds)
+
+    source = network_source(server.url, fps=5, retries=2, backoff=0.05, timeout=5, sleep=pause)
+    deadline = time.monotonic() + 40
+    for t, _ in source:
+        times.append(t)
+        if len(times) == 5:
+            server.stop()  # the frames already buffered still come, then the stream ends
+        if back_at and len(times) >= back_at[0] + 3:
+            break
+        assert time.monotonic() < deadline, f"no frames from the restarted server: {times}, restarted: {back_at}"
+    source.close()
+    assert all(b > a for a, b in zip(times, times[1:])), times
+    k = back_at[0]  # first frame of the new connection: one sampling step after the last one of the old
+    assert times[k] == pytest.approx(times[k - 1] + 0.2), times
