@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -79,3 +80,20 @@ def test_bench_stream_reports_throughput_drops_and_latency():
     live = result["live"]
     assert live["frames_received"] == 10 and live["frames_encoded"] + live["frames_dropped"] == 10
     assert live["latency"]["first_token"]["count"] == 2 and live["latency"]["first_token"]["p95_ms"] > 0
+
+
+def test_run_exits_cleanly_on_ctrl_c(long_clip):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vstream.cli", "run", str(long_clip), "--speed", "1"], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"},
+    )
+    try:
+        for line in proc.stderr:  # wait until the stream is being ingested
+            if "encoded 1 " in line or "encoded 2 " in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == 130
+    assert "interrupted" in proc.stderr.read()
