@@ -1,6 +1,6 @@
 """STAR memory in `official` mode: the released code's behaviour, so that its checkpoint sees what it was trained on.
 
-Reproduced on purpose (see the spec's A3/A4 and bug list C1 #1-#8):
+Reproduced on purpose, quirks included:
 - k-means without carried weights (old centroids count as one frame), random init from
   `torch.randperm(T, device=...)[:K]` on the global generator, empty clusters refilled with Python's `random`,
   10 iterations, break on summed movement < 1e-4 keeping the old centroids; centroid order = init order.

@@ -15,7 +15,7 @@ from vstream.encoder.pooling import pool_grid
 from vstream.memory.attention import AbstractAttention
 
 
-# ---------------------------------------------------------------- official mode (spec A3, A4)
+# ---------------------------------------------------------------- official mode (released offline and streaming)
 
 
 def ref_official_kmeans(x_in: torch.Tensor, k: int, max_iter: int = 10, tol: float = 1e-4):
