@@ -37,6 +37,32 @@ def test_paper_update_and_read_never_synchronise():
     assert read.temporal_weights.sum().item() == pytest.approx(405)
 
 
+def test_cuda_graph_replay_equals_eager_updates_and_never_synchronises():
+    torch.manual_seed(0)
+    att = AbstractAttention(D, 32).cuda().half()
+    eager = PaperStarMemory(MemoryConfig(), D, att, 16, device="cuda", dtype=torch.float16)
+    graphed = PaperStarMemory(MemoryConfig(), D, att, 16, device="cuda", dtype=torch.float16)
+    graphed.enable_cuda_graph()
+    frames = torch.randn(420, 256, D, device="cuda", dtype=torch.float16)
+    times = torch.arange(420, dtype=torch.float64, device="cuda")
+    for i in range(40):  # fill, then the first steady update captures the graph
+        for mem in (eager, graphed):
+            mem.update(frames[i : i + 1], times[i : i + 1])
+    assert graphed.graph.graph is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(40, 420):
+            for mem in (eager, graphed):
+                mem.update(frames[i : i + 1], times[i : i + 1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    a, b = eager.read(), graphed.read()
+    torch.testing.assert_close(b.tokens, a.tokens)
+    assert torch.equal(b.temporal_weights, a.temporal_weights) and torch.equal(b.retrieved_times, a.retrieved_times)
+    assert graphed.frames_seen == 420 and int(graphed.count) == 420
+
+
 @pytest.mark.parametrize("chunks", [[1] * 40, [3, 1, 5, 25, 2, 7]])
 def test_official_streaming_matches_reference_on_cuda(chunks):
     cfg = MemoryConfig(mode="official")

@@ -143,7 +143,9 @@ class PaperStarMemory(StarMemoryBase):
         self.tem_span = self._tensor(c.temporal_length, 3, dtype=torch.float64, fill=float("nan"))  # [N_tem, 3]
         self.abstract = self._tensor(c.abstract_length, c.abstract_size**2, d)  # [N_abs, P_abs^2, D]
         self.retrieved = torch.zeros(c.retrieved_length, dtype=torch.long, device=self.device)  # [N_ret] buffer slots
+        self.count = torch.zeros((), dtype=torch.long, device=self.device)  # frames seen, on the device (ring position)
         self.n_tem = self.n_abs = self.n_ret = 0
+        self.graph: CapturedUpdate | None = None
 
     def counts(self) -> dict[str, int]:
         c = self.cfg
@@ -154,24 +156,42 @@ class PaperStarMemory(StarMemoryBase):
             "spatial": min(self.frames_seen, c.spatial_length) * c.spatial_size**2,
         }
 
+    @property
+    def steady(self) -> bool:
+        """Clusters and abstract slots are full: from here on, a one-frame update has fixed shapes throughout."""
+        return self.n_tem == self.cfg.temporal_length and self.n_abs == self.cfg.abstract_length
+
+    def enable_cuda_graph(self) -> None:
+        """Replay steady one-frame updates from a CUDA graph (captured at the first steady update)."""
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the memory on a CUDA device, it is on {self.device}")
+        self.graph = CapturedUpdate(self)
+
     @torch.no_grad()
     def update(self, features: torch.Tensor, times=None) -> None:
         """Add a chunk of frames: features [n, grid^2, D] (or [n, P_spa^2, D]), times [n] stream seconds."""
-        spa, tem, abs_, times = self._prepare(features, times)
+        if self.graph is not None and self.steady and features.shape[0] == 1:
+            self.graph.replay(features, times)
+            self.frames_seen += 1
+            return
+        self._step(*self._prepare(features, times))
+        self.frames_seen += features.shape[0]
+
+    def _step(self, spa, tem, abs_, times) -> None:
+        """(1) -> (5) on device tensors; the host counters n_* change only outside the steady state."""
         self._push_buffer(spa, tem, times)  # (1), and (2) is read from the ring
         self._update_temporal(tem, times)  # (3)
         self._update_abstract(abs_)  # (4)
         self._retrieve()  # (5)
 
     def _push_buffer(self, spa, tem, times) -> None:
-        n_buff = self.cfg.buffer_length
-        keep = min(spa.shape[0], n_buff)  # a chunk longer than the buffer leaves only its newest frames
-        slots = torch.arange(self.frames_seen + spa.shape[0] - keep, self.frames_seen + spa.shape[0], device=self.device)
-        slots = slots % n_buff
+        n, n_buff = spa.shape[0], self.cfg.buffer_length
+        keep = min(n, n_buff)  # a chunk longer than the buffer leaves only its newest frames
+        slots = (self.count + torch.arange(n - keep, n, device=self.device)) % n_buff
         self.buffer.index_copy_(0, slots, spa[-keep:])
         self.buffer_tem.index_copy_(0, slots, tem[-keep:])
         self.buffer_time.index_copy_(0, slots, times[-keep:])
-        self.frames_seen += spa.shape[0]
+        self.count += n
 
     def _update_temporal(self, tem, times) -> None:
         k, n = self.cfg.temporal_length, tem.shape[0]
@@ -207,10 +227,10 @@ class PaperStarMemory(StarMemoryBase):
 
     def _retrieve(self) -> None:
         r = min(self.cfg.retrieved_length, self.n_tem)
-        valid = min(self.frames_seen, self.cfg.buffer_length)  # ring slots 0..valid-1 hold frames
         top = torch.sort(self.tem_weight[: self.n_tem], descending=True, stable=True).indices[:r]  # heaviest; ties: earlier
-        dist = squared_distances(self.temporal[top].flatten(1), self.buffer_tem[:valid].flatten(1))  # [r, valid]
-        slots = nearest_most_recent(dist, self.buffer_time[:valid])
+        dist = squared_distances(self.temporal[top].flatten(1), self.buffer_tem.flatten(1))  # [r, N_buff]
+        dist.masked_fill_(self.buffer_time.isnan()[None, :], float("inf"))  # slots not written yet
+        slots = nearest_most_recent(dist, self.buffer_time)
         slots = slots[torch.argsort(self.buffer_time[slots])]  # time order
         self.retrieved[:r] = slots
         self.n_ret = r
@@ -273,3 +293,39 @@ def cluster_spans(span: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
     mean = torch.zeros(k, dtype=torch.float64, device=span.device).index_add_(0, labels, w * span[:, 2])
     out[:, 2] = mean / total  # 0/0 = NaN for empty clusters
     return out
+
+
+class CapturedUpdate:
+    """A steady one-frame update of a `PaperStarMemory` captured once in a CUDA graph and replayed: one launch instead of
+    a few hundred. Inputs are copied into static tensors; the state is updated in place by the replay."""
+
+    def __init__(self, memory: PaperStarMemory):
+        self.memory = memory
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.features: torch.Tensor | None = None  # [1, tokens, D] static input
+        self.times = torch.zeros(1, dtype=torch.float64, device=memory.device)  # [1] static input
+
+    def replay(self, features: torch.Tensor, times) -> None:
+        m = self.memory
+        if times is None:
+            times = m.count.to(torch.float64).reshape(1)
+        if self.graph is None or self.features.shape != features.shape:
+            self._capture(features)
+        self.features.copy_(features)
+        self.times.copy_(torch.as_tensor(times, dtype=torch.float64, device=m.device).reshape(1))
+        self.graph.replay()
+
+    def _capture(self, features: torch.Tensor) -> None:
+        m = self.memory
+        self.features = torch.zeros_like(features, dtype=m.dtype, device=m.device)
+        state = m.state_dict()  # the warm-up and capture runs must leave no trace: restore afterwards
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up on a side stream, as graph capture requires
+                m._step(*m._prepare(self.features, self.times))
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            m._step(*m._prepare(self.features, self.times))
+        m.load_state_dict(state)
