@@ -180,6 +180,32 @@ def demo(
                        f"first token {result.timings['first_token_s'] * 1000:.0f} ms)")
 
 
+@app.command()
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    media_root: Annotated[
+        Optional[Path], typer.Option(help="Directory that file sources must lie in (none: no files).")
+    ] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="VSTREAM_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health/*)."),
+    ] = None,
+    max_streams: Annotated[int, typer.Option(help="Most streams open at once.")] = 8,
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+) -> None:
+    """Serve the HTTP API: streams, OpenAI-compatible chat completions over a stream's memory, health and metrics."""
+    from vstream.server import serve as run_server
+
+    if media_root is not None and not media_root.is_dir():
+        raise UserError(f"--media-root must be an existing directory, got {media_root}")
+    if max_streams < 1:
+        raise UserError(f"--max-streams must be >= 1, got {max_streams}")
+    run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
+               max_streams=max_streams, device=device)
+
+
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints what it ran on.")
 app.add_typer(bench_app, name="bench")
 

@@ -1,0 +1,256 @@
+"""The HTTP server end to end: a real uvicorn on a free port, the tiny model, a generated video, httpx and the openai
+client. Every wait is bounded."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from fastapi.routing import APIRoute
+from openai import OpenAI
+
+import vstream
+from vstream.server import create_app
+from vstream.synth.clips import write_test_video
+
+KEY = "test-key-123"
+DEADLINE_S = 20.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    write_test_video(root / "clip.mp4", seconds=6, fps=5)
+    outside = tmp_path_factory.mktemp("outside")
+    write_test_video(outside / "secret.mp4", seconds=1, fps=5)
+    (root / "link.mp4").symlink_to(outside / "secret.mp4")
+    (root / "sub").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(media):
+    """(base url, app) of a server running in a background thread; stopped at the end of the module."""
+    app = create_app(vstream.load("tiny"), media_root=media, api_key=KEY, max_streams=3)
+    port = _free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while not srv.started:
+        assert thread.is_alive(), "uvicorn exited during startup"
+        assert time.monotonic() < deadline, f"uvicorn did not start within {DEADLINE_S} s"
+        time.sleep(0.02)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(10)
+    assert not thread.is_alive(), "uvicorn did not stop within 10 s"
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=DEADLINE_S) as c:
+        yield c
+
+
+def _create(client, **source) -> dict:
+    r = client.post("/v1/streams", json={"source": source})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _wait_frames(client, stream_id: str, count: int) -> dict:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/streams/{stream_id}").json()
+        if view["stats"]["frames_encoded"] >= count:
+            return view
+        assert view["state"] != "failed", view
+        time.sleep(0.05)
+    raise AssertionError(f"{count} frames not encoded within {DEADLINE_S} s: {view}")
+
+
+@pytest.fixture
+def stream_id(client):
+    sid = _create(client, type="file", path="clip.mp4")["id"]
+    _wait_frames(client, sid, 6)
+    yield sid
+    client.delete(f"/v1/streams/{sid}")
+
+
+def _assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    return err
+
+
+def test_create_list_get_delete(client):
+    view = _create(client, type="file", path="clip.mp4")
+    sid = view["id"]
+    assert sid.startswith("str_") and view["live"] is False and view["source"] == {"type": "file", "path": "clip.mp4"}
+    view = _wait_frames(client, sid, 6)
+    assert view["stats"]["memory_tokens"] > 0 and view["stats"]["frames_dropped"] == 0
+    assert sid in [s["id"] for s in client.get("/v1/streams").json()["data"]]
+    assert client.delete(f"/v1/streams/{sid}").json()["deleted"] is True
+    _assert_error(client.get(f"/v1/streams/{sid}"), 404)
+    _assert_error(client.delete(f"/v1/streams/{sid}"), 404)
+    assert sid not in [s["id"] for s in client.get("/v1/streams").json()["data"]]
+
+
+def test_live_replay_and_push_streams(client):
+    replay = client.post("/v1/streams", json={"source": {"type": "file", "path": "clip.mp4"}, "speed": 50.0}).json()
+    push = _create(client, type="push")
+    assert replay["live"] is True and push["live"] is True and push["state"] == "starting"
+    for sid in (replay["id"], push["id"]):
+        assert client.delete(f"/v1/streams/{sid}").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["../secret.mp4", "link.mp4", "/etc/passwd", "sub/../../x.mp4"])
+def test_paths_outside_media_root_are_refused(client, path):
+    err = _assert_error(client.post("/v1/streams", json={"source": {"type": "file", "path": path}}), 403)
+    assert err["param"] == "source.path"
+
+
+def test_missing_file_and_bad_bodies(client):
+    missing = client.post("/v1/streams", json={"source": {"type": "file", "path": "missing.mp4"}})
+    assert "missing.mp4" in _assert_error(missing, 404)["message"]
+    _assert_error(client.post("/v1/streams", json={"source": {"type": "file", "path": "sub"}}), 400)
+    _assert_error(client.post("/v1/streams", json={"source": {"type": "ftp", "url": "x"}}), 400)
+    _assert_error(client.post("/v1/streams", json={"source": {"type": "url", "url": "ftp://x/y"}}), 400)
+
+
+def test_too_many_streams(client):
+    ids = [_create(client, type="push")["id"] for _ in range(3)]
+    try:
+        _assert_error(client.post("/v1/streams", json={"source": {"type": "push"}}), 429)
+    finally:
+        for sid in ids:
+            client.delete(f"/v1/streams/{sid}")
+
+
+def test_every_route_needs_the_key(server):
+    base, app = server
+    routes = [r for r in app.routes if isinstance(r, APIRoute)]
+    paths = {(m, r.path.replace("{stream_id}", "str_x")) for r in routes for m in r.methods}
+    paths |= {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/nowhere")}
+    assert ("POST", "/v1/chat/completions") in paths and ("GET", "/metrics") in paths
+    with httpx.Client(base_url=base, timeout=DEADLINE_S) as anon:
+        for method, path in sorted(paths):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+                r = anon.request(method, path, headers=headers, json={})
+                if path.startswith("/health/"):
+                    assert r.status_code == 200, (method, path, r.text)
+                else:
+                    assert _assert_error(r, 401)["code"] == "invalid_api_key", (method, path)
+
+
+def test_chat_completion_with_openai_client(server, stream_id):
+    oai = OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
+    done = oai.chat.completions.create(model=stream_id, messages=[{"role": "user", "content": "What is on screen?"}],
+                                       max_tokens=5)
+    assert done.object == "chat.completion" and done.model == stream_id
+    assert isinstance(done.choices[0].message.content, str) and done.choices[0].finish_reason == "stop"
+    assert 1 <= done.usage.completion_tokens <= 5 and done.usage.prompt_tokens > done.usage.completion_tokens
+    ext = done.model_extra["vstream"]
+    assert ext["frames"] == 6 and ext["stream_time"] == pytest.approx(5.0)
+    assert ext["spatial_times"][-1] == pytest.approx(5.0)
+    assert set(ext) == {"stream_time", "spatial_times", "retrieved_times", "temporal_spans", "frames"}
+
+
+def test_streamed_chat_with_openai_client(server, stream_id):
+    oai = OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
+    chunks = list(oai.chat.completions.create(
+        model="ignored", messages=[{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "text", "text": "What moved?"}]}],
+        max_tokens=4, stream=True, extra_body={"stream_id": stream_id}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "stop" and len(chunks) - 2 in range(1, 5)
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+
+
+def test_sse_wire_format_ends_with_done(client, stream_id):
+    body = {"model": stream_id, "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 2}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_chat_errors(client, stream_id):
+    ask = lambda **kw: client.post("/v1/chat/completions", json={"model": stream_id, **kw})  # noqa: E731
+    _assert_error(ask(messages=[{"role": "user", "content": "  "}]), 400)
+    _assert_error(ask(messages=[]), 400)
+    _assert_error(ask(), 400)
+    _assert_error(ask(messages=[{"role": "system", "content": "x"}]), 400)
+    _assert_error(ask(messages=[{"role": "user", "content": "hi"}], max_tokens=0), 400)
+    hi = [{"role": "user", "content": "hi"}]
+    err = _assert_error(client.post("/v1/chat/completions", json={"model": "str_nope", "messages": hi}), 404)
+    assert "str_nope" in err["message"]
+    push = _create(client, type="push")["id"]
+    try:
+        _assert_error(client.post("/v1/chat/completions", json={"model": push, "messages": hi}), 409)
+    finally:
+        client.delete(f"/v1/streams/{push}")
+
+
+class _SlowModel:
+    """The real model, with a pause after each generated piece, so that an answer is surely in flight."""
+
+    def __init__(self, model, pause_s: float):
+        self._model, self._pause_s = model, pause_s
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def stream_answer(self, *args, **kwargs):
+        for piece in self._model.stream_answer(*args, **kwargs):
+            time.sleep(self._pause_s)  # blocks whichever thread generates: the event loop must not be that thread
+            yield piece
+
+
+def test_health_answers_while_an_answer_streams(server, client, stream_id):
+    session = server[1].state.vstream.streams[stream_id].session
+    session.model = _SlowModel(session.model, pause_s=0.3)
+    body = {"model": stream_id, "messages": [{"role": "user", "content": "Describe it all."}], "stream": True,
+            "max_tokens": 6}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line).startswith("data: ")  # the role chunk: the answer is under way
+        t0 = time.perf_counter()
+        with httpx.Client(base_url=str(client.base_url), timeout=5) as other:
+            assert other.get("/health/live").status_code == 200
+            assert other.get("/health/ready").json()["status"] == "ready"
+            metrics = other.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert time.perf_counter() - t0 < 0.3, "health waited for a generation step"
+        assert "vstream:num_requests_running 1" in metrics.splitlines()
+        assert [line for line in lines if line][-1] == "data: [DONE]"
+
+
+def test_metrics(client, stream_id):
+    client.post("/v1/chat/completions", json={"model": stream_id, "messages": [{"role": "user", "content": "hi"}],
+                                              "max_tokens": 2}).raise_for_status()
+    text = client.get("/metrics").text
+    samples = [line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#")]
+    values = {name: float(value) for name, value in samples}
+    label = f'{{stream_id="{stream_id}"}}'
+    assert values[f"vstream:frames_ingested_total{label}"] == 6
+    assert values[f"vstream:frames_dropped_total{label}"] == 0
+    assert values[f"vstream:memory_tokens{label}"] > 0
+    assert values["vstream:num_requests_running"] == 0
+    assert values["vstream:time_to_first_token_seconds_count"] >= 1
+    ttft = "vstream:time_to_first_token_seconds"
+    assert values[f'{ttft}_bucket{{le="+Inf"}}'] == values[f"{ttft}_count"]
+    assert 0 < values["vstream:time_to_first_token_seconds_sum"] < 60

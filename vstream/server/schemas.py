@@ -1,0 +1,73 @@
+"""Wire schemas of the HTTP API: request bodies (validated by pydantic) and the OpenAI-shaped error object.
+
+This module holds shapes only: it opens no source, touches no model and knows nothing about routes.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class FileSpec(BaseModel):
+    """A video file, given relative to the server's media root."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["file"]
+    path: str = Field(min_length=1, max_length=4096)
+
+
+class UrlSpec(BaseModel):
+    """A network stream (http, https, rtsp) that the server pulls."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["url"]
+    url: str = Field(min_length=1, max_length=4096)
+
+
+class PushSpec(BaseModel):
+    """Frames pushed by the client (the push transport is not part of this slice)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["push"]
+
+
+SourceSpec = Annotated[FileSpec | UrlSpec | PushSpec, Field(discriminator="type")]
+
+
+class StreamCreate(BaseModel):
+    """Body of `POST /v1/streams`."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: SourceSpec
+    speed: float | None = Field(default=None, gt=0, description="replay a file at this speed (live); null: as fast "
+                                "as it decodes (not live)")
+
+
+class ChatMessage(BaseModel):
+    """One chat message; `content` is a string or a list of OpenAI content parts (only text parts are read)."""
+
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatRequest(BaseModel):
+    """Body of `POST /v1/chat/completions`: OpenAI fields that vstream reads, plus the `stream_id` extension.
+
+    Unknown OpenAI fields (temperature, top_p, ...) are accepted and ignored, as OpenAI-compatible servers do.
+    """
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    stream_id: str | None = None
+    messages: list[ChatMessage] | None = None
+    stream: bool = False
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
+    """The OpenAI error object."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
