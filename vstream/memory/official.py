@@ -24,11 +24,8 @@ import torch
 from vstream.config import MemoryConfig
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
-from vstream.memory.kmeans import weighted_kmeans
+from vstream.memory.kmeans import direct_distances, weighted_kmeans
 from vstream.memory.star import MemoryRead, StarMemoryBase, cluster_spans
-
-_RETRIEVAL_CHUNK = 256  # frames per block of the direct distance computation in `retrieve_as_coded`
-
 
 def retrieve_as_coded(long: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
     """The released retrieval: long [L, P, D], cluster weights [K] -> frame indices [min(k, K)].
@@ -38,15 +35,8 @@ def retrieve_as_coded(long: torch.Tensor, weights: torch.Tensor, k: int) -> torc
     identical frame is at distance exactly 0.
     """
     order = torch.argsort(weights, descending=True)
-    keys = long[order][:k].flatten(1).float()  # [k, F]
-    flat = long.flatten(1)
-    dist = torch.cat(
-        [
-            (flat[i : i + _RETRIEVAL_CHUNK].float()[:, None] - keys[None]).square().sum(-1)
-            for i in range(0, flat.shape[0], _RETRIEVAL_CHUNK)
-        ]
-    )  # [L, k]
-    return dist.argmin(dim=0)
+    keys = long[order][:k].flatten(1)  # [k, F]
+    return direct_distances(long.flatten(1), keys).argmin(dim=0)  # [L, k] -> first nearest frame per key
 
 
 def turing_compress(slots: torch.Tensor, length: int, ratio: float, attention: AbstractAttention) -> torch.Tensor:

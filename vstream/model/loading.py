@@ -44,7 +44,7 @@ LLAMA_KEYS = (
 )
 
 
-def _dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype | None:
+def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
     if name not in ("float32", "float16", "bfloat16"):
@@ -85,7 +85,7 @@ def load(
     if memory_mode is not None:
         model.cfg.memory.mode = memory_mode
         model.cfg.memory.validate(model.cfg.vision.grid)
-    target = _dtype(dtype, device) or (getattr(torch, model.cfg.dtype) if device.type == "cuda" else torch.float32)
+    target = _dtype(dtype) or (getattr(torch, model.cfg.dtype) if device.type == "cuda" else torch.float32)
     model.cfg.dtype = str(target).removeprefix("torch.")
     return model.to(device=device, dtype=target).eval()
 
