@@ -241,6 +241,9 @@ def bench_stream(
                        f"({s['count']})")
 
 
+from vstream import cli_eval  # noqa: E402,F401
+
+
 def main() -> None:
     """Console entry point: known input errors become one line on stderr and exit code 2."""
     from vstream.video import VideoError
