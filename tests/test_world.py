@@ -2,7 +2,10 @@
 from the rendered frames alone, and the written video and dataset files."""
 
 import json
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -258,6 +261,27 @@ def test_write_dataset_files(tmp_path):
             k: v for q in timeline["questions"] if q["question"] == qa["question"] and q["time"] == qa["time"]
             for k, v in q.items()}.items()
     assert Stream.from_dict(timeline).to_dict() == generate_stream(seeds[-1]).to_dict()
+
+
+def test_synth_command_writes_a_split(tmp_path):
+    def synth(*args):
+        # `python -m vstream.cli` would run cli.py as __main__, whose app lacks the commands of the cli_* modules
+        command = [sys.executable, "-c", "from vstream.cli import main; main()", "synth", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120,
+                              env=os.environ | {"PYTHONWARNINGS": "ignore"})
+
+    done = synth(str(tmp_path / "out"), "--split", "test", "--streams", "2", "--fps", "2", "--size", "64")
+    assert done.returncode == 0, done.stderr
+    assert "wrote 2 streams (seeds 2000000..2000001" in done.stdout
+    assert sorted(p.name for p in (tmp_path / "out" / "videos").iterdir()) == ["2000000.mp4", "2000001.mp4"]
+    records = json.loads((tmp_path / "out" / "test_qa.json").read_text())
+    assert {r["video_id"] for r in records} == {"2000000.mp4", "2000001.mp4"}
+    for args, message in [(["--split", "dev"], "--split must be one of train, val, test, got 'dev'"),
+                          (["--size", "65"], "--size must be an even number of pixels >= 16, got 65"),
+                          (["--streams", "2", "--start", "99999"], "expected 0 <= start and start + n <= 100000")]:
+        failed = synth(str(tmp_path / "bad"), *args)
+        assert failed.returncode == 2 and message in failed.stderr, failed.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize(
