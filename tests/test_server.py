@@ -3,6 +3,7 @@ client. Every wait is bounded."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -11,8 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from openai import OpenAI
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 import vstream
 from vstream.server import create_app
@@ -39,10 +42,9 @@ def media(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def server(media):
-    """(base url, app) of a server running in a background thread; stopped at the end of the module."""
-    app = create_app(vstream.load("tiny"), media_root=media, api_key=KEY, max_streams=3)
+@contextlib.contextmanager
+def running_server(app):
+    """The base URL of `app` served by uvicorn on 127.0.0.1 in a background thread; stopped on exit."""
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -52,10 +54,20 @@ def server(media):
         assert thread.is_alive(), "uvicorn exited during startup"
         assert time.monotonic() < deadline, f"uvicorn did not start within {DEADLINE_S} s"
         time.sleep(0.02)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
     assert not thread.is_alive(), "uvicorn did not stop within 10 s"
+
+
+@pytest.fixture(scope="module")
+def server(media):
+    """(base url, app) of a server running in a background thread; stopped at the end of the module."""
+    app = create_app(vstream.load("tiny"), media_root=media, api_key=KEY, max_streams=3)
+    with running_server(app) as base:
+        yield base, app
 
 
 @pytest.fixture
@@ -146,14 +158,27 @@ def test_every_route_needs_the_key(server):
     paths = {(m, r.path.replace("{stream_id}", "str_x")) for r in routes for m in r.methods}
     paths |= {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/nowhere")}
     assert ("POST", "/v1/chat/completions") in paths and ("GET", "/metrics") in paths
+    assert {("GET", "/v1/streams/str_x/memory"), ("GET", "/v1/streams/str_x/frames"), ("POST", "/v1/auth/cookie")} \
+        <= paths
+    public = {"/health/live", "/health/ready", "/"}  # the page itself holds no data and no key
+    cookie = {"Cookie": "vstream_session=forged"}
     with httpx.Client(base_url=base, timeout=DEADLINE_S) as anon:
         for method, path in sorted(paths):
-            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, cookie):
                 r = anon.request(method, path, headers=headers, json={})
-                if path.startswith("/health/"):
+                if path in public:
                     assert r.status_code == 200, (method, path, r.text)
                 else:
                     assert _assert_error(r, 401)["code"] == "invalid_api_key", (method, path)
+        assert anon.get("/static/app.js").status_code == 200
+    ws_routes = [r.path for r in app.routes if isinstance(r, APIWebSocketRoute)]
+    assert ws_routes == ["/v1/realtime"]
+    url = base.replace("http", "ws") + "/v1/realtime"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, cookie):
+        with pytest.raises(InvalidStatus) as refused:
+            ws_connect(url, additional_headers=headers, open_timeout=DEADLINE_S)
+        assert refused.value.response.status_code == 401
+        assert b"invalid_api_key" in refused.value.response.body
 
 
 def test_chat_completion_with_openai_client(server, stream_id):
@@ -166,7 +191,7 @@ def test_chat_completion_with_openai_client(server, stream_id):
     ext = done.model_extra["vstream"]
     assert ext["frames"] == 6 and ext["stream_time"] == pytest.approx(5.0)
     assert ext["spatial_times"][-1] == pytest.approx(5.0)
-    assert set(ext) == {"stream_time", "spatial_times", "retrieved_times", "temporal_spans", "frames"}
+    assert set(ext) == {"stream_time", "spatial_times", "retrieved_times", "temporal_spans", "frames", "as_of"}
 
 
 def test_streamed_chat_with_openai_client(server, stream_id):

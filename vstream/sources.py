@@ -45,20 +45,22 @@ def replay_source(
 
 def network_source(
     url: str, fps: float = 1.0, *, retries: int = 3, backoff: float = 0.5, timeout: float = 5.0,
-    live: bool | None = None, sleep: Callable[[float], None] = time.sleep,
+    live: bool | None = None, sleep: Callable[[float], None] = time.sleep, options: dict[str, str] | None = None,
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Frames from a network URL. A failure to open or a decoding error is retried up to `retries` times in a row,
     waiting `backoff * 2**k` seconds; a live stream (RTSP by default) that ends is also reconnected, a file served over
     HTTP that ends is the end (and one that fails after frames were yielded is not restarted, which would repeat them).
-    Stream time continues across reconnects. Raises VideoError once the attempts are spent.
+    Stream time continues across reconnects. Raises VideoError once the attempts are spent. `options` are extra
+    FFmpeg options (e.g. `max_redirects`), added to the defaults.
     """
     scheme = url.partition("://")[0].lower()
     if scheme not in NETWORK_SCHEMES:
         raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}: expected one of {NETWORK_SCHEMES}")
     live = scheme.startswith("rtsp") if live is None else live
     # RTSP over TCP; probe 0.5 s instead of FFmpeg's default (~3 s at every connect and reconnect)
-    options = {"rtsp_transport": "tcp", "analyzeduration": "500000"} if scheme.startswith("rtsp") else {}
-    return _reconnecting(url, fps, options, retries, backoff, timeout, live, sleep)
+    ffmpeg = {"rtsp_transport": "tcp", "analyzeduration": "500000"} if scheme.startswith("rtsp") else {}
+    ffmpeg |= options or {}
+    return _reconnecting(url, fps, ffmpeg, retries, backoff, timeout, live, sleep)
 
 
 def _reconnecting(url, fps, options, retries, backoff, timeout, live, sleep) -> Iterator[tuple[float, np.ndarray]]:

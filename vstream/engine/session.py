@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -89,6 +89,41 @@ class FrameQueue:
             return batch
 
 
+class SnapshotHistory:
+    """At most `size` past snapshots, spread over the stream: when full, the interior snapshot whose removal leaves
+    the smallest gap in stream time goes. The newest and the oldest are always kept."""
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise ValueError(f"history size must be >= 0, got {size}")
+        self.size = size
+        self._items: list[Snapshot] = []
+        self._lock = threading.Lock()
+
+    def add(self, snap: Snapshot) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._items.append(snap)
+            if len(self._items) > self.size:
+                times = [s.stream_time for s in self._items]
+                if len(times) <= 2:
+                    self._items.pop(0)
+                    return
+                gaps = [times[i + 1] - times[i - 1] for i in range(1, len(times) - 1)]
+                self._items.pop(1 + gaps.index(min(gaps)))
+
+    def at(self, t: float) -> Snapshot | None:
+        """The newest kept snapshot whose stream time is <= t (None when every kept one is later)."""
+        with self._lock:
+            older = [s for s in self._items if s.stream_time <= t]
+        return older[-1] if older else None
+
+    def earliest(self) -> float | None:
+        with self._lock:
+            return self._items[0].stream_time if self._items else None
+
+
 @dataclass
 class Counters:
     received: int = 0
@@ -103,8 +138,15 @@ class Counters:
 class StreamSession:
     """Ingest one source into one memory; answer questions concurrently. Use as a context manager or call `close()`."""
 
-    def __init__(self, model: FlashVStream, *, queue_size: int = 8, batch_size: int = 4):
+    def __init__(
+        self, model: FlashVStream, *, queue_size: int = 8, batch_size: int = 4, history: int = 0,
+        on_frames: Callable[[list[Frame]], None] | None = None,
+    ):
+        """`history`: past snapshots kept for questions asked "as of" an earlier time (0: none). `on_frames` is
+        called by the ingest worker with each batch of frames once they are encoded (e.g. to keep thumbnails)."""
         self.model = model
+        self.history = SnapshotHistory(history)
+        self.on_frames = on_frames
         self.memory = model.new_memory()
         self.batch_size = batch_size
         self.queue = FrameQueue(queue_size)
@@ -179,6 +221,9 @@ class StreamSession:
         c.latency["memory_update"].add((t2 - t1) / len(frames))
         version = 1 if self._snapshot is None else self._snapshot.version + 1
         self._snapshot = Snapshot(version, memory, frames[-1][0], c.encoded)
+        self.history.add(self._snapshot)
+        if self.on_frames is not None:
+            self.on_frames(frames)
 
     # ---------------------------------------------------------------- questions
 
@@ -206,9 +251,27 @@ class StreamSession:
             raise RuntimeError("no frame has been ingested yet: nothing to answer from")
         return snap
 
-    def ask_stream(self, question: str, max_new_tokens: int | None = None) -> tuple[Snapshot, Iterator[str]]:
-        """The snapshot the answer rests on and an iterator over the answer's text pieces."""
+    def snapshot_at(self, t: float) -> Snapshot:
+        """The memory as it stood at stream time `t`: the newest kept snapshot no later than `t` (the latest snapshot
+        when `t` is at or after it). Raises LookupError when no kept snapshot is that old."""
+        snap = self._snapshot
+        if snap is not None and t >= snap.stream_time:
+            return snap
+        past = self.history.at(t)
+        if past is None:
+            earliest = self.history.earliest()
+            kept = "none is kept" if earliest is None else f"the earliest kept is at {earliest} s"
+            raise LookupError(f"no memory snapshot at or before {t} s: {kept}")
+        return past
+
+    def ask_stream(
+        self, question: str, max_new_tokens: int | None = None, as_of: float | None = None
+    ) -> tuple[Snapshot, Iterator[str]]:
+        """The snapshot the answer rests on and an iterator over the answer's text pieces; `as_of` answers from the
+        memory as it stood at that stream time (see `snapshot_at`)."""
         snap = self._latest(question)
+        if as_of is not None:
+            snap = self.snapshot_at(as_of)
         return snap, self._timed(self.model.stream_answer(snap.memory, question, max_new_tokens=max_new_tokens))
 
     def _timed(self, pieces: Iterator[str]) -> Iterator[str]:

@@ -1,8 +1,13 @@
-"""The HTTP server: streams as resources, OpenAI-compatible chat completions over a stream's memory, health, metrics.
+"""The HTTP server: streams as resources, OpenAI-compatible chat completions over a stream's memory, the realtime
+WebSocket, the memory view, health, metrics and the web page.
 
-Routes only translate between the wire and `StreamSession`. Model work never runs on the event loop: a non-streamed
-answer runs in the thread pool, a streamed one in its own thread that hands text pieces to the loop. The server does
-not push frames (no WebSocket yet), keeps no history between questions and persists nothing.
+Routes only translate between the wire and `StreamSession`. Model work never runs on the event loop: answers are
+generated on their own threads (`vstream.server.answers`); opening and probing sources, decoding pushed frames and
+closing streams run in the thread pool. The server keeps no history between questions and persists nothing.
+
+Access: with an API key, every route but `/health/*` and the page's static files needs `Authorization: Bearer KEY`,
+or the HttpOnly cookie that `POST /v1/auth/cookie` (itself called with the key) sets for the page; a request carrying
+only the cookie must come from the server's own origin.
 """
 
 from __future__ import annotations
@@ -11,138 +16,343 @@ import asyncio
 import hmac
 import json
 import secrets
-import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
+from starlette.websockets import WebSocketDisconnect
 
 from vstream.engine import StreamSession
-from vstream.model.prompts import build_prompt, tokenizer_image_token
-from vstream.server.schemas import ChatRequest, FileSpec, PushSpec, StreamCreate, UrlSpec, error_body
-from vstream.sources import PushSource, file_source, network_source, replay_source
+from vstream.server.answers import (Generation, check_max_tokens, check_question, prompt_tokens,
+                                    vstream_extension)
+from vstream.server.realtime import RealtimeSession, deny, watch
+from vstream.server.schemas import ChatRequest, StreamCreate, error_body
+from vstream.server.inputs import open_stream_source
+from vstream.server.state import ERROR_TYPES, ApiError, Limits, ServerState, Stream, Thumbnails
+from vstream.sources import PushSource
 
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 409: "conflict_error", 429: "rate_limit_error", 503: "service_unavailable"}
-
-
-class ApiError(Exception):
-    """An error answered with the OpenAI error object and `status`."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
+STATIC = Path(__file__).with_name("static")
+COOKIE = "vstream_session"
+COOKIE_TTL_S = 12 * 3600
+MAX_COOKIES = 64
 
 
-@dataclass
-class Stream:
-    id: str
-    session: StreamSession
-    source: dict
-    created: float
-    push: PushSource | None = None
+def _public(path: str) -> bool:
+    return path.startswith("/health/") or path == "/" or path.startswith("/static/")
 
 
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count); thread-safe."""
-
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets, self.counts = buckets, [0] * len(buckets)
-        self.sum, self.count, self._lock = 0.0, 0, threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self.sum += value
-            self.count += 1
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    self.counts[i] += 1
-
-    def lines(self, name: str) -> list[str]:
-        with self._lock:
-            out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-            out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-            return out + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+def authorized(state: ServerState, headers: Headers) -> bool:
+    """The key in the Authorization header, or a live page cookie sent from the server's own origin."""
+    if state.api_key is None:
+        return True
+    given = headers.get("authorization", "")
+    if hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
+        return True
+    token = cookie_parser(headers.get("cookie", "")).get(COOKIE)
+    expiry = state.cookies.get(token) if token else None
+    if expiry is None or expiry < time.monotonic():
+        return False
+    origin = headers.get("origin")
+    return origin is None or urlsplit(origin).netloc == headers.get("host")
 
 
-@dataclass
-class ServerState:
-    model: object
-    media_root: Path | None
-    api_key: str | None
-    max_streams: int
-    streams: dict[str, Stream] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    running: int = 0
-    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
-    ready: bool = False
-
-    def get(self, stream_id: str) -> Stream:
-        stream = self.streams.get(stream_id)
-        if stream is None:
-            raise ApiError(404, f"no stream with id {stream_id!r}: expected one of the ids from GET /v1/streams",
-                           code="stream_not_found", param="model")
-        return stream
+def _error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, ERROR_TYPES.get(status, "server_error"), code), status, headers=headers)
 
 
-# ---------------------------------------------------------------------------------------------------------- sources
+class Gate:
+    """ASGI middleware for HTTP: the API key (401) and the body cap (413), before any route reads the body."""
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        if not _public(scope["path"]) and not authorized(self.state, headers):
+            response = _error_response(401, "missing or wrong API key: expected 'Authorization: Bearer <key>'",
+                                       "invalid_api_key")
+            return await response(scope, receive, send)
+        cap = self.state.limits.max_body_bytes
+        length = headers.get("content-length")
+        body, more = bytearray(), True
+        if length is not None and length.isdigit() and int(length) > cap:
+            more = False
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > cap:
+                break
+        if len(body) > cap or (length is not None and length.isdigit() and int(length) > cap):
+            size = length if length is not None and length.isdigit() else f"more than {cap}"
+            response = _error_response(413, f"the request body has {size} bytes, over the limit max_body_bytes="
+                                       f"{cap}", "body_too_large")
+            return await response(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: the client's disconnect, if it goes away
+            replayed = True
+            return {"type": "http.request", "body": bytes(body), "more_body": False}
+
+        await self.app(scope, replay, send)
 
 
-def resolve_media(media_root: Path | None, rel: str) -> Path:
-    """`rel` inside the media root, symlinks resolved: 403 outside it (nothing is read), 404 missing, 400 not a file."""
-    if media_root is None:
-        raise ApiError(403, "file sources are disabled: the server was started without a media root",
-                       param="source.path")
-    root = media_root.resolve(strict=True)
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
-        raise ApiError(403, f"path {rel!r} resolves outside the media root: expected a path inside it",
-                       code="path_outside_media_root", param="source.path")
-    if not path.exists():
-        raise ApiError(404, f"no file {rel!r} under the media root", code="file_not_found", param="source.path")
-    if not path.is_file():
-        raise ApiError(400, f"{rel!r} is not a regular file", param="source.path")
-    return path
+def start_stream(state: ServerState, frames, live: bool, push: PushSource | None, source: dict, fps: float,
+                 owner: str | None = None) -> Stream:
+    """Register a stream (the caller holds a reserved slot) and start its session."""
+    thumbnails = Thumbnails(state.limits.thumbnails)
+    session = StreamSession(state.model, history=state.limits.snapshot_history, on_frames=thumbnails.add)
+    stream_id = "str_" + secrets.token_hex(8)
+    stream = Stream(stream_id, session, source, time.time(), fps, thumbnails, push, owner)
+    session.start(frames, live=live)
+    with state.lock:
+        state.streams[stream_id] = stream
+    return stream
 
 
-def open_stream_source(state: ServerState, body: StreamCreate):
-    """(frames, live, push source or None) for a validated request; raises ApiError on a bad source."""
-    fps = state.model.cfg.sample_fps
-    spec = body.source
-    if isinstance(spec, FileSpec):
-        path = resolve_media(state.media_root, spec.path)
-        if body.speed is None:
-            return file_source(str(path), fps=fps), False, None
-        return replay_source(str(path), fps=fps, speed=body.speed), True, None
-    if body.speed is not None:
-        raise ApiError(400, f"speed applies to file sources only, got speed={body.speed} for a {spec.type} source",
-                       param="speed")
-    if isinstance(spec, UrlSpec):
-        try:
-            return network_source(spec.url, fps=fps), True, None
-        except ValueError as exc:
-            raise ApiError(400, str(exc), param="source.url") from exc
-    assert isinstance(spec, PushSpec)
-    push = PushSource()
-    return push, True, push
+def reserve_slot(state: ServerState) -> None:
+    state.refuse_if_draining()
+    with state.lock:
+        if len(state.streams) + state.pending >= state.max_streams:
+            raise ApiError(429, f"too many streams: {len(state.streams)} open, at most max_streams="
+                           f"{state.max_streams}; DELETE one first", code="too_many_streams", retry_after=5)
+        state.pending += 1
+
+
+def release_slot(state: ServerState) -> None:
+    with state.lock:
+        state.pending -= 1
 
 
 def stream_view(stream: Stream) -> dict:
     stats = stream.session.stats()
     if stats["error"] is not None:
-        state = "failed"
+        status = "failed"
     elif stats["finished"]:
-        state = "finished"
+        status = "finished"
     else:
-        state = "running" if stream.session.snapshot() is not None else "starting"
+        status = "running" if stream.session.snapshot() is not None else "starting"
+    counts = stream.counts()
+    stats |= {"frames_dropped_total": counts["dropped"], "frames_pushed": stream.pushed if stream.push else None}
     return {"id": stream.id, "object": "stream", "created": int(stream.created), "source": stream.source,
-            "live": stream.session.live, "state": state, "stats": stats}
+            "live": stream.session.live, "fps": stream.fps, "state": status, "stats": stats}
+
+
+def memory_view(stream: Stream, as_of: float | None) -> dict:
+    """What the bounded memory holds (now, or as of an earlier stream time), with thumbnail links for its frames."""
+    if stream.session.snapshot() is None:
+        raise ApiError(409, f"stream {stream.id} has no frame yet: its memory is empty", code="stream_not_ready")
+    try:
+        snap = stream.session.snapshot() if as_of is None else stream.session.snapshot_at(as_of)
+    except LookupError as exc:
+        raise ApiError(400, f"as_of={as_of}: {exc}", code="as_of_unavailable", param="as_of") from exc
+    memory = snap.memory
+
+    def frame(t: float) -> dict:
+        kept = stream.thumbnails.has(t)
+        return {"time": t, "thumbnail": f"/v1/streams/{stream.id}/frames?t={t!r}" if kept else None}
+
+    spans, weights = memory.temporal_spans.tolist(), memory.temporal_weights.tolist()
+    return {
+        "object": "stream.memory", "stream_id": stream.id, "version": snap.version, "as_of": as_of,
+        "stream_time": snap.stream_time, "frames_seen": memory.frames_seen,
+        "tokens": {"total": memory.num_tokens, **memory.counts},
+        "bytes": stream.session.memory.nbytes,
+        "temporal": [{"first": a, "last": b, "mean": m, "weight": w} for (a, b, m), w in zip(spans, weights)],
+        "retrieved": [frame(t) for t in memory.retrieved_times.tolist()],
+        "spatial": [frame(t) for t in memory.spatial_times.tolist()],
+    }
+
+
+def close_stream(stream: Stream) -> None:
+    if stream.push is not None:
+        stream.push.close()
+    stream.session.close()
+
+
+def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8, *,
+               allow_private_sources: bool = False, limits: Limits | None = None) -> FastAPI:
+    """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
+    on loopback, private or reserved addresses are refused unless `allow_private_sources`."""
+    if media_root is not None and not Path(media_root).is_dir():
+        raise ValueError(f"media_root must be an existing directory, got {media_root}")
+    state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
+                        limits or Limits(), allow_private_sources)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state.ready = True
+        yield
+        state.ready = False
+        for stream in list(state.streams.values()):
+            await run_in_threadpool(close_stream, stream)
+
+    app = FastAPI(title="vstream", lifespan=lifespan, version="0.1.0",
+                  description="Question answering over live video streams from a bounded STAR memory.")
+    app.state.vstream = state
+    app.add_middleware(Gate, state=state)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        kind = ERROR_TYPES.get(exc.status, "server_error")
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+        return JSONResponse(error_body(exc.message, kind, exc.code, exc.param), exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+
+        def describe(e: dict) -> str:
+            given = f", got {json.dumps(e['input'], default=str)[:80]}" if "input" in e else ""
+            return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{given}"
+
+        return JSONResponse(error_body("; ".join(map(describe, errors)), "invalid_request_error", "invalid_request",
+                                       where), status_code=400)
+
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):
+        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    @app.get("/health/live")
+    async def live():
+        return {"status": "ok"}
+
+    @app.get("/health/ready")
+    async def ready():
+        if state.draining:
+            raise ApiError(503, "not ready: the server is draining", code="draining", retry_after=5)
+        if not state.ready:
+            raise ApiError(503, "not ready: the server is starting or shutting down", code="not_ready")
+        return {"status": "ready", "model": state.model.cfg.name}
+
+    @app.post("/v1/auth/cookie", status_code=204)
+    async def login():
+        """Set the page's HttpOnly session cookie (the request itself carries the key); 12 h."""
+        token = secrets.token_urlsafe(24)
+        with state.lock:
+            now = time.monotonic()
+            for old in [k for k, v in state.cookies.items() if v < now]:
+                del state.cookies[old]
+            while len(state.cookies) >= MAX_COOKIES:
+                del state.cookies[next(iter(state.cookies))]
+            state.cookies[token] = now + COOKIE_TTL_S
+        response = Response(status_code=204)
+        response.set_cookie(COOKIE, token, max_age=COOKIE_TTL_S, httponly=True, samesite="strict", path="/")
+        return response
+
+    @app.delete("/v1/auth/cookie", status_code=204)
+    async def logout(request: Request):
+        state.cookies.pop(request.cookies.get(COOKIE, ""), None)
+        response = Response(status_code=204)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    @app.post("/v1/streams", status_code=201)
+    async def create_stream(body: StreamCreate):
+        reserve_slot(state)
+        try:
+            frames, is_live, push, fps = await run_in_threadpool(open_stream_source, state, body)
+            stream = start_stream(state, frames, is_live, push, body.source.model_dump(), fps)
+        finally:
+            release_slot(state)
+        return stream_view(stream)
+
+    @app.get("/v1/streams")
+    async def list_streams():
+        return {"object": "list", "data": [stream_view(s) for s in list(state.streams.values())]}
+
+    @app.get("/v1/streams/{stream_id}")
+    async def get_stream(stream_id: str):
+        return stream_view(state.get(stream_id, "stream_id"))
+
+    @app.delete("/v1/streams/{stream_id}")
+    async def delete_stream(stream_id: str):
+        with state.lock:
+            stream = state.get(stream_id, "stream_id")
+            del state.streams[stream_id]
+        await run_in_threadpool(close_stream, stream)
+        return {"id": stream_id, "object": "stream.deleted", "deleted": True}
+
+    @app.get("/v1/streams/{stream_id}/memory")
+    async def get_memory(stream_id: str, as_of: float | None = Query(None, ge=0, allow_inf_nan=False)):
+        return memory_view(state.get(stream_id, "stream_id"), as_of)
+
+    @app.get("/v1/streams/{stream_id}/frames", response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"}})
+    async def get_frame(stream_id: str, t: float = Query(..., ge=0, allow_inf_nan=False)):
+        """The thumbnail of the ingested frame at stream time `t` (within 1 ms), while the stream keeps it."""
+        kept = state.get(stream_id, "stream_id").thumbnails.nearest(t)
+        if kept is None:
+            raise ApiError(404, f"no thumbnail kept for t={t} in stream {stream_id}: expected the time of a recent "
+                           "ingested frame (see GET /v1/streams/{id}/memory)", code="frame_not_kept", param="t")
+        return Response(kept[1], media_type="image/jpeg",
+                        headers={"X-Frame-Time": repr(kept[0]), "Cache-Control": "private, max-age=3600"})
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        t0 = time.perf_counter()
+        stream_id = req.stream_id or req.model
+        if not stream_id:
+            raise ApiError(400, "no stream named: expected the stream id in 'model' or 'stream_id'", param="model")
+        question = check_question(state, question_of(req))
+        max_tokens = check_max_tokens(state, req.max_completion_tokens or req.max_tokens,
+                                      "max_completion_tokens" if req.max_completion_tokens else "max_tokens")
+        stream = state.get(stream_id)
+        state.begin_answer()
+        try:
+            generation = Generation(state, stream, question, max_tokens, req.as_of, t0)
+        except BaseException:
+            state.end_answer()
+            raise
+        if req.stream:
+            body = sse_answer(state, stream_id, generation)
+            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        try:
+            text = await whole_answer(generation, request)
+            prompt = await run_in_threadpool(prompt_tokens, state.model, generation.snapshot, question)
+        finally:
+            state.end_answer()
+        if text is None:  # the client went away: nobody reads this
+            return Response(status_code=499)
+        completion = generation.pieces
+        return completion_base(stream_id, "chat.completion") | {
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+            "vstream": vstream_extension(generation.snapshot, req.as_of),
+        }
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket, stream_id: str | None = None):
+        await realtime_session(state, ws, stream_id)
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
+
+    return app
 
 
 # ---------------------------------------------------------------------------------------------------------- chat
@@ -158,224 +368,150 @@ def question_of(req: ChatRequest) -> str:
         raise ApiError(400, f"expected a message with role 'user', got roles {roles}", param="messages")
     content = users[-1].content
     if isinstance(content, list):
-        content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        content = "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
     if not content or not content.strip():
         raise ApiError(400, "the last user message has no text: expected a non-empty question", param="messages")
     return content
-
-
-def prompt_tokens(model, snapshot, question: str) -> int:
-    """Tokens the LLM reads: the prompt's text tokens, with the one placeholder replaced by the memory tokens."""
-    ids = tokenizer_image_token(build_prompt(model.cfg.template, question), model.tokenizer)
-    return len(ids) - 1 + snapshot.memory.num_tokens
 
 
 def completion_base(stream_id: str, obj: str) -> dict:
     return {"id": "chatcmpl-" + secrets.token_hex(12), "object": obj, "created": int(time.time()), "model": stream_id}
 
 
-def vstream_extension(snapshot) -> dict:
-    memory = snapshot.memory
-    return {"stream_time": snapshot.stream_time, "frames": snapshot.frames,
-            "spatial_times": memory.spatial_times.tolist(), "retrieved_times": memory.retrieved_times.tolist(),
-            "temporal_spans": [[a, b] for a, b, _ in memory.temporal_spans.tolist()]}
+async def whole_answer(generation: Generation, request: Request) -> str | None:
+    """The whole answer text, or None if the client disconnected first (generation is then cancelled)."""
+    pieces = []
+    gone = asyncio.create_task(_disconnected(request))
+    try:
+        async for piece in generation:
+            if gone.done():
+                return None
+            pieces.append(piece)
+    finally:
+        gone.cancel()
+    return "".join(pieces).strip()
 
 
-def answer_whole(state: ServerState, session: StreamSession, question: str, max_tokens: int | None, t0: float):
-    """Runs in a worker thread: the snapshot, the answer text and its completion token count."""
-    snapshot, pieces = session.ask_stream(question, max_new_tokens=max_tokens)
-    text = []
-    for piece in pieces:
-        if not text:
-            state.ttft.observe(time.perf_counter() - t0)
-        text.append(piece)
-    return snapshot, "".join(text).strip(), len(text)
+async def _disconnected(request: Request) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.05)
 
 
-def sse_answer(state: ServerState, stream_id: str, session: StreamSession, question: str, max_tokens, t0: float):
-    """An SSE body: role chunk, content chunks from a generation thread, the stop chunk, then `[DONE]`."""
-    snapshot, pieces = session.ask_stream(question, max_new_tokens=max_tokens)
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancel = threading.Event()
-    end = object()
-
-    def generate() -> None:  # its own thread: the event loop never runs model code
-        try:
-            for piece in pieces:
-                if cancel.is_set():
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
-            loop.call_soon_threadsafe(queue.put_nowait, end)
-        except Exception as exc:
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        finally:
-            pieces.close()
-
-    base = completion_base(stream_id, "chat.completion.chunk") | {"vstream": vstream_extension(snapshot)}
+def sse_answer(state: ServerState, stream_id: str, generation: Generation):
+    """An SSE body: role chunk, content chunks, the stop chunk, then `[DONE]`. A client that goes away cancels the
+    generation (the body is closed; the generation thread stops after its current token)."""
+    base = completion_base(stream_id, "chat.completion.chunk") | {
+        "vstream": vstream_extension(generation.snapshot, generation.as_of)}
 
     def chunk(delta: dict, finish: str | None = None) -> str:
         body = base | {"choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
         return f"data: {json.dumps(body)}\n\n"
 
     async def body():
-        worker = threading.Thread(target=generate, name=f"vstream-answer-{stream_id}", daemon=True)
-        state.running += 1
         try:
             yield chunk({"role": "assistant", "content": ""})
-            worker.start()
-            first = True
-            while (item := await queue.get()) is not end:
-                if isinstance(item, Exception):
-                    yield f"data: {json.dumps(error_body(f'generation failed: {item}', 'server_error'))}\n\n"
-                    break
-                if first:
-                    state.ttft.observe(time.perf_counter() - t0)
-                    first = False
-                yield chunk({"content": item})
-            else:
+            try:
+                async for piece in generation:
+                    yield chunk({"content": piece})
                 yield chunk({}, "stop")
+            except RuntimeError as exc:
+                yield f"data: {json.dumps(error_body(str(exc), 'server_error', 'generation_failed'))}\n\n"
             yield "data: [DONE]\n\n"
-        finally:  # also on client disconnect: the generation thread stops after its current token
-            cancel.set()
-            state.running -= 1
+        finally:
+            generation.cancel()
+            state.end_answer()
 
     return body()
 
 
-# ---------------------------------------------------------------------------------------------------------- app
+# ---------------------------------------------------------------------------------------------------------- realtime
 
 
-def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8) -> FastAPI:
-    """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused)."""
-    if media_root is not None and not Path(media_root).is_dir():
-        raise ValueError(f"media_root must be an existing directory, got {media_root}")
-    state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        state.ready = True
-        yield
-        state.ready = False
-        for stream in list(state.streams.values()):
+async def realtime_session(state: ServerState, ws: WebSocket, stream_id: str | None) -> None:
+    """Authenticate, attach to (or create) the stream, then run the session until either side closes it."""
+    if not authorized(state, ws.headers):
+        return await deny(ws, ApiError(401, "missing or wrong API key: expected 'Authorization: Bearer <key>' or "
+                                       "the page's session cookie", code="invalid_api_key"))
+    owner = "ws_" + secrets.token_hex(8)
+    try:
+        if stream_id is not None:
+            state.refuse_if_draining()
+            stream = state.get(stream_id, "stream_id")
+        else:
+            reserve_slot(state)
+            try:
+                fps = state.model.cfg.sample_fps
+                push = PushSource()
+                stream = start_stream(state, push, True, push, {"type": "push"}, fps, owner)
+            finally:
+                release_slot(state)
+    except ApiError as exc:
+        return await deny(ws, exc)
+    await ws.accept()
+    session = RealtimeSession(ws, state, stream)
+    state.sockets.add(session)
+    limits = state.limits
+    session.send({"type": "session.created", "event_id": "evt_" + secrets.token_hex(8),
+                  "session": {"id": owner, "stream_id": stream.id, "fps": stream.fps, "push": stream.push is not None,
+                              "owns_stream": stream.owner == owner,
+                              "max_message_bytes": limits.max_ws_message_bytes, "idle_timeout_s": limits.ws_idle_s}})
+    sender = asyncio.create_task(session.sender())
+    watcher = asyncio.create_task(watch(session))
+    close_code, reason = 1000, ""
+    try:
+        while True:
+            receive = asyncio.create_task(ws.receive())
+            done, _ = await asyncio.wait({receive, watcher, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if receive not in done:
+                receive.cancel()
+                close_code, reason = (1001, session.closing or "closing") if watcher in done else (1011, "send failed")
+                break
+            message = receive.result()
+            if message["type"] == "websocket.disconnect":
+                close_code = None
+                break
+            size = len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+            if size > limits.max_ws_message_bytes:
+                close_code, reason = 1009, f"message of {size} bytes over max_ws_message_bytes"
+                break
+            session.last_message = time.monotonic()
+            if session.closing == "idle":
+                session.closing = None
+            await session.handle(message)
+    except WebSocketDisconnect:
+        close_code = None
+    finally:
+        session.cancel_response()
+        watcher.cancel()
+        if close_code is not None:
+            session.send(None)
+            try:
+                await asyncio.wait_for(sender, 2.0)
+                await ws.close(close_code, reason)
+            except Exception:  # the client is already gone: nothing left to tell it
+                pass
+        sender.cancel()
+        state.sockets.discard(session)
+        if stream.owner == owner:
+            with state.lock:
+                state.streams.pop(stream.id, None)
             await run_in_threadpool(close_stream, stream)
 
-    app = FastAPI(title="vstream", lifespan=lifespan)
-    app.state.vstream = state
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        kind = _ERROR_TYPES.get(exc.status, "server_error")
-        return JSONResponse(error_body(exc.message, kind, exc.code, exc.param), status_code=exc.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return JSONResponse(error_body(message, "invalid_request_error", "invalid_request", where), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, exc: Exception):
-        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
-        return JSONResponse(body, status_code=500)
-
-    @app.middleware("http")
-    async def require_key(request: Request, call_next):
-        if state.api_key is not None and not request.url.path.startswith("/health/"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-                body = error_body("missing or wrong API key: expected 'Authorization: Bearer <key>'",
-                                  "authentication_error", "invalid_api_key")
-                return JSONResponse(body, status_code=401)
-        return await call_next(request)
-
-    @app.get("/health/live")
-    async def live():
-        return {"status": "ok"}
-
-    @app.get("/health/ready")
-    async def ready():
-        if not state.ready:
-            raise ApiError(503, "not ready: the server is starting or shutting down", code="not_ready")
-        return {"status": "ready", "model": state.model.cfg.name}
-
-    @app.post("/v1/streams", status_code=201)
-    async def create_stream(body: StreamCreate):
-        with state.lock:
-            if len(state.streams) >= state.max_streams:
-                raise ApiError(429, f"too many streams: {len(state.streams)} open, at most {state.max_streams}; "
-                               "DELETE one first", code="too_many_streams")
-            stream_id = "str_" + secrets.token_hex(8)
-            frames, is_live, push = open_stream_source(state, body)
-            session = StreamSession(state.model).start(frames, live=is_live)
-            state.streams[stream_id] = Stream(stream_id, session, body.source.model_dump(), time.time(), push)
-        return stream_view(state.streams[stream_id])
-
-    @app.get("/v1/streams")
-    async def list_streams():
-        return {"object": "list", "data": [stream_view(s) for s in list(state.streams.values())]}
-
-    @app.get("/v1/streams/{stream_id}")
-    async def get_stream(stream_id: str):
-        return stream_view(state.get(stream_id))
-
-    @app.delete("/v1/streams/{stream_id}")
-    async def delete_stream(stream_id: str):
-        with state.lock:
-            stream = state.get(stream_id)
-            del state.streams[stream_id]
-        await run_in_threadpool(close_stream, stream)
-        return {"id": stream_id, "object": "stream.deleted", "deleted": True}
-
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        t0 = time.perf_counter()
-        stream_id = req.stream_id or req.model
-        if not stream_id:
-            raise ApiError(400, "no stream named: expected the stream id in 'model' or 'stream_id'", param="model")
-        question = question_of(req)
-        stream = state.get(stream_id)
-        if stream.session.snapshot() is None:
-            raise ApiError(409, f"stream {stream_id} has no frame yet: ask again once frames are ingested",
-                           code="stream_not_ready")
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        if req.stream:
-            body = sse_answer(state, stream_id, stream.session, question, max_tokens, t0)
-            return StreamingResponse(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        state.running += 1
-        try:
-            snapshot, text, completion = await run_in_threadpool(
-                answer_whole, state, stream.session, question, max_tokens, t0)
-            prompt = await run_in_threadpool(prompt_tokens, state.model, snapshot, question)
-        finally:
-            state.running -= 1
-        return completion_base(stream_id, "chat.completion") | {
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
-            "vstream": vstream_extension(snapshot),
-        }
-
-    @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics():
-        return PlainTextResponse(render_metrics(state), media_type="text/plain; version=0.0.4")
-
-    return app
-
-
-def close_stream(stream: Stream) -> None:
-    if stream.push is not None:
-        stream.push.close()
-    stream.session.close()
+# ---------------------------------------------------------------------------------------------------------- ops
 
 
 def render_metrics(state: ServerState) -> str:
     """Prometheus text exposition: per-stream counters and gauges labelled by stream id, server-wide TTFT."""
-    per_stream = [("frames_ingested_total", "counter", "Frames encoded into the memory.", "frames_encoded"),
-                  ("frames_received_total", "counter", "Frames read from the source.", "frames_received"),
-                  ("frames_dropped_total", "counter", "Frames dropped: ingestion fell behind.", "frames_dropped"),
+    per_stream = [("frames_ingested_total", "counter", "Frames encoded into the memory.", "ingested"),
+                  ("frames_received_total", "counter", "Frames read from the source or pushed.", "received"),
+                  ("frames_dropped_total", "counter", "Frames not ingested: over the target rate or behind.",
+                   "dropped"),
                   ("memory_tokens", "gauge", "Tokens in the stream's memory.", "memory_tokens")]
-    stats = {sid: s.session.stats() for sid, s in list(state.streams.items())}
+    stats = {}
+    for sid, s in list(state.streams.items()):
+        snap = s.session.snapshot()
+        stats[sid] = s.counts() | {"memory_tokens": 0 if snap is None else snap.memory.num_tokens}
     lines = []
     for name, kind, help_text, key in per_stream:
         lines += [f"# HELP vstream:{name} {help_text}", f"# TYPE vstream:{name} {kind}"]
@@ -384,18 +520,54 @@ def render_metrics(state: ServerState) -> str:
               f"vstream:num_streams {len(stats)}",
               "# HELP vstream:num_requests_running Answers being generated.",
               "# TYPE vstream:num_requests_running gauge", f"vstream:num_requests_running {state.running}",
+              "# HELP vstream:num_realtime_sessions Open WebSocket sessions.",
+              "# TYPE vstream:num_realtime_sessions gauge", f"vstream:num_realtime_sessions {len(state.sockets)}",
+              "# HELP vstream:requests_cancelled_total Answers stopped before their end (disconnect or cancel).",
+              "# TYPE vstream:requests_cancelled_total counter",
+              f"vstream:requests_cancelled_total {state.answers_cancelled}",
               "# HELP vstream:time_to_first_token_seconds Request received to first answer piece.",
               "# TYPE vstream:time_to_first_token_seconds histogram"]
     lines += state.ttft.lines("vstream:time_to_first_token_seconds")
     return "\n".join(lines) + "\n"
 
 
+def begin_drain(state: ServerState, grace_s: float) -> None:
+    """Stop taking work: readiness turns 503, new streams, sessions and questions get 503, and open sessions get a
+    `session.closing` notice and are closed after `grace_s` seconds. Thread-safe."""
+    state.drain_deadline = time.monotonic() + grace_s
+    state.draining = True
+
+
 def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, media_root: Path | None = None,
-          api_key: str | None = None, max_streams: int = 8, device: str = "cpu") -> None:
-    """Load the model with `vstream.load` and serve the API with uvicorn until interrupted."""
+          api_key: str | None = None, max_streams: int = 8, device: str = "cpu", *,
+          allow_private_sources: bool = False, drain_s: float = 10.0, limits: Limits | None = None) -> None:
+    """Load the model with `vstream.load` and serve until interrupted. The first SIGINT/SIGTERM drains (see
+    `begin_drain`) for up to `drain_s` seconds, then stops; a second one stops at once."""
+    import threading
+
     import uvicorn
 
     import vstream
 
     model = vstream.load(model_name_or_path, device=device)
-    uvicorn.run(create_app(model, media_root, api_key, max_streams), host=host, port=port)
+    limits = limits or Limits()
+    app = create_app(model, media_root, api_key, max_streams, allow_private_sources=allow_private_sources,
+                     limits=limits)
+    state: ServerState = app.state.vstream
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            if state.draining or drain_s <= 0:
+                return super().handle_exit(sig, frame)
+            begin_drain(state, drain_s)
+
+            def stop_when_done():
+                while time.monotonic() < state.drain_deadline + 0.5 and (state.sockets or state.running):
+                    time.sleep(0.05)
+                self.should_exit = True
+
+            threading.Thread(target=stop_when_done, daemon=True).start()
+
+    config = uvicorn.Config(app, host=host, port=port, ws_max_size=limits.max_ws_message_bytes + 1024,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config).run()

@@ -27,13 +27,21 @@ class UrlSpec(BaseModel):
 
 
 class PushSpec(BaseModel):
-    """Frames pushed by the client (the push transport is not part of this slice)."""
+    """Frames pushed by the client over `WS /v1/realtime?stream_id=...`."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["push"]
 
 
-SourceSpec = Annotated[FileSpec | UrlSpec | PushSpec, Field(discriminator="type")]
+class WebcamSpec(BaseModel):
+    """A V4L2 capture device on the server (`/dev/video<device>`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["webcam"]
+    device: int = Field(default=0, ge=0, le=63)
+
+
+SourceSpec = Annotated[FileSpec | UrlSpec | PushSpec | WebcamSpec, Field(discriminator="type")]
 
 
 class StreamCreate(BaseModel):
@@ -41,8 +49,10 @@ class StreamCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: SourceSpec
-    speed: float | None = Field(default=None, gt=0, description="replay a file at this speed (live); null: as fast "
-                                "as it decodes (not live)")
+    speed: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False, description="replay a file at this speed (live); "
+                                "null: as fast as it decodes (not live)")
+    fps: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False, description="frames sampled per second of stream time "
+                              "(null: the model's rate, 1 for the released model); at most the server's max_fps")
 
 
 class ChatMessage(BaseModel):
@@ -62,10 +72,12 @@ class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str | None = None
     stream_id: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=256)
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    as_of: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="answer from the memory as it stood at this stream "
+                                "time (seconds; a vstream extension)")
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:

@@ -1,0 +1,258 @@
+"""`WS /v1/realtime`: frames pushed into a stream and questions answered on one socket, as typed JSON events.
+
+Client events: a binary message (one JPEG or PNG frame, timed by the server's clock from the stream's first binary
+frame), `input_video_frame.append {image: base64 or data URI, timestamp?}`, `response.create {question, max_tokens?,
+as_of?}`, `response.cancel`. Server events: `session.created`, `input_video_frame.ack` (one per frame: accepted or not,
+with the stream's running received/ingested/dropped counts), `response.created`, `response.output_text.delta`,
+`response.output_text.done`, `response.done {status: completed | cancelled | failed}`, `session.closing {reason,
+time_left_s}` before the server closes the session (idle, draining, stream ended), and `error {error: {type, code,
+message, param, event_id}}`. Every server event has `type` and `event_id`.
+
+Without `stream_id` the session creates a push stream of its own, deleted when the socket closes. Frames are sampled
+by their time to the stream's `fps` before they are decoded; a frame's pixel count is read from its header and checked
+before its pixels are allocated. Decoding runs in the thread pool, generation on its own thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import json
+import math
+import secrets
+import time
+
+import numpy as np
+from fastapi import WebSocket
+from fastapi.responses import JSONResponse
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+
+from vstream.server.answers import Generation, check_max_tokens, check_question, vstream_extension
+from vstream.server.schemas import error_body
+from vstream.server.state import ERROR_TYPES, ApiError, ServerState, Stream
+
+_EPS = 1e-6
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """A JPEG or PNG -> HxWx3 uint8 RGB; the size is read from the header and checked before decoding."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Exception as exc:
+        raise ApiError(400, f"the frame is not a readable image ({len(data)} bytes): expected JPEG or PNG",
+                       code="invalid_image") from exc
+    if image.format not in ("JPEG", "PNG"):
+        raise ApiError(400, f"the frame is {image.format}: expected JPEG or PNG", code="invalid_image")
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ApiError(400, f"the frame is {width}x{height} = {width * height} pixels, over the limit "
+                       f"max_frame_pixels={max_pixels}", code="limit_exceeded")
+    try:
+        return np.asarray(image.convert("RGB"))
+    except Exception as exc:
+        raise ApiError(400, f"the {image.format} frame could not be decoded: {exc}", code="invalid_image") from exc
+
+
+def _event(type_: str, **fields) -> dict:
+    return {"type": type_, "event_id": "evt_" + secrets.token_hex(8), **fields}
+
+
+def _error_event(exc: ApiError, event_id: str | None = None) -> dict:
+    body = error_body(exc.message, ERROR_TYPES.get(exc.status, "server_error"), exc.code, exc.param)["error"]
+    return _event("error", error=body | {"event_id": event_id})
+
+
+class RealtimeSession:
+    """One socket: an outbox drained by one sender task, at most one answer at a time, the idle clock."""
+
+    def __init__(self, ws: WebSocket, state: ServerState, stream: Stream):
+        self.ws, self.state, self.stream = ws, state, stream
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.last_message = time.monotonic()
+        self.generation: Generation | None = None
+        self.answer_task: asyncio.Task | None = None
+        self.closing: str | None = None
+
+    def send(self, event: dict) -> None:
+        self.outbox.put_nowait(event)
+
+    async def sender(self) -> None:
+        while True:
+            event = await self.outbox.get()
+            if event is None:
+                return
+            await self.ws.send_text(json.dumps(event))
+
+    def notify_closing(self, reason: str, time_left_s: float) -> None:
+        if self.closing is None:
+            self.closing = reason
+            self.send(_event("session.closing", reason=reason, time_left_s=round(time_left_s, 3)))
+
+    # ------------------------------------------------------------------------------------------------ frames
+
+    def _frame_time(self, timestamp) -> float:
+        stream = self.stream
+        if timestamp is None:
+            now = time.monotonic()
+            stream.clock0 = now if stream.clock0 is None else stream.clock0
+            return now - stream.clock0
+        if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool) or not math.isfinite(timestamp) \
+                or timestamp < 0:
+            raise ApiError(400, f"timestamp must be a finite number of seconds >= 0, got {timestamp!r}",
+                           param="timestamp")
+        return float(timestamp)
+
+    async def frame(self, data: bytes, timestamp=None, event_id: str | None = None) -> None:
+        stream = self.stream
+        if stream.push is None:
+            raise ApiError(400, f"stream {stream.id} pulls its frames from a {stream.source['type']} source: "
+                           "frames can only be pushed to a push stream", code="not_a_push_stream")
+        t = self._frame_time(timestamp)
+        with stream.push_lock:
+            slot = math.floor(t * stream.fps + _EPS)
+            due = slot >= stream.next_slot
+            stream.pushed += 1
+            if not due:
+                stream.sampled_out += 1
+        accepted = False
+        if due:
+            frame = await run_in_threadpool(decode_image, data, self.state.limits.max_frame_pixels)
+            try:
+                accepted = stream.push.push(t, frame)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), code="invalid_timestamp", param="timestamp") from exc
+            except RuntimeError as exc:
+                raise ApiError(409, f"stream {stream.id} takes no more frames: {exc}", code="stream_closed") from exc
+            with stream.push_lock:
+                stream.next_slot = slot + 1
+        self.send(_event("input_video_frame.ack", item_event_id=event_id, timestamp=t, accepted=accepted,
+                         **stream.counts()))
+
+    # ------------------------------------------------------------------------------------------------ answers
+
+    def create_response(self, event: dict) -> None:
+        if self.answer_task is not None and not self.answer_task.done():
+            raise ApiError(409, "an answer is already being generated on this session: wait for response.done or "
+                           "send response.cancel", code="response_in_progress")
+        question = check_question(self.state, event.get("question"), param="question")
+        max_tokens = event.get("max_tokens")
+        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
+            raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
+        check_max_tokens(self.state, max_tokens)
+        as_of = event.get("as_of")
+        if as_of is not None and (not isinstance(as_of, (int, float)) or not math.isfinite(as_of) or as_of < 0):
+            raise ApiError(400, f"as_of must be a number of seconds >= 0, got {as_of!r}", param="as_of")
+        self.state.begin_answer()
+        try:
+            generation = Generation(self.state, self.stream, question, max_tokens, as_of, time.perf_counter())
+        except BaseException:
+            self.state.end_answer()
+            raise
+        self.generation = generation
+        self.answer_task = asyncio.create_task(self._answer(generation))
+
+    async def _answer(self, generation: Generation) -> None:
+        response_id = "resp_" + secrets.token_hex(8)
+        times = vstream_extension(generation.snapshot, generation.as_of)
+        self.send(_event("response.created", response={"id": response_id, "status": "in_progress", "vstream": times}))
+        text, status = [], "completed"
+        try:
+            async for piece in generation:
+                if generation.cancelled.is_set():
+                    break
+                text.append(piece)
+                self.send(_event("response.output_text.delta", response_id=response_id, delta=piece))
+            if generation.cancelled.is_set():
+                status = "cancelled"
+        except RuntimeError as exc:
+            status = "failed"
+            self.send(_error_event(ApiError(500, str(exc), code="generation_failed")))
+        finally:
+            self.state.end_answer()
+        self.send(_event("response.output_text.done", response_id=response_id, text="".join(text)))
+        self.send(_event("response.done", response={"id": response_id, "status": status, "vstream": times,
+                                                    "usage": {"output_tokens": len(text)}}))
+
+    def cancel_response(self) -> None:
+        if self.generation is not None:
+            self.generation.cancel()
+
+    # ------------------------------------------------------------------------------------------------ dispatch
+
+    async def handle(self, message: dict) -> None:
+        """One client message (a dict from `websocket.receive`): frames and events; errors become `error` events."""
+        event_id = None
+        try:
+            if message.get("bytes") is not None:
+                await self.frame(message["bytes"])
+                return
+            try:
+                event = json.loads(message.get("text") or "")
+            except json.JSONDecodeError as exc:
+                raise ApiError(400, f"the message is not JSON ({exc}): expected an event object", "invalid_json")
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise ApiError(400, "expected an event object with a string 'type'", "invalid_event", "type")
+            event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
+            kind = event["type"]
+            if kind == "input_video_frame.append":
+                await self.frame(_image_bytes(event.get("image")), event.get("timestamp"), event_id)
+            elif kind == "response.create":
+                self.create_response(event)
+            elif kind == "response.cancel":
+                self.cancel_response()
+            else:
+                raise ApiError(400, f"unknown event type {kind!r}: expected input_video_frame.append, "
+                               "response.create or response.cancel", "unknown_event", "type")
+        except ApiError as exc:
+            self.send(_error_event(exc, event_id))
+
+
+def _image_bytes(image) -> bytes:
+    if not isinstance(image, str) or not image:
+        raise ApiError(400, "input_video_frame.append needs 'image': a base64 JPEG/PNG or a data URI",
+                       "invalid_event", "image")
+    if image.startswith("data:"):
+        image = image.partition(",")[2]
+    try:
+        return base64.b64decode(image, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ApiError(400, f"'image' is not valid base64: {exc}", "invalid_image", "image") from exc
+
+
+async def deny(ws: WebSocket, exc: ApiError) -> None:
+    """Refuse the handshake with an HTTP error response (the OpenAI error object)."""
+    kind = ERROR_TYPES.get(exc.status, "server_error")
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    await ws.send_denial_response(JSONResponse(error_body(exc.message, kind, exc.code, exc.param), exc.status,
+                                               headers=headers))
+
+
+async def watch(session: RealtimeSession) -> None:
+    """Close the session when it is idle, when the server drains, or when its stream fails or ends."""
+    state, limits, stream = session.state, session.state.limits, session.stream
+    reported = False
+    while True:
+        await asyncio.sleep(0.1)
+        now = time.monotonic()
+        if state.draining:
+            left = state.time_left() or 0.0
+            session.notify_closing("draining", left)
+            if left <= 0 and (session.answer_task is None or session.answer_task.done()):
+                return
+            continue
+        if stream.session.error is not None and not reported:
+            reported = True
+            session.send(_error_event(ApiError(500, f"stream {stream.id} failed: {stream.session.error}",
+                                               code="stream_failed")))
+        if stream.session.finished and session.closing is None:
+            session.notify_closing("stream_ended", 0.0)
+            await asyncio.sleep(0.2)
+            return
+        idle = now - session.last_message
+        if idle >= limits.ws_idle_s - limits.ws_notice_s:
+            session.notify_closing("idle", max(0.0, limits.ws_idle_s - idle))
+        if idle >= limits.ws_idle_s:
+            return

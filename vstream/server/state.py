@@ -1,0 +1,202 @@
+"""What the server keeps between requests: its limits, the open streams, their thumbnails, counters and the error type.
+
+Nothing here touches the network or runs model code. Every structure is bounded: streams by `max_streams`, thumbnails
+by a ring per stream, latency histograms by their buckets.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vstream.engine import StreamSession
+from vstream.sources import PushSource
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
+               503: "service_unavailable"}
+
+
+class ApiError(Exception):
+    """An error answered with the OpenAI error object and `status` (429 and 503 also carry `Retry-After`)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may ask of the server; each one, when exceeded, gives an error that names it."""
+
+    max_body_bytes: int = 1 << 20
+    """Largest HTTP request body (413 above it)."""
+    max_ws_message_bytes: int = 8 << 20
+    """Largest WebSocket message (the socket is closed with 1009 above it)."""
+    max_frame_pixels: int = 3840 * 2160
+    """Most pixels in one frame, pushed or decoded; checked from the header, before the pixels are allocated."""
+    max_source_seconds: float = 4 * 3600.0
+    """Longest file (by its header) and the most stream time read from any pulled source."""
+    max_source_frames: int = 1_000_000
+    """Most frames a file may declare (decoding walks every one of them, sampled or not)."""
+    max_question_chars: int = 4000
+    """Longest question."""
+    max_answer_tokens: int = 1024
+    """Most tokens one answer may ask for (`max_tokens`)."""
+    max_running: int = 16
+    """Most answers generated at once over the whole server (429 above it)."""
+    max_fps: float = 30.0
+    """Highest target sampling rate of a stream."""
+    ws_idle_s: float = 300.0
+    """A WebSocket session with no message for this long is closed (after a `session.closing` notice)."""
+    ws_notice_s: float = 10.0
+    """How long before closing a session (idle or drain) the notice is sent."""
+    url_timeout_s: float = 5.0
+    """Each network wait of a URL source (connect, read), and of the redirect checks."""
+    thumbnails: int = 512
+    """Most key-frame thumbnails kept per stream (the newest; at least the memory buffer's length is useful)."""
+    snapshot_history: int = 32
+    """Past memory snapshots kept per stream for questions "as of" an earlier time."""
+
+
+class Histogram:
+    """A Prometheus histogram (cumulative buckets, sum, count); thread-safe."""
+
+    def __init__(self, buckets: tuple[float, ...]):
+        self.buckets, self.counts = buckets, [0] * len(buckets)
+        self.sum, self.count, self._lock = 0.0, 0, threading.Lock()
+
+    def observe(self, value: float) -> None:
+        with self._lock:
+            self.sum += value
+            self.count += 1
+            for i, bound in enumerate(self.buckets):
+                if value <= bound:
+                    self.counts[i] += 1
+
+    def lines(self, name: str) -> list[str]:
+        with self._lock:
+            out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
+            out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
+            return out + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+
+
+class Thumbnails:
+    """Small JPEGs of the newest `size` ingested frames, by stream time; thread-safe. About 3-6 kB each."""
+
+    def __init__(self, size: int, edge: int = 192):
+        self.size, self.edge = size, edge
+        self._items: collections.OrderedDict[float, bytes] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, frames: list[tuple[float, np.ndarray]]) -> None:
+        """Runs on the ingest thread (never the event loop)."""
+        encoded = []
+        for t, frame in frames:
+            image = Image.fromarray(frame)
+            image.thumbnail((self.edge, self.edge))
+            out = io.BytesIO()
+            image.save(out, format="JPEG", quality=75)
+            encoded.append((float(t), out.getvalue()))
+        with self._lock:
+            for t, jpeg in encoded:
+                self._items[t] = jpeg
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+
+    def nearest(self, t: float, tolerance: float = 1e-3) -> tuple[float, bytes] | None:
+        with self._lock:
+            if t in self._items:
+                return t, self._items[t]
+            best = min(self._items, key=lambda k: abs(k - t), default=None)
+            if best is None or abs(best - t) > tolerance:
+                return None
+            return best, self._items[best]
+
+    def has(self, t: float) -> bool:
+        return self.nearest(t) is not None
+
+
+@dataclass
+class Stream:
+    """One open stream: its session, what it was created from, and the state of its push transport (if any)."""
+
+    id: str
+    session: StreamSession
+    source: dict
+    created: float
+    fps: float
+    thumbnails: Thumbnails
+    push: PushSource | None = None
+    owner: str | None = None  # the WebSocket session that created it, deleted with it
+    pushed: int = 0  # frames received on the push transport
+    sampled_out: int = 0  # pushed frames skipped because they came faster than `fps`
+    next_slot: int = 0  # the next sampling slot (floor(t * fps)) a pushed frame may fill
+    clock0: float | None = None  # monotonic time of the first binary frame (binary frames carry no time)
+    push_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def counts(self) -> dict:
+        """Running counts for frame acknowledgements: frames received, ingested (in the memory) and dropped."""
+        c = self.session.counters
+        rejected = self.push.rejected if self.push is not None else 0
+        return {"received": self.pushed if self.push is not None else c.received, "ingested": c.encoded,
+                "dropped": c.dropped + rejected + self.sampled_out}
+
+
+@dataclass
+class ServerState:
+    model: object
+    media_root: Path | None
+    api_key: str | None
+    max_streams: int
+    limits: Limits = field(default_factory=Limits)
+    allow_private_sources: bool = False
+    streams: dict[str, Stream] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    running: int = 0
+    pending: int = 0  # stream slots reserved by requests still opening their source
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    ready: bool = False
+    draining: bool = False
+    drain_deadline: float | None = None  # monotonic time at which sessions are closed
+    cookies: dict[str, float] = field(default_factory=dict)  # page session token -> expiry (monotonic)
+    sockets: set = field(default_factory=set)  # open realtime sessions (objects with `notify_closing`)
+    answers_cancelled: int = 0
+
+    def get(self, stream_id: str, param: str = "model") -> Stream:
+        stream = self.streams.get(stream_id)
+        if stream is None:
+            raise ApiError(404, f"no stream with id {stream_id!r}: expected one of the ids from GET /v1/streams",
+                           code="stream_not_found", param=param)
+        return stream
+
+    def refuse_if_draining(self) -> None:
+        if self.draining:
+            raise ApiError(503, "the server is draining: it takes no new streams, sessions or questions",
+                           code="draining", retry_after=5)
+
+    def begin_answer(self) -> None:
+        """Count an answer as running; 429 when `max_running` are already running."""
+        self.refuse_if_draining()
+        with self.lock:
+            if self.running >= self.limits.max_running:
+                raise ApiError(429, f"too many answers running: {self.running}, at most max_running="
+                               f"{self.limits.max_running}; retry shortly", code="too_many_requests", retry_after=1)
+            self.running += 1
+
+    def end_answer(self) -> None:
+        with self.lock:
+            self.running -= 1
+
+    def time_left(self) -> float | None:
+        return None if self.drain_deadline is None else max(0.0, self.drain_deadline - time.monotonic())
