@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -32,3 +31,72 @@ def extract_features_command(
     m = vstream.load(model, device=device)
     done = extract_features(m, videos_dir, out_dir, batch_size=batch_size, show_progress=True)
     typer.echo(f"{len(done['written'])} written, {len(done['skipped'])} already there, in {out_dir}")
+
+
+@app.command("eval")
+def eval_command(
+    benchmark: Annotated[str, typer.Option(help="vs-ego, vs-movie, rvs-ego, rvs-movie, actnet, msvd, msrvtt, nextoe, "
+                                                "open, egoschema, mvbench or videomme.")],
+    data: Annotated[Path, typer.Option(help="Folder holding the benchmark's question file.")],
+    mode: Annotated[str, typer.Option(help="offline (each question from the video up to its time) or streaming "
+                                           "(one pass per video, questions asked during the stream).")] = "offline",
+    judge: Annotated[str, typer.Option(help="offline (no network; not comparable to LLM-judged numbers) or openai "
+                                            "(any OpenAI-compatible endpoint).")] = "offline",
+    judge_url: Annotated[Optional[str], typer.Option(help="Base URL of the judge, e.g. https://api.openai.com/v1.")] = None,
+    judge_model: Annotated[Optional[str], typer.Option(help="Judge model name, e.g. gpt-3.5-turbo-0125.")] = None,
+    judge_key: Annotated[Optional[str], typer.Option(help="Judge API key (default: env VSTREAM_JUDGE_API_KEY, "
+                                                          "then OPENAI_API_KEY).")] = None,
+    judge_timeout: Annotated[float, typer.Option(help="Seconds per judge request.")] = 60.0,
+    judge_retries: Annotated[int, typer.Option(help="Extra attempts per question after a failed request.")] = 3,
+    judge_backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
+    judge_concurrency: Annotated[int, typer.Option(help="Judge requests in flight.")] = 4,
+    model: ModelOpt = DEFAULT_MODEL,
+    memory_mode: Annotated[Optional[str], typer.Option(help="paper or official (default: the model's).")] = None,
+    qa: Annotated[Optional[Path], typer.Option(help="Question file (default: the benchmark's file in --data).")] = None,
+    videos: Annotated[Optional[Path], typer.Option(help="Folder of videos (default: DATA/videos).")] = None,
+    features: Annotated[Optional[Path], typer.Option(help="Folder of feature files to use instead of videos.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: eval/BENCHMARK-MODE).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N questions.")] = None,
+    speed: Annotated[Optional[float], typer.Option(help="Streaming: replay live at this multiple of real time "
+                                                         "(default: simulated time).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
+    workers: Annotated[int, typer.Option(help="Processes over videos, each with its own model.")] = 1,
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Evaluate a model on a benchmark: predictions.jsonl (resumable), judgments, results.json, report.md, plots."""
+    import os
+
+    from vstream.eval.datasets import load_benchmark
+    from vstream.eval.judges import build_judge
+    from vstream.eval.report import score_predictions, summarize, write_outputs
+    from vstream.eval.runner import RunConfig, run_predictions
+
+    if mode not in ("offline", "streaming"):
+        raise UserError(f"--mode must be offline or streaming, got {mode!r}")
+    if speed is not None and (mode != "streaming" or features is not None or speed <= 0):
+        raise UserError(f"--speed needs --mode streaming, videos (not --features) and a value > 0, got {speed}")
+    if workers < 1 or batch_size < 1:
+        raise UserError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
+    bench = load_benchmark(benchmark, data, qa_file=qa, videos=videos, features=features, limit=limit)
+    scorer = None
+    if bench.kind == "open":
+        key = judge_key or os.environ.get("VSTREAM_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        scorer = build_judge(judge, url=judge_url, model=judge_model, api_key=key, timeout=judge_timeout,
+                             retries=judge_retries, backoff=judge_backoff, concurrency=judge_concurrency)
+    cfg = RunConfig(benchmark=benchmark, mode=mode, model=model, memory_mode=memory_mode,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, speed=speed,
+                    source="features" if features is not None else "video", device=device)
+    out = out or Path("eval") / f"{benchmark}-{mode}"
+    records = run_predictions(bench, cfg, out, workers=workers, show_progress=True)
+    outcomes = score_predictions(records, scorer, out, show_progress=True)
+    results = summarize(records, outcomes, cfg.key(), scorer.describe() if scorer else None,
+                        group_by_first_letter=bench.spec.group_by_first_letter)
+    paths = write_outputs(results, records, out)
+    o = results["overall"]
+    extra = (f", {o['unparsable']} unparsable" if "unparsable" in o
+             else f", score {o['score']:.2f}, {o['failed']} judge failures")
+    typer.echo(f"{benchmark} {mode}: accuracy {100 * o['accuracy']:.1f}% of {o['n']}{extra}")
+    if scorer is not None and scorer.kind == "offline":
+        typer.echo("note: offline judge; not comparable to LLM-judged numbers")
+    typer.echo(f"report: {paths['report']}")
