@@ -349,13 +349,18 @@ def label_name(label: int) -> tuple[str, str]:
 
 
 def render(scene: Scene, size: int = 128) -> np.ndarray:
-    """RGB frame [size, size, 3] uint8 of a scene."""
-    frame = np.empty((_checked_size(size), size, 3), np.uint8)
-    frame[:] = BACKGROUNDS[scene.background]
-    for o in scene.objects:
-        rows, cols, mask = _object_mask(o, size)
-        frame[rows, cols][mask] = OBJECT_COLOURS[o.colour]
-    return frame
+    """RGB frame [size, size, 3] uint8 of a scene: its label map looked up in the background's palette."""
+    return np.take(_palette(scene.background), label_map(scene, size), axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _palette(background: str) -> np.ndarray:
+    """RGB of each label value [1 + len(OBJECT_COLOURS) * len(SHAPES), 3] uint8, label 0 = the background."""
+    palette = np.empty((1 + len(_COLOURS) * len(SHAPES), 3), np.uint8)
+    palette[0] = BACKGROUNDS[background]
+    palette[1:] = np.repeat(np.array(list(OBJECT_COLOURS.values()), np.uint8), len(SHAPES), axis=0)
+    palette.flags.writeable = False
+    return palette
 
 
 def label_map(scene: Scene, size: int = 128) -> np.ndarray:
