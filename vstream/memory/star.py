@@ -174,6 +174,11 @@ class PaperStarMemory(StarMemoryBase):
             self.graph.replay(features, times)
             self.frames_seen += 1
             return
+        self.update_differentiable(features, times)
+
+    def update_differentiable(self, features: torch.Tensor, times=None) -> None:
+        """`update` with autograd left as the caller set it: under grad mode the abstract slots keep their graph back to
+        the attention's parameters (training). Same arithmetic as `update`."""
         self._step(*self._prepare(features, times))
         self.frames_seen += features.shape[0]
 
@@ -223,7 +228,11 @@ class PaperStarMemory(StarMemoryBase):
             self.abstract[self.n_abs : self.n_abs + fill] = abs_[:fill]
             self.n_abs += fill
         if fill < abs_.shape[0]:
-            self.abstract.copy_(self.attention.update_paper(self.abstract, abs_[fill:], self.cfg.update_ratio))
+            slots = self.attention.update_paper(self.abstract, abs_[fill:], self.cfg.update_ratio)
+            if slots.requires_grad:  # training: keep the graph (an in-place copy would break it at the next update)
+                self.abstract = slots
+            else:
+                self.abstract.copy_(slots)
 
     def _retrieve(self) -> None:
         r = min(self.cfg.retrieved_length, self.n_tem)
@@ -260,6 +269,33 @@ class PaperStarMemory(StarMemoryBase):
             temporal_weights=self.tem_weight[: self.n_tem].clone(),
             frames_seen=self.frames_seen,
         )
+
+
+def abstract_slots(
+    attention: AbstractAttention, inputs: torch.Tensor, lengths: torch.Tensor | list[int], cfg: MemoryConfig
+) -> torch.Tensor:
+    """The abstract slots of several streams at once, as frame-by-frame `PaperStarMemory` updates leave them.
+
+    inputs [B, T, P_abs^2, D]: each stream's frames pooled to P_abs (zero-padded past its length); lengths [B].
+    Returns [B, N_abs, P_abs^2, D]; a stream with fewer than N_abs frames has its first `length` slots filled and the
+    rest zero. The attention treats token positions independently, so the B streams run as B x P positions of one
+    update: one call per frame for the whole batch, with autograd through the attention's q/k projections.
+    """
+    b, t, p, d = inputs.shape
+    k = cfg.abstract_length
+    lengths = torch.as_tensor(lengths, device=inputs.device)
+    filled = torch.arange(k, device=inputs.device)[None, :] < lengths[:, None]  # [B, K]
+    head = inputs[:, :k]
+    if head.shape[1] < k:
+        head = torch.cat([head, head.new_zeros(b, k - head.shape[1], p, d)], dim=1)
+    slots = head * filled[:, :, None, None]  # [B, K, P, D]
+    slots = slots.permute(1, 0, 2, 3).reshape(k, b * p, d)  # streams as token positions
+    for i in range(k, t):
+        new = inputs[:, i].reshape(1, b * p, d)
+        moved = attention.update_paper(slots, new, cfg.update_ratio)
+        active = (lengths > i).repeat_interleave(p)[None, :, None]  # streams that still have frame i
+        slots = torch.where(active, moved, slots)
+    return slots.reshape(k, b, p, d).permute(1, 0, 2, 3)
 
 
 def seed_indices(points: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:

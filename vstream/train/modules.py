@@ -1,0 +1,83 @@
+"""What the trainer optimises: a batch in, a loss out.
+
+`MemoryQAModule` wraps a `FlashVStream`: it finishes each example's memory (abstract slots recomputed with autograd,
+then the rest of the snapshot), projects it, splices it at the `<image>` position exactly as inference does
+(`FlashVStream.prompt_embeds`), and takes the LLM's next-token loss on the supervised answer tokens.
+`TowerPretrainModule` trains a vision tower from scratch with per-patch class targets.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vstream.memory.star import abstract_slots
+from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vstream.model.vlm import FlashVStream
+
+
+class MemoryQAModule(nn.Module):
+    def __init__(self, model: FlashVStream):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, labels, lengths, rest, rest_lengths, abstract_inputs, abstract_lengths):
+        m = self.model
+        cfg = m.cfg.memory
+        k, p = cfg.abstract_length, cfg.abstract_size**2
+        dtype = m.mm_projector[0].weight.dtype if isinstance(m.mm_projector, nn.Sequential) else m.mm_projector.weight.dtype
+        slots = abstract_slots(m.attention_model, abstract_inputs.to(dtype), abstract_lengths, cfg)  # [B, K, P, D]
+        memories = []
+        for b in range(input_ids.shape[0]):
+            n_abs = min(int(abstract_lengths[b]), k) * p
+            memories.append(torch.cat([slots[b].flatten(0, 1)[:n_abs], rest[b, : int(rest_lengths[b])].to(dtype)]))
+        vision = m.mm_projector(torch.cat(memories))  # one projector call for the whole batch
+        vision = vision.split([x.shape[0] for x in memories])
+        embed = m.llm.get_input_embeddings()
+        seqs, labs = [], []
+        for b in range(input_ids.shape[0]):
+            ids, lab = input_ids[b, : int(lengths[b])], labels[b, : int(lengths[b])]
+            where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
+            if len(where) > 1:
+                raise ValueError(f"an example holds {len(where)} image placeholders; one memory per conversation is supported")
+            text = embed(ids.clamp_min(0))
+            if len(where) == 0:
+                seqs.append(text)
+                labs.append(lab)
+                continue
+            i = int(where[0])
+            v = vision[b].to(text.dtype)
+            seqs.append(torch.cat([text[:i], v, text[i + 1 :]]))
+            labs.append(torch.cat([lab[:i], lab.new_full((v.shape[0],), IGNORE_INDEX), lab[i + 1 :]]))
+        longest = max(s.shape[0] for s in seqs)
+        embeds = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[-1])
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=embeds.device)
+        target = torch.full((len(seqs), longest), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
+        for b, (s, lab) in enumerate(zip(seqs, labs)):
+            embeds[b, : s.shape[0]] = s
+            mask[b, : s.shape[0]] = 1
+            target[b, : s.shape[0]] = lab
+        out = m.llm(inputs_embeds=embeds, attention_mask=mask, labels=target)
+        # A batch of short streams (fewer frames than abstract slots) never runs the attention; a zero-weighted term
+        # keeps its parameters in the graph so that data-parallel gradient reduction sees the same parameters each step.
+        idle = sum(p.sum() for p in m.attention_model.parameters() if p.requires_grad)
+        return {"loss": out.loss + 0.0 * idle}
+
+
+class TowerPretrainModule(nn.Module):
+    """Vision tower + a linear per-patch classifier (soft targets: the share of each class in the patch) + a linear
+    frame classifier on the mean feature (the background)."""
+
+    def __init__(self, tower, patch_classes: int, frame_classes: int):
+        super().__init__()
+        self.tower = tower
+        dim = tower.cfg.hidden_size
+        self.patch_head = nn.Linear(dim, patch_classes)
+        self.frame_head = nn.Linear(dim, frame_classes)
+
+    def forward(self, pixel_values, patch_targets, frame_targets):
+        features = self.tower(pixel_values)  # [B, grid^2, D]
+        patch_logp = torch.log_softmax(self.patch_head(features).float(), dim=-1)
+        patch_loss = -(patch_targets * patch_logp).sum(-1).mean()
+        frame_loss = nn.functional.cross_entropy(self.frame_head(features.mean(1)).float(), frame_targets)
+        return {"loss": patch_loss + frame_loss}
