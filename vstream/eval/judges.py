@@ -220,32 +220,31 @@ class OfflineJudge:
 
 
 def parse_choice(text: str, options: tuple[str, ...] | list[str]) -> str | None:
-    """The option letter an answer names, or None when it names none (or several) unambiguously.
+    """The option letter an answer names, or None when it names none, or several.
 
-    Read, in order: a letter at the start (`B`, `(B)`, `B.`, `B) ...`), a phrase such as `answer is B` / `option (B)`,
-    a bracketed letter `(B)` anywhere, a lone capital letter word other than A and I, and finally the text of exactly
-    one option."""
-    n = len(options)
-    valid = LETTERS[:n]
+    Marked letters count first: one at the start (`B`, `(B)`, `B.`, `B) ...`), after `answer is` / `option`, or in
+    brackets anywhere. Without any, a lone capital letter (not the article `A` or the pronoun `I` before a word), and
+    finally the text of one option (the longest when one contains another)."""
+    valid = LETTERS[: len(options)]
     t = text.strip()
-    patterns = [
-        rf"^\(?([{valid}])\)?(?=$|[.):,\]])",
-        rf"^([{valid}])\s*$",
-        rf"(?i:answer|option|choice)\s*(?i:is|:)?\s*\(?([{valid}])\)?(?![A-Za-z])",
-        rf"\(([{valid}])\)",
-    ]
-    for pattern in patterns:
-        found = set(re.findall(pattern, t))
-        if len(found) == 1:
-            return found.pop()
-        if len(found) > 1:
-            return None
-    lone = {w for w in re.findall(r"(?<![A-Za-z'])([A-Z])(?![A-Za-z'])", t) if w in valid and w not in "AI"}
-    if len(lone) == 1:
-        return lone.pop()
+    marked: set[str] = set()
+    for pattern in (rf"^\(?([{valid}])\)?(?=$|[.):,\]])", rf"^([{valid}])\s*$",
+                    rf"(?i:answer|option|choice)\s*(?i:is|:)?\s*\(?([{valid}])\)?(?![A-Za-z])", rf"\(([{valid}])\)"):
+        marked |= set(re.findall(pattern, t))
+    if marked:
+        return marked.pop() if len(marked) == 1 else None
+    lone: set[str] = set()
+    for m in re.finditer(rf"(?<![A-Za-z'])([{valid}])(?![A-Za-z'])", t):
+        word = re.match(r"\s+([a-z]+)", t[m.end() :])
+        if m.group(1) in "AI" and word and word.group(1) not in ("or", "and"):
+            continue  # "A man ...", "I think ..."
+        lone.add(m.group(1))
+    if lone:
+        return lone.pop() if len(lone) == 1 else None
     said = normalise(t)
-    hits = [k for k, opt in enumerate(options) if normalise(opt) and normalise(opt) in said]
-    return LETTERS[hits[0]] if len(hits) == 1 else None
+    hits = [(normalise(opt), k) for k, opt in enumerate(options) if normalise(opt) and normalise(opt) in said]
+    hits = [(o, k) for o, k in hits if not any(o != other and o in other for other, _ in hits)]
+    return LETTERS[hits[0][1]] if len(hits) == 1 else None
 
 
 def build_judge(kind: str, *, url: str | None = None, model: str | None = None, api_key: str | None = None,
