@@ -10,6 +10,9 @@ import typer
 from vstream.cli import DEFAULT_MODEL, ModelOpt, UserError, app
 
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+VisionTowerOpt = Annotated[
+    Optional[str], typer.Option(help="Local CLIP folder, for a released checkpoint whose config names a hub id.")
+]
 
 
 @app.command("extract-features")
@@ -19,6 +22,7 @@ def extract_features_command(
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "cpu",
     batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 32,
+    vision_tower: VisionTowerOpt = None,
 ) -> None:
     """One feature file per video, {'feature': [T, grid^2, D]} at the model's sample rate; finished files are kept."""
     import vstream
@@ -28,7 +32,7 @@ def extract_features_command(
         raise UserError(f"VIDEOS_DIR must be an existing folder, got {videos_dir}")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    m = vstream.load(model, device=device)
+    m = vstream.load(model, device=device, vision_tower=vision_tower)
     done = extract_features(m, videos_dir, out_dir, batch_size=batch_size, show_progress=True)
     typer.echo(f"{len(done['written'])} written, {len(done['skipped'])} already there, in {out_dir}")
 
@@ -63,6 +67,7 @@ def eval_command(
     batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
     workers: Annotated[int, typer.Option(help="Processes over videos, each with its own model.")] = 1,
     device: DeviceOpt = "cpu",
+    vision_tower: VisionTowerOpt = None,
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), judgments, results.json, report.md, plots."""
     import os
@@ -86,7 +91,8 @@ def eval_command(
                              retries=judge_retries, backoff=judge_backoff, concurrency=judge_concurrency)
     cfg = RunConfig(benchmark=benchmark, mode=mode, model=model, memory_mode=memory_mode,
                     max_new_tokens=max_new_tokens, batch_size=batch_size, speed=speed,
-                    source="features" if features is not None else "video", device=device)
+                    source="features" if features is not None else "video", device=device,
+                    vision_tower=vision_tower)
     out = out or Path("eval") / f"{benchmark}-{mode}"
     records = run_predictions(bench, cfg, out, workers=workers, show_progress=True)
     outcomes = score_predictions(records, scorer, out, show_progress=True)

@@ -56,11 +56,13 @@ class RunConfig:
     source: str = "video"
     """`video` or `features`."""
     device: str = "cpu"
+    vision_tower: str | None = None
+    """A local CLIP folder for a released checkpoint whose config names a hub id."""
     timeout: float = 600.0
     """Seconds any single wait on the engine may take."""
 
     def key(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "timeout")}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "vision_tower", "timeout")}
 
 
 # ---------------------------------------------------------------- resumable files
@@ -156,7 +158,7 @@ def _by_video(questions: list[Question]) -> dict[str, list[Question]]:
 def _load(cfg: RunConfig):
     import vstream
 
-    return vstream.load(cfg.model, device=cfg.device, memory_mode=cfg.memory_mode)
+    return vstream.load(cfg.model, device=cfg.device, memory_mode=cfg.memory_mode, vision_tower=cfg.vision_tower)
 
 
 _WORKER: dict = {}
