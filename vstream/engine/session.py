@@ -211,15 +211,18 @@ class StreamSession:
         t0 = time.perf_counter()
         features = self.model.encode([f for _, f in frames], batch_size=len(frames))
         t1 = time.perf_counter()
+        c = self.counters
+        version = 1 if self._snapshot is None else self._snapshot.version + 1
         for i, (t, _) in enumerate(frames):
             self.memory.update(features[i : i + 1], [t])
+            if self.history.size and i < len(frames) - 1:  # every frame's memory is kept for "as of" questions
+                self.history.add(Snapshot(version, self.memory.read(), t, c.encoded + i + 1))
+                version += 1
         memory = self.memory.read()  # copies: the published snapshot never changes afterwards
         t2 = time.perf_counter()
-        c = self.counters
         c.encoded += len(frames)
         c.latency["encode"].add((t1 - t0) / len(frames))
         c.latency["memory_update"].add((t2 - t1) / len(frames))
-        version = 1 if self._snapshot is None else self._snapshot.version + 1
         self._snapshot = Snapshot(version, memory, frames[-1][0], c.encoded)
         self.history.add(self._snapshot)
         if self.on_frames is not None:

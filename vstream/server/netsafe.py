@@ -57,19 +57,30 @@ def address_refusal(address: str) -> str | None:
     return None
 
 
-def resolve_checked(host: str, port: int, allow_private: bool) -> str:
+def allowed(address: str, allow_private) -> str | None:
+    """Why `address` is refused under `allow_private` (True: all allowed; False: public only; or a list of networks,
+    e.g. ["10.1.2.0/24"], allowed besides the public addresses); None when it may be dialled."""
+    if allow_private is True:
+        return None
+    why = address_refusal(address)
+    if why is None or not allow_private:
+        return why
+    ip = ipaddress.ip_address(address.split("%")[0])
+    return None if any(ip in ipaddress.ip_network(net) for net in allow_private) else why
+
+
+def resolve_checked(host: str, port: int, allow_private) -> str:
     """The first address of `host`, after checking every address it resolves to; raises UnsafeUrl."""
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise UnsafeUrl(f"the host {host!r} does not resolve: {exc}", code="url_unreachable") from exc
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
-    if not allow_private:
-        for address in addresses:
-            why = address_refusal(address)
-            if why is not None:
-                raise UnsafeUrl(f"the host {host!r} resolves to {why}: expected a public address "
-                                "(start the server with --allow-private-sources to allow it)")
+    for address in addresses:
+        why = allowed(address, allow_private)
+        if why is not None:
+            raise UnsafeUrl(f"the host {host!r} resolves to {why}: expected a public address "
+                            "(start the server with --allow-private-sources to allow it)")
     return addresses[0]
 
 

@@ -41,6 +41,9 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     """A JPEG or PNG -> HxWx3 uint8 RGB; the size is read from the header and checked before decoding."""
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:  # PIL's own bound, far above ours, read from the header too
+        raise ApiError(400, f"the frame is over the limit max_frame_pixels={max_pixels}: {exc}",
+                       code="limit_exceeded") from exc
     except Exception as exc:
         raise ApiError(400, f"the frame is not a readable image ({len(data)} bytes): expected JPEG or PNG",
                        code="invalid_image") from exc
@@ -93,11 +96,18 @@ class RealtimeSession:
 
     # ------------------------------------------------------------------------------------------------ frames
 
+    def _check_time(self, t: float) -> None:
+        if not t > self.stream.last_time:
+            raise ApiError(400, f"frame times must increase: got {t} after {self.stream.last_time}",
+                           code="invalid_timestamp", param="timestamp")
+
     def _frame_time(self, timestamp) -> float:
         stream = self.stream
         if timestamp is None:
             now = time.monotonic()
-            stream.clock0 = now if stream.clock0 is None else stream.clock0
+            if stream.clock0 is None:  # the clock starts one sampling interval after the last timed frame
+                after = stream.last_time + 1.0 / stream.fps if math.isfinite(stream.last_time) else 0.0
+                stream.clock0 = now - after
             return now - stream.clock0
         if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool) or not math.isfinite(timestamp) \
                 or timestamp < 0:
@@ -111,23 +121,25 @@ class RealtimeSession:
             raise ApiError(400, f"stream {stream.id} pulls its frames from a {stream.source['type']} source: "
                            "frames can only be pushed to a push stream", code="not_a_push_stream")
         t = self._frame_time(timestamp)
-        with stream.push_lock:
-            slot = math.floor(t * stream.fps + _EPS)
-            due = slot >= stream.next_slot
-            stream.pushed += 1
-            if not due:
-                stream.sampled_out += 1
+        self._check_time(t)
+        slot = math.floor(t * stream.fps + _EPS)
         accepted = False
-        if due:
+        if slot >= stream.next_slot:  # due: decode it (a frame that fails to decode leaves no trace)
             frame = await run_in_threadpool(decode_image, data, self.state.limits.max_frame_pixels)
-            try:
-                accepted = stream.push.push(t, frame)
-            except ValueError as exc:
-                raise ApiError(400, str(exc), code="invalid_timestamp", param="timestamp") from exc
-            except RuntimeError as exc:
-                raise ApiError(409, f"stream {stream.id} takes no more frames: {exc}", code="stream_closed") from exc
             with stream.push_lock:
-                stream.next_slot = slot + 1
+                self._check_time(t)
+                try:
+                    accepted = stream.push.push(t, frame)
+                except RuntimeError as exc:
+                    raise ApiError(409, f"stream {stream.id} takes no more frames: {exc}",
+                                   code="stream_closed") from exc
+                stream.last_time, stream.next_slot = t, slot + 1
+                stream.pushed += 1
+        else:  # over the stream's rate: counted as dropped, never decoded
+            with stream.push_lock:
+                stream.last_time = t
+                stream.pushed += 1
+                stream.sampled_out += 1
         self.send(_event("input_video_frame.ack", item_event_id=event_id, timestamp=t, accepted=accepted,
                          **stream.counts()))
 

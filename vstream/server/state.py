@@ -142,6 +142,7 @@ class Stream:
     pushed: int = 0  # frames received on the push transport
     sampled_out: int = 0  # pushed frames skipped because they came faster than `fps`
     next_slot: int = 0  # the next sampling slot (floor(t * fps)) a pushed frame may fill
+    last_time: float = float("-inf")  # time of the last pushed frame (times must increase)
     clock0: float | None = None  # monotonic time of the first binary frame (binary frames carry no time)
     push_lock: threading.Lock = field(default_factory=threading.Lock)
 
