@@ -119,10 +119,13 @@ def test_cli_eval_open_and_choice(data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "mcq"
     args = ["eval", "--benchmark", "videomme", "--data", str(data), "--qa", str(data / "mcq.json"),
-            "--mode", "streaming", "--out", str(out), "--max-new-tokens", "4"]
+            "--mode", "both", "--out", str(out), "--max-new-tokens", "4"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "videomme streaming: accuracy" in result.output and "unparsable" in result.output
+    assert "videomme offline: accuracy" in result.output and "videomme streaming: accuracy" in result.output
+    assert "unparsable" in result.output
+    assert (out / "offline" / "report.md").exists()
+    out = out / "streaming"
     results = json.loads((out / "results.json").read_text())
     assert results["overall"]["n"] == 2 and results["by_type"]["shapes"]["n"] == 2
     assert results["overall"]["correct"] + results["overall"]["unparsable"] <= 2

@@ -42,8 +42,8 @@ def eval_command(
     benchmark: Annotated[str, typer.Option(help="vs-ego, vs-movie, rvs-ego, rvs-movie, actnet, msvd, msrvtt, nextoe, "
                                                 "open, egoschema, mvbench or videomme.")],
     data: Annotated[Path, typer.Option(help="Folder holding the benchmark's question file.")],
-    mode: Annotated[str, typer.Option(help="offline (each question from the video up to its time) or streaming "
-                                           "(one pass per video, questions asked during the stream).")] = "offline",
+    mode: Annotated[str, typer.Option(help="offline (each question from the video up to its time), streaming "
+                                           "(one pass per video, questions asked during the stream) or both.")] = "offline",
     judge: Annotated[str, typer.Option(help="offline (no network; not comparable to LLM-judged numbers) or openai "
                                             "(any OpenAI-compatible endpoint).")] = "offline",
     judge_url: Annotated[Optional[str], typer.Option(help="Base URL of the judge, e.g. https://api.openai.com/v1.")] = None,
@@ -69,17 +69,17 @@ def eval_command(
     device: DeviceOpt = "cpu",
     vision_tower: VisionTowerOpt = None,
 ) -> None:
-    """Evaluate a model on a benchmark: predictions.jsonl (resumable), judgments, results.json, report.md, plots."""
+    """Evaluate a model on a benchmark: predictions.jsonl (resumable), judgments, results.json, report.md, plots.
+    `--mode both` runs offline then streaming, into OUT/offline and OUT/streaming."""
     import os
 
     from vstream.eval.datasets import load_benchmark
     from vstream.eval.judges import build_judge
-    from vstream.eval.report import score_predictions, summarize, write_outputs
-    from vstream.eval.runner import RunConfig, run_predictions
+    from vstream.eval.runner import RunConfig
 
-    if mode not in ("offline", "streaming"):
-        raise UserError(f"--mode must be offline or streaming, got {mode!r}")
-    if speed is not None and (mode != "streaming" or features is not None or speed <= 0):
+    if mode not in ("offline", "streaming", "both"):
+        raise UserError(f"--mode must be offline, streaming or both, got {mode!r}")
+    if speed is not None and (mode == "offline" or features is not None or speed <= 0):
         raise UserError(f"--speed needs --mode streaming, videos (not --features) and a value > 0, got {speed}")
     if workers < 1 or batch_size < 1:
         raise UserError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
@@ -89,11 +89,19 @@ def eval_command(
         key = judge_key or os.environ.get("VSTREAM_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
         scorer = build_judge(judge, url=judge_url, model=judge_model, api_key=key, timeout=judge_timeout,
                              retries=judge_retries, backoff=judge_backoff, concurrency=judge_concurrency)
-    cfg = RunConfig(benchmark=benchmark, mode=mode, model=model, memory_mode=memory_mode,
-                    max_new_tokens=max_new_tokens, batch_size=batch_size, speed=speed,
-                    source="features" if features is not None else "video", device=device,
-                    vision_tower=vision_tower)
     out = out or Path("eval") / f"{benchmark}-{mode}"
+    for one in ("offline", "streaming") if mode == "both" else (mode,):
+        cfg = RunConfig(benchmark=benchmark, mode=one, model=model, memory_mode=memory_mode,
+                        max_new_tokens=max_new_tokens, batch_size=batch_size, speed=None if one == "offline" else speed,
+                        source="features" if features is not None else "video", device=device,
+                        vision_tower=vision_tower)
+        _evaluate(bench, cfg, scorer, out / one if mode == "both" else out, workers)
+
+
+def _evaluate(bench, cfg, scorer, out: Path, workers: int) -> None:
+    from vstream.eval.report import score_predictions, summarize, write_outputs
+    from vstream.eval.runner import run_predictions
+
     records = run_predictions(bench, cfg, out, workers=workers, show_progress=True)
     outcomes = score_predictions(records, scorer, out, show_progress=True)
     results = summarize(records, outcomes, cfg.key(), scorer.describe() if scorer else None,
@@ -102,7 +110,7 @@ def eval_command(
     o = results["overall"]
     extra = (f", {o['unparsable']} unparsable" if "unparsable" in o
              else f", score {o['score']:.2f}, {o['failed']} judge failures")
-    typer.echo(f"{benchmark} {mode}: accuracy {100 * o['accuracy']:.1f}% of {o['n']}{extra}")
+    typer.echo(f"{bench.name} {cfg.mode}: accuracy {100 * o['accuracy']:.1f}% of {o['n']}{extra}")
     if scorer is not None and scorer.kind == "offline":
         typer.echo("note: offline judge; not comparable to LLM-judged numbers")
     typer.echo(f"report: {paths['report']}")
