@@ -47,6 +47,17 @@ def test_rvs_question_times_come_from_end_time_and_the_clip_list(tmp_path):
     assert [q.time for q in load_benchmark("rvs-ego", tmp_path).questions] == [30.0, 60.0, 12.0]
 
 
+def test_rvs_questions_on_the_original_videos(tmp_path):
+    write(tmp_path / "rvs_ego.json", [{"video_id": "c1", "original_video": "long", "start_time": 0, "end_time": 60},
+                                      {"video_id": "c2", "original_video": "long", "start_time": 0, "end_time": 90}])
+    write(tmp_path / "test_qa_ego4d.json", [oe("a", video="c1", end_time=60), oe("b", video="c2", end_time=85)])
+    touch_videos(tmp_path, "long.mp4")
+    bench = load_benchmark("rvs-ego", tmp_path, originals=True)
+    assert [(q.video, q.time) for q in bench.questions] == [("long", 60.0), ("long", 85.0)]
+    with pytest.raises(DatasetError, match="originals needs an RVS benchmark"):
+        load_benchmark("vs-ego", tmp_path, originals=True)
+
+
 def test_rvs_movie_shots_and_missing_clip_lists_ask_at_the_clip_end(tmp_path):
     write(tmp_path / "test_qa_movienet.json", [oe("a", video="m1", start_time="shot_0003", end_time="shot_0042")])
     touch_videos(tmp_path, "m1.mp4")

@@ -64,6 +64,8 @@ def eval_command(
     speed: Annotated[Optional[float], typer.Option(help="Streaming: replay live at this multiple of real time "
                                                          "(default: simulated time).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")] = None,
+    rvs_originals: Annotated[bool, typer.Option(help="RVS: ask every question on the original long video at its "
+                                                     "end_time (videos named by original_video).")] = False,
     batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
     workers: Annotated[int, typer.Option(help="Processes over videos, each with its own model.")] = 1,
     device: DeviceOpt = "cpu",
@@ -83,7 +85,8 @@ def eval_command(
         raise UserError(f"--speed needs --mode streaming, videos (not --features) and a value > 0, got {speed}")
     if workers < 1 or batch_size < 1:
         raise UserError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
-    bench = load_benchmark(benchmark, data, qa_file=qa, videos=videos, features=features, limit=limit)
+    bench = load_benchmark(benchmark, data, qa_file=qa, videos=videos, features=features, limit=limit,
+                           originals=rvs_originals)
     scorer = None
     if bench.kind == "open":
         key = judge_key or os.environ.get("VSTREAM_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
@@ -93,8 +96,8 @@ def eval_command(
     for one in ("offline", "streaming") if mode == "both" else (mode,):
         cfg = RunConfig(benchmark=benchmark, mode=one, model=model, memory_mode=memory_mode,
                         max_new_tokens=max_new_tokens, batch_size=batch_size, speed=None if one == "offline" else speed,
-                        source="features" if features is not None else "video", device=device,
-                        vision_tower=vision_tower)
+                        source="features" if features is not None else "video", originals=rvs_originals,
+                        device=device, vision_tower=vision_tower)
         _evaluate(bench, cfg, scorer, out / one if mode == "both" else out, workers)
 
 

@@ -122,13 +122,14 @@ class Benchmark:
 
 def load_benchmark(
     name: str, data: str | Path, *, qa_file: str | Path | None = None, videos: str | Path | None = None,
-    features: str | Path | None = None, limit: int | None = None,
+    features: str | Path | None = None, limit: int | None = None, originals: bool = False,
 ) -> Benchmark:
     """Read and validate benchmark `name` from folder `data`.
 
     `qa_file` overrides the question file; videos are looked up in `videos` (default `data/videos`) unless `features`
     names a folder of feature files. Every question's video or feature file must exist. `limit` keeps the first N
-    questions (after validating all of them)."""
+    questions (after validating all of them). `originals` (RVS with a clip list): ask every question on the original
+    long video at its `end_time`, so that one stream carries all the questions of a video."""
     if name not in BENCHMARKS:
         raise DatasetError(f"unknown benchmark {name!r}: expected one of {sorted(BENCHMARKS)}")
     spec, data = BENCHMARKS[name], Path(data)
@@ -137,7 +138,9 @@ def load_benchmark(
     path = Path(qa_file) if qa_file is not None else _first_existing(data, spec.qa_files, name)
     reader = {"open": _read_open, "rvs": _read_open, "egoschema": _read_egoschema, "mvbench": _read_mvbench,
               "videomme": _read_videomme}[spec.format]
-    questions = reader(path, data, spec)
+    if originals and (spec.format != "rvs" or not (data / spec.clips).exists()):
+        raise DatasetError(f"originals needs an RVS benchmark and its clip list {spec.clips} in {data}")
+    questions = _read_open(path, data, spec, originals) if spec.format == "rvs" else reader(path, data, spec)
     _check_unique(questions, path)
     videos_dir = None if features is not None else Path(videos) if videos is not None else data / "videos"
     bench = Benchmark(name, spec, questions, path, videos_dir, Path(features) if features is not None else None)
@@ -267,7 +270,7 @@ def _meta(rec: _Record, keys: tuple[str, ...]) -> dict:
 # ---------------------------------------------------------------- open-ended
 
 
-def _read_open(path: Path, data: Path, spec: BenchmarkSpec) -> list[Question]:
+def _read_open(path: Path, data: Path, spec: BenchmarkSpec, originals: bool = False) -> list[Question]:
     clips = _read_clips(data / spec.clips) if spec.format == "rvs" and (data / spec.clips).exists() else None
     questions = []
     for i, raw in enumerate(_read_json_list(path)):
@@ -276,7 +279,11 @@ def _read_open(path: Path, data: Path, spec: BenchmarkSpec) -> list[Question]:
         rec.label = f"record {i} (id {qid!r})"
         video = rec.ident("video_id")
         time = rec.time()
-        if spec.format == "rvs" and time is None:
+        if originals:
+            if video not in clips:
+                raise rec.fail("video_id", "a clip listed in the clip file")
+            video, time = _Record(data / spec.clips, i, clips[video]).ident("original_video"), rec.seconds("end_time")
+        elif spec.format == "rvs" and time is None:
             time = _rvs_time(rec, clips, video)
         meta = _meta(rec, ("duration", "start_time", "end_time", "video_name"))
         if "duration" in meta and not isinstance(meta["duration"], (int, float, str)):

@@ -55,6 +55,8 @@ class RunConfig:
     """Streaming only: replay live at this multiple of real time (None: simulated time)."""
     source: str = "video"
     """`video` or `features`."""
+    originals: bool = False
+    """RVS questions asked on the original long videos (see `load_benchmark`)."""
     device: str = "cpu"
     vision_tower: str | None = None
     """A local CLIP folder for a released checkpoint whose config names a hub id."""
