@@ -194,16 +194,25 @@ def serve(
     ] = None,
     max_streams: Annotated[int, typer.Option(help="Most streams open at once.")] = 8,
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    allow_private_sources: Annotated[
+        bool, typer.Option(help="Let URL sources reach loopback, private, link-local and reserved addresses.")
+    ] = False,
+    drain_seconds: Annotated[
+        float, typer.Option(help="On SIGTERM/Ctrl-C: not ready, sessions notified, closed after this long.")
+    ] = 10.0,
 ) -> None:
-    """Serve the HTTP API: streams, OpenAI-compatible chat completions over a stream's memory, health and metrics."""
+    """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     from vstream.server import serve as run_server
 
     if media_root is not None and not media_root.is_dir():
         raise UserError(f"--media-root must be an existing directory, got {media_root}")
     if max_streams < 1:
         raise UserError(f"--max-streams must be >= 1, got {max_streams}")
+    if drain_seconds < 0:
+        raise UserError(f"--drain-seconds must be >= 0, got {drain_seconds}")
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
-               max_streams=max_streams, device=device)
+               max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
+               drain_s=drain_seconds)
 
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints what it ran on.")
