@@ -15,7 +15,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 
 BARCODE_BITS = 12
@@ -88,6 +87,8 @@ def write_video(
     (`argb`); libx264 with yuv420p needs even sizes.
     `options` go to the encoder (e.g. {"preset": "veryfast"}). Returns the path.
     """
+    import av  # here, not at module import: rendering the world needs no video library
+
     path = Path(path)
     it = iter(frames)
     first = next(it, None)

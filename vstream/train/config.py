@@ -90,6 +90,8 @@ class TrainConfig:
     """auto | cpu | cuda."""
     resume: bool = False
     """Continue from the newest `checkpoint-N` in output_dir."""
+    time_limit_s: float = 0.0
+    """Stop (then save and export as at the last step) once training has run this long; 0 = no limit."""
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -127,6 +127,8 @@ def run(cfg: TrainConfig) -> Path:
         dataloader_persistent_workers=cfg.workers > 0, ddp_find_unused_parameters=False,
     )
     trainer = _Trainer(model=module, args=args, train_dataset=dataset, data_collator=collate_fn)
+    if cfg.time_limit_s > 0:
+        trainer.add_callback(_TimeLimit(cfg.time_limit_s))
     resume = None
     if cfg.resume:
         from transformers.trainer_utils import get_last_checkpoint
@@ -167,9 +169,33 @@ def lora_factors(peft_model) -> dict[str, torch.Tensor]:
     out = {}
     for name, module in peft_model.base_model.model.named_modules():
         if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
-            out[name + ".lora_A"] = module.lora_A["default"].weight.detach().float().cpu()
-            out[name + ".lora_B"] = module.lora_B["default"].weight.detach().float().cpu()
+            # fp16 halves what ships with the model; the deltas are merged in float32 at load time
+            out[name + ".lora_A"] = module.lora_A["default"].weight.detach().half().cpu()
+            out[name + ".lora_B"] = module.lora_B["default"].weight.detach().half().cpu()
     return out
+
+
+class _TimeLimit:
+    """Trainer callback: end training after `seconds` of steps (the Trainer then saves as at its last step)."""
+
+    def __init__(self, seconds: float):
+        import time
+
+        self.seconds, self.clock, self.start = seconds, time.monotonic, None
+
+    def __getattr__(self, name):  # the other callback events: nothing to do
+        if name.startswith("on_"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = self.clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.clock() - self.start > self.seconds:
+            control.should_training_stop = True
+            control.should_save = True
+        return control
 
 
 def _trainer_class():
