@@ -1,5 +1,6 @@
-"""Checks that need a CUDA device: the paper-mode memory update is free of host synchronisation, and official mode
-matches the literal reference on the GPU (its random init comes from the CUDA generator there)."""
+"""Checks that need a CUDA device: the paper-mode memory update and the fast decode step are free of host
+synchronisation, official mode matches the literal reference on the GPU (its random init comes from the CUDA generator
+there), and the fast path (graph-replayed decoding, fused tower) gives the eager results."""
 
 import random
 
@@ -79,3 +80,71 @@ def test_official_streaming_matches_reference_on_cuda(chunks):
             impl.update(x[start : start + n])
         start += n
         torch.testing.assert_close(fast.read().tokens, ref.read(), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the fast path
+
+
+def _llama(dtype=torch.float32, layers=4):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=layers,
+                      num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)
+    return LlamaForCausalLM(cfg).to("cuda", dtype).eval()
+
+
+def test_fast_decode_gives_the_eager_greedy_tokens_on_cuda():
+    from vstream.model.fast import FastLlama
+    from vstream.model.generate import iter_tokens
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    llm = _llama()
+    dec = FastLlama(llm, max_seq_len=512)
+    assert dec.graph is not None
+    for seed in range(3):
+        torch.manual_seed(seed)
+        embeds = torch.randn(1, 100 + 37 * seed, 256, device="cuda")
+        eager = list(iter_tokens(llm, embeds, max_new_tokens=48))
+        fast = list(dec.iter_tokens(embeds, max_new_tokens=48))
+        assert fast == eager
+        # prefix cached separately, then the rest from its position: the same tokens again
+        with torch.inference_mode():
+            dec.prefill(embeds[:, :20], 0)
+        assert list(dec.iter_tokens(embeds[:, 20:], 20, max_new_tokens=48)) == eager
+
+
+def test_decode_step_never_synchronises():
+    from vstream.model.fast import FastLlama
+
+    llm = _llama(torch.float16)
+    dec = FastLlama(llm, max_seq_len=256)
+    with torch.inference_mode():
+        dec.token.fill_(3)
+        dec.prefill(torch.randn(1, 10, 256, device="cuda", dtype=torch.float16), 0)
+        dec.pos.fill_(10)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            dec.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert int(dec.pos) == 30
+
+
+def test_fast_tower_graphs_equal_the_transformers_tower():
+    from vstream.config import VisionConfig
+    from vstream.encoder.tower import VisionTower
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    tower = VisionTower(VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4))
+    for p in tower.parameters():
+        p.data.normal_(0, 0.05)
+    tower = tower.cuda()
+    x = torch.randn(7, 3, 224, 224, device="cuda")
+    ref = tower.encode(x)
+    tower.enable_fast(graph_batch_sizes=(1, 2, 4))
+    got = tower.encode(x)  # 4 + 2 + 1 replays
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)

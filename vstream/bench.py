@@ -1,38 +1,132 @@
-"""Benchmarks of the streaming engine, printed with what they ran on. Figures are medians/p95 of measured values.
+"""Benchmarks, each returning a dict with what it ran on (device, versions, dtype, config) and medians/p95 of measured
+times (CUDA events or a synchronised host clock on a GPU, `perf_counter` on the CPU).
 
-`stream_benchmark`: (1) offline ingestion of a file as fast as possible (frames/s, no drops by construction);
-(2) the same file replayed live at `speed` x real time while questions arrive at even intervals: frames dropped,
-time to first token and answer latency under ingestion.
+- `memory_benchmark`: per-frame STAR memory update at growing stream lengths (paper mode, CUDA graph on a GPU), the
+  official algorithm's update and its growing-buffer copy as anchors, and the device memory of the whole model
+  (answering at each length) from 10^2 to 10^5 frames.
+- `encode_benchmark`: vision tower frames/s at several batch sizes: the full transformers tower reading hidden state
+  -2 (anchor), the truncated tower, and the fast path (fused forward, CUDA graphs).
+- `answer_benchmark`: question -> first token for a prompt of a given length, and decode ms/token: the fast path,
+  the eager path and transformers `generate` (anchors), with the greedy tokens compared.
+- `streams_benchmark`: N simulated live 1-fps streams on one model, questions at intervals: p95 time to first token.
+- `stream_benchmark`: one file ingested offline, then replayed live with questions (the streaming engine).
+
+`load_bench_model` builds a preset with random weights directly on the target device (no CPU initialisation).
 """
 
 from __future__ import annotations
 
 import platform
+import statistics
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import transformers
 
-from vstream.engine import StreamSession
-from vstream.sources import file_source, replay_source
-from vstream.synth.clips import write_test_video
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def environment(model) -> dict:
-    device = model.device
     return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": device_name(model.device),
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(model.dtype).removeprefix("torch."),
         "model": model.cfg.name, "memory_mode": model.cfg.memory.mode, "max_memory_tokens": model.cfg.memory.max_tokens,
         "date": time.strftime("%Y-%m-%d"),
     }
 
 
+def load_bench_model(name: str, device: str | torch.device = "cpu", fast: bool = True, graph_batch_sizes=None):
+    """A preset with random weights built directly on `device` in the preset's dtype (float32 on the CPU), with the
+    fast path enabled when `fast`. Returns (model, seconds to build, seconds of fast-path warm-up)."""
+    from vstream.config import preset
+    from vstream.model.loading import build_random
+    from vstream.model.tokenizers import build_tiny_tokenizer
+
+    device = torch.device(device)
+    cfg = preset(name)
+    dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
+    tokenizer = build_tiny_tokenizer()
+    t0 = time.perf_counter()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = build_random(cfg, tokenizer=tokenizer)
+    finally:
+        torch.set_default_dtype(default)
+    model.cfg.dtype = str(dtype).removeprefix("torch.")
+    model = model.to(device=device, dtype=dtype).eval()
+    _sync(device)
+    built = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if fast:
+        sizes = graph_batch_sizes if graph_batch_sizes is not None else ((1, 2, 4, 8, 16, 32, 64) if device.type == "cuda" else ())
+        model.vision.enable_fast(tuple(sizes))
+        model.enable_fast()
+    _sync(device)
+    return model, built, time.perf_counter() - t0
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2, events: bool = True) -> list[float]:
+    """Milliseconds of each of `repeats` calls after `warmup` calls: CUDA events around the call on a GPU (the call
+    must not read the device), else a host clock (after a synchronisation on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    out = []
+    for _ in range(repeats):
+        if device.type == "cuda" and events:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            out.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append((time.perf_counter() - t0) * 1000)
+    return out
+
+
+def summary(ms: list[float]) -> dict:
+    """Median, p95 (nearest rank), min and count of a list of milliseconds."""
+    if not ms:
+        return {"count": 0}
+    ordered = sorted(ms)
+    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+    return {"median_ms": round(statistics.median(ordered), 4), "p95_ms": round(p95, 4), "min_ms": round(ordered[0], 4),
+            "count": len(ordered)}
+
+
+def gpu_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"allocated_GiB": round(torch.cuda.memory_allocated(device) / 2**30, 3),
+            "peak_allocated_GiB": round(torch.cuda.max_memory_allocated(device) / 2**30, 3),
+            "reserved_GiB": round(torch.cuda.memory_reserved(device) / 2**30, 3)}
+
+
 def stream_benchmark(model, source: str | None = None, seconds: int = 60, speed: float = 10.0, questions: int = 8,
                      max_new_tokens: int = 16, timeout: float = 600.0) -> dict:
+    from vstream.engine import StreamSession  # video decoding (PyAV) is needed by this benchmark only
+    from vstream.sources import file_source, replay_source
+    from vstream.synth.clips import write_test_video
+
     with tempfile.TemporaryDirectory() as tmp:
         path = source or str(write_test_video(Path(tmp) / "bench.mp4", seconds=seconds, fps=10, size=(320, 240), seed=0))
         fps = model.cfg.sample_fps
@@ -61,3 +155,312 @@ def stream_benchmark(model, source: str | None = None, seconds: int = 60, speed:
                  "drop_rate": stats["frames_dropped"] / received if received else 0.0,
                  "questions": questions, "latency": stats["latency"], "tokens_per_s": stats["tokens_per_s"]},
     }
+
+
+# ---------------------------------------------------------------- memory
+
+
+def memory_benchmark(model, lengths=(100, 1000, 10000, 100000), repeats: int = 200, official: bool = True,
+                     answer_tokens: int = 8, ff_chunk: int = 250) -> dict:
+    """Per-frame paper-mode update (the CUDA graph on a GPU) at each stream length, with the device memory of the whole
+    model after answering a question there. Stream lengths are reached by fast-forwarding in chunks of `ff_chunk`
+    frames (the state has fixed size, so how it got there does not change the cost). Anchors: the official algorithm's
+    update, and the copy of a buffer that grows by one frame per update (what the released streaming loop does)."""
+    device, dtype, dim = model.device, model.dtype, model.cfg.vision.hidden_size
+    grid = model.cfg.vision.grid
+    mem = model.new_memory()
+    graph = device.type == "cuda" and hasattr(mem, "enable_cuda_graph")
+    if graph:
+        mem.enable_cuda_graph()
+    torch.manual_seed(0)
+    pool = torch.randn(64 + ff_chunk, grid * grid, dim, device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows, seen = [], 0
+    for length in lengths:
+        while seen < length:
+            n = min(ff_chunk, length - seen)
+            mem.update(pool[:n], torch.arange(seen, seen + n, dtype=torch.float64, device=device))
+            seen += n
+        times = torch.arange(seen, seen + repeats + 2, dtype=torch.float64, device=device)
+        state = {"i": 0}
+
+        def one() -> None:
+            i = state["i"]
+            mem.update(pool[i % 64 : i % 64 + 1], times[i : i + 1])
+            state["i"] = i + 1
+
+        ms = time_ms(one, device, repeats, warmup=2)
+        seen += repeats + 2
+        answer_ms = None
+        if answer_tokens:
+            t0 = time.perf_counter()
+            "".join(model.stream_answer(mem.read(), "What happened so far?", max_new_tokens=answer_tokens))
+            answer_ms = round((time.perf_counter() - t0) * 1000, 2)
+        rows.append({"frames_seen": seen, "update": summary(ms), "state_bytes": mem.nbytes, "tokens": mem.num_tokens,
+                     "answer_ms": answer_ms, "memory": gpu_memory(device)})
+    out = {"environment": environment(model) | {"cuda_graph": graph, "fast_answer": model.fast is not None},
+           "paper": rows}
+    if official:
+        out["official"] = official_anchor(model, repeats=max(20, repeats // 4))
+    return out
+
+
+def official_anchor(model, repeats: int = 50, buffer_lengths=(100, 1000, 3600)) -> dict:
+    """The official algorithm's streaming update (`official` mode, synchronising once per k-means iteration) and the
+    copy of a feature buffer of T frames [T, 256, D] grown by one frame, on the device and in host memory."""
+    import dataclasses
+
+    from vstream.memory import build_memory
+
+    device, dtype, dim = model.device, model.dtype, model.cfg.vision.hidden_size
+    grid = model.cfg.vision.grid
+    cfg = dataclasses.replace(model.cfg.memory, mode="official")
+    mem = build_memory(cfg, dim, model.attention_model, grid, device=device, dtype=dtype)
+    torch.manual_seed(0)
+    frames = torch.randn(64, grid * grid, dim, device=device, dtype=dtype)
+    for i in range(30):
+        mem.update(frames[i : i + 1], torch.tensor([float(i)], dtype=torch.float64, device=device))
+    state = {"i": 30}
+
+    def one() -> None:
+        i = state["i"]
+        mem.update(frames[i % 64 : i % 64 + 1], torch.tensor([float(i)], dtype=torch.float64, device=device))
+        state["i"] = i + 1
+
+    update = summary(time_ms(one, device, repeats, events=False))
+    copies = {}
+    for where in ([device, torch.device("cpu")] if device.type == "cuda" else [device]):
+        for t in buffer_lengths:
+            buf = torch.empty(t, grid * grid, dim, dtype=dtype, device=where).fill_(0.5)  # a copy's cost ignores values
+            new = torch.empty(1, grid * grid, dim, dtype=dtype, device=where).fill_(0.25)
+            ms = time_ms(lambda: torch.cat([buf, new]), where, repeats=10, warmup=1)
+            copies[f"{where.type}_T{t}"] = summary(ms)
+            del buf
+    return {"update": update, "buffer_copy": copies}
+
+
+# ---------------------------------------------------------------- encode
+
+
+def tower_gflop(cfg) -> float:
+    """Forward GFLOP per frame of the truncated tower (matrix products and attention; 2 per multiply-add)."""
+    t, d, i = cfg.grid**2 + 1, cfg.hidden_size, cfg.intermediate_size
+    per_layer = 2 * t * (4 * d * d + 2 * d * i) + 4 * t * t * d
+    patch = 2 * cfg.grid**2 * 3 * cfg.patch_size**2 * d
+    return (per_layer * cfg.num_layers_used + patch) / 1e9
+
+
+def encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats: int = 20, anchor: bool = True) -> dict:
+    """Frames/s of the vision tower at each batch size: the fast path as enabled on `model.vision`, the truncated
+    tower through transformers' modules, and (anchor) the full-depth transformers tower read at hidden state -2."""
+    from transformers import CLIPVisionModel
+
+    from vstream.encoder.tower import clip_config
+
+    tower, device = model.vision, model.device
+    dtype = tower.clip.embeddings.patch_embedding.weight.dtype
+    cfg = tower.cfg
+    variants = {"fast": lambda x: tower.encode(x, batch_size=max(batch_sizes))}
+    saved = (tower.fast, tower.graphs)
+
+    def truncated(x):
+        tower.fast, tower.graphs = False, {}
+        try:
+            return tower.encode(x, batch_size=max(batch_sizes))
+        finally:
+            tower.fast, tower.graphs = saved
+
+    variants["truncated_eager"] = truncated
+    full = None
+    if anchor:
+        with torch.device(device):
+            full = CLIPVisionModel(clip_config(cfg)).to(dtype).eval()
+        full.load_state_dict(tower.clip.state_dict(), strict=False)  # the blocks it shares with the tower
+        variants["hf_full_hidden_states"] = lambda x: full(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+    torch.manual_seed(0)
+    rows = []
+    for b in batch_sizes:
+        inputs = [torch.randn(b, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype) for _ in range(2)]
+        row = {"batch": b}
+        for name, fn in variants.items():
+            state = {"i": 0}
+
+            def call(fn=fn):
+                state["i"] += 1
+                with torch.inference_mode():
+                    fn(inputs[state["i"] % 2])
+
+            s = summary(time_ms(call, device, repeats if b <= 64 else max(5, repeats // 4)))
+            row[name] = s | {"fps": round(b / s["median_ms"] * 1000, 1)}
+        rows.append(row)
+    x = torch.randn(2, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype)
+    with torch.inference_mode():
+        ref = truncated(x) if not anchor else full(pixel_values=x, output_hidden_states=True).hidden_states[-2][:, 1:]
+        saved_graphs = tower.graphs
+        got = tower.encode(x)
+        rel = float((got.float() - ref.float()).norm() / ref.float().norm())
+    del full
+    return {"environment": environment(model) | {"tower_gflop_per_frame": round(tower_gflop(cfg), 2),
+                                                 "graph_batch_sizes": sorted(saved_graphs),
+                                                 "tower_warmup_s": round(tower.warmup_s, 3)},
+            "relative_error_fast_vs_reference": rel, "batches": rows}
+
+
+# ---------------------------------------------------------------- answer
+
+
+def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repeats: int = 20, anchor_tokens: int = 16,
+                     anchor: bool = True, prefix_tokens: int = 40) -> dict:
+    """Question -> first token for a prompt of `prompt_tokens` positions: a system prefix of `prefix_tokens` (about
+    what LLaMA's tokenizer makes of the Vicuna system prompt), the memory's tokens, then the question and the
+    assistant tag; and decode ms/token. Fast path: the system prompt's keys cached, prefill of the
+    rest, decode steps replayed from a graph. Anchors in the same run: transformers prefill (SDPA, dynamic cache),
+    the eager path (`generate.iter_tokens`) and `llm.generate`; the greedy tokens of fast and eager are compared."""
+    from vstream.model.generate import iter_tokens
+
+    if model.fast is None:
+        raise ValueError("answer_benchmark needs the fast path: call model.enable_fast() first")
+    fast, device = model.fast, model.device
+    dec = fast.decoder
+    n_mem = model.cfg.memory.max_tokens
+    prefix, rest = fast.prompt_parts("What is happening in the video right now?")
+    n_rest = prompt_tokens - prefix_tokens - n_mem
+    if prefix_tokens < 1 or n_rest < 1:
+        raise ValueError(f"prompt_tokens must exceed prefix_tokens + {n_mem} memory tokens, got {prompt_tokens} "
+                         f"with prefix_tokens {prefix_tokens}")
+    # The lengths, not the ids, set the cost: the template's ids cycled to the asked lengths.
+    prefix = (prefix * (prefix_tokens // len(prefix) + 1))[:prefix_tokens]
+    rest = (rest * (n_rest // len(rest) + 1))[-n_rest:]
+    torch.manual_seed(0)
+    memory = torch.randn(n_mem, model.cfg.vision.hidden_size, device=device, dtype=model.dtype)
+    embed = model.llm.get_input_embeddings()
+
+    def build(cached_prefix: bool):
+        with torch.inference_mode():
+            vision = model.mm_projector(memory)
+            head = [] if cached_prefix else [fast._ids_embeds(prefix)]
+            return torch.cat(head + [vision, fast._ids_embeds(rest)])[None]
+
+    with torch.inference_mode():
+        dec.prefill(fast._ids_embeds(prefix)[None], 0)
+    dec.prefix = tuple(prefix)
+
+    def first_token(cached_prefix: bool) -> int:
+        embeds = build(cached_prefix)
+        tokens = dec.iter_tokens(embeds, len(prefix) if cached_prefix else 0, max_new_tokens=1)
+        return next(tokens)
+
+    ttft = summary(time_ms(lambda: first_token(True), device, repeats, events=False))
+    ttft_full = summary(time_ms(lambda: first_token(False), device, repeats, events=False))
+    full = build(False)
+    prefill_only = summary(time_ms(lambda: dec.prefill(full, 0), device, repeats))
+    with torch.inference_mode():
+        dec.prefill(full, 0)
+        dec.pos.fill_(full.shape[1])
+    step = summary(time_ms(dec.step, device, repeats * 5))
+
+    stamps, fast_tokens = [], []
+    for token in dec.iter_tokens(full, 0, max_new_tokens=new_tokens):
+        stamps.append(time.perf_counter())
+        fast_tokens.append(token)
+    per_token = (stamps[-1] - stamps[0]) * 1000 / max(1, len(stamps) - 1)
+    out = {"environment": environment(model) | {"prompt_tokens": full.shape[1], "kv_cache_positions": dec.max_seq_len,
+                                                "kv_cache_GiB": round(dec.nbytes / 2**30, 3),
+                                                "decode_graph": dec.graph is not None,
+                                                "answer_warmup_s": round(dec.warmup_s, 3)},
+           "fast": {"first_token": ttft, "first_token_no_prefix_cache": ttft_full, "prefill": prefill_only,
+                    "decode_step": step,
+                    "generate_ms_per_token": round(per_token, 3),
+                    "new_tokens": new_tokens}}
+    if anchor:
+        out["anchors"] = _answer_anchors(model, full, anchor_tokens, repeats, fast_tokens, iter_tokens)
+    return out
+
+
+def _answer_anchors(model, embeds, n: int, repeats: int, fast_tokens: list[int], iter_tokens) -> dict:
+    from transformers import DynamicCache
+
+    llm, device = model.llm, model.device
+
+    def hf_prefill():
+        with torch.inference_mode():
+            llm(inputs_embeds=embeds, past_key_values=DynamicCache(config=llm.config), use_cache=True, logits_to_keep=1)
+
+    prefill = summary(time_ms(hf_prefill, device, max(3, repeats // 2)))
+    t0 = time.perf_counter()
+    eager_tokens = list(iter_tokens(llm, embeds, max_new_tokens=n))
+    _sync(device)
+    eager_s = time.perf_counter() - t0
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        llm.generate(inputs_embeds=embeds, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        _sync(device)
+        hf_s = time.perf_counter() - t0
+    same = 0
+    for a, b in zip(eager_tokens, fast_tokens):
+        if a != b:
+            break
+        same += 1
+    return {
+        "hf_prefill_sdpa": prefill,
+        "eager_ms_per_token": round((eager_s * 1000 - prefill["median_ms"]) / max(1, n - 1), 2),
+        "hf_generate_ms_per_token": round((hf_s * 1000 - prefill["median_ms"]) / max(1, n - 1), 2),
+        "hf_generate_s": round(hf_s, 3), "tokens": n,
+        "greedy_tokens_equal_prefix": same, "eager_tokens": eager_tokens, "fast_tokens": fast_tokens[:n],
+    }
+
+
+# ---------------------------------------------------------------- many streams
+
+
+def streams_benchmark(model, counts=(8, 16, 32, 64), seconds: float = 20.0, warm_frames: int = 30,
+                      question_interval: float = 20.0, max_new_tokens: int = 32) -> dict:
+    """For each N in `counts`: N live streams each receiving one frame per second (staggered) and asking a question
+    every `question_interval` s (staggered), served by one `MultiStreamWorker` for `seconds` of wall time. Each memory
+    is first filled with `warm_frames` frames (so updates are steady and their graphs captured before timing)."""
+    from vstream.model.fast_streams import MultiStreamWorker
+
+    size = model.cfg.vision.image_size
+    pin = model.device.type == "cuda"
+    rows = []
+    for n in counts:
+        worker = MultiStreamWorker(model, n, max_new_tokens=max_new_tokens)
+        frames = [torch.randint(0, 256, (size, size, 3), dtype=torch.uint8) for _ in range(8)]
+        frames = [f.pin_memory() if pin else f for f in frames]
+        t0 = time.perf_counter()
+        for k in range(warm_frames):  # synchronous warm-up: memories filled, graphs captured
+            worker.ingest([(s, float(k), frames[(s + k) % 8], 0.0) for s in range(n)])
+        for s in range(n):
+            worker.ingest([(s, float(warm_frames), frames[s % 8], 0.0)])
+        _sync(model.device)
+        warm_s = time.perf_counter() - t0
+        events = sorted([(k + s / n, "frame", s) for s in range(n) for k in range(int(seconds))]
+                        + [(question_interval * (j + s / n), "question", s) for s in range(n)
+                           for j in range(int(seconds / question_interval) + 1) if question_interval * (j + s / n) < seconds])
+        worker.start()
+        start = time.perf_counter()
+        for at, kind, s in events:
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            if kind == "frame":
+                worker.push_frame(s, warm_frames + 1 + at, frames[int(at + s) % 8])
+            else:
+                worker.ask(s, "What is happening now?")
+        deadline = time.perf_counter() + 120
+        asked = sum(1 for e in events if e[1] == "question")
+        while len(worker.stats.answered) < asked and time.perf_counter() < deadline and worker.error is None:
+            time.sleep(0.01)
+        worker.stop()
+        st = worker.stats
+        ttft = [(q.first_token - q.asked) * 1000 for q in st.answered]
+        rows.append({"streams": n, "questions": asked, "answered": len(st.answered),
+                     "first_token": summary(ttft),
+                     "answer": summary([(q.done - q.asked) * 1000 for q in st.answered]),
+                     "ingest_lag": summary([x * 1000 for x in st.ingest_lag_s]), "frames": st.frames,
+                     "frames_expected": n * int(seconds), "rounds": st.rounds, "warmup_s": round(warm_s, 2),
+                     "memory": gpu_memory(model.device)})
+        del worker
+    return {"environment": environment(model) | {"seconds": seconds, "question_interval_s": question_interval,
+                                                 "max_new_tokens": max_new_tokens}, "runs": rows}

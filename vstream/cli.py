@@ -215,44 +215,10 @@ def serve(
                drain_s=drain_seconds)
 
 
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints what it ran on.")
-app.add_typer(bench_app, name="bench")
-
-
-@bench_app.command("stream")
-def bench_stream(
-    source: Annotated[Optional[str], typer.Option(help="Video file (default: a generated one).")] = None,
-    seconds: Annotated[int, typer.Option(help="Length of the generated video.")] = 60,
-    speed: Annotated[float, typer.Option(help="Live replay speed (source rate = sample fps x speed).")] = 10.0,
-    questions: Annotated[int, typer.Option(help="Questions asked during live ingestion.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(help="Answer length per question.")] = 16,
-    model: ModelOpt = DEFAULT_MODEL,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    as_json: JsonOpt = False,
-) -> None:
-    """Ingest throughput, drop rate at a given source rate, time to first token and answer latency under ingestion."""
-    import vstream
-    from vstream.bench import stream_benchmark
-
-    result = stream_benchmark(vstream.load(model, device=device), source=source, seconds=seconds, speed=speed,
-                              questions=questions, max_new_tokens=max_new_tokens)
-    if as_json:
-        typer.echo(json.dumps(result, indent=2))
-        return
-    env, off, live = result["environment"], result["offline"], result["live"]
-    typer.echo(f"{env['model']} ({env['memory_mode']}) on {env['device']}, torch {env['torch']}, {env['dtype']}")
-    typer.echo(f"offline ingest: {off['frames']} frames in {off['seconds']:.2f} s = {off['ingest_fps']:.1f} frames/s")
-    typer.echo(f"live at {live['source_fps']:g} frames/s: {live['frames_dropped']}/{live['frames_received']} dropped "
-               f"({live['drop_rate']:.1%})")
-    for stage, s in live["latency"].items():
-        if s["count"]:
-            typer.echo(f"  {stage:>13}: p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, max {s['max_ms']:.1f} ms "
-                       f"({s['count']})")
-
-
 from vstream import cli_eval  # noqa: E402,F401
 from vstream import cli_train  # noqa: E402,F401
 from vstream import cli_synth  # noqa: E402,F401
+from vstream import cli_bench  # noqa: E402,F401
 
 
 def main() -> None:
@@ -268,4 +234,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m vstream.cli` runs this file as __main__; the cli_* modules extend the imported `vstream.cli` app
+    from vstream.cli import main as registered_main
+
+    registered_main()

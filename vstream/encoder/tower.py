@@ -18,11 +18,13 @@ import contextlib
 import dataclasses
 import json
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -32,6 +34,7 @@ from vstream.weights import read_state_dict
 _BLOCK = re.compile(r"encoder\.layers\.(\d+)\.")
 _NON_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")  # CLIPModel keys we never use
 _MAX_LISTED = 20  # names shown per list in a load error
+_QUICK = 1.702  # quick_gelu(z) = z * sigmoid(1.702 z) = silu(1.702 z) / 1.702
 
 
 def clip_config(cfg: VisionConfig, num_layers: int | None = None) -> CLIPVisionConfig:
@@ -64,6 +67,9 @@ class VisionTower(nn.Module):
         self.clip.post_layernorm = nn.Identity()
         self.requires_grad_(False)
         self.eval()
+        self.fast = False  # `enable_fast`: the fused forward below, same function up to rounding
+        self.graphs: dict[int, _CapturedTower] = {}  # batch size -> captured fast forward (CUDA)
+        self.warmup_s = 0.0
 
     @property
     def num_tokens(self) -> int:
@@ -82,8 +88,73 @@ class VisionTower(nn.Module):
             raise ValueError(
                 f"expected pixel values [n, {', '.join(map(str, expected))}], got {list(pixel_values.shape)}"
             )
+        if self.graphs:
+            return self._replay(pixel_values)
+        if self.fast:
+            return self._fast_forward(pixel_values)
         hidden = self.clip(pixel_values=pixel_values).last_hidden_state  # [n, 1 + grid*grid, D]
         return hidden[:, 1:]
+
+    # ---------------------------------------------------------------- fast path (same function, fewer passes)
+
+    def enable_fast(self, graph_batch_sizes: tuple[int, ...] = ()) -> "VisionTower":
+        """Run the blocks through `_fast_forward`; on CUDA also capture one graph per batch size in
+        `graph_batch_sizes`, and cut every batch into those sizes (largest first). Returns the warm-up seconds in
+        `self.warmup_s`. Call after moving the tower to its device and dtype."""
+        self.fast = True
+        self.graphs = {}
+        weight = self.clip.embeddings.patch_embedding.weight
+        t0 = time.perf_counter()
+        if graph_batch_sizes:
+            if weight.device.type != "cuda":
+                raise ValueError(f"CUDA graphs need the tower on a CUDA device, it is on {weight.device}")
+            pool = torch.cuda.graph_pool_handle()
+            for n in sorted(set(graph_batch_sizes), reverse=True):  # largest first: later captures reuse its pool
+                self.graphs[n] = _CapturedTower(self, n, pool)
+            torch.cuda.synchronize(weight.device)
+        self.warmup_s = time.perf_counter() - t0
+        return self
+
+    @torch.inference_mode()
+    def _fast_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The truncated tower with fewer memory passes: SDPA attention, the MLP's quick-GELU computed as
+        silu(1.702 z) / 1.702 with both scales folded into the two matrix products (one activation pass instead of
+        three), biases in the matrix-product epilogues. The same function as `self.clip`, up to rounding."""
+        clip = self.clip
+        x = clip.pre_layrnorm(clip.embeddings(pixel_values))  # [n, T, D]
+        n, t, d = x.shape
+        heads = self.cfg.num_attention_heads
+        quick = self.cfg.hidden_act == "quick_gelu"
+        x = x.reshape(n * t, d)
+        for layer in clip.encoder.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            h = F.layer_norm(x, (d,), layer.layer_norm1.weight, layer.layer_norm1.bias, layer.layer_norm1.eps)
+            q, k, v = (F.linear(h, p.weight, p.bias).view(n, t, heads, -1).transpose(1, 2)
+                       for p in (a.q_proj, a.k_proj, a.v_proj))  # [n, heads, T, Dh]
+            o = F.scaled_dot_product_attention(q, k, v, scale=a.scale).transpose(1, 2).reshape(n * t, d)
+            x = torch.addmm(a.out_proj.bias, o, a.out_proj.weight.t()).add_(x)
+            h = F.layer_norm(x, (d,), layer.layer_norm2.weight, layer.layer_norm2.bias, layer.layer_norm2.eps)
+            if quick:
+                z = F.silu(torch.addmm(mlp.fc1.bias * _QUICK, h, mlp.fc1.weight.t(), alpha=_QUICK), inplace=True)
+                x = torch.addmm(mlp.fc2.bias, z, mlp.fc2.weight.t(), alpha=1.0 / _QUICK).add_(x)
+            else:
+                x = torch.addmm(mlp.fc2.bias, mlp.activation_fn(mlp.fc1(h)), mlp.fc2.weight.t()).add_(x)
+        return x.view(n, t, d)[:, 1:]
+
+    def _replay(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Cut the batch into captured sizes, largest first (37 = 32 + 4 + 1 with sizes 1, 2, 4, ..., 32)."""
+        out = torch.empty(pixel_values.shape[0], self.num_tokens, self.cfg.hidden_size,
+                          dtype=self.clip.embeddings.patch_embedding.weight.dtype, device=pixel_values.device)
+        i, n = 0, pixel_values.shape[0]
+        sizes = sorted(self.graphs, reverse=True)
+        while i < n:
+            size = next((s for s in sizes if s <= n - i), None)
+            if size is None:  # smaller than every captured size: run eagerly
+                out[i:] = self._fast_forward(pixel_values[i:])
+                break
+            out[i : i + size] = self.graphs[size].run(pixel_values[i : i + size])
+            i += size
+        return out
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -98,6 +169,30 @@ class VisionTower(nn.Module):
             batch = pixel_values[i : i + batch_size].to(device=weight.device, dtype=weight.dtype)
             out[i : i + batch_size] = self(batch)
         return out
+
+
+class _CapturedTower:
+    """The fast forward of one batch size captured in a CUDA graph: inputs and outputs are static tensors."""
+
+    def __init__(self, tower: VisionTower, batch: int, pool):
+        weight = tower.clip.embeddings.patch_embedding.weight
+        size = tower.cfg.image_size
+        self.pixels = torch.randn(batch, 3, size, size, device=weight.device).to(weight.dtype)  # [b, 3, S, S]
+        side = torch.cuda.Stream(weight.device)
+        side.wait_stream(torch.cuda.current_stream(weight.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                tower._fast_forward(self.pixels)
+        torch.cuda.current_stream(weight.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = tower._fast_forward(self.pixels)  # [b, grid^2, D]
+
+    def run(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Replay on `pixels`; the result is the static output: copy it before the next replay."""
+        self.pixels.copy_(pixels, non_blocking=True)
+        self.graph.replay()
+        return self.out
 
 
 def load_clip_weights(tower: VisionTower, state_dict: Mapping[str, torch.Tensor], prefix: str) -> list[str]:

@@ -143,6 +143,16 @@ class FlashVStream(nn.Module):
 
     # ---------------------------------------------------------------- memory + question -> prompt embeddings -> text
 
+    fast = None  # a `vstream.model.fast.FastAnswerer` once `enable_fast` ran; None: the eager path
+
+    def enable_fast(self, max_seq_len: int | None = None, cuda_graph: bool | None = None) -> "FlashVStream":
+        """Answer through the static-cache fast path (same greedy tokens); on CUDA its decode step is captured in a
+        graph now, so the first answer pays no capture. Call after moving the model to its device and dtype."""
+        from vstream.model.fast import FastAnswerer
+
+        self.fast = FastAnswerer(self, max_seq_len=max_seq_len, cuda_graph=cuda_graph)
+        return self
+
     def prompt_embeds(self, memory_tokens: torch.Tensor, question: str, system_extra: str | None = None) -> torch.Tensor:
         """Project the memory [N, D] and splice it at the prompt's single `<image>` -> inputs_embeds [1, S, H]."""
         prompt = build_prompt(self.cfg.template, question, system_extra=system_extra)
@@ -160,6 +170,10 @@ class FlashVStream(nn.Module):
         self, memory: MemoryRead, question: str, max_new_tokens: int | None = None, temperature: float = 0.0
     ) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated from a memory snapshot (greedy by default)."""
+        if self.fast is not None:
+            yield from self.fast.stream_answer(memory.tokens, question, max_new_tokens or self.cfg.max_new_tokens,
+                                               temperature=temperature)
+            return
         with torch.inference_mode():
             embeds = self.prompt_embeds(memory.tokens, question)
         yield from stream_generate(

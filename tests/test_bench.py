@@ -1,0 +1,141 @@
+"""The benchmarks run end to end on the CPU with the tiny preset (so they cannot rot), and the fast path they measure
+gives the eager path's results: the same greedy tokens, the same tower features up to rounding."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import vstream
+from vstream.config import VisionConfig
+from vstream.encoder.tower import VisionTower
+from vstream.model.fast import FastLlama
+from vstream.model.generate import generate_text, iter_tokens
+
+
+def cli(*args, timeout=300):
+    out = subprocess.run([sys.executable, "-m", "vstream.cli", "bench", *args], capture_output=True, text=True,
+                         timeout=timeout, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def check_environment(env):
+    assert env["device"].startswith("cpu") and env["dtype"] == "float32" and env["model"] == "tiny"
+    assert env["torch"] == torch.__version__ and env["transformers"]
+
+
+def test_bench_memory_tiny():
+    r = json.loads(cli("memory", "--lengths", "30,60", "--repeats", "3", "--json").stdout)
+    check_environment(r["environment"])
+    rows = r["paper"]
+    assert [row["frames_seen"] for row in rows] == [35, 65]  # each length + 2 warm-up + 3 timed updates
+    assert all(row["update"]["count"] == 3 and row["update"]["median_ms"] > 0 for row in rows)
+    assert rows[0]["state_bytes"] == rows[1]["state_bytes"] and rows[1]["tokens"] == 681
+    assert r["official"]["update"]["count"] >= 20 and set(r["official"]["buffer_copy"]) == {"cpu_T100", "cpu_T1000",
+                                                                                           "cpu_T3600"}
+
+
+def test_bench_encode_tiny():
+    r = json.loads(cli("encode", "--batches", "1,3", "--repeats", "2", "--json").stdout)
+    check_environment(r["environment"])
+    assert r["relative_error_fast_vs_reference"] < 1e-5
+    assert [row["batch"] for row in r["batches"]] == [1, 3]
+    for row in r["batches"]:
+        assert {"fast", "truncated_eager", "hf_full_hidden_states"} <= set(row) and row["fast"]["fps"] > 0
+
+
+def test_bench_answer_tiny():
+    r = json.loads(cli("answer", "--new-tokens", "6", "--anchor-tokens", "4", "--repeats", "2", "--json").stdout)
+    check_environment(r["environment"])
+    assert r["environment"]["prompt_tokens"] == 745
+    assert r["fast"]["first_token"]["count"] == 2 and r["fast"]["decode_step"]["median_ms"] > 0
+    a = r["anchors"]
+    assert a["eager_tokens"] == a["fast_tokens"] and a["greedy_tokens_equal_prefix"] == 4
+
+
+def test_bench_streams_tiny():
+    r = json.loads(cli("streams", "--counts", "2", "--seconds", "2", "--question-interval", "1",
+                       "--max-new-tokens", "3", "--json").stdout)
+    check_environment(r["environment"])
+    run = r["runs"][0]
+    assert run["streams"] == 2 and run["answered"] == run["questions"] == 4
+    assert run["frames"] == run["frames_expected"] == 4 and run["first_token"]["p95_ms"] > 0
+
+
+def test_bench_text_output_names_device_and_versions():
+    out = cli("encode", "--batches", "1", "--repeats", "1").stdout
+    assert "tiny on cpu" in out and f"torch {torch.__version__}" in out and "fps" in out
+
+
+def test_bench_rejects_bad_options():
+    out = subprocess.run([sys.executable, "-m", "vstream.cli", "bench", "memory", "--preset", "nope"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--preset must be one of" in out.stderr
+
+
+# ---------------------------------------------------------------- the fast path equals the eager path
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return vstream.load("tiny")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_fast_decoder_gives_the_eager_greedy_tokens_and_logits(tiny, seed):
+    llm = tiny.llm
+    dec = FastLlama(llm, max_seq_len=400)
+    torch.manual_seed(seed)
+    embeds = torch.randn(1, 50 + 60 * seed, llm.config.hidden_size) * 0.5
+    eager = list(iter_tokens(llm, embeds, max_new_tokens=40))
+    assert list(dec.iter_tokens(embeds, max_new_tokens=40)) == eager
+    with torch.inference_mode():  # a prefix prefilled first, then the rest from its position
+        dec.prefill(embeds[:, :17], 0)
+        logits = dec.prefill(embeds[:, 17:], 17)
+        ref = llm(inputs_embeds=embeds).logits[:, -1]
+    torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+    assert list(dec.iter_tokens(embeds[:, 17:], 17, max_new_tokens=40)) == eager
+
+
+def test_fast_answers_equal_eager_answers(tiny):
+    memory = tiny.memory_from_features(torch.randn(30, 256, tiny.cfg.vision.hidden_size))
+    questions = ["What is happening?", "Which colours appeared?", "What is happening?"]
+    eager = [tiny.answer_from(memory, q, max_new_tokens=20).text for q in questions]
+    try:
+        tiny.enable_fast(max_seq_len=1024)
+        fast = [tiny.answer_from(memory, q, max_new_tokens=20).text for q in questions]
+        assert tiny.fast.decoder.prefix  # the system prompt stayed cached across answers
+    finally:
+        tiny.fast = None
+    assert fast == eager
+
+
+def test_fast_decoder_sampling_and_limits(tiny):
+    llm = tiny.llm
+    dec = FastLlama(llm, max_seq_len=64)
+    embeds = torch.randn(1, 20, llm.config.hidden_size)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = list(dec.iter_tokens(embeds, max_new_tokens=10, temperature=0.8, generator=g1))
+    b = list(iter_tokens(llm, embeds, max_new_tokens=10, temperature=0.8, generator=g2))
+    assert a == b
+    with pytest.raises(ValueError, match="needs 69 positions, the KV cache holds 64"):
+        list(dec.iter_tokens(embeds, max_new_tokens=50))
+    assert generate_text(llm, embeds, tiny.tokenizer, max_new_tokens=5) == generate_text(
+        llm, embeds, tiny.tokenizer, max_new_tokens=5)
+
+
+def test_fast_tower_equals_the_transformers_tower():
+    cfg = VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4)
+    torch.manual_seed(0)
+    tower = VisionTower(cfg)
+    for p in tower.parameters():
+        p.data.normal_(0, 0.05)
+    x = torch.randn(3, 3, 224, 224)
+    ref = tower.encode(x)
+    got = tower.enable_fast().encode(x)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert not torch.equal(got, torch.zeros_like(got))

@@ -1,0 +1,193 @@
+"""`vstream bench {memory,encode,answer,streams,stream}`: benchmarks that print what they ran on and their medians/p95.
+
+`--preset` picks the model shape (random weights): `tiny` runs on the CPU in seconds, `flash-vstream-7b` is the released
+model's shape (CLIP ViT-L/14, a 7B LLaMA) and wants a GPU. The fast path (fused tower, CUDA graphs, static KV cache)
+is enabled for every benchmark but `stream`, which runs the streaming engine as `vstream.load` builds it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Optional
+
+import typer
+
+from vstream.cli import DEFAULT_MODEL, JsonOpt, ModelOpt, UserError, app
+
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints what it ran on.")
+app.add_typer(bench_app, name="bench")
+
+PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
+
+
+def _model(preset: str, device: str):
+    import torch
+
+    from vstream.bench import load_bench_model
+    from vstream.config import PRESETS
+
+    if preset not in PRESETS:
+        raise UserError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA device is available")
+    model, built, warm = load_bench_model(preset, device)
+    return model, {"build_s": round(built, 2), "fast_path_warmup_s": round(warm, 2)}
+
+
+def _header(env: dict, extra: dict) -> None:
+    typer.echo(f"{env['model']} on {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
+               f"{env['dtype']}; {env['date']}; " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+
+
+def _stat(s: dict) -> str:
+    return f"median {s['median_ms']:.3f} ms, p95 {s['p95_ms']:.3f} ms" if s.get("count") else "-"
+
+
+def _ints(text: str, name: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserError(f"--{name} must hold integers >= 1, got {text!r}")
+    return values
+
+
+@bench_app.command("memory")
+def bench_memory(
+    preset: PresetOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    lengths: Annotated[str, typer.Option(help="Stream lengths in frames, comma-separated.")] = "100,1000",
+    repeats: Annotated[int, typer.Option(help="Timed one-frame updates per length.")] = 50,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-frame STAR memory update and the model's device memory at growing stream lengths; official anchors."""
+    from vstream.bench import memory_benchmark
+
+    model, load = _model(preset, device)
+    r = memory_benchmark(model, lengths=_ints(lengths, "lengths"), repeats=repeats) | {"load": load}
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    _header(r["environment"], {"cuda graph": r["environment"]["cuda_graph"]} | load)
+    for row in r["paper"]:
+        typer.echo(f"  {row['frames_seen']:>7} frames: update {_stat(row['update'])}; state {row['state_bytes']:,} B; "
+                   f"answer {row['answer_ms']} ms; {row['memory'] or ''}")
+    off = r["official"]
+    typer.echo(f"  official update: {_stat(off['update'])}")
+    for name, s in off["buffer_copy"].items():
+        typer.echo(f"  growing buffer copy {name}: {_stat(s)}")
+
+
+@bench_app.command("encode")
+def bench_encode(
+    preset: PresetOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    repeats: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Vision tower frames/s: fast path, truncated transformers tower, full tower at hidden state -2 (anchor)."""
+    from vstream.bench import encode_benchmark
+
+    model, load = _model(preset, device)
+    r = encode_benchmark(model, batch_sizes=_ints(batches, "batches"), repeats=repeats) | {"load": load}
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    env = r["environment"]
+    _header(env, {"GFLOP/frame": env["tower_gflop_per_frame"], "graphs": env["graph_batch_sizes"]} | load)
+    typer.echo(f"  fast vs reference relative error {r['relative_error_fast_vs_reference']:.2e}")
+    for row in r["batches"]:
+        cells = "; ".join(f"{k} {v['fps']:.1f} fps ({_stat(v)})" for k, v in row.items() if k != "batch")
+        typer.echo(f"  batch {row['batch']:>4}: {cells}")
+
+
+@bench_app.command("answer")
+def bench_answer(
+    preset: PresetOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in positions (memory + template + question).")] = 745,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded by the fast path.")] = 32,
+    anchor_tokens: Annotated[int, typer.Option(help="Tokens decoded by the eager path and transformers generate.")] = 8,
+    repeats: Annotated[int, typer.Option(help="Timed repeats.")] = 5,
+    as_json: JsonOpt = False,
+) -> None:
+    """Question -> first token and decode ms/token: fast path, eager path and transformers generate (anchors)."""
+    from vstream.bench import answer_benchmark
+
+    model, load = _model(preset, device)
+    r = answer_benchmark(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
+                         anchor_tokens=anchor_tokens) | {"load": load}
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    env, f, a = r["environment"], r["fast"], r["anchors"]
+    _header(env, {"prompt": env["prompt_tokens"], "KV cache": env["kv_cache_positions"]} | load)
+    typer.echo(f"  fast: first token {_stat(f['first_token'])} (no prefix cache: {_stat(f['first_token_no_prefix_cache'])})")
+    typer.echo(f"  fast: decode step {_stat(f['decode_step'])}; {f['generate_ms_per_token']} ms/token over {f['new_tokens']}")
+    typer.echo(f"  transformers prefill {_stat(a['hf_prefill_sdpa'])}; eager {a['eager_ms_per_token']} ms/token; "
+               f"generate {a['hf_generate_ms_per_token']} ms/token")
+    typer.echo(f"  greedy tokens equal for the first {a['greedy_tokens_equal_prefix']} of {a['tokens']}")
+
+
+@bench_app.command("streams")
+def bench_streams(
+    preset: PresetOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    counts: Annotated[str, typer.Option(help="Numbers of live streams, comma-separated.")] = "2",
+    seconds: Annotated[float, typer.Option(help="Wall-clock seconds per run.")] = 3.0,
+    question_interval: Annotated[float, typer.Option(help="Seconds between a stream's questions.")] = 1.5,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length.")] = 4,
+    as_json: JsonOpt = False,
+) -> None:
+    """N simulated live 1-fps streams on one model, each asking questions: time to first token, ingest lag."""
+    from vstream.bench import streams_benchmark
+
+    if seconds <= 0 or question_interval <= 0:
+        raise UserError(f"--seconds and --question-interval must be > 0, got {seconds} and {question_interval}")
+    model, load = _model(preset, device)
+    r = streams_benchmark(model, counts=_ints(counts, "counts"), seconds=seconds, question_interval=question_interval,
+                          max_new_tokens=max_new_tokens) | {"load": load}
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    _header(r["environment"], load)
+    for row in r["runs"]:
+        typer.echo(f"  {row['streams']:>3} streams: first token {_stat(row['first_token'])} "
+                   f"({row['answered']}/{row['questions']} answered); ingest lag {_stat(row['ingest_lag'])}; "
+                   f"{row['frames']}/{row['frames_expected']} frames")
+
+
+@bench_app.command("stream")
+def bench_stream(
+    source: Annotated[Optional[str], typer.Option(help="Video file (default: a generated one).")] = None,
+    seconds: Annotated[int, typer.Option(help="Length of the generated video.")] = 60,
+    speed: Annotated[float, typer.Option(help="Live replay speed (source rate = sample fps x speed).")] = 10.0,
+    questions: Annotated[int, typer.Option(help="Questions asked during live ingestion.")] = 8,
+    max_new_tokens: Annotated[int, typer.Option(help="Answer length per question.")] = 16,
+    model: ModelOpt = DEFAULT_MODEL,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """Ingest throughput, drop rate at a given source rate, time to first token and answer latency under ingestion."""
+    import vstream
+    from vstream.bench import stream_benchmark
+
+    result = stream_benchmark(vstream.load(model, device=device), source=source, seconds=seconds, speed=speed,
+                              questions=questions, max_new_tokens=max_new_tokens)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    env, off, live = result["environment"], result["offline"], result["live"]
+    typer.echo(f"{env['model']} ({env['memory_mode']}) on {env['device']}, torch {env['torch']}, {env['dtype']}")
+    typer.echo(f"offline ingest: {off['frames']} frames in {off['seconds']:.2f} s = {off['ingest_fps']:.1f} frames/s")
+    typer.echo(f"live at {live['source_fps']:g} frames/s: {live['frames_dropped']}/{live['frames_received']} dropped "
+               f"({live['drop_rate']:.1%})")
+    for stage, s in live["latency"].items():
+        if s["count"]:
+            typer.echo(f"  {stage:>13}: p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, max {s['max_ms']:.1f} ms "
+                       f"({s['count']})")

@@ -1,0 +1,295 @@
+"""The fast answer path of a LLaMA decoder: a static KV cache, a cached system-prompt prefix, and a decode step replayed
+from a CUDA graph that is captured once, when the decoder is built.
+
+`FastLlama` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the same arithmetic
+as its SDPA forward: RMSNorm in float32, RoPE from the model's own rotary module, SDPA attention, SiLU-gated MLP. So
+greedy decoding gives the tokens of the eager path (`vstream.model.generate.iter_tokens`); tests check this on the CPU
+and on the GPU.
+
+- Prefill runs eagerly (one pass over the prompt, causal SDPA) and writes keys and values into the static cache.
+- The decode step works on fixed shapes: the token and its position live in device tensors, keys are written at that
+  position with `index_copy_`, attention reads the whole cache under a position mask, and the step writes the greedy
+  next token and advances the position itself. On CUDA the step is one graph replay; nothing in it reads the device
+  from the host.
+- Greedy decoding is pipelined: step k+1 is launched before token k is read back (through pinned memory), so the
+  host's read of each token never stalls the device.
+
+What this module does not do: batch several sequences (one cache, one answer at a time: a lock serialises callers),
+build prompts beyond splicing the memory at the `<image>` position, or change the eager path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from vstream.model.generate import _check_sampling, _pick, default_stop_ids, stream_text
+from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings, tokenizer_image_token
+
+
+class FastLlama:
+    """Static-cache decoding of a `LlamaForCausalLM` for one sequence of at most `max_seq_len` positions."""
+
+    def __init__(self, llm, max_seq_len: int, cuda_graph: bool | None = None):
+        cfg = llm.config
+        if getattr(cfg, "model_type", None) != "llama":
+            raise ValueError(f"the fast path needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
+        if max_seq_len < 2 or max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}], got {max_seq_len}")
+        self.llm = llm
+        self.layers = list(llm.model.layers)
+        self.heads = cfg.num_attention_heads
+        self.kv_heads = cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.max_seq_len = max_seq_len
+        weight = llm.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        shape = (len(self.layers), 1, self.kv_heads, max_seq_len, self.head_dim)
+        self.k_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)  # [L, 1, Hkv, S_max, Dh]
+        self.v_cache = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            positions = torch.arange(max_seq_len, device=self.device)
+            cos, sin = llm.model.rotary_emb(weight[:1], positions[None])  # [1, S_max, Dh] in the model dtype
+        self.cos, self.sin = cos[0], sin[0]
+        self.positions = positions  # [S_max]
+        self.token = torch.zeros(1, dtype=torch.long, device=self.device)  # [1] token fed to the next step
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)  # [1] its position
+        self.logits = torch.zeros(1, cfg.vocab_size, device=self.device, dtype=self.dtype)  # [1, V] of the last step
+        self.prefix: tuple[int, ...] = ()  # token ids whose keys and values sit at positions [0, len(prefix))
+        self.lock = threading.Lock()
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.warmup_s = 0.0
+        use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if use_graph:
+            self._capture()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the static KV cache."""
+        return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    # ---------------------------------------------------------------- the transformer
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    def _attend(self, i: int, h: torch.Tensor, cos, sin, write, keys_upto: int, mask, causal: bool) -> torch.Tensor:
+        # h: [1, S, H]; cos/sin: [S, Dh]; keys are read from cache positions [0, keys_upto)
+        a = self.layers[i].self_attn
+        s = h.shape[1]
+        q = a.q_proj(h).view(1, s, self.heads, self.head_dim).transpose(1, 2)  # [1, Hq, S, Dh]
+        k = a.k_proj(h).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [1, Hkv, S, Dh]
+        v = a.v_proj(h).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        write(self.k_cache[i], k)
+        write(self.v_cache[i], v)
+        keys, values = self.k_cache[i][:, :, :keys_upto], self.v_cache[i][:, :, :keys_upto]
+        if self.kv_heads != self.heads:
+            keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=a.scaling)
+        return a.o_proj(out.transpose(1, 2).reshape(1, s, self.heads * self.head_dim))
+
+    def _forward(self, x: torch.Tensor, cos, sin, write, keys_upto: int, mask, causal: bool) -> torch.Tensor:
+        """x [1, S, H] -> logits of the last position [1, V]."""
+        for i, layer in enumerate(self.layers):
+            x = x + self._attend(i, self._rms(x, layer.input_layernorm.weight), cos, sin, write, keys_upto, mask, causal)
+            x = x + layer.mlp(self._rms(x, layer.post_attention_layernorm.weight))
+        return self.llm.lm_head(self._rms(x[:, -1:], self.llm.model.norm.weight))[:, -1]
+
+    @torch.inference_mode()
+    def prefill(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
+        """Run embeds [1, S, H] at positions [start, start + S) (keys before `start` must be cached) -> logits [1, V]."""
+        s = embeds.shape[1]
+        end = start + s
+        if end > self.max_seq_len:
+            raise ValueError(f"the prompt needs {end} positions, the KV cache holds {self.max_seq_len}")
+
+        def write(cache: torch.Tensor, value: torch.Tensor) -> None:
+            cache[:, :, start:end] = value
+
+        if start == 0:
+            mask, causal = None, s > 1
+        else:  # query j sits at position start + j and sees keys up to it: causal aligned to the lower right
+            mask, causal = causal_lower_right(s, end), False
+        return self._forward(embeds, self.cos[start:end], self.sin[start:end], write, end, mask, causal)
+
+    def _step(self) -> None:
+        """One decode step on device state only: feed `token` at `pos`, write the greedy next token, advance `pos`."""
+        x = self.llm.get_input_embeddings()(self.token.view(1, 1))  # [1, 1, H]
+        cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)  # [1, Dh]
+        mask = (self.positions <= self.pos).view(1, 1, 1, -1)  # [1, 1, 1, S_max]
+
+        def write(cache: torch.Tensor, value: torch.Tensor) -> None:
+            cache.index_copy_(2, self.pos, value)
+
+        logits = self._forward(x, cos, sin, write, self.max_seq_len, mask, False)
+        self.logits.copy_(logits)
+        self.token.copy_(logits.argmax(dim=-1))
+        self.pos.add_(1)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decode step: a graph replay on CUDA once captured, else the eager step."""
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Warm up on a side stream and capture the decode step; the warm-up writes only the last cache slot, which a
+        sequence reaches only after writing it itself."""
+        t0 = time.perf_counter()
+        self.pos.fill_(self.max_seq_len - 1)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.pos.fill_(self.max_seq_len - 1)
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.pos.fill_(self.max_seq_len - 1)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._step()
+        torch.cuda.synchronize(self.device)
+        self.warmup_s = time.perf_counter() - t0
+
+    # ---------------------------------------------------------------- tokens
+
+    def iter_tokens(
+        self,
+        embeds: torch.Tensor,
+        start: int = 0,
+        *,
+        max_new_tokens: int,
+        stop_token_ids: Iterable[int] = (),
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[int]:
+        """Like `generate.iter_tokens`, for embeds [1, S, H] placed at positions [start, start + S)."""
+        _check_sampling(max_new_tokens, temperature, top_p)
+        if max_new_tokens == 0:
+            return
+        need = start + embeds.shape[1] + max_new_tokens - 1
+        if need > self.max_seq_len:
+            raise ValueError(
+                f"prompt ({start + embeds.shape[1]} positions) + max_new_tokens ({max_new_tokens}) needs {need} "
+                f"positions, the KV cache holds {self.max_seq_len}"
+            )
+        stop = {int(i) for i in stop_token_ids}
+        with self.lock:
+            logits = self.prefill(embeds, start)
+            with torch.inference_mode():
+                self.token.copy_(_pick(logits, temperature, top_p, generator))
+                self.pos.fill_(start + embeds.shape[1])
+            if temperature == 0.0:
+                yield from self._greedy(max_new_tokens, stop)
+            else:
+                yield from self._sampled(max_new_tokens, stop, temperature, top_p, generator)
+
+    def _greedy(self, max_new_tokens: int, stop: set[int]) -> Iterator[int]:
+        cuda = self.device.type == "cuda"
+        host = torch.empty(max_new_tokens, dtype=torch.long, pin_memory=cuda)  # token ids read back
+        ready: list[torch.cuda.Event | None] = [None] * max_new_tokens
+
+        def fetch(k: int) -> None:  # queue token k's copy to the host; `token` holds it now
+            host[k : k + 1].copy_(self.token, non_blocking=cuda)
+            if cuda:
+                ready[k] = torch.cuda.Event()
+                ready[k].record()
+
+        with torch.inference_mode():
+            fetch(0)
+            for k in range(max_new_tokens):
+                if k + 1 < max_new_tokens:  # launch the next step before reading this token back
+                    self.step()
+                    fetch(k + 1)
+                if ready[k] is not None:
+                    ready[k].synchronize()
+                token_id = int(host[k])
+                yield token_id
+                if token_id in stop:
+                    return
+
+    def _sampled(self, max_new_tokens, stop, temperature, top_p, generator) -> Iterator[int]:
+        for k in range(max_new_tokens):
+            token_id = int(self.token)  # decides the stop, so read before the next step
+            yield token_id
+            if token_id in stop or k == max_new_tokens - 1:
+                return
+            self.step()
+            with torch.inference_mode():
+                self.token.copy_(_pick(self.logits, temperature, top_p, generator))
+
+
+class FastAnswerer:
+    """Answers from memory snapshots with a `FastLlama`: the prompt's text before `<image>` (the system prompt) is
+    prefilled once and kept in the cache; each answer prefills only the memory tokens and the question."""
+
+    def __init__(self, model, max_seq_len: int | None = None, cuda_graph: bool | None = None):
+        self.model = model
+        if max_seq_len is None:  # memory tokens + room for the question and the template + the answer
+            max_seq_len = min(model.cfg.memory.max_tokens + 256 + model.cfg.max_new_tokens,
+                              model.llm.config.max_position_embeddings)
+        self.decoder = FastLlama(model.llm, max_seq_len, cuda_graph=cuda_graph)
+
+    @property
+    def warmup_s(self) -> float:
+        return self.decoder.warmup_s
+
+    def prompt_parts(self, question: str) -> tuple[list[int], list[int]]:
+        """Token ids before and after the single `<image>` placeholder of the question's prompt."""
+        ids = tokenizer_image_token(build_prompt(self.model.cfg.template, question), self.model.tokenizer)
+        where = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+        if len(where) != 1:
+            raise ValueError(f"the prompt must hold exactly one {IMAGE_TOKEN_INDEX} image placeholder, found {len(where)}")
+        return ids[: where[0]], ids[where[0] + 1 :]
+
+    @torch.inference_mode()
+    def _ids_embeds(self, ids: list[int]) -> torch.Tensor:
+        d = self.decoder
+        host = torch.tensor(ids, dtype=torch.long, pin_memory=d.device.type == "cuda")
+        return self.model.llm.get_input_embeddings()(host.to(d.device, non_blocking=True))  # [n, H]
+
+    @torch.inference_mode()
+    def embeds(self, memory_tokens: torch.Tensor, question: str) -> tuple[torch.Tensor, int]:
+        """Cache the prompt's prefix if it changed; return (embeds [1, S, H] of memory + question, their start)."""
+        prefix, rest = self.prompt_parts(question)
+        d = self.decoder
+        if tuple(prefix) != d.prefix:
+            d.prefix = ()
+            if prefix:
+                with d.lock:
+                    d.prefill(self._ids_embeds(prefix)[None], 0)
+            d.prefix = tuple(prefix)
+        m = self.model
+        embed = m.llm.get_input_embeddings()
+        vision = m.mm_projector(memory_tokens.to(m.device, m.dtype)).to(embed.weight.dtype)  # [N, H]
+        parts = [vision, self._ids_embeds(rest)] if rest else [vision]
+        return torch.cat(parts)[None], len(prefix)
+
+    def stream_answer(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int,
+                      temperature: float = 0.0) -> Iterator[str]:
+        """The answer's text pieces, as `FlashVStream.stream_answer` yields them on the eager path."""
+        m = self.model
+        embeds, start = self.embeds(memory_tokens, question)
+        stop_ids = default_stop_ids(m.llm, m.tokenizer)
+        tokens = self.decoder.iter_tokens(embeds, start, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
+                                          temperature=temperature)
+        yield from stream_text(tokens, m.tokenizer, stop_ids, stop_strings(m.cfg.template))
