@@ -130,13 +130,13 @@ def test_30fps_into_1fps_keeps_memory_flat_and_counts_drops(server, client):
         for i in range(60):  # 2 s of stream time at 30 fps, as fast as the socket takes them
             ws.send(append(i, i / 30))
             ack = recv(ws, "input_video_frame.ack")
-        assert ack["received"] == 60 and ack["dropped"] >= 58
+        assert ack["received"] == 60 and ack["dropped"] == 60 - 3  # slots 0, 1 and 2
         first = wait_ingested(client, sid, 2)["stats"]
         for i in range(60, 300):
             ws.send(append(i, i / 30))
             ack = recv(ws, "input_video_frame.ack")
         view = wait_ingested(client, sid, 10)["stats"]
-        assert ack["received"] == 300 and ack["ingested"] + ack["dropped"] <= 300 and ack["dropped"] >= 290
+        assert ack["received"] == 300 and ack["dropped"] == 300 - 11 and ack["ingested"] <= 11
         assert view["memory_bytes"] == first["memory_bytes"]
         assert view["frames_dropped_total"] == ack["dropped"]
         metrics = client.get("/metrics").text
@@ -277,9 +277,9 @@ def test_refusals_on_connect_and_frames_to_a_pulled_stream(server, client):
             ws.send(append(0, 0.0))
             assert recv(ws, "error")["error"]["code"] == "not_a_push_stream"
             wait_ingested(client, file_stream, 6)
+            assert recv(ws, "stream.ended")["error"] is None
             ws.send(json.dumps({"type": "response.create", "question": "What moved?", "max_tokens": 2}))
             assert recv(ws, "response.done")["response"]["status"] == "completed"
-            assert recv(ws, "session.closing")["reason"] == "stream_ended"
         others = [client.post("/v1/streams", json={"source": {"type": "push"}}) for _ in range(4)]
         opened = [r.json()["id"] for r in others if r.status_code == 201]
         assert len(opened) == 3 and others[-1].status_code == 429 and others[-1].headers["retry-after"]

@@ -246,7 +246,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
             raise ApiError(503, "not ready: the server is draining", code="draining", retry_after=5)
         if not state.ready:
             raise ApiError(503, "not ready: the server is starting or shutting down", code="not_ready")
-        return {"status": "ready", "model": state.model.cfg.name}
+        return {"status": "ready", "model": state.model.cfg.name, "auth_required": state.api_key is not None}
 
     @app.post("/v1/auth/cookie", status_code=204)
     async def login():

@@ -4,12 +4,14 @@ Client events: a binary message (one JPEG or PNG frame, timed by the server's cl
 frame), `input_video_frame.append {image: base64 or data URI, timestamp?}`, `response.create {question, max_tokens?,
 as_of?}`, `response.cancel`. Server events: `session.created`, `input_video_frame.ack` (one per frame: accepted or not,
 with the stream's running received/ingested/dropped counts), `response.created`, `response.output_text.delta`,
-`response.output_text.done`, `response.done {status: completed | cancelled | failed}`, `session.closing {reason,
-time_left_s}` before the server closes the session (idle, draining, stream ended), and `error {error: {type, code,
-message, param, event_id}}`. Every server event has `type` and `event_id`.
+`response.output_text.done`, `response.done {status: completed | cancelled | failed}`, `stream.ended {error}` when a
+pulled source ends or fails (the memory stays answerable), `session.closing {reason, time_left_s}` before the server
+closes the session (idle, draining), and `error {error: {type, code, message, param, event_id}}` (also when the stream
+fails). Every server event has `type` and `event_id`.
 
 Without `stream_id` the session creates a push stream of its own, deleted when the socket closes. Frames are sampled
-by their time to the stream's `fps` before they are decoded; a frame's pixel count is read from its header and checked
+by their time to the stream's `fps` before they are decoded (a frame fills the sampling slot nearest its time; one
+whose slot is already filled is dropped and counted); a frame's pixel count is read from its header and checked
 before its pixels are allocated. Decoding runs in the thread pool, generation on its own thread.
 """
 
@@ -33,8 +35,6 @@ from starlette.concurrency import run_in_threadpool
 from vstream.server.answers import Generation, check_max_tokens, check_question, vstream_extension
 from vstream.server.schemas import error_body
 from vstream.server.state import ERROR_TYPES, ApiError, ServerState, Stream
-
-_EPS = 1e-6
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -122,7 +122,7 @@ class RealtimeSession:
                            "frames can only be pushed to a push stream", code="not_a_push_stream")
         t = self._frame_time(timestamp)
         self._check_time(t)
-        slot = math.floor(t * stream.fps + _EPS)
+        slot = math.floor(t * stream.fps + 0.5)  # the nearest sampling slot: a jittery sender at the rate keeps all
         accepted = False
         if slot >= stream.next_slot:  # due: decode it (a frame that fails to decode leaves no trace)
             frame = await run_in_threadpool(decode_image, data, self.state.limits.max_frame_pixels)
@@ -243,9 +243,9 @@ async def deny(ws: WebSocket, exc: ApiError) -> None:
 
 
 async def watch(session: RealtimeSession) -> None:
-    """Close the session when it is idle, when the server drains, or when its stream fails or ends."""
+    """Close the session when it is idle or when the server drains; report its stream's failure and end."""
     state, limits, stream = session.state, session.state.limits, session.stream
-    reported = False
+    reported = ended = False
     while True:
         await asyncio.sleep(0.1)
         now = time.monotonic()
@@ -259,10 +259,9 @@ async def watch(session: RealtimeSession) -> None:
             reported = True
             session.send(_error_event(ApiError(500, f"stream {stream.id} failed: {stream.session.error}",
                                                code="stream_failed")))
-        if stream.session.finished and session.closing is None:
-            session.notify_closing("stream_ended", 0.0)
-            await asyncio.sleep(0.2)
-            return
+        if stream.session.finished and not ended:  # its memory stays answerable: the session stays open
+            ended = True
+            session.send(_event("stream.ended", stream_id=stream.id, error=stream.session.stats()["error"]))
         idle = now - session.last_message
         if idle >= limits.ws_idle_s - limits.ws_notice_s:
             session.notify_closing("idle", max(0.0, limits.ws_idle_s - idle))

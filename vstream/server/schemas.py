@@ -49,10 +49,11 @@ class StreamCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     source: SourceSpec
-    speed: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False, description="replay a file at this speed (live); "
-                                "null: as fast as it decodes (not live)")
-    fps: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False, description="frames sampled per second of stream time "
-                              "(null: the model's rate, 1 for the released model); at most the server's max_fps")
+    speed: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False,
+                                description="replay a file at this speed (live); null: as fast as it decodes")
+    fps: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False,
+                              description="frames sampled per second of stream time (null: the model's rate); at most "
+                              "the server's max_fps")
 
 
 class ChatMessage(BaseModel):
@@ -76,8 +77,9 @@ class ChatRequest(BaseModel):
     stream: bool = False
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    as_of: float | None = Field(default=None, ge=0, allow_inf_nan=False, description="answer from the memory as it stood at this stream "
-                                "time (seconds; a vstream extension)")
+    as_of: float | None = Field(default=None, ge=0, allow_inf_nan=False,
+                                description="answer from the memory as it stood at this stream time (seconds; a "
+                                "vstream extension)")
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
