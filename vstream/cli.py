@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import sys
-import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -151,33 +150,29 @@ def run(
 @app.command()
 def demo(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the generated stream (random if not given).")] = None,
-    seconds: Annotated[int, typer.Option(help="Length of the generated video.")] = 40,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset or model directory (default: the "
+                                                 "trained 'demo' model, else the untrained 'tiny').")] = None,
+    speed: Annotated[float, typer.Option(help="Stream seconds played per second (1 = real time).")] = 1.0,
+    questions: Annotated[Optional[int], typer.Option(help="How many of the stream's questions to ask (default: all).")]
+    = None,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Generate a video, build the memory as the stream goes on and ask questions at several moments."""
-    import random
+    """Play a new stream of the procedural world live, ask its questions at their moments, score each answer."""
+    from vstream.demo import ConsoleView, run_demo
 
-    import vstream
-    from vstream.synth.clips import write_test_video
-
-    seed = random.randrange(1 << 30) if seed is None else seed
-    m = vstream.load(model)
-    if model == DEFAULT_MODEL:
-        typer.echo("note: the 'tiny' model has random, untrained weights: its answers are meaningless text. "
-                   "It shows the pipeline (decode -> encode -> STAR memory -> LLM) running end to end.")
-    with tempfile.TemporaryDirectory() as tmp:
-        video = write_test_video(Path(tmp) / "demo.mp4", seconds=seconds, seed=seed)
-        typer.echo(f"stream: {seconds}s generated video (seed {seed}); model {m.cfg.name}, memory mode {m.cfg.memory.mode}, "
-                   f"at most {m.cfg.memory.max_tokens} memory tokens")
-        questions = [(seconds * 0.25, "What is on the screen now?"), (seconds * 0.6, "What happened so far?"),
-                     (None, "Which colours appeared in the video?")]
-        snapshots = m.memory_snapshots(str(video), [at for at, _ in questions])  # one pass over the stream
-        for (at, q), memory in zip(questions, snapshots):
-            result = m.answer_from(memory, q)
-            when = f"{at:.0f}s" if at is not None else "end"
-            typer.echo(f"\n[{when}] Q: {q}\n  A: {result.text!r}\n  ({result.frames} frames, {result.memory_tokens} "
-                       f"memory tokens, key frames at {[round(t, 1) for t in result.retrieved_times]}, "
-                       f"first token {result.timings['first_token_s'] * 1000:.0f} ms)")
+    if seed is not None and seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if not speed > 0:
+        raise UserError(f"--speed must be > 0, got {speed}")
+    if questions is not None and questions < 1:
+        raise UserError(f"--questions must be >= 1, got {questions}")
+    view = None if as_json else ConsoleView()
+    result = run_demo(model, seed=seed, speed=speed, questions=questions,
+                      **({} if view is None else view.callbacks()))
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        view.summary(result)
 
 
 @app.command()
