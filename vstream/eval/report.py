@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vstream import __version__
 from vstream.eval.judges import OFFLINE_LABEL, parse_choice
+from vstream.eval.runner import trim_partial_line
 
 JUDGMENTS = "judgments.jsonl"
 RESULTS = "results.json"
@@ -45,6 +46,7 @@ def score_predictions(records: list[dict], judge, out_dir: str | Path, show_prog
         raise ValueError("open-ended questions need a judge: pass --judge offline or --judge openai")
     path = Path(out_dir) / JUDGMENTS
     cached = _read_jsonl(path)
+    trim_partial_line(path)
     signature = judge.signature()
     todo = [r for r in open_records
             if not (r["id"] in cached and cached[r["id"]]["signature"] == signature and cached[r["id"]]["status"] == "ok")]

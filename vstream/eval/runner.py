@@ -120,7 +120,7 @@ def run_predictions(
     check_run_file(out_dir, cfg)
     path = out_dir / PREDICTIONS
     done = read_predictions(path)
-    _trim_partial_line(path)
+    trim_partial_line(path)
     todo = _by_video([q for q in bench.questions if q.id not in done])
     bar = tqdm(total=len(bench.questions), initial=len(bench.questions) - sum(map(len, todo.values())),
                desc=f"{bench.name} {cfg.mode}", unit="q", disable=not show_progress)
@@ -133,17 +133,18 @@ def run_predictions(
             os.fsync(sink.fileno())
             bar.update(len(records))
 
-        if workers <= 1 or len(todo) <= 1:
+        if todo and (workers <= 1 or len(todo) == 1):  # (nothing to do: no model is loaded)
             model = model if model is not None else _load(cfg)
             for video, questions in todo.items():
                 write(predict_video(model, bench, video, questions, cfg))
-        else:
+        elif todo:
             _run_pool(bench, cfg, todo, workers, write)
     bar.close()
     return [done[q.id] for q in bench.questions]
 
 
-def _trim_partial_line(path: Path) -> None:
+def trim_partial_line(path: Path) -> None:
+    """Cut a last line left unfinished by an interruption, so that appended lines start on a line of their own."""
     if path.exists():
         data = path.read_bytes()
         if data and not data.endswith(b"\n"):
