@@ -106,3 +106,98 @@ def test_paced_source_holds_each_frame_until_its_time():
 def test_demo_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, args, message):
     code, out, err = in_process(monkeypatch, capsys, "demo", "--seed", "1", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.fixture(scope="module")
+def world_eval_run(tmp_path_factory):
+    """`vstream world-eval --model tiny --streams 2 --ablate` run once through the console entry point."""
+    from vstream.cli import main
+
+    out = tmp_path_factory.mktemp("world-eval")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["vstream", "world-eval", "--model", "tiny", "--streams", "2", "--start", "5",
+                                 "--ablate", "--out", str(out)])
+        with pytest.raises(SystemExit) as exit_:
+            main()
+    assert exit_.value.code in (0, None)
+    return out
+
+
+def test_world_eval_writes_results_report_and_plot(world_eval_run):
+    from vstream.cli_world import REQUIRED
+
+    results = json.loads((world_eval_run / "results.json").read_text())
+    assert set(REQUIRED) <= set(results)
+    names = ["full", "no_spatial", "no_temporal", "no_abstract", "no_retrieved"]
+    assert results["ablations"] == names and list(results["accuracy"]) == names
+    assert results["model"] == "tiny" and results["split"] == "test" and results["streams"] == 2
+    assert results["command"] == f"vstream world-eval --model tiny --streams 2 --start 5 --ablate --out {world_eval_run}"
+    assert results["device"].startswith("cpu") and results["versions"]["vstream"]
+    seeds = w.split_seeds("test", 2, start=5)
+    expected = [(seed, qa.time, qa.question, qa.answer) for seed in seeds
+                for qa in w.make_questions(w.generate_stream(seed), seed=seed)]
+    rows = results["rows"]
+    assert results["questions"] == len(rows) == len(expected)
+    assert sorted((r["seed"], r["time"], r["question"], r["answer"]) for r in rows) == sorted(expected)
+    for name in names:
+        assert all(isinstance(r[name], str) and isinstance(r[name + "_right"], bool) for r in rows)
+        assert results["right"][name]["overall"] == sum(r[name + "_right"] for r in rows)
+        assert results["accuracy"][name]["overall"] == pytest.approx(results["right"][name]["overall"] / len(rows))
+    assert sum(results["per_type"].values()) == len(rows)
+
+    report = (world_eval_run / "report.md").read_text()
+    for text in ("| full model |", "| without spatial |", "| without retrieved |", f"overall (n={len(rows)})",
+                 results["command"], results["date"], "torch ", results["device"], "![accuracy per question type]"):
+        assert text in report
+    assert report.count("| without ") == 8  # 4 ablation rows in the table, 4 in the contributions
+    png = (world_eval_run / "accuracy.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 5_000
+
+
+def test_world_eval_report_is_reproduced_from_the_results_file(world_eval_run, tmp_path, monkeypatch, capsys):
+    code, out, _ = in_process(monkeypatch, capsys, "world-eval", "--from-results",
+                              str(world_eval_run / "results.json"), "--out", str(tmp_path / "again"))
+    assert code == 0 and "report written to" in out
+    again = tmp_path / "again"
+    assert (again / "report.md").read_text() == (world_eval_run / "report.md").read_text()
+    assert (again / "results.json").read_bytes() == (world_eval_run / "results.json").read_bytes()
+    assert (again / "accuracy.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_world_eval_report_tells_the_parts_apart():
+    from vstream.cli_world import report_markdown
+
+    rows = [{"seed": 2_000_000, "time": 3.0, "type": "spatial", "question": "q", "answer": "red", "full": "red",
+             "full_right": True, "no_spatial": "blue", "no_spatial_right": False},
+            {"seed": 2_000_000, "time": 5.0, "type": "abstract", "question": "q", "answer": "yes", "full": "yes",
+             "full_right": True, "no_spatial": "yes", "no_spatial_right": True}]
+    results = {"command": "vstream world-eval", "model": "m", "date": "d", "device": "cpu", "versions": {},
+               "split": "test", "streams": 1, "start": 0, "source": "render", "questions": 2,
+               "per_type": {"spatial": 1, "abstract": 1}, "rows": rows,
+               "accuracy": {"full": {"spatial": 1.0, "abstract": 1.0, "overall": 1.0},
+                            "no_spatial": {"spatial": 0.0, "abstract": 1.0, "overall": 0.5}}}
+    report = report_markdown(results)
+    assert "| full model | 100.0% (1/1) | 100.0% (1/1) | 100.0% (2/2) |" in report
+    assert "| without spatial | 0.0% (0/1) | 100.0% (1/1) | 50.0% (1/2) |" in report
+    assert "| without spatial | +100.0 | +0.0 | +50.0 |" in report
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--streams", "2"], "--model is required"),
+    (["--model", "tiny", "--split", "dev"], "--split must be one of train, val, test, got 'dev'"),
+    (["--model", "tiny", "--streams", "0"], "--streams must be >= 1, got 0"),
+    (["--model", "tiny", "--start", "99999"], "split 'test' has 100000 seeds"),
+    (["--model", "tiny", "--source", "camera"], "--source must be render or video, got 'camera'"),
+    (["--model", "tiny", "--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
+    (["--from-results", "/nonexistent/results.json"], "--from-results must be a results.json file"),
+])
+def test_world_eval_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, args, message):
+    code, _, err = in_process(monkeypatch, capsys, "world-eval", *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_world_eval_rejects_a_file_that_is_not_its_results(tmp_path, monkeypatch, capsys):
+    bad = tmp_path / "results.json"
+    bad.write_text(json.dumps({"accuracy": {}}))
+    code, _, err = in_process(monkeypatch, capsys, "world-eval", "--from-results", str(bad), "--out", str(tmp_path))
+    assert code == 2 and "is not a world-eval results file: missing ['command'" in err

@@ -214,6 +214,7 @@ from vstream import cli_eval  # noqa: E402,F401
 from vstream import cli_train  # noqa: E402,F401
 from vstream import cli_synth  # noqa: E402,F401
 from vstream import cli_bench  # noqa: E402,F401
+from vstream import cli_world  # noqa: E402,F401
 
 
 def main() -> None:

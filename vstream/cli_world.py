@@ -1,0 +1,224 @@
+"""`vstream world-eval`: accuracy on held-out streams of the procedural world per question type, with each memory part
+switched off in turn (`vstream.train.world_eval.evaluate`), written as `results.json` (every row), `report.md` (a table
+per ablation, the command, model, date, device and versions) and `accuracy.png` (grouped bars).
+
+`--from-results FILE` renders the report and plot again from a results file alone (e.g. one made on a GPU machine), so
+the same file always gives the same report.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vstream.cli import UserError, app
+
+RESULTS, REPORT, PLOT = "results.json", "report.md", "accuracy.png"
+ABLATIONS = (None, "spatial", "temporal", "abstract", "retrieved")
+"""Rows of the report with `--ablate`: the full model, then each memory part dropped from every snapshot."""
+REQUIRED = ("command", "model", "date", "device", "versions", "split", "streams", "start", "source", "questions",
+            "per_type", "accuracy", "rows")
+"""Fields a results file must hold for its report to be rendered."""
+
+
+@app.command("world-eval")
+def world_eval(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset, model directory or 'demo'.")] = None,
+    split: Annotated[str, typer.Option(help="train, val or test (disjoint seed ranges).")] = "test",
+    streams: Annotated[int, typer.Option(help="Number of streams.")] = 50,
+    start: Annotated[int, typer.Option(help="Index of the first stream within the split.")] = 0,
+    source: Annotated[str, typer.Option(help="render (frames drawn directly) or video (H.264 files decoded).")]
+    = "render",
+    ablate: Annotated[bool, typer.Option("--ablate", help="Also evaluate with each memory part switched off.")] = False,
+    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and accuracy.png.")]
+    = Path("runs/world-eval"),
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    batch_size: Annotated[int, typer.Option(help="Questions answered per generate call.")] = 64,
+    from_results: Annotated[Optional[Path], typer.Option(help="Render report.md and accuracy.png from this "
+                                                         "results.json instead of evaluating.")] = None,
+) -> None:
+    """Accuracy per question type on streams of the procedural world (with --ablate: each memory part switched off)."""
+    if from_results is not None:
+        results = read_results(from_results)
+        out.mkdir(parents=True, exist_ok=True)
+        if not (out / RESULTS).exists() or not (out / RESULTS).samefile(from_results):
+            shutil.copyfile(from_results, out / RESULTS)
+        write_report(results, out)
+        typer.echo(f"report written to {out / REPORT} and {out / PLOT}")
+        return
+    results = run_world_eval(model, split, streams, start, source, ablate, device, batch_size)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / RESULTS).write_text(json.dumps(results, indent=1))
+    write_report(results, out)
+    full = results["accuracy"]["full"]
+    typer.echo(f"{results['questions']} questions: overall {full['overall']:.1%} "
+               + ", ".join(f"{k} {v:.1%}" for k, v in full.items() if k != "overall"))
+    typer.echo(f"wrote {out / RESULTS}, {out / REPORT} and {out / PLOT}")
+
+
+def run_world_eval(model: str | None, split: str, streams: int, start: int, source: str, ablate: bool, device: str,
+                   batch_size: int) -> dict:
+    """Check the arguments, load the model, evaluate; the results with what produced them."""
+    import torch
+    import transformers
+
+    import vstream
+    from vstream import __version__
+    from vstream.synth.world import SPLIT_SEEDS, split_seeds
+    from vstream.train.world_eval import evaluate
+
+    if model is None:
+        raise UserError("--model is required (a preset, a model directory or 'demo') unless --from-results is given")
+    if split not in SPLIT_SEEDS:
+        raise UserError(f"--split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
+    if streams < 1:
+        raise UserError(f"--streams must be >= 1, got {streams}")
+    split_seeds(split, streams, start)  # a range outside the split fails before the model is loaded
+    if source not in ("render", "video"):
+        raise UserError(f"--source must be render or video, got {source!r}")
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but torch sees no CUDA device")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    m = vstream.load(model, device=device)
+    ablations = ABLATIONS if ablate else (None,)
+    results = evaluate(m, split=split, streams=streams, start=start, ablations=ablations, source=source,
+                       batch_size=batch_size)
+    return {
+        "command": "vstream " + shlex.join(sys.argv[1:]),
+        "model": model, "model_name": m.cfg.name, "memory_mode": m.cfg.memory.mode,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": _device_name(device), "dtype": m.cfg.dtype,
+        "versions": {"vstream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "ablations": ["full" if a is None else f"no_{a}" for a in ablations],
+        "right": _right_counts(results["rows"], ["full" if a is None else f"no_{a}" for a in ablations]),
+    } | results
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"cuda ({torch.cuda.get_device_name()})"
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _right_counts(rows: list[dict], names: list[str]) -> dict[str, dict[str, int]]:
+    """{ablation name: {type: right answers, "overall": ...}} from the rows."""
+    out = {}
+    for name in names:
+        counts: dict[str, int] = {}
+        for r in rows:
+            for key in (r["type"], "overall"):
+                counts[key] = counts.get(key, 0) + int(r[name + "_right"])
+        out[name] = dict(sorted(counts.items()))
+    return out
+
+
+def read_results(path: Path) -> dict:
+    """A results file written by `world-eval`, checked for the fields the report needs."""
+    if not path.is_file():
+        raise UserError(f"--from-results must be a results.json file, got {path}")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} is not JSON: {exc}") from None
+    missing = [k for k in REQUIRED if not isinstance(results, dict) or k not in results]
+    if missing:
+        raise UserError(f"{path} is not a world-eval results file: missing {missing}")
+    if "full" not in results["accuracy"]:
+        raise UserError(f"{path}: accuracy has no 'full' row, got {sorted(results['accuracy'])}")
+    return results
+
+
+# ---------------------------------------------------------------- report and plot
+
+
+def _columns(results: dict) -> list[str]:
+    from vstream.synth.world import QUESTION_TYPES
+
+    return [t for t in QUESTION_TYPES if t in results["per_type"]] + ["overall"]
+
+
+def _label(name: str) -> str:
+    return "full model" if name == "full" else f"without {name.removeprefix('no_')}"
+
+
+def report_markdown(results: dict) -> str:
+    """The report: settings, one row per ablation (accuracy and right/asked per type), the drop each part causes."""
+    cols = _columns(results)
+    total = {**results["per_type"], "overall": results["questions"]}
+    right = _right_counts(results["rows"], list(results["accuracy"]))
+    seeds = f"seeds {results['rows'][0]['seed']}..{results['rows'][-1]['seed']}" if results["rows"] else "no seeds"
+    v = results["versions"]
+    lines = [
+        "# Procedural world: accuracy on held-out streams", "",
+        f"- Model: `{results['model']}` ({results.get('model_name', '?')}, memory mode {results.get('memory_mode', '?')})",
+        f"- Streams: {results['streams']} of the `{results['split']}` split from index {results['start']} ({seeds}), "
+        f"{results['questions']} questions, frames from `{results['source']}`",
+        f"- Device: {results['device']}, {results.get('dtype', '?')}; evaluation took "
+        f"{results.get('seconds', float('nan')):.0f} s",
+        f"- Date: {results['date']}; vstream {v.get('vstream')}, torch {v.get('torch')}, "
+        f"transformers {v.get('transformers')}, Python {v.get('python')}",
+        f"- Command: `{results['command']}`", "",
+        "Accuracy (right / asked). Each ablation drops the tokens of one memory part from every snapshot before the "
+        "question is answered; answers are greedy and scored by exact match after normalisation.", "",
+        "| | " + " | ".join(f"{c} (n={total[c]})" for c in cols) + " |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
+    for name, acc in results["accuracy"].items():
+        cells = [f"{acc[c]:.1%} ({right[name][c]}/{total[c]})" for c in cols]
+        lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
+    if len(results["accuracy"]) > 1:
+        full = results["accuracy"]["full"]
+        lines += ["", "What each part contributes: accuracy of the full model minus accuracy without it, in points.", "",
+                  "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        for name, acc in results["accuracy"].items():
+            if name != "full":
+                lines.append(f"| {_label(name)} | " + " | ".join(f"{100 * (full[c] - acc[c]):+.1f}" for c in cols)
+                             + " |")
+    lines += ["", f"![accuracy per question type]({PLOT})", ""]
+    return "\n".join(lines)
+
+
+def write_plot(results: dict, path: Path) -> Path:
+    """Grouped bars: accuracy per question type (and overall), one bar per ablation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols, names = _columns(results), list(results["accuracy"])
+    width = 0.8 / len(names)
+    fig, ax = plt.subplots(figsize=(1.6 * len(cols) + 2, 4))
+    for i, name in enumerate(names):
+        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(cols))]
+        ax.bar(xs, [100 * results["accuracy"][name][c] for c in cols], width, label=_label(name))
+    ax.set_xticks(range(len(cols)), [f"{c}\n(n={results['questions'] if c == 'overall' else results['per_type'][c]})"
+                                     for c in cols])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{results['model']} on {results['questions']} questions ({results['split']} split)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(results: dict, out: Path) -> tuple[Path, Path]:
+    """report.md and accuracy.png in `out` from `results` alone."""
+    (out / REPORT).write_text(report_markdown(results))
+    return out / REPORT, write_plot(results, out / PLOT)
