@@ -201,3 +201,19 @@ def test_world_eval_rejects_a_file_that_is_not_its_results(tmp_path, monkeypatch
     bad.write_text(json.dumps({"accuracy": {}}))
     code, _, err = in_process(monkeypatch, capsys, "world-eval", "--from-results", str(bad), "--out", str(tmp_path))
     assert code == 2 and "is not a world-eval results file: missing ['command'" in err
+
+
+def test_the_packaged_demo_model_ships_in_the_wheel():
+    """The files `load("demo")` reads are matched by the package data of the package that holds them."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    from vstream.model.loading import OWN_CONFIG, OWN_WEIGHTS, PACKAGED
+
+    root = Path(__file__).resolve().parent.parent
+    package_data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    package = ".".join(PACKAGED["demo"].relative_to(root).parts)
+    assert package == "vstream.assets.demo"
+    for name in (OWN_CONFIG, OWN_WEIGHTS):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in package_data[package]), name
