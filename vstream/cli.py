@@ -166,6 +166,9 @@ def demo(
         raise UserError(f"--speed must be > 0, got {speed}")
     if questions is not None and questions < 1:
         raise UserError(f"--questions must be >= 1, got {questions}")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # loading SmolLM2's weights takes a second: no bar among the demo's lines
     view = None if as_json else ConsoleView()
     result = run_demo(model, seed=seed, speed=speed, questions=questions,
                       **({} if view is None else view.callbacks()))

@@ -7,7 +7,7 @@ falls behind (they are counted). When the memory reaches a question's time, the 
 as it stood at that time (the session's per-frame history) while ingestion goes on; its answer is scored by exact match
 after normalisation, as `vstream.train.world_eval` scores. A random seed is drawn above the world's split ranges, so
 the stream was never seen in training or evaluation. The result is a plain dict; `run_demo` does not print: its
-callbacks (`on_start`, `on_event`, `on_answer`) see each step as it happens, and `ConsoleView` renders them with rich.
+callbacks (`on_load`, `on_start`, `on_event`, `on_answer`) see each step as it happens, and `ConsoleView` renders them with rich.
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def accuracy_table(rows: list[dict]) -> dict[str, dict]:
 
 def run_demo(
     model: str | None = None, seed: int | None = None, speed: float = DEFAULT_SPEED, questions: int | None = None,
-    max_new_tokens: int = MAX_NEW_TOKENS, on_start: Callable[[dict], None] | None = None,
+    max_new_tokens: int = MAX_NEW_TOKENS, on_load: Callable[[dict], None] | None = None,
+    on_start: Callable[[dict], None] | None = None,
     on_event: Callable[[dict], None] | None = None, on_answer: Callable[[dict], None] | None = None,
 ) -> dict:
     """Play a new world stream live through the engine and answer its questions at their moments.
@@ -130,11 +131,12 @@ def run_demo(
     qas = pick_questions(w.make_questions(stream), questions)
     defaulted = model is None
     model = model or default_model()
+    info = {"seed": seed, "model": model, "defaulted": defaulted, "untrained": is_untrained(model),
+            "duration": stream.duration, "speed": speed, "questions": len(qas)}
+    if on_load:
+        on_load(info)
     m = vstream.load(model)
-    info = {"seed": seed, "model": model, "defaulted": defaulted, "model_name": m.cfg.name,
-            "untrained": is_untrained(model),
-            "duration": stream.duration, "speed": speed, "sample_fps": m.cfg.sample_fps,
-            "questions": len(qas), "load_s": time.perf_counter() - t0}
+    info |= {"model_name": m.cfg.name, "sample_fps": m.cfg.sample_fps, "load_s": time.perf_counter() - t0}
     if on_start:
         on_start(info)
     frames = stream.frames(fps=m.cfg.sample_fps, size=FRAME_SIZE)
@@ -217,15 +219,18 @@ class ConsoleView:
         self.console = console or Console(highlight=False)
 
     def callbacks(self) -> dict:
-        return {"on_start": self.start, "on_event": self.event, "on_answer": self.answer}
+        return {"on_load": self.load, "on_start": self.start, "on_event": self.event, "on_answer": self.answer}
+
+    def load(self, info: dict) -> None:
+        self.console.print(f"[bold]vstream demo[/]  seed [bold]{info['seed']}[/]: a {info['duration']} s stream of the "
+                           f"procedural world, played at {info['speed']:g}x real time, {info['questions']} questions",
+                           soft_wrap=True)
+        self.console.print(f"[dim]loading model {info['model']} ...[/]", soft_wrap=True)
 
     def start(self, info: dict) -> None:
         c = self.console
-        c.print(f"[bold]vstream demo[/]  seed [bold]{info['seed']}[/]: a {info['duration']} s stream of the procedural "
-                f"world, played at {info['speed']:g}x real time ({info['sample_fps']:g} frame/s), "
-                f"{info['questions']} questions", soft_wrap=True)
-        c.print(f"model [bold]{info['model']}[/] ({info['model_name']}), loaded in {info['load_s']:.1f} s",
-                soft_wrap=True)
+        c.print(f"model [bold]{info['model']}[/] ({info['model_name']}, {info['sample_fps']:g} frame/s), ready after "
+                f"{info['load_s']:.1f} s", soft_wrap=True)
         if info["untrained"]:
             why = ("the trained demo model is not installed (vstream/assets/demo), so the demo runs the "
                    f"'{info['model']}' preset" if info["defaulted"] else f"'{info['model']}' is a preset")
