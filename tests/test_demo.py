@@ -217,3 +217,17 @@ def test_the_packaged_demo_model_ships_in_the_wheel():
     assert package == "vstream.assets.demo"
     for name in (OWN_CONFIG, OWN_WEIGHTS):
         assert any(fnmatch.fnmatch(name, pattern) for pattern in package_data[package]), name
+
+
+def test_default_model_is_the_packaged_demo_model_once_installed(tmp_path, monkeypatch, smollm2):
+    from vstream.config import preset
+    from vstream.demo import default_model
+    from vstream.model.loading import PACKAGED, build_random, save_pretrained
+
+    monkeypatch.setitem(PACKAGED, "demo", tmp_path / "demo")
+    assert default_model() == "tiny"  # not installed: the untrained preset, said plainly
+    save_pretrained(build_random(preset("smollm2-demo")), tmp_path / "demo")
+    assert default_model() == "demo"
+    result = run_demo(seed=5, speed=50, questions=1, max_new_tokens=2)
+    assert result["model"] == "demo" and result["defaulted"] and not result["untrained"]
+    assert result["model_name"] == "smollm2-demo" and result["accuracy"]["overall"]["total"] == 1
