@@ -118,8 +118,6 @@ def run_demo(
     when None). Returns the settings, one row per question (truth, prediction, correct, latencies), the accuracy per
     type and overall, the session's frame counts and the wall-clock times."""
     import vstream
-    from vstream.engine import StreamSession
-    from vstream.train.world_eval import normalise
 
     t0 = time.perf_counter()
     if not speed > 0:
@@ -139,43 +137,54 @@ def run_demo(
     info |= {"model_name": m.cfg.name, "sample_fps": m.cfg.sample_fps, "load_s": time.perf_counter() - t0}
     if on_start:
         on_start(info)
-    frames = stream.frames(fps=m.cfg.sample_fps, size=FRAME_SIZE)
-    history = int(stream.duration * m.cfg.sample_fps) + 2  # every frame's memory is kept: questions see their time
-    events = list(stream.events)
-    rows: list[dict] = []
     if on_event:
         on_event({"time": 0.0, "kind": "start", "text": describe_start(stream)})
+    played = _play(m, stream, qas, speed, max_new_tokens, on_event or (lambda e: None), on_answer or (lambda r: None))
+    return info | played | {
+        "max_new_tokens": max_new_tokens,
+        "accuracy": accuracy_table(played["rows"]),
+        "total_s": time.perf_counter() - t0,
+        "timeline": stream.to_dict() | {"questions": [asdict(qa) for qa in qas]},
+    }
+
+
+def _play(m, stream: w.Stream, qas: list[w.QA], speed: float, max_new_tokens: int,
+          on_event: Callable[[dict], None], on_answer: Callable[[dict], None]) -> dict:
+    """The session over the paced frames; each question answered once the memory reaches its time."""
+    from vstream.engine import StreamSession
+    from vstream.train.world_eval import normalise
+
+    frames = stream.frames(fps=m.cfg.sample_fps, size=FRAME_SIZE)
+    history = int(stream.duration * m.cfg.sample_fps) + 2  # every frame's memory is kept: questions see their time
+    events, rows = list(stream.events), []
+
+    def report_events(until: float) -> None:
+        while events and events[0].time < until:
+            event = events.pop(0)
+            on_event({"time": event.time, "kind": event.kind, "text": describe_event(stream, event)})
+
     with StreamSession(m, history=history) as session:
         started = time.monotonic()
         session.start(paced(frames, speed, start=started), live=True)
         for qa in qas:
             _wait_for_time(session, qa.time, timeout=30 + 4 * qa.time / speed)
-            while events and events[0].time < qa.time:
-                event = events.pop(0)
-                if on_event:
-                    on_event({"time": event.time, "kind": event.kind, "text": describe_event(stream, event)})
+            report_events(qa.time)
             row = _ask(session, qa, max_new_tokens, started, speed)
             row["correct"] = normalise(row["prediction"]) == normalise(qa.answer)
             rows.append(row)
-            if on_answer:
-                on_answer(row)
-        if not session.wait(timeout=30 + 2 * stream.duration / speed):
-            raise TimeoutError(f"the stream did not finish within {30 + 2 * stream.duration / speed:.0f} s")
+            on_answer(row)
+        limit = 30 + 2 * stream.duration / speed
+        if not session.wait(timeout=limit):
+            raise TimeoutError(f"the stream did not finish within {limit:.0f} s")
         stats = session.stats()
     if session.error is not None:
         raise RuntimeError(f"the stream failed: {session.error}")
-    for event in events:
-        if on_event:
-            on_event({"time": event.time, "kind": event.kind, "text": describe_event(stream, event)})
-    return info | {
-        "max_new_tokens": max_new_tokens,
+    report_events(float("inf"))
+    return {
         "frames": {k: stats[f"frames_{k}"] for k in ("received", "encoded", "dropped")},
         "rows": rows,
-        "accuracy": accuracy_table(rows),
         "latency": {k: stats["latency"][k] for k in ("encode", "memory_update", "first_token", "answer")},
         "stream_s": time.monotonic() - started,
-        "total_s": time.perf_counter() - t0,
-        "timeline": stream.to_dict() | {"questions": [asdict(qa) for qa in qas]},
     }
 
 
