@@ -64,12 +64,23 @@ class Generation:
         except LookupError as exc:
             raise ApiError(400, f"as_of={as_of}: {exc}", code="as_of_unavailable", param="as_of") from exc
         self.state, self.stream_id, self.t0, self.as_of = state, stream.id, t0, as_of
+        self._released = False
         self.pieces = 0
         self.cancelled = threading.Event()
         self.finished = False
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def release(self) -> None:
+        """End this answer's count in `state.running` (once; the caller counted it with `begin_answer`)."""
+        if not self._released:
+            self._released = True
+            self.state.end_answer()
+
+    def __del__(self):  # a response body dropped before it started (its client left at once) still releases
+        self.cancelled.set()
+        self.release()
 
     def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, end: object) -> None:
         try:

@@ -334,7 +334,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
             text = await whole_answer(generation, request)
             prompt = await run_in_threadpool(prompt_tokens, state.model, generation.snapshot, question)
         finally:
-            state.end_answer()
+            generation.release()
         if text is None:  # the client went away: nobody reads this
             return Response(status_code=499)
         completion = generation.pieces
@@ -419,7 +419,7 @@ def sse_answer(state: ServerState, stream_id: str, generation: Generation):
             yield "data: [DONE]\n\n"
         finally:
             generation.cancel()
-            state.end_answer()
+            generation.release()
 
     return body()
 

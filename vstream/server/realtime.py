@@ -183,7 +183,7 @@ class RealtimeSession:
             status = "failed"
             self.send(_error_event(ApiError(500, str(exc), code="generation_failed")))
         finally:
-            self.state.end_answer()
+            generation.release()
         self.send(_event("response.output_text.done", response_id=response_id, text="".join(text)))
         self.send(_event("response.done", response={"id": response_id, "status": status, "vstream": times,
                                                     "usage": {"output_tokens": len(text)}}))

@@ -92,7 +92,7 @@ class Histogram:
 
 
 class Thumbnails:
-    """Small JPEGs of the newest `size` ingested frames, by stream time; thread-safe. About 3-6 kB each."""
+    """Small JPEGs (longest edge `edge` pixels) of the newest `size` ingested frames, by stream time; thread-safe."""
 
     def __init__(self, size: int, edge: int = 192):
         self.size, self.edge = size, edge
