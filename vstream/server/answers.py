@@ -56,6 +56,8 @@ class Generation:
 
     def __init__(self, state: ServerState, stream: Stream, question: str, max_tokens: int | None,
                  as_of: float | None, t0: float):
+        self._released = True  # a construction that fails releases nothing: its caller ends the count itself
+        self.cancelled = threading.Event()
         if stream.session.snapshot() is None:
             raise ApiError(409, f"stream {stream.id} has no frame yet: ask again once frames are ingested",
                            code="stream_not_ready")
@@ -66,7 +68,6 @@ class Generation:
         self.state, self.stream_id, self.t0, self.as_of = state, stream.id, t0, as_of
         self._released = False
         self.pieces = 0
-        self.cancelled = threading.Event()
         self.finished = False
 
     def cancel(self) -> None:
