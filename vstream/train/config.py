@@ -90,6 +90,9 @@ class TrainConfig:
     """auto | cpu | cuda."""
     resume: bool = False
     """Continue from the newest `checkpoint-N` in output_dir."""
+    skip_seen_data: bool = True
+    """On resume, skip the batches the checkpoint has already seen (False: start the data afresh, e.g. with a new
+    `data.start`, instead of re-making skipped items)."""
     time_limit_s: float = 0.0
     """Stop (then save and export as at the last step) once training has run this long; 0 = no limit."""
 

@@ -28,8 +28,7 @@ def build(cfg: TrainConfig):
     """(module to train, model, dataset, collate_fn) for the config."""
     model = load(cfg.model, dtype=torch.float32, seed=cfg.seed)
     model.train()
-    if cfg.init:
-        apply_init(model, Path(cfg.init))
+    init_lora = apply_init(model, Path(cfg.init), merge=not (cfg.stage == "finetune" and cfg.lora.rank > 0)) if cfg.init else None
     model.requires_grad_(False)
     if cfg.stage == "vision":
         from vstream.train.world_data import FRAME_CLASSES, PATCH_CLASSES, WorldFrameDataset
@@ -57,6 +56,8 @@ def build(cfg: TrainConfig):
             peft_cfg = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                   target_modules=list(cfg.lora.targets), bias="none")
             model.llm = get_peft_model(model.llm, peft_cfg)
+            if init_lora:  # continue the init model's adapters (same rank and targets) rather than stacking new ones
+                load_lora_factors(model.llm, init_lora, cfg.lora.rank, source=cfg.init)
         else:
             model.llm.requires_grad_(True)
     if cfg.gradient_checkpointing:
@@ -88,8 +89,9 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def apply_init(model, path: Path) -> None:
-    """Load the non-LLM weights of a vstream directory (a previous stage's `model/`) into `model`; merge its LoRA."""
+def apply_init(model, path: Path, merge: bool = True) -> dict[str, torch.Tensor]:
+    """Load the non-LLM weights of a vstream directory (a previous stage's `model/`) into `model`. Its LoRA factors
+    are merged into the LLM (`merge`), or returned for adapters of the same shape to continue from."""
     file = path / OWN_WEIGHTS
     if not file.is_file():
         raise FileNotFoundError(f"init {str(path)!r} holds no {OWN_WEIGHTS} (expected a vstream model directory)")
@@ -100,9 +102,28 @@ def apply_init(model, path: Path) -> None:
     if missing or unexpected:
         raise ValueError(f"init {path}: weights do not match the model: missing {missing}, unexpected {unexpected}")
     model.load_state_dict(weights, strict=False)
-    if lora:
+    if lora and merge:
         cfg = json.loads((path / "vstream_config.json").read_text())["model"]
         merge_lora(model.llm, lora, cfg["lora_alpha"] / cfg["lora_rank"], source=path)
+        return {}
+    return lora
+
+
+def load_lora_factors(peft_model, lora: dict[str, torch.Tensor], rank: int, source) -> None:
+    """Copy saved factors ({"<module>.lora_A"/"lora_B": tensor}) into the peft adapters; every adapter must get one."""
+    modules = dict(peft_model.base_model.model.named_modules())
+    targets = {n for n, m in modules.items() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    saved = {k.rsplit(".", 1)[0] for k in lora}
+    if saved != targets:
+        raise ValueError(f"init {source}: its LoRA modules {sorted(saved - targets)[:3]}... do not match the adapters "
+                         f"{sorted(targets - saved)[:3]}... (same rank and targets are needed to continue them)")
+    with torch.no_grad():
+        for name in targets:
+            a, b = lora[name + ".lora_A"], lora[name + ".lora_B"]
+            if a.shape[0] != rank:
+                raise ValueError(f"init {source}: LoRA rank {a.shape[0]} differs from lora.rank {rank}")
+            modules[name].lora_A["default"].weight.copy_(a)
+            modules[name].lora_B["default"].weight.copy_(b)
 
 
 def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -124,7 +145,7 @@ def run(cfg: TrainConfig) -> Path:
         dataloader_num_workers=cfg.workers, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps, seed=cfg.seed, deepspeed=cfg.deepspeed, use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and _world_size() > 1 else None, report_to="none", remove_unused_columns=False,
-        dataloader_persistent_workers=cfg.workers > 0, ddp_find_unused_parameters=False,
+        dataloader_persistent_workers=cfg.workers > 0, ignore_data_skip=not cfg.skip_seen_data, ddp_find_unused_parameters=False,
     )
     trainer = _Trainer(model=module, args=args, train_dataset=dataset, data_collator=collate_fn)
     if cfg.time_limit_s > 0:
