@@ -35,6 +35,9 @@ class DataConfig:
     """World only: rendered frame side in pixels (the tower's preprocessing resizes it)."""
     augment: bool = True
     """World only: codec-like chroma subsampling and pixel noise on rendered frames."""
+    inventory: int = 0
+    """World `qa` only: extra training conversations per stream asking which objects have appeared so far, in order
+    (a dense target for reading the temporal memory; never part of the evaluation)."""
     max_questions: int = 12
     """Most conversations taken from one stream pass (one memory snapshot each)."""
     json: str = ""

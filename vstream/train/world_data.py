@@ -62,7 +62,10 @@ class WorldQADataset(Dataset):
             qas = w.make_questions(stream, seed=stream.seed)
             if len(qas) > self.data.max_questions:
                 qas = [qas[i] for i in sorted(rng.choice(len(qas), self.data.max_questions, replace=False))]
-            return [(qa.time, _turn(qa.question, qa.answer)) for qa in qas]
+            convs = [(qa.time, _turn(qa.question, qa.answer)) for qa in qas]
+            for t in sorted(rng.choice(range(2, stream.duration), min(self.data.inventory, stream.duration - 2), replace=False)):
+                convs.append((float(t), _turn(INVENTORY_QUESTION, inventory(stream, float(t)))))
+            return sorted(convs, key=lambda c: c[0])
         times = sorted(rng.choice(stream.duration, min(self.data.max_questions, stream.duration), replace=False))
         return [(float(t), _turn("", caption(stream.state_at(float(t))))) for t in times]
 
@@ -80,6 +83,20 @@ class WorldQADataset(Dataset):
             times.append(t)
         features = self.builder.encode(frames)
         return make_examples(self.builder, features, times, convs, self.template, self.tokenizer)
+
+
+INVENTORY_QUESTION = "Which objects have appeared so far, in order?"
+
+
+def inventory(stream: w.Stream, t: float) -> str:
+    """The objects seen in the frames sampled at whole seconds up to `t`, in order of first sight (ties: left to
+    right), each with the colour it first showed: "red circle, blue square, white triangle"."""
+    seen: dict[int, tuple[float, float, str]] = {}
+    for k in range(int(t) + 1):
+        for o in stream.state_at(float(k)).objects:
+            if o.id not in seen:
+                seen[o.id] = (float(k), o.x, f"{o.colour} {o.shape}")
+    return ", ".join(name for _, _, name in sorted(seen.values()))
 
 
 def _turn(question: str, answer: str) -> list[dict]:
