@@ -135,7 +135,7 @@ def test_cli_eval_open_and_choice(data, tmp_path):
     assert "| shapes | 2 |" in report and "![latency.png](latency.png)" in report
 
     out = tmp_path / "open"
-    result = runner.invoke(app, ["eval", "--benchmark", "nextoe", "--data", str(data), "--features",
+    result = runner.invoke(app, ["eval", "--benchmark", "nextoe", "--model", "tiny", "--data", str(data), "--features",
                                  str(data / "features"), "--judge", "offline", "--out", str(out), "--limit", "3",
                                  "--max-new-tokens", "4"])
     assert result.exit_code == 0, result.output

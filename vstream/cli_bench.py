@@ -12,7 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DEFAULT_MODEL, JsonOpt, ModelOpt, UserError, app
+from vstream.cli import JsonOpt, ModelOpt, UserError, app
+
+DEFAULT_MODEL = "tiny"  # benchmarks default to the random preset; `--preset flash-vstream-7b` on a GPU
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints what it ran on.")
 app.add_typer(bench_app, name="bench")

@@ -54,8 +54,16 @@ def load_smollm2(cache_dir: str | Path | None = None, dtype: torch.dtype = torch
     target = target / CACHE_SUBDIR
     if not _is_complete(target):
         _convert(smollm2_path(), target)
-    llm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(target)
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a 0.3 s load needs no progress bar on the user's terminal
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(target, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     return llm.eval(), tokenizer
 
 
