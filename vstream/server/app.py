@@ -185,6 +185,19 @@ def close_stream(stream: Stream) -> None:
     stream.session.close()
 
 
+def warm_up(model) -> float:
+    """One whole answer path on a blank frame (encode, memory, projector, prefill, decode), so that the first real
+    request pays no first-use costs (allocations, graph captures, lazy imports); returns its seconds."""
+    import numpy as np
+
+    t0 = time.perf_counter()
+    side = model.cfg.vision.image_size
+    memory = model.memory_from_features(model.encode([np.zeros((side, side, 3), np.uint8)]), [0.0])
+    for _ in model.stream_answer(memory, "What is on the screen?", max_new_tokens=2):
+        pass
+    return time.perf_counter() - t0
+
+
 def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8, *,
                allow_private_sources: bool = False, limits: Limits | None = None) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
@@ -196,6 +209,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        state.warmup_s = await run_in_threadpool(warm_up, state.model)  # before the first request is accepted
         state.ready = True
         yield
         state.ready = False
@@ -246,7 +260,8 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
             raise ApiError(503, "not ready: the server is draining", code="draining", retry_after=5)
         if not state.ready:
             raise ApiError(503, "not ready: the server is starting or shutting down", code="not_ready")
-        return {"status": "ready", "model": state.model.cfg.name, "auth_required": state.api_key is not None}
+        return {"status": "ready", "model": state.model.cfg.name, "auth_required": state.api_key is not None,
+                "warmup_s": round(state.warmup_s, 3)}
 
     @app.post("/v1/auth/cookie", status_code=204)
     async def login():

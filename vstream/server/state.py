@@ -168,6 +168,8 @@ class ServerState:
     pending: int = 0  # stream slots reserved by requests still opening their source
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
     ready: bool = False
+    warmup_s: float = 0.0
+    """Seconds the start-up warm-up answer took (readiness waits for it)."""
     draining: bool = False
     drain_deadline: float | None = None  # monotonic time at which sessions are closed
     cookies: dict[str, float] = field(default_factory=dict)  # page session token -> expiry (monotonic)
