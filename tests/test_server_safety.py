@@ -157,6 +157,18 @@ def test_loopback_sources_when_allowed(model, media, canary):
         assert _error(client.post("/v1/streams", json={"source": {"type": "webcam", "device": 63}}), 400)["message"]
 
 
+def test_declared_size_over_the_byte_cap_is_refused(model, media, canary):
+    base, _ = canary
+    small = (media / "small.mp4").stat().st_size
+    app = create_app(model, api_key=KEY, allow_private_sources=True,
+                     limits=Limits(url_timeout_s=2, max_source_bytes=small - 1))
+    with running_server(app) as url, httpx.Client(base_url=url, headers=AUTH, timeout=DEADLINE_S) as client:
+        error = _error(_url_source(client, f"{base}/go?to=/small.mp4"), 400)  # the size of the redirect's target
+        assert error["code"] == "limit_exceeded" and error["param"] == "source.url"
+        assert f"declares {small} bytes, over the limit max_source_bytes={small - 1}" in error["message"]
+        assert client.get("/v1/streams").json()["data"] == []
+
+
 @pytest.mark.parametrize(("path", "limit"), [("big.mp4", "max_frame_pixels=40000"),
                                             ("long.mp4", "max_source_seconds=5"),
                                             ("many.mp4", "max_source_frames=30")])

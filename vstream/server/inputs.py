@@ -109,6 +109,9 @@ def open_stream_source(state: ServerState, body: StreamCreate):
         except UnsafeUrl as exc:
             status = 403 if exc.code == "url_forbidden" else 400
             raise ApiError(status, str(exc), code=exc.code, param="source.url") from exc
+        if checked.size is not None and checked.size > limits.max_source_bytes:
+            raise ApiError(400, f"{spec.url!r} declares {checked.size} bytes, over the limit max_source_bytes="
+                           f"{limits.max_source_bytes}", code="limit_exceeded", param="source.url")
         rtsp = {"rtsp_transport": "tcp"} if checked.url.startswith("rtsp") else {}
         probe_open(limits, checked.url, repr(spec.url), "source.url", options=rtsp | checked.options)
         frames = network_source(checked.url, fps=fps, timeout=limits.url_timeout_s, options=checked.options)

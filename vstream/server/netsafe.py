@@ -42,6 +42,7 @@ class CheckedUrl:
     original: str
     address: str
     options: dict[str, str]
+    size: int | None = None  # bytes the HTTP(S) server declares for the whole resource (None: not declared, or RTSP)
 
 
 def address_refusal(address: str) -> str | None:
@@ -114,8 +115,9 @@ class _CheckedBackend(httpcore.SyncBackend):
         return super().connect_tcp(address, port, timeout, local_address, socket_options)
 
 
-def follow_redirects(url: str, allow_private: bool, timeout: float) -> str:
-    """The URL an HTTP(S) URL finally leads to, each hop checked; raises UnsafeUrl."""
+def follow_redirects(url: str, allow_private: bool, timeout: float) -> tuple[str, int | None]:
+    """The URL an HTTP(S) URL finally leads to, each hop checked, and the size its server declares (from
+    Content-Range's total, or Content-Length when the range is ignored); raises UnsafeUrl."""
     with httpcore.ConnectionPool(network_backend=_CheckedBackend(allow_private), retries=0) as pool:
         for _ in range(MAX_REDIRECTS + 1):
             scheme, _host, _port = parse(url)
@@ -125,7 +127,8 @@ def follow_redirects(url: str, allow_private: bool, timeout: float) -> str:
             try:
                 with pool.stream("GET", url, headers=[(b"Range", b"bytes=0-0")], extensions=ext) as response:
                     status = response.status
-                    location = dict((k.lower(), v) for k, v in response.headers).get(b"location")
+                    headers = dict((k.lower(), v) for k, v in response.headers)
+                    location = headers.get(b"location")
             except httpcore.TimeoutException as exc:
                 raise UnsafeUrl(f"{url} did not answer within {timeout} s", code="url_unreachable") from exc
             except (httpcore.ConnectError, httpcore.ReadError, httpcore.RemoteProtocolError) as exc:
@@ -135,14 +138,22 @@ def follow_redirects(url: str, allow_private: bool, timeout: float) -> str:
                 continue
             if status >= 400:
                 raise UnsafeUrl(f"{url} answered HTTP {status}: expected a video", code="url_unreachable")
-            return url
+            return url, _declared_size(status, headers)
     raise UnsafeUrl(f"more than {MAX_REDIRECTS} redirects from the URL: expected at most {MAX_REDIRECTS}")
+
+
+def _declared_size(status: int, headers: dict[bytes, bytes]) -> int | None:
+    if status == 206:  # "bytes 0-0/12345"; "*" when the total is unknown
+        total = headers.get(b"content-range", b"").rpartition(b"/")[2]
+        return int(total) if total.isdigit() else None
+    length = headers.get(b"content-length", b"")
+    return int(length) if status == 200 and length.isdigit() else None
 
 
 def check_url(url: str, allow_private: bool, timeout: float = 5.0) -> CheckedUrl:
     """Check a source URL (following HTTP redirects) and say how FFmpeg must open it; raises UnsafeUrl."""
     scheme, _, _ = parse(url)
-    final = follow_redirects(url, allow_private, timeout) if scheme in ("http", "https") else url
+    final, size = follow_redirects(url, allow_private, timeout) if scheme in ("http", "https") else (url, None)
     scheme, host, port = parse(final)
     address = resolve_checked(host, port, allow_private)
     options: dict[str, str] = {}
@@ -156,4 +167,4 @@ def check_url(url: str, allow_private: bool, timeout: float = 5.0) -> CheckedUrl
             options["headers"] = f"Host: {parts.netloc.rpartition('@')[2]}\r\n"
     if scheme in ("http", "https"):
         options["max_redirects"] = "0"
-    return CheckedUrl(dial, url, address, options)
+    return CheckedUrl(dial, url, address, options, size)

@@ -49,6 +49,9 @@ class Limits:
     """Longest file (by its header) and the most stream time read from any pulled source."""
     max_source_frames: int = 1_000_000
     """Most frames a file may declare (decoding walks every one of them, sampled or not)."""
+    max_source_bytes: int = 16 << 30
+    """Most bytes an HTTP(S) source may declare (Content-Length or Content-Range); undeclared sizes and live streams
+    are bounded by max_source_seconds."""
     max_question_chars: int = 4000
     """Longest question."""
     max_answer_tokens: int = 1024
