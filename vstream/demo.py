@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
 
 from vstream.model.loading import OWN_CONFIG, PACKAGED
+from vstream.sources import paced
 from vstream.synth import world as w
 
 DEFAULT_SPEED = 1.0
@@ -40,21 +41,6 @@ def is_untrained(model: str) -> bool:
     from vstream.config import PRESETS
 
     return model in PRESETS
-
-
-def paced(frames: Iterable[tuple[float, np.ndarray]], speed: float, start: float | None = None,
-          clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
-          ) -> Iterator[tuple[float, np.ndarray]]:
-    """Yield each `(t, frame)` no earlier than `start + t / speed` (default start: the first frame's arrival)."""
-    if not speed > 0:
-        raise ValueError(f"speed must be > 0, got {speed}")
-    for t, frame in frames:
-        if start is None:
-            start = clock() - t / speed
-        delay = start + t / speed - clock()
-        if delay > 0:
-            sleep(delay)
-        yield t, frame
 
 
 def pick_questions(qas: list[w.QA], count: int | None) -> list[w.QA]:

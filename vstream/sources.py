@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import queue
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -33,8 +33,16 @@ def replay_source(
     """Yield each sampled frame no earlier than `t / speed` seconds after the first one (decoding runs ahead)."""
     if speed <= 0:
         raise ValueError(f"replay speed must be > 0, got {speed}")
-    start = None
-    for t, frame in iter_frames(path, fps=fps, until=until):
+    yield from paced(iter_frames(path, fps=fps, until=until), speed, clock=clock, sleep=sleep)
+
+
+def paced(frames: Iterable[tuple[float, np.ndarray]], speed: float, start: float | None = None,
+          clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep,
+          ) -> Iterator[tuple[float, np.ndarray]]:
+    """Yield each `(t, frame)` no earlier than `start + t / speed` (default start: the first frame's arrival)."""
+    if not speed > 0:
+        raise ValueError(f"speed must be > 0, got {speed}")
+    for t, frame in frames:
         if start is None:
             start = clock() - t / speed
         delay = start + t / speed - clock()

@@ -105,9 +105,8 @@ class FlashVStream(nn.Module):
         in `at` (increasing; None = the end).
 
         Frames of a file are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so the
-        host never holds more than one batch of frames."""
-        from vstream.video import VideoError, iter_frames
-
+        host never holds more than one batch of frames. A `(t, frame)` source needs no video library (PyAV is imported
+        for a path only)."""
         keys = [math.inf if t is None else t for t in at]
         if keys != sorted(keys):
             raise ValueError(f"snapshot times must increase (None last), got {list(at)}")
@@ -123,6 +122,8 @@ class FlashVStream(nn.Module):
 
         name = str(video) if isinstance(video, (str, Path)) else "the source"
         if isinstance(video, (str, Path)):
+            from vstream.video import iter_frames
+
             video = iter_frames(video, fps=self.cfg.sample_fps, until=None if math.inf in keys else max(keys))
         for t, frame in video:
             while pending and t > pending[0]:
@@ -137,6 +138,8 @@ class FlashVStream(nn.Module):
                 flush()
         flush()
         if clip.frames == 0:
+            from vstream.video import VideoError
+
             raise VideoError(f"{name} contains no decodable video frames")
         for _ in pending:
             yield clip.read()

@@ -75,21 +75,6 @@ def answer_batch(model, memories: Sequence[MemoryRead], questions: Sequence[str]
     return answers
 
 
-def _snapshots(model, frames, at: Sequence[float]) -> list[MemoryRead]:
-    """The streaming memory as of each time in `at` (increasing) over (t, frame) pairs, without a video library."""
-    from vstream.model.vlm import ClipMemory
-
-    pairs = [(t, f) for t, f in frames if t <= max(at)]
-    features = model.encode([f for _, f in pairs])
-    clip, out, i = ClipMemory(model), [], 0
-    for a in at:
-        while i < len(pairs) and pairs[i][0] <= a:
-            clip.add(features[i : i + 1], [pairs[i][0]])
-            i += 1
-        out.append(clip.read())
-    return out
-
-
 def evaluate(
     model, split: str = "test", streams: int = 50, start: int = 0, ablations: Sequence[str | None] = (None,),
     source: str = "render", batch_size: int = 64, frame_size: int = 128, progress: bool = True,
@@ -119,11 +104,10 @@ def evaluate(
             stream = w.generate_stream(seed)
             qas = sorted(w.make_questions(stream, seed=seed), key=lambda q: q.time)
             if source == "render":
-                snapshots = _snapshots(model, stream.frames(fps=model.cfg.sample_fps, size=frame_size), [q.time for q in qas])
+                frames = stream.frames(fps=model.cfg.sample_fps, size=frame_size)
             else:
-                video = str(w.write_stream_video(stream, Path(tmp) / f"{seed}.mp4", fps=4.0, size=frame_size))
-                snapshots = model.memory_snapshots(video, [q.time for q in qas])
-            for qa, memory in zip(qas, snapshots):
+                frames = str(w.write_stream_video(stream, Path(tmp) / f"{seed}.mp4", fps=4.0, size=frame_size))
+            for qa, memory in zip(qas, model.memory_snapshots(frames, [q.time for q in qas])):
                 row = {"seed": seed, "time": qa.time, "type": qa.type, "question": qa.question, "answer": qa.answer}
                 rows.append(row)
                 pending.append((row, memory))
