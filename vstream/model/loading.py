@@ -136,18 +136,26 @@ def _is_official(path: Path) -> bool:
 def build_random(cfg: ModelConfig, seed: int = 0, tokenizer=None) -> FlashVStream:
     """A model of the given shape with random weights (deterministic from `seed`) and the tiny tokenizer."""
     torch.manual_seed(seed)
-    if cfg.llm_weights == "smollm2":
-        from vstream.model.smollm2 import load_smollm2
-
-        llm, smol_tokenizer = load_smollm2()
+    external = _external_llm(cfg, "the config")
+    if external is not None:
+        llm, smol_tokenizer = external
         return FlashVStream(cfg, llm, tokenizer or smol_tokenizer, VisionTower(cfg.vision))
-    if cfg.llm_weights:
-        raise ValueError(f"llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
     tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
     if len(tokenizer) > cfg.llm.vocab_size:
         raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocabulary is {cfg.llm.vocab_size}")
     llm = LlamaForCausalLM(LlamaConfig(**cfg.llm.to_hf(), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
     return FlashVStream(cfg, llm, tokenizer, VisionTower(cfg.vision))
+
+
+def _external_llm(cfg: ModelConfig, source):
+    """(llm, tokenizer) when the config names LLM weights stored outside the model (`llm_weights`), else None."""
+    if cfg.llm_weights == "smollm2":
+        from vstream.model.smollm2 import load_smollm2
+
+        return load_smollm2()
+    if cfg.llm_weights:
+        raise ValueError(f"{source}: llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
+    return None
 
 
 # ---------------------------------------------------------------- released format
@@ -286,22 +294,28 @@ def _load_own(path: Path) -> FlashVStream:
     cfg = ModelConfig.from_dict(json.loads((path / OWN_CONFIG).read_text())["model"])
     if not (path / OWN_WEIGHTS).exists():
         raise FileNotFoundError(f"{path} has {OWN_CONFIG} but no {OWN_WEIGHTS}")
-    weights = load_file(str(path / OWN_WEIGHTS))
-    lora = {k[len(LORA_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(LORA_PREFIX)}
-    if cfg.llm_weights == "smollm2":
-        from vstream.model.smollm2 import load_smollm2
-
-        llm, tokenizer = load_smollm2()
-    elif cfg.llm_weights:
-        raise ValueError(f"{path}: llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
+    external = _external_llm(cfg, path)
+    if external is not None:
+        llm, tokenizer = external
     else:
         llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)
         tokenizer = load_tokenizer(path / "llm")
     model = FlashVStream(cfg, llm, tokenizer, VisionTower(cfg.vision))
-    _load_checked(model, weights, [], skip_prefix="llm.", source=path)
-    if lora:
-        merge_lora(model.llm, lora, cfg.lora_alpha / cfg.lora_rank, source=path)
+    load_own_weights(model, path)
     return model
+
+
+def load_own_weights(model: FlashVStream, path: Path, merge: bool = True) -> dict[str, torch.Tensor]:
+    """Load the non-LLM weights of the vstream directory `path` into `model` (every one must match). Its LoRA factors
+    are added to the LLM (`merge`), or returned unmerged ({} when it has none)."""
+    weights = load_file(str(path / OWN_WEIGHTS))
+    lora = {k[len(LORA_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(LORA_PREFIX)}
+    _load_checked(model, weights, [], skip_prefix="llm.", source=path)
+    if lora and merge:
+        cfg = read_config(path)
+        merge_lora(model.llm, lora, cfg.lora_alpha / cfg.lora_rank, source=path)
+        return {}
+    return lora
 
 
 @torch.no_grad()

@@ -25,7 +25,7 @@ class MemoryQAModule(nn.Module):
         m = self.model
         cfg = m.cfg.memory
         k, p = cfg.abstract_length, cfg.abstract_size**2
-        dtype = m.mm_projector[0].weight.dtype if isinstance(m.mm_projector, nn.Sequential) else m.mm_projector.weight.dtype
+        dtype = m.dtype
         slots = abstract_slots(m.attention_model, abstract_inputs.to(dtype), abstract_lengths, cfg)  # [B, K, P, D]
         memories = []
         for b in range(input_ids.shape[0]):

@@ -13,10 +13,13 @@ import json
 import os
 from pathlib import Path
 
+import time
+
 import torch
 from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from vstream.model.loading import LORA_PREFIX, OWN_WEIGHTS, load, merge_lora, save_pretrained
+from vstream.model.loading import OWN_WEIGHTS, load, load_own_weights, save_pretrained
 from vstream.train.config import TrainConfig
 from vstream.train.data import LlavaDataset, SnapshotBuilder, collate
 from vstream.train.modules import MemoryQAModule, TowerPretrainModule
@@ -92,21 +95,9 @@ def _world_size() -> int:
 def apply_init(model, path: Path, merge: bool = True) -> dict[str, torch.Tensor]:
     """Load the non-LLM weights of a vstream directory (a previous stage's `model/`) into `model`. Its LoRA factors
     are merged into the LLM (`merge`), or returned for adapters of the same shape to continue from."""
-    file = path / OWN_WEIGHTS
-    if not file.is_file():
+    if not (path / OWN_WEIGHTS).is_file():
         raise FileNotFoundError(f"init {str(path)!r} holds no {OWN_WEIGHTS} (expected a vstream model directory)")
-    weights = load_file(str(file))
-    lora = {k[len(LORA_PREFIX):]: weights.pop(k) for k in list(weights) if k.startswith(LORA_PREFIX)}
-    own = {k for k in model.state_dict() if not k.startswith("llm.")}
-    missing, unexpected = sorted(own - set(weights)), sorted(set(weights) - own)
-    if missing or unexpected:
-        raise ValueError(f"init {path}: weights do not match the model: missing {missing}, unexpected {unexpected}")
-    model.load_state_dict(weights, strict=False)
-    if lora and merge:
-        cfg = json.loads((path / "vstream_config.json").read_text())["model"]
-        merge_lora(model.llm, lora, cfg["lora_alpha"] / cfg["lora_rank"], source=path)
-        return {}
-    return lora
+    return load_own_weights(model, path, merge=merge)
 
 
 def load_lora_factors(peft_model, lora: dict[str, torch.Tensor], rank: int, source) -> None:
@@ -133,8 +124,6 @@ def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 def run(cfg: TrainConfig) -> Path:
     """Train; returns the directory of the final model (the tower alone is saved for the vision stage, in a full
     model directory whose other weights are those of the starting model)."""
-    from transformers import Trainer, TrainingArguments
-
     module, model, dataset, collate_fn = build(cfg)
     out = Path(cfg.output_dir)
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
@@ -147,7 +136,7 @@ def run(cfg: TrainConfig) -> Path:
         ddp_backend="gloo" if use_cpu and _world_size() > 1 else None, report_to="none", remove_unused_columns=False,
         dataloader_persistent_workers=cfg.workers > 0, ignore_data_skip=not cfg.skip_seen_data, ddp_find_unused_parameters=False,
     )
-    trainer = _Trainer(model=module, args=args, train_dataset=dataset, data_collator=collate_fn)
+    trainer = VStreamTrainer(model=module, args=args, train_dataset=dataset, data_collator=collate_fn)
     if cfg.time_limit_s > 0:
         trainer.add_callback(_TimeLimit(cfg.time_limit_s))
     resume = None
@@ -196,56 +185,40 @@ def lora_factors(peft_model) -> dict[str, torch.Tensor]:
     return out
 
 
-class _TimeLimit:
-    """Trainer callback: end training after `seconds` of steps (the Trainer then saves as at its last step)."""
+class _TimeLimit(TrainerCallback):
+    """End training after `seconds` of steps (the Trainer then saves as at its last step)."""
 
     def __init__(self, seconds: float):
-        import time
-
-        self.seconds, self.clock, self.start = seconds, time.monotonic, None
-
-    def __getattr__(self, name):  # the other callback events: nothing to do
-        if name.startswith("on_"):
-            return lambda *args, **kwargs: None
-        raise AttributeError(name)
+        self.seconds, self.start = seconds, None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = self.clock()
+        self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.clock() - self.start > self.seconds:
+        if time.monotonic() - self.start > self.seconds:
             control.should_training_stop = True
             control.should_save = True
         return control
 
 
-def _trainer_class():
-    from transformers import Trainer
+class VStreamTrainer(Trainer):
+    """Checkpoints hold the trained tensors only; resuming loads them back (strictly)."""
 
-    class VStreamTrainer(Trainer):
-        """Checkpoints hold the trained tensors only; resuming loads them back (strictly)."""
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(self.model), str(output_dir / TRAINABLE))
 
-        def _save(self, output_dir=None, state_dict=None):
-            output_dir = Path(output_dir or self.args.output_dir)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            save_file(trainable_state(self.model), str(output_dir / TRAINABLE))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            module = model or self.model
-            file = Path(resume_from_checkpoint) / TRAINABLE
-            if not file.is_file():
-                raise FileNotFoundError(f"checkpoint {resume_from_checkpoint} holds no {TRAINABLE}")
-            state = load_file(str(file))
-            expected = {n for n, p in module.named_parameters() if p.requires_grad}
-            if set(state) != expected:
-                raise ValueError(
-                    f"checkpoint {resume_from_checkpoint} does not match the trained parameters: missing "
-                    f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
-                )
-            module.load_state_dict(state, strict=False)
-
-    return VStreamTrainer
-
-
-def _Trainer(**kwargs):
-    return _trainer_class()(**kwargs)
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        module = model or self.model
+        file = Path(resume_from_checkpoint) / TRAINABLE
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {resume_from_checkpoint} holds no {TRAINABLE}")
+        state = load_file(str(file))
+        expected = {n for n, p in module.named_parameters() if p.requires_grad}
+        if set(state) != expected:
+            raise ValueError(
+                f"checkpoint {resume_from_checkpoint} does not match the trained parameters: missing "
+                f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
+            )
+        module.load_state_dict(state, strict=False)
