@@ -113,8 +113,8 @@ def _run_cli(args, nproc: int = 1, timeout: float = 240):
     if nproc == 1:
         cmd = [sys.executable, "-m", "vstream", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "29517",
-               "-m", "vstream", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+               "-m", "vstream", *args]  # standalone: a free local port for the rendezvous, never a fixed one
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc

@@ -152,6 +152,9 @@ def run(cfg: TrainConfig) -> Path:
         (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
         (out / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=2))
         export(model, final, cfg)
+    if torch.distributed.is_initialized():  # every process waits for the export, then all leave the group together
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return final
 
 
