@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vstream import kernels
 from vstream.config import MemoryConfig
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
-from vstream.memory.kmeans import squared_distances, weighted_kmeans
+from vstream.memory.kmeans import KMeansResult, squared_distances, weighted_kmeans
 
 PARTS = ("abstract", "temporal", "retrieved", "spatial")
 
@@ -210,10 +211,7 @@ class PaperStarMemory(StarMemoryBase):
         points = torch.cat([self.temporal[: self.n_tem].flatten(1), tem.flatten(1)])  # [T, F_tem], T <= k + n
         weight = torch.cat([self.tem_weight[: self.n_tem], torch.ones(n, device=self.device)])
         span = torch.cat([self.tem_span[: self.n_tem], times[:, None].expand(n, 3)])
-        result = weighted_kmeans(
-            points, k, weights=weight, init_indices=seed_indices(points, weight, k),
-            max_iter=self.cfg.kmeans_iters, tol=self.cfg.kmeans_tol, empty="keep",
-        )
+        result = seeded_kmeans(points, weight, k, self.cfg.kmeans_iters, self.cfg.kmeans_tol)
         new_span = cluster_spans(span, weight, result.labels, k)
         order = torch.argsort(torch.nan_to_num(new_span[:, 2], nan=float("inf")))  # time order, empty clusters last
         self.temporal.copy_(result.centroids[order].view_as(self.temporal))
@@ -296,6 +294,17 @@ def abstract_slots(
         active = (lengths > i).repeat_interleave(p)[None, :, None]  # streams that still have frame i
         slots = torch.where(active, moved, slots)
     return slots.reshape(k, b, p, d).permute(1, 0, 2, 3)
+
+
+def seeded_kmeans(points: torch.Tensor, weight: torch.Tensor, k: int, max_iter: int, tol: float) -> KMeansResult:
+    """Weighted k-means of points [T, F] from `seed_indices` seeds, an empty cluster keeping its centroid. Where the
+    fused kernels run and T is small (a steady update has T = k + 1), seeding and all iterations are one kernel on the
+    Gram matrix, between two matrix products; elsewhere the batched PyTorch loop of `weighted_kmeans`."""
+    if kernels.available(points.device) and k < points.shape[0] <= kernels.MAX_KMEANS_POINTS:
+        centroids, wsum, labels = kernels.gram_kmeans(points, weight, k, max_iter, tol)
+        return KMeansResult(centroids.to(points.dtype), wsum, labels)
+    return weighted_kmeans(points, k, weights=weight, init_indices=seed_indices(points, weight, k),
+                           max_iter=max_iter, tol=tol, empty="keep")
 
 
 def seed_indices(points: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Tensor:

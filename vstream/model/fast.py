@@ -13,6 +13,10 @@ and on the GPU.
   from the host.
 - Greedy decoding is pipelined: step k+1 is launched before token k is read back (through pinned memory), so the
   host's read of each token never stalls the device.
+- Where Triton runs (`vstream.kernels.available`), the layers run fused: q/k/v and gate/up are each one product over
+  weights stored concatenated (the model's own projections become views into them, so no weight is held twice), and
+  the residual add + RMSNorm, RoPE + cache write and SiLU-gate are one kernel each: about ten launches a layer instead
+  of forty. Same arithmetic and roundings as the unfused ops; products over concatenated weights may round differently.
 
 What this module does not do: batch several sequences (one cache, one answer at a time: a lock serialises callers),
 build prompts beyond splicing the memory at the `<image>` position, or change the eager path.
@@ -28,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from vstream import kernels
 from vstream.model.generate import _check_sampling, _pick, default_stop_ids, stream_text
 from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings, tokenizer_image_token
 
@@ -35,7 +40,7 @@ from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings,
 class FastLlama:
     """Static-cache decoding of a `LlamaForCausalLM` for one sequence of at most `max_seq_len` positions."""
 
-    def __init__(self, llm, max_seq_len: int, cuda_graph: bool | None = None):
+    def __init__(self, llm, max_seq_len: int, cuda_graph: bool | None = None, fused: bool | None = None):
         cfg = llm.config
         if getattr(cfg, "model_type", None) != "llama":
             raise ValueError(f"the fast path needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
@@ -65,6 +70,15 @@ class FastLlama:
         self.lock = threading.Lock()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmup_s = 0.0
+        can_fuse = kernels.available(self.device) and self._fusable(cfg)
+        if fused and not can_fuse:
+            raise ValueError(f"fused layers need Triton on a CUDA device, a SiLU MLP without biases and a power-of-two "
+                             f"head_dim / 2; got device {self.device}, hidden_act {cfg.hidden_act!r}")
+        self.fused = can_fuse if fused is None else fused
+        self.qkv: list[torch.Tensor] = []  # per layer [(Hq + 2 Hkv) Dh, H]: q_proj, k_proj, v_proj weights are views
+        self.gate_up: list[torch.Tensor] = []  # per layer [2 I, H]: gate_proj, up_proj weights are views
+        if self.fused:
+            self._concatenate_weights()
         use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if use_graph:
             self._capture()
@@ -73,6 +87,27 @@ class FastLlama:
     def nbytes(self) -> int:
         """Bytes of the static KV cache."""
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
+
+    def _fusable(self, cfg) -> bool:
+        half = self.head_dim // 2
+        biased = any(getattr(m, "bias", None) is not None for layer in self.layers
+                     for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                               layer.mlp.gate_proj, layer.mlp.up_proj))
+        return cfg.hidden_act == "silu" and not biased and half > 0 and half & (half - 1) == 0
+
+    @torch.no_grad()
+    def _concatenate_weights(self) -> None:
+        """Store each layer's q/k/v and gate/up weights concatenated and point the projections at views of them."""
+        for layer in self.layers:
+            a, m = layer.self_attn, layer.mlp
+            for name, parts in (("qkv", (a.q_proj, a.k_proj, a.v_proj)), ("gate_up", (m.gate_proj, m.up_proj))):
+                joined = torch.cat([p.weight for p in parts])
+                row = 0
+                for p in parts:
+                    n = p.weight.shape[0]
+                    p.weight.data = joined[row : row + n]
+                    row += n
+                getattr(self, name).append(joined)
 
     # ---------------------------------------------------------------- the transformer
 
@@ -110,6 +145,29 @@ class FastLlama:
             x = x + layer.mlp(self._rms(x, layer.post_attention_layernorm.weight))
         return self.llm.lm_head(self._rms(x[:, -1:], self.llm.model.norm.weight))[:, -1]
 
+    def _forward_fused(self, x: torch.Tensor, start: torch.Tensor, keys_upto: int, mask, causal: bool) -> torch.Tensor:
+        """`_forward` through the fused kernels: x [1, S, H] at positions start[0] + [0, S) -> logits [1, V]."""
+        s = x.shape[1]
+        x = x.reshape(s, -1).clone()  # the residual stream, updated in place from here on
+        weights = [layer.input_layernorm.weight for layer in self.layers] + [self.llm.model.norm.weight]
+        h = kernels.rms_norm(x, weights[0], self.eps)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            qkv = F.linear(h, self.qkv[i])  # [S, (Hq + 2 Hkv) Dh]
+            q = kernels.rope_to_cache(qkv, self.cos, self.sin, start, self.k_cache[i, 0], self.v_cache[i, 0],
+                                      self.heads, self.kv_heads, self.head_dim)  # [1, Hq, S, Dh]
+            keys, values = self.k_cache[i][:, :, :keys_upto], self.v_cache[i][:, :, :keys_upto]
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=a.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            h = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
+                                 residual=a.o_proj(out.transpose(1, 2).reshape(s, -1)))
+            mlp = layer.mlp.down_proj(kernels.silu_mul(F.linear(h, self.gate_up[i])))
+            if i + 1 < len(self.layers):
+                h = kernels.rms_norm(x, weights[i + 1], self.eps, residual=mlp)
+            else:  # only the last position reaches the head
+                h = kernels.rms_norm(x[-1:], weights[-1], self.eps, residual=mlp[-1:])
+        return self.llm.lm_head(h)
+
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
         """Run embeds [1, S, H] at positions [start, start + S) (keys before `start` must be cached) -> logits [1, V]."""
@@ -125,18 +183,23 @@ class FastLlama:
             mask, causal = None, s > 1
         else:  # query j sits at position start + j and sees keys up to it: causal aligned to the lower right
             mask, causal = causal_lower_right(s, end), False
+        if self.fused:
+            return self._forward_fused(embeds, self.positions[start : start + 1], end, mask, causal)
         return self._forward(embeds, self.cos[start:end], self.sin[start:end], write, end, mask, causal)
 
     def _step(self) -> None:
         """One decode step on device state only: feed `token` at `pos`, write the greedy next token, advance `pos`."""
         x = self.llm.get_input_embeddings()(self.token.view(1, 1))  # [1, 1, H]
-        cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)  # [1, Dh]
         mask = (self.positions <= self.pos).view(1, 1, 1, -1)  # [1, 1, 1, S_max]
+        if self.fused:
+            logits = self._forward_fused(x, self.pos, self.max_seq_len, mask, False)
+        else:
+            cos, sin = self.cos.index_select(0, self.pos), self.sin.index_select(0, self.pos)  # [1, Dh]
 
-        def write(cache: torch.Tensor, value: torch.Tensor) -> None:
-            cache.index_copy_(2, self.pos, value)
+            def write(cache: torch.Tensor, value: torch.Tensor) -> None:
+                cache.index_copy_(2, self.pos, value)
 
-        logits = self._forward(x, cos, sin, write, self.max_seq_len, mask, False)
+            logits = self._forward(x, cos, sin, write, self.max_seq_len, mask, False)
         self.logits.copy_(logits)
         self.token.copy_(logits.argmax(dim=-1))
         self.pos.add_(1)

@@ -1,0 +1,126 @@
+"""The fused kernels (`vstream.kernels`) against the PyTorch ops they replace.
+
+Not collected by the main run (no `test_` prefix): `tests/test_kernels.py` runs this file under Triton's interpreter on
+the CPU, and on a CUDA machine `python -m pytest tests/kernel_checks.py` runs the compiled kernels."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from vstream import kernels
+from vstream.config import MemoryConfig
+from vstream.memory import AbstractAttention, PaperStarMemory
+from vstream.memory.kmeans import weighted_kmeans
+from vstream.memory.star import seed_indices
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not kernels.available(DEVICE),
+                                reason="needs Triton on a CUDA device or TRITON_INTERPRET=1")
+
+
+@pytest.mark.parametrize("t,k", [(26, 25), (26, 20), (32, 25), (8, 3), (6, 1)])
+def test_gram_kmeans_equals_the_seeded_torch_loop(t, k):
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(t, 512, generator=g).half()
+        if seed % 2:
+            x[3] = x[5]  # a paused stream: identical frames
+        w = torch.rand(t, generator=g) * 10 + 1
+        if seed % 3 == 0:
+            w[2] = 0  # a cluster emptied earlier
+        x, w = x.to(DEVICE), w.to(DEVICE)
+        ref = weighted_kmeans(x, k, weights=w, init_indices=seed_indices(x, w, k), max_iter=10, tol=1e-4, empty="keep")
+        centroids, wsum, labels = kernels.gram_kmeans(x, w, k, 10, 1e-4)
+        assert torch.equal(labels, ref.labels)
+        torch.testing.assert_close(wsum, ref.weights)
+        torch.testing.assert_close(centroids.half(), ref.centroids, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("t,k", [(33, 25), (25, 25)])
+def test_gram_kmeans_refuses_what_its_tile_cannot_cluster(t, k):
+    with pytest.raises(ValueError, match=f"1 <= k < T <= 32, got \\({t}, 8\\), \\({t},\\), k={k}"):
+        kernels.gram_kmeans(torch.randn(t, 8, device=DEVICE), torch.ones(t, device=DEVICE), k, 10, 1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_rms_norm_with_residual_equals_add_then_transformers_rmsnorm(dtype):
+    x, r = torch.randn(2, 7, 300, device=DEVICE, dtype=dtype), torch.randn(2, 7, 300, device=DEVICE, dtype=dtype)
+    w = torch.randn(300, device=DEVICE, dtype=dtype)
+    total = x + r
+    h = total.float()
+    ref = w * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    out = kernels.rms_norm(x, w, 1e-5, residual=r)
+    assert torch.equal(x, total)  # the sum is left in x
+    # within one unit in the last place: the variance is summed in another order than torch sums it
+    torch.testing.assert_close(out, ref, atol=0, rtol=1e-3 if dtype == torch.float16 else 1e-6)
+
+
+def test_silu_mul_equals_silu_gate_times_up():
+    gu = torch.randn(3, 2 * 1500, device=DEVICE, dtype=torch.float16)
+    ref = F.silu(gu[:, :1500]) * gu[:, 1500:]
+    torch.testing.assert_close(kernels.silu_mul(gu), ref, atol=0, rtol=1e-3)
+
+
+def test_rope_to_cache_rotates_q_and_writes_k_v_at_the_positions():
+    heads, kv_heads, dh, s, s_max = 4, 2, 32, 5, 16
+    qkv = torch.randn(s, (heads + 2 * kv_heads) * dh, device=DEVICE, dtype=torch.float16)
+    angle = torch.arange(s_max, device=DEVICE)[:, None] * torch.rand(dh // 2, device=DEVICE)[None, :]
+    cos, sin = torch.cat([angle.cos()] * 2, -1).half(), torch.cat([angle.sin()] * 2, -1).half()
+    k_cache = torch.full((kv_heads, s_max, dh), float("nan"), device=DEVICE, dtype=torch.float16)
+    v_cache = k_cache.clone()
+    start = torch.tensor([7], device=DEVICE)
+    q = kernels.rope_to_cache(qkv, cos, sin, start, k_cache, v_cache, heads, kv_heads, dh)
+
+    def rope(x):  # x [h, s, dh]: transformers' rotate_half form, in the storage dtype
+        c, s_ = cos[7:12], sin[7:12]
+        return x * c + torch.cat((-x[..., dh // 2 :], x[..., : dh // 2]), -1) * s_
+
+    split = qkv.view(s, heads + 2 * kv_heads, dh).transpose(0, 1)  # [h, s, dh]
+    assert torch.equal(q[0], rope(split[:heads]))
+    assert torch.equal(k_cache[:, 7:12], rope(split[heads : heads + kv_heads]))
+    assert torch.equal(v_cache[:, 7:12], split[heads + kv_heads :])
+    assert k_cache[:, :7].isnan().all() and k_cache[:, 12:].isnan().all()  # nothing else written
+
+
+@pytest.mark.parametrize("kv_heads", [8, 4])
+def test_fused_decoder_gives_the_eager_greedy_tokens(kv_heads):
+    from vstream.model.fast import FastLlama
+    from vstream.model.generate import iter_tokens
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=1024)
+    llm = LlamaForCausalLM(cfg).to(DEVICE).eval()
+    dec = FastLlama(llm, 256, fused=True)
+    embeds = torch.randn(1, 40, 256, device=DEVICE)
+    eager = list(iter_tokens(llm, embeds, max_new_tokens=12))
+    assert list(dec.iter_tokens(embeds, max_new_tokens=12)) == eager
+    with torch.inference_mode():
+        dec.prefill(embeds[:, :20], 0)  # a cached prefix, then the rest from its position
+    assert list(dec.iter_tokens(embeds[:, 20:], 20, max_new_tokens=12)) == eager
+
+
+def test_memory_with_the_kmeans_kernel_follows_the_torch_memory():
+    torch.manual_seed(0)
+    att = AbstractAttention(64, 16).to(DEVICE)
+    cfg = MemoryConfig(temporal_length=6, abstract_length=4, buffer_length=20)
+    fused = PaperStarMemory(cfg, 64, att, 16, device=DEVICE)
+    frames = torch.randn(30, 256, 64, device=DEVICE)
+    frames[12:15] = frames[11]  # a pause
+    saved = os.environ.pop("TRITON_INTERPRET", None)  # without the interpreter the CPU keeps the torch loop
+    try:
+        plain = PaperStarMemory(cfg, 64, att, 16, device="cpu")
+        for i in range(30):
+            plain.update(frames[i : i + 1].cpu(), torch.tensor([float(i)], dtype=torch.float64))
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    for i in range(30):
+        fused.update(frames[i : i + 1], torch.tensor([float(i)], dtype=torch.float64, device=DEVICE))
+    a, b = fused.read(), plain.read()
+    torch.testing.assert_close(a.temporal_weights.cpu(), b.temporal_weights)
+    torch.testing.assert_close(a.temporal_spans.cpu(), b.temporal_spans)
+    torch.testing.assert_close(a.tokens.cpu(), b.tokens, atol=1e-4, rtol=1e-4)
