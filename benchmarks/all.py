@@ -72,7 +72,8 @@ def main() -> None:
                        "decode_warmup_s": model.fast.warmup_s, "memory": bench.gpu_memory(device)}
     print(json.dumps(results), flush=True)
     runs = {
-        "answer": lambda: bench.answer_benchmark(model, new_tokens=128, repeats=20, anchor_tokens=16),
+        "answer": lambda: bench.answer_benchmark(model, new_tokens=128, repeats=20, anchor_tokens=128,
+                                                 compile_anchor=True),
         "encode": lambda: bench.encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats=20),
         "memory": lambda: bench.memory_benchmark(model, lengths=args.lengths, repeats=200),
         "streams": lambda: bench.streams_benchmark(model, counts=args.counts, seconds=args.seconds, warm_frames=27),

@@ -79,8 +79,9 @@ def test_rope_to_cache_rotates_q_and_writes_k_v_at_the_positions():
         return x * c + torch.cat((-x[..., dh // 2 :], x[..., : dh // 2]), -1) * s_
 
     split = qkv.view(s, heads + 2 * kv_heads, dh).transpose(0, 1)  # [h, s, dh]
-    assert torch.equal(q[0], rope(split[:heads]))
-    assert torch.equal(k_cache[:, 7:12], rope(split[heads : heads + kv_heads]))
+    # the same roundings as the unfused ops; a compiler may still contract a product and a sum into one rounding
+    torch.testing.assert_close(q[0], rope(split[:heads]), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(k_cache[:, 7:12], rope(split[heads : heads + kv_heads]), atol=2e-3, rtol=1e-3)
     assert torch.equal(v_cache[:, 7:12], split[heads + kv_heads :])
     assert k_cache[:, :7].isnan().all() and k_cache[:, 12:].isnan().all()  # nothing else written
 
@@ -105,14 +106,17 @@ def test_fused_decoder_gives_the_eager_greedy_tokens(kv_heads):
 
 def test_memory_with_the_kmeans_kernel_follows_the_torch_memory():
     torch.manual_seed(0)
-    att = AbstractAttention(64, 16).to(DEVICE)
+    att = AbstractAttention(64, 16)
+    att_cpu = AbstractAttention(64, 16)
+    att_cpu.load_state_dict(att.state_dict())
+    att.to(DEVICE)
     cfg = MemoryConfig(temporal_length=6, abstract_length=4, buffer_length=20)
     fused = PaperStarMemory(cfg, 64, att, 16, device=DEVICE)
     frames = torch.randn(30, 256, 64, device=DEVICE)
     frames[12:15] = frames[11]  # a pause
     saved = os.environ.pop("TRITON_INTERPRET", None)  # without the interpreter the CPU keeps the torch loop
     try:
-        plain = PaperStarMemory(cfg, 64, att, 16, device="cpu")
+        plain = PaperStarMemory(cfg, 64, att_cpu, 16, device="cpu")
         for i in range(30):
             plain.update(frames[i : i + 1].cpu(), torch.tensor([float(i)], dtype=torch.float64))
     finally:

@@ -311,12 +311,14 @@ def encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats: int = 20, anch
 
 
 def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repeats: int = 20, anchor_tokens: int = 16,
-                     anchor: bool = True, prefix_tokens: int = 40) -> dict:
+                     anchor: bool = True, prefix_tokens: int = 40, compile_anchor: bool = False) -> dict:
     """Question -> first token for a prompt of `prompt_tokens` positions: a system prefix of `prefix_tokens` (about
     what LLaMA's tokenizer makes of the Vicuna system prompt), the memory's tokens, then the question and the
     assistant tag; and decode ms/token. Fast path: the system prompt's keys cached, prefill of the
     rest, decode steps replayed from a graph. Anchors in the same run: transformers prefill (SDPA, dynamic cache),
-    the eager path (`generate.iter_tokens`) and `llm.generate`; the greedy tokens of fast and eager are compared."""
+    the eager path (`generate.iter_tokens`) and `llm.generate`; the greedy tokens of fast and eager are compared.
+    `compile_anchor` adds `llm.generate` with transformers' static cache, which compiles its forward at the first call:
+    that call's seconds and the ms/token of a second call."""
     from vstream.model.generate import iter_tokens
 
     if model.fast is None:
@@ -375,7 +377,26 @@ def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repe
                     "new_tokens": new_tokens}}
     if anchor:
         out["anchors"] = _answer_anchors(model, full, anchor_tokens, repeats, fast_tokens, iter_tokens)
+    if anchor and compile_anchor:
+        out["anchors"]["hf_static_compile"] = _static_compile_anchor(model.llm, full, anchor_tokens, device)
     return out
+
+
+def _static_compile_anchor(llm, embeds: torch.Tensor, n: int, device: torch.device) -> dict:
+    """transformers `generate` with its static cache (compiled forward): first call (compile included), then a second."""
+    calls = []
+    try:
+        for _ in range(2):
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                llm.generate(inputs_embeds=embeds, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                             cache_implementation="static")
+                _sync(device)
+                calls.append(time.perf_counter() - t0)
+    except Exception as exc:  # an anchor that cannot run here is reported, not fatal to the fast path's figures
+        return {"error": repr(exc)[:500], "calls_s": calls}
+    return {"first_call_s": round(calls[0], 2), "second_call_s": round(calls[1], 3), "tokens": n,
+            "ms_per_token_second_call": round(calls[1] * 1000 / n, 2)}
 
 
 def _answer_anchors(model, embeds, n: int, repeats: int, fast_tokens: list[int], iter_tokens) -> dict:

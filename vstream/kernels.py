@@ -79,17 +79,16 @@ if triton is not None:
         y1 = ((x1 * cos1).to(dtype).to(tl.float32) + (-x2 * sin1).to(dtype).to(tl.float32)).to(dtype)
         y2 = ((x2 * cos2).to(dtype).to(tl.float32) + (x1 * sin2).to(dtype).to(tl.float32)).to(dtype)
         if h < HQ:  # q: [HQ, seq, DH]
-            out = q_ptr + (h * seq + s).to(tl.int64) * DH
-            tl.store(out + half, y1)
-            tl.store(out + DH // 2 + half, y2)
+            q_out = q_ptr + (h * seq + s).to(tl.int64) * DH
+            tl.store(q_out + half, y1)
+            tl.store(q_out + DH // 2 + half, y2)
         else:  # k and v of head j at cache position pos: cache [HKV, S_max, DH] of this layer
-            j = h - HQ
-            out = (j * cache_head_stride + pos * cache_pos_stride).to(tl.int64)
-            tl.store(k_ptr + out + half, y1)
-            tl.store(k_ptr + out + DH // 2 + half, y2)
+            at = ((h - HQ) * cache_head_stride + pos * cache_pos_stride).to(tl.int64)
+            tl.store(k_ptr + at + half, y1)
+            tl.store(k_ptr + at + DH // 2 + half, y2)
             v = base + HKV * DH
-            tl.store(v_ptr + out + half, tl.load(v + half))
-            tl.store(v_ptr + out + DH // 2 + half, tl.load(v + DH // 2 + half))
+            tl.store(v_ptr + at + half, tl.load(v + half))
+            tl.store(v_ptr + at + DH // 2 + half, tl.load(v + DH // 2 + half))
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):

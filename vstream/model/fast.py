@@ -181,8 +181,10 @@ class FastLlama:
 
         if start == 0:
             mask, causal = None, s > 1
-        else:  # query j sits at position start + j and sees keys up to it: causal aligned to the lower right
-            mask, causal = causal_lower_right(s, end), False
+        elif self.device.type == "cuda":  # query j sits at position start + j and sees keys up to it
+            mask, causal = causal_lower_right(s, end), False  # flash attention runs this mask natively
+        else:  # the CPU kernel would materialise the lower-right mask in every layer: build it once
+            mask, causal = self.positions[:end][None, :] <= self.positions[start:end][:, None], False  # [S, end]
         if self.fused:
             return self._forward_fused(embeds, self.positions[start : start + 1], end, mask, causal)
         return self._forward(embeds, self.cos[start:end], self.sin[start:end], write, end, mask, causal)
