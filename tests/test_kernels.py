@@ -18,3 +18,16 @@ def test_fused_kernels_match_the_torch_ops_under_the_interpreter():
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-2000:]
+
+
+def test_kernels_run_only_on_cuda_or_the_interpreter_and_can_be_turned_off(monkeypatch):
+    from vstream import kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("VSTREAM_KERNELS", raising=False)
+    assert not kernels.available("cpu")
+    assert kernels.available("cuda")  # Triton is installed: CUDA devices would use the kernels
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernels.available("cpu")
+    monkeypatch.setenv("VSTREAM_KERNELS", "0")
+    assert not kernels.available("cpu") and not kernels.available("cuda")

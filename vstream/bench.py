@@ -26,6 +26,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from vstream import kernels
+
 
 
 def device_name(device: torch.device) -> str:
@@ -40,6 +42,8 @@ def environment(model) -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(model.dtype).removeprefix("torch."),
         "model": model.cfg.name, "memory_mode": model.cfg.memory.mode, "max_memory_tokens": model.cfg.memory.max_tokens,
         "date": time.strftime("%Y-%m-%d"),
+        "triton": kernels.triton.__version__ if kernels.triton is not None else None,
+        "fused_kernels": kernels.available(model.device),
     }
 
 

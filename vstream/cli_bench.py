@@ -40,8 +40,9 @@ def _model(preset: str, device: str):
 
 
 def _header(env: dict, extra: dict) -> None:
+    fused = f"fused Triton {env['triton']} kernels" if env["fused_kernels"] else "no fused kernels"
     typer.echo(f"{env['model']} on {env['device']}; torch {env['torch']}, transformers {env['transformers']}, "
-               f"{env['dtype']}; {env['date']}; " + ", ".join(f"{k} {v}" for k, v in extra.items()))
+               f"{env['dtype']}, {fused}; {env['date']}; " + ", ".join(f"{k} {v}" for k, v in extra.items()))
 
 
 def _stat(s: dict) -> str:

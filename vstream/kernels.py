@@ -33,8 +33,9 @@ MAX_KMEANS_POINTS = 32  # gram_kmeans works on one [32, 32] tile: up to 32 point
 
 
 def available(device: torch.device | str) -> bool:
-    """Whether the fused kernels can run on `device`: CUDA with Triton, or any device under Triton's interpreter."""
-    if triton is None:
+    """Whether the fused kernels can run on `device`: CUDA with Triton, or any device under Triton's interpreter.
+    VSTREAM_KERNELS=0 in the environment turns them off (the PyTorch paths run instead), for comparisons."""
+    if triton is None or os.environ.get("VSTREAM_KERNELS", "1") == "0":
         return False
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
