@@ -26,6 +26,7 @@ def cli(*args, timeout=300):
 def check_environment(env):
     assert env["device"].startswith("cpu") and env["dtype"] == "float32" and env["model"] == "tiny"
     assert env["torch"] == torch.__version__ and env["transformers"]
+    assert env["fused_kernels"] is False  # the fused kernels need CUDA (or Triton's interpreter)
 
 
 def test_bench_memory_tiny():
@@ -49,12 +50,15 @@ def test_bench_encode_tiny():
 
 
 def test_bench_answer_tiny():
-    r = json.loads(cli("answer", "--new-tokens", "6", "--anchor-tokens", "4", "--repeats", "2", "--json").stdout)
+    r = json.loads(cli("answer", "--new-tokens", "6", "--anchor-tokens", "4", "--repeats", "2", "--compile-anchor",
+                       "--json").stdout)
     check_environment(r["environment"])
     assert r["environment"]["prompt_tokens"] == 745
     assert r["fast"]["first_token"]["count"] == 2 and r["fast"]["decode_step"]["median_ms"] > 0
     a = r["anchors"]
     assert a["eager_tokens"] == a["fast_tokens"] and a["greedy_tokens_equal_prefix"] == 4
+    static = a["hf_static_compile"]  # transformers compiles only on CUDA; on the CPU this times its static cache
+    assert "error" not in static and static["tokens"] == 4 and static["ms_per_token_second_call"] > 0
 
 
 def test_bench_streams_tiny():

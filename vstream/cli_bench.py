@@ -117,6 +117,8 @@ def bench_answer(
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded by the fast path.")] = 32,
     anchor_tokens: Annotated[int, typer.Option(help="Tokens decoded by the eager path and transformers generate.")] = 8,
     repeats: Annotated[int, typer.Option(help="Timed repeats.")] = 5,
+    compile_anchor: Annotated[bool, typer.Option(
+        help="Also time transformers generate with its static cache (compiles at the first call: tens of seconds).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Question -> first token and decode ms/token: fast path, eager path and transformers generate (anchors)."""
@@ -124,7 +126,7 @@ def bench_answer(
 
     model, load = _model(preset, device)
     r = answer_benchmark(model, prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
-                         anchor_tokens=anchor_tokens) | {"load": load}
+                         anchor_tokens=anchor_tokens, compile_anchor=compile_anchor) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -135,6 +137,11 @@ def bench_answer(
     typer.echo(f"  transformers prefill {_stat(a['hf_prefill_sdpa'])}; eager {a['eager_ms_per_token']} ms/token; "
                f"generate {a['hf_generate_ms_per_token']} ms/token")
     typer.echo(f"  greedy tokens equal for the first {a['greedy_tokens_equal_prefix']} of {a['tokens']}")
+    if "hf_static_compile" in a:
+        c = a["hf_static_compile"]
+        typer.echo(f"  transformers static-cache generate: {c['error']}" if "error" in c else
+                   f"  transformers static-cache generate (compiled on CUDA): first call {c['first_call_s']} s, then "
+                   f"{c['ms_per_token_second_call']} ms/token")
 
 
 @bench_app.command("streams")
