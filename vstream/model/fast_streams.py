@@ -1,8 +1,10 @@
 """Many live streams served by one model on one device: a single worker thread owns the device.
 
 Frames from every stream are encoded together (one batched tower call per round), then each stream's memory takes its
-frames; a question is answered, to its last token, before the next round of frames, so time to first token waits at
-most for one round and the answer in flight. Frames arrive as pinned host uint8 [S, S, 3] already at the tower's
+frames. Questions and rounds alternate: a waiting question is answered, to its last token, then one round of the
+frames that arrived meanwhile runs, then the next question. Below saturation a question waits at most for one round
+and the answer in flight; above it, questions queue but the memories stay current (answering every waiting question
+first would starve ingestion). Frames arrive as pinned host uint8 [S, S, 3] already at the tower's
 input size and are normalised on the device.
 
 What this module does not do: read sources, resize frames, or batch the decoding of several answers.
@@ -33,6 +35,7 @@ class WorkerStats:
     frames: int = 0
     rounds: int = 0
     ingest_lag_s: list[float] = field(default_factory=list)  # frame arrival -> memory updated
+    round_done: list[float] = field(default_factory=list)  # perf_counter when each round's memories were updated
     answered: list[Question] = field(default_factory=list)
 
 
@@ -103,14 +106,14 @@ class MultiStreamWorker:
         try:
             while not self._stop.is_set():
                 try:
-                    self.answer(self.questions.get_nowait())  # questions first: they wait on a person
-                    continue
+                    self.answer(self.questions.get_nowait())  # one question, then one round of frames
+                    answered = True
                 except queue.Empty:
-                    pass
+                    answered = False
                 items = []
                 while len(items) < self.max_batch:
-                    try:
-                        items.append(self.frames.get(timeout=0.001 if not items else 0))
+                    try:  # wait briefly only when idle
+                        items.append(self.frames.get(timeout=0.001 if not items and not answered else 0))
                     except queue.Empty:
                         break
                 if items:
@@ -119,6 +122,7 @@ class MultiStreamWorker:
                         torch.cuda.current_stream(self.model.device).synchronize()  # the lag counts finished work
                     now = time.perf_counter()
                     self.stats.ingest_lag_s.extend(now - arrival for _, _, _, arrival in items)
+                    self.stats.round_done.append(now)
                     self.stats.frames += len(items)
                     self.stats.rounds += 1
         except BaseException as exc:  # surfaced by stop()
