@@ -12,4 +12,4 @@ python -m pytest -q -p no:cacheprovider tests/kernel_checks.py tests/test_gpu.py
 python benchmarks/memory_update.py --device cuda --cuda-graph --lengths 100 1000 10000 | tee "$OUT/memory_update.jsonl"
 python benchmarks/profile_memory.py > "$OUT/profile_memory.txt" 2>&1
 parts=${*:-ceilings answer encode memory streams profile}
-python benchmarks/all.py --preset flash-vstream-7b --device cuda --out "$OUT" --parts $parts 2>&1 | grep -v "Loading weights" | tee "$OUT/all.log"
+python benchmarks/all.py --preset flash-vstream-7b --device cuda --out "$OUT" --parts $parts --counts 16 32 64 96 128 2>&1 | grep -v "Loading weights" | tee "$OUT/all.log"

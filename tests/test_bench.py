@@ -56,6 +56,7 @@ def test_bench_answer_tiny():
     check_environment(r["environment"])
     assert r["environment"]["prompt_tokens"] == 745
     assert r["fast"]["first_token"]["count"] == 2 and r["fast"]["decode_step"]["median_ms"] > 0
+    assert r["fast"]["first_answer_after_load_ms"] > 0
     a = r["anchors"]
     assert a["eager_tokens"] == a["fast_tokens"] and a["greedy_tokens_equal_prefix"] == 4
     static = a["hf_static_compile"]  # transformers compiles only on CUDA; on the CPU this times its static cache

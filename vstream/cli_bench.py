@@ -132,7 +132,8 @@ def bench_answer(
         return
     env, f, a = r["environment"], r["fast"], r["anchors"]
     _header(env, {"prompt": env["prompt_tokens"], "KV cache": env["kv_cache_positions"]} | load)
-    typer.echo(f"  fast: first token {_stat(f['first_token'])} (no prefix cache: {_stat(f['first_token_no_prefix_cache'])})")
+    typer.echo(f"  fast: first token {_stat(f['first_token'])} (no prefix cache: {_stat(f['first_token_no_prefix_cache'])}); "
+               f"the first answer after load {f['first_answer_after_load_ms']} ms")
     typer.echo(f"  fast: decode step {_stat(f['decode_step'])}; {f['generate_ms_per_token']} ms/token over {f['new_tokens']}")
     typer.echo(f"  transformers prefill {_stat(a['hf_prefill_sdpa'])}; eager {a['eager_ms_per_token']} ms/token; "
                f"generate {a['hf_generate_ms_per_token']} ms/token")

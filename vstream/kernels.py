@@ -58,7 +58,9 @@ if triton is not None:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
         tl.store(out_ptr + row + cols, (w.to(tl.float32) * h.to(tl.float32)).to(out_ptr.dtype.element_ty), mask=mask)
 
-    @triton.jit
+    # Integer arguments that vary between calls are not specialised on (Triton would compile a variant for 1 and for
+    # multiples of 16): a prompt of a new length must not compile anything while a person waits for the answer.
+    @triton.jit(do_not_specialize=["seq"])
     def _rope_to_cache_kernel(
         qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_ptr, v_ptr,
         seq, row_stride, cache_head_stride, cache_pos_stride,
@@ -102,7 +104,7 @@ if triton is not None:
         act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
         tl.store(out_ptr + row * n_cols + cols, (act * u).to(dtype), mask=mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["t", "k"])
     def _gram_kmeans_kernel(
         g_ptr, n_ptr, w_ptr, a_ptr, wsum_ptr, labels_ptr, t, k, tol,
         MAX_ITER: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
