@@ -217,8 +217,14 @@ class FastLlama:
     @torch.inference_mode()
     def _capture(self) -> None:
         """Warm up on a side stream and capture the decode step; the warm-up writes only the last cache slot, which a
-        sequence reaches only after writing it itself."""
+        sequence reaches only after writing it itself. Then run both kinds of prefill once (from position 0, and after a
+        cached prefix), so that what loads or compiles at a first call does so now, not at the first answer. Nothing is
+        cached yet, so the positions they write hold nothing."""
         t0 = time.perf_counter()
+        n = max(2, min(self.max_seq_len // 2, 512))
+        blank = torch.zeros(1, n, self.llm.config.hidden_size, device=self.device, dtype=self.dtype)
+        self.prefill(blank, 0)
+        self.prefill(blank[:, : n // 2], n // 2)
         self.pos.fill_(self.max_seq_len - 1)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
