@@ -149,8 +149,9 @@ class FlashVStream(nn.Module):
     fast = None  # a `vstream.model.fast.FastAnswerer` once `enable_fast` ran; None: the eager path
 
     def enable_fast(self, max_seq_len: int | None = None, cuda_graph: bool | None = None) -> "FlashVStream":
-        """Answer through the static-cache fast path (same greedy tokens); on CUDA its decode step is captured in a
-        graph now, so the first answer pays no capture. Call after moving the model to its device and dtype."""
+        """Answer through the static-cache fast path (the eager path's greedy tokens in float32; in half precision its
+        fused products may round differently); on CUDA its decode step is captured and one blank answer runs now, so
+        the first answer pays neither. Call after moving the model to its device and dtype."""
         from vstream.model.fast import FastAnswerer
 
         self.fast = FastAnswerer(self, max_seq_len=max_seq_len, cuda_graph=cuda_graph)
