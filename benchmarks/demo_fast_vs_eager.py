@@ -48,8 +48,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    model = load("demo", device=args.device, dtype=args.dtype)
-    fast = model.enable_fast().fast
+    model = load("demo", device=args.device, dtype=args.dtype, fast=True)
+    fast = model.fast
     seeds = w.split_seeds("test", args.streams, 0)
     with_kernel, with_loop = snapshots(model, seeds, True), snapshots(model, seeds, False)
     truth = [normalise(qa.answer) for qa, _ in with_kernel]

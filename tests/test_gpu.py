@@ -4,6 +4,7 @@ there), and the fast path (graph-replayed decoding, fused tower) gives the eager
 
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,20 @@ def test_fast_tower_graphs_equal_the_transformers_tower():
     tower.enable_fast(graph_batch_sizes=(1, 2, 4))
     got = tower.encode(x)  # 4 + 2 + 1 replays
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_load_on_cuda_answers_through_the_fast_path_like_the_eager_one():
+    import vstream
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    fast = vstream.load("tiny", device="cuda", dtype="float32")
+    plain = vstream.load("tiny", device="cuda", dtype="float32", fast=False)
+    assert fast.fast is not None and fast.fast.decoder.graph is not None and fast.fast.decoder.fused
+    assert plain.fast is None
+    torch.manual_seed(0)
+    memory = plain.memory_from_features(torch.randn(30, 256, plain.cfg.vision.hidden_size, device="cuda"))
+    for question in ("What is happening?", "Which colours appeared?"):
+        assert fast.answer_from(memory, question, max_new_tokens=24).text == \
+            plain.answer_from(memory, question, max_new_tokens=24).text
+    frames = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)]
+    torch.testing.assert_close(fast.encode(frames), plain.encode(frames), atol=1e-4, rtol=1e-4)

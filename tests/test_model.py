@@ -218,3 +218,19 @@ def test_snapshots_in_one_pass_equal_separate_answers(video, released):
             assert snap.num_tokens == alone.num_tokens and snap.spatial_times.tolist() == alone.spatial_times.tolist()
     with pytest.raises(ValueError, match="must increase"):
         next(model.memory_snapshots(str(video), [5.0, 2.0]))
+
+
+def test_load_turns_the_fast_path_on_when_asked_and_keeps_long_answers_on_the_eager_path():
+    plain = vstream.load("tiny")
+    assert plain.fast is None and not plain.vision.fast  # the CPU default: the eager path
+    fast = vstream.load("tiny", fast=True)
+    assert fast.fast is not None and fast.vision.fast
+    memory = plain.memory_from_features(torch.randn(30, 256, plain.cfg.vision.hidden_size))
+    question = "What is happening?"
+    assert fast.answer_from(memory, question, max_new_tokens=24).text == plain.answer_from(memory, question,
+                                                                                          max_new_tokens=24).text
+    # an answer longer than the static cache holds runs on the eager path, with the eager path's result
+    long = fast.fast.decoder.max_seq_len
+    assert not fast.fast.fits(memory.num_tokens, question, long)
+    assert fast.answer_from(memory, question, max_new_tokens=long).text == plain.answer_from(memory, question,
+                                                                                            max_new_tokens=long).text

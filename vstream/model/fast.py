@@ -337,6 +337,11 @@ class FastAnswerer:
     def warmup_s(self) -> float:
         return self.decoder.warmup_s + self.answer_warmup_s
 
+    def fits(self, memory_tokens: int, question: str, max_new_tokens: int) -> bool:
+        """Whether the prompt of `question` over `memory_tokens` tokens, plus `max_new_tokens`, fits the static cache."""
+        prefix, rest = self.prompt_parts(question)
+        return len(prefix) + memory_tokens + len(rest) + max_new_tokens - 1 <= self.decoder.max_seq_len
+
     def prompt_parts(self, question: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the single `<image>` placeholder of the question's prompt."""
         ids = tokenizer_image_token(build_prompt(self.model.cfg.template, question), self.model.tokenizer)

@@ -63,11 +63,14 @@ def load(
     memory_mode: str | None = None,
     vision_tower: str | Path | None = None,
     seed: int = 0,
+    fast: bool | None = None,
 ) -> FlashVStream:
     """Load a preset name (random weights from `seed`), a released-format directory or a vstream directory.
 
     `memory_mode` overrides the memory mode (released checkpoints default to `official`, everything else keeps its
     config's mode); `vision_tower` names a local CLIP directory when a released config names a hub id.
+    `fast` answers through the static-cache fast path (`FlashVStream.enable_fast`) and runs the tower's fused forward;
+    None (the default) turns both on for a LLaMA decoder on CUDA, where the path was measured, and off elsewhere.
     """
     device = torch.device(device)
     name = str(path_or_preset)
@@ -91,7 +94,14 @@ def load(
         model.cfg.memory.validate(model.cfg.vision.grid)
     target = _dtype(dtype) or (getattr(torch, model.cfg.dtype) if device.type == "cuda" else torch.float32)
     model.cfg.dtype = str(target).removeprefix("torch.")
-    return model.to(device=device, dtype=target).eval()
+    model = model.to(device=device, dtype=target).eval()
+    if fast is None:
+        fast = device.type == "cuda" and getattr(model.llm.config, "model_type", None) == "llama"
+    if fast:
+        model.enable_fast()
+        if model.vision is not None:
+            model.vision.enable_fast()  # no CUDA graphs: their static buffers would be shared by the sessions' threads
+    return model
 
 
 def read_config(path_or_preset: str | Path, vision_tower: str | Path | None = None) -> ModelConfig:

@@ -174,15 +174,16 @@ class FlashVStream(nn.Module):
         self, memory: MemoryRead, question: str, max_new_tokens: int | None = None, temperature: float = 0.0
     ) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated from a memory snapshot (greedy by default)."""
-        if self.fast is not None:
-            yield from self.fast.stream_answer(memory.tokens, question, max_new_tokens or self.cfg.max_new_tokens,
-                                               temperature=temperature)
+        n_new = max_new_tokens or self.cfg.max_new_tokens
+        if self.fast is not None and self.fast.fits(memory.num_tokens, question, n_new):
+            yield from self.fast.stream_answer(memory.tokens, question, n_new, temperature=temperature)
             return
+        # the eager path: no fast path, or an answer longer than its static cache holds
         with torch.inference_mode():
             embeds = self.prompt_embeds(memory.tokens, question)
         yield from stream_generate(
             self.llm, embeds, self.tokenizer,
-            max_new_tokens=max_new_tokens or self.cfg.max_new_tokens,
+            max_new_tokens=n_new,
             stop_strings=stop_strings(self.cfg.template), temperature=temperature,
         )
 
