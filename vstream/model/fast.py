@@ -329,18 +329,13 @@ class FastAnswerer:
         t0 = time.perf_counter()
         m = self.model
         blank = torch.zeros(m.cfg.memory.max_tokens, m.cfg.vision.hidden_size, device=m.device, dtype=m.dtype)
-        for _ in self.stream_answer(blank, "What is happening in the video right now?", max_new_tokens=2):
+        for _ in self.answer(blank, "What is happening in the video right now?", max_new_tokens=2):
             pass
         self.answer_warmup_s = time.perf_counter() - t0
 
     @property
     def warmup_s(self) -> float:
         return self.decoder.warmup_s + self.answer_warmup_s
-
-    def fits(self, memory_tokens: int, question: str, max_new_tokens: int) -> bool:
-        """Whether the prompt of `question` over `memory_tokens` tokens, plus `max_new_tokens`, fits the static cache."""
-        prefix, rest = self.prompt_parts(question)
-        return len(prefix) + memory_tokens + len(rest) + max_new_tokens - 1 <= self.decoder.max_seq_len
 
     def prompt_parts(self, question: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the single `<image>` placeholder of the question's prompt."""
@@ -357,9 +352,10 @@ class FastAnswerer:
         return self.model.llm.get_input_embeddings()(host.to(d.device, non_blocking=True))  # [n, H]
 
     @torch.inference_mode()
-    def embeds(self, memory_tokens: torch.Tensor, question: str) -> tuple[torch.Tensor, int]:
-        """Cache the prompt's prefix if it changed; return (embeds [1, S, H] of memory + question, their start)."""
-        prefix, rest = self.prompt_parts(question)
+    def embeds(self, memory_tokens: torch.Tensor, question: str, parts=None) -> tuple[torch.Tensor, int]:
+        """Cache the prompt's prefix if it changed; return (embeds [1, S, H] of memory + question, their start).
+        `parts`: the question's `prompt_parts`, when the caller has them already."""
+        prefix, rest = parts or self.prompt_parts(question)
         d = self.decoder
         if tuple(prefix) != d.prefix:
             d.prefix = ()
@@ -373,11 +369,19 @@ class FastAnswerer:
         parts = [vision, self._ids_embeds(rest)] if rest else [vision]
         return torch.cat(parts)[None], len(prefix)
 
-    def stream_answer(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int,
-                      temperature: float = 0.0) -> Iterator[str]:
-        """The answer's text pieces, as `FlashVStream.stream_answer` yields them on the eager path."""
+    def answer(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int,
+               temperature: float = 0.0) -> Iterator[str] | None:
+        """The answer's text pieces, as `FlashVStream.stream_answer` yields them on the eager path; None when the
+        prompt and `max_new_tokens` do not fit the static cache (the caller then answers on the eager path)."""
+        parts = self.prompt_parts(question)
+        need = len(parts[0]) + memory_tokens.shape[0] + len(parts[1]) + max_new_tokens - 1
+        if need > self.decoder.max_seq_len:
+            return None
+        return self._pieces(memory_tokens, question, parts, max_new_tokens, temperature)
+
+    def _pieces(self, memory_tokens, question, parts, max_new_tokens, temperature) -> Iterator[str]:
         m = self.model
-        embeds, start = self.embeds(memory_tokens, question)
+        embeds, start = self.embeds(memory_tokens, question, parts)
         stop_ids = default_stop_ids(m.llm, m.tokenizer)
         tokens = self.decoder.iter_tokens(embeds, start, max_new_tokens=max_new_tokens, stop_token_ids=stop_ids,
                                           temperature=temperature)

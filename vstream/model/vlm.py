@@ -175,8 +175,9 @@ class FlashVStream(nn.Module):
     ) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated from a memory snapshot (greedy by default)."""
         n_new = max_new_tokens or self.cfg.max_new_tokens
-        if self.fast is not None and self.fast.fits(memory.num_tokens, question, n_new):
-            yield from self.fast.stream_answer(memory.tokens, question, n_new, temperature=temperature)
+        pieces = None if self.fast is None else self.fast.answer(memory.tokens, question, n_new, temperature)
+        if pieces is not None:
+            yield from pieces
             return
         # the eager path: no fast path, or an answer longer than its static cache holds
         with torch.inference_mode():
