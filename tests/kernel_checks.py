@@ -3,8 +3,6 @@
 Not collected by the main run (no `test_` prefix): `tests/test_kernels.py` runs this file under Triton's interpreter on
 the CPU, and on a CUDA machine `python -m pytest tests/kernel_checks.py` runs the compiled kernels."""
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -104,7 +102,7 @@ def test_fused_decoder_gives_the_eager_greedy_tokens(kv_heads):
     assert list(dec.iter_tokens(embeds[:, 20:], 20, max_new_tokens=12)) == eager
 
 
-def test_memory_with_the_kmeans_kernel_follows_the_torch_memory():
+def test_memory_with_the_kmeans_kernel_follows_the_torch_memory(monkeypatch):
     torch.manual_seed(0)
     att = AbstractAttention(64, 16)
     att_cpu = AbstractAttention(64, 16)
@@ -114,14 +112,11 @@ def test_memory_with_the_kmeans_kernel_follows_the_torch_memory():
     fused = PaperStarMemory(cfg, 64, att, 16, device=DEVICE)
     frames = torch.randn(30, 256, 64, device=DEVICE)
     frames[12:15] = frames[11]  # a pause
-    saved = os.environ.pop("TRITON_INTERPRET", None)  # without the interpreter the CPU keeps the torch loop
-    try:
+    with monkeypatch.context() as env:
+        env.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter the CPU keeps the torch loop
         plain = PaperStarMemory(cfg, 64, att_cpu, 16, device="cpu")
         for i in range(30):
             plain.update(frames[i : i + 1].cpu(), torch.tensor([float(i)], dtype=torch.float64))
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
     for i in range(30):
         fused.update(frames[i : i + 1], torch.tensor([float(i)], dtype=torch.float64, device=DEVICE))
     a, b = fused.read(), plain.read()
