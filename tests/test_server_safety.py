@@ -1,7 +1,6 @@
 """Safety and limits of the server against a real uvicorn on 127.0.0.1: URL sources (SSRF cases, redirects, a loopback
 canary that must see no connection), decoding limits, body caps, limits naming their value, 429 with Retry-After,
-cancellation on disconnect, the page cookie, draining a real `vstream serve` process, and a schemathesis run over
-/openapi.json that must find no 5xx. Every wait is bounded."""
+cancellation on disconnect, the page cookie and draining a real `vstream serve` process. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -17,8 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import schemathesis
-from hypothesis import HealthCheck, Phase, given, settings
 from websockets.sync.client import connect as ws_connect
 
 import vstream
@@ -287,32 +284,6 @@ def test_page_cookie(strict):
         assert page.delete("/v1/auth/cookie").status_code == 204
         page.cookies.set("vstream_session", token)
         assert page.get("/v1/streams").status_code == 401
-
-
-def test_schemathesis_finds_no_server_error(strict):
-    """Generated requests for every operation of /openapi.json (a few each): none answered with a 5xx."""
-    client, _ = strict
-    base = str(client.base_url).rstrip("/")
-    schema = schemathesis.openapi.from_dict(client.get("/openapi.json").json())
-    failures, calls = [], 0
-    for result in schema.get_all_operations():
-        operation = result.ok()
-
-        @settings(max_examples=6, deadline=None, database=None, phases=[Phase.generate],
-                  suppress_health_check=list(HealthCheck))
-        @given(case=operation.as_strategy())
-        def check(case):
-            nonlocal calls
-            response = case.call(base_url=base, headers=AUTH, timeout=DEADLINE_S)
-            calls += 1
-            if response.status_code >= 500:
-                failures.append((case.method, case.formatted_path, case.body, response.status_code,
-                                 response.text[:200]))
-
-        check()
-    for sid in [s["id"] for s in client.get("/v1/streams").json()["data"]]:
-        client.delete(f"/v1/streams/{sid}")
-    assert calls >= 30 and failures == []
 
 
 def test_drain_on_sigterm(tmp_path):
