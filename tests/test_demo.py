@@ -188,7 +188,7 @@ def test_world_eval_report_tells_the_parts_apart():
     (["--model", "tiny", "--streams", "0"], "--streams must be >= 1, got 0"),
     (["--model", "tiny", "--start", "99999"], "split 'test' has 100000 seeds"),
     (["--model", "tiny", "--source", "camera"], "--source must be render or video, got 'camera'"),
-    (["--model", "tiny", "--device", "tpu"], "--device must be cpu or cuda, got 'tpu'"),
+    (["--model", "tiny", "--device", "tpu"], "--device: device must be auto (CUDA when torch sees a device, else the CPU), cpu, cuda or cuda:N; got 'tpu'"),
     (["--from-results", "/nonexistent/results.json"], "--from-results must be a results.json file"),
 ])
 def test_world_eval_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, args, message):

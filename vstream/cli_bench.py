@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import JsonOpt, ModelOpt, UserError, app
+from vstream.cli import DeviceOpt, JsonOpt, ModelOpt, UserError, app
 
 DEFAULT_MODEL = "tiny"  # benchmarks default to the random preset; `--preset flash-vstream-7b` on a GPU
 
@@ -20,7 +20,6 @@ bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints what
 app.add_typer(bench_app, name="bench")
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")]
-DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
 
 
 def _model(preset: str, device: str):
@@ -28,13 +27,14 @@ def _model(preset: str, device: str):
 
     from vstream.bench import load_bench_model
     from vstream.config import PRESETS
+    from vstream.devices import resolve_device
 
     if preset not in PRESETS:
         raise UserError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise UserError(f"--device must be cpu or cuda, got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but no CUDA device is available")
+    try:
+        device = str(resolve_device(device))
+    except ValueError as exc:
+        raise UserError(f"--device: {exc}") from exc
     model, built, warm = load_bench_model(preset, device)
     return model, {"build_s": round(built, 2), "fast_path_warmup_s": round(warm, 2)}
 
@@ -62,7 +62,7 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
 @bench_app.command("memory")
 def bench_memory(
     preset: PresetOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     lengths: Annotated[str, typer.Option(help="Stream lengths in frames, comma-separated.")] = "100,1000",
     repeats: Annotated[int, typer.Option(help="Timed one-frame updates per length.")] = 50,
     as_json: JsonOpt = False,
@@ -88,7 +88,7 @@ def bench_memory(
 @bench_app.command("encode")
 def bench_encode(
     preset: PresetOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
     repeats: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 5,
     as_json: JsonOpt = False,
@@ -112,7 +112,7 @@ def bench_encode(
 @bench_app.command("answer")
 def bench_answer(
     preset: PresetOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length in positions (memory + template + question).")] = 745,
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded by the fast path.")] = 32,
     anchor_tokens: Annotated[int, typer.Option(help="Tokens decoded by the eager path and transformers generate.")] = 8,
@@ -148,7 +148,7 @@ def bench_answer(
 @bench_app.command("streams")
 def bench_streams(
     preset: PresetOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     counts: Annotated[str, typer.Option(help="Numbers of live streams, comma-separated.")] = "2",
     seconds: Annotated[float, typer.Option(help="Wall-clock seconds per run.")] = 3.0,
     question_interval: Annotated[float, typer.Option(help="Seconds between a stream's questions.")] = 1.5,
@@ -181,7 +181,7 @@ def bench_stream(
     questions: Annotated[int, typer.Option(help="Questions asked during live ingestion.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length per question.")] = 16,
     model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Ingest throughput, drop rate at a given source rate, time to first token and answer latency under ingestion."""

@@ -7,9 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DEFAULT_MODEL, ModelOpt, UserError, app
+from vstream.cli import DEFAULT_MODEL, DeviceOpt, ModelOpt, UserError, app
 
-DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda.")]
 VisionTowerOpt = Annotated[
     Optional[str], typer.Option(help="Local CLIP folder, for a released checkpoint whose config names a hub id.")
 ]
@@ -20,7 +19,7 @@ def extract_features_command(
     videos_dir: Annotated[Path, typer.Argument(help="Folder of videos (searched recursively).")],
     out_dir: Annotated[Path, typer.Argument(help="Folder for the .safetensors files (created if needed).")],
     model: ModelOpt = DEFAULT_MODEL,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 32,
     vision_tower: VisionTowerOpt = None,
 ) -> None:
@@ -68,7 +67,7 @@ def eval_command(
                                                      "end_time (videos named by original_video).")] = False,
     batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
     workers: Annotated[int, typer.Option(help="Processes over videos, each with its own model.")] = 1,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     vision_tower: VisionTowerOpt = None,
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), judgments, results.json, report.md, plots.

@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import UserError, app
+from vstream.cli import DeviceOpt, UserError, app
 
 RESULTS, REPORT, PLOT = "results.json", "report.md", "accuracy.png"
 ABLATIONS = (None, "spatial", "temporal", "abstract", "retrieved")
@@ -40,7 +40,7 @@ def world_eval(
     ablate: Annotated[bool, typer.Option("--ablate", help="Also evaluate with each memory part switched off.")] = False,
     out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and accuracy.png.")]
     = Path("runs/world-eval"),
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option(help="Questions answered per generate call.")] = 64,
     from_results: Annotated[Optional[Path], typer.Option(help="Render report.md and accuracy.png from this "
                                                          "results.json instead of evaluating.")] = None,
@@ -72,6 +72,7 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
 
     import vstream
     from vstream import __version__
+    from vstream.devices import resolve_device
     from vstream.synth.world import SPLIT_SEEDS, split_seeds
     from vstream.train.world_eval import evaluate
 
@@ -84,12 +85,12 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
     split_seeds(split, streams, start)  # a range outside the split fails before the model is loaded
     if source not in ("render", "video"):
         raise UserError(f"--source must be render or video, got {source!r}")
-    if device not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda was asked for, but torch sees no CUDA device")
     if batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    try:
+        device = resolve_device(device)
+    except ValueError as exc:
+        raise UserError(f"--device: {exc}") from exc
     m = vstream.load(model, device=device)
     ablations = ABLATIONS if ablate else (None,)
     results = evaluate(m, split=split, streams=streams, start=start, ablations=ablations, source=source,
@@ -98,7 +99,7 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
         "command": "vstream " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": m.cfg.name, "memory_mode": m.cfg.memory.mode,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device_name(device), "dtype": m.cfg.dtype,
+        "device": _device_name(m.device), "dtype": m.cfg.dtype,
         "versions": {"vstream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
         "ablations": ["full" if a is None else f"no_{a}" for a in ablations],
@@ -106,11 +107,11 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
     } | results
 
 
-def _device_name(device: str) -> str:
+def _device_name(device) -> str:
     import torch
 
-    if device == "cuda":
-        return f"cuda ({torch.cuda.get_device_name()})"
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 

@@ -57,7 +57,7 @@ class RunConfig:
     """`video` or `features`."""
     originals: bool = False
     """RVS questions asked on the original long videos (see `load_benchmark`)."""
-    device: str = "cpu"
+    device: str = "auto"
     vision_tower: str | None = None
     """A local CLIP folder for a released checkpoint whose config names a hub id."""
     timeout: float = 600.0

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from vstream.devices import resolve_device
 from vstream.config import PRESETS, MemoryConfig, ModelConfig, VisionConfig, preset
 from vstream.encoder.tower import VisionTower, load_clip_directory, load_clip_weights, vision_config_from_dir
 from vstream.model.tokenizers import build_tiny_tokenizer, load_tokenizer
@@ -58,7 +59,7 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
 def load(
     path_or_preset: str | Path,
     *,
-    device: str | torch.device = "cpu",
+    device: str | torch.device = "auto",
     dtype: str | torch.dtype | None = None,
     memory_mode: str | None = None,
     vision_tower: str | Path | None = None,
@@ -67,12 +68,13 @@ def load(
 ) -> FlashVStream:
     """Load a preset name (random weights from `seed`), a released-format directory or a vstream directory.
 
+    `device` is `auto` (CUDA when torch sees a device, else the CPU), `cpu`, `cuda` or `cuda:N`.
     `memory_mode` overrides the memory mode (released checkpoints default to `official`, everything else keeps its
     config's mode); `vision_tower` names a local CLIP directory when a released config names a hub id.
     `fast` answers through the static-cache fast path (`FlashVStream.enable_fast`) and runs the tower's fused forward;
     None (the default) turns both on for a LLaMA decoder on CUDA, where the path was measured, and off elsewhere.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     name = str(path_or_preset)
     if name in PRESETS:
         cfg = preset(name)
