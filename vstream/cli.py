@@ -29,6 +29,24 @@ class UserError(Exception):
     """A problem with what the user asked for; shown as one line, no traceback."""
 
 
+EXTRAS = {
+    "server": ("fastapi", "starlette", "uvicorn", "pydantic", "httpcore"),
+    "train": ("peft", "yaml", "matplotlib"),
+    "eval": ("httpx", "matplotlib"),
+}
+"""The modules each optional extra of pyproject.toml brings, as the commands that need them import them."""
+
+
+def needs_extra(extra: str, command: str) -> None:
+    """Raise UserError naming the extra to install when a module of `extra` is missing (before anything loads)."""
+    import importlib.util
+
+    missing = [m for m in EXTRAS[extra] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"`vstream {command}` needs the [{extra}] extra (missing: {', '.join(missing)}): "
+                        f"pip install 'vstream[{extra}]' (from a checkout: pip install -e '.[{extra}]')")
+
+
 def _emit(data: dict, as_json: bool) -> None:
     if as_json:
         typer.echo(json.dumps(data, indent=2))
@@ -205,6 +223,7 @@ def serve(
     ] = 10.0,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
+    needs_extra("server", "serve")
     from vstream.server import serve as run_server
 
     if media_root is not None and not media_root.is_dir():

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DEFAULT_MODEL, DeviceOpt, ModelOpt, UserError, app
+from vstream.cli import DEFAULT_MODEL, DeviceOpt, ModelOpt, UserError, app, needs_extra
 
 VisionTowerOpt = Annotated[
     Optional[str], typer.Option(help="Local CLIP folder, for a released checkpoint whose config names a hub id.")
@@ -72,6 +72,7 @@ def eval_command(
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), judgments, results.json, report.md, plots.
     `--mode both` runs offline then streaming, into OUT/offline and OUT/streaming."""
+    needs_extra("eval", "eval")
     import os
 
     from vstream.eval.datasets import load_benchmark

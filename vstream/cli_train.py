@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import app
+from vstream.cli import app, needs_extra
 
 
 @app.command()
@@ -19,6 +19,7 @@ def train(
     """Train one stage (vision | projector | finetune); writes checkpoints and the final model under output_dir.
 
     Several processes: `torchrun --nproc_per_node N -m vstream train --config FILE`."""
+    needs_extra("train", "train")
     from vstream.train.config import load_config
     from vstream.train.runner import run
 

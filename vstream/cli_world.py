@@ -19,7 +19,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DeviceOpt, UserError, app
+from vstream.cli import DeviceOpt, UserError, app, needs_extra
 
 RESULTS, REPORT, PLOT = "results.json", "report.md", "accuracy.png"
 ABLATIONS = (None, "spatial", "temporal", "abstract", "retrieved")
@@ -46,6 +46,7 @@ def world_eval(
                                                          "results.json instead of evaluating.")] = None,
 ) -> None:
     """Accuracy per question type on streams of the procedural world (with --ablate: each memory part switched off)."""
+    needs_extra("eval", "world-eval")  # its plot
     if from_results is not None:
         results = read_results(from_results)
         out.mkdir(parents=True, exist_ok=True)
