@@ -15,13 +15,26 @@ from vstream.model.prompts import build_prompt, tokenizer_image_token
 from vstream.server.state import ApiError, ServerState, Stream
 
 
-def check_question(state: ServerState, question: str | None, param: str = "messages") -> str:
+JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}
+
+
+def check_question(state: ServerState, question, param: str = "messages") -> str:
+    """`question` if it is non-empty text within the length limit; ApiError(400) naming what is wrong otherwise."""
+    if question is not None and not isinstance(question, str):
+        raise ApiError(400, f"the question must be a string, got {JSON_TYPES.get(type(question), 'a value')}: "
+                       f"{str(question)[:40]!r}", param=param)
     if not question or not question.strip():
         raise ApiError(400, "the question is empty: expected a non-empty question", param=param)
     limit = state.limits.max_question_chars
     if len(question) > limit:
         raise ApiError(400, f"the question has {len(question)} characters, over the limit max_question_chars="
                        f"{limit}", code="limit_exceeded", param=param)
+    try:  # JSON's \ud800 escapes decode to lone surrogates, which no tokenizer (and no UTF-8) can take
+        question.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"the question has a lone UTF-16 surrogate {question[exc.start]!r} at character "
+                       f"{exc.start}: expected Unicode text (a surrogate escape must pair a high with a low one)",
+                       code="invalid_text", param=param) from exc
     return question
 
 

@@ -5,111 +5,47 @@ Routes only translate between the wire and `StreamSession`. Model work never run
 generated on their own threads (`vstream.server.answers`); opening and probing sources, decoding pushed frames and
 closing streams run in the thread pool. The server keeps no history between questions and persists nothing.
 
-Access: with an API key, every route but `/health/*` and the page's static files needs `Authorization: Bearer KEY`,
-or the HttpOnly cookie that `POST /v1/auth/cookie` (itself called with the key) sets for the page; a request carrying
-only the cookie must come from the server's own origin.
+Access (`vstream.server.gate`): requests must name an allowed Host (without a key: the names the server listens as)
+and, from a browser page, come from the server's own origin to change state or open a realtime session. With an API
+key, every route but `/health/*` and the page's static files needs `Authorization: Bearer KEY`, or the HttpOnly
+cookie that `POST /v1/auth/cookie` (itself called with the key) sets for the page; a request carrying only the
+cookie must come from the server's own origin. Every error is an OpenAI error object; one that no route expected is
+logged and answered with a 500 naming only its log reference.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import secrets
 import time
+from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
-from starlette.requests import cookie_parser
+from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocketDisconnect
 
 from vstream.engine import StreamSession
 from vstream.server.answers import (Generation, check_max_tokens, check_question, prompt_tokens,
                                     vstream_extension)
+from vstream.server import gate
+from vstream.server.gate import COOKIE, NO_KEY, PAGE_HEADERS, AsciiJSONResponse, Gate, authorized, error_response
+from vstream.server.inputs import open_stream_source
+from vstream.server.openapi import document, errors
 from vstream.server.realtime import RealtimeSession, deny, watch
 from vstream.server.schemas import ChatRequest, StreamCreate, error_body
-from vstream.server.inputs import open_stream_source
-from vstream.server.state import ERROR_TYPES, ApiError, Limits, ServerState, Stream, Thumbnails
+from vstream.server.state import ApiError, Limits, ServerState, Stream, Thumbnails, internal_error
 from vstream.sources import PushSource
 
 STATIC = Path(__file__).with_name("static")
-COOKIE = "vstream_session"
 COOKIE_TTL_S = 12 * 3600
 MAX_COOKIES = 64
-
-
-def _public(path: str) -> bool:
-    return path.startswith("/health/") or path == "/" or path.startswith("/static/")
-
-
-def authorized(state: ServerState, headers: Headers) -> bool:
-    """The key in the Authorization header, or a live page cookie sent from the server's own origin."""
-    if state.api_key is None:
-        return True
-    given = headers.get("authorization", "")
-    if hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-        return True
-    token = cookie_parser(headers.get("cookie", "")).get(COOKIE)
-    expiry = state.cookies.get(token) if token else None
-    if expiry is None or expiry < time.monotonic():
-        return False
-    origin = headers.get("origin")
-    return origin is None or urlsplit(origin).netloc == headers.get("host")
-
-
-def _error_response(status: int, message: str, code: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, ERROR_TYPES.get(status, "server_error"), code), status, headers=headers)
-
-
-class Gate:
-    """ASGI middleware for HTTP: the API key (401) and the body cap (413), before any route reads the body."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        if not _public(scope["path"]) and not authorized(self.state, headers):
-            response = _error_response(401, "missing or wrong API key: expected 'Authorization: Bearer <key>'",
-                                       "invalid_api_key")
-            return await response(scope, receive, send)
-        cap = self.state.limits.max_body_bytes
-        length = headers.get("content-length")
-        body, more = bytearray(), True
-        if length is not None and length.isdigit() and int(length) > cap:
-            more = False
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > cap:
-                break
-        if len(body) > cap or (length is not None and length.isdigit() and int(length) > cap):
-            size = length if length is not None and length.isdigit() else f"more than {cap}"
-            response = _error_response(413, f"the request body has {size} bytes, over the limit max_body_bytes="
-                                       f"{cap}", "body_too_large")
-            return await response(scope, receive, send)
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: the client's disconnect, if it goes away
-            replayed = True
-            return {"type": "http.request", "body": bytes(body), "more_body": False}
-
-        await self.app(scope, replay, send)
 
 
 def start_stream(state: ServerState, frames, live: bool, push: PushSource | None, source: dict, fps: float,
@@ -139,8 +75,10 @@ def release_slot(state: ServerState) -> None:
         state.pending -= 1
 
 
-def stream_view(stream: Stream) -> dict:
+def stream_view(state: ServerState, stream: Stream) -> dict:
     stats = stream.session.stats()
+    if stats["error"] is not None:
+        stats["error"] = state.public_text(stats["error"])
     if stats["error"] is not None:
         status = "failed"
     elif stats["finished"]:
@@ -199,13 +137,17 @@ def warm_up(model) -> float:
 
 
 def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8, *,
-               allow_private_sources: bool = False, limits: Limits | None = None) -> FastAPI:
+               allow_private_sources: bool = False, limits: Limits | None = None,
+               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
-    on loopback, private or reserved addresses are refused unless `allow_private_sources`."""
+    on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
+    names requests may use ('*': any); None: the loopback names without a key, any with one (see `gate`)."""
     if media_root is not None and not Path(media_root).is_dir():
         raise ValueError(f"media_root must be an existing directory, got {media_root}")
+    if allowed_hosts is None and api_key is None:
+        allowed_hosts = gate.default_allowed_hosts("127.0.0.1")
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
-                        limits or Limits(), allow_private_sources)
+                        limits or Limits(), allow_private_sources, gate.allowed_hosts(allowed_hosts))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -216,45 +158,30 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
         for stream in list(state.streams.values()):
             await run_in_threadpool(close_stream, stream)
 
-    app = FastAPI(title="vstream", lifespan=lifespan, version="0.1.0",
+    app = FastAPI(title="vstream", lifespan=lifespan, version="0.1.0", default_response_class=AsciiJSONResponse,
                   description="Question answering over live video streams from a bounded STAR memory.")
     app.state.vstream = state
     app.add_middleware(Gate, state=state)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    add_error_handlers(app)
+    fastapi_openapi = app.openapi
 
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        kind = ERROR_TYPES.get(exc.status, "server_error")
-        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-        return JSONResponse(error_body(exc.message, kind, exc.code, exc.param), exc.status, headers=headers)
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document(fastapi_openapi(), state)
+        return app.openapi_schema
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-
-        def describe(e: dict) -> str:
-            given = f", got {json.dumps(e['input'], default=str)[:80]}" if "input" in e else ""
-            return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{given}"
-
-        return JSONResponse(error_body("; ".join(map(describe, errors)), "invalid_request_error", "invalid_request",
-                                       where), status_code=400)
-
-    @app.exception_handler(Exception)
-    async def failed(request: Request, exc: Exception):
-        body = error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
-        return JSONResponse(body, status_code=500)
+    app.openapi = openapi
 
     @app.get("/", include_in_schema=False)
     async def page():
-        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"} | PAGE_HEADERS)
 
     @app.get("/health/live")
     async def live():
         return {"status": "ok"}
 
-    @app.get("/health/ready")
+    @app.get("/health/ready", responses=errors(503))
     async def ready():
         if state.draining:
             raise ApiError(503, "not ready: the server is draining", code="draining", retry_after=5)
@@ -285,7 +212,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
         response.delete_cookie(COOKIE, path="/")
         return response
 
-    @app.post("/v1/streams", status_code=201)
+    @app.post("/v1/streams", status_code=201, responses=errors(400, 403, 404, 429, 503))
     async def create_stream(body: StreamCreate):
         reserve_slot(state)
         try:
@@ -293,17 +220,17 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
             stream = start_stream(state, frames, is_live, push, body.source.model_dump(), fps)
         finally:
             release_slot(state)
-        return stream_view(stream)
+        return stream_view(state, stream)
 
     @app.get("/v1/streams")
     async def list_streams():
-        return {"object": "list", "data": [stream_view(s) for s in list(state.streams.values())]}
+        return {"object": "list", "data": [stream_view(state, s) for s in list(state.streams.values())]}
 
-    @app.get("/v1/streams/{stream_id}")
+    @app.get("/v1/streams/{stream_id}", responses=errors(404))
     async def get_stream(stream_id: str):
-        return stream_view(state.get(stream_id, "stream_id"))
+        return stream_view(state, state.get(stream_id, "stream_id"))
 
-    @app.delete("/v1/streams/{stream_id}")
+    @app.delete("/v1/streams/{stream_id}", responses=errors(404))
     async def delete_stream(stream_id: str):
         with state.lock:
             stream = state.get(stream_id, "stream_id")
@@ -311,12 +238,12 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
         await run_in_threadpool(close_stream, stream)
         return {"id": stream_id, "object": "stream.deleted", "deleted": True}
 
-    @app.get("/v1/streams/{stream_id}/memory")
+    @app.get("/v1/streams/{stream_id}/memory", responses=errors(400, 404, 409))
     async def get_memory(stream_id: str, as_of: float | None = Query(None, ge=0, allow_inf_nan=False)):
         return memory_view(state.get(stream_id, "stream_id"), as_of)
 
     @app.get("/v1/streams/{stream_id}/frames", response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"}})
+             responses={200: {"content": {"image/jpeg": {}}, "description": "a JPEG thumbnail"}} | errors(400, 404))
     async def get_frame(stream_id: str, t: float = Query(..., ge=0, allow_inf_nan=False)):
         """The thumbnail of the ingested frame at stream time `t` (within 1 ms), while the stream keeps it."""
         kept = state.get(stream_id, "stream_id").thumbnails.nearest(t)
@@ -326,7 +253,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
         return Response(kept[1], media_type="image/jpeg",
                         headers={"X-Frame-Time": repr(kept[0]), "Cache-Control": "private, max-age=3600"})
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=errors(400, 404, 409, 429, 503))
     async def chat(req: ChatRequest, request: Request):
         t0 = time.perf_counter()
         stream_id = req.stream_id or req.model
@@ -348,6 +275,8 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
         try:
             text = await whole_answer(generation, request)
             prompt = await run_in_threadpool(prompt_tokens, state.model, generation.snapshot, question)
+        except RuntimeError as exc:  # the model failed: its text may name server paths, the log keeps it
+            raise internal_error(exc, f"the answer on stream {stream_id}") from exc
         finally:
             generation.release()
         if text is None:  # the client went away: nobody reads this
@@ -370,6 +299,35 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
     return app
 
 
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as the OpenAI error object: ApiError with its status, validation errors as 400 naming each field
+    and what came, Starlette's own (unknown route, unreadable body) with theirs."""
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+
+        def describe(e: dict) -> str:
+            given = f", got {json.dumps(e['input'], default=str)[:80]}" if "input" in e else ""
+            return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{given}"
+
+        return error_response(ApiError(400, "; ".join(map(describe, errors)), "invalid_request", where))
+
+    @app.exception_handler(HTTPException)
+    async def starlette_error(request: Request, exc: HTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+            message = "the body nests JSON deeper than the server parses: expected a flat request object"
+        return error_response(ApiError(exc.status_code, message, code))
+
+
 # ---------------------------------------------------------------------------------------------------------- chat
 
 
@@ -383,7 +341,11 @@ def question_of(req: ChatRequest) -> str:
         raise ApiError(400, f"expected a message with role 'user', got roles {roles}", param="messages")
     content = users[-1].content
     if isinstance(content, list):
-        content = "".join(str(part.get("text", "")) for part in content if part.get("type") == "text")
+        texts = [part.get("text") for part in content if part.get("type") == "text"]
+        if not all(isinstance(text, str) for text in texts):
+            raise ApiError(400, "a text part of the last user message has no string 'text': expected "
+                           "{'type': 'text', 'text': '...'}", param="messages")
+        content = "".join(texts)
     if not content or not content.strip():
         raise ApiError(400, "the last user message has no text: expected a non-empty question", param="messages")
     return content
@@ -429,8 +391,9 @@ def sse_answer(state: ServerState, stream_id: str, generation: Generation):
                 async for piece in generation:
                     yield chunk({"content": piece})
                 yield chunk({}, "stop")
-            except RuntimeError as exc:
-                yield f"data: {json.dumps(error_body(str(exc), 'server_error', 'generation_failed'))}\n\n"
+            except RuntimeError as exc:  # the model failed: its text may name server paths, the log keeps it
+                error = internal_error(exc, f"the answer on stream {stream_id}")
+                yield f"data: {json.dumps(error_body(error.message, 'server_error', 'generation_failed'))}\n\n"
             yield "data: [DONE]\n\n"
         finally:
             generation.cancel()
@@ -443,10 +406,13 @@ def sse_answer(state: ServerState, stream_id: str, generation: Generation):
 
 
 async def realtime_session(state: ServerState, ws: WebSocket, stream_id: str | None) -> None:
-    """Authenticate, attach to (or create) the stream, then run the session until either side closes it."""
-    if not authorized(state, ws.headers):
-        return await deny(ws, ApiError(401, "missing or wrong API key: expected 'Authorization: Bearer <key>' or "
-                                       "the page's session cookie", code="invalid_api_key"))
+    """Check Host, Origin and key, attach to (or create) the stream, then run the session until either side closes
+    it."""
+    refused = gate.refusal(state, ws.headers, ws.url.path, "WEBSOCKET")
+    if refused is None and not authorized(state, ws.headers):
+        refused = ApiError(401, f"{NO_KEY.message} or the page's session cookie", code=NO_KEY.code)
+    if refused is not None:
+        return await deny(ws, refused)
     owner = "ws_" + secrets.token_hex(8)
     try:
         if stream_id is not None:
@@ -495,6 +461,8 @@ async def realtime_session(state: ServerState, ws: WebSocket, stream_id: str | N
             await session.handle(message)
     except WebSocketDisconnect:
         close_code = None
+    except Exception as exc:  # not the client's doing (its messages' errors are events): logged, closed as such
+        close_code, reason = 1011, internal_error(exc, f"the realtime session {owner}").message[:120]
     finally:
         session.cancel_response()
         watcher.cancel()
@@ -555,19 +523,25 @@ def begin_drain(state: ServerState, grace_s: float) -> None:
 
 def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, media_root: Path | None = None,
           api_key: str | None = None, max_streams: int = 8, device: str = "cpu", *,
-          allow_private_sources: bool = False, drain_s: float = 10.0, limits: Limits | None = None) -> None:
+          allow_private_sources: bool = False, drain_s: float = 10.0, limits: Limits | None = None,
+          allowed_hosts: Iterable[str] = ()) -> None:
     """Load the model with `vstream.load` and serve until interrupted. The first SIGINT/SIGTERM drains (see
-    `begin_drain`) for up to `drain_s` seconds, then stops; a second one stops at once."""
+    `begin_drain`) for up to `drain_s` seconds, then stops; a second one stops at once. Requests may name the
+    Host names `host` is bound as (`gate.default_allowed_hosts`) and `allowed_hosts` ('*': any); with an API key and
+    no `allowed_hosts`, any Host (see `gate`)."""
     import threading
 
     import uvicorn
 
     import vstream
 
+    extra = list(allowed_hosts)
+    hosts = None if api_key is not None and not extra else [*gate.default_allowed_hosts(host), *extra]
+    gate.allowed_hosts(hosts)  # a malformed name is an error before the model loads
     model = vstream.load(model_name_or_path, device=device)
     limits = limits or Limits()
     app = create_app(model, media_root, api_key, max_streams, allow_private_sources=allow_private_sources,
-                     limits=limits)
+                     limits=limits, allowed_hosts=hosts or ["*"])
     state: ServerState = app.state.vstream
 
     class DrainingServer(uvicorn.Server):

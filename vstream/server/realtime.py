@@ -34,7 +34,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vstream.server.answers import Generation, check_max_tokens, check_question, vstream_extension
 from vstream.server.schemas import error_body
-from vstream.server.state import ERROR_TYPES, ApiError, ServerState, Stream
+from vstream.server.state import ERROR_TYPES, ApiError, ServerState, Stream, internal_error
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -109,10 +109,10 @@ class RealtimeSession:
                 after = stream.last_time + 1.0 / stream.fps if math.isfinite(stream.last_time) else 0.0
                 stream.clock0 = now - after
             return now - stream.clock0
-        if not isinstance(timestamp, (int, float)) or isinstance(timestamp, bool) or not math.isfinite(timestamp) \
-                or timestamp < 0:
-            raise ApiError(400, f"timestamp must be a finite number of seconds >= 0, got {timestamp!r}",
-                           param="timestamp")
+        latest = self.state.limits.max_frame_time_s
+        if not _is_number(timestamp) or not 0 <= timestamp <= latest:
+            raise ApiError(400, f"timestamp must be a number of seconds from 0 to max_frame_time_s={latest:g}, got "
+                           f"{str(timestamp)[:40]}", code="invalid_timestamp", param="timestamp")
         return float(timestamp)
 
     async def frame(self, data: bytes, timestamp=None, event_id: str | None = None) -> None:
@@ -151,12 +151,13 @@ class RealtimeSession:
                            "send response.cancel", code="response_in_progress")
         question = check_question(self.state, event.get("question"), param="question")
         max_tokens = event.get("max_tokens")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ApiError(400, f"max_tokens must be an integer >= 1, got {max_tokens!r}", param="max_tokens")
+        if max_tokens is not None and (not _is_number(max_tokens) or not isinstance(max_tokens, int)
+                                       or max_tokens < 1):
+            raise ApiError(400, f"max_tokens must be an integer >= 1, got {str(max_tokens)[:40]}", param="max_tokens")
         check_max_tokens(self.state, max_tokens)
         as_of = event.get("as_of")
-        if as_of is not None and (not isinstance(as_of, (int, float)) or not math.isfinite(as_of) or as_of < 0):
-            raise ApiError(400, f"as_of must be a number of seconds >= 0, got {as_of!r}", param="as_of")
+        if as_of is not None and (not _is_number(as_of) or as_of < 0):
+            raise ApiError(400, f"as_of must be a number of seconds >= 0, got {str(as_of)[:40]}", param="as_of")
         self.state.begin_answer()
         try:
             generation = Generation(self.state, self.stream, question, max_tokens, as_of, time.perf_counter())
@@ -179,9 +180,10 @@ class RealtimeSession:
                 self.send(_event("response.output_text.delta", response_id=response_id, delta=piece))
             if generation.cancelled.is_set():
                 status = "cancelled"
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # the model failed: its text may name server paths, the log keeps it
             status = "failed"
-            self.send(_error_event(ApiError(500, str(exc), code="generation_failed")))
+            error = internal_error(exc, f"the answer on stream {self.stream.id}")
+            self.send(_error_event(ApiError(500, error.message, code="generation_failed")))
         finally:
             generation.release()
         self.send(_event("response.output_text.done", response_id=response_id, text="".join(text)))
@@ -195,18 +197,14 @@ class RealtimeSession:
     # ------------------------------------------------------------------------------------------------ dispatch
 
     async def handle(self, message: dict) -> None:
-        """One client message (a dict from `websocket.receive`): frames and events; errors become `error` events."""
+        """One client message (a dict from `websocket.receive`): frames and events. Every error becomes an `error`
+        event and the session goes on; one that no check expected is logged and reported by reference only."""
         event_id = None
         try:
             if message.get("bytes") is not None:
                 await self.frame(message["bytes"])
                 return
-            try:
-                event = json.loads(message.get("text") or "")
-            except json.JSONDecodeError as exc:
-                raise ApiError(400, f"the message is not JSON ({exc}): expected an event object", "invalid_json")
-            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-                raise ApiError(400, "expected an event object with a string 'type'", "invalid_event", "type")
+            event = _parse(message.get("text") or "")
             event_id = event.get("event_id") if isinstance(event.get("event_id"), str) else None
             kind = event["type"]
             if kind == "input_video_frame.append":
@@ -220,6 +218,34 @@ class RealtimeSession:
                                "response.create or response.cancel", "unknown_event", "type")
         except ApiError as exc:
             self.send(_error_event(exc, event_id))
+        except Exception as exc:
+            where = f"the realtime session on stream {self.stream.id}"
+            self.send(_error_event(internal_error(exc, where), event_id))
+
+
+def _parse(text: str) -> dict:
+    """A text message as an event object with a string `type`."""
+    try:
+        event = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer longer than Python converts (4300 digits)
+        raise ApiError(400, f"the message is not JSON that the server reads ({exc}): expected an event object",
+                       "invalid_json") from exc
+    except RecursionError as exc:  # deep nesting fits in a message; Python's parser stops near 1000 levels
+        raise ApiError(400, "the message nests JSON deeper than the server parses: expected a flat event object",
+                       "invalid_json") from exc
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise ApiError(400, "expected an event object with a string 'type'", "invalid_event", "type")
+    return event
+
+
+def _is_number(value) -> bool:
+    """A finite JSON number (JSON's true and false are Python ints, and are not numbers here)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _image_bytes(image) -> bytes:
@@ -257,11 +283,13 @@ async def watch(session: RealtimeSession) -> None:
             continue
         if stream.session.error is not None and not reported:
             reported = True
-            session.send(_error_event(ApiError(500, f"stream {stream.id} failed: {stream.session.error}",
-                                               code="stream_failed")))
+            error = state.public_text(str(stream.session.error))
+            session.send(_error_event(ApiError(500, f"stream {stream.id} failed: {error}", code="stream_failed")))
         if stream.session.finished and not ended:  # its memory stays answerable: the session stays open
             ended = True
-            session.send(_event("stream.ended", stream_id=stream.id, error=stream.session.stats()["error"]))
+            error = stream.session.stats()["error"]
+            session.send(_event("stream.ended", stream_id=stream.id,
+                                error=None if error is None else state.public_text(error)))
         idle = now - session.last_message
         if idle >= limits.ws_idle_s - limits.ws_notice_s:
             session.notify_closing("idle", max(0.0, limits.ws_idle_s - idle))

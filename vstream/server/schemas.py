@@ -51,9 +51,9 @@ class StreamCreate(BaseModel):
     source: SourceSpec
     speed: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False,
                                 description="replay a file at this speed (live); null: as fast as it decodes")
-    fps: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False,
+    fps: float | None = Field(default=None, gt=0, allow_inf_nan=False,
                               description="frames sampled per second of stream time (null: the model's rate); at most "
-                              "the server's max_fps")
+                              "the server's max_fps (the schema's maximum)")
 
 
 class ChatMessage(BaseModel):
@@ -80,6 +80,21 @@ class ChatRequest(BaseModel):
     as_of: float | None = Field(default=None, ge=0, allow_inf_nan=False,
                                 description="answer from the memory as it stood at this stream time (seconds; a "
                                 "vstream extension)")
+
+
+class ErrorObject(BaseModel):
+    """The OpenAI error object: what went wrong, its kind, the field at fault and a stable code."""
+
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error answer."""
+
+    error: ErrorObject
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
                503: "service_unavailable"}
+log = logging.getLogger("vstream.server")
 
 
 class ApiError(Exception):
@@ -33,6 +36,15 @@ class ApiError(Exception):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
         self.retry_after = retry_after
+
+
+def internal_error(exc: BaseException, where: str) -> ApiError:
+    """Log `exc` with its traceback under a new reference and return the 500 that the client gets: the reference
+    only, since an exception's text may hold server paths or other internals."""
+    ref = "err_" + secrets.token_hex(6)
+    log.error("internal error %s in %s", ref, where, exc_info=exc)
+    return ApiError(500, f"internal error {ref}: the server failed to handle this; its log has the details under "
+                    "this reference", code="internal_error")
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,9 @@ class Limits:
     """Most key-frame thumbnails kept per stream (the newest; at least the memory buffer's length is useful)."""
     snapshot_history: int = 32
     """Past memory snapshots kept per stream for questions "as of" an earlier time."""
+    max_frame_time_s: float = 1e9
+    """Latest stream time (seconds, about 31 years) that a pushed frame may carry: far past any stream, and low
+    enough that every sampling slot is an exact integer."""
 
 
 class Histogram:
@@ -165,6 +180,8 @@ class ServerState:
     max_streams: int
     limits: Limits = field(default_factory=Limits)
     allow_private_sources: bool = False
+    allowed_hosts: frozenset[str] | None = None
+    """Host names (lower case, IPv6 without brackets) that requests may name in `Host`; None: any."""
     streams: dict[str, Stream] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     running: int = 0
@@ -185,6 +202,15 @@ class ServerState:
             raise ApiError(404, f"no stream with id {stream_id!r}: expected one of the ids from GET /v1/streams",
                            code="stream_not_found", param=param)
         return stream
+
+    def public_text(self, text: str) -> str:
+        """`text` (a stream's error, say) with the media root's absolute path cut off, so that a file is named as
+        the client named it."""
+        if self.media_root is None:
+            return text
+        for root in {str(self.media_root), str(self.media_root.resolve())}:
+            text = text.replace(root.rstrip("/") + "/", "")
+        return text
 
     def refuse_if_draining(self) -> None:
         if self.draining:
