@@ -221,6 +221,11 @@ def serve(
     drain_seconds: Annotated[
         float, typer.Option(help="On SIGTERM/Ctrl-C: not ready, sessions notified, closed after this long.")
     ] = 10.0,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(metavar="NAME", help="Also accept this Host name (repeatable; '*': any). Accepted anyway: the names --host is "
+                     "bound as (all of the machine's for 0.0.0.0); with --api-key and no --allowed-host, any."),
+    ] = None,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")
@@ -234,7 +239,7 @@ def serve(
         raise UserError(f"--drain-seconds must be >= 0, got {drain_seconds}")
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
-               drain_s=drain_seconds)
+               drain_s=drain_seconds, allowed_hosts=allowed_host or ())
 
 
 from vstream import cli_eval  # noqa: E402,F401
