@@ -2,7 +2,9 @@
 
 - `file_source`: a video file decoded sequentially as fast as possible (not live: the engine may apply back-pressure).
 - `replay_source`: the same file paced in simulated real time (`speed=1` is wall clock), i.e. a live source.
-- `network_source`: RTSP / HTTP(S) / HLS through PyAV, with bounded reconnect attempts and exponential backoff.
+- `network_source`: RTSP / HTTP(S) through PyAV, with bounded reconnect attempts and exponential backoff. What FFmpeg
+  may open is kept to the URL's own protocol and to containers that name no other input (`vstream.video.guarded`):
+  HLS and DASH playlists are refused.
 - `webcam_source`: a V4L2 capture device through PyAV (a live source).
 - `PushSource`: frames pushed by the caller (a server, a browser), a live source; `close()` ends it.
 - `open_source(spec)`: a file path, a URL or `webcam:N` -> (frames, live).
@@ -14,6 +16,7 @@ from __future__ import annotations
 import queue
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
@@ -54,33 +57,42 @@ def paced(frames: Iterable[tuple[float, np.ndarray]], speed: float, start: float
 def network_source(
     url: str, fps: float = 1.0, *, retries: int = 3, backoff: float = 0.5, timeout: float = 5.0,
     live: bool | None = None, sleep: Callable[[float], None] = time.sleep, options: dict[str, str] | None = None,
+    connect: Callable[[], AbstractContextManager[str]] | None = None,
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Frames from a network URL. A failure to open or a decoding error is retried up to `retries` times in a row,
     waiting `backoff * 2**k` seconds; a live stream (RTSP by default) that ends is also reconnected, a file served over
     HTTP that ends is the end (and one that fails after frames were yielded is not restarted, which would repeat them).
     Stream time continues across reconnects. Raises VideoError once the attempts are spent. `options` are extra
-    FFmpeg options (e.g. `max_redirects`), added to the defaults.
+    FFmpeg options (e.g. `max_redirects`), added to `rtsp_options(url)`; they cannot loosen the whitelists. `connect`,
+    when given, is entered once per attempt and yields the URL that attempt opens (the server's RTSP relay).
     """
     scheme = url.partition("://")[0].lower()
     if scheme not in NETWORK_SCHEMES:
         raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}: expected one of {NETWORK_SCHEMES}")
     live = scheme.startswith("rtsp") if live is None else live
-    # RTSP over TCP; probe 0.5 s instead of FFmpeg's default (~3 s at every connect and reconnect)
-    ffmpeg = {"rtsp_transport": "tcp", "analyzeduration": "500000"} if scheme.startswith("rtsp") else {}
-    ffmpeg |= options or {}
-    return _reconnecting(url, fps, ffmpeg, retries, backoff, timeout, live, sleep)
+    connect = connect or (lambda: nullcontext(url))
+    return _reconnecting(url, fps, rtsp_options(url) | (options or {}), retries, backoff, timeout, live, sleep,
+                         connect)
 
 
-def _reconnecting(url, fps, options, retries, backoff, timeout, live, sleep) -> Iterator[tuple[float, np.ndarray]]:
+def rtsp_options(url: str) -> dict[str, str]:
+    """FFmpeg options every open of `url` adds: for RTSP, probe 0.5 s instead of FFmpeg's default (~3 s at every
+    connect and reconnect); nothing for other schemes."""
+    return {"analyzeduration": "500000"} if url.lower().startswith("rtsp") else {}
+
+
+def _reconnecting(url, fps, options, retries, backoff, timeout, live, sleep, connect
+                  ) -> Iterator[tuple[float, np.ndarray]]:
     failures, offset, last = 0, 0.0, None
     while True:
         origin = None
         try:
-            for t, frame in iter_frames(url, fps=fps, options=options, timeout=timeout):
-                origin = t if origin is None else origin
-                failures = 0
-                last = offset + t - origin
-                yield last, frame
+            with connect() as target:
+                for t, frame in iter_frames(target, fps=fps, options=options, timeout=timeout):
+                    origin = t if origin is None else origin
+                    failures = 0
+                    last = offset + t - origin
+                    yield last, frame
             if not live:
                 return
             problem = "the stream ended"

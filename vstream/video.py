@@ -5,8 +5,14 @@ sampling rate chosen by timestamp, so variable-frame-rate files are sampled at t
 them; `probe` reads the container header only.
 
 This module does not resize or normalise frames (see `vstream.encoder.preprocess`), does not apply rotation metadata or
-the sample aspect ratio (frames come back at their stored size), does not read audio, and does not open network streams
-or devices.
+the sample aspect ratio (frames come back at their stored size) and does not read audio. It opens URLs and devices only
+as `vstream.sources` asks it to, and does not check where a URL leads (`vstream.server.netsafe` does).
+
+What FFmpeg may open. Every open names its protocols and demuxers (`guarded`): a file is read through the `file`
+protocol only, an http(s) URL through http(s) over tcp (and tls), an RTSP URL by the rtsp demuxer over tcp, a device by
+its one demuxer. Files and http(s) URLs may be one of `CONTAINERS`, demuxers that never open another file or URL; a
+playlist (HLS `.m3u8`, DASH), a concat list, an SDP file or an image sequence is refused at open, because each would make
+FFmpeg open inputs that nobody checked. Nested playlists are not resolved: refusing is simpler and closes the class.
 
 Damaged input. Every failure raises `VideoError` naming the path, what was expected and what was found:
 - a path that does not exist: `VideoNotFoundError` (also a `FileNotFoundError`);
@@ -22,6 +28,7 @@ Compare the last timestamp with `probe(path).duration` if a complete file matter
 
 from __future__ import annotations
 
+import errno
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +38,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+# Demuxers that read their one input and never open another (no playlists, concat lists, SDP or image sequences)
+CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,mpeg"
 _EPS = 1e-6  # seconds; absorbs the float rounding of pts * time_base when a frame is compared with a due time
 
 
@@ -148,22 +157,58 @@ def read_frames(
     return times, frames
 
 
+def guarded(target: str, format: str | None = None, options: dict[str, str] | None = None
+            ) -> tuple[str | None, dict[str, str]]:
+    """(format, options) for opening `target` with FFmpeg kept to it: the caller's options plus the protocol and
+    demuxer whitelists of its kind, which the caller cannot loosen. `target` is a URL, or a file or device path."""
+    scheme = target.partition("://")[0].lower() if "://" in target else None
+    options = dict(options or {})
+    if format is not None:  # a device (v4l2) or a forced demuxer: that one only, reading nothing else
+        return format, options | {"format_whitelist": format, "protocol_whitelist": "file"}
+    if scheme in ("rtsp", "rtsps"):  # interleaved over the RTSP connection: no UDP, no second connection
+        protocols = "rtsp,tcp" if scheme == "rtsp" else "rtsps,rtsp,tls,tcp"
+        return "rtsp", options | {"rtsp_transport": "tcp", "format_whitelist": "rtsp", "protocol_whitelist": protocols}
+    protocols = {None: "file", "http": "http,tcp", "https": "https,tls,tcp"}.get(scheme)
+    if protocols is None:
+        raise VideoError(f"{target}: unsupported scheme {scheme!r}: expected a file, http, https, rtsp or rtsps")
+    return None, options | {"format_whitelist": CONTAINERS, "protocol_whitelist": protocols}
+
+
+def open_input(target: str, format: str | None = None, options: dict[str, str] | None = None,
+               timeout: float | None = None) -> av.container.InputContainer:
+    """A URL or device opened under `guarded`'s whitelists; raises VideoError."""
+    format, options = guarded(target, format, options)
+    try:
+        return av.open(target, format=format, options=options, timeout=timeout, metadata_errors="replace")
+    except av.FFmpegError as e:
+        raise VideoError(f"{target} could not be opened as a video source: FFmpeg reported {_describe(e)}"
+                         f"{_refused_hint(e)}") from e
+
+
 def _open(path: str | Path, format=None, options=None, timeout=None) -> av.container.InputContainer:
     if format is not None or "://" in str(path):  # a URL or a device: nothing to check on the file system
-        try:
-            return av.open(str(path), format=format, options=options or {}, timeout=timeout, metadata_errors="replace")
-        except av.FFmpegError as e:
-            raise VideoError(f"{path} could not be opened as a video source: FFmpeg reported {_describe(e)}") from e
+        return open_input(str(path), format, options, timeout)
     p = Path(path)
     if not p.exists():
         raise VideoNotFoundError(f"{p} does not exist: expected a video file")
     if not p.is_file():
         raise VideoError(f"{p} is not a file: expected a video file")
+    _, options = guarded(str(p))
     try:
-        # Tags in odd encodings must not stop decoding; metadata is not used here.
-        return av.open(str(p), metadata_errors="replace")
+        # "file:" so that a name like "concat:a|b" is a file name, not a protocol; tags in odd encodings must not stop
+        # decoding (metadata is not used here).
+        return av.open(f"file:{p}", options=options, metadata_errors="replace")
     except av.FFmpegError as e:
-        raise VideoError(f"{p} is not a readable video: FFmpeg could not open it ({_describe(e)})") from e
+        raise VideoError(f"{p} is not a readable video: FFmpeg could not open it ({_describe(e)})"
+                         f"{_refused_hint(e)}") from e
+
+
+def _refused_hint(error: av.FFmpegError) -> str:
+    # FFmpeg answers EINVAL when the probed demuxer is not on the whitelist: say which ones are
+    if error.errno != errno.EINVAL:
+        return ""
+    return (f"; expected one of the containers {CONTAINERS} (playlists such as HLS .m3u8, DASH, concat lists and other "
+            "inputs that name further files or URLs are refused)")
 
 
 def _video_stream(container: av.container.InputContainer, path: str | Path) -> av.VideoStream:

@@ -1,42 +1,73 @@
 """Opening a stream's source for the server: checks and probes before the stream exists, limits that bind before
 frames are allocated.
 
-File sources resolve inside the media root after links are resolved (403 otherwise, nothing read). URL sources pass
-`vstream.server.netsafe`. Every pulled source is probed (its header read) before the stream is created: a source that
-cannot be read gives 400, and the frame size, the duration and the declared frame count are checked against the
-server's limits there, before any frame is decoded. While the stream runs, stream time is capped at
-`max_source_seconds` and each frame's size is checked again. Runs in the thread pool (it blocks on I/O).
+File sources resolve inside the media root after links are resolved (403 otherwise, nothing read); a name with a NUL
+byte, a component or path longer than the file system allows, or a symlink loop is a 400. URL sources pass
+`vstream.server.netsafe`. Every open, the probe's and the reader's alike, goes through `vstream.video`'s whitelists: the
+source's own protocol only, and containers that name no other input, so a playlist (HLS, DASH), a concat list or an SDP
+file is refused (400) instead of being resolved; a manifest in the media root can therefore reach no file at all. Every
+pulled source is probed (its header read) before the stream is created: a source that cannot be read gives 400, and the
+frame size, the duration and the declared frame count are checked against the server's limits there, before any frame
+is decoded. While the stream runs, stream time is capped at `max_source_seconds` and each frame's size is checked again.
+Messages name the path the client sent, never the media root. Runs in the thread pool (it blocks on I/O).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import errno
+import os
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-
-import av
 
 from vstream.server.netsafe import UnsafeUrl, check_url
 from vstream.server.schemas import FileSpec, PushSpec, StreamCreate, UrlSpec, WebcamSpec
 from vstream.server.state import ApiError, Limits, ServerState
-from vstream.sources import PushSource, file_source, network_source, replay_source, webcam_source
-from vstream.video import VideoError, probe
+from vstream.sources import PushSource, file_source, network_source, replay_source, rtsp_options, webcam_source
+from vstream.video import VideoError, open_input, probe
+
+_NAME_MAX, _PATH_MAX = 255, 4096  # Linux's limits, in bytes (os.pathconf would ask the media root's file system)
 
 
 def resolve_media(media_root: Path | None, rel: str) -> Path:
-    """`rel` inside the media root, symlinks resolved: 403 outside it (nothing is read), 404 missing, 400 not a file."""
+    """`rel` inside the media root, symlinks resolved: 403 outside it (nothing is read), 404 missing, 400 not a file
+    or not a name the file system can hold."""
     if media_root is None:
         raise ApiError(403, "file sources are disabled: the server was started without a media root",
                        param="source.path")
+    _check_name(rel)
     root = media_root.resolve(strict=True)
-    path = (root / rel).resolve()
-    if not path.is_relative_to(root):
-        raise ApiError(403, f"path {rel!r} resolves outside the media root: expected a path inside it",
-                       code="path_outside_media_root", param="source.path")
-    if not path.exists():
-        raise ApiError(404, f"no file {rel!r} under the media root", code="file_not_found", param="source.path")
-    if not path.is_file():
+    try:
+        path = (root / rel).resolve()
+        if not path.is_relative_to(root):
+            raise ApiError(403, f"path {rel!r} resolves outside the media root: expected a path inside it",
+                           code="path_outside_media_root", param="source.path")
+        if not path.exists():
+            raise ApiError(404, f"no file {rel!r} under the media root", code="file_not_found", param="source.path")
+        regular = path.is_file()
+    except RuntimeError as exc:  # Python 3.11's resolve() reports a symlink loop so (3.13 raises OSError ELOOP)
+        raise ApiError(400, f"path {rel!r} runs into a symlink loop: expected a path to a file",
+                       param="source.path") from exc
+    except OSError as exc:  # ELOOP, ENAMETOOLONG, EACCES...: the message must not carry the server's path
+        raise ApiError(400, f"path {rel!r} cannot be opened: {os.strerror(exc.errno or errno.EIO)}",
+                       param="source.path") from exc
+    if not regular:
         raise ApiError(400, f"{rel!r} is not a regular file", param="source.path")
     return path
+
+
+def _check_name(rel: str) -> None:
+    """400 for a name no file can have: a NUL byte, a component over NAME_MAX bytes, a path over PATH_MAX."""
+    if "\0" in rel:
+        raise ApiError(400, f"path {rel!r} contains a NUL byte: expected a file name", param="source.path")
+    encoded = os.fsencode(rel)
+    longest = max((len(part) for part in encoded.split(b"/")), default=0)
+    if longest > _NAME_MAX:
+        raise ApiError(400, f"path {rel[:80]!r}... has a name of {longest} bytes: expected at most {_NAME_MAX}",
+                       param="source.path")
+    if len(encoded) > _PATH_MAX:
+        raise ApiError(400, f"path {rel[:80]!r}... is {len(encoded)} bytes long: expected at most {_PATH_MAX}",
+                       param="source.path")
 
 
 def check_size(limits: Limits, width: int, height: int, what: str, param: str = "source") -> None:
@@ -49,7 +80,8 @@ def probe_file(limits: Limits, path: Path, rel: str) -> None:
     try:
         info = probe(path)
     except VideoError as exc:
-        raise ApiError(400, f"{rel!r} is not a readable video: {exc}", code="invalid_video", param="source.path")
+        raise ApiError(400, f"{rel!r} is not a readable video: {_without(exc, path, rel)}", code="invalid_video",
+                       param="source.path") from None
     check_size(limits, info.width, info.height, repr(rel), "source.path")
     if info.duration is not None and info.duration > limits.max_source_seconds:
         raise ApiError(400, f"{rel!r} lasts {info.duration:.1f} s, over the limit max_source_seconds="
@@ -59,19 +91,33 @@ def probe_file(limits: Limits, path: Path, rel: str) -> None:
                        f"{limits.max_source_frames}", code="limit_exceeded", param="source.path")
 
 
-def probe_open(limits: Limits, target: str, what: str, param: str, fmt: str | None = None,
-               options: dict | None = None) -> None:
-    """Open a network stream or a device, read its header only, check the frame size, close it."""
+def probe_open(limits: Limits, connect: AbstractContextManager[str], what: str, param: str, fmt: str | None = None,
+               options: dict | None = None, problem: Callable[[], str | None] = lambda: None) -> None:
+    """Open a network stream or a device as its reader will (`connect`'s URL, `vstream.video.open_input`), read its
+    header only, check the frame size, close it. `problem` says what a relay saw, for the message."""
     try:
-        with av.open(target, format=fmt, options=options or {}, timeout=limits.url_timeout_s,
-                     metadata_errors="replace") as container:
+        with connect as target, open_input(target, fmt, options, limits.url_timeout_s) as container:
             if not container.streams.video:
                 raise ApiError(400, f"{what} has no video stream", code="invalid_video", param=param)
             ctx = container.streams.video[0].codec_context
             check_size(limits, ctx.width, ctx.height, what, param)
-    except av.FFmpegError as exc:
-        raise ApiError(400, f"{what} could not be opened as a video source: {exc}", code="invalid_video",
+    except VideoError as exc:
+        reason = problem() or str(exc).partition(": ")[2] or str(exc)
+        raise ApiError(400, f"{what} could not be opened as a video source: {reason}", code="invalid_video",
                        param=param) from exc
+
+
+def _without(exc: Exception, path: Path, rel: str) -> str:
+    """The message of `exc` with the server's path of a file replaced by the path the client sent."""
+    return str(exc).replace(str(path), rel)
+
+
+def named(frames, path: Path, rel: str) -> Iterator:
+    """A file source whose errors name `rel`, not the server's path."""
+    try:
+        yield from frames
+    except VideoError as exc:
+        raise VideoError(_without(exc, path, rel)) from None
 
 
 def bounded(frames, limits: Limits) -> Iterator:
@@ -98,8 +144,9 @@ def open_stream_source(state: ServerState, body: StreamCreate):
         path = resolve_media(state.media_root, spec.path)
         probe_file(limits, path, spec.path)
         if body.speed is None:
-            return bounded(file_source(str(path), fps=fps), limits), False, None, fps
-        return bounded(replay_source(str(path), fps=fps, speed=body.speed), limits), True, None, fps
+            return bounded(named(file_source(str(path), fps=fps), path, spec.path), limits), False, None, fps
+        frames = named(replay_source(str(path), fps=fps, speed=body.speed), path, spec.path)
+        return bounded(frames, limits), True, None, fps
     if body.speed is not None:
         raise ApiError(400, f"speed applies to file sources only, got speed={body.speed} for a {spec.type} source",
                        param="speed")
@@ -112,12 +159,16 @@ def open_stream_source(state: ServerState, body: StreamCreate):
         if checked.size is not None and checked.size > limits.max_source_bytes:
             raise ApiError(400, f"{spec.url!r} declares {checked.size} bytes, over the limit max_source_bytes="
                            f"{limits.max_source_bytes}", code="limit_exceeded", param="source.url")
-        rtsp = {"rtsp_transport": "tcp"} if checked.url.startswith("rtsp") else {}
-        probe_open(limits, checked.url, repr(spec.url), "source.url", options=rtsp | checked.options)
-        frames = network_source(checked.url, fps=fps, timeout=limits.url_timeout_s, options=checked.options)
+        timeout = limits.url_timeout_s
+        relay = checked.connect(timeout)
+        probe_open(limits, relay, repr(spec.url), "source.url", options=rtsp_options(checked.url) | checked.options,
+                   problem=lambda: getattr(relay, "problem", None))
+        frames = network_source(checked.url, fps=fps, timeout=timeout, options=checked.options,
+                                connect=lambda: checked.connect(timeout))
         return bounded(frames, limits), True, None, fps
     if isinstance(spec, WebcamSpec):
-        probe_open(limits, f"/dev/video{spec.device}", f"webcam {spec.device}", "source.device", fmt="v4l2")
+        device = f"/dev/video{spec.device}"
+        probe_open(limits, nullcontext(device), f"webcam {spec.device}", "source.device", fmt="v4l2")
         return bounded(webcam_source(spec.device, fps=fps), limits), True, None, fps
     assert isinstance(spec, PushSpec)
     push = PushSource()
