@@ -30,6 +30,7 @@ def check_environment(env):
     assert env["fused_kernels"] is False  # the fused kernels need CUDA (or Triton's interpreter)
 
 
+@pytest.mark.slow
 def test_bench_memory_tiny():
     r = json.loads(cli("memory", "--lengths", "30,60", "--repeats", "3", "--json").stdout)
     check_environment(r["environment"])
@@ -41,6 +42,7 @@ def test_bench_memory_tiny():
                                                                                            "cpu_T3600"}
 
 
+@pytest.mark.slow
 def test_bench_encode_tiny():
     r = json.loads(cli("encode", "--batches", "1,3", "--repeats", "2", "--json").stdout)
     check_environment(r["environment"])
@@ -50,6 +52,7 @@ def test_bench_encode_tiny():
         assert {"fast", "truncated_eager", "hf_full_hidden_states"} <= set(row) and row["fast"]["fps"] > 0
 
 
+@pytest.mark.slow
 def test_bench_answer_tiny():
     r = json.loads(cli("answer", "--new-tokens", "6", "--anchor-tokens", "4", "--repeats", "2", "--compile-anchor",
                        "--json").stdout)
@@ -63,6 +66,7 @@ def test_bench_answer_tiny():
     assert "error" not in static and static["tokens"] == 4 and static["ms_per_token_second_call"] > 0
 
 
+@pytest.mark.slow
 def test_bench_streams_tiny():
     r = json.loads(cli("streams", "--counts", "2", "--seconds", "2", "--question-interval", "1",
                        "--max-new-tokens", "3", "--json").stdout)
@@ -72,6 +76,7 @@ def test_bench_streams_tiny():
     assert run["frames"] == run["frames_expected"] == 4 and run["first_token"]["p95_ms"] > 0
 
 
+@pytest.mark.slow
 def test_bench_text_output_names_device_and_versions():
     out = cli("encode", "--batches", "1", "--repeats", "1").stdout
     assert "tiny on cpu" in out and f"torch {torch.__version__}" in out and "fps" in out

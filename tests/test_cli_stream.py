@@ -24,6 +24,7 @@ def cli(*args, stdin=None, timeout=180):
     )
 
 
+@pytest.mark.slow
 def test_ask_answers_each_question_from_the_memory_at_its_time(long_clip):
     out = cli("ask", str(long_clip), "What is at thirty?", "What is at twelve?", "And at the end?",
               "--at", "30", "--at", "12.5", "--at", "39", "--max-new-tokens", "4", "--json")
@@ -45,16 +46,19 @@ def test_ask_answers_each_question_from_the_memory_at_its_time(long_clip):
         (["What?", "--at", "-2"], "--at must be a time in seconds >= 0"),
     ],
 )
+@pytest.mark.slow
 def test_ask_rejects_bad_questions(long_clip, args, message):
     out = cli("ask", str(long_clip), *args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_ask_unknown_scheme_is_a_clear_error():
     out = cli("ask", "gopher://127.0.0.1/x.mp4", "What?")
     assert out.returncode == 2 and "unsupported URL scheme 'gopher'" in out.stderr
 
 
+@pytest.mark.slow
 def test_run_answers_questions_from_stdin_while_the_stream_plays(long_clip):
     out = cli("run", str(long_clip), "--speed", "40", "--max-new-tokens", "5", stdin="What is there?\nAnd now?\n")
     assert out.returncode == 0, out.stderr
@@ -66,11 +70,13 @@ def test_run_answers_questions_from_stdin_while_the_stream_plays(long_clip):
     assert int(match[2]) + int(match[3]) == 40 and int(match[4]) <= 681
 
 
+@pytest.mark.slow
 def test_run_on_a_missing_file_ends_with_its_error(tmp_path):
     out = cli("run", str(tmp_path / "absent.mp4"), stdin="")
     assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_bench_stream_reports_throughput_drops_and_latency():
     out = cli("bench", "stream", "--seconds", "10", "--speed", "20", "--questions", "2", "--max-new-tokens", "3", "--json")
     assert out.returncode == 0, out.stderr

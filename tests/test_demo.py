@@ -28,6 +28,7 @@ def in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return exit_.value.code or 0, out.out, out.err
 
 
+@pytest.mark.slow
 def test_demo_command_plays_a_world_stream_and_scores_each_answer():
     out = cli("demo", "--model", "tiny", "--seed", "3", "--speed", "40")
     assert out.returncode == 0, out.stderr

@@ -83,6 +83,7 @@ def test_released_files_without_times_read_as_one_fps(tmp_path):
         load_features(tmp_path / "y.safetensors")
 
 
+@pytest.mark.slow
 def test_cli_extract_features(videos, tmp_path):
     result = CliRunner().invoke(app, ["extract-features", str(videos), str(tmp_path), "--batch-size", "3"])
     assert result.exit_code == 0, result.output

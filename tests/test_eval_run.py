@@ -106,6 +106,7 @@ def test_live_replay_records_lag(model, data, tmp_path):
         assert r["time"] is None or r["stream"]["lag_s"] >= 0
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_same_predictions(model, data, tmp_path):
     bench = load_benchmark("open", data)
     bench.questions = [q for q in bench.questions if q.time in (None, 4.5)]
@@ -115,6 +116,7 @@ def test_two_workers_give_the_same_predictions(model, data, tmp_path):
     assert texts(pooled) == texts(alone)
 
 
+@pytest.mark.slow
 def test_cli_eval_open_and_choice(data, tmp_path):
     runner = CliRunner()
     out = tmp_path / "mcq"

@@ -40,6 +40,7 @@ def run_cli(*args, limit_bytes=None):
     )
 
 
+@pytest.mark.slow
 def test_info_reports_681_tokens_without_building_the_7b_model():
     # 6 GiB of address space: enough for Python and torch, far too little for a 7B model's weights
     out = run_cli("info", "--model", "flash-vstream-7b", "--json", limit_bytes=6 << 30)
@@ -141,6 +142,7 @@ def test_answer_at_uses_only_frames_up_to_that_time(video):
     assert isinstance(full.text, str)
 
 
+@pytest.mark.slow
 def test_official_mode_offline_answer_has_the_released_token_count(video, released):
     model = vstream.load(released)
     result = model.answer(str(video), "What happens?", at=5.0)  # 6 frames -> L = 5
@@ -173,6 +175,7 @@ def test_smollm2_decoder_answers_through_the_splice(video, smollm2):
     assert "Paris" in result.text
 
 
+@pytest.mark.slow
 def test_cli_ask_with_released_checkpoint(video, released):
     out = run_cli("ask", str(video), "What is in the video?", "--model", str(released), "--at", "6", "--json")
     assert out.returncode == 0, out.stderr
@@ -192,6 +195,7 @@ def test_cli_ask_with_released_checkpoint(video, released):
         (os.urandom(4096), "not a readable video"),
     ],
 )
+@pytest.mark.slow
 def test_cli_ask_bad_input_is_one_clear_line(tmp_path, content, message):
     path = tmp_path / "input.mp4"
     if content is not None:
@@ -202,6 +206,7 @@ def test_cli_ask_bad_input_is_one_clear_line(tmp_path, content, message):
     assert "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_cli_rejects_negative_at(video):
     out = run_cli("ask", str(video), "What?", "--at", "-1")
     assert out.returncode == 2 and "--at must be" in out.stderr
@@ -220,6 +225,7 @@ def test_snapshots_in_one_pass_equal_separate_answers(video, released):
         next(model.memory_snapshots(str(video), [5.0, 2.0]))
 
 
+@pytest.mark.slow
 def test_load_turns_the_fast_path_on_when_asked_and_keeps_long_answers_on_the_eager_path():
     plain = vstream.load("tiny")
     assert plain.fast is None and not plain.vision.fast  # the CPU default: the eager path

@@ -120,6 +120,7 @@ def _run_cli(args, nproc: int = 1, timeout: float = 240):
     return proc
 
 
+@pytest.mark.slow
 def test_two_process_training_learns_and_resumes(tmp_path):
     data = _tiny_llava(tmp_path)
     config = _config(tmp_path, data)

@@ -263,6 +263,7 @@ def test_write_dataset_files(tmp_path):
     assert Stream.from_dict(timeline).to_dict() == generate_stream(seeds[-1]).to_dict()
 
 
+@pytest.mark.slow
 def test_synth_command_writes_a_split(tmp_path):
     def synth(*args):
         # `python -m vstream.cli` would run cli.py as __main__, whose app lacks the commands of the cli_* modules
