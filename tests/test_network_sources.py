@@ -1,6 +1,7 @@
 """`network_source` / `open_source` against real servers on 127.0.0.1: a file over HTTP (Python's http.server), URLs
-that refuse, hang or 404, unknown schemes, and a live RTSP stream (GStreamer's RTSP server, `tests/rtsp_server.py`, run
-by Debian's `/usr/bin/python3`, which sees `python3-gi`) that goes away mid-stream or comes back during the backoff.
+that refuse, hang or 404, unknown schemes, playlists FFmpeg must not open, and a live RTSP stream (GStreamer's RTSP
+server, `tests/rtsp_server.py`, run by Debian's `/usr/bin/python3`, which sees `python3-gi`) that goes away mid-stream or
+comes back during the backoff, read directly and through the server's relay.
 No mocks; every wait is bounded. The RTSP tests need the Debian packages that `.ci/run` installs.
 """
 
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from vstream.server.netsafe import check_url
 from vstream.sources import network_source, open_source
 from vstream.synth.clips import write_test_video
 from vstream.video import VideoError
@@ -79,6 +81,33 @@ def test_http_404_is_a_clear_error(http_url):
     message = str(err.value)
     assert "missing.mp4" in message and "gave up after 1 reconnect attempts" in message
     assert "404" in message or "Not Found" in message, message
+
+
+def test_playlists_are_refused_and_their_entries_never_fetched(tmp_path):
+    """An HLS playlist, a concat list: FFmpeg opens neither (they would make it fetch what nobody checked)."""
+    write_test_video(tmp_path / "seg.ts", seconds=2, fps=5, size=(64, 48))
+    (tmp_path / "list.m3u8").write_text("#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2.0,\nseg.ts\n#EXT-X-ENDLIST\n")
+    (tmp_path / "list.ffconcat").write_text("ffconcat version 1.0\nfile seg.ts\n")
+    hits = []
+
+    class Recording(QuietHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Recording, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        for name in ("list.m3u8", "list.ffconcat"):
+            hits.clear()
+            with pytest.raises(VideoError, match="expected one of the containers .*playlists") as err:
+                list(network_source(f"http://127.0.0.1:{server.server_address[1]}/{name}", retries=0, timeout=2))
+            assert name in str(err.value) and hits and all(h == f"/{name}" for h in hits), hits
+            with pytest.raises(VideoError, match="playlists"):  # and as a local file
+                list(open_source(str(tmp_path / name))[0])
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 def test_refused_connection_gives_up_after_the_retries():
@@ -237,3 +266,37 @@ def test_rtsp_reconnect_succeeds_and_stream_time_continues(rtsp):
     assert all(b > a for a, b in zip(times, times[1:])), times
     k = back_at[0]  # first frame of the new connection: one sampling step after the last one of the old
     assert times[k] == pytest.approx(times[k - 1] + 0.2), times
+
+
+def test_rtsp_reconnects_through_a_new_relay_each_attempt(rtsp):
+    """The server's RTSP path: every attempt opens a relay of its own on 127.0.0.1, which reaches the checked server."""
+    server = rtsp()
+    checked = check_url(server.url, allow_private=True)
+    relays, back = [], []
+
+    def connect():
+        relays.append(checked.connect(5))
+        return relays[-1]
+
+    def pause(seconds):
+        if not back and server.proc.poll() is not None:
+            rtsp(server.port)
+            back.append(len(times))
+        time.sleep(seconds)
+
+    times = []
+    source = network_source(checked.url, fps=5, retries=2, backoff=0.05, timeout=5, sleep=pause,
+                            options=checked.options, connect=connect)
+    deadline = time.monotonic() + 40
+    for t, _ in source:
+        times.append(t)
+        if len(times) == 5:
+            server.stop()
+        if back and len(times) >= back[0] + 3:
+            break
+        assert time.monotonic() < deadline, f"no frames after the restart: {times}, relays {len(relays)}"
+    source.close()
+    urls = [relay.url for relay in relays]
+    assert len(urls) >= 2 and len(set(urls)) == len(urls) and server.url not in urls, urls
+    assert all(url.startswith("rtsp://127.0.0.1:") and url.endswith("/test") for url in urls), urls
+    assert all(relay.problem is None for relay in relays), [relay.problem for relay in relays]

@@ -12,6 +12,8 @@ import http.client
 import http.server
 import json
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -209,11 +211,11 @@ def test_a_plain_video_still_plays_from_the_allowed_host_and_the_media_root(clie
 class FakeRtsp:
     """An RTSP server on 127.0.0.2 that answers every request with `reply(cseq, port)`; counts the requests."""
 
-    def __init__(self, reply):
-        self.reply, self.requests = reply, []
+    def __init__(self, reply, tls: ssl.SSLContext | None = None):
+        self.reply, self.requests, self.tls = reply, [], tls
         self.listener = socket.create_server((RELAY_HOST, 0))
         self.port = self.listener.getsockname()[1]
-        self.url = f"rtsp://{RELAY_HOST}:{self.port}/live"
+        self.url = f"{'rtsps' if tls else 'rtsp'}://{RELAY_HOST}:{self.port}/live"
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -226,6 +228,11 @@ class FakeRtsp:
 
     def _serve(self, conn):
         buffer = b""
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except (OSError, ssl.SSLError):
+                return  # the client did not trust the certificate
         with conn:
             while True:
                 try:
@@ -276,6 +283,35 @@ def test_rtsp_redirects_are_not_followed(client, canaries, case):
         server.close()
     assert_untouched(canaries)
     assert client.get("/v1/streams").json()["data"] == []
+
+
+@pytest.fixture
+def tls_certificate(tmp_path) -> tuple[Path, Path]:
+    """A self-signed certificate for the address 127.0.0.2 (made by Debian's openssl) and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=relay",
+                    "-addext", f"subjectAltName=IP:{RELAY_HOST}", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def test_rtsps_goes_through_the_relay_with_tls(client, canaries, tls_certificate, monkeypatch):
+    """rtsps: the relay speaks TLS to the checked address and verifies its certificate; its redirect is refused."""
+    cert, key = tls_certificate
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    server = FakeRtsp(_redirect(f"rtsp://{canaries[0].netloc}/x"), tls=context)
+    try:
+        err = _refused(_source(client, {"type": "url", "url": server.url}), 400)
+        assert "could not be reached" in err["message"] and "CERTIFICATE_VERIFY_FAILED" in err["message"], err
+        assert server.requests == []  # not trusted: nothing was sent
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # now the relay trusts it
+        err = _refused(_source(client, {"type": "url", "url": server.url}), 400)
+        assert "redirects are not followed" in err["message"], err
+        assert len(server.requests) == 1 and server.requests[0].startswith("OPTIONS "), server.requests
+    finally:
+        server.close()
+    assert_untouched(canaries)
 
 
 def test_relay_frames_the_server_side_as_ffmpeg_does():
