@@ -31,10 +31,27 @@ def test_gram_kmeans_equals_the_seeded_torch_loop(t, k):
             w[2] = 0  # a cluster emptied earlier
         x, w = x.to(DEVICE), w.to(DEVICE)
         ref = weighted_kmeans(x, k, weights=w, init_indices=seed_indices(x, w, k), max_iter=10, tol=1e-4, empty="keep")
-        centroids, wsum, labels = kernels.gram_kmeans(x, w, k, 10, 1e-4)
+        centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, k, 10, 1e-4)
         assert torch.equal(labels, ref.labels)
         torch.testing.assert_close(wsum, ref.weights)
+        torch.testing.assert_close(sources, ref.sources)
         torch.testing.assert_close(centroids.half(), ref.centroids, atol=2e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("distinct", [1, 2, 4])
+def test_gram_kmeans_on_repeated_frames_empties_the_clusters_the_torch_loop_empties(distinct):
+    """A static or cycling scene: 26 points with only `distinct` values leave clusters empty; both keep the same
+    centroids with weight 0 and say the same about what each kept centroid averages."""
+    g = torch.Generator().manual_seed(distinct)
+    x = torch.randn(distinct, 512, generator=g).half()[torch.arange(26) % distinct].to(DEVICE)
+    w = torch.ones(26, device=DEVICE)
+    w[4] = 0  # a cluster emptied by an earlier update
+    ref = weighted_kmeans(x, 25, weights=w, init_indices=seed_indices(x, w, 25), max_iter=10, tol=1e-4, empty="keep")
+    centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, 25, 10, 1e-4)
+    assert (ref.weights == 0).sum() >= 25 - distinct
+    assert torch.equal(labels, ref.labels) and torch.equal(wsum, ref.weights)
+    torch.testing.assert_close(sources, ref.sources)
+    torch.testing.assert_close(centroids.half(), ref.centroids, atol=2e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("t,k", [(33, 25), (25, 25)])
@@ -102,7 +119,8 @@ def test_fused_decoder_gives_the_eager_greedy_tokens(kv_heads):
     assert list(dec.iter_tokens(embeds[:, 20:], 20, max_new_tokens=12)) == eager
 
 
-def test_memory_with_the_kmeans_kernel_follows_the_torch_memory(monkeypatch):
+@pytest.mark.parametrize("scene", ["paused", "cycling"])
+def test_memory_with_the_kmeans_kernel_follows_the_torch_memory(monkeypatch, scene):
     torch.manual_seed(0)
     att = AbstractAttention(64, 16)
     att_cpu = AbstractAttention(64, 16)
@@ -111,6 +129,8 @@ def test_memory_with_the_kmeans_kernel_follows_the_torch_memory(monkeypatch):
     cfg = MemoryConfig(temporal_length=6, abstract_length=4, buffer_length=20)
     fused = PaperStarMemory(cfg, 64, att, 16, device=DEVICE)
     frames = torch.randn(30, 256, 64, device=DEVICE)
+    if scene == "cycling":  # four frames over and over: clusters end empty
+        frames = frames[torch.arange(30) % 4]
     frames[12:15] = frames[11]  # a pause
     with monkeypatch.context() as env:
         env.delenv("TRITON_INTERPRET", raising=False)  # without the interpreter the CPU keeps the torch loop
@@ -122,4 +142,5 @@ def test_memory_with_the_kmeans_kernel_follows_the_torch_memory(monkeypatch):
     a, b = fused.read(), plain.read()
     torch.testing.assert_close(a.temporal_weights.cpu(), b.temporal_weights)
     torch.testing.assert_close(a.temporal_spans.cpu(), b.temporal_spans)
+    assert torch.isfinite(a.temporal_spans).all() and (scene == "paused" or (a.temporal_weights == 0).any())
     torch.testing.assert_close(a.tokens.cpu(), b.tokens, atol=1e-4, rtol=1e-4)

@@ -203,7 +203,8 @@ def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: i
     """Seeded weighted k-means of points [T, F] with weights [T], on their Gram matrix: the result of
     `kmeans.weighted_kmeans` with `seed_indices` seeds and `empty="keep"`, up to float32 rounding.
 
-    Returns (centroids [K, F] float32, cluster weights [K] float32, labels [T] int64)."""
+    Returns (centroids [K, F] float32, cluster weights [K] float32, labels [T] int64, sources [K, T] float32: the
+    coefficients of each centroid over the points, as `KMeansResult.sources`)."""
     t = points.shape[0]
     if points.dim() != 2 or weights.shape != (t,) or not 1 <= k < t <= MAX_KMEANS_POINTS:
         raise ValueError(f"gram_kmeans needs points [T, F], weights [T] and 1 <= k < T <= {MAX_KMEANS_POINTS}, got "
@@ -216,4 +217,4 @@ def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: i
     labels = torch.empty(t, device=x.device, dtype=torch.long)
     _gram_kmeans_kernel[(1,)](gram, norms, weights.float().contiguous(), coef, wsum, labels, t, k, tol,
                               MAX_ITER=max_iter, BT=MAX_KMEANS_POINTS, BK=MAX_KMEANS_POINTS, num_warps=4)
-    return coef @ x, wsum, labels
+    return coef @ x, wsum, labels, coef

@@ -38,12 +38,18 @@ class AbstractAttention(nn.Module):
         return torch.einsum("kph,nph->pkn", q, k).float() / math.sqrt(self.attention_dim)
 
     def update_official(self, memory: torch.Tensor, new: torch.Tensor, ratio: float) -> torch.Tensor:
-        """The released rule; returns the new slots [K, P, D] in the memory dtype."""
-        weight = ratio * torch.softmax(self.scores(memory, new), dim=-1)  # [P, K, n]
-        decay = weight.sum(dim=-1, keepdim=True)  # [P, K, 1], equals r
-        mixed = torch.einsum("pkn,npd->kpd", weight, new.float())
-        out = memory.float() * (1 - decay).permute(1, 0, 2) + mixed
-        return out.to(memory.dtype)
+        """The released rule in the released arithmetic: scores, softmax, mixing and decay in the memory dtype (fp16
+        for the released checkpoint), one token position at a time as 2-D products; returns the new slots [K, P, D].
+        The projections run in the attention's dtype (the memory's, in a released model)."""
+        wdtype, scale = self.q_proj.weight.dtype, math.sqrt(self.attention_dim)
+        out = []
+        for p in range(memory.shape[1]):  # P_abs^2 = 1 in the release
+            m, x = memory[:, p], new[:, p]  # [K, D], [n, D]
+            s = (self.q_proj(m.to(wdtype)) @ self.k_proj(x.to(wdtype)).T / scale).to(memory.dtype)  # [K, n]
+            weight = ratio * torch.softmax(s, dim=-1)
+            decay = weight.sum(dim=1, keepdim=True)  # equals r up to rounding
+            out.append(m * (1 - decay) + weight @ x)
+        return torch.stack(out, 1)
 
     def update_paper(self, memory: torch.Tensor, new: torch.Tensor, ratio: float) -> torch.Tensor:
         """The slot-competitive rule (module docstring); returns the new slots [K, P, D] in the memory dtype."""

@@ -1,18 +1,22 @@
-"""Weighted k-means (Lloyd) as batched tensor work.
+"""Weighted k-means (Lloyd) for both memory modes, each in its own arithmetic.
 
-One function serves both memory modes:
-- `empty="keep"` (paper mode): a cluster left empty keeps its previous centroid with weight 0. The loop always runs
+- `empty="keep"` (paper mode): float32 throughout, distances by the expansion |x|^2 - 2 x.c + |c|^2 (one matrix
+  product) and means as one matrix product, the centroids rounded to the data dtype once at the end: the most accurate
+  and the fastest of the two. A cluster left empty keeps its previous centroid with weight 0. The loop always runs
   `max_iter` iterations and freezes once converged, so there is no host synchronisation at all.
-- `empty="python_random"` (official mode): an empty cluster is refilled with `data[random.randint(0, T-1)]`, one draw
-  of Python's `random` per empty cluster in increasing cluster order, and the loop breaks on convergence, as the
-  released code does. Both need the host, so this policy synchronises once per iteration. Distances are taken from
-  explicit differences, as released, so that identical frames (a paused stream) tie exactly as they did there.
+- `empty="python_random"` (official mode): the released arithmetic, in the data dtype (fp16 for the released
+  checkpoint): distances from explicit differences, squared and summed, then square-rooted; each cluster's mean a
+  masked sum over its members divided by their summed weight, cluster by cluster; the movement a sum of per-cluster
+  norms added one after another. So ties at the last bit of a static or repetitive stream resolve as they did there. An
+  empty cluster is refilled with `data[random.randint(0, T-1)]`, one draw of Python's `random` per empty cluster in
+  increasing cluster order, and the loop breaks on convergence. This needs the host once per iteration.
 
-Convergence rule (both policies): when the summed centroid movement of an iteration is below `tol`, the centroids of
-that iteration's *input* are kept, and the labels/weights of that iteration's assignment are returned. If the loop runs
-out of iterations, the last update is returned with the labels/weights of the assignment before it.
+Convergence rule (both): when the summed centroid movement of an iteration is below `tol`, the centroids of that
+iteration's *input* are kept, and the labels/weights of that iteration's assignment are returned. If the loop runs out
+of iterations, the last update is returned with the labels/weights of the assignment before it.
 
-Distances are computed in float32 whatever the data dtype; the centroids come back in the data dtype.
+Every result also says what each centroid is an average of (`sources`), so that a cluster that ends empty (weight 0)
+can still say which frames its kept centroid shows: the memories take their time spans from it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ class KMeansResult:
     centroids: torch.Tensor  # [K, F] in the data dtype
     weights: torch.Tensor  # [K] float32, summed point weights of each cluster (last assignment)
     labels: torch.Tensor  # [T] int64, cluster of each point (last assignment)
+    sources: torch.Tensor  # [K, T] float32: centroid k = sum_t sources[k, t] x_t (up to rounding); rows sum to 1
 
 
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -41,12 +46,12 @@ def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return d.clamp_min_(0.0)
 
 
-def direct_distances(x: torch.Tensor, c: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
-    """[T, F], [K, F] -> [T, K] Euclidean distances from explicit differences (identical points at exactly 0),
-    float32, in blocks of rows so that no block holds more than `max_elements` differences."""
-    c = c.float()
+def released_distances(x: torch.Tensor, c: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """[T, F], [K, F] -> [T, K] Euclidean distances in the data dtype, as released: sqrt(sum((x - c)^2)) from explicit
+    differences (identical points at exactly 0), in blocks of rows so that no block holds more than `max_elements`
+    differences (each distance is reduced alone, so blocks do not change a bit)."""
     rows = max(1, max_elements // max(1, c.numel()))
-    return torch.cat([(x[i : i + rows].float()[:, None] - c[None]).square().sum(-1).sqrt() for i in range(0, x.shape[0], rows)])
+    return torch.cat([(x[i : i + rows, None] - c[None]).square().sum(-1).sqrt() for i in range(0, x.shape[0], rows)])
 
 
 def weighted_kmeans(
@@ -73,60 +78,78 @@ def weighted_kmeans(
     w = torch.ones(t, device=data.device) if weights is None else weights.float()
     if w.shape != (t,):
         raise ValueError(f"weights must have shape [{t}], got {tuple(w.shape)}")
+    if empty not in ("keep", "python_random"):
+        raise ValueError(f"empty must be 'keep' or 'python_random', got {empty!r}")
+    if empty == "python_random" and weights is not None and not bool((w > 0).all()):  # the released loop's callers pass none
+        raise ValueError(f"empty='python_random' needs positive weights, got a minimum of {float(w.min())}")
     if t <= k:
-        return KMeansResult(data, w, torch.arange(t, device=data.device))
+        return KMeansResult(data, w, torch.arange(t, device=data.device), torch.eye(t, device=data.device))
     if init_indices is None:
         init_indices = torch.randperm(t, device=data.device, generator=generator)[:k]
     elif init_indices.shape != (k,):
         raise ValueError(f"init_indices must have shape [{k}], got {tuple(init_indices.shape)}")
     if empty == "keep":
         return _lloyd_frozen(data, k, w, init_indices, max_iter, tol)
-    if empty == "python_random":
-        return _lloyd_python_random(data, k, w, init_indices, max_iter, tol)
-    raise ValueError(f"empty must be 'keep' or 'python_random', got {empty!r}")
+    return _lloyd_released(data, k, w, init_indices, max_iter, tol)
 
 
-def _assign(x: torch.Tensor, c: torch.Tensor, w: torch.Tensor, k: int, exact: bool = False):
-    """One assignment + update step: (labels [T], cluster weights [K], weighted means [K, F] (0 where empty)).
-
-    `exact` measures distances from explicit differences, as the released code does, so that ties between identical
-    points resolve the same way (first cluster wins); otherwise by the cheaper expansion."""
-    dist = direct_distances(x, c) if exact else squared_distances(x, c)
-    labels = dist.argmin(dim=1)  # first index wins ties
-    # a comparison, not F.one_hot: one_hot validates its input on the host, which would synchronise
-    onehot = (labels[:, None] == torch.arange(k, device=x.device)[None, :]).to(torch.float32) * w[:, None]  # [T, K]
-    wsum = onehot.sum(0)
-    means = (onehot.T @ x) / wsum.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-    return labels, wsum, means
+def _onehot(index: torch.Tensor, n: int) -> torch.Tensor:
+    """[m] -> [m, n] float32; a comparison, not F.one_hot, which validates its input on the host (a synchronisation)."""
+    return (index[:, None] == torch.arange(n, device=index.device)[None, :]).to(torch.float32)
 
 
 def _lloyd_frozen(x_in, k, w, init, max_iter, tol) -> KMeansResult:
     x = x_in.float()
+    t = x.shape[0]
     c = x[init]
+    src = _onehot(init, t)  # [K, T]
     done = torch.zeros((), dtype=torch.bool, device=x.device)
-    labels_out = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+    labels_out = torch.zeros(t, dtype=torch.long, device=x.device)
     wsum_out = torch.zeros(k, device=x.device)
     for _ in range(max_iter):
-        labels, wsum, means = _assign(x, c, w, k)
-        new = torch.where((wsum > 0)[:, None], means, c)
+        labels = squared_distances(x, c).argmin(dim=1)  # first index wins ties
+        member = _onehot(labels, k) * w[:, None]  # [T, K]
+        wsum = member.sum(0)
+        live = (wsum > 0)[:, None]
+        new = torch.where(live, (member.T @ x) / wsum.clamp_min(torch.finfo(torch.float32).tiny)[:, None], c)
+        new_src = torch.where(live, member.T / wsum.clamp_min(torch.finfo(torch.float32).tiny)[:, None], src)
         converged = (new - c).norm(dim=1).sum() < tol
         labels_out = torch.where(done, labels_out, labels)
         wsum_out = torch.where(done, wsum_out, wsum)
-        c = torch.where(done | converged, c, new)
-        done = done | converged
-    return KMeansResult(c.to(x_in.dtype), wsum_out, labels_out)
+        keep = done | converged
+        c = torch.where(keep, c, new)
+        src = torch.where(keep, src, new_src)
+        done = keep
+    return KMeansResult(c.to(x_in.dtype), wsum_out, labels_out, src)
 
 
-def _lloyd_python_random(x_in, k, w, init, max_iter, tol) -> KMeansResult:
-    x = x_in.float()
+def _lloyd_released(x, k, w_in, init, max_iter, tol) -> KMeansResult:
+    """The released loop in the data dtype (module docstring). Member lists come to the host once per iteration
+    (the released code reads each cluster's mask there too); `x[index]` gathers the same rows `x[mask]` does."""
     t = x.shape[0]
+    w = w_in.to(x.dtype)
     c = x[init]
+    src = _onehot(init, t)
     labels = wsum = None
     for _ in range(max_iter):
-        labels, wsum, new = _assign(x, c, w, k, exact=True)
-        for j in (wsum == 0).nonzero().flatten().tolist():
-            new[j] = x[random.randint(0, t - 1)]
-        if float((new - c).norm(dim=1).sum()) < tol:
+        labels = released_distances(x, c).argmin(dim=1)  # first index wins ties
+        members = [[] for _ in range(k)]
+        for i, j in enumerate(labels.tolist()):
+            members[j].append(i)
+        new = torch.empty_like(c)
+        new_src = torch.zeros_like(src)
+        wsum = torch.zeros(k, dtype=x.dtype, device=x.device)
+        for j, idx in enumerate(members):
+            if idx:
+                index = torch.tensor(idx, device=x.device)
+                wsum[j] = w[index].sum()
+                new[j] = (w[index][:, None] * x[index]).sum(0) / wsum[j]
+                new_src[j, index] = w_in[index].float() / w_in[index].float().sum()
+            else:
+                r = random.randint(0, t - 1)
+                new[j], new_src[j, r] = x[r], 1.0
+        diff = sum((c - new).norm(dim=1).cpu().unbind())  # one norm per cluster, added in cluster order
+        if diff < tol:
             break
-        c = new
-    return KMeansResult(c.to(x_in.dtype), wsum, labels)
+        c, src = new, new_src
+    return KMeansResult(c, wsum.float(), labels, src)

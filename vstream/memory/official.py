@@ -24,19 +24,19 @@ import torch
 from vstream.config import MemoryConfig
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
-from vstream.memory.kmeans import direct_distances, weighted_kmeans
-from vstream.memory.star import MemoryRead, StarMemoryBase, cluster_spans
+from vstream.memory.kmeans import weighted_kmeans
+from vstream.memory.star import MemoryRead, StarMemoryBase, cluster_spans, span_sources
 
 def retrieve_as_coded(long: torch.Tensor, weights: torch.Tensor, k: int) -> torch.Tensor:
     """The released retrieval: long [L, P, D], cluster weights [K] -> frame indices [min(k, K)].
 
     The heaviest cluster ids index *frames* of `long`; for each such frame the first frame at the smallest Euclidean
-    distance is returned (itself, unless an identical frame comes earlier). Distances are direct differences, so an
-    identical frame is at distance exactly 0.
+    distance is returned (itself, unless an identical frame comes earlier). Distances are norms of explicit
+    differences in the memory dtype, key by key, so an identical frame is at distance exactly 0.
     """
     order = torch.argsort(weights, descending=True)
-    keys = long[order][:k].flatten(1)  # [k, F]
-    return direct_distances(long.flatten(1), keys).argmin(dim=0)  # [L, k] -> first nearest frame per key
+    keys = long[order][:k]
+    return torch.stack([(long - key).flatten(1).norm(dim=1).argmin() for key in keys])  # first nearest frame per key
 
 
 def turing_compress(slots: torch.Tensor, length: int, ratio: float, attention: AbstractAttention) -> torch.Tensor:
@@ -49,12 +49,15 @@ def turing_compress(slots: torch.Tensor, length: int, ratio: float, attention: A
     return memory
 
 
-def _official_kmeans(points: torch.Tensor, cfg: MemoryConfig):
-    """Released k-means on [T, P, D]; returns the result and the weights in the memory dtype (for argsort ties)."""
+def _official_kmeans(points: torch.Tensor, spans: torch.Tensor, cfg: MemoryConfig):
+    """Released k-means on [T, P, D] with the points' time spans [T, 3] -> (result, the weights in the memory dtype
+    (for argsort ties), the clusters' spans [K, 3]). Every point counts once for the spans, as for the weights; a
+    cluster that ends empty spans the frames its centroid (a refill or a kept centroid) averages."""
     result = weighted_kmeans(
         points.flatten(1), cfg.temporal_length, max_iter=cfg.kmeans_iters, tol=cfg.kmeans_tol, empty="python_random"
     )
-    return result, result.weights.to(points.dtype)
+    ones = torch.ones(points.shape[0], device=points.device)
+    return result, result.weights.to(points.dtype), cluster_spans(spans, span_sources(result, ones))
 
 
 def official_offline_memory(
@@ -75,13 +78,11 @@ def official_offline_memory(
     ret_times = times[:0]
     if long_n:
         long = tem[:long_n]
-        result, w = _official_kmeans(long, c)
+        result, w, spans = _official_kmeans(long, times[:long_n, None].expand(long_n, 3), c)
         idx = retrieve_as_coded(long, w, c.retrieved_length)
         parts["temporal"] = result.centroids.view(-1, *long.shape[1:])
         parts["retrieved"] = spa[idx]
         parts["abstract"] = turing_compress(abs_[:long_n], c.abstract_length, c.update_ratio, attention)
-        span = times[:long_n, None].expand(long_n, 3)
-        spans = cluster_spans(span, torch.ones(long_n, device=spa.device), result.labels, parts["temporal"].shape[0])
         weights, ret_times = result.weights, times[idx]
     return MemoryRead(
         tokens=torch.cat([parts[p].flatten(0, 1) for p in ("abstract", "temporal", "retrieved", "spatial")]),
@@ -148,12 +149,12 @@ class OfficialStreamingMemory(StarMemoryBase):
         c = self.cfg
         points = torch.cat([self.temporal[: self.n_tem], tem])  # old centroids first, as released
         spans = torch.cat([self.tem_span[: self.n_tem], span])
-        result, w = _official_kmeans(points, c)
+        result, w, new_spans = _official_kmeans(points, spans, c)
         idx = retrieve_as_coded(points, w, c.retrieved_length)  # positions in `points` = stream frame numbers
         m = result.centroids.shape[0]
         self.temporal[:m] = result.centroids.view(m, *points.shape[1:])
         self.tem_weight[:m] = result.weights
-        self.tem_span[:m] = cluster_spans(spans, torch.ones(points.shape[0], device=self.device), result.labels, m)
+        self.tem_span[:m] = new_spans
         self.n_tem = m
         self.retrieved[: idx.shape[0]] = idx
         self.n_ret = idx.shape[0]

@@ -63,10 +63,11 @@ def ref_turing_compress(a: torch.Tensor, length: int, ratio: float, attention: A
         return a
     d = a.shape[-1]
     m = a[:length].reshape(length, d)
-    h = attention.attention_dim
+    h, wdtype = attention.attention_dim, attention.q_proj.weight.dtype
     for i in range(length, a.shape[0], length):
         x = a[i : min(i + length, a.shape[0])].reshape(-1, d)
-        s = attention.q_proj(m) @ attention.k_proj(x).T / math.sqrt(h)
+        # the projections in the attention's dtype, everything after them in the memory's (fp16 in the release)
+        s = (attention.q_proj(m.to(wdtype)) @ attention.k_proj(x.to(wdtype)).T / math.sqrt(h)).to(a.dtype)
         wt = ratio * torch.softmax(s, dim=-1)
         decay = wt.sum(dim=1, keepdim=True)
         m = m * (1 - decay) + wt @ x
@@ -154,26 +155,32 @@ class RefPaperMemory:
         cost = [points[i][1] * min(dist(points[i][0], points[j][0]) for j in range(n) if j != i) for i in range(n)]
         seeds = sorted(range(n), key=lambda i: (-cost[i], i))[:k]
         cent = [points[i][0].clone() for i in seeds]
+        source = [{i: 1.0} for i in seeds]  # what each centroid averages: {point: coefficient}
         labels = None
         for _ in range(self.cfg.kmeans_iters):
             labels = [min(range(k), key=lambda j: (dist(p[0], cent[j]), j)) for p in points]
-            new = []
+            new, new_source = [], []
             for j in range(k):
-                members = [p for p, lab in zip(points, labels) if lab == j]
-                wsum = sum(p[1] for p in members)
-                new.append(sum(p[1] * p[0] for p in members) / wsum if members else cent[j])
+                members = [i for i in range(n) if labels[i] == j]
+                wsum = sum(points[i][1] for i in members)
+                if wsum > 0:  # otherwise empty: the cluster keeps its centroid
+                    new.append(sum(points[i][1] * points[i][0] for i in members) / wsum)
+                    new_source.append({i: points[i][1] / wsum for i in members if points[i][1] > 0})
+                else:
+                    new.append(cent[j])
+                    new_source.append(source[j])
             if sum(float(torch.norm(a - b)) for a, b in zip(cent, new)) < self.cfg.kmeans_tol:
                 break
-            cent = new
+            cent, source = new, new_source
         out = []
         for j in range(k):
-            members = [p for p, lab in zip(points, labels) if lab == j]
-            wsum = sum(p[1] for p in members)
-            if members:
-                mean_t = sum(p[1] * p[4] for p in members) / wsum
-                out.append([cent[j], wsum, min(p[2] for p in members), max(p[3] for p in members), mean_t])
-            else:
-                out.append([cent[j], 0.0, math.nan, math.nan, math.inf])
+            members = [i for i in range(n) if labels[i] == j and points[i][1] > 0]
+            wsum = sum(points[i][1] for i in members)
+            # a cluster with weight spans its members; an empty one the points its kept centroid averages
+            span = {i: points[i][1] / wsum for i in members} if wsum > 0 else source[j]
+            first = min(points[i][2] for i in span)
+            last = max(points[i][3] for i in span)
+            out.append([cent[j], wsum, first, last, sum(c * points[i][4] for i, c in span.items())])
         return sorted(out, key=lambda x: x[4])
 
     @torch.no_grad()

@@ -212,8 +212,8 @@ class PaperStarMemory(StarMemoryBase):
         weight = torch.cat([self.tem_weight[: self.n_tem], torch.ones(n, device=self.device)])
         span = torch.cat([self.tem_span[: self.n_tem], times[:, None].expand(n, 3)])
         result = seeded_kmeans(points, weight, k, self.cfg.kmeans_iters, self.cfg.kmeans_tol)
-        new_span = cluster_spans(span, weight, result.labels, k)
-        order = torch.argsort(torch.nan_to_num(new_span[:, 2], nan=float("inf")))  # time order, empty clusters last
+        new_span = cluster_spans(span, span_sources(result, weight))
+        order = torch.sort(new_span[:, 2], stable=True).indices  # time order (an empty cluster by its kept centroid's)
         self.temporal.copy_(result.centroids[order].view_as(self.temporal))
         self.tem_weight.copy_(result.weights[order])
         self.tem_span.copy_(new_span[order])
@@ -301,8 +301,8 @@ def seeded_kmeans(points: torch.Tensor, weight: torch.Tensor, k: int, max_iter: 
     fused kernels run and T is small (a steady update has T = k + 1), seeding and all iterations are one kernel on the
     Gram matrix, between two matrix products; elsewhere the batched PyTorch loop of `weighted_kmeans`."""
     if kernels.available(points.device) and k < points.shape[0] <= kernels.MAX_KMEANS_POINTS:
-        centroids, wsum, labels = kernels.gram_kmeans(points, weight, k, max_iter, tol)
-        return KMeansResult(centroids.to(points.dtype), wsum, labels)
+        centroids, wsum, labels, sources = kernels.gram_kmeans(points, weight, k, max_iter, tol)
+        return KMeansResult(centroids.to(points.dtype), wsum, labels, sources)
     return weighted_kmeans(points, k, weights=weight, init_indices=seed_indices(points, weight, k),
                            max_iter=max_iter, tol=tol, empty="keep")
 
@@ -328,16 +328,24 @@ def nearest_most_recent(dist: torch.Tensor, times: torch.Tensor, rel_tol: float 
     return times[None, :].expand_as(dist).masked_fill(~tied, float("-inf")).argmax(1)
 
 
-def cluster_spans(span: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-cluster (first, last, weighted-mean) time from the members' spans [T, 3]; NaN rows for empty clusters."""
-    out = torch.full((k, 3), float("nan"), dtype=torch.float64, device=span.device)
-    out[:, 0].scatter_reduce_(0, labels, span[:, 0], reduce="amin", include_self=False)
-    out[:, 1].scatter_reduce_(0, labels, span[:, 1], reduce="amax", include_self=False)
-    w = weight.double()
-    total = torch.zeros(k, dtype=torch.float64, device=span.device).index_add_(0, labels, w)
-    mean = torch.zeros(k, dtype=torch.float64, device=span.device).index_add_(0, labels, w * span[:, 2])
-    out[:, 2] = mean / total  # 0/0 = NaN for empty clusters
-    return out
+def span_sources(result: KMeansResult, weight: torch.Tensor) -> torch.Tensor:
+    """[K, T] non-negative rows, none all zero: which points' times each cluster stands for. A cluster with weight
+    stands for its members, each by its weight (a weight-0 member adds no frame); an empty cluster keeps its centroid,
+    so it stands for what that centroid averages (`result.sources`): its frames stay finite and citable."""
+    k = result.weights.shape[0]
+    member = (result.labels[None, :] == torch.arange(k, device=weight.device)[:, None]) * weight.float()[None, :]
+    return torch.where((result.weights > 0)[:, None], member, result.sources.float())
+
+
+def cluster_spans(span: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+    """Per-cluster (first, last, weighted-mean) time [K, 3] float64 from the points' spans [T, 3] and `span_sources`
+    [K, T]: first and last over the points a cluster stands for, the mean weighted by how much it stands for each."""
+    pos = sources > 0
+    first = torch.where(pos, span[None, :, 0], torch.inf).amin(1)
+    last = torch.where(pos, span[None, :, 1], -torch.inf).amax(1)
+    s = sources.double()
+    mean = (s @ span[:, 2]) / s.sum(1)
+    return torch.stack([first, last, mean], 1)
 
 
 class CapturedUpdate:
