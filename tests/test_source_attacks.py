@@ -375,6 +375,7 @@ def test_embedded_ipv4_is_judged_like_ipv4():
     assert "the 6to4 form of 10.0.0.1, a private address" in address_refusal("2002:a00:1::")
     assert "the NAT64 form of 169.254.169.254" in address_refusal("64:ff9b::a9fe:a9fe")
     assert address_refusal("2002:808:808::") is None  # 6to4 of 8.8.8.8: public
+    assert address_refusal("::ffff:8.8.8.8") is None  # dialled as 8.8.8.8 itself
     assert address_refusal("2606:4700:4700::1111") is None
 
 

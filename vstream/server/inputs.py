@@ -60,7 +60,11 @@ def _check_name(rel: str) -> None:
     """400 for a name no file can have: a NUL byte, a component over NAME_MAX bytes, a path over PATH_MAX."""
     if "\0" in rel:
         raise ApiError(400, f"path {rel!r} contains a NUL byte: expected a file name", param="source.path")
-    encoded = os.fsencode(rel)
+    try:
+        encoded = rel.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate, which JSON can carry and no file name holds
+        raise ApiError(400, f"path {rel!r} is not valid Unicode ({exc.reason}): expected a file name",
+                       param="source.path") from None
     longest = max((len(part) for part in encoded.split(b"/")), default=0)
     if longest > _NAME_MAX:
         raise ApiError(400, f"path {rel[:80]!r}... has a name of {longest} bytes: expected at most {_NAME_MAX}",

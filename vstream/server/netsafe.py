@@ -99,6 +99,9 @@ def _refusals(address: str) -> list[tuple[ipaddress.IPv4Address | ipaddress.IPv6
     ip = ipaddress.ip_address(address.split("%")[0])
     if ip in _NAT64_LOCAL:
         return [(ip, "a local-use NAT64 address (64:ff9b:1::/48), which may carry any IPv4 address")]
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # dialled as the IPv4 address itself
+        why = _kind_refusal(ip.ipv4_mapped)
+        return [] if why is None else [(ip.ipv4_mapped, f"the IPv4-mapped form of {ip.ipv4_mapped}, {why}")]
     out = []
     for form, v4 in embedded_ipv4(ip):
         if (why := _kind_refusal(v4)) is not None:
