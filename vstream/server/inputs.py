@@ -45,7 +45,7 @@ def resolve_media(media_root: Path | None, rel: str) -> Path:
         if not path.exists():
             raise ApiError(404, f"no file {rel!r} under the media root", code="file_not_found", param="source.path")
         regular = path.is_file()
-    except RuntimeError as exc:  # Python 3.11's resolve() reports a symlink loop so (3.13 raises OSError ELOOP)
+    except RuntimeError as exc:  # how Python 3.11's resolve() reports a symlink loop (later ones: OSError ELOOP)
         raise ApiError(400, f"path {rel!r} runs into a symlink loop: expected a path to a file",
                        param="source.path") from exc
     except OSError as exc:  # ELOOP, ENAMETOOLONG, EACCES...: the message must not carry the server's path
