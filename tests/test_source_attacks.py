@@ -209,7 +209,8 @@ def test_a_plain_video_still_plays_from_the_allowed_host_and_the_media_root(clie
 # --- RTSP redirects -------------------------------------------------------------------------------------------------
 
 class FakeRtsp:
-    """An RTSP server on 127.0.0.2 that answers every request with `reply(cseq, port)`; counts the requests."""
+    """An RTSP server on 127.0.0.2 that answers every request with `reply(request_line, cseq, port)`; records the
+    request lines."""
 
     def __init__(self, reply, tls: ssl.SSLContext | None = None):
         self.reply, self.requests, self.tls = reply, [], tls
@@ -248,7 +249,7 @@ class FakeRtsp:
                     cseq = next((li.split(b":")[1].strip() for li in head.split(b"\r\n")
                                  if li.lower().startswith(b"cseq")), b"0")
                     try:
-                        conn.sendall(self.reply(cseq.decode(), self.port).encode("latin-1"))
+                        conn.sendall(self.reply(self.requests[-1], cseq.decode(), self.port).encode("latin-1"))
                     except OSError:
                         return
 
@@ -258,8 +259,8 @@ class FakeRtsp:
 
 
 def _redirect(location: str, eol: str = "\r\n", before: str = ""):
-    return lambda cseq, port: (f"{before}RTSP/1.0 302 Found{eol}CSeq: {cseq}{eol}"
-                               f"Location: {location.format(port=port)}{eol}{eol}")
+    return lambda request, cseq, port: (f"{before}RTSP/1.0 302 Found{eol}CSeq: {cseq}{eol}"
+                                        f"Location: {location.format(port=port)}{eol}{eol}")
 
 
 @pytest.mark.parametrize("case", ["loopback", "other-loopback", "ipv6-loopback", "loop", "bare-lf", "after-packet",
@@ -270,7 +271,8 @@ def test_rtsp_redirects_are_not_followed(client, canaries, case):
     reply = {"loopback": _redirect(ipv4), "other-loopback": _redirect(other), "ipv6-loopback": _redirect(ipv6),
              "loop": _redirect(f"rtsp://{RELAY_HOST}:{{port}}/again"), "bare-lf": _redirect(ipv4, eol="\n"),
              "after-packet": _redirect(ipv4, before="$\x00\x00\x03abc"),
-             "moved-permanently": lambda cseq, port: f"RTSP/1.0 301 Moved\r\nCSeq: {cseq}\r\nLocation: {ipv6}\r\n\r\n",
+             "moved-permanently": lambda request, cseq, port: (f"RTSP/1.0 301 Moved\r\nCSeq: {cseq}\r\n"
+                                                               f"Location: {ipv6}\r\n\r\n"),
              }[case]
     server = FakeRtsp(reply)
     try:
@@ -283,6 +285,32 @@ def test_rtsp_redirects_are_not_followed(client, canaries, case):
         server.close()
     assert_untouched(canaries)
     assert client.get("/v1/streams").json()["data"] == []
+
+
+def test_rtsp_urls_inside_the_session_never_open_a_connection(client, canaries):
+    """A description whose base and track point at a canary: FFmpeg sends SETUP for it on the relayed connection (the
+    one it has), opens nothing else, and gives up when the server refuses the transport."""
+    canary = canaries[0].netloc
+
+    def reply(request, cseq, port):
+        if request.startswith("OPTIONS"):
+            return f"RTSP/1.0 200 OK\r\nCSeq: {cseq}\r\nPublic: OPTIONS, DESCRIBE, SETUP, PLAY\r\n\r\n"
+        if request.startswith("DESCRIBE"):
+            sdp = ("v=0\r\no=- 0 0 IN IP4 127.0.0.1\r\ns=x\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
+                   f"m=video 0 RTP/AVP 96\r\na=rtpmap:96 H264/90000\r\na=control:rtsp://{canary}/track\r\n")
+            return (f"RTSP/1.0 200 OK\r\nCSeq: {cseq}\r\nContent-Base: rtsp://{canary}/\r\n"
+                    f"Content-Type: application/sdp\r\nContent-Length: {len(sdp)}\r\n\r\n{sdp}")
+        return f"RTSP/1.0 461 Unsupported Transport\r\nCSeq: {cseq}\r\n\r\n"
+
+    server = FakeRtsp(reply)
+    try:
+        err = _refused(_source(client, {"type": "url", "url": server.url}), 400)
+        assert err["code"] == "invalid_video", err
+        methods = [line.split()[0] for line in server.requests]
+        assert methods == ["OPTIONS", "DESCRIBE", "SETUP"] and canary in server.requests[2], server.requests
+    finally:
+        server.close()
+    assert_untouched(canaries)
 
 
 @pytest.fixture
