@@ -38,30 +38,25 @@ def seeded(seed):
 # ---------------------------------------------------------------- weighted k-means
 
 
-def test_kmeans_matches_released_loop_with_same_seed():
-    x = torch.randn(60, 4, 8)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kmeans_matches_released_loop_bit_for_bit_with_same_seed(dtype):
+    x = torch.randn(60, 4, 8).to(dtype)
     for seed in range(5):
         seeded(seed)
         ref_c, ref_w, ref_l = ref_official_kmeans(x, 25)
+        state_ref = random.getstate()
         seeded(seed)
         fast = weighted_kmeans(x.flatten(1), 25, empty="python_random")
-        torch.testing.assert_close(fast.centroids.view(25, 4, 8), ref_c, atol=1e-5, rtol=1e-5)
-        assert torch.equal(fast.labels, ref_l)
-        torch.testing.assert_close(fast.weights, ref_w)
-        assert random.random() == (random.seed(seed) or _after_ref(x, seed))
+        assert random.getstate() == state_ref  # the same Python draws
+        assert fast.centroids.dtype == dtype and torch.equal(fast.centroids.view(25, 4, 8), ref_c)
+        assert torch.equal(fast.labels, ref_l) and torch.equal(fast.weights, ref_w.float())
 
 
-def _after_ref(x, seed):
-    """Python's random state after the reference run: both must have drawn the same numbers."""
-    seeded(seed)
-    ref_official_kmeans(x, 25)
-    return random.random()
-
-
-def test_kmeans_refills_empty_clusters_like_the_released_loop():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_kmeans_refills_empty_clusters_like_the_released_loop(dtype):
     # duplicated points force empty clusters after the first assignment
     base = torch.randn(6, 5)
-    x = torch.cat([base.repeat(5, 1), torch.randn(4, 5)])  # 34 points, many identical
+    x = torch.cat([base.repeat(5, 1), torch.randn(4, 5)]).to(dtype)  # 34 points, many identical
     for seed in range(4):
         seeded(seed)
         ref_c, ref_w, ref_l = ref_official_kmeans(x[:, None, :], 25)
@@ -69,8 +64,20 @@ def test_kmeans_refills_empty_clusters_like_the_released_loop():
         seeded(seed)
         fast = weighted_kmeans(x, 25, empty="python_random")
         assert random.getstate() == state_ref
-        torch.testing.assert_close(fast.centroids, ref_c.view(25, 5), atol=1e-5, rtol=1e-5)
-        assert torch.equal(fast.labels, ref_l)
+        assert torch.equal(fast.centroids, ref_c.view(25, 5)) and torch.equal(fast.labels, ref_l)
+        # each centroid is the mean of what `sources` names, an empty cluster's too (a refill or a kept centroid)
+        torch.testing.assert_close(fast.sources @ x.float(), fast.centroids.float(), atol=2e-3, rtol=1e-3)
+        torch.testing.assert_close(fast.sources.sum(1), torch.ones(25))
+
+
+def test_kmeans_sources_say_what_each_kept_centroid_averages():
+    x = torch.randn(4, 6)[torch.arange(20) % 4]  # four distinct points, many copies
+    w = torch.rand(20) + 0.5
+    w[3] = 0
+    result = weighted_kmeans(x, 8, weights=w, init_indices=torch.arange(8))
+    assert (result.weights == 0).sum() == 4  # four clusters for four distinct points; the other four empty
+    torch.testing.assert_close(result.sources @ x, result.centroids)
+    torch.testing.assert_close(result.sources.sum(1), torch.ones(8))
 
 
 def test_kmeans_weighted_and_frozen_is_deterministic_and_conserves_weight():
@@ -95,6 +102,8 @@ def test_kmeans_rejects_bad_shapes():
         weighted_kmeans(torch.randn(10, 4), 2, weights=torch.ones(3))
     with pytest.raises(ValueError, match="init_indices"):
         weighted_kmeans(torch.randn(10, 4), 2, init_indices=torch.arange(3))
+    with pytest.raises(ValueError, match="needs positive weights, got a minimum of 0.0"):
+        weighted_kmeans(torch.randn(10, 4), 2, weights=torch.arange(10.0), empty="python_random")
 
 
 def test_kmeans_generator_gives_reproducible_init():
@@ -177,13 +186,17 @@ def test_official_abstract_degenerates_with_single_frames():
 # ---------------------------------------------------------------- paper mode
 
 
+@pytest.mark.parametrize("scene", ["random", "cycling"])
 @pytest.mark.parametrize("chunks", [[1] * 45, [4, 30, 1, 2, 9, 12, 1]])
-def test_paper_equals_reference(chunks):
+def test_paper_equals_reference(chunks, scene):
     cfg = MemoryConfig(buffer_length=20, temporal_length=6, abstract_length=5, retrieved_length=2, spatial_length=2)
     att = make_attention(1)
     ref = RefPaperMemory(cfg, att)
     fast = PaperStarMemory(cfg, D, att, GRID)
     x = frames(sum(chunks), seed=4)
+    if scene == "cycling":  # three frames over and over, with a pause: clusters end empty
+        x = x[torch.arange(sum(chunks)) % 3]
+        x[20:26] = x[19]
     start = 0
     for n in chunks:
         times = [0.5 * (start + i) for i in range(n)]
@@ -193,7 +206,9 @@ def test_paper_equals_reference(chunks):
         read = fast.read()
         torch.testing.assert_close(read.tokens.double(), ref.read(), atol=1e-4, rtol=1e-4)
         assert read.temporal_weights.sum().item() == pytest.approx(start)
-        assert read.temporal_spans[:, 0].tolist() == [cl[2] for cl in ref.clusters]
+        assert read.temporal_weights.tolist() == [cl[1] for cl in ref.clusters]
+        assert read.temporal_spans[:, :2].tolist() == [cl[2:4] for cl in ref.clusters]
+        assert read.temporal_spans[:, 2].tolist() == pytest.approx([cl[4] for cl in ref.clusters])
 
 
 def test_paper_state_is_bounded():

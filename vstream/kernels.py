@@ -106,7 +106,7 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=["t", "k"])
     def _gram_kmeans_kernel(
-        g_ptr, n_ptr, w_ptr, a_ptr, wsum_ptr, labels_ptr, t, k, tol,
+        g_ptr, n_ptr, same_ptr, w_ptr, a_ptr, wsum_ptr, labels_ptr, t, k, tol,
         MAX_ITER: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     ):
         rows = tl.arange(0, BT)  # points
@@ -122,10 +122,14 @@ if triton is not None:
         inf = float("inf")
 
         # seeds: the k points that cost most to merge into their nearest other point (weight x squared distance);
-        # |a|^2 - 2 a.b + |b|^2 summed in the order `squared_distances` sums it, so exact ties resolve alike
-        d = tl.maximum((gd[:, None] - 2.0 * g) + gd_c[None, :], 0.0)
-        d = tl.where(eye | (cols[None, :] >= t), inf, d)
-        cost = tl.where(valid, w * tl.min(d, axis=1), -inf)  # [BT]
+        # |a|^2 - 2 a.b + |b|^2 summed in the order `squared_distances` sums it, so exact ties resolve alike; exact
+        # copies (`same`) are at 0, and a point's later copies are not its neighbours (`seed_indices`)
+        same = tl.load(same_ptr + rows[:, None] * t + cols[None, :], mask=valid[:, None] & (cols[None, :] < t), other=0)
+        same = same != 0
+        d = tl.where(same, 0.0, tl.maximum((gd[:, None] - 2.0 * g) + gd_c[None, :], 0.0))
+        d = tl.where(eye | (cols[None, :] >= t) | (same & (cols[None, :] > rows[:, None])), inf, d)
+        nearest = tl.min(d, axis=1)
+        cost = tl.where(valid, tl.where(w > 0, w * nearest, 0.0), -inf)  # [BT]
         cost_c = tl.sum(tl.where(eye, cost[:, None], 0.0), axis=0)  # cost along columns (-inf rows add 0 elsewhere)
         cost_c = tl.where(cols < t, cost_c, -inf)
         ahead = (cost_c[None, :] > cost[:, None]) | ((cost_c[None, :] == cost[:, None]) & (cols[None, :] < rows[:, None]))
@@ -212,9 +216,10 @@ def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: i
     x = points.float()
     gram = x @ x.T  # [T, T]
     norms = (x * x).sum(1)  # [T], as `squared_distances` takes them
+    same = (x[:, None] == x[None]).all(-1).to(torch.int8)  # [T, T] exact copies, as `seed_indices` finds them
     coef = torch.empty(k, t, device=x.device, dtype=torch.float32)  # centroid k = sum_t coef[k, t] x_t
     wsum = torch.empty(k, device=x.device, dtype=torch.float32)
     labels = torch.empty(t, device=x.device, dtype=torch.long)
-    _gram_kmeans_kernel[(1,)](gram, norms, weights.float().contiguous(), coef, wsum, labels, t, k, tol,
+    _gram_kmeans_kernel[(1,)](gram, norms, same, weights.float().contiguous(), coef, wsum, labels, t, k, tol,
                               MAX_ITER=max_iter, BT=MAX_KMEANS_POINTS, BK=MAX_KMEANS_POINTS, num_warps=4)
     return coef @ x, wsum, labels, coef

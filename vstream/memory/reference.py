@@ -152,7 +152,12 @@ class RefPaperMemory:
     def _kmeans(self, points: list[list]) -> list[list]:
         k, n = self.cfg.temporal_length, len(points)
         dist = lambda a, b: float(((a - b) ** 2).sum())  # noqa: E731
-        cost = [points[i][1] * min(dist(points[i][0], points[j][0]) for j in range(n) if j != i) for i in range(n)]
+        def cost(i):  # weight x distance to the nearest other point; a point's own later copies do not count
+            others = [dist(points[i][0], points[j][0]) for j in range(n)
+                      if j < i or (j > i and not torch.equal(points[i][0], points[j][0]))]
+            return 0.0 if points[i][1] == 0 else points[i][1] * min(others, default=math.inf)
+
+        cost = [cost(i) for i in range(n)]
         seeds = sorted(range(n), key=lambda i: (-cost[i], i))[:k]
         cent = [points[i][0].clone() for i in seeds]
         source = [{i: 1.0} for i in seeds]  # what each centroid averages: {point: coefficient}

@@ -312,12 +312,27 @@ def seed_indices(points: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Te
 
     A point's cost is its weight times the squared distance to its nearest other point, so near-duplicates and light
     points are merged first and a novel frame keeps a cluster of its own. With one new frame this makes the k-means
-    start from the best single merge (Ward's criterion up to the neighbour's own shift).
+    start from the best single merge (Ward's criterion up to the neighbour's own shift). Exact copies (a paused or
+    static stream repeats its features bit for bit) are told apart exactly, not by the rounding of the expansion: a
+    later copy costs nothing, and the first copy is measured against the other points only, so every distinct point
+    seeds a cluster before any copy does and a chunk of repeated frames never merges two different scenes.
     """
-    d = squared_distances(points, points)
-    d.fill_diagonal_(float("inf"))
-    cost = weight * d.min(dim=1).values
+    t = points.shape[0]
+    same = exact_copies(points)
+    index = torch.arange(t, device=points.device)
+    later_copy = same & (index[None, :] > index[:, None])  # [i, j]: j repeats i and comes after it
+    d = squared_distances(points, points).masked_fill_(same, 0.0)
+    d.masked_fill_(later_copy | (index[None, :] == index[:, None]), float("inf"))
+    nearest = d.min(dim=1).values  # inf for the first copy of a point repeated everywhere
+    cost = torch.where(weight > 0, weight * nearest, 0.0)  # a weight-0 point (an emptied cluster) costs nothing
     return torch.sort(cost, descending=True, stable=True).indices[:k]  # ties: earlier point first
+
+
+def exact_copies(points: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """[T, F] -> [T, T] bool: which points are equal bit for bit, compared in blocks of rows of at most
+    `max_elements` elements."""
+    rows = max(1, max_elements // max(1, points.numel()))
+    return torch.cat([(points[i : i + rows, None] == points[None]).all(-1) for i in range(0, points.shape[0], rows)])
 
 
 def nearest_most_recent(dist: torch.Tensor, times: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
