@@ -48,7 +48,7 @@ class UnsafeUrl(ValueError):
 class CheckedUrl:
     """A URL that passed the checks, the address to dial and the FFmpeg options that keep FFmpeg to it."""
 
-    url: str  # the URL with its host replaced by the checked address for http and rtsp (what FFmpeg opens for http)
+    url: str  # the final URL, its host replaced by the checked address for http and rtsp (FFmpeg opens it for http(s))
     original: str
     address: str
     options: dict[str, str]
