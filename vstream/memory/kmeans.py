@@ -80,7 +80,7 @@ def weighted_kmeans(
         raise ValueError(f"weights must have shape [{t}], got {tuple(w.shape)}")
     if empty not in ("keep", "python_random"):
         raise ValueError(f"empty must be 'keep' or 'python_random', got {empty!r}")
-    if empty == "python_random" and weights is not None and not bool((w > 0).all()):  # the released loop's callers pass none
+    if empty == "python_random" and weights is not None and not bool((w > 0).all()):  # released callers pass none
         raise ValueError(f"empty='python_random' needs positive weights, got a minimum of {float(w.min())}")
     if t <= k:
         return KMeansResult(data, w, torch.arange(t, device=data.device), torch.eye(t, device=data.device))

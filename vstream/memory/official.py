@@ -10,11 +10,19 @@ Reproduced on purpose, quirks included:
   or one chunk per update (streaming).
 - offline (`official_offline_memory`): the temporal/abstract memories see all frames but the last N_spa;
   streaming (`OfficialStreamingMemory`): they include the current frame, and the first chunk is stored raw.
+- the released arithmetic: everything in the memory dtype (fp16 for the released checkpoint), k-means distances from
+  explicit differences, each cluster's mean a masked sum divided by its summed weight, the abstract update's scores,
+  softmax and mixing in that dtype (`kmeans.weighted_kmeans(empty="python_random")`, `update_official`). With the same
+  seeds the memory equals the literal references of `memory/reference.py` bit for bit, static and repetitive
+  streams included, where last-bit ties decide the clusters.
+
+Added, not released: stream times. A cluster's span covers the frames it stands for; one that ends the k-means empty
+(weight 0) spans the frames its centroid (a random refill or a kept centroid) averages, so no time is ever NaN.
 
 Not reproduced: the unbounded buffer. Streaming retrieval can only reach stream frames 0..len(old + new)-1, so only the
 first 2 * N_tem frames are kept; chunks are limited to N_tem frames (the released CLI sends one frame per update; a
 first chunk over N_tem frames made the released memory exceed its token budget).
-Random draws make this mode synchronise with the host once per k-means iteration.
+Random draws and the per-cluster means make this mode synchronise with the host once per k-means iteration.
 """
 
 from __future__ import annotations

@@ -10,7 +10,11 @@ What the state means (D = feature width, F_tem = P_tem^2 * D):
 - spatial: the newest N_spa buffer frames (eq. 2), oldest first.
 - temporal: N_tem centroids of a weighted k-means over [old centroids with their carried weights, new frames with
   weight 1] (eq. 3). Weights sum to the number of frames seen. Each centroid carries the first, last and weighted-mean
-  stream time of the frames it stands for; centroids are kept in order of their mean time.
+  stream time of the frames it stands for; centroids are kept in order of their mean time. Repeated frames (a static
+  or cycling scene) leave clusters empty: an empty cluster keeps its centroid with weight 0, and its times are those
+  of the frames that centroid averages (`span_sources`), so every time and weight stays finite and every cited span
+  holds frames its token was made from. A weight-0 centroid is read like any other and is retrieved from only when
+  fewer than N_ret clusters have weight.
 - abstract: N_abs slots; the first N_abs frames fill them, later frames update them by semantic attention (eq. 4,
   `AbstractAttention.update_paper`).
 - retrieved: for each of the N_ret heaviest clusters (ties: the earlier cluster), the buffer frame nearest its
