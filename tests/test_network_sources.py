@@ -1,7 +1,7 @@
 """`network_source` / `open_source` against real servers on 127.0.0.1: a file over HTTP (Python's http.server), URLs
 that refuse, hang or 404, unknown schemes, playlists FFmpeg must not open, and a live RTSP stream (GStreamer's RTSP
-server, `tests/rtsp_server.py`, run by Debian's `/usr/bin/python3`, which sees `python3-gi`) that goes away mid-stream or
-comes back during the backoff, read directly and through the server's relay.
+server, `tests/rtsp_server.py`, run by Debian's `/usr/bin/python3`, which sees `python3-gi`) that goes away mid-stream
+or comes back during the backoff, read directly and through the server's relay.
 No mocks; every wait is bounded. The RTSP tests need the Debian packages that `.ci/run` installs.
 """
 
