@@ -1,4 +1,5 @@
-"""`vstream bench {memory,encode,answer,streams,stream}`: benchmarks that print what they ran on and their medians/p95.
+"""`vstream bench {memory,encode,answer,streams,stream,serve}`: benchmarks that print what they ran on and their
+medians/p95. `serve` is the load generator against a server (`vstream.loadgen`); the others run in process.
 
 `--preset` picks the model shape (random weights): `tiny` runs on the CPU in seconds, `flash-vstream-7b` is the released
 model's shape (CLIP ViT-L/14, a 7B LLaMA) and wants a GPU. The fast path (fused tower, CUDA graphs, static KV cache)
@@ -12,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DeviceOpt, JsonOpt, ModelOpt, UserError, app
+from vstream.cli import DeviceOpt, JsonOpt, ModelOpt, UserError, app, needs_extra
 
 DEFAULT_MODEL = "tiny"  # benchmarks default to the random preset; `--preset flash-vstream-7b` on a GPU
 
@@ -202,3 +203,102 @@ def bench_stream(
         if s["count"]:
             typer.echo(f"  {stage:>13}: p50 {s['p50_ms']:.1f} ms, p95 {s['p95_ms']:.1f} ms, max {s['max_ms']:.1f} ms "
                        f"({s['count']})")
+
+
+def _frame_size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        size = (int(width), int(height))
+    except ValueError:
+        raise UserError(f"--frame-size must be WIDTHxHEIGHT in pixels, e.g. 640x480, got {text!r}") from None
+    if min(size) < 16:
+        raise UserError(f"--frame-size must be at least 16x16, got {text!r}")
+    return size
+
+
+def _positive(**values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
+
+
+@bench_app.command("serve")
+def bench_serve(
+    url: Annotated[Optional[str], typer.Option(help="A running server (http://HOST:PORT); none: start one.")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="Bearer key of the server (a local one is given it).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Local server's model [default: tiny].")] = None,
+    device: DeviceOpt = "auto",
+    streams: Annotated[int, typer.Option(help="Push streams, one realtime socket each.")] = 2,
+    fps: Annotated[float, typer.Option(help="Frames per second sent on each stream.")] = 1.0,
+    seconds: Annotated[float, typer.Option(help="Seconds of load (questions), after the warm-up.")] = 20.0,
+    question_every: Annotated[float, typer.Option(help="Seconds between one stream's questions (staggered).")] = 20.0,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of each question.")] = 32,
+    frame_size: Annotated[str, typer.Option(help="JPEG frame size, WIDTHxHEIGHT.")] = "640x480",
+    warmup: Annotated[float, typer.Option(help="Seconds of frames only, before the first question.")] = 2.0,
+    start_timeout: Annotated[float, typer.Option(help="Seconds the local server may take to be ready.")] = 600.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Load a server through its API: N push streams of JPEG frames, streamed questions; client-side latencies."""
+    import importlib.util
+
+    missing = [m for m in ("httpx", "websockets") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"`vstream bench serve` needs {', '.join(missing)}: pip install 'vstream[server,eval]'")
+    if streams < 1 or max_tokens < 1:
+        raise UserError(f"--streams and --max-tokens must be >= 1, got {streams} and {max_tokens}")
+    _positive(fps=fps, seconds=seconds, question_every=question_every, start_timeout=start_timeout)
+    if warmup < 0:
+        raise UserError(f"--warmup must be >= 0 seconds, got {warmup:g}")
+    if url is not None:
+        if not url.startswith(("http://", "https://")):
+            raise UserError(f"--url must be http://HOST:PORT or https://HOST:PORT, got {url!r}")
+        if model is not None or device != "auto":
+            raise UserError("--model and --device choose the local server's model; with --url the server has its "
+                            f"own (got --model {model}, --device {device})")
+    else:
+        needs_extra("server", "bench serve")
+        from vstream.devices import resolve_device
+
+        try:
+            device = str(resolve_device(device))
+        except ValueError as exc:
+            raise UserError(f"--device: {exc}") from exc
+    from vstream.loadgen import LoadConfig, bench_serve as run
+
+    cfg = LoadConfig(streams=streams, fps=fps, seconds=seconds, question_every=question_every, max_tokens=max_tokens,
+                     frame_size=_frame_size(frame_size), warmup=warmup)
+    try:
+        r = run(cfg, url=url and url.rstrip("/"), api_key=api_key, model=model or DEFAULT_MODEL, device=device,
+                start_timeout=start_timeout)
+    except RuntimeError as exc:
+        raise UserError(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(r, indent=2))
+        return
+    _serve_table(r)
+
+
+def _ms(s: dict) -> str:
+    return f"p50 {s['median_ms']:.1f}, p95 {s['p95_ms']:.1f}, max {s['max_ms']:.1f} ms ({s['count']})" \
+        if s.get("count") else "-"
+
+
+def _serve_table(r: dict) -> None:
+    srv, st, fr, q, h, mem = r["server"], r["streams"], r["frames"], r["questions"], r["health_live"], \
+        r["server_memory"]
+    where = f"local, started to ready in {srv['start_to_ready_s']} s" if srv["local"] else "--url"
+    device = srv["device"] or "its own device"
+    typer.echo(f"{srv['model']} on {device} at {srv['url']} ({where}); {r['date']}")
+    refused = f" (refused: {st['refused']})" if st["refused"] else ""
+    typer.echo(f"  streams {st['opened']}/{st['requested']} opened{refused}; frames {fr['sent']} sent, "
+               f"{fr['received']} received, {fr['ingested']} ingested, {fr['dropped']} dropped, "
+               f"{fr['queued_at_end']} queued at the end; send lag {_ms(fr['send_lag_ms'])}")
+    codes = ", ".join(f"{k} {v}" for k, v in q["status"].items() if v)
+    typer.echo(f"  questions {q['sent']} ({codes}); {q['completed']} completed, {q['no_content_chunk']} without a "
+               f"content chunk, {q['no_visible_text']} without visible text")
+    typer.echo(f"  first content chunk {_ms(q['first_chunk_ms'])}")
+    typer.echo(f"  [DONE]              {_ms(q['done_ms'])}")
+    typer.echo(f"  /health/live        {_ms(h['ms'])}, {h['failures']} failed")
+    rss = mem["rss_bytes_peak"]
+    typer.echo(f"  server RSS peak {'-' if rss is None else f'{rss / 2**20:.0f} MiB'}; GPU memory "
+               f"{mem['gpu_bytes'] if mem['gpu_bytes'] is not None else '- (' + mem['gpu_note'] + ')'}")
