@@ -188,6 +188,12 @@ class StreamSession:
         except Exception as exc:  # the source failed: keep what was ingested, end the stream with its error
             self.error = exc
         finally:
+            close = getattr(source, "close", None)  # a generator's close runs its finally: decoders, relays, sockets
+            if close is not None:
+                try:
+                    close()
+                except Exception as exc:  # closing must not hide the stream's own error, nor raise from the thread
+                    self.error = self.error or exc
             self.queue.put(_END, drop_oldest=True)
 
     def _ingest(self) -> None:
