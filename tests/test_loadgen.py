@@ -44,8 +44,8 @@ def check_consistent(r: dict, streams: int) -> None:
     assert st["opened"] + sum(st["refused"].values()) == st["requested"] == streams
     assert st["closed_early"] == 0
     assert set(q["status"]) == set(STATUSES) and q["sent"] == sum(q["status"].values()) == len(q["records"])
-    answered = [rec for rec in q["records"] if rec["done_s"] is not None]
-    assert len(answered) == q["completed"] <= q["status"]["200"]
+    answered = [rec for rec in q["records"] if rec["done_s"] is not None and rec["error"] is None]
+    assert len(answered) == q["completed"] == q["status"]["200"] - q["failed_after_200"]
     for rec in answered:
         assert rec["status"] == 200 and rec["headers_s"] <= rec["done_s"]
         if rec["chunks"]:

@@ -213,7 +213,10 @@ async def open_stream(index: int, ws_url: str, headers: dict) -> PushStream | in
         return exc.response.status_code
     except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:
         return f"{type(exc).__name__}: {exc}"
-    event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    try:
+        event = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    except (ConnectionClosed, asyncio.TimeoutError) as exc:
+        return f"no session.created: {type(exc).__name__}: {exc}"
     if event.get("type") != "session.created":
         await ws.close()
         return f"expected session.created first, got {event.get('type')!r}"
@@ -290,12 +293,13 @@ def question_summary(records: list[dict]) -> dict:
         statuses[str(r["status"]) if r["status"] in (200, 429, 503) else
                  ("other" if r["status"] is not None else "no_response")] += 1
     ok = [r for r in records if r["status"] == 200]
-    done = [r for r in ok if r["done_s"] is not None]
+    done = [r for r in ok if r["done_s"] is not None and r["error"] is None]
     first = [r["first_chunk_s"] for r in ok if r["first_chunk_s"] is not None]
     return {
         "sent": len(records),
         "status": {k: statuses.get(k, 0) for k in ("200", "429", "503", "other", "no_response")},
         "completed": len(done),
+        "failed_after_200": len(ok) - len(done),  # an error inside the SSE, or the body broke off before [DONE]
         "no_content_chunk": sum(r["chunks"] == 0 for r in done),
         "no_visible_text": sum(r["visible_chars"] == 0 for r in done),
         "errors": dict(collections.Counter(r["error"] for r in records if r["error"] is not None)),
@@ -423,7 +427,9 @@ async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], f
         "questions": question_summary(records),
         "health_live": {"ms": stats(latencies), "failures": failures, "every_s": HEALTH_EVERY_S},
         "server_memory": {"rss_bytes_max_sampled": max(rss) if rss else None,
-                          "rss_bytes_end": end_memory.get("VmRSS"), "rss_bytes_peak": end_memory.get("VmHWM"),
+                          "rss_bytes_end": end_memory.get("VmRSS"),
+                          # the kernel updates VmHWM lazily: a sampled VmRSS can exceed a later VmHWM
+                          "rss_bytes_peak": max(rss + [end_memory["VmHWM"]]) if "VmHWM" in end_memory else None,
                           "gpu_bytes": gpu, "gpu_note": gpu_note},
     }
 
