@@ -112,7 +112,8 @@ def host_name(value: str | None) -> str | None:
 
 
 def _same_origin(origin: str, host: str | None) -> bool:
-    """Whether an Origin header names the origin that `host` (the request's Host header) is."""
+    """Whether an Origin header names the host and port in `host` (the request's Host header). The scheme is not
+    compared: no other page can be served from this host and port, and a TLS proxy in front changes the scheme."""
     scheme, _, netloc = origin.lower().partition("://")
     default = {"http": ":80", "https": ":443"}.get(scheme)
     if default is None or host is None or not netloc or "/" in netloc:
