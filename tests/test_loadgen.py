@@ -15,6 +15,8 @@ import pytest
 
 import vstream
 from test_server import DEADLINE_S, KEY, running_server
+from vstream.cli_bench import _serve_table
+from vstream.loadgen import free_port
 from vstream.server import create_app
 
 STATUSES = ("200", "429", "503", "other", "no_response")
@@ -83,7 +85,7 @@ def test_local_server_two_streams(tmp_path):
 
 
 @pytest.mark.slow
-def test_running_server_by_url_with_a_key_refuses_a_stream_over_its_limit():
+def test_running_server_by_url_with_a_key_refuses_a_stream_over_its_limit(capsys):
     app = create_app(vstream.load("tiny"), api_key=KEY, max_streams=2)
     with running_server(app) as base:
         r = bench_serve("--url", base, "--api-key", KEY, "--streams", "3", "--seconds", "3", "--question-every", "1",
@@ -100,6 +102,23 @@ def test_running_server_by_url_with_a_key_refuses_a_stream_over_its_limit():
     # 2 fps into the tiny model's 1-fps streams: about half the frames are sampled out, counted as dropped
     fr = r["frames"]
     assert fr["stream_fps"] == [1.0] and fr["sent"] == 16 and fr["dropped"] >= 4
+    _serve_table(r)  # the text form of the same report
+    text = capsys.readouterr().out.splitlines()
+    assert text[0].startswith(f"tiny on its own device at {base} (--url); ") and len(text) == 7
+    assert text[1].startswith(f"  streams 2/3 opened (refused: {{'429': 1}}); frames 16 sent, {fr['received']} "
+                              "received")
+    q, first = r["questions"], r["questions"]["first_chunk_ms"]
+    assert text[2].startswith(f"  questions {q['sent']} (200 {q['status']['200']}")
+    assert text[3] == (f"  first content chunk p50 {first['median_ms']:.1f}, p95 {first['p95_ms']:.1f}, "
+                       f"max {first['max_ms']:.1f} ms ({first['count']})")
+    assert "server RSS peak -" in text[6] and "exports no vstream:gpu_memory" in text[6]
+
+
+def test_an_unreachable_url_is_named(monkeypatch, capsys):
+    port = free_port()  # closed again: nothing listens there
+    code, out, err = in_process(monkeypatch, capsys, "--url", f"http://127.0.0.1:{port}", "--seconds", "1")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1
+    assert err.startswith(f"error: could not reach the server at http://127.0.0.1:{port}: ConnectError")
 
 
 def test_a_key_is_needed_and_named(monkeypatch, capsys):

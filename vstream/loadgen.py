@@ -84,6 +84,24 @@ def jpeg_frames(size: tuple[int, int], count: int, fps: float) -> list[bytes]:
 # ------------------------------------------------------------------------------------------------- local server
 
 
+def raise_open_files(streams: int) -> int:
+    """Raise this process's soft limit on open files to the hard limit (a local server inherits it): each stream
+    holds a socket, each question in flight another. Returns the limit; RuntimeError when it is too low."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    except (ValueError, OSError):  # a hard limit of "unlimited" is above what the kernel takes: keep the soft one
+        pass
+    needed = 2 * streams + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        raise RuntimeError(f"{streams} streams need about {needed} open files, but the limit is {soft} "
+                           "(raise it with `ulimit -n`)")
+    return soft
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -372,8 +390,11 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
     timeout = httpx.Timeout(cfg.answer_timeout, connect=30)
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=timeout, limits=limits,
                                  trust_env=False) as http:
-        ready = (await http.get("/health/ready")).json()
-        loop = asyncio.get_running_loop()
+        ready = await http.get("/health/ready")
+        if ready.status_code != 200:
+            raise RuntimeError(f"{url}/health/ready answered {ready.status_code}: expected 200 from a ready vstream "
+                               f"server, got {ready.text[:200]!r}")
+        ready = ready.json()
         t_open = time.perf_counter()
         ws_url = url.replace("http", "ws", 1) + "/v1/realtime"
         opened = await asyncio.gather(*(open_stream(i, ws_url, headers) for i in range(cfg.streams)))
@@ -384,7 +405,7 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
             hint = ": the server needs a key (--api-key)" if "401" in refused else ""
             raise RuntimeError(f"no push stream could be opened on {ws_url}: refused {dict(refused)}{hint}")
         try:
-            result = await _measure(http, url, cfg, streams, frames, memory, loop)
+            result = await _measure(http, url, cfg, streams, frames, memory)
         finally:
             await asyncio.gather(*(s.ws.close() for s in streams))
             await asyncio.gather(*(s.reader for s in streams))
@@ -397,17 +418,19 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
         return result
 
 
-async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], frames, memory, loop) -> dict:
+async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], frames, memory) -> dict:
+    """Frames from t0, questions from t0 + warmup, both until t0 + warmup + seconds; then the server's counts."""
+    loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
     start, end = t0 + cfg.warmup, t0 + cfg.warmup + cfg.seconds
-    n = max(1, len(streams))
+    n = len(streams)
     senders = [asyncio.create_task(s.send_frames(frames, t0, end, cfg.fps, s.index / n)) for s in streams]
     askers = [asyncio.create_task(ask_on_schedule(http, s, cfg, start, end, s.index / n, t0)) for s in streams]
     health = asyncio.create_task(poll_health(url, end, memory))
     await asyncio.gather(*senders)
     records = [r for rs in await asyncio.gather(*askers) for r in rs]
     latencies, failures, samples = await health
-    counts = await server_counts(http, streams) if streams else []
+    counts = await server_counts(http, streams)
     gpu, gpu_note = await gpu_memory(http)
     total = lambda key: sum(c[key] for c in counts)  # noqa: E731
     frames_out = {
@@ -439,19 +462,27 @@ def bench_serve(cfg: LoadConfig, url: str | None = None, api_key: str | None = N
     """The whole benchmark: start a local server (unless `url`), run the load, stop the server; one dict with what it
     ran on, the options and the figures."""
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    open_files = raise_open_files(cfg.streams)
     server = None if url else LocalServer(model, device, cfg.streams, api_key, start_timeout)
+    cpu0 = time.process_time()
     try:
         result = asyncio.run(run_load(url or server.url, cfg, api_key, server.memory if server else None))
+    except httpx.TransportError as exc:
+        raise RuntimeError(f"could not reach the server at {url or server.url}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
         if server is not None:
             raise RuntimeError(f"{type(exc).__name__}: {exc}\nserver log:\n{server.log_tail()}") from exc
         raise
     finally:
         stopped = server.stop() if server is not None else None
+    cpu_s = time.process_time() - cpu0
     result["server"] |= {"url": url or server.url, "local": server is not None,
                          "device": device if server is not None else None,
                          "start_to_ready_s": round(server.start_s, 3) if server else None, "stop": stopped}
-    client = {"python": sys.version.split()[0], "httpx": httpx.__version__, "websockets": websockets.__version__}
+    client = {"python": sys.version.split()[0], "httpx": httpx.__version__, "websockets": websockets.__version__,
+              "open_files_limit": open_files,
+              # the load generator's own CPU share: near 1 means the client, not the server, set the pace
+              "cpu_s": round(cpu_s, 3), "cpu_per_wall_s": round(cpu_s / result["duration_s"], 3)}
     options = asdict(cfg) | {"frame_size": f"{cfg.frame_size[0]}x{cfg.frame_size[1]}"}
     head = {"date": started, "server": result.pop("server"), "options": options, "client": client,
             "streams": result.pop("streams")}
