@@ -136,15 +136,18 @@ def _lloyd_released(x, k, w_in, init, max_iter, tol) -> KMeansResult:
         members = [[] for _ in range(k)]
         for i, j in enumerate(labels.tolist()):
             members[j].append(i)
+        flat = torch.tensor([i for idx in members for i in idx], device=x.device)  # one copy to the device
         new = torch.empty_like(c)
-        new_src = torch.zeros_like(src)
         wsum = torch.zeros(k, dtype=x.dtype, device=x.device)
+        member = _onehot(labels, k).T * w_in.float()[None, :]  # [K, T]
+        new_src = member / member.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        start = 0
         for j, idx in enumerate(members):
             if idx:
-                index = torch.tensor(idx, device=x.device)
+                index = flat[start : start + len(idx)]
+                start += len(idx)
                 wsum[j] = w[index].sum()
                 new[j] = (w[index][:, None] * x[index]).sum(0) / wsum[j]
-                new_src[j, index] = w_in[index].float() / w_in[index].float().sum()
             else:
                 r = random.randint(0, t - 1)
                 new[j], new_src[j, r] = x[r], 1.0
