@@ -1,5 +1,6 @@
 """The streaming engine: a session ingests one source into a bounded memory and answers questions concurrently."""
 
-from vstream.engine.session import FrameQueue, Snapshot, StreamSession
+from vstream.engine.processor import Snapshot, StreamProcessor
+from vstream.engine.session import FrameQueue, StreamSession
 
-__all__ = ["FrameQueue", "Snapshot", "StreamSession"]
+__all__ = ["FrameQueue", "Snapshot", "StreamProcessor", "StreamSession"]

@@ -22,21 +22,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vstream.memory import MemoryRead
+from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, snapshot_at
 from vstream.model.vlm import Answer, FlashVStream
 
 Frame = tuple[float, np.ndarray]
 _END = object()
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """What a question sees: the memory after `frames` encoded frames, the newest at stream time `stream_time`."""
-
-    version: int
-    memory: MemoryRead
-    stream_time: float
-    frames: int
 
 
 class LatencyWindow:
@@ -89,41 +79,6 @@ class FrameQueue:
             return batch
 
 
-class SnapshotHistory:
-    """At most `size` past snapshots, spread over the stream: when full, the interior snapshot whose removal leaves
-    the smallest gap in stream time goes. The newest and the oldest are always kept."""
-
-    def __init__(self, size: int):
-        if size < 0:
-            raise ValueError(f"history size must be >= 0, got {size}")
-        self.size = size
-        self._items: list[Snapshot] = []
-        self._lock = threading.Lock()
-
-    def add(self, snap: Snapshot) -> None:
-        if self.size == 0:
-            return
-        with self._lock:
-            self._items.append(snap)
-            if len(self._items) > self.size:
-                times = [s.stream_time for s in self._items]
-                if len(times) <= 2:
-                    self._items.pop(0)
-                    return
-                gaps = [times[i + 1] - times[i - 1] for i in range(1, len(times) - 1)]
-                self._items.pop(1 + gaps.index(min(gaps)))
-
-    def at(self, t: float) -> Snapshot | None:
-        """The newest kept snapshot whose stream time is <= t (None when every kept one is later)."""
-        with self._lock:
-            older = [s for s in self._items if s.stream_time <= t]
-        return older[-1] if older else None
-
-    def earliest(self) -> float | None:
-        with self._lock:
-            return self._items[0].stream_time if self._items else None
-
-
 @dataclass
 class Counters:
     received: int = 0
@@ -145,9 +100,8 @@ class StreamSession:
         """`history`: past snapshots kept for questions asked "as of" an earlier time (0: none). `on_frames` is
         called by the ingest worker with each batch of frames once they are encoded (e.g. to keep thumbnails)."""
         self.model = model
-        self.history = SnapshotHistory(history)
+        self.processor = StreamProcessor(model, history=history)  # driven by the ingest thread only
         self.on_frames = on_frames
-        self.memory = model.new_memory()
         self.batch_size = batch_size
         self.queue = FrameQueue(queue_size)
         self.counters = Counters()
@@ -157,6 +111,11 @@ class StreamSession:
         self._stop = threading.Event()
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    @property
+    def memory(self):
+        """The streaming memory the ingest thread updates (read its `nbytes`; answer from snapshots, not from it)."""
+        return self.processor.memory
 
     # ---------------------------------------------------------------- ingestion
 
@@ -217,20 +176,14 @@ class StreamSession:
         t0 = time.perf_counter()
         features = self.model.encode([f for _, f in frames], batch_size=len(frames))
         t1 = time.perf_counter()
-        c = self.counters
-        version = 1 if self._snapshot is None else self._snapshot.version + 1
-        for i, (t, _) in enumerate(frames):
-            self.memory.update(features[i : i + 1], [t])
-            if self.history.size and i < len(frames) - 1:  # every frame's memory is kept for "as of" questions
-                self.history.add(Snapshot(version, self.memory.read(), t, c.encoded + i + 1))
-                version += 1
-        memory = self.memory.read()  # copies: the published snapshot never changes afterwards
+        self.processor.insert([t for t, _ in frames], features=features)
+        snap = self.processor.snapshot()  # copies: the published snapshot never changes afterwards
         t2 = time.perf_counter()
+        c = self.counters
         c.encoded += len(frames)
         c.latency["encode"].add((t1 - t0) / len(frames))
         c.latency["memory_update"].add((t2 - t1) / len(frames))
-        self._snapshot = Snapshot(version, memory, frames[-1][0], c.encoded)
-        self.history.add(self._snapshot)
+        self._snapshot = snap  # one reference swap publishes it
         if self.on_frames is not None:
             self.on_frames(frames)
 
@@ -252,35 +205,17 @@ class StreamSession:
             time.sleep(0.005)
         raise TimeoutError(f"{count} frames were not ingested within {timeout} s ({self.counters.encoded} were)")
 
-    def _latest(self, question: str) -> Snapshot:
-        if not question or not question.strip():
-            raise ValueError("the question is empty: expected a non-empty string")
-        snap = self._snapshot
-        if snap is None:
-            raise RuntimeError("no frame has been ingested yet: nothing to answer from")
-        return snap
-
     def snapshot_at(self, t: float) -> Snapshot:
         """The memory as it stood at stream time `t`: the newest kept snapshot no later than `t` (the latest snapshot
         when `t` is at or after it). Raises LookupError when no kept snapshot is that old."""
-        snap = self._snapshot
-        if snap is not None and t >= snap.stream_time:
-            return snap
-        past = self.history.at(t)
-        if past is None:
-            earliest = self.history.earliest()
-            kept = "none is kept" if earliest is None else f"the earliest kept is at {earliest} s"
-            raise LookupError(f"no memory snapshot at or before {t} s: {kept}")
-        return past
+        return snapshot_at(self._snapshot, self.processor.history, t)
 
     def ask_stream(
         self, question: str, max_new_tokens: int | None = None, as_of: float | None = None
     ) -> tuple[Snapshot, Iterator[str]]:
         """The snapshot the answer rests on and an iterator over the answer's text pieces; `as_of` answers from the
         memory as it stood at that stream time (see `snapshot_at`)."""
-        snap = self._latest(question)
-        if as_of is not None:
-            snap = self.snapshot_at(as_of)
+        snap = pick_snapshot(self._snapshot, self.processor.history, question, as_of)
         return snap, self._timed(self.model.stream_answer(snap.memory, question, max_new_tokens=max_new_tokens))
 
     def _timed(self, pieces: Iterator[str]) -> Iterator[str]:
@@ -300,7 +235,7 @@ class StreamSession:
 
     def ask(self, question: str, max_new_tokens: int | None = None) -> Answer:
         """A whole answer from the latest snapshot, with the stream times it rests on."""
-        snap = self._latest(question)
+        snap = pick_snapshot(self._snapshot, self.processor.history, question, None)
         answer = self.model.answer_from(snap.memory, question, max_new_tokens=max_new_tokens)
         self.counters.latency["first_token"].add(answer.timings["first_token_s"])
         self._record_answer(answer.timings["answer_s"], len(self.model.tokenizer(answer.text).input_ids))
@@ -335,7 +270,7 @@ class StreamSession:
             "frames_dropped": c.dropped,
             "stream_time": None if snap is None else snap.stream_time,
             "memory_tokens": 0 if snap is None else snap.memory.num_tokens,
-            "memory_bytes": self.memory.nbytes,
+            "memory_bytes": self.processor.nbytes,
             "latency": {k: w.summary() for k, w in c.latency.items()},
             "tokens_per_s": c.tokens_per_s.summary(),
             "finished": self.finished,

@@ -1,7 +1,7 @@
 """Predictions for a benchmark, in one of two modes, written to a resumable JSON-lines file.
 
 - `offline`: each question is answered from the memory of its video up to the question's time (the whole video when it
-  has none), built the way an offline answer builds it (`FlashVStream.memory_snapshots`, or `ClipMemory` over feature
+  has none), built the way an offline answer builds it (`FlashVStream.memory_snapshots`, or a `StreamProcessor` over feature
   files); one decoding pass per video serves all its questions.
 - `streaming`: one pass per video through `StreamSession`, each question asked when the stream reaches its time. By
   default time is simulated: the source is held back at each question's time until it is answered, so the answer rests
@@ -245,12 +245,11 @@ def _offline_video(model, path: Path, questions: list[Question], cfg: RunConfig)
 
 
 def _from_features(model, features: torch.Tensor, times: list[float], questions: list[Question], cfg: RunConfig):
-    """Offline: `ClipMemory` (the offline memory); streaming: the streaming memory, frame by frame."""
-    from vstream.model.vlm import ClipMemory
+    """Each question from a `StreamProcessor` fed the frames up to its time: the offline memory (`--mode offline`) or
+    the streaming one."""
+    from vstream.engine.processor import StreamProcessor
 
-    clip = ClipMemory(model) if cfg.mode == "offline" else None
-    memory = model.new_memory() if clip is None else None
-    features = features.to(model.device, model.dtype)
+    processor = StreamProcessor(model, offline=cfg.mode == "offline")
     out, next_frame = [], 0
     for q in questions:
         t0 = time.perf_counter()
@@ -259,17 +258,11 @@ def _from_features(model, features: torch.Tensor, times: list[float], questions:
         while end < len(times) and times[end] <= until:
             end += 1
         if end > next_frame:
-            chunk = slice(next_frame, end)
-            if clip is not None:
-                clip.add(features[chunk], times[chunk])
-            else:
-                for i in range(next_frame, end):
-                    memory.update(features[i : i + 1], times[i : i + 1])
+            processor.insert(times[next_frame:end], features=features[next_frame:end])
             next_frame = end
         if next_frame == 0:
             raise ValueError(f"question {q.id!r} at {q.time} s comes before the first frame ({times[0]} s)")
-        read = clip.read() if clip is not None else memory.read()
-        answer = model.answer_from(read, q.prompt(), max_new_tokens=cfg.max_new_tokens,
+        answer = model.answer_from(processor.snapshot().memory, q.prompt(), max_new_tokens=cfg.max_new_tokens,
                                    timings={"memory_build_s": time.perf_counter() - t0})
         out.append((answer, {}))
     return out

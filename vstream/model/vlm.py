@@ -18,10 +18,9 @@ import torch
 from torch import nn
 
 from vstream.config import ModelConfig
-from vstream.encoder.pooling import pool_grid
 from vstream.encoder.preprocess import preprocess_frames
 from vstream.encoder.tower import VisionTower
-from vstream.memory import AbstractAttention, MemoryRead, build_memory, official_offline_memory
+from vstream.memory import AbstractAttention, MemoryRead, build_memory
 from vstream.model.generate import stream_generate
 from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings, tokenizer_image_token
 
@@ -92,57 +91,38 @@ class FlashVStream(nn.Module):
 
     @torch.no_grad()
     def memory_from_features(self, features: torch.Tensor, times: Sequence[float] | None = None) -> MemoryRead:
-        """The memory after a whole clip [T, tokens, D] (see `ClipMemory`)."""
-        clip = ClipMemory(self)
-        clip.add(features, list(times) if times is not None else [float(i) for i in range(features.shape[0])])
-        return clip.read()
+        """The offline memory after a whole clip [T, tokens, D] (see `vstream.engine.processor`)."""
+        from vstream.engine.processor import StreamProcessor
+
+        processor = StreamProcessor(self, offline=True)
+        processor.insert(list(times) if times is not None else [float(i) for i in range(features.shape[0])],
+                         features=features)
+        return processor.snapshot().memory
 
     @torch.no_grad()
     def memory_snapshots(
         self, video: str | Iterable[tuple[float, np.ndarray]], at: Sequence[float | None], batch_size: int = 32
     ) -> Iterator[MemoryRead]:
-        """One sequential pass over `video` (a file path, or any `(t, frame)` source): yield the memory as of each time
-        in `at` (increasing; None = the end).
+        """One sequential pass over `video` (a file path, or any `(t, frame)` source): yield the offline memory as of
+        each time in `at` (increasing; None = the end), through a `StreamProcessor`.
 
         Frames of a file are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so the
         host never holds more than one batch of frames. A `(t, frame)` source needs no video library (PyAV is imported
         for a path only)."""
+        from vstream.engine.processor import StreamProcessor, snapshots_at
+
         keys = [math.inf if t is None else t for t in at]
-        if keys != sorted(keys):
-            raise ValueError(f"snapshot times must increase (None last), got {list(at)}")
-        clip, pending = ClipMemory(self), list(keys)
-        times: list[float] = []
-        frames: list[np.ndarray] = []
-
-        def flush() -> None:
-            if frames:
-                clip.add(self.encode(frames, batch_size), times)
-                times.clear()
-                frames.clear()
-
         name = str(video) if isinstance(video, (str, Path)) else "the source"
-        if isinstance(video, (str, Path)):
+        if isinstance(video, (str, Path)) and keys == sorted(keys):
             from vstream.video import iter_frames
 
             video = iter_frames(video, fps=self.cfg.sample_fps, until=None if math.inf in keys else max(keys))
-        for t, frame in video:
-            while pending and t > pending[0]:
-                flush()
-                yield clip.read()
-                pending.pop(0)
-            if not pending:
-                return
-            times.append(t)
-            frames.append(frame)
-            if len(frames) == batch_size:
-                flush()
-        flush()
-        if clip.frames == 0:
-            from vstream.video import VideoError
-
-            raise VideoError(f"{name} contains no decodable video frames")
-        for _ in pending:
-            yield clip.read()
+        snaps = snapshots_at(StreamProcessor(self, offline=True), video, at, batch_size=batch_size, name=name)
+        try:
+            for snap in snaps:
+                yield snap.memory
+        finally:
+            snaps.close()
 
     # ---------------------------------------------------------------- memory + question -> prompt embeddings -> text
 
@@ -219,42 +199,3 @@ class FlashVStream(nn.Module):
             temporal_spans=[(a, b) for a, b, _ in memory.temporal_spans.tolist()],
             timings=(timings or {}) | {"first_token_s": (first or t4) - t3, "answer_s": t4 - t3},
         )
-
-
-class ClipMemory:
-    """The memory of one clip as its frames arrive in time order.
-
-    `paper` mode: the streaming memory, updated one frame at a time (an offline answer sees what a live stream would
-    have built). `official` mode: the released offline function over all frames so far, recomputed at each `read()`
-    from their P_spa features (64 tokens a frame are kept, not the full grid)."""
-
-    def __init__(self, model: FlashVStream):
-        self.model = model
-        self.official = model.cfg.memory.mode == "official"
-        self.memory = None if self.official else model.new_memory()
-        self.features: list[torch.Tensor] = []
-        self.times: list[float] = []
-
-    @property
-    def frames(self) -> int:
-        return len(self.times)
-
-    def add(self, features: torch.Tensor, times: Sequence[float]) -> None:
-        """features [n, tokens, D] in time order, times [n] seconds."""
-        if features.shape[0] != len(times):
-            raise ValueError(f"expected one time per frame: {features.shape[0]} frames, {len(times)} times")
-        m = self.model
-        features = features.to(m.device, m.dtype)
-        if self.official:
-            self.features.append(pool_grid(features, m.cfg.memory.spatial_size))
-        else:
-            for i in range(features.shape[0]):
-                self.memory.update(features[i : i + 1], times[i : i + 1])
-        self.times.extend(times)
-
-    def read(self) -> MemoryRead:
-        if not self.official:
-            return self.memory.read()
-        if not self.features:
-            raise ValueError("the memory of a clip needs at least one frame, got 0")
-        return official_offline_memory(torch.cat(self.features), self.times, self.model.cfg.memory, self.model.attention_model)

@@ -1,0 +1,257 @@
+"""One stream's frames -> memory -> answers, with no threads, no clocks and no sources: the I/O-free core that offline
+answers, evaluation, the stream session and the demo all drive, so that their results are equal by construction.
+
+    processor = StreamProcessor(model)
+    processor.insert([0.0, 1.0], frames=[rgb0, rgb1])       # or features=[n, grid^2, D]
+    snap, pieces = processor.ask("What is on the table?")   # pieces: the answer's text, token by token
+
+`insert` encodes the frames (when given frames) and updates the memory one frame at a time in time order. A snapshot
+is the memory as it stood after a given frame: its tokens (copies: later inserts never touch them) and the stream
+times they rest on as host lists, so that whoever serves a snapshot never reads the device. With `offline=True` an
+`official`-mode memory is the released offline function over every frame so far (what the released evaluation
+builds), recomputed when a snapshot is taken; in `paper` mode offline and streaming are the same memory.
+
+What this module does not do: read sources, pace frames, drop frames, lock (one thread drives a processor; the
+snapshots it hands out may be read from any thread).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vstream.encoder.pooling import pool_grid
+from vstream.memory import MemoryRead, official_offline_memory
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The memory after `frames` frames, the newest at stream time `stream_time`, with its cited times on the host."""
+
+    version: int
+    memory: MemoryRead
+    stream_time: float
+    frames: int
+    spatial_times: tuple[float, ...]
+    retrieved_times: tuple[float, ...]
+    temporal_spans: tuple[tuple[float, float, float], ...]  # (first, last, mean) stream time of each cluster's frames
+    temporal_weights: tuple[float, ...]
+
+    @classmethod
+    def of(cls, version: int, memory: MemoryRead, stream_time: float, frames: int) -> "Snapshot":
+        """Read the memory's times to the host once (one transfer for all of them)."""
+        parts = (memory.spatial_times, memory.retrieved_times, memory.temporal_spans.flatten(),
+                 memory.temporal_weights)
+        host = torch.cat([p.detach().to(torch.float64).flatten() for p in parts]).cpu().tolist()
+        sizes = [p.numel() for p in parts]
+        spa, ret, spans, weights = (host[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(4))
+        return cls(version, memory, stream_time, frames, tuple(spa), tuple(ret),
+                   tuple(tuple(spans[i : i + 3]) for i in range(0, len(spans), 3)), tuple(weights))
+
+
+class SnapshotHistory:
+    """At most `size` past snapshots, spread over the stream: when full, the interior snapshot whose removal leaves
+    the smallest gap in stream time goes. The newest and the oldest are always kept. Thread-safe."""
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise ValueError(f"history size must be >= 0, got {size}")
+        self.size = size
+        self._items: list[Snapshot] = []
+        self._lock = threading.Lock()
+
+    def add(self, snap: Snapshot) -> None:
+        if self.size == 0:
+            return
+        with self._lock:
+            self._items.append(snap)
+            if len(self._items) > self.size:
+                times = [s.stream_time for s in self._items]
+                if len(times) <= 2:
+                    self._items.pop(0)
+                    return
+                gaps = [times[i + 1] - times[i - 1] for i in range(1, len(times) - 1)]
+                self._items.pop(1 + gaps.index(min(gaps)))
+
+    def at(self, t: float) -> Snapshot | None:
+        """The newest kept snapshot whose stream time is <= t (None when every kept one is later)."""
+        with self._lock:
+            older = [s for s in self._items if s.stream_time <= t]
+        return older[-1] if older else None
+
+    def earliest(self) -> float | None:
+        with self._lock:
+            return self._items[0].stream_time if self._items else None
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+class StreamProcessor:
+    """The memory of one stream as frames are inserted, its snapshots, and answers from them."""
+
+    def __init__(self, model, *, offline: bool = False, history: int = 0):
+        """`history`: past snapshots kept for questions asked as of an earlier time (0: none; every inserted frame's
+        memory is a candidate). `offline`: see the module docstring."""
+        self.model = model
+        self.offline_official = offline and model.cfg.memory.mode == "official"
+        self.history = SnapshotHistory(history)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every frame: an empty memory, no snapshot, no history."""
+        self.memory = None if self.offline_official else self.model.new_memory()
+        self._pooled: list[torch.Tensor] = []  # offline official: the frames' P_spa features so far
+        self._times: list[float] = []
+        self._snapshot: Snapshot | None = None
+        self._version = 0
+        self.history.clear()
+
+    @property
+    def frames(self) -> int:
+        return len(self._times)
+
+    @property
+    def stream_time(self) -> float | None:
+        return self._times[-1] if self._times else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the memory's state (fixed for a streaming memory; the offline official memory keeps every frame)."""
+        if self.memory is not None:
+            return self.memory.nbytes
+        return sum(f.numel() * f.element_size() for f in self._pooled)
+
+    @torch.no_grad()
+    def insert(self, times: Sequence[float], frames: Sequence[np.ndarray] | None = None,
+               features: torch.Tensor | None = None, batch_size: int = 32) -> None:
+        """Add frames in time order: RGB `frames` (encoded here) or their `features` [n, grid^2, D], one time each."""
+        times = [float(t) for t in times]
+        if (frames is None) == (features is None):
+            raise ValueError("insert takes frames or features, exactly one of them")
+        if frames is not None:
+            if len(frames) != len(times):
+                raise ValueError(f"expected one time per frame: {len(frames)} frames, {len(times)} times")
+            features = self.model.encode(list(frames), batch_size=batch_size) if frames else None
+        elif features.dim() != 3 or features.shape[0] != len(times):
+            raise ValueError(f"expected features [n={len(times)}, tokens, D] (one time per frame), "
+                             f"got {tuple(features.shape)}")
+        if not times:
+            return
+        self._check_times(times)
+        m = self.model
+        features = features.to(m.device, m.dtype)
+        if self.offline_official:
+            self._pooled.append(pool_grid(features, m.cfg.memory.spatial_size))
+            self._times.extend(times)
+        else:
+            for i, t in enumerate(times):
+                self.memory.update(features[i : i + 1], [t])
+                self._times.append(t)
+                if self.history.size and i < len(times) - 1:  # every frame's memory is kept for "as of" questions
+                    self.history.add(self._take())
+        self._snapshot = None
+        if self.history.size:
+            self.history.add(self.snapshot())
+
+    def _check_times(self, times: list[float]) -> None:
+        previous = self._times[-1] if self._times else -math.inf
+        for t in times:
+            if not math.isfinite(t) or t < previous:
+                raise ValueError(f"frame times must be finite and in time order: got {t} after {previous}")
+            previous = t
+
+    def _take(self) -> Snapshot:
+        self._version += 1
+        if self.offline_official:
+            c = self.model.cfg.memory
+            memory = official_offline_memory(torch.cat(self._pooled), self._times, c, self.model.attention_model)
+        else:
+            memory = self.memory.read()
+        return Snapshot.of(self._version, memory, self._times[-1], len(self._times))
+
+    def snapshot(self) -> Snapshot | None:
+        """The memory after the last inserted frame (None before the first); taken once per insert."""
+        if self._snapshot is None and self._times:
+            self._snapshot = self._take()
+        return self._snapshot
+
+    def snapshot_at(self, t: float) -> Snapshot:
+        """The memory as it stood at stream time `t`: the latest snapshot when `t` is at or after it, else the newest
+        kept one no later than `t`. Raises LookupError when no kept snapshot is that old."""
+        return snapshot_at(self.snapshot(), self.history, t)
+
+    def ask(self, question: str, as_of: float | None = None, max_new_tokens: int | None = None,
+            temperature: float = 0.0) -> tuple[Snapshot, Iterator[str]]:
+        """The snapshot an answer rests on (the latest, or as of `as_of`) and the answer's text pieces."""
+        snap = pick_snapshot(self.snapshot(), self.history, question, as_of)
+        return snap, self.model.stream_answer(snap.memory, question, max_new_tokens=max_new_tokens,
+                                              temperature=temperature)
+
+
+def pick_snapshot(latest: Snapshot | None, history: SnapshotHistory, question: str, as_of: float | None) -> Snapshot:
+    """The snapshot a question is answered from; raises ValueError (empty question), RuntimeError (no frame yet) or
+    LookupError (nothing kept that old)."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"the question is empty or not text: expected a non-empty string, got {question!r}")
+    if latest is None:
+        raise RuntimeError("no frame has been ingested yet: nothing to answer from")
+    return latest if as_of is None else snapshot_at(latest, history, as_of)
+
+
+def snapshot_at(latest: Snapshot | None, history: SnapshotHistory, t: float) -> Snapshot:
+    if latest is not None and t >= latest.stream_time:
+        return latest
+    past = history.at(t)
+    if past is None:
+        earliest = history.earliest()
+        kept = "none is kept" if earliest is None else f"the earliest kept is at {earliest} s"
+        raise LookupError(f"no memory snapshot at or before {t} s: {kept}")
+    return past
+
+
+def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.ndarray]], at: Sequence[float | None],
+                 batch_size: int = 32, name: str = "the source") -> Iterator[Snapshot]:
+    """Insert `(t, frame)`s of `source` in batches and yield the snapshot as of each time in `at` (increasing, None =
+    the end of the source): the memory of every frame with time <= that time. The host holds one batch of frames."""
+    keys = [math.inf if t is None else t for t in at]
+    if keys != sorted(keys):
+        raise ValueError(f"snapshot times must increase (None last), got {list(at)}")
+    pending, times, frames = list(keys), [], []
+
+    def flush() -> None:
+        if frames:
+            processor.insert(times, frames=frames, batch_size=batch_size)
+            times.clear()
+            frames.clear()
+
+    for t, frame in source:
+        while pending and t > pending[0]:
+            flush()
+            yield _require(processor.snapshot(), pending[0])
+            pending.pop(0)
+        if not pending:
+            return
+        times.append(t)
+        frames.append(frame)
+        if len(frames) == batch_size:
+            flush()
+    flush()
+    if processor.frames == 0:
+        from vstream.video import VideoError  # PyAV, only on this error
+
+        raise VideoError(f"{name} contains no decodable video frames")
+    for t in pending:
+        yield _require(processor.snapshot(), t)
+
+
+def _require(snap: Snapshot | None, t: float) -> Snapshot:
+    if snap is None:
+        raise ValueError(f"a snapshot at {t} s comes before the first frame")
+    return snap
