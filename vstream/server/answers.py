@@ -97,14 +97,24 @@ class Generation:
         self.release()
 
     def _run(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, end: object) -> None:
+        def post(item) -> bool:
+            if loop.is_closed():  # the server stopped under this answer: nobody is left to read it
+                self.cancelled.set()
+                return False
+            try:
+                loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # closed between the check and the call
+                self.cancelled.set()
+                return False
+            return True
+
         try:
             for piece in self._pieces:
-                if self.cancelled.is_set():
+                if self.cancelled.is_set() or not post(piece):
                     break
-                loop.call_soon_threadsafe(queue.put_nowait, piece)
-            loop.call_soon_threadsafe(queue.put_nowait, end)
+            post(end)
         except Exception as exc:  # reported to the consumer, which answers with an error
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
+            post(exc)
         finally:
             self._pieces.close()
 
