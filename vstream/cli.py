@@ -223,8 +223,9 @@ def serve(
     ] = 10.0,
     allowed_host: Annotated[
         Optional[list[str]],
-        typer.Option(metavar="NAME", help="Also accept this Host name (repeatable; '*': any). Accepted anyway: the names --host is "
-                     "bound as (all of the machine's for 0.0.0.0); with --api-key and no --allowed-host, any."),
+        typer.Option(metavar="NAME", help="Also accept this Host name (repeatable; '*': any). Accepted anyway: "
+                     "the names --host is bound as (all of the machine's for 0.0.0.0); with --api-key and no "
+                     "--allowed-host, any."),
     ] = None,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
