@@ -36,10 +36,11 @@ COOKIE = "vstream_session"
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 # The page loads only its own script and style sheet, talks only to its own origin (fetch and WebSocket: CSP 3's
-# 'self' covers ws/wss on the same host), shows thumbnails from it and a local file through a blob: URL, and is
-# never framed. The webcam's MediaStream goes through srcObject, which CSP does not govern.
+# 'self' covers ws/wss on the same host: Chrome 71, Safari 16), shows thumbnails from it and plays a local file
+# through a blob: URL, and is never framed. The webcam's MediaStream goes through srcObject, which CSP does not
+# govern.
 PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                "media-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
                                "frame-ancestors 'none'",
     "X-Frame-Options": "DENY",

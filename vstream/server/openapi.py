@@ -65,5 +65,6 @@ def document(schema: dict, state: ServerState) -> dict:
 def _bound(prop: dict, keyword: str, value) -> None:
     """Set `keyword` on the numeric branch of a property (`anyOf: [number, null]` for an optional field)."""
     branches = [b for b in prop.get("anyOf", [prop]) if b.get("type") in ("number", "integer")]
-    assert len(branches) == 1, f"expected one numeric branch in {prop}"
+    if len(branches) != 1:
+        raise TypeError(f"expected one numeric branch in the property {prop}, got {len(branches)}")
     branches[0][keyword] = value
