@@ -44,7 +44,7 @@ def check_consistent(r: dict, streams: int) -> None:
     """The counts of one report agree: per question, per frame, per stream."""
     q, fr, st = r["questions"], r["frames"], r["streams"]
     assert st["opened"] + sum(st["refused"].values()) == st["requested"] == streams
-    assert st["closed_early"] == 0
+    assert st["closed_by_server"] == {} and st["gone_at_end"] == 0
     assert set(q["status"]) == set(STATUSES) and q["sent"] == sum(q["status"].values()) == len(q["records"])
     answered = [rec for rec in q["records"] if rec["done_s"] is not None and rec["error"] is None]
     assert len(answered) == q["completed"] == q["status"]["200"] - q["failed_after_200"]

@@ -189,9 +189,11 @@ class PushStream:
         self.index, self.ws = index, ws
         self.stream_id, self.stream_fps = session["stream_id"], session["fps"]
         self.sent = self.acks = self.accepted = 0
+        self.last_counts = {"received": 0, "ingested": 0, "dropped": 0}  # the stream's, from the latest ack
         self.errors: collections.Counter = collections.Counter()
         self.send_lag_s: list[float] = []
-        self.closed: str | None = None
+        self.closing = False  # set by the client before it closes the socket at the end
+        self.closed: str | None = None  # how the server closed it before that
         self.reader = asyncio.create_task(self._read())
 
     async def _read(self) -> None:
@@ -201,10 +203,16 @@ class PushStream:
                 if event["type"] == "input_video_frame.ack":
                     self.acks += 1
                     self.accepted += bool(event["accepted"])
+                    self.last_counts = {k: event[k] for k in self.last_counts}
                 elif event["type"] == "error":
                     self.errors[event["error"].get("code") or event["error"].get("type")] += 1
-        except ConnectionClosed as exc:
-            self.closed = f"closed {exc.rcvd.code if exc.rcvd else 'without a close frame'}"
+        except ConnectionClosed:  # a close other than 1000/1001; both kinds are recorded below
+            pass
+        self._closed()
+
+    def _closed(self) -> None:
+        if not self.closing and self.closed is None:
+            self.closed = f"{self.ws.close_code} {self.ws.close_reason or ''}".strip()
 
     async def send_frames(self, frames: list[bytes], t0: float, end: float, fps: float, phase: float) -> None:
         """Frame k at t0 + (k + phase) / fps until `end` (loop clock); a late frame goes out at once, its lag kept."""
@@ -215,8 +223,8 @@ class PushStream:
             self.send_lag_s.append(max(0.0, loop.time() - due))
             try:
                 await self.ws.send(frames[(k + self.index * 7) % len(frames)])
-            except ConnectionClosed as exc:
-                self.closed = f"closed {exc.rcvd.code if exc.rcvd else 'without a close frame'} while sending"
+            except ConnectionClosed:
+                self._closed()
                 return
             self.sent += 1
             k += 1
@@ -361,12 +369,16 @@ async def server_counts(http: httpx.AsyncClient, streams: list[PushStream]) -> l
     while True:
         views = await asyncio.gather(*(http.get(f"/v1/streams/{s.stream_id}") for s in streams))
         counts = []
-        for view in views:
+        for s, view in zip(streams, views):
+            if view.status_code == 404:  # closed by the server and deleted with its socket: its last ack's counts
+                counts.append(s.last_counts | {"gone": True})
+                continue
             view.raise_for_status()
             st = view.json()["stats"]
             counts.append({"received": st["frames_pushed"], "ingested": st["frames_encoded"],
-                           "dropped": st["frames_dropped_total"]})
-        if all(c["received"] == c["ingested"] + c["dropped"] for c in counts) or time.monotonic() > deadline:
+                           "dropped": st["frames_dropped_total"], "gone": False})
+        settled = all(c["gone"] or c["received"] == c["ingested"] + c["dropped"] for c in counts)
+        if settled or time.monotonic() > deadline:
             return counts
         await asyncio.sleep(0.2)
 
@@ -407,11 +419,14 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
         try:
             result = await _measure(http, url, cfg, streams, frames, memory)
         finally:
+            for s in streams:
+                s.closing = True
             await asyncio.gather(*(s.ws.close() for s in streams))
             await asyncio.gather(*(s.reader for s in streams))
         result["streams"] = {"requested": cfg.streams, "opened": len(streams), "refused": dict(refused),
                              "open_all_s": round(open_s, 3),
-                             "closed_early": sum(s.closed is not None for s in streams)}
+                             "closed_by_server": dict(collections.Counter(s.closed for s in streams if s.closed)),
+                             "gone_at_end": result["frames"].pop("gone_at_end")}
         result["server"] = {"model": ready.get("model"), "warmup_s": ready.get("warmup_s"),
                             "auth_required": ready.get("auth_required")}
         result["frames"]["jpeg_bytes_mean"] = round(sum(map(len, frames)) / len(frames))
@@ -438,7 +453,7 @@ async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], f
         "accepted": sum(s.accepted for s in streams), "received": total("received"),
         "ingested": total("ingested"), "dropped": total("dropped"),
         "queued_at_end": total("received") - total("ingested") - total("dropped"),
-        "stream_fps": sorted({s.stream_fps for s in streams}),
+        "stream_fps": sorted({s.stream_fps for s in streams}), "gone_at_end": sum(c["gone"] for c in counts),
         "errors": dict(sum((s.errors for s in streams), collections.Counter())),
         "send_lag_ms": stats([lag for s in streams for lag in s.send_lag_s]),
     }
