@@ -1,6 +1,8 @@
 """The web page in a real headless Chromium (PyPI playwright driving Debian's /usr/bin/chromium, fake webcam): unlock
 with the key, start the webcam, see frames acknowledged and ingested, ask a question, see the streamed answer with its
-times, open a frame, see the memory panel fill; then upload a generated video file. No console errors allowed."""
+times, open a frame, see the memory panel fill; then upload a generated video file. No console errors allowed, so
+nothing the page does is blocked by its Content-Security-Policy. Page predicates are functions, not expression
+strings: Playwright evaluates a string with eval, which the page's CSP forbids."""
 
 from __future__ import annotations
 
@@ -72,16 +74,16 @@ def test_webcam_question_and_memory_panel(page, tmp_path):
     unlock(page)
     page.click("#webcam")
     expect(page.locator("#s-id")).to_contain_text("str_", timeout=WAIT_MS)
-    page.wait_for_function("Number(document.getElementById('s-ingested').textContent) >= 3", timeout=WAIT_MS)
-    assert page.evaluate("document.getElementById('preview').videoWidth") == 640
+    page.wait_for_function("() => Number(document.getElementById('s-ingested').textContent) >= 3", timeout=WAIT_MS)
+    assert page.evaluate("() => document.getElementById('preview').videoWidth") == 640
     ask(page, "What is on the screen?")
     page.locator("#log li.a .time").first.click()
     viewer = page.locator("#viewer-img")
     expect(viewer).to_be_visible()
-    page.wait_for_function("document.getElementById('viewer-img').naturalWidth > 0", timeout=WAIT_MS)
+    page.wait_for_function("() => document.getElementById('viewer-img').naturalWidth > 0", timeout=WAIT_MS)
     expect(page.locator("#timeline rect.cluster").first).to_be_attached(timeout=WAIT_MS)
     expect(page.locator("#spatial img")).to_have_count(1, timeout=WAIT_MS)
-    page.wait_for_function("[...document.querySelectorAll('#retrieved img, #spatial img')]"
+    page.wait_for_function("() => [...document.querySelectorAll('#retrieved img, #spatial img')]"
                            ".every((i) => i.complete && i.naturalWidth > 0)", timeout=WAIT_MS)
     assert "tokens" in page.inner_text("#m-summary")
     page.screenshot(path=str(tmp_path / "webcam.png"), full_page=True)
@@ -104,7 +106,7 @@ def test_uploaded_video_file(page, tmp_path):
     page.set_input_files("#file", str(_webm(tmp_path / "clip.webm")))
     expect(page.locator("#notice")).to_contain_text("whole file was sent", timeout=WAIT_MS)
     assert int(page.inner_text("#s-received")) == 5 and int(page.inner_text("#s-dropped")) == 0
-    page.wait_for_function("Number(document.getElementById('s-ingested').textContent) >= 4 || "
+    page.wait_for_function("() => Number(document.getElementById('s-ingested').textContent) >= 4 || "
                            "document.querySelectorAll('#retrieved img').length > 0", timeout=WAIT_MS)
     ask(page, "What moved?")
     expect(page.locator("#timeline circle.spatial").first).to_be_attached(timeout=WAIT_MS)
