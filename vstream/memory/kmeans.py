@@ -141,7 +141,7 @@ def _lloyd_released(x, k, w_in, init, max_iter, tol) -> KMeansResult:
         wsum = torch.zeros(k, dtype=x.dtype, device=x.device)
         member = _onehot(labels, k).T * w_in.float()[None, :]  # [K, T]
         new_src = member / member.sum(1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-        start = 0
+        start, refill = 0, []
         for j, idx in enumerate(members):
             if idx:
                 index = flat[start : start + len(idx)]
@@ -149,8 +149,11 @@ def _lloyd_released(x, k, w_in, init, max_iter, tol) -> KMeansResult:
                 wsum[j] = w[index].sum()
                 new[j] = (w[index][:, None] * x[index]).sum(0) / wsum[j]
             else:
-                r = random.randint(0, t - 1)
-                new[j], new_src[j, r] = x[r], 1.0
+                refill.append((j, random.randint(0, t - 1)))  # drawn in cluster order, as released
+        if refill:  # copies, so one batched write is the same as one per cluster (a static scene empties most)
+            js, rs = torch.tensor(refill, device=x.device).T
+            new[js] = x[rs]
+            new_src[js, rs] = 1.0
         diff = sum((c - new).norm(dim=1).cpu().unbind())  # one norm per cluster, added in cluster order
         if diff < tol:
             break
