@@ -18,6 +18,7 @@ from test_server import DEADLINE_S, KEY, running_server
 from vstream.cli_bench import _serve_table
 from vstream.loadgen import free_port
 from vstream.server import create_app
+from vstream.server.state import Limits
 
 STATUSES = ("200", "429", "503", "other", "no_response")
 
@@ -44,7 +45,7 @@ def check_consistent(r: dict, streams: int) -> None:
     """The counts of one report agree: per question, per frame, per stream."""
     q, fr, st = r["questions"], r["frames"], r["streams"]
     assert st["opened"] + sum(st["refused"].values()) == st["requested"] == streams
-    assert st["closed_by_server"] == {} and st["gone_at_end"] == 0
+    assert st["closed_early"] == {} and st["gone_at_end"] == 0
     assert set(q["status"]) == set(STATUSES) and q["sent"] == sum(q["status"].values()) == len(q["records"])
     answered = [rec for rec in q["records"] if rec["done_s"] is not None and rec["error"] is None]
     assert len(answered) == q["completed"] == q["status"]["200"] - q["failed_after_200"]
@@ -112,6 +113,19 @@ def test_running_server_by_url_with_a_key_refuses_a_stream_over_its_limit(capsys
     assert text[3] == (f"  first content chunk p50 {first['median_ms']:.1f}, p95 {first['p95_ms']:.1f}, "
                        f"max {first['max_ms']:.1f} ms ({first['count']})")
     assert "server RSS peak -" in text[6] and "exports no vstream:gpu_memory" in text[6]
+
+
+@pytest.mark.slow
+def test_a_socket_the_server_closes_during_the_load_is_counted_with_its_reason():
+    # a frame every 5 s on a server that closes sockets idle for 1 s: the session ends (1001 idle), its stream goes
+    app = create_app(vstream.load("tiny"), max_streams=1, limits=Limits(ws_idle_s=1.0, ws_notice_s=0.5))
+    with running_server(app) as base:
+        r = bench_serve("--url", base, "--streams", "1", "--fps", "0.2", "--seconds", "2.5", "--warmup", "0.5",
+                        "--question-every", "100", "--frame-size", "64x64")
+    st, fr = r["streams"], r["frames"]
+    assert st["opened"] == 1 and st["closed_early"] == {"server 1001 idle": 1} and st["gone_at_end"] == 1
+    assert fr["sent"] == fr["acknowledged"] == fr["received"] == 1  # the gone stream's counts: its last ack's
+    assert r["questions"]["sent"] == 1
 
 
 def test_an_unreachable_url_is_named(monkeypatch, capsys):

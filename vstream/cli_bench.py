@@ -290,7 +290,7 @@ def _serve_table(r: dict) -> None:
     device = srv["device"] or "its own device"
     typer.echo(f"{srv['model']} on {device} at {srv['url']} ({where}); {r['date']}")
     refused = f" (refused: {st['refused']})" if st["refused"] else ""
-    refused += f", closed by the server: {st['closed_by_server']}" if st["closed_by_server"] else ""
+    refused += f", closed during the load: {st['closed_early']}" if st["closed_early"] else ""
     typer.echo(f"  streams {st['opened']}/{st['requested']} opened{refused}; frames {fr['sent']} sent, "
                f"{fr['received']} received, {fr['ingested']} ingested, {fr['dropped']} dropped, "
                f"{fr['queued_at_end']} queued at the end; send lag {_ms(fr['send_lag_ms'])}")

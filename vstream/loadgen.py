@@ -211,8 +211,11 @@ class PushStream:
         self._closed()
 
     def _closed(self) -> None:
-        if not self.closing and self.closed is None:
-            self.closed = f"{self.ws.close_code} {self.ws.close_reason or ''}".strip()
+        if self.closing or self.closed is not None:
+            return
+        got, sent = self.ws.protocol.close_rcvd, self.ws.protocol.close_sent  # a client echoes the server's close
+        self.closed = (f"server {got.code} {got.reason}" if got is not None else
+                       f"client {sent.code} {sent.reason}" if sent is not None else "1006 without a close frame")
 
     async def send_frames(self, frames: list[bytes], t0: float, end: float, fps: float, phase: float) -> None:
         """Frame k at t0 + (k + phase) / fps until `end` (loop clock); a late frame goes out at once, its lag kept."""
@@ -233,8 +236,10 @@ class PushStream:
 async def open_stream(index: int, ws_url: str, headers: dict) -> PushStream | int | str:
     """A PushStream, or the HTTP status that refused the handshake, or the error text."""
     try:
+        # no keepalive pings of the client: a slow server's pongs would close sockets on the client's rule (the
+        # server pings on its own); no compression of JPEGs
         ws = await ws_connect(ws_url, additional_headers=headers, compression=None, proxy=None, open_timeout=30,
-                              max_size=1 << 20)
+                              ping_interval=None, max_size=1 << 20)
     except InvalidStatus as exc:
         return exc.response.status_code
     except (OSError, asyncio.TimeoutError, websockets.WebSocketException) as exc:
@@ -364,7 +369,8 @@ async def poll_health(url: str, end: float, memory) -> tuple[list[float], int, l
 
 async def server_counts(http: httpx.AsyncClient, streams: list[PushStream]) -> list[dict]:
     """Each stream's received/ingested/dropped from GET /v1/streams/{id}, once nothing is left queued in the server
-    (or after SETTLE_S)."""
+    (or after SETTLE_S). A stream the server closed and deleted during the load counts its last ack's figures (its
+    latest frame may still have been queued then)."""
     deadline = time.monotonic() + SETTLE_S
     while True:
         views = await asyncio.gather(*(http.get(f"/v1/streams/{s.stream_id}") for s in streams))
@@ -425,7 +431,7 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
             await asyncio.gather(*(s.reader for s in streams))
         result["streams"] = {"requested": cfg.streams, "opened": len(streams), "refused": dict(refused),
                              "open_all_s": round(open_s, 3),
-                             "closed_by_server": dict(collections.Counter(s.closed for s in streams if s.closed)),
+                             "closed_early": dict(collections.Counter(s.closed for s in streams if s.closed)),
                              "gone_at_end": result["frames"].pop("gone_at_end")}
         result["server"] = {"model": ready.get("model"), "warmup_s": ready.get("warmup_s"),
                             "auth_required": ready.get("auth_required")}
