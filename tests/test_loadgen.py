@@ -152,6 +152,7 @@ def test_a_key_is_needed_and_named(monkeypatch, capsys):
     (["--fps", "0"], "--fps must be > 0, got 0"),
     (["--question-every", "-1"], "--question-every must be > 0, got -1"),
     (["--warmup", "-1"], "--warmup must be >= 0 seconds, got -1"),
+    (["--question", " "], "--question must be a non-empty question, got ' '"),
     (["--url", "127.0.0.1:8000"], "--url must be http://HOST:PORT or https://HOST:PORT, got '127.0.0.1:8000'"),
     (["--url", "http://127.0.0.1:9", "--model", "tiny"], "with --url the server has its own (got --model tiny"),
     (["--device", "tpu"], "--device: device must be"),

@@ -235,6 +235,8 @@ def bench_serve(
     max_tokens: Annotated[int, typer.Option(help="max_tokens of each question.")] = 32,
     frame_size: Annotated[str, typer.Option(help="JPEG frame size, WIDTHxHEIGHT.")] = "640x480",
     warmup: Annotated[float, typer.Option(help="Seconds of frames only, before the first question.")] = 2.0,
+    question: Annotated[Optional[str], typer.Option(
+        help="The question every stream asks [default: What is happening on the screen?].")] = None,
     start_timeout: Annotated[float, typer.Option(help="Seconds the local server may take to be ready.")] = 600.0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -249,6 +251,8 @@ def bench_serve(
     _positive(fps=fps, seconds=seconds, question_every=question_every, start_timeout=start_timeout)
     if warmup < 0:
         raise UserError(f"--warmup must be >= 0 seconds, got {warmup:g}")
+    if question is not None and not question.strip():
+        raise UserError(f"--question must be a non-empty question, got {question!r}")
     if url is not None:
         if not url.startswith(("http://", "https://")):
             raise UserError(f"--url must be http://HOST:PORT or https://HOST:PORT, got {url!r}")
@@ -266,7 +270,8 @@ def bench_serve(
     from vstream.loadgen import LoadConfig, bench_serve as run
 
     cfg = LoadConfig(streams=streams, fps=fps, seconds=seconds, question_every=question_every, max_tokens=max_tokens,
-                     frame_size=_frame_size(frame_size), warmup=warmup)
+                     frame_size=_frame_size(frame_size), warmup=warmup,
+                     **({"question": question} if question is not None else {}))
     try:
         r = run(cfg, url=url and url.rstrip("/"), api_key=api_key, model=model or DEFAULT_MODEL, device=device,
                 start_timeout=start_timeout)

@@ -59,6 +59,7 @@ class LoadConfig:
     warmup: float = 2.0
     """Seconds of frames only, before the first question."""
     question: str = "What is happening on the screen?"
+    """The question every stream asks."""
     answer_timeout: float = 120.0
     """Seconds a question may take, from sending it to [DONE]."""
 
@@ -81,9 +82,6 @@ def jpeg_frames(size: tuple[int, int], count: int, fps: float) -> list[bytes]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------- local server
-
-
 def raise_open_files(streams: int) -> int:
     """Raise this process's soft limit on open files to the hard limit (a local server inherits it): each stream
     holds a socket, each question in flight another. Returns the limit; RuntimeError when it is too low."""
@@ -100,6 +98,9 @@ def raise_open_files(streams: int) -> int:
         raise RuntimeError(f"{streams} streams need about {needed} open files, but the limit is {soft} "
                            "(raise it with `ulimit -n`)")
     return soft
+
+
+# ------------------------------------------------------------------------------------------------- local server
 
 
 def free_port() -> int:
