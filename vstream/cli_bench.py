@@ -226,7 +226,7 @@ def _positive(**values: float) -> None:
 def bench_serve(
     url: Annotated[Optional[str], typer.Option(help="A running server (http://HOST:PORT); none: start one.")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key of the server (a local one is given it).")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Local server's model [default: tiny].")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Local server's model (default: tiny).")] = None,
     device: DeviceOpt = "auto",
     streams: Annotated[int, typer.Option(help="Push streams, one realtime socket each.")] = 2,
     fps: Annotated[float, typer.Option(help="Frames per second sent on each stream.")] = 1.0,
@@ -236,7 +236,7 @@ def bench_serve(
     frame_size: Annotated[str, typer.Option(help="JPEG frame size, WIDTHxHEIGHT.")] = "640x480",
     warmup: Annotated[float, typer.Option(help="Seconds of frames only, before the first question.")] = 2.0,
     question: Annotated[Optional[str], typer.Option(
-        help="The question every stream asks [default: What is happening on the screen?].")] = None,
+        help="The question every stream asks (default: What is happening on the screen?).")] = None,
     start_timeout: Annotated[float, typer.Option(help="Seconds the local server may take to be ready.")] = 600.0,
     as_json: JsonOpt = False,
 ) -> None:
