@@ -30,7 +30,7 @@ class UserError(Exception):
 
 
 EXTRAS = {
-    "server": ("fastapi", "starlette", "uvicorn", "pydantic", "httpcore"),
+    "server": ("fastapi", "starlette", "uvicorn", "pydantic", "httpcore", "httpx", "websockets"),
     "train": ("peft", "yaml", "matplotlib"),
     "eval": ("httpx", "matplotlib"),
 }

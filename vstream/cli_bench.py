@@ -241,11 +241,7 @@ def bench_serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Load a server through its API: N push streams of JPEG frames, streamed questions; client-side latencies."""
-    import importlib.util
-
-    missing = [m for m in ("httpx", "websockets") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise UserError(f"`vstream bench serve` needs {', '.join(missing)}: pip install 'vstream[server,eval]'")
+    needs_extra("server", "bench serve")  # its client (httpx, websockets) comes with the server
     if streams < 1 or max_tokens < 1:
         raise UserError(f"--streams and --max-tokens must be >= 1, got {streams} and {max_tokens}")
     _positive(fps=fps, seconds=seconds, question_every=question_every, start_timeout=start_timeout)
@@ -260,7 +256,6 @@ def bench_serve(
             raise UserError("--model and --device choose the local server's model; with --url the server has its "
                             f"own (got --model {model}, --device {device})")
     else:
-        needs_extra("server", "bench serve")
         from vstream.devices import resolve_device
 
         try:
