@@ -6,12 +6,15 @@ Three layers:
   alternating, a four-colour cycle, a paused stream that starts moving, a stream that goes black): every read finite,
   strictly JSON-serialisable, memory bytes flat;
 - official mode against its literal reference (`memory/reference.py`) on the same scenes, bit for bit, fp32 and fp16;
-- the real server (uvicorn on 127.0.0.1, the tiny model) on a static and a four-colour video written with PyAV: every
-  JSON body and event parsed with a parser that refuses NaN and Infinity.
+- the real server (uvicorn on 127.0.0.1, the tiny model, each memory mode) on a static and a four-colour video written
+  with PyAV, and on a static camera pushed over the realtime socket: every JSON body, SSE chunk and socket event parsed
+  with a parser that refuses NaN and Infinity.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import random
 import time
@@ -20,6 +23,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 import vstream
@@ -239,16 +243,28 @@ def _sse(client: httpx.Client, sid: str, **extra) -> list[dict]:
     return [strict_json(line.removeprefix("data: ")) for line in lines[:-1]]
 
 
+def _connect(base: str, sid: str | None = None):
+    url = base.replace("http://", "ws://") + "/v1/realtime" + (f"?stream_id={sid}" if sid else "")
+    return ws_connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}, open_timeout=DEADLINE_S)
+
+
+def _until(ws, type_: str) -> list[dict]:
+    """Every event up to and including the first of `type_`, each parsed strictly."""
+    events, deadline = [], time.monotonic() + DEADLINE_S
+    while not events or events[-1]["type"] != type_:
+        events.append(strict_json(ws.recv(timeout=max(0.01, deadline - time.monotonic()))))
+    return events
+
+
+def _ask(ws, **extra) -> list[dict]:
+    ws.send(json.dumps({"type": "response.create", "question": "What is there?", "max_tokens": 3, **extra}))
+    return _until(ws, "response.done")
+
+
 def _socket_events(base: str, sid: str, **extra) -> list[dict]:
     """Every event of a realtime session attached to stream `sid` that asks one question, up to response.done."""
-    url = base.replace("http://", "ws://") + f"/v1/realtime?stream_id={sid}"
-    events = []
-    with ws_connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}, open_timeout=DEADLINE_S) as ws:
-        ws.send(json.dumps({"type": "response.create", "question": "What is there?", "max_tokens": 3, **extra}))
-        deadline = time.monotonic() + DEADLINE_S
-        while not events or events[-1]["type"] != "response.done":
-            events.append(strict_json(ws.recv(timeout=max(0.01, deadline - time.monotonic()))))
-    return events
+    with _connect(base, sid) as ws:
+        return _ask(ws, **extra)
 
 
 @pytest.mark.parametrize("video", ["static.mp4", "cycle.mp4"])
@@ -277,3 +293,24 @@ def test_every_json_route_stays_finite_on_static_and_repetitive_video(scene_serv
                 assert events[-1]["response"]["status"] == "completed"
         finally:
             client.delete(f"/v1/streams/{sid}")
+
+
+def test_a_static_camera_pushed_over_the_realtime_socket_stays_finite(scene_server):
+    """Thirty seconds of one JPEG pushed at 1 fps: the socket's events, the memory view and the answers all parse."""
+    base, mode = scene_server
+    out = io.BytesIO()
+    Image.fromarray(_colour_frames([(90, 140, 200)], 1)[0]).save(out, format="JPEG")
+    image = base64.b64encode(out.getvalue()).decode()
+    with _connect(base) as ws, httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"},
+                                             timeout=DEADLINE_S) as client:
+        sid = _until(ws, "session.created")[-1]["session"]["stream_id"]
+        for i in range(30):  # each frame ingested before the next: a live source drops the oldest queued frames
+            ws.send(json.dumps({"type": "input_video_frame.append", "timestamp": float(i), "image": image}))
+            assert _until(ws, "input_video_frame.ack")[-1]["accepted"]
+            _wait_frames(client, sid, i + 1)
+        now = _get(client, f"/v1/streams/{sid}/memory")
+        assert now["frames_seen"] == 30 and all(c["first"] <= c["mean"] <= c["last"] <= 29 for c in now["temporal"])
+        _get(client, f"/v1/streams/{sid}/memory", as_of=27.5)
+        for extra in ({}, {"as_of": 26.0}):
+            assert _ask(ws, **extra)[-1]["response"]["status"] == "completed"
+            _chat(client, sid, **extra)
