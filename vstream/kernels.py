@@ -9,7 +9,8 @@ Each kernel replaces a run of small PyTorch kernels whose launches, not their by
 - `silu_mul`: SiLU of the gate times the up projection, from the fused gate/up product.
 - `gram_kmeans`: seeding and every Lloyd iteration of the memory's weighted k-means in one program, on the points' Gram
   matrix: centroids stay weighted means of points (A @ x with A [K, T]), so distances, movements and seeds need only
-  G = x x^T [T, T], and ten iterations run in one launch instead of a few hundred.
+  G = x x^T [T, T] and which points are exact copies, and ten iterations run in one launch instead of a few hundred.
+  A is handed back: it says what each centroid averages, an empty cluster's kept centroid too.
 
 The arithmetic follows the PyTorch ops it replaces, rounding to the storage dtype where they round, so fused and unfused
 paths agree to the last bit in most elements and to rounding elsewhere; tests compare them on the GPU and, through
