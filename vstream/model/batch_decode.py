@@ -1,0 +1,250 @@
+"""Batched decoding of a LLaMA decoder over a `SlotCache`: many answers advance by one token in one step.
+
+`BatchDecoder` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the arithmetic
+of `vstream.model.fast.FastLlama` in batched form: RMSNorm in float32, RoPE from the model's own rotary module, SDPA
+attention, the model's own MLP. So greedy decoding gives each slot the tokens the eager path gives it alone.
+
+- `set_prefix` computes the system prompt's keys once and places them at [0, P) of every slot.
+- `prefill(slot, embeds)` appends a chunk of a prompt to one slot, from the slot's length on (P for a fresh slot);
+  a prompt may come in several chunks, so that a long one never holds the step back for long. Prefills run one slot
+  at a time. The last chunk picks the slot's first token and makes the slot active.
+- `step` advances every active slot by one token at once: each slot's token is fed at its own position, its key is
+  written there, and it attends only to its own positions up to that one. Inactive slots run too (fixed shapes) but
+  write only at the last position S_max - 1, which a slot always writes itself before it can read it, and their
+  tokens and lengths stay as they are. Greedy (temperature 0) and sampled slots mix in one batch; sampling is
+  Gumbel-max with per-slot temperatures from a device generator, so the step never reads the device from the host.
+  On CUDA the step is captured once at B_max as one graph and replayed.
+- `fetch` / `fetched`: the host reads the tokens fed to a step after launching it (pinned memory, one event), so the
+  read never stalls the device.
+
+What this module does not do: pick which request gets a slot, detokenise, check stop conditions (all the host's, in
+`vstream.model.batch_answer`), top-p sampling, or the fused Triton layers of `fast.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+from vstream.model.batch_cache import SlotCache
+
+
+class BatchDecoder:
+    """Static-cache decoding of a `LlamaForCausalLM` for up to `max_batch` sequences of `max_seq_len` positions."""
+
+    def __init__(self, llm, max_batch: int, max_seq_len: int, cuda_graph: bool | None = None, seed: int = 0):
+        cfg = llm.config
+        if getattr(cfg, "model_type", None) != "llama":
+            raise ValueError(f"batched decoding needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
+        if max_seq_len < 2 or max_seq_len > cfg.max_position_embeddings:
+            raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}], got {max_seq_len}")
+        self.llm = llm
+        self.layers = list(llm.model.layers)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        weight = llm.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.cache = SlotCache(len(self.layers), max_batch, self.kv_heads, max_seq_len, self.head_dim,
+                               self.device, self.dtype)
+        with torch.inference_mode():
+            positions = torch.arange(max_seq_len, device=self.device)
+            cos, sin = llm.model.rotary_emb(weight[:1], positions[None])  # [1, S_max, Dh] in the model dtype
+        self.cos, self.sin = cos[0], sin[0]  # [S_max, Dh]
+        self.positions = positions  # [S_max]
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # [B] fed to the next step
+        self.active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)  # [B] slots the step advances
+        self.temperature = torch.zeros(max_batch, device=self.device)  # [B] float32; 0 = greedy
+        self.host_active: set[int] = set()  # the slots `active` holds, as the host knows them
+        self.generator = torch.Generator(self.device)
+        self.generator.manual_seed(seed)
+        cuda = self.device.type == "cuda"
+        self.host = torch.zeros(max_batch, dtype=torch.long, pin_memory=cuda)  # [B] tokens read back
+        self.ready = torch.cuda.Event() if cuda else None
+        self.graph: torch.cuda.CUDAGraph | None = None
+        if cuda if cuda_graph is None else cuda_graph:
+            self._capture()
+
+    # ---------------------------------------------------------------- the transformer, batched
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return weight * h.to(x.dtype)
+
+    @staticmethod
+    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+    def _attend(self, i: int, h: torch.Tensor, cos, sin, write, read, mask, causal: bool) -> torch.Tensor:
+        # h: [B, S, H]; cos/sin broadcast against [B, H, S, Dh]; write(i, k, v) stores keys, read(i) gives the visible ones
+        a = self.layers[i].self_attn
+        b, s = h.shape[:2]
+        q = a.q_proj(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
+        k = a.k_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
+        v = a.v_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        write(i, k, v)
+        keys, values = read(i)  # [B, Hkv, S_keys, Dh]
+        if self.kv_heads != self.heads:
+            keys = keys.repeat_interleave(self.heads // self.kv_heads, dim=1)
+            values = values.repeat_interleave(self.heads // self.kv_heads, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=a.scaling)
+        return a.o_proj(out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim))
+
+    def _forward(self, x: torch.Tensor, cos, sin, write, read, mask, causal: bool) -> torch.Tensor:
+        """x [B, S, H] -> logits of each row's last position [B, V]."""
+        for i, layer in enumerate(self.layers):
+            x = x + self._attend(i, self._rms(x, layer.input_layernorm.weight), cos, sin, write, read, mask, causal)
+            x = x + layer.mlp(self._rms(x, layer.post_attention_layernorm.weight))
+        return self.llm.lm_head(self._rms(x[:, -1:], self.llm.model.norm.weight))[:, -1]
+
+    def _pick(self, logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        """Next tokens [B] from logits [B, V]: argmax where the temperature is 0, else Gumbel-max at that temperature
+        (a sample of softmax(logits / T)). Draws noise for every row, so a row's draw depends on its index."""
+        u = torch.rand(logits.shape, device=logits.device, generator=self.generator)  # [B, V] float32 in [0, 1)
+        t = torch.where(temperature > 0, temperature, 1.0)[:, None]  # [B, 1]
+        sampled = (logits.float() / t - torch.log(-torch.log(u))).argmax(dim=-1)
+        return torch.where(temperature > 0, sampled, logits.argmax(dim=-1))
+
+    # ---------------------------------------------------------------- prefix and prefill
+
+    @torch.inference_mode()
+    def set_prefix(self, ids: tuple[int, ...], embeds: torch.Tensor) -> None:
+        """Compute the keys of the prefix embeds [1, P, H] (token ids `ids`) once, into every slot's [0, P)."""
+        c = self.cache
+        if c.in_use:
+            raise RuntimeError(f"the prefix can change only while no slot is in use, {len(c.in_use)} are")
+        if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] != len(ids):
+            raise ValueError(f"prefix embeds must be [1, {len(ids)}, H] for {len(ids)} ids, got {list(embeds.shape)}")
+        p = len(ids)
+        if p:
+            c.host_lengths[0] = 0
+            self._prefill_rows(0, embeds)
+            c.set_prefix(tuple(ids), c.k[:, 0, :, :p].clone(), c.v[:, 0, :, :p].clone())
+        else:
+            c.set_prefix((), c.k[:, 0, :, :0], c.v[:, 0, :, :0])
+
+    def _prefill_rows(self, slot: int, embeds: torch.Tensor) -> torch.Tensor:
+        """Run embeds [1, S, H] at positions [start, start + S) of `slot`, start = its host length -> logits [1, V]."""
+        c = self.cache
+        start = c.host_lengths[slot]
+        s = embeds.shape[1]
+        end = start + s
+        if end > self.max_seq_len:
+            raise ValueError(f"slot {slot} needs {end} positions, the KV cache holds {self.max_seq_len} per slot")
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            c.k[i, slot : slot + 1, :, start:end] = k
+            c.v[i, slot : slot + 1, :, start:end] = v
+
+        def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return c.k[i, slot : slot + 1, :, :end], c.v[i, slot : slot + 1, :, :end]
+
+        if start == 0:
+            mask, causal = None, s > 1
+        elif self.device.type == "cuda":  # query j sits at position start + j and sees keys up to it
+            mask, causal = causal_lower_right(s, end), False
+        else:  # built once here rather than in every layer
+            mask, causal = self.positions[:end][None, :] <= self.positions[start:end][:, None], False  # [S, end]
+        logits = self._forward(embeds, self.cos[start:end], self.sin[start:end], write, read, mask, causal)
+        c.host_lengths[slot] = end
+        return logits
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, embeds: torch.Tensor, last: bool = True, temperature: float = 0.0):
+        """Append embeds [1, S, H] to `slot` (from its length on: P for a freshly acquired slot). With `last`, pick the
+        slot's first token at `temperature` and make the slot active -> that token [1] (a device tensor), else None."""
+        c = self.cache
+        if slot not in c.in_use:
+            raise ValueError(f"slot {slot} is not in use (in use: {sorted(c.in_use)})")
+        if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] == 0:
+            raise ValueError(f"embeds must be [1, S, H] with S >= 1, got {list(embeds.shape)}")
+        logits = self._prefill_rows(slot, embeds)
+        if not last:
+            return None
+        self.temperature[slot] = temperature
+        token = self._pick(logits, self.temperature[slot : slot + 1])  # [1]
+        self.tokens[slot : slot + 1] = token
+        c.lengths[slot] = c.host_lengths[slot]
+        self.active[slot] = True
+        self.host_active.add(slot)
+        return token
+
+    def deactivate(self, slot: int) -> None:
+        """Leave `slot` out of the following steps (a device write, no read)."""
+        self.active[slot] = False
+        self.host_active.discard(slot)
+
+    # ---------------------------------------------------------------- the batched step
+
+    def _step(self) -> None:
+        """One decode step on device state only, for all B slots (inactive ones write at S_max - 1, change nothing)."""
+        c = self.cache
+        b = self.max_batch
+        pos = torch.where(self.active, c.lengths, self.max_seq_len - 1)  # [B] where each slot's token sits
+        x = self.llm.get_input_embeddings()(self.tokens)[:, None]  # [B, 1, H]
+        cos = self.cos.index_select(0, pos)[:, None, None]  # [B, 1, 1, Dh]
+        sin = self.sin.index_select(0, pos)[:, None, None]
+        mask = (self.positions[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, S_max]
+        where = pos.view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)  # [B, Hkv, 1, Dh]
+
+        def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
+            c.k[i].scatter_(2, where, k)
+            c.v[i].scatter_(2, where, v)
+
+        def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return c.k[i], c.v[i]
+
+        logits = self._forward(x, cos, sin, write, read, mask, False)
+        self.tokens.copy_(torch.where(self.active, self._pick(logits, self.temperature), self.tokens))
+        c.lengths.add_(self.active.long())
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One decode step for every active slot: a graph replay on CUDA once captured, else the eager step."""
+        lengths = self.cache.host_lengths
+        full = [slot for slot in sorted(self.host_active) if lengths[slot] >= self.max_seq_len]
+        if full:
+            raise RuntimeError(f"slot {full[0]} is full: its next token would sit at position {lengths[full[0]]}, "
+                               f"the KV cache holds {self.max_seq_len} per slot")
+        for slot in self.host_active:
+            lengths[slot] += 1
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self._step()
+
+    def fetch(self) -> None:
+        """Queue the copy of the tokens the next step is fed (each active slot's newest token) to the host."""
+        with torch.inference_mode():
+            self.host.copy_(self.tokens, non_blocking=self.ready is not None)
+        if self.ready is not None:
+            self.ready.record()
+
+    def fetched(self) -> list[int]:
+        """The tokens of the last `fetch` [B], once they have arrived (inactive slots' entries mean nothing)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.host.tolist()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        """Warm up on a side stream and capture the step at B_max. No slot is active, so the warm-up and the capture
+        write only at S_max - 1 and change no token or length. The generator's state is registered with the graph,
+        so each replay draws new noise."""
+        self.active.zero_()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.register_generator_state(self.generator)
+        with torch.cuda.graph(self.graph):
+            self._step()
+        torch.cuda.synchronize(self.device)
