@@ -98,7 +98,7 @@ def test_cancel_frees_the_slot_at_once_and_leaves_the_others_alone(model, memori
     answerer.run_once()
     assert a.state == "done" and a.finish_reason == "cancelled"
     assert c.slot == freed and c.state == "running"  # the freed slot went to the waiting request in the same iteration
-    list(a)  # its pieces end without an error
+    assert "".join(a) and list(a) == []  # its pieces end without an error; a second iteration ends at once
     assert 0 < len(a.tokens) < 24
     assert a.tokens == eager_tokens(model, memories[2].tokens, QUESTIONS[2], 24)[: len(a.tokens)]
     answerer.run_until_idle()
@@ -274,3 +274,43 @@ def test_graph_replayed_batched_step_equals_eager_and_never_synchronises():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert decoder.cache.lengths.tolist() == [decoder.cache.prefix_len + 20] * 4
+
+
+def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot():
+    """The tiny preset's random attention barely moves its tokens; with larger weights every position counts, so a
+    slot that saw a wrong key (another slot's, a stale one, one past its length) would change its tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from vstream.model.batch_decode import BatchDecoder
+
+    torch.manual_seed(0)
+    llm = LlamaForCausalLM(LlamaConfig(**preset("tiny").llm.to_hf(), initializer_range=0.3)).eval()
+    decoder = BatchDecoder(llm, max_batch=3, max_seq_len=128)
+    prefix = torch.randn(1, 7, 64)
+    decoder.set_prefix(tuple(range(7)), prefix)
+    prompts = [torch.randn(1, n, 64) for n in (5, 40, 23, 11)]
+    with torch.inference_mode():
+        expected = [list(iter_tokens(llm, torch.cat([prefix, p], dim=1), max_new_tokens=12)) for p in prompts]
+    got: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}  # slot -> prompt
+    queue_ = list(range(len(prompts)))
+    while queue_ or owner:
+        if queue_ and decoder.cache.free_slots:  # join mid-way, the prompt in chunks of 16
+            i = queue_.pop(0)
+            slot = decoder.cache.acquire()
+            chunks = prompts[i].split(16, dim=1)
+            for k, chunk in enumerate(chunks):
+                decoder.prefill(slot, chunk, last=k == len(chunks) - 1)
+            owner[slot], got[i] = i, []
+        decoder.fetch()
+        decoder.step()
+        tokens = decoder.fetched()
+        for slot, i in list(owner.items()):
+            got[i].append(tokens[slot])
+            if len(got[i]) == 12 or (i == 0 and len(got[i]) == 4):  # prompt 0 leaves early, prompt 3 takes its slot
+                decoder.deactivate(slot)
+                decoder.cache.release(slot)
+                del owner[slot]
+    assert got[0] == expected[0][:4]
+    assert [got[i] for i in (1, 2, 3)] == [expected[i] for i in (1, 2, 3)]
+    assert len({tuple(e) for e in expected}) == 4

@@ -65,8 +65,10 @@ class Request:
         return self._cancelled.is_set()
 
     def __iter__(self) -> Iterator[str]:
+        """The pieces not yet taken; once the answer has ended, a new iteration ends at once."""
         while (piece := self._pieces.get()) is not _END:
             yield piece
+        self._pieces.put(_END)
         if self.error is not None:
             raise RuntimeError(f"the answer to {self.question!r} failed: {self.error}") from self.error
 
