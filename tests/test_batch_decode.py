@@ -314,3 +314,14 @@ def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot():
     assert got[0] == expected[0][:4]
     assert [got[i] for i in (1, 2, 3)] == [expected[i] for i in (1, 2, 3)]
     assert len({tuple(e) for e in expected}) == 4
+
+
+def test_decoder_refuses_embeds_of_the_wrong_shape_or_dtype(model):
+    decoder = BatchAnswerer(model, max_batch=1).decoder
+    slot = decoder.cache.acquire()
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \[1, S, 64\], got \[2, 3, 64\]"):
+        decoder.prefill(slot, torch.zeros(2, 3, 64))
+    with pytest.raises(ValueError, match="must be torch.float32 on cpu like the LLM's embeddings, got torch.float16"):
+        decoder.prefill(slot, torch.zeros(1, 3, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match=r"slot 0 needs 2000 positions, the KV cache holds 961 per slot"):
+        decoder.prefill(slot, torch.zeros(1, 2000 - decoder.cache.prefix_len, 64))

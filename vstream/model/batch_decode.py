@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from vstream.model.batch_cache import SlotCache
+from vstream.model.generate import _check_embeds
 
 
 class BatchDecoder:
@@ -118,10 +119,11 @@ class BatchDecoder:
         c = self.cache
         if c.in_use:
             raise RuntimeError(f"the prefix can change only while no slot is in use, {len(c.in_use)} are")
-        if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] != len(ids):
+        if embeds.dim() != 3 or embeds.shape[:2] != (1, len(ids)):
             raise ValueError(f"prefix embeds must be [1, {len(ids)}, H] for {len(ids)} ids, got {list(embeds.shape)}")
         p = len(ids)
         if p:
+            _check_embeds(self.llm, embeds)
             c.host_lengths[0] = 0
             self._prefill_rows(0, embeds)
             c.set_prefix(tuple(ids), c.k[:, 0, :, :p].clone(), c.v[:, 0, :, :p].clone())
@@ -161,8 +163,7 @@ class BatchDecoder:
         c = self.cache
         if slot not in c.in_use:
             raise ValueError(f"slot {slot} is not in use (in use: {sorted(c.in_use)})")
-        if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[1] == 0:
-            raise ValueError(f"embeds must be [1, S, H] with S >= 1, got {list(embeds.shape)}")
+        _check_embeds(self.llm, embeds)
         logits = self._prefill_rows(slot, embeds)
         if not last:
             return None
@@ -204,8 +205,9 @@ class BatchDecoder:
         c.lengths.add_(self.active.long())
 
     @torch.inference_mode()
-    def step(self) -> None:
-        """One decode step for every active slot: a graph replay on CUDA once captured, else the eager step."""
+    def step(self) -> torch.Tensor:
+        """One decode step for every active slot: a graph replay on CUDA once captured, else the eager step -> `tokens`
+        [B], written in place (an active slot's new token; an inactive slot's entry means nothing)."""
         lengths = self.cache.host_lengths
         full = [slot for slot in sorted(self.host_active) if lengths[slot] >= self.max_seq_len]
         if full:
@@ -217,6 +219,7 @@ class BatchDecoder:
             self.graph.replay()
         else:
             self._step()
+        return self.tokens
 
     def fetch(self) -> None:
         """Queue the copy of the tokens the next step is fed (each active slot's newest token) to the host."""
