@@ -92,7 +92,7 @@ class BatchAnswerer:
         self.decoder = BatchDecoder(model.llm, max_batch, max_seq_len, cuda_graph=cuda_graph, seed=seed)
         self.stop_ids = default_stop_ids(model.llm, model.tokenizer)
         self.stop_strings = stop_strings(model.cfg.template)
-        prefix, _ = self.prompt_parts("?")
+        prefix, _ = self.prompt_parts("")  # the text before <image> does not depend on the question
         with torch.inference_mode():
             ids = torch.tensor(prefix, dtype=torch.long, device=self.decoder.device)
             self.decoder.set_prefix(tuple(prefix), model.llm.get_input_embeddings()(ids)[None])
