@@ -15,6 +15,7 @@ import logging
 import re
 import subprocess
 import sys
+import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -254,8 +255,8 @@ class _Tags(HTMLParser):
 
 
 def test_page_sends_a_csp_that_its_own_resources_fit(keyless):
-    """Chromium may be absent here (tests/test_browser.py runs the page under this CSP where it is): so the page's
-    markup and script are read for anything the policy would block."""
+    """The policy, and the page's markup and script read for anything it would block, so that this holds without a
+    browser too (tests/test_browser.py runs the page under it in Chromium, where a blocked resource fails)."""
     client, _ = keyless
     r = client.get("/")
     policy = dict(d.strip().split(" ", 1) for d in r.headers["content-security-policy"].split(";"))
@@ -450,6 +451,18 @@ def test_hostile_realtime_events_get_error_events_and_the_session_goes_on(strict
 # ---------------------------------------------------------------------------------------------------------- openapi
 
 
+class _Held(_SlowModel):
+    """The real model, whose answers start only once `go` is set: an answer surely runs until then."""
+
+    def __init__(self, model):
+        super().__init__(model, pause_s=0.0)
+        self.go = threading.Event()
+
+    def stream_answer(self, *args, **kwargs):
+        self.go.wait(DEADLINE_S)
+        yield from self._model.stream_answer(*args, **kwargs)
+
+
 def _operations(doc: dict) -> dict[tuple[str, str], set[int]]:
     """(METHOD, path template) -> the error statuses the document lists for it."""
     return {(m.upper(), path): {int(s) for s in op["responses"] if int(s) >= 400}
@@ -498,10 +511,14 @@ def test_openapi_lists_exactly_the_statuses_each_route_sends(model, media):
             for kw in calls:
                 probe(method, template, **kw)
         session = app.state.vstream.streams[file_sid].session
-        session.model = _SlowModel(session.model, pause_s=2.0)  # it sleeps before its first piece
-        with client.stream("POST", "/v1/chat/completions", json=ask(file_sid, stream=True, max_tokens=1)) as r:
-            next(r.iter_lines())  # the role chunk: an answer runs, and the next one is over max_running=1
-            probe("POST", "/v1/chat/completions", json=ask(file_sid))
+        session.model = held = _Held(session.model)
+        try:
+            with client.stream("POST", "/v1/chat/completions", json=ask(file_sid, stream=True, max_tokens=1)) as r:
+                lines = r.iter_lines()  # kept: a dropped line iterator closes the connection, cancelling the answer
+                next(lines)  # the role chunk: an answer runs, and the next one is over max_running=1
+                probe("POST", "/v1/chat/completions", json=ask(file_sid, max_tokens=1))
+        finally:
+            held.go.set()
         begin_drain(app.state.vstream, 0.0)
         for method, template in (("GET", "/health/ready"), ("POST", "/v1/streams"), ("POST", "/v1/chat/completions")):
             probe(method, template, json=ask(file_sid) if "chat" in template else {"source": {"type": "push"}})
