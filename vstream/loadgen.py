@@ -480,7 +480,7 @@ async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], f
 
 
 def bench_serve(cfg: LoadConfig, url: str | None = None, api_key: str | None = None, model: str = "tiny",
-                device: str = "cpu", start_timeout: float = 600.0) -> dict:
+                device: str = "auto", start_timeout: float = 600.0) -> dict:
     """The whole benchmark: start a local server (unless `url`), run the load, stop the server; one dict with what it
     ran on, the options and the figures."""
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")

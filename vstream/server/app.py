@@ -522,7 +522,7 @@ def begin_drain(state: ServerState, grace_s: float) -> None:
 
 
 def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, media_root: Path | None = None,
-          api_key: str | None = None, max_streams: int = 8, device: str = "cpu", *,
+          api_key: str | None = None, max_streams: int = 8, device: str = "auto", *,
           allow_private_sources: bool = False, drain_s: float = 10.0, limits: Limits | None = None,
           allowed_hosts: Iterable[str] = ()) -> None:
     """Load the model with `vstream.load` and serve until interrupted. The first SIGINT/SIGTERM drains (see
