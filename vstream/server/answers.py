@@ -54,10 +54,9 @@ def prompt_tokens(model, snapshot, question: str) -> int:
 
 def vstream_extension(snapshot, as_of: float | None = None) -> dict:
     """The stream times an answer rests on: the memory's time, its spatial frames, retrieved key frames, clusters."""
-    memory = snapshot.memory
     return {"stream_time": snapshot.stream_time, "frames": snapshot.frames, "as_of": as_of,
-            "spatial_times": memory.spatial_times.tolist(), "retrieved_times": memory.retrieved_times.tolist(),
-            "temporal_spans": [[a, b] for a, b, _ in memory.temporal_spans.tolist()]}
+            "spatial_times": list(snapshot.spatial_times), "retrieved_times": list(snapshot.retrieved_times),
+            "temporal_spans": [[a, b] for a, b, _ in snapshot.temporal_spans]}  # host copies, no device read
 
 
 class Generation:

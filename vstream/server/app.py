@@ -105,15 +105,15 @@ def memory_view(stream: Stream, as_of: float | None) -> dict:
         kept = stream.thumbnails.has(t)
         return {"time": t, "thumbnail": f"/v1/streams/{stream.id}/frames?t={t!r}" if kept else None}
 
-    spans, weights = memory.temporal_spans.tolist(), memory.temporal_weights.tolist()
+    spans, weights = snap.temporal_spans, snap.temporal_weights  # host copies: the event loop reads no device
     return {
         "object": "stream.memory", "stream_id": stream.id, "version": snap.version, "as_of": as_of,
         "stream_time": snap.stream_time, "frames_seen": memory.frames_seen,
         "tokens": {"total": memory.num_tokens, **memory.counts},
         "bytes": stream.session.memory.nbytes,
         "temporal": [{"first": a, "last": b, "mean": m, "weight": w} for (a, b, m), w in zip(spans, weights)],
-        "retrieved": [frame(t) for t in memory.retrieved_times.tolist()],
-        "spatial": [frame(t) for t in memory.spatial_times.tolist()],
+        "retrieved": [frame(t) for t in snap.retrieved_times],
+        "spatial": [frame(t) for t in snap.spatial_times],
     }
 
 
