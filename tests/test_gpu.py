@@ -83,6 +83,41 @@ def test_official_streaming_matches_reference_on_cuda(chunks):
         torch.testing.assert_close(fast.read().tokens, ref.read(), atol=1e-4, rtol=1e-4)
 
 
+def _repeating(kind: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """[n, 256, D] features whose frames repeat (most cameras are static), on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    palette = torch.randn(4, 256, D, device="cuda", generator=g)
+    index = torch.arange(n, device="cuda")
+    if kind == "static":
+        x = palette[0].expand(n, 256, D)
+    elif kind == "cycle4":
+        x = palette[index % 4]
+    else:  # paused, then moving
+        moving = palette[0] + 0.3 * torch.randn(n, 256, D, device="cuda", generator=g).cumsum(0) / (1 + index[:, None, None])
+        x = torch.cat([palette[0].expand(n // 2, 256, D), moving[n // 2 :]])
+    return x.to(dtype).contiguous()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("kind", ["static", "cycle4", "paused"])
+def test_official_streaming_equals_reference_bit_for_bit_on_repeating_scenes(kind, dtype):
+    """The released arithmetic at the released width on CUDA: every read equal to the literal reference's."""
+    cfg = MemoryConfig(mode="official")
+    torch.manual_seed(0)
+    att = AbstractAttention(D, 32).cuda().to(dtype)
+    ref = RefOfficialStreaming(cfg, att)
+    fast = OfficialStreamingMemory(cfg, D, att, 16, device="cuda", dtype=dtype)
+    x = _repeating(kind, 48, dtype)
+    for i in range(x.shape[0]):
+        for impl in (ref, fast):
+            torch.manual_seed(100 + i)
+            random.seed(100 + i)
+            impl.update(x[i : i + 1])
+        got = fast.read()
+        assert torch.equal(got.tokens, ref.read()), f"{kind}: differs from the reference after {i + 1} frames"
+        assert torch.isfinite(got.temporal_spans).all() and torch.isfinite(got.temporal_weights).all()
+
+
 # ---------------------------------------------------------------- the fast path
 
 
