@@ -29,7 +29,7 @@ import torch
 
 from vstream.model.batch_decode import BatchDecoder
 from vstream.model.generate import IncrementalDetokenizer, _check_sampling, default_stop_ids
-from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings, tokenizer_image_token
+from vstream.model.prompts import prompt_parts, stop_strings
 
 _END = object()  # closes a request's queue of pieces
 
@@ -114,11 +114,7 @@ class BatchAnswerer:
 
     def prompt_parts(self, question: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the single `<image>` placeholder of the question's prompt."""
-        ids = tokenizer_image_token(build_prompt(self.model.cfg.template, question), self.model.tokenizer)
-        where = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
-        if len(where) != 1:
-            raise ValueError(f"the prompt must hold exactly one {IMAGE_TOKEN_INDEX} image placeholder, found {len(where)}")
-        return ids[: where[0]], ids[where[0] + 1 :]
+        return prompt_parts(self.model.cfg.template, question, self.model.tokenizer)
 
     # ---------------------------------------------------------------- any thread
 

@@ -34,7 +34,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from vstream import kernels
 from vstream.model.generate import _check_sampling, _pick, default_stop_ids, stream_text
-from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings, tokenizer_image_token
+from vstream.model.prompts import prompt_parts, stop_strings
 
 
 class FastLlama:
@@ -339,11 +339,7 @@ class FastAnswerer:
 
     def prompt_parts(self, question: str) -> tuple[list[int], list[int]]:
         """Token ids before and after the single `<image>` placeholder of the question's prompt."""
-        ids = tokenizer_image_token(build_prompt(self.model.cfg.template, question), self.model.tokenizer)
-        where = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
-        if len(where) != 1:
-            raise ValueError(f"the prompt must hold exactly one {IMAGE_TOKEN_INDEX} image placeholder, found {len(where)}")
-        return ids[: where[0]], ids[where[0] + 1 :]
+        return prompt_parts(self.model.cfg.template, question, self.model.tokenizer)
 
     @torch.inference_mode()
     def _ids_embeds(self, ids: list[int]) -> torch.Tensor:

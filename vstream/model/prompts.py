@@ -4,6 +4,7 @@ What this module does:
 - `TEMPLATES`: `vicuna_v1` (the released Flash-VStream model), `plain` (stage-1 pretraining) and `chatml` (SmolLM2).
 - `build_prompt`: the text of an inference prompt, with the `<image>` placeholder at the front of the first user turn.
 - `tokenizer_image_token`: token ids of a prompt, with `IMAGE_TOKEN_INDEX` (-200) where each `<image>` was.
+- `prompt_parts`: an inference prompt's ids before and after its one `<image>` (where the memory is spliced).
 - `build_training_example`: (input_ids, labels) with the instruction tokens masked, for training.
 
 What it does not do: it never touches embeddings or the memory (the splice replaces -200 with memory tokens elsewhere),
@@ -208,6 +209,16 @@ def tokenizer_image_token(prompt: str, tokenizer) -> list[int]:
     return ids
 
 
+def prompt_parts(template: str | Template, question: str, tokenizer,
+                 system_extra: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of the question's inference prompt before and after its single `<image>` placeholder."""
+    ids = tokenizer_image_token(build_prompt(template, question, system_extra=system_extra), tokenizer)
+    where = [i for i, t in enumerate(ids) if t == IMAGE_TOKEN_INDEX]
+    if len(where) != 1:
+        raise ValueError(f"the prompt must hold exactly one {IMAGE_TOKEN_INDEX} image placeholder, found {len(where)}")
+    return ids[: where[0]], ids[where[0] + 1 :]
+
+
 def build_training_example(
     template_name: str | Template, conversations: Sequence[dict], tokenizer
 ) -> tuple[list[int], list[int]]:
@@ -284,6 +295,7 @@ __all__ = [
     "build_prompt",
     "build_training_example",
     "get_template",
+    "prompt_parts",
     "stop_strings",
     "tokenizer_image_token",
 ]

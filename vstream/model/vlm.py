@@ -22,7 +22,7 @@ from vstream.encoder.preprocess import preprocess_frames
 from vstream.encoder.tower import VisionTower
 from vstream.memory import AbstractAttention, MemoryRead, build_memory
 from vstream.model.generate import stream_generate
-from vstream.model.prompts import IMAGE_TOKEN_INDEX, build_prompt, stop_strings, tokenizer_image_token
+from vstream.model.prompts import prompt_parts, stop_strings
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -113,7 +113,7 @@ class FlashVStream(nn.Module):
 
         keys = [math.inf if t is None else t for t in at]
         name = str(video) if isinstance(video, (str, Path)) else "the source"
-        if isinstance(video, (str, Path)) and keys == sorted(keys):
+        if isinstance(video, (str, Path)):  # opened lazily: snapshots_at checks the times first
             from vstream.video import iter_frames
 
             video = iter_frames(video, fps=self.cfg.sample_fps, until=None if math.inf in keys else max(keys))
@@ -139,16 +139,11 @@ class FlashVStream(nn.Module):
 
     def prompt_embeds(self, memory_tokens: torch.Tensor, question: str, system_extra: str | None = None) -> torch.Tensor:
         """Project the memory [N, D] and splice it at the prompt's single `<image>` -> inputs_embeds [1, S, H]."""
-        prompt = build_prompt(self.cfg.template, question, system_extra=system_extra)
-        ids = torch.tensor(tokenizer_image_token(prompt, self.tokenizer), device=self.device)
-        where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
-        if len(where) != 1:
-            raise ValueError(f"the prompt must hold exactly one {IMAGE_TOKEN_INDEX} image placeholder, found {len(where)}")
+        before, after = prompt_parts(self.cfg.template, question, self.tokenizer, system_extra=system_extra)
         embed = self.llm.get_input_embeddings()
         vision = self.mm_projector(memory_tokens.to(self.device, self.dtype)).to(embed.weight.dtype)  # [N, H]
-        text = embed(ids.clamp_min(0))  # [S_text, H]; the placeholder row is replaced below
-        i = where[0]
-        return torch.cat([text[:i], vision, text[i + 1 :]])[None]
+        text = embed(torch.tensor(before + after, device=self.device))  # [S_text, H], the placeholder left out
+        return torch.cat([text[: len(before)], vision, text[len(before) :]])[None]
 
     def stream_answer(
         self, memory: MemoryRead, question: str, max_new_tokens: int | None = None, temperature: float = 0.0
