@@ -15,22 +15,8 @@ import statistics
 
 import torch
 
-from vstream.bench import environment, load_bench_model
+from vstream.bench import environment, load_bench_model, time_ms
 from vstream.model.batch_decode import BatchDecoder
-
-
-def step_ms(fn, repeats: int) -> list[float]:
-    for _ in range(3):
-        fn()
-    out = []
-    for _ in range(repeats):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b))
-    return out
 
 
 def main() -> None:
@@ -49,7 +35,7 @@ def main() -> None:
         embeds = torch.randn(1, args.prompt, hidden, device="cuda", dtype=model.dtype) * 0.02
         for _ in range(b):
             dec.prefill(dec.cache.acquire(), embeds)
-        ms = step_ms(dec.step, args.repeats)
+        ms = time_ms(dec.step, torch.device("cuda"), args.repeats, warmup=3)
         result["batched"][b] = {"median_ms": statistics.median(ms), "min_ms": min(ms),
                                 "per_answer_ms": statistics.median(ms) / b}
         del dec
