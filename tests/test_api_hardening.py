@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, _free_port, _SlowModel, _wait_frames, running_server
+from test_server import DEADLINE_S, KEY, _free_port, _SlowModel, _wait_frames, _wait_ready, running_server
 from vstream.server import create_app
 from vstream.server.app import begin_drain
 from vstream.server.state import Limits
@@ -224,14 +224,7 @@ def test_serve_allowed_host_option():
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        _wait_ready(proc, base)
         host = lambda name: httpx.get(f"{base}/v1/streams", headers={"Host": name}, timeout=5).status_code  # noqa
         assert host("vstream.test") == 200 and host(f"localhost:{port}") == 200 and host("evil.test") == 403
     finally:

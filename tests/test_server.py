@@ -93,6 +93,18 @@ def _wait_frames(client, stream_id: str, count: int) -> dict:
     raise AssertionError(f"{count} frames not encoded within {DEADLINE_S} s: {view}")
 
 
+def _wait_ready(proc, base: str, timeout: float = 60) -> None:
+    """Until a `vstream serve` subprocess answers /health/ready with 200 (it must not exit first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
 @pytest.fixture
 def stream_id(client):
     sid = _create(client, type="file", path="clip.mp4")["id"]

@@ -19,7 +19,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, _free_port, _SlowModel, running_server
+from test_server import DEADLINE_S, KEY, _free_port, _SlowModel, _wait_frames, _wait_ready, running_server
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video
@@ -140,10 +140,7 @@ def test_loopback_sources_when_allowed(model, media, canary):
             r = _url_source(client, source)
             assert r.status_code == 201, r.text
             sid = r.json()["id"]
-            deadline = time.monotonic() + DEADLINE_S
-            while (view := client.get(f"/v1/streams/{sid}").json())["stats"]["frames_encoded"] < 3:
-                assert view["state"] != "failed" and time.monotonic() < deadline, view
-                time.sleep(0.05)
+            _wait_frames(client, sid, 3)
             client.delete(f"/v1/streams/{sid}")
         chain = f"{base}/go?to=/go?to=/go?to=/go?to=/small.mp4"
         assert "redirects" in _error(_url_source(client, chain), 403)["message"]
@@ -294,14 +291,7 @@ def test_drain_on_sigterm(tmp_path):
                              "--port", str(port), "--api-key", KEY, "--drain-seconds", "1.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            try:
-                if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        _wait_ready(proc, base)
         with ws_connect(base.replace("http", "ws") + "/v1/realtime", additional_headers=AUTH,
                         open_timeout=DEADLINE_S) as ws:
             assert json.loads(ws.recv(timeout=DEADLINE_S))["type"] == "session.created"

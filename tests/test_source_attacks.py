@@ -23,7 +23,7 @@ import pytest
 
 import vstream
 from test_network_sources import RtspServer, _rtsp_available, free_port
-from test_server import DEADLINE_S, KEY, running_server
+from test_server import DEADLINE_S, KEY, _wait_frames, running_server
 from vstream.server import create_app
 from vstream.server.netsafe import address_refusal
 from vstream.server.rtsp_relay import Refused, messages
@@ -199,10 +199,7 @@ def test_a_plain_video_still_plays_from_the_allowed_host_and_the_media_root(clie
         r = _source(client, source)
         assert r.status_code == 201, r.text
         sid = r.json()["id"]
-        deadline = time.monotonic() + DEADLINE_S
-        while (view := client.get(f"/v1/streams/{sid}").json())["stats"]["frames_encoded"] < 2:
-            assert view["state"] != "failed" and time.monotonic() < deadline, view
-            time.sleep(0.05)
+        _wait_frames(client, sid, 2)
         client.delete(f"/v1/streams/{sid}")
 
 
