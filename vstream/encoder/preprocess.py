@@ -60,19 +60,31 @@ def resize_and_crop(rgb: np.ndarray, size: int) -> np.ndarray:
     return resized[top : top + size, left : left + size]
 
 
-def preprocess_frames(frames: Sequence[np.ndarray | PIL.Image.Image], cfg: VisionConfig) -> torch.Tensor:
-    """Frames (any sizes, see `to_rgb`) -> pixel values [n, 3, S, S] float32 for the CLIP tower, S = cfg.image_size."""
-    if len(cfg.image_mean) != 3 or len(cfg.image_std) != 3:
-        raise ValueError(f"expected 3 channel means and stds, got {cfg.image_mean} and {cfg.image_std}")
-    size = cfg.image_size
-    crops = np.empty((len(frames), size, size, 3), np.uint8)  # [n, S, S, 3]
+def crop_frames(frames: Sequence[np.ndarray | PIL.Image.Image], size: int) -> np.ndarray:
+    """Frames (any sizes, see `to_rgb`) -> uint8 crops [n, size, size, 3] (shortest edge resized, centre crop)."""
+    crops = np.empty((len(frames), size, size, 3), np.uint8)
     for i, frame in enumerate(frames):
         crops[i] = resize_and_crop(to_rgb(frame), size)
-    scaled = (crops.astype(np.float64) * (1 / 255)).astype(np.float32)
-    mean = np.asarray(cfg.image_mean, np.float32)
-    std = np.asarray(cfg.image_std, np.float32)
-    normalised = (scaled - mean) / std  # [n, S, S, 3] float32
-    return torch.from_numpy(normalised).permute(0, 3, 1, 2).contiguous()
+    return crops
+
+
+def normalise_crops(crops: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
+    """uint8 crops [n, S, S, 3] (on any device) -> pixel values [n, 3, S, S] float32 there: scaled by 1/255 in
+    float64, cast to float32, normalised in float32 (the same arithmetic, bit for bit, on the CPU and the GPU)."""
+    if len(cfg.image_mean) != 3 or len(cfg.image_std) != 3:
+        raise ValueError(f"expected 3 channel means and stds, got {cfg.image_mean} and {cfg.image_std}")
+    if crops.dtype != torch.uint8 or crops.dim() != 4 or crops.shape[1:] != (cfg.image_size, cfg.image_size, 3):
+        raise ValueError(f"expected uint8 crops [n, {cfg.image_size}, {cfg.image_size}, 3], "
+                         f"got {crops.dtype} {list(crops.shape)}")
+    scaled = (crops.double() * (1 / 255)).float()
+    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=crops.device)
+    std = torch.tensor(cfg.image_std, dtype=torch.float32, device=crops.device)
+    return ((scaled - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+
+def preprocess_frames(frames: Sequence[np.ndarray | PIL.Image.Image], cfg: VisionConfig) -> torch.Tensor:
+    """Frames (any sizes, see `to_rgb`) -> pixel values [n, 3, S, S] float32 for the CLIP tower, S = cfg.image_size."""
+    return normalise_crops(torch.from_numpy(crop_frames(frames, cfg.image_size)), cfg)
 
 
 def _pil_to_rgb(image: PIL.Image.Image) -> np.ndarray:

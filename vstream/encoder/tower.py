@@ -29,7 +29,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vstream.config import VisionConfig
-from vstream.weights import read_state_dict
+from vstream.weights import assign_, place, read_state_dict
 
 _BLOCK = re.compile(r"encoder\.layers\.(\d+)\.")
 _NON_VISION = ("text_model.", "text_projection.", "visual_projection.", "logit_scale")  # CLIPModel keys we never use
@@ -83,13 +83,9 @@ class VisionTower(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # pixel_values: [n, 3, S, S] -> [n, grid*grid, D]
-        expected = (3, self.cfg.image_size, self.cfg.image_size)
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
-            raise ValueError(
-                f"expected pixel values [n, {', '.join(map(str, expected))}], got {list(pixel_values.shape)}"
-            )
+        self._checked(pixel_values)
         if self.graphs:
-            return self._replay(pixel_values)
+            return self._replay(pixel_values, self.graphs)
         if self.fast:
             return self._fast_forward(pixel_values)
         hidden = self.clip(pixel_values=pixel_values).last_hidden_state  # [n, 1 + grid*grid, D]
@@ -102,18 +98,23 @@ class VisionTower(nn.Module):
         `graph_batch_sizes`, and cut every batch into those sizes (largest first). Returns the warm-up seconds in
         `self.warmup_s`. Call after moving the tower to its device and dtype."""
         self.fast = True
-        self.graphs = {}
-        weight = self.clip.embeddings.patch_embedding.weight
         t0 = time.perf_counter()
-        if graph_batch_sizes:
-            if weight.device.type != "cuda":
-                raise ValueError(f"CUDA graphs need the tower on a CUDA device, it is on {weight.device}")
-            pool = torch.cuda.graph_pool_handle()
-            for n in sorted(set(graph_batch_sizes), reverse=True):  # largest first: later captures reuse its pool
-                self.graphs[n] = _CapturedTower(self, n, pool)
-            torch.cuda.synchronize(weight.device)
+        self.graphs = self.capture(graph_batch_sizes)
         self.warmup_s = time.perf_counter() - t0
         return self
+
+    def capture(self, batch_sizes: tuple[int, ...]) -> dict[int, "_CapturedTower"]:
+        """The fast forward captured in one CUDA graph per batch size (sharing one memory pool). Their static inputs
+        and outputs belong to whoever holds them: one thread passes them to `encode(graphs=...)`."""
+        if not batch_sizes:
+            return {}
+        weight = self.clip.embeddings.patch_embedding.weight
+        if weight.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the tower on a CUDA device, it is on {weight.device}")
+        pool = torch.cuda.graph_pool_handle()
+        graphs = {n: _CapturedTower(self, n, pool) for n in sorted(set(batch_sizes), reverse=True)}  # largest first
+        torch.cuda.synchronize(weight.device)
+        return graphs
 
     @torch.inference_mode()
     def _fast_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -141,25 +142,27 @@ class VisionTower(nn.Module):
                 x = torch.addmm(mlp.fc2.bias, mlp.activation_fn(mlp.fc1(h)), mlp.fc2.weight.t()).add_(x)
         return x.view(n, t, d)[:, 1:]
 
-    def _replay(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _replay(self, pixel_values: torch.Tensor, graphs: dict[int, "_CapturedTower"]) -> torch.Tensor:
         """Cut the batch into captured sizes, largest first (37 = 32 + 4 + 1 with sizes 1, 2, 4, ..., 32)."""
         out = torch.empty(pixel_values.shape[0], self.num_tokens, self.cfg.hidden_size,
                           dtype=self.clip.embeddings.patch_embedding.weight.dtype, device=pixel_values.device)
         i, n = 0, pixel_values.shape[0]
-        sizes = sorted(self.graphs, reverse=True)
+        sizes = sorted(graphs, reverse=True)
         while i < n:
             size = next((s for s in sizes if s <= n - i), None)
             if size is None:  # smaller than every captured size: run eagerly
                 out[i:] = self._fast_forward(pixel_values[i:])
                 break
-            out[i : i + size] = self.graphs[size].run(pixel_values[i : i + size])
+            out[i : i + size] = graphs[size].run(pixel_values[i : i + size])
             i += size
         return out
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    def encode(self, pixel_values: torch.Tensor, batch_size: int = 64,
+               graphs: dict[int, "_CapturedTower"] | None = None) -> torch.Tensor:
         """Patch features [n, grid*grid, D] of pixel values [n, 3, S, S], `batch_size` frames at a time, in the tower's
-        dtype and device. The result is an inference tensor: `.clone()` it before using it where autograd records."""
+        dtype and device; through `graphs` (from `capture`) when given. The result is an inference tensor: `.clone()`
+        it before using it where autograd records."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         weight = self.clip.embeddings.patch_embedding.weight
@@ -167,8 +170,16 @@ class VisionTower(nn.Module):
         out = torch.empty(n, self.num_tokens, self.cfg.hidden_size, dtype=weight.dtype, device=weight.device)
         for i in range(0, n, batch_size):
             batch = pixel_values[i : i + batch_size].to(device=weight.device, dtype=weight.dtype)
-            out[i : i + batch_size] = self(batch)
+            out[i : i + batch_size] = self(batch) if not graphs else self._replay(self._checked(batch), graphs)
         return out
+
+    def _checked(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        expected = (3, self.cfg.image_size, self.cfg.image_size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"expected pixel values [n, {', '.join(map(str, expected))}], got {list(pixel_values.shape)}"
+            )
+        return pixel_values
 
 
 class _CapturedTower:
@@ -195,11 +206,18 @@ class _CapturedTower:
         return self.out
 
 
-def load_clip_weights(tower: VisionTower, state_dict: Mapping[str, torch.Tensor], prefix: str) -> list[str]:
+def load_clip_weights(
+    tower: VisionTower,
+    state_dict: Mapping[str, torch.Tensor],
+    prefix: str,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> list[str]:
     """Load a full-depth CLIP vision state dict (keys `prefix + "embeddings..."`, `prefix + "encoder.layers.{i}..."`,
     ...) into `tower`; returns the sorted keys that are expected but unused: blocks the truncated tower does not run,
     `post_layernorm.*` and `embeddings.position_ids`. Missing or unexpected keys, or a shape that differs, raise
-    ValueError naming them. Values are converted to the tower's dtype; a tower built on `meta` gets them on the CPU."""
+    ValueError naming them. A tower with weights gets the values copied in its own dtype; a tower built on `meta`
+    gets only the tensors it runs, each read once onto `device` (default the CPU) in `dtype` (default float32)."""
     wanted = tower.clip.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     unused: list[str] = []
@@ -220,20 +238,26 @@ def load_clip_weights(tower: VisionTower, state_dict: Mapping[str, torch.Tensor]
             raise ValueError(
                 f"{prefix + name}: checkpoint shape {list(value.shape)}, tower expects {list(wanted[name].shape)}"
             )
-    like = next(iter(wanted.values()))
-    on_meta = like.is_meta
-    if on_meta:  # assign real tensors in place of the meta ones
-        mapped = {name: value.to(device="cpu", dtype=like.dtype) for name, value in mapped.items()}
-    tower.clip.load_state_dict(mapped, strict=True, assign=on_meta)
-    _materialise_position_ids(tower)
+    if next(iter(wanted.values())).is_meta:
+        device, dtype = torch.device(device or "cpu"), dtype or torch.float32
+        assign_(tower.clip, {name: place(value, device, dtype) for name, value in mapped.items()})
+    else:
+        tower.clip.load_state_dict(mapped, strict=True)
+    materialise_position_ids(tower)
     return sorted(unused)
 
 
-def load_clip_directory(path: str | Path, cfg: VisionConfig | None = None) -> VisionTower:
-    """A float32 `VisionTower` from a local Hugging Face CLIP directory (config.json of a CLIPVisionModel or CLIPModel;
-    weights in model.safetensors, sharded safetensors with an index, or pytorch_model.bin). The architecture comes from
-    the directory; `select_layer`, `image_mean` and `image_std` come from `cfg` when given (else -2 and CLIP's values).
-    Text-model keys are ignored. Nothing is downloaded: the path must be a local directory."""
+def load_clip_directory(
+    path: str | Path,
+    cfg: VisionConfig | None = None,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> VisionTower:
+    """A `VisionTower` on `device` in `dtype` from a local Hugging Face CLIP directory (config.json of a
+    CLIPVisionModel or CLIPModel; weights in model.safetensors, sharded safetensors with an index, or
+    pytorch_model.bin), built on the meta device and given the memory-mapped weights it runs. The architecture comes
+    from the directory; `select_layer`, `image_mean` and `image_std` come from `cfg` when given (else -2 and CLIP's
+    values). Text-model keys are ignored. Nothing is downloaded: the path must be a local directory."""
     root = Path(path)
     if not (root.is_dir() and (root / "config.json").is_file()):
         found = "has no config.json" if root.is_dir() else "is not a directory" if root.exists() else "does not exist"
@@ -244,7 +268,7 @@ def load_clip_directory(path: str | Path, cfg: VisionConfig | None = None) -> Vi
     state = read_state_dict(root, skip_prefixes=_NON_VISION)
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in state) else ""
     tower = VisionTower(vision_cfg, device="meta")
-    load_clip_weights(tower, state, prefix)
+    load_clip_weights(tower, state, prefix, device=device, dtype=dtype)
     return tower
 
 
@@ -270,7 +294,19 @@ def _mismatch_message(missing: list[str], unexpected: list[str], prefix: str, st
     return message
 
 
-def _materialise_position_ids(tower: VisionTower) -> None:
+def clip_init_std(cfg: VisionConfig) -> dict[str, float]:
+    """Standard deviation of the normal values transformers draws for each weight of a fresh tower of `cfg`, by the
+    name of the module (or parameter) holding it (CLIP's `_init_weights`, initializer_factor 1, the truncated depth);
+    biases are zeros, LayerNorms ones and zeros. For random towers built on the meta device."""
+    d, layers = cfg.hidden_size, max(cfg.num_layers_used, 1)
+    deep = d**-0.5 * (2 * layers) ** -0.5  # q, k, v and the MLP's second product: shrink with depth
+    return {
+        "class_embedding": d**-0.5, "patch_embedding": 0.02, "position_embedding": 0.02,
+        "q_proj": deep, "k_proj": deep, "v_proj": deep, "out_proj": d**-0.5, "fc1": (2 * d) ** -0.5, "fc2": deep,
+    }
+
+
+def materialise_position_ids(tower: VisionTower) -> None:
     """The position-id buffer is not in checkpoints; a tower built on `meta` gets a real one after loading."""
     embeddings = tower.clip.embeddings
     if embeddings.position_ids.is_meta:

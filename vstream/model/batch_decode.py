@@ -13,7 +13,8 @@ attention, the model's own MLP. So greedy decoding gives each slot the tokens th
   write only at the last position S_max - 1, which a slot always writes itself before it can read it, and their
   tokens and lengths stay as they are. Greedy (temperature 0) and sampled slots mix in one batch; sampling is
   Gumbel-max with per-slot temperatures from a device generator, so the step never reads the device from the host.
-  On CUDA the step is captured once at B_max as one graph and replayed.
+  On CUDA the step is captured at 1, 2, 4, ... and B_max slots and the smallest size that covers every active
+  slot is replayed.
 - `fetch` / `fetched`: the host reads the tokens fed to a step after launching it (pinned memory, one event), so the
   read never stalls the device.
 
@@ -64,7 +65,7 @@ class BatchDecoder:
         cuda = self.device.type == "cuda"
         self.host = torch.zeros(max_batch, dtype=torch.long, pin_memory=cuda)  # [B] tokens read back
         self.ready = torch.cuda.Event() if cuda else None
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # step size -> its captured step
         if cuda if cuda_graph is None else cuda_graph:
             self._capture()
 
@@ -182,27 +183,33 @@ class BatchDecoder:
 
     # ---------------------------------------------------------------- the batched step
 
-    def _step(self) -> None:
-        """One decode step on device state only, for all B slots (inactive ones write at S_max - 1, change nothing)."""
+    def _step(self, b: int) -> None:
+        """One decode step on device state only, for slots [0, b) (inactive ones write at S_max - 1, change nothing)."""
         c = self.cache
-        b = self.max_batch
-        pos = torch.where(self.active, c.lengths, self.max_seq_len - 1)  # [B] where each slot's token sits
-        x = self.llm.get_input_embeddings()(self.tokens)[:, None]  # [B, 1, H]
-        cos = self.cos.index_select(0, pos)[:, None, None]  # [B, 1, 1, Dh]
+        active, tokens, lengths = self.active[:b], self.tokens[:b], c.lengths[:b]
+        pos = torch.where(active, lengths, self.max_seq_len - 1)  # [b] where each slot's token sits
+        x = self.llm.get_input_embeddings()(tokens)[:, None]  # [b, 1, H]
+        cos = self.cos.index_select(0, pos)[:, None, None]  # [b, 1, 1, Dh]
         sin = self.sin.index_select(0, pos)[:, None, None]
-        mask = (self.positions[None, :] <= pos[:, None])[:, None, None]  # [B, 1, 1, S_max]
-        where = pos.view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)  # [B, Hkv, 1, Dh]
+        mask = (self.positions[None, :] <= pos[:, None])[:, None, None]  # [b, 1, 1, S_max]
+        where = pos.view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)  # [b, Hkv, 1, Dh]
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
-            c.k[i].scatter_(2, where, k)
-            c.v[i].scatter_(2, where, v)
+            c.k[i, :b].scatter_(2, where, k)
+            c.v[i, :b].scatter_(2, where, v)
 
         def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return c.k[i], c.v[i]
+            return c.k[i, :b], c.v[i, :b]
 
         logits = self._forward(x, cos, sin, write, read, mask, False)
-        self.tokens.copy_(torch.where(self.active, self._pick(logits, self.temperature), self.tokens))
-        c.lengths.add_(self.active.long())
+        tokens.copy_(torch.where(active, self._pick(logits, self.temperature[:b]), tokens))
+        lengths.add_(active.long())
+
+    def step_size(self) -> int:
+        """How many leading slots the next step runs: the smallest captured size (any size when eager) that covers
+        every active slot. Slots are handed out lowest first, so a few answers run a small step."""
+        need = max(self.host_active, default=0) + 1
+        return next((b for b in sorted(self.graphs) if b >= need), self.max_batch) if self.graphs else need
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
@@ -215,10 +222,11 @@ class BatchDecoder:
                                f"the KV cache holds {self.max_seq_len} per slot")
         for slot in self.host_active:
             lengths[slot] += 1
-        if self.graph is not None:
-            self.graph.replay()
+        b = self.step_size()
+        if self.graphs:
+            self.graphs[b].replay()
         else:
-            self._step()
+            self._step(b)
         return self.tokens
 
     def fetch(self) -> None:
@@ -236,18 +244,23 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        """Warm up on a side stream and capture the step at B_max. No slot is active, so the warm-up and the capture
-        write only at S_max - 1 and change no token or length. The generator's state is registered with the graph,
-        so each replay draws new noise."""
+        """Warm up on a side stream and capture the step at 1, 2, 4, ... and B_max slots (one memory pool: they replay
+        one at a time). No slot is active, so the warm-ups and captures write only at S_max - 1 and change no token or
+        length. The generator's state is registered with each graph, so each replay draws new noise."""
         self.active.zero_()
+        sizes = sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch} | {self.max_batch})
+        pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
+            for b in sizes:
+                for _ in range(2):
+                    self._step(b)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        self.graph.register_generator_state(self.generator)
-        with torch.cuda.graph(self.graph):
-            self._step()
+        for b in sorted(sizes, reverse=True):  # largest first: the smaller ones fit in its pool
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph, pool=pool):
+                self._step(b)
+            self.graphs[b] = graph
         torch.cuda.synchronize(self.device)

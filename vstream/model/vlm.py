@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from vstream.config import ModelConfig
-from vstream.encoder.preprocess import preprocess_frames
+from vstream.encoder.preprocess import crop_frames, normalise_crops
 from vstream.encoder.tower import VisionTower
 from vstream.memory import AbstractAttention, MemoryRead, build_memory
 from vstream.model.generate import stream_generate
@@ -77,10 +77,19 @@ class FlashVStream(nn.Module):
 
     def encode(self, frames: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
         """RGB frames (any size) -> patch features [n, grid^2, D] at the tower's selected layer."""
+        return self.encode_crops(torch.from_numpy(self.crop(frames)), batch_size=batch_size)
+
+    def crop(self, frames: Sequence[np.ndarray]) -> np.ndarray:
+        """RGB frames (any size) -> the tower's uint8 input crops [n, S, S, 3] (host work, no model)."""
+        return crop_frames(frames, self.cfg.vision.image_size)
+
+    def encode_crops(self, crops: torch.Tensor, batch_size: int = 32, graphs: dict | None = None) -> torch.Tensor:
+        """uint8 crops [n, S, S, 3] from `crop` (on any device) -> patch features [n, grid^2, D], normalised on the
+        model's device; through the tower's captured `graphs` when given (see `VisionTower.capture`)."""
         if self.vision is None:
             raise RuntimeError("this model was loaded without a vision tower; pass pre-extracted features instead")
-        pixels = preprocess_frames(frames, self.cfg.vision)
-        return self.vision.encode(pixels, batch_size=batch_size)
+        pixels = normalise_crops(crops.to(self.device, non_blocking=True), self.cfg.vision)
+        return self.vision.encode(pixels, batch_size=batch_size, graphs=graphs)
 
     def new_memory(self):
         """An empty streaming STAR memory of the configured mode, on the model's device and dtype."""
