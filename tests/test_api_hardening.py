@@ -32,7 +32,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, _free_port, _SlowModel, _wait_frames, _wait_ready, running_server
+from test_server import DEADLINE_S, KEY, EngineHook, _free_port, _wait_frames, _wait_ready, running_server
 from vstream.server import create_app
 from vstream.server.app import begin_drain
 from vstream.server.state import Limits
@@ -274,23 +274,22 @@ def test_page_sends_a_csp_that_its_own_resources_fit(keyless):
 # ---------------------------------------------------------------------------------------------------------- errors
 
 
-class _BrokenModel(_SlowModel):
-    """The real model whose tokenizer (`tokenizer=True`) or generation fails with an error that names a server path,
-    as a failing disk or a missing weight file would."""
+class _BrokenModel:
+    """The real model whose tokenizer (`tokenizer=True`) or prompt building fails with an error that names a server
+    path, as a failing disk or a missing weight file would."""
 
     def __init__(self, model, tokenizer: bool = False):
-        super().__init__(model, pause_s=0.0)
-        self._tokenizer = tokenizer
+        self._model, self._tokenizer = model, tokenizer
 
     def __getattr__(self, name):
         if name == "tokenizer" and self._tokenizer:
             raise OSError(errno.EIO, "Input/output error", SECRET)
-        return super().__getattr__(name)
+        return getattr(self._model, name)
 
-    def stream_answer(self, *args, **kwargs):
+    def prompt_embeds(self, *args, **kwargs):
         if not self._tokenizer:
             raise OSError(errno.ENOENT, "No such file or directory", SECRET)
-        yield from super().stream_answer(*args, **kwargs)
+        return self._model.prompt_embeds(*args, **kwargs)
 
 
 @pytest.fixture
@@ -339,24 +338,23 @@ def test_an_unhandled_error_is_a_logged_500_naming_no_path_on_a_kept_connection(
 def test_a_failed_generation_names_no_path_on_any_transport(fragile, caplog):
     client, app, sid = fragile
     caplog.set_level(logging.ERROR, logger="vstream.server")
-    stream = app.state.vstream.streams[sid]
-    stream.session.model = _BrokenModel(stream.session.model)
-    ask = {"model": sid, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    r = client.post("/v1/chat/completions", json=ask)
-    _no_internals(r.text)
-    assert _error(r, 500)["code"] == "internal_error"
-    with client.stream("POST", "/v1/chat/completions", json=ask | {"stream": True}) as r:
-        events = [line for line in r.iter_lines() if line]
-    _no_internals("\n".join(events))
-    assert events[-1] == "data: [DONE]" and "generation_failed" in events[-2] and "err_" in events[-2]
-    url = _ws_url(client, sid)
-    with ws_connect(url, additional_headers=AUTH, open_timeout=DEADLINE_S) as ws:
-        ws.send(json.dumps({"type": "response.create", "question": "hi", "max_tokens": 2}))
-        events = [json.loads(ws.recv(timeout=DEADLINE_S)) for _ in range(5)]
-        _no_internals(json.dumps(events))
-        assert [e["type"] for e in events][1:] == ["response.created", "error", "response.output_text.done",
-                                                   "response.done"]
-        assert events[-1]["response"]["status"] == "failed" and "err_" in events[2]["error"]["message"]
+    with EngineHook(app.state.vstream, prompts=_BrokenModel(app.state.vstream.model)):
+        ask = {"model": sid, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        r = client.post("/v1/chat/completions", json=ask)
+        _no_internals(r.text)
+        assert _error(r, 500)["code"] == "internal_error"
+        with client.stream("POST", "/v1/chat/completions", json=ask | {"stream": True}) as r:
+            events = [line for line in r.iter_lines() if line]
+        _no_internals("\n".join(events))
+        assert events[-1] == "data: [DONE]" and "generation_failed" in events[-2] and "err_" in events[-2]
+        url = _ws_url(client, sid)
+        with ws_connect(url, additional_headers=AUTH, open_timeout=DEADLINE_S) as ws:
+            ws.send(json.dumps({"type": "response.create", "question": "hi", "max_tokens": 2}))
+            events = [json.loads(ws.recv(timeout=DEADLINE_S)) for _ in range(5)]
+            _no_internals(json.dumps(events))
+            assert [e["type"] for e in events][1:] == ["response.created", "error", "response.output_text.done",
+                                                       "response.done"]
+            assert events[-1]["response"]["status"] == "failed" and "err_" in events[2]["error"]["message"]
     assert len([r for r in caplog.records if r.exc_info and SECRET in str(r.exc_info[1])]) == 3
 
 
@@ -444,18 +442,6 @@ def test_hostile_realtime_events_get_error_events_and_the_session_goes_on(strict
 # ---------------------------------------------------------------------------------------------------------- openapi
 
 
-class _Held(_SlowModel):
-    """The real model, whose answers start only once `go` is set: an answer surely runs until then."""
-
-    def __init__(self, model):
-        super().__init__(model, pause_s=0.0)
-        self.go = threading.Event()
-
-    def stream_answer(self, *args, **kwargs):
-        self.go.wait(DEADLINE_S)
-        yield from self._model.stream_answer(*args, **kwargs)
-
-
 def _operations(doc: dict) -> dict[tuple[str, str], set[int]]:
     """(METHOD, path template) -> the error statuses the document lists for it."""
     return {(m.upper(), path): {int(s) for s in op["responses"] if int(s) >= 400}
@@ -503,15 +489,11 @@ def test_openapi_lists_exactly_the_statuses_each_route_sends(model, media):
             method, template = key.split(" ")
             for kw in calls:
                 probe(method, template, **kw)
-        session = app.state.vstream.streams[file_sid].session
-        session.model = held = _Held(session.model)
-        try:
+        with EngineHook(app.state.vstream, held=True):  # answers start only once the hook ends: one surely runs
             with client.stream("POST", "/v1/chat/completions", json=ask(file_sid, stream=True, max_tokens=1)) as r:
                 lines = r.iter_lines()  # kept: a dropped line iterator closes the connection, cancelling the answer
                 next(lines)  # the role chunk: an answer runs, and the next one is over max_running=1
                 probe("POST", "/v1/chat/completions", json=ask(file_sid, max_tokens=1))
-        finally:
-            held.go.set()
         begin_drain(app.state.vstream, 0.0)
         for method, template in (("GET", "/health/ready"), ("POST", "/v1/streams"), ("POST", "/v1/chat/completions")):
             probe(method, template, json=ask(file_sid) if "chat" in template else {"source": {"type": "push"}})

@@ -25,13 +25,13 @@ def clip(tmp_path_factory):
 
 def slowed(model, seconds):
     """The same model with `seconds` added to each encoder call (a stand-in for a slow device)."""
-    real = model.encode
+    real = model.encode_crops
 
-    def encode(frames, batch_size=32):
+    def encode_crops(crops, batch_size=32, graphs=None):
         time.sleep(seconds)
-        return real(frames, batch_size)
+        return real(crops, batch_size, graphs)
 
-    model.encode = encode
+    model.encode_crops = encode_crops
     return model
 
 

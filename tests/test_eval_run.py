@@ -73,8 +73,8 @@ def test_resume_recomputes_nothing_finished_and_gives_the_same_results(model, da
     lines = path.read_text().splitlines(keepends=True)
     path.write_text("".join(lines[:5]) + lines[5][:20])  # 5 finished, one cut mid-line by an interruption
     calls = []
-    real = model.answer_from
-    model.answer_from = lambda memory, question, **kw: calls.append(question) or real(memory, question, **kw)
+    real = model.prompt_embeds  # built once per answer, on either answer path
+    model.prompt_embeds = lambda memory, question, **kw: calls.append(question) or real(memory, question, **kw)
     try:
         second = predictions(model, bench, tmp_path, mode="streaming")
         assert len(calls) == 3
@@ -82,7 +82,7 @@ def test_resume_recomputes_nothing_finished_and_gives_the_same_results(model, da
         assert texts(predictions(model, bench, tmp_path, mode="streaming")) == texts(first)
         assert calls == []
     finally:
-        del model.answer_from
+        del model.prompt_embeds
     assert texts(second) == texts(first)
     assert len(path.read_text().splitlines()) == 8
     with pytest.raises(ValueError, match="another run"):

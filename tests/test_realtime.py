@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, _SlowModel, _wait_frames, running_server
+from test_server import DEADLINE_S, KEY, EngineHook, _wait_frames, running_server
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import moving_shapes, write_test_video
@@ -175,15 +175,14 @@ def test_cancel_stops_the_answer(server, client):
         sid = recv(ws)["session"]["stream_id"]
         push_seconds(ws, 2)
         _wait_frames(client, sid, 2)
-        session = server[1].state.vstream.streams[sid].session
-        session.model = _SlowModel(session.model, pause_s=0.2)
-        ws.send(json.dumps({"type": "response.create", "question": "Describe everything.", "max_tokens": 30}))
-        recv(ws, "response.output_text.delta")
-        ws.send(json.dumps({"type": "response.create", "question": "again", "event_id": "q2"}))
-        busy = recv(ws, "error")["error"]
-        assert busy["code"] == "response_in_progress" and busy["event_id"] == "q2"
-        ws.send(json.dumps({"type": "response.cancel"}))
-        done = recv(ws, "response.done")["response"]
+        with EngineHook(server[1].state.vstream, pause_s=0.2):
+            ws.send(json.dumps({"type": "response.create", "question": "Describe everything.", "max_tokens": 30}))
+            recv(ws, "response.output_text.delta")
+            ws.send(json.dumps({"type": "response.create", "question": "again", "event_id": "q2"}))
+            busy = recv(ws, "error")["error"]
+            assert busy["code"] == "response_in_progress" and busy["event_id"] == "q2"
+            ws.send(json.dumps({"type": "response.cancel"}))
+            done = recv(ws, "response.done")["response"]
         assert done["status"] == "cancelled" and done["usage"]["output_tokens"] < 30
     assert server[1].state.vstream.running == 0
 
@@ -282,15 +281,14 @@ def test_refusals_on_connect_and_frames_to_a_pulled_stream(server, client):
         client.delete(f"/v1/streams/{file_stream}")
 
 
-class _BrokenEncoder(_SlowModel):
-    def encode(self, *args, **kwargs):
-        raise RuntimeError("injected encoder fault")
+def _broken_insert(*args, **kwargs):
+    raise RuntimeError("injected encoder fault")
 
 
 def test_one_failing_stream_leaves_the_others_running(server, client):
     with connect(server[0]) as bad, connect(server[0]) as good:
         bad_id, good_id = recv(bad)["session"]["stream_id"], recv(good)["session"]["stream_id"]
-        server[1].state.vstream.streams[bad_id].session.model = _BrokenEncoder(server[1].state.vstream.model, 0)
+        server[1].state.vstream.streams[bad_id].session.processor.insert = _broken_insert  # this stream's frames fail
         bad.send(append(0, 0.0))
         recv(bad, "input_video_frame.ack")
         err = recv(bad, "error")["error"]

@@ -243,27 +243,47 @@ def test_chat_errors(client, stream_id):
         client.delete(f"/v1/streams/{push}")
 
 
-class _SlowModel:
-    """The real model, with a pause after each generated piece, so that an answer is surely in flight."""
+class EngineHook:
+    """The running server's engine with its answer iterations slowed for a test: each `pause_s` late (so that an
+    answer is surely in flight), none while `go` is clear (`held=True`), the tokens they produce counted, and the
+    answers' prompts built by `prompts` when given (a model that fails, say). The engine is restored on exit."""
 
-    def __init__(self, model, pause_s: float):
-        self._model, self._pause_s = model, pause_s
+    def __init__(self, state, pause_s: float = 0.0, held: bool = False, prompts=None):
+        self.answers, self.pause_s, self.prompts = state.engine.answers, pause_s, prompts
+        self.go = threading.Event()
+        if not held:
+            self.go.set()
+        self.tokens = 0
 
-    def __getattr__(self, name):
-        return getattr(self._model, name)
+    def __enter__(self) -> "EngineHook":
+        answers = self.answers
+        run_once, take, self._model = answers.run_once, answers._take, answers.model
 
-    def stream_answer(self, *args, **kwargs):
-        for piece in self._model.stream_answer(*args, **kwargs):
-            time.sleep(self._pause_s)  # blocks whichever thread generates: the event loop must not be that thread
-            yield piece
+        def slow_run_once():
+            self.go.wait(DEADLINE_S)
+            pending = run_once()
+            time.sleep(self.pause_s)  # blocks the engine thread: the event loop must not be that thread
+            return pending
+
+        def counting_take(request, token):
+            self.tokens += 1
+            take(request, token)
+
+        answers.run_once, answers._take = slow_run_once, counting_take
+        if self.prompts is not None:
+            answers.model = self.prompts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.go.set()
+        del self.answers.run_once, self.answers._take  # the class's methods again
+        self.answers.model = self._model
 
 
 def test_health_answers_while_an_answer_streams(server, client, stream_id):
-    session = server[1].state.vstream.streams[stream_id].session
-    session.model = _SlowModel(session.model, pause_s=0.3)
     body = {"model": stream_id, "messages": [{"role": "user", "content": "Describe it all."}], "stream": True,
             "max_tokens": 6}
-    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+    with EngineHook(server[1].state.vstream, pause_s=0.3), client.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line).startswith("data: ")  # the role chunk: the answer is under way
         t0 = time.perf_counter()

@@ -19,7 +19,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, _free_port, _SlowModel, _wait_frames, _wait_ready, running_server
+from test_server import DEADLINE_S, KEY, EngineHook, _free_port, _wait_frames, _wait_ready, running_server
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video
@@ -216,15 +216,6 @@ def _metric(client, name: str) -> float:
     return float(line.split()[1])
 
 
-class _CountingModel(_SlowModel):
-    pieces = 0
-
-    def stream_answer(self, *args, **kwargs):
-        for piece in super().stream_answer(*args, **kwargs):
-            type(self).pieces += 1
-            yield piece
-
-
 def _wait_idle(client) -> None:
     deadline = time.monotonic() + 3
     while _metric(client, "vstream:num_requests_running") != 0:
@@ -236,27 +227,27 @@ def test_too_many_answers_and_disconnects_cancel(strict):
     client, app = strict
     sid = _ready_stream(client)
     try:
-        app.state.vstream.streams[sid].session.model = _CountingModel(app.state.vstream.model, pause_s=0.15)
-        body = {"model": sid, "messages": [{"role": "user", "content": "Tell me all."}], "max_tokens": 8,
-                "stream": True}
-        cancelled = _metric(client, "vstream:requests_cancelled_total")
-        with client.stream("POST", "/v1/chat/completions", json=body) as r:
-            lines = r.iter_lines()
-            assert '"content"' in next(li for li in lines if '"content": "' in li and '"role"' not in li)
-            busy = client.post("/v1/chat/completions", json=body)
-            assert _error(busy, 429)["code"] == "too_many_requests" and busy.headers["retry-after"] == "1"
-        _wait_idle(client)  # the client left after one piece: the generation stopped
-        time.sleep(0.3)
-        assert _CountingModel.pieces < 8
-        assert _metric(client, "vstream:requests_cancelled_total") == cancelled + 1
-        _CountingModel.pieces = 0
-        with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up before the answer is done
-            httpx.post(str(client.base_url).rstrip("/") + "/v1/chat/completions", json=body | {"stream": False},
-                       headers=AUTH, timeout=0.4)
-        _wait_idle(client)
-        time.sleep(0.3)
-        assert _CountingModel.pieces < 8
-        assert _metric(client, "vstream:requests_cancelled_total") == cancelled + 2
+        with EngineHook(app.state.vstream, pause_s=0.15) as hook:
+            body = {"model": sid, "messages": [{"role": "user", "content": "Tell me all."}], "max_tokens": 8,
+                    "stream": True}
+            cancelled = _metric(client, "vstream:requests_cancelled_total")
+            with client.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = r.iter_lines()
+                assert '"content"' in next(li for li in lines if '"content": "' in li and '"role"' not in li)
+                busy = client.post("/v1/chat/completions", json=body)
+                assert _error(busy, 429)["code"] == "too_many_requests" and busy.headers["retry-after"] == "1"
+            _wait_idle(client)  # the client left after one piece: the generation stopped
+            time.sleep(0.3)
+            assert hook.tokens < 8
+            assert _metric(client, "vstream:requests_cancelled_total") == cancelled + 1
+            hook.tokens = 0
+            with pytest.raises(httpx.ReadTimeout):  # not streamed: the client gives up before the answer is done
+                httpx.post(str(client.base_url).rstrip("/") + "/v1/chat/completions", json=body | {"stream": False},
+                           headers=AUTH, timeout=0.4)
+            _wait_idle(client)
+            time.sleep(0.3)
+            assert hook.tokens < 8
+            assert _metric(client, "vstream:requests_cancelled_total") == cancelled + 2
     finally:
         client.delete(f"/v1/streams/{sid}")
 

@@ -1,6 +1,8 @@
-"""The streaming engine: a session ingests one source into a bounded memory and answers questions concurrently."""
+"""The streaming engine: one owner of the device serves every stream's frames, memory and answers; a session feeds
+one source into it; the processor is the I/O-free core of one stream."""
 
 from vstream.engine.processor import Snapshot, StreamProcessor
-from vstream.engine.session import FrameQueue, StreamSession
+from vstream.engine.scheduler import Engine, EngineConfig, FrameQueue, engine_of
+from vstream.engine.session import StreamSession
 
-__all__ = ["FrameQueue", "Snapshot", "StreamProcessor", "StreamSession"]
+__all__ = ["Engine", "EngineConfig", "FrameQueue", "Snapshot", "StreamProcessor", "StreamSession", "engine_of"]

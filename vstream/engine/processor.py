@@ -151,8 +151,11 @@ class StreamProcessor:
             self._pooled.append(pool_grid(features, m.cfg.memory.spatial_size))
             self._times.extend(times)
         else:
+            stamps = torch.tensor(times, dtype=torch.float64)  # one copy to the device, queued without a wait
+            stamps = stamps.pin_memory() if m.device.type == "cuda" else stamps
+            stamps = stamps.to(m.device, non_blocking=True)
             for i, t in enumerate(times):
-                self.memory.update(features[i : i + 1], [t])
+                self.memory.update(features[i : i + 1], stamps[i : i + 1])
                 self._times.append(t)
                 if self.history.size and i < len(times) - 1:  # every frame's memory is kept for "as of" questions
                     self.history.add(self._take())

@@ -31,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocketDisconnect
 
-from vstream.engine import StreamSession
+from vstream.engine import EngineConfig, StreamSession, engine_of
 from vstream.server.answers import (Generation, check_max_tokens, check_question, prompt_tokens,
                                     vstream_extension)
 from vstream.server import gate
@@ -40,7 +40,7 @@ from vstream.server.inputs import open_stream_source
 from vstream.server.openapi import document, errors
 from vstream.server.realtime import RealtimeSession, deny, watch
 from vstream.server.schemas import ChatRequest, StreamCreate, error_body
-from vstream.server.state import ApiError, Limits, ServerState, Stream, Thumbnails, internal_error
+from vstream.server.state import ApiError, Limits, ServerState, Stream, Thumbnails, internal_error, log
 from vstream.sources import PushSource
 
 STATIC = Path(__file__).with_name("static")
@@ -52,7 +52,8 @@ def start_stream(state: ServerState, frames, live: bool, push: PushSource | None
                  owner: str | None = None) -> Stream:
     """Register a stream (the caller holds a reserved slot) and start its session."""
     thumbnails = Thumbnails(state.limits.thumbnails)
-    session = StreamSession(state.model, history=state.limits.snapshot_history, on_frames=thumbnails.add)
+    session = StreamSession(state.model, history=state.limits.snapshot_history, on_frames=thumbnails.add,
+                            engine=state.engine)
     stream_id = "str_" + secrets.token_hex(8)
     stream = Stream(stream_id, session, source, time.time(), fps, thumbnails, push, owner)
     session.start(frames, live=live)
@@ -123,16 +124,22 @@ def close_stream(stream: Stream) -> None:
     stream.session.close()
 
 
-def warm_up(model) -> float:
-    """One whole answer path on a blank frame (encode, memory, projector, prefill, decode), so that the first real
-    request pays no first-use costs (allocations, graph captures, lazy imports); returns its seconds."""
+def warm_up(state: ServerState) -> float:
+    """Make the engine (graph captures) and run one whole answer path through it on a blank frame (crop, encode,
+    memory, projector, prefill, decode), so that the first real request pays no first-use costs; returns seconds."""
     import numpy as np
 
     t0 = time.perf_counter()
+    model = state.model
+    limits = state.limits
+    state.engine = engine_of(model, EngineConfig(answer_slots=min(limits.max_running, 32),
+                                                 max_waiting=limits.max_running))
+    log.info("engine ready in %.1f s (%s)", state.engine.warmup_s, state.engine.stats())
     side = model.cfg.vision.image_size
-    memory = model.memory_from_features(model.encode([np.zeros((side, side, 3), np.uint8)]), [0.0])
-    for _ in model.stream_answer(memory, "What is on the screen?", max_new_tokens=2):
-        pass
+    with StreamSession(model, engine=state.engine) as session:
+        session.lane.put(0.0, model.crop([np.zeros((side, side, 3), np.uint8)])[0])
+        session.wait_for_frames(1, timeout=600)
+        session.ask("What is on the screen?", max_new_tokens=2)
     return time.perf_counter() - t0
 
 
@@ -151,7 +158,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state.warmup_s = await run_in_threadpool(warm_up, state.model)  # before the first request is accepted
+        state.warmup_s = await run_in_threadpool(warm_up, state)  # before the first request is accepted
         state.ready = True
         yield
         state.ready = False

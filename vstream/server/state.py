@@ -68,8 +68,9 @@ class Limits:
     """Longest question."""
     max_answer_tokens: int = 1024
     """Most tokens one answer may ask for (`max_tokens`)."""
-    max_running: int = 16
-    """Most answers generated at once over the whole server (429 above it)."""
+    max_running: int = 64
+    """Most answers generated or waiting at once over the whole server (429 above it); the engine decodes up to 32
+    of them in one batch, the others wait for a slot."""
     max_fps: float = 30.0
     """Highest target sampling rate of a stream."""
     ws_idle_s: float = 300.0
@@ -195,6 +196,8 @@ class ServerState:
     cookies: dict[str, float] = field(default_factory=dict)  # page session token -> expiry (monotonic)
     sockets: set = field(default_factory=set)  # open realtime sessions (objects with `notify_closing`)
     answers_cancelled: int = 0
+    engine: object = None
+    """The model's engine (`vstream.engine.Engine`), made by the start-up warm-up."""
 
     def get(self, stream_id: str, param: str = "model") -> Stream:
         stream = self.streams.get(stream_id)

@@ -1,0 +1,472 @@
+"""One owner of the device: every stream's frames, memory updates and answers run on one engine thread.
+
+    engine = Engine(model, EngineConfig())
+    lane = engine.open(history=32)             # one per stream; feeders call lane.put(t, crop) from any thread
+    snap, request = engine.ask(lane, "What is on the table?")
+    for piece in request: ...                  # the answer's text, token by token, from any thread
+
+Each iteration of the engine thread does up to two things:
+
+1. **A round of frames**, when frames wait and (no answer is running, or `round_every_s` has passed since the last
+   round): up to `frames_per_round` frames from all streams, at most `lane.batch` from each, taken round-robin so that
+   no stream waits behind the others. They go through the tower in one batch (captured CUDA graphs on CUDA), each
+   stream's memory takes its frames (its steady update replayed from a captured graph), and each stream publishes its
+   new snapshot (one reference swap; snapshots carry their times on the host).
+2. **One answer iteration** (`BatchAnswerer.run_once`: admit, a chunk of prefill, one batched decode step for every
+   running answer), when answers are pending.
+
+So under load, frames and answers take turns: a round runs at most every `round_every_s` while answers decode, and an
+answer advances by one token between rounds. Neither starves: questions beyond the answer slots wait (FIFO) and
+beyond `max_waiting` are refused; a live stream's queue drops its oldest frame when full (counted), a file's queue
+makes its reader wait.
+
+An exception in one stream's work (its frames, its memory) ends that stream with the error; the others go on. An
+answer that fails ends with its error. What this module does not do: read sources, decode images, or pace anything
+(feeders do: `vstream.engine.session`).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, snapshot_at
+from vstream.model.batch_answer import BatchAnswerer, Request
+
+log = logging.getLogger("vstream.engine")
+_END = object()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Every knob of the engine; the defaults suit one GPU (or the CPU, where `answer_slots` is capped at 4)."""
+
+    frames_per_round: int = 64
+    """Most frames encoded in one round, all streams together (the tower's batch)."""
+    round_every_s: float = 0.05
+    """While answers are decoding, a round of frames starts at most this often."""
+    answer_slots: int = 32
+    """Answers decoded together in one batched step (a KV-cache slot each)."""
+    max_waiting: int = 256
+    """Questions waiting for a slot; `ask` refuses one more."""
+    prefill_chunk: int = 512
+    """Most prompt positions prefilled per iteration, so a long prompt never holds the decoding back for long."""
+    cuda_graphs: bool | None = None
+    """Capture the tower, the memory updates and the decode step in CUDA graphs (None: on CUDA)."""
+    tower_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    """Batch sizes the tower is captured at; a round's batch is cut into them, largest first."""
+    seed: int = 0
+    """Seed of the sampled answers' noise."""
+
+    def __post_init__(self):
+        for name in ("frames_per_round", "answer_slots", "max_waiting", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.round_every_s >= 0:
+            raise ValueError(f"EngineConfig.round_every_s must be >= 0, got {self.round_every_s}")
+
+
+class LatencyWindow:
+    """The most recent `size` durations of one stage, summarised as p50/p95/max in milliseconds."""
+
+    def __init__(self, size: int = 1024):
+        self._values: collections.deque[float] = collections.deque(maxlen=size)
+
+    def add(self, seconds: float) -> None:
+        self._values.append(seconds)
+
+    def summary(self) -> dict[str, float | int]:
+        values = sorted(self._values)
+        if not values:
+            return {"count": 0}
+        pick = lambda q: values[min(len(values) - 1, int(q * len(values)))] * 1000  # noqa: E731
+        return {"count": len(values), "p50_ms": pick(0.5), "p95_ms": pick(0.95), "max_ms": values[-1] * 1000}
+
+
+@dataclass
+class Counters:
+    received: int = 0
+    encoded: int = 0
+    dropped: int = 0
+    latency: dict[str, LatencyWindow] = field(
+        default_factory=lambda: {k: LatencyWindow() for k in ("encode", "memory_update", "first_token", "answer")}
+    )
+    tokens_per_s: LatencyWindow = field(default_factory=LatencyWindow)
+
+
+class FrameQueue:
+    """A bounded FIFO; `put(drop_oldest=True)` never blocks and returns how many frames it pushed out."""
+
+    def __init__(self, maxsize: int):
+        if maxsize < 1:
+            raise ValueError(f"queue size must be at least 1, got {maxsize}")
+        self.maxsize = maxsize
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, item, drop_oldest: bool, timeout: float | None = None) -> int:
+        with self._cond:
+            dropped = 0
+            if drop_oldest:
+                while len(self._items) >= self.maxsize and item is not _END:
+                    self._items.popleft()
+                    dropped += 1
+            elif not self._cond.wait_for(lambda: len(self._items) < self.maxsize, timeout=timeout):
+                raise TimeoutError(f"the ingest queue stayed full for {timeout} s")
+            self._items.append(item)
+            self._cond.notify_all()
+            return dropped
+
+    def get_batch(self, limit: int, timeout: float) -> list:
+        """Up to `limit` items, waiting at most `timeout` s for the first; [] on timeout."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._items, timeout=timeout):
+                return []
+            batch = [self._items.popleft() for _ in range(min(limit, len(self._items)))]
+            self._cond.notify_all()
+            return batch
+
+
+class Lane:
+    """One stream inside the engine: its queue of (time, uint8 crop) frames, its processor (engine thread only), its
+    published snapshot and counters. Feeders call `put` and `end`; everything else is the engine's."""
+
+    def __init__(self, engine: "Engine", history: int, queue_size: int, batch: int, live: bool):
+        self.engine = engine
+        self.processor = StreamProcessor(engine.model, history=history)
+        if engine.graphs and hasattr(self.processor.memory, "enable_cuda_graph"):
+            self.processor.memory.enable_cuda_graph()
+        self.queue = FrameQueue(queue_size)
+        self.batch, self.live = batch, live
+        self.counters = Counters()
+        self.error: BaseException | None = None
+        self.snapshot: Snapshot | None = None
+        self.done = threading.Event()  # the stream ended and every queued frame was ingested (or it failed)
+        self.closed = False
+
+    @property
+    def history(self):
+        return self.processor.history
+
+    def put(self, t: float, crop: np.ndarray, timeout: float | None = None) -> None:
+        """Queue a frame (a uint8 crop from `model.crop`): a live lane drops its oldest when full, another waits up to
+        `timeout` s (TimeoutError). Any thread."""
+        self.counters.received += 1
+        self.counters.dropped += self.queue.put((t, crop), drop_oldest=self.live, timeout=timeout)
+        self.engine.wake()
+
+    def end(self, error: BaseException | None = None) -> None:
+        """No more frames: the lane is done once the queued ones are ingested. Any thread."""
+        if error is not None and self.error is None:
+            self.error = error
+        self.queue.put(_END, drop_oldest=True)
+        self.engine.wake()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = self.error or error
+        self.done.set()
+
+    def snapshot_at(self, t: float) -> Snapshot:
+        return snapshot_at(self.snapshot, self.processor.history, t)
+
+
+class EagerAnswerer:
+    """The fallback for an LLM that `BatchAnswerer` cannot batch, or an answer longer than its slots hold: one answer
+    at a time through `model.stream_answer`, one text piece per iteration, in the order they came."""
+
+    def __init__(self, model, max_waiting: int):
+        self.model, self.max_waiting = model, max_waiting
+        self._lock = threading.Lock()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._current: tuple[Request, Iterator[str]] | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + (self._current is not None)
+
+    def submit(self, memory_tokens, question, max_new_tokens=None, temperature=0.0) -> Request:
+        n_new = self.model.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        request = Request(memory_tokens, question, n_new, temperature, 0)
+        with self._lock:
+            if len(self._queue) >= self.max_waiting:
+                raise RuntimeError(f"the queue is full: {len(self._queue)} of {self.max_waiting} requests waiting")
+            self._queue.append(request)
+        return request
+
+    def run_once(self) -> int:
+        if self._current is None:
+            with self._lock:
+                request = self._queue.popleft() if self._queue else None
+            if request is None:
+                return 0
+            pieces = self.model.stream_answer(_MemoryTokens(request.memory_tokens), request.question,
+                                              max_new_tokens=request.max_new_tokens, temperature=request.temperature)
+            self._current = (request, pieces)
+        request, pieces = self._current
+        try:
+            if request.cancelled:
+                raise StopIteration("cancelled")
+            request._pieces.put(next(pieces))
+        except StopIteration as stop:
+            self._end(request, pieces, "cancelled" if stop.args == ("cancelled",) else "stop")
+        except Exception as error:  # this answer failed; the engine goes on
+            request.error = error
+            self._end(request, pieces, "error")
+        return self.pending
+
+    def _end(self, request: Request, pieces, reason: str) -> None:
+        pieces.close()
+        self._current = None
+        BatchAnswerer._close(request, reason)
+
+
+class Engine:
+    """The engine thread and the streams it serves; see the module docstring. Starts its thread on first use and
+    stops it after `idle_stop_s` with no stream and no answer (it starts again when needed)."""
+
+    idle_stop_s = 2.0
+
+    def __init__(self, model, config: EngineConfig | None = None):
+        self.model, self.config = model, config or EngineConfig()
+        c = self.config
+        cuda = model.device.type == "cuda"
+        self.graphs = cuda if c.cuda_graphs is None else c.cuda_graphs
+        t0 = time.perf_counter()
+        self.tower_graphs = model.vision.capture(c.tower_batches) if self.graphs and model.vision is not None else None
+        self.batched = getattr(model.llm.config, "model_type", None) == "llama"
+        slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU runs every slot of a step
+        self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=c.prefill_chunk, max_waiting=c.max_waiting,
+                                      seed=c.seed, cuda_graph=self.graphs) if self.batched else None)
+        self.eager = EagerAnswerer(model, c.max_waiting)
+        self.warmup_s = time.perf_counter() - t0
+        self.lanes: list[Lane] = []
+        self.rounds = 0
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._next = 0  # the lane a round starts from (round-robin)
+        self._last_round = 0.0
+
+    # ---------------------------------------------------------------- any thread
+
+    def open(self, history: int = 0, queue_size: int = 8, batch: int = 8, live: bool = True) -> Lane:
+        """A new stream's lane: `history` past snapshots kept for "as of" questions, `queue_size` frames waiting,
+        at most `batch` of its frames per round, `live` (drop oldest) or not (the feeder waits)."""
+        if batch < 1:
+            raise ValueError(f"a lane's batch must be >= 1, got {batch}")
+        lane = Lane(self, history, queue_size, batch, live)
+        with self._lock:
+            self.lanes.append(lane)
+        self._ensure_thread()
+        return lane
+
+    def close(self, lane: Lane) -> None:
+        """Stop serving `lane`: its queued frames are dropped, its snapshot stays readable."""
+        lane.closed = True
+        with self._lock:
+            if lane in self.lanes:
+                self.lanes.remove(lane)
+        lane.done.set()
+
+    def ask(self, lane: Lane, question: str, as_of: float | None = None, max_new_tokens: int | None = None,
+            temperature: float = 0.0) -> tuple[Snapshot, Request]:
+        """The snapshot the answer rests on (the latest, or as of `as_of`) and the queued answer; raises ValueError
+        (bad question), RuntimeError (no frame yet, or the queue is full), LookupError (nothing kept that old)."""
+        snap = pick_snapshot(lane.snapshot, lane.history, question, as_of)
+        return snap, self.submit(snap.memory.tokens, question, max_new_tokens, temperature)
+
+    def submit(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int | None = None,
+               temperature: float = 0.0) -> Request:
+        """Queue a question on memory tokens [N, D] (batched when the LLM allows and the answer fits a slot)."""
+        request = None
+        if self.answers is not None:
+            try:
+                request = self.answers.submit(memory_tokens, question, max_new_tokens, temperature)
+            except ValueError as error:
+                if "a slot holds" not in str(error):
+                    raise
+        if request is None:
+            request = self.eager.submit(memory_tokens, question, max_new_tokens, temperature)
+        self._ensure_thread()
+        self.wake()
+        return request
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the engine thread (queued answers are not served)."""
+        self._stop = True
+        self.wake()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def pending_answers(self) -> int:
+        return (self.answers.pending if self.answers is not None else 0) + self.eager.pending
+
+    def stats(self) -> dict:
+        return {"streams": len(self.lanes), "rounds": self.rounds, "answers_pending": self.pending_answers,
+                "answer_slots": self.answers.decoder.max_batch if self.answers is not None else 1,
+                "cuda_graphs": self.graphs, "warmup_s": self.warmup_s}
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._stop = False
+                self._thread = threading.Thread(target=self._run, name="vstream-engine", daemon=True)
+                self._thread.start()
+
+    # ---------------------------------------------------------------- the engine thread
+
+    def _run(self) -> None:
+        idle_since = time.monotonic()
+        while not self._stop:
+            worked = False
+            try:
+                answering = self.pending_answers > 0
+                if not answering or time.monotonic() - self._last_round >= self.config.round_every_s:
+                    worked = self._round()
+                if answering:
+                    if self.answers is not None and self.answers.pending:
+                        self.answers.run_once()
+                    if self.eager.pending:
+                        self.eager.run_once()
+                    worked = True
+            except Exception as error:  # a bug outside any one stream's or answer's work: logged, the loop goes on
+                self.error = error
+                log.exception("the engine's iteration failed")
+            if worked:
+                idle_since = time.monotonic()
+                continue
+            with self._lock:
+                if not self.lanes and time.monotonic() - idle_since > self.idle_stop_s and not self.pending_answers:
+                    self._thread = None
+                    return
+            self._wake.wait(0.02)
+            self._wake.clear()
+
+    def _take(self) -> list[tuple[Lane, list]]:
+        """Frames for one round, round-robin over the lanes from `_next` -> [(lane, [(t, crop) or _END, ...])]."""
+        with self._lock:
+            lanes = list(self.lanes)
+        if not lanes:
+            return []
+        start, budget, work = self._next % len(lanes), self.config.frames_per_round, []
+        for k in range(len(lanes)):
+            lane = lanes[(start + k) % len(lanes)]
+            if budget <= 0:
+                break
+            if not len(lane.queue) or lane.done.is_set():
+                continue
+            items = lane.queue.get_batch(min(lane.batch, budget), timeout=0)
+            budget -= sum(item is not _END for item in items)
+            work.append((lane, items))
+        self._next = start + 1
+        return work
+
+    @torch.inference_mode()
+    def _round(self) -> bool:
+        work = self._take()
+        if not work:
+            return False
+        self._last_round = time.monotonic()
+        frames = [(lane, [it for it in items if it is not _END]) for lane, items in work]
+        frames = [(lane, items) for lane, items in frames if items]
+        if frames:
+            t0 = time.perf_counter()
+            features = self._encode(frames)
+            t1 = time.perf_counter()
+            for (lane, items), feats in zip(frames, features):
+                if feats is not None:
+                    self._insert(lane, items, feats)
+            for lane, _ in frames:
+                self._publish(lane)
+            t2 = time.perf_counter()
+            n = sum(len(items) for _, items in frames)
+            for lane, items in frames:
+                lane.counters.latency["encode"].add((t1 - t0) / n)
+                lane.counters.latency["memory_update"].add((t2 - t1) / n)
+            self.rounds += 1
+        for lane, items in work:
+            if any(it is _END for it in items) or lane.done.is_set():
+                with self._lock:
+                    if lane in self.lanes:
+                        self.lanes.remove(lane)
+                lane.done.set()
+        return True
+
+    def _encode(self, frames: list[tuple[Lane, list]]) -> list[torch.Tensor | None]:
+        """Every lane's frames through the tower in one batch -> features per lane; when the batch fails, each lane
+        alone, so that only the lane whose frames fail ends with the error."""
+        crops = [crop for _, items in frames for _, crop in items]
+        try:
+            features = self._features(crops)
+        except Exception:
+            out = []
+            for lane, items in frames:
+                try:
+                    out.append(self._features([crop for _, crop in items]))
+                except Exception as error:
+                    lane.fail(error)
+                    out.append(None)
+            return out
+        out, i = [], 0
+        for _, items in frames:
+            out.append(features[i : i + len(items)])
+            i += len(items)
+        return out
+
+    def _features(self, crops: list[np.ndarray]) -> torch.Tensor:
+        host = torch.from_numpy(np.stack(crops))  # [n, S, S, 3] uint8
+        if self.model.device.type == "cuda":
+            host = host.pin_memory()
+        return self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
+
+    def _insert(self, lane: Lane, items: list, features: torch.Tensor) -> None:
+        try:
+            lane.processor.insert([t for t, _ in items], features=features)
+            lane.counters.encoded += len(items)
+        except Exception as error:  # this stream's frames or memory failed: it ends, the others go on
+            lane.fail(error)
+
+    def _publish(self, lane: Lane) -> None:
+        if lane.done.is_set() and lane.error is not None:
+            return
+        try:
+            lane.snapshot = lane.processor.snapshot()  # one reference swap publishes it
+        except Exception as error:
+            lane.fail(error)
+
+
+class _MemoryTokens:
+    """Memory tokens as the eager path reads them (`model.stream_answer` takes a memory read; it uses `.tokens`)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+
+
+def engine_of(model, config: EngineConfig | None = None) -> Engine:
+    """The model's shared engine (made on first use, with `config` or the defaults): one owner of its device. Kept on
+    the model, so that it goes with it."""
+    with _engines_lock:
+        engine = model.__dict__.get("_vstream_engine")
+        if engine is None:
+            engine = Engine(model, config)
+            model.__dict__["_vstream_engine"] = engine
+        return engine
+
+
+_engines_lock = threading.Lock()
