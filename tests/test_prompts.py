@@ -1,4 +1,4 @@
-"""Templates, the tiny tokenizer, chunk-wise prompt tokenisation and training-example masking."""
+"""Templates, the Vicuna-style tokenizer, chunk-wise prompt tokenisation and training-example masking."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from vstream.model.prompts import (
     stop_strings,
     tokenizer_image_token,
 )
-from vstream.model.tokenizers import build_tiny_tokenizer, load_tokenizer
+from vstream.model.tokenizers import build_vicuna_style_tokenizer, load_tokenizer
 
 SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, detailed, "
@@ -27,7 +27,7 @@ SYSTEM = (
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+    return build_vicuna_style_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
 
 
 def plain_ids(tok, text):
@@ -93,12 +93,12 @@ def test_templates_are_frozen():
         TEMPLATES["vicuna_v1"].system = "x"
 
 
-# ---------------------------------------------------------------- tiny tokenizer
+# ---------------------------------------------------------------- Vicuna-style tokenizer
 
 
-def test_tiny_tokenizer_files_and_settings(tok, tmp_path):
+def test_vicuna_style_tokenizer_files_and_settings(tok, tmp_path):
     folder = tmp_path / "tk"
-    again = build_tiny_tokenizer(folder)
+    again = build_vicuna_style_tokenizer(folder)
     assert {p.name for p in folder.iterdir()} == {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
     config = json.loads((folder / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "LlamaTokenizer" and config["legacy"] is False
@@ -107,11 +107,11 @@ def test_tiny_tokenizer_files_and_settings(tok, tmp_path):
     assert (tok.unk_token_id, tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2, 0)
     assert tok.padding_side == "right" and tok.model_max_length == 2048
     # Deterministic training: the same model file every time.
-    build_tiny_tokenizer(tmp_path / "again")
+    build_vicuna_style_tokenizer(tmp_path / "again")
     assert (tmp_path / "again" / "tokenizer.model").read_bytes() == (folder / "tokenizer.model").read_bytes()
 
 
-def test_tiny_tokenizer_round_trips_text(tok):
+def test_vicuna_style_tokenizer_round_trips_text(tok):
     for text in ["The red ball jumps up.", "USER: What colour? ASSISTANT: é 日本 42"]:
         assert tok.decode(tok(text).input_ids, skip_special_tokens=True) == text
 

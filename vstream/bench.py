@@ -57,7 +57,7 @@ def load_bench_model(name: str, device: str | torch.device = "cpu", fast: bool =
     device = torch.device(device)
     cfg = preset(name)
     dtype = getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32
-    tokenizer = build_tiny_tokenizer()
+    tokenizer = build_tiny_tokenizer(vocab_size=cfg.llm.vocab_size)
     t0 = time.perf_counter()
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)

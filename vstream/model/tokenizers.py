@@ -1,10 +1,20 @@
-"""Tokenizers: a tiny Vicuna-style SentencePiece tokenizer trained in-process, and loading a tokenizer folder.
+"""Tokenizers built offline for random-weight presets and tests, and loading a tokenizer folder.
 
-`build_tiny_tokenizer` trains a byte-fallback BPE SentencePiece model (unk 0, bos 1, eos 2, no pad; identity
-normalisation and a dummy prefix, like LLaMA's) on a fixed embedded English corpus, writes the files a Vicuna checkpoint
-ships (`tokenizer.model`, `tokenizer_config.json`, `special_tokens_map.json`) and loads them back with transformers.
-It is deterministic (one training thread), needs no network, and its vocabulary fits the `tiny` preset's LLM (512).
-Like Vicuna's, a chunk that starts with "\\n" tokenises to "▁", "<0x0A>", ...
+Both builders train a BPE SentencePiece model on a fixed embedded English corpus (`tiny_corpus`), deterministically
+(one training thread) and without the network, write the files a Vicuna checkpoint ships (`tokenizer.model`,
+`tokenizer_config.json`, `special_tokens_map.json`; unk 0, bos 1, eos 2, no pad) and load them back with transformers.
+
+- `build_tiny_tokenizer`: the stand-in tokenizer of the random-weight presets. It has exactly `vocab_size` ids, and
+  every id but unk, bos and eos decodes to non-empty text on its own, anywhere in a stream, so a random model shows
+  text for each token it samples. Hence no byte-fallback tokens (a lone byte shows nothing until its character is
+  complete), no dummy prefix (its decoder strips the first space of an answer, so a first "▁" would show nothing) and
+  no "<" (the start of the stop string "</s>", held back until it is known not to be one). The trained pieces are
+  padded to `vocab_size` with made-up words ("▁baba", "▁babe", ...), so a random model's answer reads as words.
+  Printable ASCII and "\\n" tokenise to pieces; any other character (and "<") is dropped, as transformers builds a
+  LLaMA tokenizer's BPE with byte fallback and no unk, and the stand-in has no bytes to fall back to.
+- `build_vicuna_style_tokenizer`: Vicuna's behaviour in 512 ids (byte fallback, identity normalisation, the "▁" dummy
+  prefix), for tests of prompt tokenisation and of streaming byte tokens. Like Vicuna's, a chunk that starts with
+  "\\n" tokenises to "▁", "<0x0A>", ...
 
 This module does not build prompts (see `prompts.py`) and does not download anything.
 """
@@ -12,7 +22,9 @@ This module does not build prompts (see `prompts.py`) and does not download anyt
 from __future__ import annotations
 
 import io
+import itertools
 import json
+import string
 import tempfile
 from pathlib import Path
 
@@ -20,6 +32,12 @@ from vstream.model.prompts import VICUNA_SYSTEM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
 _SPECIAL = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>"}
+# Pieces trained on the corpus (it holds up to 1,129): the tiny preset's whole vocabulary, so every stand-in from 512
+# ids up tokenises text alike, and larger ones differ only in their made-up words.
+_TRAINED_PIECES = 512
+# Characters the stand-in tokenises to pieces of their own: printable ASCII and "\n", less "<" (see the docstring),
+# the space ("▁" stands for it) and the other control whitespace.
+_STANDIN_CHARS = "".join(sorted(set(string.printable) - set("< \t\r\x0b\x0c")))
 
 _COLOURS = ("red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "grey")
 _SHAPES = ("circle", "square", "triangle", "ball", "box", "star", "cube", "ring")
@@ -80,47 +98,91 @@ def tiny_corpus() -> list[str]:
 
 
 def build_tiny_tokenizer(out_dir: str | Path | None = None, vocab_size: int = 512):
-    """Train the tiny SentencePiece tokenizer, write a Vicuna-style folder, load it (pad = unk, as in training).
+    """The stand-in tokenizer of random-weight presets: `vocab_size` ids, each but unk, bos and eos visible text.
 
+    The first min(`vocab_size`, 512) ids are trained on `tiny_corpus()`, the rest are made-up words.
     With `out_dir=None` the files go to a new temporary folder (left in place: the tokenizer refers to it).
     """
-    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="vstream-tiny-tokenizer-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.model").write_bytes(_train_sentencepiece(vocab_size))
-    (folder / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
-    (folder / "special_tokens_map.json").write_text(json.dumps(_SPECIAL, indent=2) + "\n")
-    tokenizer = load_tokenizer(folder)
-    if len(tokenizer) > vocab_size:
-        raise RuntimeError(f"the tiny tokenizer has {len(tokenizer)} tokens, more than the requested {vocab_size}")
+    trained = _train_sentencepiece(min(vocab_size, _TRAINED_PIECES), vicuna=False)
+    config = _tokenizer_config() | {"add_prefix_space": False}
+    tokenizer = _write_and_load(out_dir, _pad_with_words(trained, vocab_size), config)
+    if len(tokenizer) != vocab_size:
+        raise RuntimeError(f"the tiny tokenizer has {len(tokenizer)} ids, expected {vocab_size}")
     return tokenizer
 
 
-def _train_sentencepiece(vocab_size: int) -> bytes:
-    """Serialised SentencePiece BPE model trained on `tiny_corpus()`."""
+def build_vicuna_style_tokenizer(out_dir: str | Path | None = None):
+    """A 512-id tokenizer that tokenises and decodes like Vicuna's (byte fallback, "▁" dummy prefix; pad = unk).
+
+    With `out_dir=None` the files go to a new temporary folder (left in place: the tokenizer refers to it).
+    """
+    model = _train_sentencepiece(_TRAINED_PIECES, vicuna=True)
+    return _write_and_load(out_dir, model, _tokenizer_config())
+
+
+def _write_and_load(out_dir: str | Path | None, model: bytes, config: dict):
+    folder = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="vstream-tiny-tokenizer-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.model").write_bytes(model)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(_SPECIAL, indent=2) + "\n")
+    return load_tokenizer(folder)
+
+
+def _train_sentencepiece(vocab_size: int, *, vicuna: bool) -> bytes:
+    """Serialised SentencePiece BPE model trained on `tiny_corpus()`, like Vicuna's or as the stand-in."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(tiny_corpus()),
+        # every required character occurs in the text: a SentencePiece build may abort on one that never does
+        sentence_iterator=iter(tiny_corpus() if vicuna else [*tiny_corpus(), _STANDIN_CHARS]),
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
-        byte_fallback=True,
         character_coverage=1.0,
         unk_id=0,
         bos_id=1,
         eos_id=2,
         pad_id=-1,
-        # LLaMA's settings: no normalisation, keep spaces as written, add the "▁" dummy prefix, split digits.
+        # LLaMA's settings: no normalisation, keep spaces as written, split digits.
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
-        add_dummy_prefix=True,
         split_digits=True,
-        allow_whitespace_only_pieces=True,
+        # and Vicuna's byte fallback, "▁" dummy prefix and pieces of spaces only ("▁▁"), each of which can leave a
+        # streamed token without visible text (see the module docstring); the stand-in names its characters instead.
+        byte_fallback=vicuna,
+        add_dummy_prefix=vicuna,
+        allow_whitespace_only_pieces=vicuna,
+        required_chars="" if vicuna else _STANDIN_CHARS,
         num_threads=1,
         minloglevel=2,
     )
     return model.getvalue()
+
+
+def _pad_with_words(model: bytes, vocab_size: int) -> bytes:
+    """`model` with made-up words appended (scored below every trained piece) until it has `vocab_size` pieces."""
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
+
+    proto = spm_pb2.ModelProto()
+    proto.ParseFromString(model)
+    known = {piece.piece for piece in proto.pieces}
+    score = min(piece.score for piece in proto.pieces)
+    new = (word for word in _made_up_words() if word not in known)
+    for word in itertools.islice(new, max(0, vocab_size - len(proto.pieces))):
+        score -= 1.0
+        proto.pieces.add(piece=word, score=score, type=spm_pb2.ModelProto.SentencePiece.NORMAL)
+    proto.trainer_spec.vocab_size = len(proto.pieces)
+    return proto.SerializeToString()
+
+
+def _made_up_words():
+    """Made-up words "▁baba", "▁babe", ...: all of two consonant-vowel syllables, then of three, and so on."""
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+    for length in itertools.count(2):
+        for word in itertools.product(syllables, repeat=length):
+            yield "▁" + "".join(word)
 
 
 def _tokenizer_config() -> dict:

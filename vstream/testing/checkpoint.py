@@ -20,7 +20,7 @@ from vstream.config import ModelConfig, preset
 from vstream.encoder.tower import clip_config
 from vstream.memory import AbstractAttention
 from vstream.model.loading import OFFICIAL_VISION_PREFIX as VISION_PREFIX
-from vstream.model.tokenizers import build_tiny_tokenizer
+from vstream.model.tokenizers import build_vicuna_style_tokenizer
 from vstream.model.vlm import build_projector
 
 
@@ -90,7 +90,7 @@ def write_released_checkpoint(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = preset("tiny")
-    tokenizer = build_tiny_tokenizer(out_dir=path)
+    tokenizer = build_vicuna_style_tokenizer(out_dir=path)
     vocab = cfg.llm.vocab_size
     weights, clip = released_weights(cfg, vocab, seed)
     clip_dir = path.parent / f"{path.name}-clip"
