@@ -201,3 +201,42 @@ def test_load_on_cuda_answers_through_the_fast_path_like_the_eager_one():
             plain.answer_from(memory, question, max_new_tokens=24).text
     frames = [np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8) for i in range(3)]
     torch.testing.assert_close(fast.encode(frames), plain.encode(frames), atol=1e-4, rtol=1e-4)
+
+
+def test_the_engines_round_and_decode_step_never_synchronise():
+    """A round of frames of three streams (crops to the device, the tower's graphs, each memory's captured update)
+    and the batched decode step with answers in flight: no host synchronisation (publishing the snapshots reads
+    their times to the host, once per stream, outside this)."""
+    import vstream
+    from vstream.engine import Engine
+
+    model = vstream.load("tiny", device="cuda")
+    engine = Engine(model)
+    lanes = [engine.open(batch=4, live=False) for _ in range(3)]
+    rng = np.random.default_rng(0)
+    crops = rng.integers(0, 255, (60, model.cfg.vision.image_size, model.cfg.vision.image_size, 3), dtype=np.uint8)
+    for t in range(40):  # past the fill phase: every later update is a steady, graph-replayed one
+        for lane in lanes:
+            lane.put(float(t), crops[t])
+    for lane in lanes:
+        while lane.snapshot is None or lane.snapshot.frames < 40:
+            lane.done.wait(0.01)
+    engine.shutdown()  # from here on the test drives the engine's steps itself
+    snap = lanes[0].snapshot
+    request = engine.answers.submit(snap.memory.tokens, "What is there?", max_new_tokens=64)
+    while request.state != "running":  # admitted, prefilled chunk by chunk
+        engine.answers.run_once()
+    work = [(lane, [(40.0 + i, crops[40 + i]) for i in range(4)]) for lane in lanes]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        features = engine._encode(work)
+        for (lane, items), feats in zip(work, features):
+            engine._insert(lane, items, feats)
+        for _ in range(10):
+            engine.answers.decoder.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(lane.error is None and lane.counters.encoded == 44 for lane in lanes)
+    assert all(lane.processor.memory.graph.graph is not None for lane in lanes)
+    assert snap.frames == 40 and engine.answers.decoder.step_size() == 1

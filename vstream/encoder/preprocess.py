@@ -14,6 +14,7 @@ decode video, and does not run the vision tower.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -77,9 +78,14 @@ def normalise_crops(crops: torch.Tensor, cfg: VisionConfig) -> torch.Tensor:
         raise ValueError(f"expected uint8 crops [n, {cfg.image_size}, {cfg.image_size}, 3], "
                          f"got {crops.dtype} {list(crops.shape)}")
     scaled = (crops.double() * (1 / 255)).float()
-    mean = torch.tensor(cfg.image_mean, dtype=torch.float32, device=crops.device)
-    std = torch.tensor(cfg.image_std, dtype=torch.float32, device=crops.device)
+    mean, std = _channel_stats(tuple(cfg.image_mean), tuple(cfg.image_std), crops.device)
     return ((scaled - mean) / std).permute(0, 3, 1, 2).contiguous()
+
+
+@functools.cache
+def _channel_stats(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel means and stds as float32 tensors on `device`, copied there once (not at every batch)."""
+    return (torch.tensor(mean, dtype=torch.float32).to(device), torch.tensor(std, dtype=torch.float32).to(device))
 
 
 def preprocess_frames(frames: Sequence[np.ndarray | PIL.Image.Image], cfg: VisionConfig) -> torch.Tensor:
