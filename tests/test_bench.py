@@ -112,27 +112,6 @@ def test_fast_decoder_gives_the_eager_greedy_tokens_and_logits(tiny, seed):
     assert list(dec.iter_tokens(embeds[:, 17:], 17, max_new_tokens=40)) == eager
 
 
-def test_stream_worker_alternates_answers_and_rounds_of_frames(tiny):
-    from vstream.model.fast_streams import MultiStreamWorker
-
-    worker = MultiStreamWorker(tiny, 2, max_new_tokens=3)
-    size = tiny.cfg.vision.image_size
-    frame = torch.randint(0, 256, (size, size, 3), dtype=torch.uint8)
-    worker.ingest([(0, 0.0, frame, 0.0), (1, 0.0, frame, 0.0)])  # each memory holds a frame before the first question
-    questions = [worker.ask(i % 2, "What is happening?") for i in range(4)]
-    for k in range(6):
-        worker.push_frame(k % 2, 1.0 + k, frame)
-    worker.start()
-    deadline = time.monotonic() + 120
-    while (len(worker.stats.answered) < 4 or worker.stats.frames < 6) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    worker.stop()
-    st = worker.stats
-    assert len(st.answered) == 4 and st.frames == 6
-    # the waiting frames went in after the first answer and before the second: questions do not starve ingestion
-    assert questions[0].done < st.round_done[0] < questions[1].first_token
-
-
 def test_fast_answers_equal_eager_answers(tiny):
     memory = tiny.memory_from_features(torch.randn(30, 256, tiny.cfg.vision.hidden_size))
     questions = ["What is happening?", "Which colours appeared?", "What is happening?"]

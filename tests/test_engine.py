@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import vstream
-from vstream.engine import FrameQueue, StreamSession
+from vstream.engine import Engine, EngineConfig, FrameQueue, StreamSession
 from vstream.sources import PushSource, file_source, replay_source
 from vstream.synth.clips import moving_shapes, write_test_video, write_video
 
@@ -177,3 +177,68 @@ def test_variable_frame_rate_file_is_sampled_by_timestamp_in_a_session(model, tm
     assert snap.frames == 7 and snap.stream_time == 6.0
     spans = snap.memory.temporal_spans[:, 0].tolist()
     assert sorted(spans) == [0.0, 1.2, 2.9, 3.0, 4.6, 5.5, 6.0]
+
+
+def _crop(model, seed: int = 0) -> np.ndarray:
+    size = model.cfg.vision.image_size
+    return np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+
+
+def test_rounds_of_frames_and_answer_steps_take_turns(model):
+    """Frames that arrive while answers decode go in at the next iteration (round_every_s=0), between two decode
+    steps; with a long round_every_s they wait for it, while the answers go on."""
+    engine = Engine(model, EngineConfig(round_every_s=0.0), thread=False)
+    lane = engine.open(live=False)
+    lane.put(0.0, _crop(model))
+    assert engine.step() and lane.snapshot.frames == 1
+    requests = [engine.ask(lane, "What is happening?", max_new_tokens=12)[1] for _ in range(3)]
+    for k in range(6):
+        lane.put(1.0 + k, _crop(model, k))
+    engine.step()  # one round (the 6 frames) and one answer iteration
+    assert lane.counters.encoded == 7 and lane.snapshot.frames == 7
+    assert all(r.state != "done" for r in requests)
+    while engine.step():
+        pass
+    assert all(r.state == "done" and r.finish_reason in ("stop", "length") for r in requests)
+
+    patient = Engine(model, EngineConfig(round_every_s=3600.0), thread=False)
+    lane = patient.open(live=False)
+    lane.put(0.0, _crop(model))
+    patient.step()
+    request = patient.ask(lane, "What is happening?", max_new_tokens=12)[1]
+    lane.put(1.0, _crop(model, 1))
+    for _ in range(3):
+        patient.step()
+    assert lane.counters.encoded == 1 and request.state != "done"  # the frame waits for the round's turn
+    while request.state != "done":
+        patient.step()
+    patient.step()  # no answer pending: the round runs at once
+    assert lane.counters.encoded == 2
+
+
+def test_a_failing_stream_leaves_the_other_streams_and_answers_running(model):
+    engine = Engine(model, thread=False)
+    good, bad = engine.open(live=False), engine.open(live=False)
+    good.put(0.0, _crop(model))
+    engine.step()
+    request = engine.ask(good, "What is happening?", max_new_tokens=6)[1]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected memory fault")
+
+    bad.processor.insert = broken
+    for k in range(3):
+        good.put(1.0 + k, _crop(model, k))
+        bad.put(1.0 + k, _crop(model, k))
+    while engine.step():
+        pass
+    assert bad.done.is_set() and "injected memory fault" in str(bad.error) and bad not in engine.lanes
+    assert good.error is None and good.counters.encoded == 4 and not good.done.is_set()
+    assert request.finish_reason in ("stop", "length") and request.error is None
+
+
+def test_engine_config_names_a_bad_knob():
+    with pytest.raises(ValueError, match="answer_slots must be >= 1, got 0"):
+        EngineConfig(answer_slots=0)
+    with pytest.raises(ValueError, match="round_every_s must be >= 0"):
+        EngineConfig(round_every_s=-1)

@@ -448,50 +448,71 @@ def _answer_anchors(model, embeds, n: int, repeats: int, fast_tokens: list[int],
 def streams_benchmark(model, counts=(8, 16, 32, 64), seconds: float = 20.0, warm_frames: int = 30,
                       question_interval: float = 20.0, max_new_tokens: int = 32) -> dict:
     """For each N in `counts`: N live streams each receiving one frame per second (staggered) and asking a question
-    every `question_interval` s (staggered), served by one `MultiStreamWorker` for `seconds` of wall time. Each memory
-    is first filled with `warm_frames` frames (so updates are steady and their graphs captured before timing)."""
-    from vstream.model.fast_streams import MultiStreamWorker
+    every `question_interval` s (staggered), served by the product's engine (`vstream.engine.Engine`, one for all
+    runs) for `seconds` of wall time, in process (no HTTP: `vstream bench serve` measures through the server). Each
+    memory is first filled with `warm_frames` frames (so updates are steady and their graphs captured before timing)."""
+    import threading
 
+    import numpy as np
+
+    from vstream.engine import Engine
+
+    engine = Engine(model)
     size = model.cfg.vision.image_size
-    pin = model.device.type == "cuda"
+    crops = [np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8) for i in range(8)]
     rows = []
     for n in counts:
-        worker = MultiStreamWorker(model, n, max_new_tokens=max_new_tokens)
-        frames = [torch.randint(0, 256, (size, size, 3), dtype=torch.uint8) for _ in range(8)]
-        frames = [f.pin_memory() if pin else f for f in frames]
+        lanes = [engine.open(live=False) for _ in range(n)]
         t0 = time.perf_counter()
-        for k in range(warm_frames):  # synchronous warm-up: memories filled, graphs captured
-            worker.ingest([(s, float(k), frames[(s + k) % 8], 0.0) for s in range(n)])
-        for s in range(n):
-            worker.ingest([(s, float(warm_frames), frames[s % 8], 0.0)])
-        _sync(model.device)
+        for k in range(warm_frames + 1):  # warm-up, nothing dropped: memories filled, graphs captured
+            for s, lane in enumerate(lanes):
+                lane.put(float(k), crops[(s + k) % 8], timeout=600)
+        for lane in lanes:
+            while lane.snapshot is None or lane.snapshot.frames < warm_frames + 1:
+                lane.done.wait(0.005)
+            lane.live = True
         warm_s = time.perf_counter() - t0
+        before = [lane.counters.encoded for lane in lanes]
         events = sorted([(k + s / n, "frame", s) for s in range(n) for k in range(int(seconds))]
                         + [(question_interval * (j + s / n), "question", s) for s in range(n)
                            for j in range(int(seconds / question_interval) + 1) if question_interval * (j + s / n) < seconds])
-        worker.start()
+        answered: list[tuple[float, float]] = []  # (first piece, done) seconds after asking
+        readers = []
+
+        def read(request, asked: float) -> None:
+            first = None
+            for _ in request:
+                first = first if first is not None else time.perf_counter()
+            done = time.perf_counter()
+            answered.append(((first or done) - asked, done - asked))
+
         start = time.perf_counter()
         for at, kind, s in events:
             delay = start + at - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
             if kind == "frame":
-                worker.push_frame(s, warm_frames + 1 + at, frames[int(at + s) % 8])
+                lanes[s].put(warm_frames + 1 + at, crops[int(at + s) % 8])
             else:
-                worker.ask(s, "What is happening now?")
-        deadline = time.perf_counter() + 120
-        asked = sum(1 for e in events if e[1] == "question")
-        while len(worker.stats.answered) < asked and time.perf_counter() < deadline and worker.error is None:
+                _, request = engine.ask(lanes[s], "What is happening now?", max_new_tokens=max_new_tokens)
+                readers.append(threading.Thread(target=read, args=(request, time.perf_counter()), daemon=True))
+                readers[-1].start()
+        for reader in readers:
+            reader.join(120)
+        deadline = time.perf_counter() + 30
+        while (any(c.encoded + c.dropped < c.received for c in (lane.counters for lane in lanes))
+               and time.perf_counter() < deadline):  # every frame sent is in a memory or counted as dropped
             time.sleep(0.01)
-        worker.stop()
-        st = worker.stats
-        ttft = [(q.first_token - q.asked) * 1000 for q in st.answered]
-        rows.append({"streams": n, "questions": asked, "answered": len(st.answered),
-                     "first_token": summary(ttft),
-                     "answer": summary([(q.done - q.asked) * 1000 for q in st.answered]),
-                     "ingest_lag": summary([x * 1000 for x in st.ingest_lag_s]), "frames": st.frames,
-                     "frames_expected": n * int(seconds), "rounds": st.rounds, "warmup_s": round(warm_s, 2),
+        frames = sum(lane.counters.encoded for lane in lanes) - sum(before)
+        rows.append({"streams": n, "questions": len(readers), "answered": len(answered),
+                     "first_token": summary([a * 1000 for a, _ in answered]),
+                     "answer": summary([b * 1000 for _, b in answered]),
+                     "frames": frames, "frames_dropped": sum(lane.counters.dropped for lane in lanes),
+                     "frames_expected": n * int(seconds), "warmup_s": round(warm_s, 2),
                      "memory": gpu_memory(model.device)})
-        del worker
+        for lane in lanes:
+            engine.close(lane)
+    engine.shutdown()
     return {"environment": environment(model) | {"seconds": seconds, "question_interval_s": question_interval,
-                                                 "max_new_tokens": max_new_tokens}, "runs": rows}
+                                                 "max_new_tokens": max_new_tokens, "engine": engine.stats()},
+            "runs": rows}

@@ -236,8 +236,10 @@ class Engine:
 
     idle_stop_s = 2.0
 
-    def __init__(self, model, config: EngineConfig | None = None):
+    def __init__(self, model, config: EngineConfig | None = None, thread: bool = True):
+        """`thread=False`: no engine thread ever starts; the caller drives `step` (tests)."""
         self.model, self.config = model, config or EngineConfig()
+        self.threaded = thread
         c = self.config
         cuda = model.device.type == "cuda"
         self.graphs = cuda if c.cuda_graphs is None else c.cuda_graphs
@@ -323,6 +325,8 @@ class Engine:
                 "cuda_graphs": self.graphs, "warmup_s": self.warmup_s}
 
     def _ensure_thread(self) -> None:
+        if not self.threaded:
+            return
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 self._stop = False
@@ -331,22 +335,29 @@ class Engine:
 
     # ---------------------------------------------------------------- the engine thread
 
+    def step(self) -> bool:
+        """One iteration of the engine thread (a round of frames when due, one answer iteration when answers are
+        pending) -> whether it did any work. The thread calls it in a loop; a test may drive an engine made with
+        `thread=False` by calling it."""
+        answering = self.pending_answers > 0
+        worked = False
+        if not answering or time.monotonic() - self._last_round >= self.config.round_every_s:
+            worked = self._round()
+        if answering:
+            if self.answers is not None and self.answers.pending:
+                self.answers.run_once()
+            if self.eager.pending:
+                self.eager.run_once()
+            worked = True
+        return worked
+
     def _run(self) -> None:
         idle_since = time.monotonic()
         while not self._stop:
-            worked = False
             try:
-                answering = self.pending_answers > 0
-                if not answering or time.monotonic() - self._last_round >= self.config.round_every_s:
-                    worked = self._round()
-                if answering:
-                    if self.answers is not None and self.answers.pending:
-                        self.answers.run_once()
-                    if self.eager.pending:
-                        self.eager.run_once()
-                    worked = True
+                worked = self.step()
             except Exception as error:  # a bug outside any one stream's or answer's work: logged, the loop goes on
-                self.error = error
+                self.error, worked = error, False
                 log.exception("the engine's iteration failed")
             if worked:
                 idle_since = time.monotonic()
