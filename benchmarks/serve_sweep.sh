@@ -3,7 +3,10 @@
 # the server starts once (its start-to-ready seconds are measured from the command's start), then each count runs
 # its load through the real HTTP and WebSocket API and writes its JSON report.
 #
-#   OUT=dir MODEL=flash-vstream-7b STREAMS="1 8 32 64 128 256" LOAD_S=30 bash benchmarks/serve_sweep.sh
+#   OUT=dir MODEL=flash-vstream-7b STREAMS="1 8 32 64 128 256" LOAD_S=30 WARMUP_S=2 bash benchmarks/serve_sweep.sh
+#
+# WARMUP_S: seconds of frames before the first question (at 1 fps a memory reaches its steady state, where updates
+# replay a captured graph, after about temporal_length frames).
 set -euo pipefail
 OUT=${OUT:-benchmarks/results/serve}
 MODEL=${MODEL:-flash-vstream-7b}
@@ -36,7 +39,8 @@ json.dump(body, open(out, "w"))
 print("ready:", body)
 PY
 for n in $STREAMS; do
-  python3 -m vstream bench serve --url "http://127.0.0.1:$PORT" --streams "$n" --seconds "$LOAD_S" --json \
+  python3 -m vstream bench serve --url "http://127.0.0.1:$PORT" --streams "$n" --seconds "$LOAD_S" \
+    --warmup "${WARMUP_S:-2}" --json \
     > "$OUT/serve-$n.json"
   python3 - "$OUT/serve-$n.json" "$n" <<'PY'
 import json, sys

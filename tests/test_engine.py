@@ -185,16 +185,20 @@ def _crop(model, seed: int = 0) -> np.ndarray:
 
 
 def test_rounds_of_frames_and_answer_steps_take_turns(model):
-    """Frames that arrive while answers decode go in at the next iteration (round_every_s=0), between two decode
-    steps; with a long round_every_s they wait for it, while the answers go on."""
+    """Frames that arrive while answers decode go in within a few iterations (round_every_s=0: as soon as the answers
+    had twice the last round's time), between decode steps; with a long round_every_s they wait for it, while the
+    answers go on."""
     engine = Engine(model, EngineConfig(round_every_s=0.0), thread=False)
     lane = engine.open(live=False)
     lane.put(0.0, _crop(model))
     assert engine.step() and lane.snapshot.frames == 1
-    requests = [engine.ask(lane, "What is happening?", max_new_tokens=12)[1] for _ in range(3)]
+    requests = [engine.ask(lane, "What is happening?", max_new_tokens=40)[1] for _ in range(3)]
     for k in range(6):
         lane.put(1.0 + k, _crop(model, k))
-    engine.step()  # one round (the 6 frames) and one answer iteration
+    for _ in range(20):  # each iteration: one decode step, and a round when it is due
+        engine.step()
+        if lane.counters.encoded == 7:
+            break
     assert lane.counters.encoded == 7 and lane.snapshot.frames == 7
     assert all(r.state != "done" for r in requests)
     while engine.step():
