@@ -8,10 +8,11 @@
 Each iteration of the engine thread does up to two things:
 
 1. **A round of frames**, when frames wait and (no answer is running, or `round_every_s` and twice the last round's
-   duration have passed since the last round began, so answers get at least half of a loaded engine): up to `frames_per_round` frames from all streams, at most `lane.batch` from each, taken round-robin so that
-   no stream waits behind the others. They go through the tower in one batch (captured CUDA graphs on CUDA), each
-   stream's memory takes its frames (its steady update replayed from a captured graph), and each stream publishes its
-   new snapshot (one reference swap; snapshots carry their times on the host).
+   duration have passed since the last round began, so answers get at least half of a loaded engine): up to
+   `frames_per_round` frames from all streams, at most `lane.batch` from each, taken round-robin so that no stream
+   waits behind the others. They go through the tower in one batch (captured CUDA graphs on CUDA), each stream's
+   memory takes its frames (its steady update replayed from a captured graph), and each stream publishes its new
+   snapshot (one reference swap; snapshots carry their times on the host).
 2. **One answer iteration** (`BatchAnswerer.run_once`: admit, a chunk of prefill, one batched decode step for every
    running answer), when answers are pending.
 

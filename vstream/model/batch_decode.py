@@ -248,7 +248,8 @@ class BatchDecoder:
         one at a time). No slot is active, so the warm-ups and captures write only at S_max - 1 and change no token or
         length. The generator's state is registered with each graph, so each replay draws new noise."""
         self.active.zero_()
-        sizes = sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch} | {self.max_batch})
+        powers = {1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch}
+        sizes = sorted(powers | {self.max_batch})
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -518,6 +518,23 @@ def render_metrics(state: ServerState) -> str:
               "# HELP vstream:time_to_first_token_seconds Request received to first answer piece.",
               "# TYPE vstream:time_to_first_token_seconds histogram"]
     lines += state.ttft.lines("vstream:time_to_first_token_seconds")
+    engine = state.engine
+    if engine is not None:
+        lines += ["# HELP vstream:engine_answers_pending Answers waiting for a slot, prefilling or decoding.",
+                  "# TYPE vstream:engine_answers_pending gauge",
+                  f"vstream:engine_answers_pending {engine.pending_answers}",
+                  "# HELP vstream:engine_rounds_total Rounds of frames the engine ran (all streams together).",
+                  "# TYPE vstream:engine_rounds_total counter", f"vstream:engine_rounds_total {engine.rounds}"]
+    device = state.model.device
+    if device.type == "cuda":  # the allocator's own counters: no device synchronisation
+        import torch
+
+        lines += ["# HELP vstream:gpu_memory_allocated_bytes GPU memory held by tensors.",
+                  "# TYPE vstream:gpu_memory_allocated_bytes gauge",
+                  f"vstream:gpu_memory_allocated_bytes {torch.cuda.memory_allocated(device)}",
+                  "# HELP vstream:gpu_memory_reserved_bytes GPU memory reserved by the caching allocator.",
+                  "# TYPE vstream:gpu_memory_reserved_bytes gauge",
+                  f"vstream:gpu_memory_reserved_bytes {torch.cuda.memory_reserved(device)}"]
     return "\n".join(lines) + "\n"
 
 
