@@ -13,7 +13,8 @@ Sampling to the target rate is by timestamp (see `vstream.video.iter_frames`).
 
 from __future__ import annotations
 
-import queue
+import collections
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -132,35 +133,42 @@ def open_source(spec: str, fps: float = 1.0, speed: float | None = None) -> tupl
 
 class PushSource:
     """Frames handed in by `push`; iterating yields them in order until `close()`. Bounded: a full buffer drops the
-    pushed frame and counts it (the caller is never blocked)."""
+    pushed frame and counts it (the caller is never blocked). The iterating thread sleeps until a frame or the close
+    comes (no polling: a server holds one such thread per stream)."""
 
     def __init__(self, maxsize: int = 64):
-        self._queue: queue.Queue = queue.Queue(maxsize)
+        self.maxsize = maxsize
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
         self._closed = False
         self.rejected = 0
         self._last_time = float("-inf")
 
     def push(self, t: float, frame: np.ndarray) -> bool:
-        if self._closed:
-            raise RuntimeError("this push source is closed")
-        if not t > self._last_time:
-            raise ValueError(f"frame times must increase: got {t} after {self._last_time}")
-        self._last_time = t
-        try:
-            self._queue.put_nowait((t, frame))
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("this push source is closed")
+            if not t > self._last_time:
+                raise ValueError(f"frame times must increase: got {t} after {self._last_time}")
+            self._last_time = t
+            if len(self._items) >= self.maxsize:
+                self.rejected += 1
+                return False
+            self._items.append((t, frame))
+            self._cond.notify()
             return True
-        except queue.Full:
-            self.rejected += 1
-            return False
 
     def close(self) -> None:
         """End the stream after the frames already pushed."""
-        self._closed = True
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     def __iter__(self) -> Iterator[tuple[float, np.ndarray]]:
         while True:
-            try:
-                yield self._queue.get(timeout=0.05)
-            except queue.Empty:
-                if self._closed:
+            with self._cond:
+                self._cond.wait_for(lambda: self._items or self._closed)
+                if not self._items:
                     return
+                item = self._items.popleft()
+            yield item
