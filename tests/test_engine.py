@@ -246,3 +246,15 @@ def test_engine_config_names_a_bad_knob():
         EngineConfig(answer_slots=0)
     with pytest.raises(ValueError, match="round_every_s must be >= 0"):
         EngineConfig(round_every_s=-1)
+
+
+def test_a_file_lanes_frame_that_waits_is_counted_once(model):
+    engine = Engine(model, thread=False)
+    lane = engine.open(queue_size=1, live=False)
+    lane.put(0.0, _crop(model))
+    with pytest.raises(TimeoutError, match="stayed full"):
+        lane.put(1.0, _crop(model), timeout=0.01)  # the reader tries again after this
+    engine.step()
+    lane.put(1.0, _crop(model), timeout=0.01)
+    engine.step()
+    assert (lane.counters.received, lane.counters.encoded, lane.counters.dropped) == (2, 2, 0)

@@ -163,8 +163,9 @@ class Lane:
     def put(self, t: float, crop: np.ndarray, timeout: float | None = None) -> None:
         """Queue a frame (a uint8 crop from `model.crop`): a live lane drops its oldest when full, another waits up to
         `timeout` s (TimeoutError). Any thread."""
-        self.counters.received += 1
-        self.counters.dropped += self.queue.put((t, crop), drop_oldest=self.live, timeout=timeout)
+        dropped = self.queue.put((t, crop), drop_oldest=self.live, timeout=timeout)
+        self.counters.received += 1  # once queued: a put that timed out and is tried again counts once
+        self.counters.dropped += dropped
         self.engine.wake()
 
     def end(self, error: BaseException | None = None) -> None:
@@ -248,7 +249,7 @@ class Engine:
         t0 = time.perf_counter()
         self.tower_graphs = model.vision.capture(c.tower_batches) if self.graphs and model.vision is not None else None
         self.batched = getattr(model.llm.config, "model_type", None) == "llama"
-        slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU runs every slot of a step
+        slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU is compute-bound: more slots gain little
         self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=c.prefill_chunk, max_waiting=c.max_waiting,
                                       seed=c.seed, cuda_graph=self.graphs) if self.batched else None)
         self.eager = EagerAnswerer(model, c.max_waiting)
