@@ -258,3 +258,28 @@ def test_a_file_lanes_frame_that_waits_is_counted_once(model):
     lane.put(1.0, _crop(model), timeout=0.01)
     engine.step()
     assert (lane.counters.received, lane.counters.encoded, lane.counters.dropped) == (2, 2, 0)
+
+
+def test_an_answer_iteration_that_fails_ends_its_answers_and_the_engine_goes_on(model):
+    engine = Engine(model, thread=False)
+    lane = engine.open(live=False)
+    lane.put(0.0, _crop(model))
+    engine.step()
+    decoder = engine.answers.decoder
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected device fault")
+
+    decoder.prefill = broken
+    failed = [engine.ask(lane, "What is happening?", max_new_tokens=4)[1] for _ in range(2)]
+    engine.step()
+    del decoder.prefill  # the class's method again
+    for request in failed:
+        assert request.finish_reason == "error"
+        with pytest.raises(RuntimeError, match="injected device fault"):
+            request.text()
+    assert engine.answers.pending == 0 and engine.answers.cache.free_slots == decoder.max_batch
+    after = engine.ask(lane, "What is happening?", max_new_tokens=4)[1]
+    while engine.step():
+        pass
+    assert after.finish_reason in ("stop", "length") and after.error is None

@@ -350,7 +350,11 @@ class Engine:
             worked = self._round()
         if answering:
             if self.answers is not None and self.answers.pending:
-                self.answers.run_once()
+                try:
+                    self.answers.run_once()
+                except Exception as error:  # not one request's inputs (those end alone): end them all, go on
+                    log.exception("an answer iteration failed; its %d answers end with the error", self.answers.pending)
+                    self.answers.fail_all(error)
             if self.eager.pending:
                 self.eager.run_once()
             worked = True

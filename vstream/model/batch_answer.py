@@ -155,6 +155,24 @@ class BatchAnswerer:
         self._decode()
         return self.pending
 
+    def fail_all(self, error: BaseException) -> None:
+        """End every request with `error` and free every slot: what the scheduler does when an iteration failed
+        outside any one request's inputs (a device error in a step, say), so that no client waits forever."""
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for request in [*self._prefilling, *self._running.values()]:
+            request.error = error
+            try:
+                self._finish(request, "error")
+            except Exception:  # the device may refuse even the slot's release: the request still ends
+                self._running.pop(request.slot, None)
+                self._close(request, "error")
+        self._prefilling.clear()
+        for request in waiting:
+            request.error = error
+            self._close(request, "error")
+
     def run_until_idle(self) -> None:
         """`run_once` until no request is pending."""
         while self.run_once():
