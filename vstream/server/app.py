@@ -125,8 +125,10 @@ def close_stream(stream: Stream) -> None:
 
 
 def warm_up(state: ServerState) -> float:
-    """Make the engine (graph captures) and run one whole answer path through it on a blank frame (crop, encode,
-    memory, projector, prefill, decode), so that the first real request pays no first-use costs; returns seconds."""
+    """Make the model's engine with the server's limits (graph captures; an engine that already serves the model,
+    made by an earlier app in this process, is kept as it is) and run one whole answer path through it on a blank
+    frame (crop, encode, memory, projector, prefill, decode), so that the first real request pays no first-use costs;
+    returns seconds."""
     import numpy as np
 
     t0 = time.perf_counter()
