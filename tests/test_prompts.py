@@ -219,3 +219,25 @@ def test_training_conversation_errors(tok):
     bad_roles = [{"from": "gpt", "value": "a"}, {"from": "human", "value": "q"}]
     with pytest.raises(ValueError, match=r"\('human', 'gpt'\), got \('gpt', 'human'\)"):
         build_training_example("vicuna_v1", bad_roles, tok)
+
+
+def test_splice_puts_the_memory_in_the_placeholders_place_and_names_both_counts():
+    import torch
+
+    from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from vstream.model.splice import splice
+
+    embed = torch.nn.Embedding(10, 4)
+    memory = torch.randn(3, 4)
+    ids = [1, 2, IMAGE_TOKEN_INDEX, 5]
+    out = splice(ids, embed, memory)
+    expected = torch.cat([embed(torch.tensor([1, 2])), memory, embed(torch.tensor([5]))])
+    assert torch.equal(out, expected)
+    out, labels = splice(torch.tensor(ids), embed, memory, labels=torch.tensor([7, 8, 9, 6]))
+    assert torch.equal(out, expected) and labels.tolist() == [7, 8, *[IGNORE_INDEX] * 3, 6]
+    with pytest.raises(ValueError, match="holds 2 <image> placeholders for the memory's 3 tokens"):
+        splice([IMAGE_TOKEN_INDEX, 1, IMAGE_TOKEN_INDEX], embed, memory)
+    with pytest.raises(ValueError, match="holds 0 <image> placeholders"):
+        splice([1, 2], embed, memory)
+    with pytest.raises(ValueError, match=r"must be \[N, 4\].*got \[3, 5\]"):
+        splice(ids, embed, torch.randn(3, 5))

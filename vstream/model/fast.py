@@ -34,7 +34,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 from vstream import kernels
 from vstream.model.generate import _check_sampling, _pick, default_stop_ids, stream_text
-from vstream.model.prompts import prompt_parts, stop_strings
+from vstream.model.prompts import IMAGE_TOKEN_INDEX, prompt_parts, stop_strings
+from vstream.model.splice import splice
 
 
 class FastLlama:
@@ -360,10 +361,8 @@ class FastAnswerer:
                     d.prefill(self._ids_embeds(prefix)[None], 0)
             d.prefix = tuple(prefix)
         m = self.model
-        embed = m.llm.get_input_embeddings()
-        vision = m.mm_projector(memory_tokens.to(m.device, m.dtype)).to(embed.weight.dtype)  # [N, H]
-        parts = [vision, self._ids_embeds(rest)] if rest else [vision]
-        return torch.cat(parts)[None], len(prefix)
+        vision = m.mm_projector(memory_tokens.to(m.device, m.dtype))  # [N, H]
+        return splice([IMAGE_TOKEN_INDEX, *rest], m.llm.get_input_embeddings(), vision)[None], len(prefix)
 
     def answer(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int,
                temperature: float = 0.0) -> Iterator[str] | None:

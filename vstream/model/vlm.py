@@ -22,7 +22,8 @@ from vstream.encoder.preprocess import crop_frames, normalise_crops
 from vstream.encoder.tower import VisionTower
 from vstream.memory import AbstractAttention, MemoryRead, build_memory
 from vstream.model.generate import stream_generate
-from vstream.model.prompts import prompt_parts, stop_strings
+from vstream.model.prompts import IMAGE_TOKEN_INDEX, prompt_parts, stop_strings
+from vstream.model.splice import splice
 
 
 def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
@@ -149,10 +150,8 @@ class FlashVStream(nn.Module):
     def prompt_embeds(self, memory_tokens: torch.Tensor, question: str, system_extra: str | None = None) -> torch.Tensor:
         """Project the memory [N, D] and splice it at the prompt's single `<image>` -> inputs_embeds [1, S, H]."""
         before, after = prompt_parts(self.cfg.template, question, self.tokenizer, system_extra=system_extra)
-        embed = self.llm.get_input_embeddings()
-        vision = self.mm_projector(memory_tokens.to(self.device, self.dtype)).to(embed.weight.dtype)  # [N, H]
-        text = embed(torch.tensor(before + after, device=self.device))  # [S_text, H], the placeholder left out
-        return torch.cat([text[: len(before)], vision, text[len(before) :]])[None]
+        vision = self.mm_projector(memory_tokens.to(self.device, self.dtype))  # [N, H]
+        return splice([*before, IMAGE_TOKEN_INDEX, *after], self.llm.get_input_embeddings(), vision)[None]
 
     def stream_answer(
         self, memory: MemoryRead, question: str, max_new_tokens: int | None = None, temperature: float = 0.0

@@ -13,6 +13,7 @@ from torch import nn
 
 from vstream.memory.star import abstract_slots
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from vstream.model.splice import splice
 from vstream.model.vlm import FlashVStream
 
 
@@ -37,18 +38,13 @@ class MemoryQAModule(nn.Module):
         seqs, labs = [], []
         for b in range(input_ids.shape[0]):
             ids, lab = input_ids[b, : int(lengths[b])], labels[b, : int(lengths[b])]
-            where = (ids == IMAGE_TOKEN_INDEX).nonzero().flatten()
-            if len(where) > 1:
-                raise ValueError(f"an example holds {len(where)} image placeholders; one memory per conversation is supported")
-            text = embed(ids.clamp_min(0))
-            if len(where) == 0:
-                seqs.append(text)
+            if not bool((ids == IMAGE_TOKEN_INDEX).any()):  # a text-only conversation
+                seqs.append(embed(ids.clamp_min(0)))
                 labs.append(lab)
                 continue
-            i = int(where[0])
-            v = vision[b].to(text.dtype)
-            seqs.append(torch.cat([text[:i], v, text[i + 1 :]]))
-            labs.append(torch.cat([lab[:i], lab.new_full((v.shape[0],), IGNORE_INDEX), lab[i + 1 :]]))
+            seq, lab = splice(ids, embed, vision[b], labels=lab)  # one memory per conversation (splice checks)
+            seqs.append(seq)
+            labs.append(lab)
         longest = max(s.shape[0] for s in seqs)
         embeds = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[-1])
         mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=embeds.device)
