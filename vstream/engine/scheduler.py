@@ -47,7 +47,8 @@ _END = object()
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Every knob of the engine; the defaults suit one GPU (or the CPU, where `answer_slots` is capped at 4)."""
+    """Every knob of the engine; the defaults suit one GPU (on the CPU `answer_slots` is capped at 4 and
+    `prefill_chunk` at 256)."""
 
     frames_per_round: int = 64
     """Most frames encoded in one round, all streams together (the tower's batch)."""
@@ -59,7 +60,8 @@ class EngineConfig:
     """Questions waiting for a slot; `ask` refuses one more."""
     prefill_chunk: int = 1024
     """Most prompt positions prefilled per iteration, so a long prompt never holds the decoding back for long (the
-    7B preset's prompts, about 745 positions, take one)."""
+    7B preset's prompts, about 745 positions, take one). On the CPU at most 256: there a 700-position prefill of
+    SmolLM2 takes about a second, which would hold the rounds of frames back long enough to drop live frames."""
     cuda_graphs: bool | None = None
     """Capture the tower, the memory updates and the decode step in CUDA graphs (None: on CUDA)."""
     tower_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -250,7 +252,8 @@ class Engine:
         self.tower_graphs = model.vision.capture(c.tower_batches) if self.graphs and model.vision is not None else None
         self.batched = getattr(model.llm.config, "model_type", None) == "llama"
         slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU is compute-bound: more slots gain little
-        self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=c.prefill_chunk, max_waiting=c.max_waiting,
+        chunk = c.prefill_chunk if cuda else min(c.prefill_chunk, 256)
+        self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=chunk, max_waiting=c.max_waiting,
                                       seed=c.seed, cuda_graph=self.graphs) if self.batched else None)
         self.eager = EagerAnswerer(model, c.max_waiting)
         self.warmup_s = time.perf_counter() - t0
