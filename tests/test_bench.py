@@ -150,3 +150,21 @@ def test_fast_tower_equals_the_transformers_tower():
     got = tower.enable_fast().encode(x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert not torch.equal(got, torch.zeros_like(got))
+
+
+def test_every_report_uses_the_nearest_rank_percentile():
+    from vstream.bench import summary
+    from vstream.engine.scheduler import LatencyWindow
+    from vstream.stats import percentile
+
+    values = [float(v) for v in range(1, 21)]  # 20 samples: p95 is the 19th, p50 the 10th
+    assert percentile(values, 0.95) == 19.0 and percentile(values, 0.5) == 10.0 and percentile(values, 1.0) == 20.0
+    assert percentile([5.0], 0.95) == 5.0
+    window = LatencyWindow()
+    for v in values:
+        window.add(v / 1000)
+    assert window.summary()["p95_ms"] == pytest.approx(19.0) and window.summary()["p50_ms"] == pytest.approx(10.0)
+    assert summary(values)["p95_ms"] == 19.0
+    assert summary([float(v) for v in range(1, 31)])["p95_ms"] == 29.0  # ceil(28.5): the rounded rank gave 28
+    with pytest.raises(ValueError, match="at least one value"):
+        percentile([], 0.5)

@@ -27,6 +27,7 @@ import torch
 import transformers
 
 from vstream import kernels
+from vstream.stats import percentile
 
 
 
@@ -112,7 +113,7 @@ def summary(ms: list[float]) -> dict:
     if not ms:
         return {"count": 0}
     ordered = sorted(ms)
-    p95 = ordered[min(len(ordered) - 1, max(0, round(0.95 * len(ordered)) - 1))]
+    p95 = percentile(ordered, 0.95)
     return {"median_ms": round(statistics.median(ordered), 4), "p95_ms": round(p95, 4), "min_ms": round(ordered[0], 4),
             "count": len(ordered)}
 

@@ -40,6 +40,7 @@ import torch
 
 from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, snapshot_at
 from vstream.model.batch_answer import BatchAnswerer, Request
+from vstream.stats import percentile
 
 log = logging.getLogger("vstream.engine")
 _END = object()
@@ -78,7 +79,7 @@ class EngineConfig:
 
 
 class LatencyWindow:
-    """The most recent `size` durations of one stage, summarised as p50/p95/max in milliseconds."""
+    """The most recent `size` durations of one stage, summarised as p50/p95 (nearest rank) and max in milliseconds."""
 
     def __init__(self, size: int = 1024):
         self._values: collections.deque[float] = collections.deque(maxlen=size)
@@ -90,8 +91,8 @@ class LatencyWindow:
         values = sorted(self._values)
         if not values:
             return {"count": 0}
-        pick = lambda q: values[min(len(values) - 1, int(q * len(values)))] * 1000  # noqa: E731
-        return {"count": len(values), "p50_ms": pick(0.5), "p95_ms": pick(0.95), "max_ms": values[-1] * 1000}
+        return {"count": len(values), "p50_ms": percentile(values, 0.5) * 1000,
+                "p95_ms": percentile(values, 0.95) * 1000, "max_ms": values[-1] * 1000}
 
 
 @dataclass

@@ -16,6 +16,7 @@ from pathlib import Path
 from vstream import __version__
 from vstream.eval.judges import OFFLINE_LABEL, parse_choice
 from vstream.eval.runner import trim_partial_line
+from vstream.stats import percentile
 
 JUDGMENTS = "judgments.jsonl"
 RESULTS = "results.json"
@@ -104,9 +105,8 @@ def _latency(records: list[dict]) -> dict:
                       ("lag_s", lambda r: (r.get("stream") or {}).get("lag_s"))):
         values = sorted(v for v in map(pick, records) if v is not None)
         if values:
-            q = lambda p: values[min(len(values) - 1, int(p * len(values)))]  # noqa: E731
-            out[key] = {"n": len(values), "mean": sum(values) / len(values), "p50": q(0.5), "p95": q(0.95),
-                        "max": values[-1]}
+            out[key] = {"n": len(values), "mean": sum(values) / len(values), "p50": percentile(values, 0.5),
+                        "p95": percentile(values, 0.95), "max": values[-1]}
     return out
 
 
