@@ -283,3 +283,17 @@ def test_an_answer_iteration_that_fails_ends_its_answers_and_the_engine_goes_on(
     while engine.step():
         pass
     assert after.finish_reason in ("stop", "length") and after.error is None
+
+
+def test_an_answer_longer_than_a_slot_goes_the_eager_way(model):
+    engine = Engine(model, thread=False)
+    lane = engine.open(live=False)
+    lane.put(0.0, _crop(model))
+    engine.step()
+    n_new = engine.answers.decoder.max_seq_len  # more positions than any slot holds
+    snap, request = engine.ask(lane, "Describe everything.", max_new_tokens=n_new)
+    assert engine.eager.pending == 1 and engine.answers.pending == 0
+    while engine.step():
+        pass
+    eager = "".join(model.stream_answer(snap.memory, "Describe everything.", max_new_tokens=n_new))
+    assert request.finish_reason == "stop" and request.text() == eager

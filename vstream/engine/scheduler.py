@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, snapshot_at
-from vstream.model.batch_answer import BatchAnswerer, Request
+from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
 from vstream.stats import percentile
 
 log = logging.getLogger("vstream.engine")
@@ -157,7 +157,6 @@ class Lane:
         self.error: BaseException | None = None
         self.snapshot: Snapshot | None = None
         self.done = threading.Event()  # the stream ended and every queued frame was ingested (or it failed)
-        self.closed = False
 
     @property
     def history(self):
@@ -283,8 +282,8 @@ class Engine:
         return lane
 
     def close(self, lane: Lane) -> None:
-        """Stop serving `lane`: its queued frames are dropped, its snapshot stays readable."""
-        lane.closed = True
+        """Stop serving `lane` (closed, ended or failed): its queued frames are dropped, its snapshot stays
+        readable."""
         with self._lock:
             if lane in self.lanes:
                 self.lanes.remove(lane)
@@ -304,9 +303,8 @@ class Engine:
         if self.answers is not None:
             try:
                 request = self.answers.submit(memory_tokens, question, max_new_tokens, temperature)
-            except ValueError as error:
-                if "a slot holds" not in str(error):
-                    raise
+            except TooLong:
+                pass  # the eager path below
         if request is None:
             request = self.eager.submit(memory_tokens, question, max_new_tokens, temperature)
         self._ensure_thread()
@@ -427,10 +425,7 @@ class Engine:
             self.rounds += 1
         for lane, items in work:
             if any(it is _END for it in items) or lane.done.is_set():
-                with self._lock:
-                    if lane in self.lanes:
-                        self.lanes.remove(lane)
-                lane.done.set()
+                self.close(lane)
         return True
 
     def _encode(self, frames: list[tuple[Lane, list]]) -> list[torch.Tensor | None]:

@@ -15,7 +15,7 @@ it with an error that names both counts. The system prompt (the prompt's text be
 question of the model's template: its keys are computed once, at construction, and shared by every slot.
 
 What this module does not do: ingest frames, build memories, run a thread of its own, or fall back to the eager path
-(a prompt and answer longer than a slot holds are refused at `submit`).
+(a prompt and answer longer than a slot holds are refused at `submit` with `TooLong`).
 """
 
 from __future__ import annotations
@@ -32,6 +32,10 @@ from vstream.model.generate import IncrementalDetokenizer, _check_sampling, defa
 from vstream.model.prompts import prompt_parts, stop_strings
 
 _END = object()  # closes a request's queue of pieces
+
+
+class TooLong(ValueError):
+    """A prompt and answer longer than a slot holds (the caller may answer it another way)."""
 
 
 class Request:
@@ -132,7 +136,7 @@ class BatchAnswerer:
         prompt_len = memory_tokens.shape[0] + len(rest)
         need = len(prefix) + prompt_len + n_new - 1
         if need > self.decoder.max_seq_len:
-            raise ValueError(f"prompt ({len(prefix) + prompt_len} positions) + max_new_tokens ({n_new}) needs {need} "
+            raise TooLong(f"prompt ({len(prefix) + prompt_len} positions) + max_new_tokens ({n_new}) needs {need} "
                              f"positions, a slot holds {self.decoder.max_seq_len}")
         request = Request(memory_tokens, question, n_new, temperature, prompt_len)
         if n_new == 0:
