@@ -44,14 +44,26 @@ class Snapshot:
 
     @classmethod
     def of(cls, version: int, memory: MemoryRead, stream_time: float, frames: int) -> "Snapshot":
-        """Read the memory's times to the host once (one transfer for all of them)."""
-        parts = (memory.spatial_times, memory.retrieved_times, memory.temporal_spans.flatten(),
-                 memory.temporal_weights)
-        host = torch.cat([p.detach().to(torch.float64).flatten() for p in parts]).cpu().tolist()
-        sizes = [p.numel() for p in parts]
-        spa, ret, spans, weights = (host[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(4))
-        return cls(version, memory, stream_time, frames, tuple(spa), tuple(ret),
-                   tuple(tuple(spans[i : i + 3]) for i in range(0, len(spans), 3)), tuple(weights))
+        """Read the memory's times to the host (one transfer)."""
+        return cls.of_many([(version, memory, stream_time, frames)])[0]
+
+    @classmethod
+    def of_many(cls, reads: Sequence[tuple[int, MemoryRead, float, int]]) -> list["Snapshot"]:
+        """Snapshots of several memory reads `(version, memory, stream_time, frames)`, whichever streams they come
+        from, with all their times read to the host in one transfer (one wait for the device, not one per read)."""
+        parts = [(m.spatial_times, m.retrieved_times, m.temporal_spans.flatten(), m.temporal_weights)
+                 for _, m, _, _ in reads]
+        flat = [p.detach().to(torch.float64).flatten() for group in parts for p in group]
+        host = torch.cat(flat).cpu().tolist() if flat else []
+        out, i = [], 0
+        for (version, memory, stream_time, frames), group in zip(reads, parts):
+            spa, ret, spans, weights = [], [], [], []
+            for dest, p in zip((spa, ret, spans, weights), group):
+                dest.extend(host[i : i + p.numel()])
+                i += p.numel()
+            out.append(cls(version, memory, stream_time, frames, tuple(spa), tuple(ret),
+                           tuple(tuple(spans[j : j + 3]) for j in range(0, len(spans), 3)), tuple(weights)))
+        return out
 
 
 class SnapshotHistory:
@@ -110,6 +122,7 @@ class StreamProcessor:
         self._pooled: list[torch.Tensor] = []  # offline official: the frames' P_spa features so far
         self._times: list[float] = []
         self._snapshot: Snapshot | None = None
+        self._reads: list[tuple[int, MemoryRead, float, int]] = []  # memory reads not yet made snapshots
         self._version = 0
         self.history.clear()
 
@@ -130,8 +143,10 @@ class StreamProcessor:
 
     @torch.no_grad()
     def insert(self, times: Sequence[float], frames: Sequence[np.ndarray] | None = None,
-               features: torch.Tensor | None = None, batch_size: int = 32) -> None:
-        """Add frames in time order: RGB `frames` (encoded here) or their `features` [n, grid^2, D], one time each."""
+               features: torch.Tensor | None = None, batch_size: int = 32, publish: bool = True) -> None:
+        """Add frames in time order: RGB `frames` (encoded here) or their `features` [n, grid^2, D], one time each.
+        `publish=False` leaves the new snapshots for a later `publish([...])` that makes several streams' snapshots
+        in one transfer from the device (the engine's round)."""
         times = [float(t) for t in times]
         if (frames is None) == (features is None):
             raise ValueError("insert takes frames or features, exactly one of them")
@@ -158,10 +173,12 @@ class StreamProcessor:
                 self.memory.update(features[i : i + 1], stamps[i : i + 1])
                 self._times.append(t)
                 if self.history.size and i < len(times) - 1:  # every frame's memory is kept for "as of" questions
-                    self.history.add(self._take())
+                    self._reads.append(self._read())
         self._snapshot = None
         if self.history.size:
-            self.history.add(self.snapshot())
+            self._reads.append(self._read())
+        if publish and self._reads:
+            publish_snapshots([self])
 
     def _check_times(self, times: list[float]) -> None:
         previous = self._times[-1] if self._times else -math.inf
@@ -170,19 +187,19 @@ class StreamProcessor:
                 raise ValueError(f"frame times must be finite and in time order: got {t} after {previous}")
             previous = t
 
-    def _take(self) -> Snapshot:
+    def _read(self) -> tuple[int, MemoryRead, float, int]:
         self._version += 1
         if self.offline_official:
             c = self.model.cfg.memory
             memory = official_offline_memory(torch.cat(self._pooled), self._times, c, self.model.attention_model)
         else:
             memory = self.memory.read()
-        return Snapshot.of(self._version, memory, self._times[-1], len(self._times))
+        return self._version, memory, self._times[-1], len(self._times)
 
     def snapshot(self) -> Snapshot | None:
         """The memory after the last inserted frame (None before the first); taken once per insert."""
-        if self._snapshot is None and self._times:
-            self._snapshot = self._take()
+        if self._reads or (self._snapshot is None and self._times):
+            publish_snapshots([self])
         return self._snapshot
 
     def snapshot_at(self, t: float) -> Snapshot:
@@ -196,6 +213,22 @@ class StreamProcessor:
         snap = pick_snapshot(self.snapshot(), self.history, question, as_of)
         return snap, self.model.stream_answer(snap.memory, question, max_new_tokens=max_new_tokens,
                                               temperature=temperature)
+
+
+def publish_snapshots(processors: Iterable[StreamProcessor]) -> None:
+    """Make the pending snapshots of several processors (each one's latest, and the past ones its history keeps) with
+    every cited time read to the host in one transfer; each processor's `snapshot()` is then its latest."""
+    processors = list(processors)
+    for p in processors:
+        if not p._reads and p._snapshot is None and p._times:
+            p._reads.append(p._read())
+    reads = [(p, r) for p in processors for r in p._reads]
+    snaps = Snapshot.of_many([r for _, r in reads])
+    for (p, _), snap in zip(reads, snaps):
+        p.history.add(snap)  # a no-op without history
+        p._snapshot = snap
+    for p in processors:
+        p._reads.clear()
 
 
 def pick_snapshot(latest: Snapshot | None, history: SnapshotHistory, question: str, as_of: float | None) -> Snapshot:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, snapshot_at
+from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, publish_snapshots, snapshot_at
 from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
 from vstream.stats import percentile
 
@@ -414,8 +414,7 @@ class Engine:
             for (lane, items), feats in zip(frames, features):
                 if feats is not None:
                     self._insert(lane, items, feats)
-            for lane, _ in frames:
-                self._publish(lane)
+            self._publish([lane for lane, _ in frames])
             t2 = time.perf_counter()
             self._round_s = t2 - t0
             n = sum(len(items) for _, items in frames)
@@ -457,18 +456,26 @@ class Engine:
 
     def _insert(self, lane: Lane, items: list, features: torch.Tensor) -> None:
         try:
-            lane.processor.insert([t for t, _ in items], features=features)
+            lane.processor.insert([t for t, _ in items], features=features, publish=False)
             lane.counters.encoded += len(items)
         except Exception as error:  # this stream's frames or memory failed: it ends, the others go on
             lane.fail(error)
 
-    def _publish(self, lane: Lane) -> None:
-        if lane.done.is_set() and lane.error is not None:
-            return
+    def _publish(self, lanes: list[Lane]) -> None:
+        """Every lane's new snapshot, with all their times read in one transfer (when that fails, lane by lane, so
+        that only the failing lane ends)."""
+        lanes = [lane for lane in lanes if not (lane.done.is_set() and lane.error is not None)]
         try:
-            lane.snapshot = lane.processor.snapshot()  # one reference swap publishes it
-        except Exception as error:
-            lane.fail(error)
+            publish_snapshots([lane.processor for lane in lanes])
+        except Exception:
+            for lane in lanes:
+                try:
+                    publish_snapshots([lane.processor])
+                except Exception as error:
+                    lane.fail(error)
+        for lane in lanes:
+            if not lane.done.is_set() or lane.error is None:
+                lane.snapshot = lane.processor.snapshot()  # one reference swap publishes it
 
 
 class _MemoryTokens:
