@@ -38,16 +38,25 @@ body["start_to_ready_s"] = round(time.time() - start, 2)
 json.dump(body, open(out, "w"))
 print("ready:", body)
 PY
+cpu_s() {  # CPU seconds (user + system) the server has used so far
+  python3 -c "import os,sys; f=open(f'/proc/{sys.argv[1]}/stat').read().rsplit(')',1)[1].split(); print((int(f[11])+int(f[12]))/os.sysconf('SC_CLK_TCK'))" "$server"
+}
 for n in $STREAMS; do
+  cpu0=$(cpu_s); t0=$(date +%s.%N)
   python3 -m vstream bench serve --url "http://127.0.0.1:$PORT" --streams "$n" --seconds "$LOAD_S" \
     --warmup "${WARMUP_S:-2}" --json \
     > "$OUT/serve-$n.json"
-  python3 - "$OUT/serve-$n.json" "$n" <<'PY'
+  python3 - "$OUT/serve-$n.json" "$n" "$cpu0" "$(cpu_s)" "$t0" "$(date +%s.%N)" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1])); q, f = r["questions"], r["frames"]
+cpu0, cpu1, t0, t1 = map(float, sys.argv[3:7])
+r["server_cpu_cores_whole_run"] = round((cpu1 - cpu0) / (t1 - t0), 2)  # warm-up and load, the server process
+json.dump(r, open(sys.argv[1], "w"), indent=1)
 fc, done = q["first_chunk_ms"], q.get("done_ms") or q.get("last_chunk_ms") or {}
 print(f"{sys.argv[2]:>4} streams: questions {q['status']}, first chunk p50 {fc.get('median_ms')} p95 {fc.get('p95_ms')} "
       f"max {fc.get('max_ms')} ms; last p95 {done.get('p95_ms')} ms; frames sent {f['sent']} ingested {f['ingested']} "
-      f"dropped {f['dropped']}; health p95 {r['health_live'].get('p95_ms')} ms")
+      f"dropped {f['dropped']}; health p95 {r['health_live'].get('p95_ms')} ms; server CPU "
+      f"{r['server_cpu_cores_whole_run']} cores; engine busy {r.get('engine_busy')}")
 PY
+  if [ -n "${VSTREAM_STACKS:-}" ]; then sleep 11; cp "$VSTREAM_STACKS" "$OUT/stacks-after-$n.txt"; fi  # cumulative
 done

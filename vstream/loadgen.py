@@ -155,7 +155,8 @@ class LocalServer:
         raise RuntimeError(f"the server was not ready within {timeout:g} s:\n{self.log_tail()}")
 
     def memory(self) -> dict:
-        """Resident memory now and its peak (VmRSS, VmHWM of /proc/PID/status), in bytes."""
+        """Resident memory now and its peak (VmRSS, VmHWM of /proc/PID/status), in bytes, and the CPU seconds the
+        process has used (`cpu_s`: user + system of /proc/PID/stat)."""
         out = {}
         try:
             with open(f"/proc/{self.proc.pid}/status") as f:
@@ -163,6 +164,9 @@ class LocalServer:
                     key, _, value = line.partition(":")
                     if key in ("VmRSS", "VmHWM"):
                         out[key] = int(value.split()[0]) * 1024  # reported in kB
+            with open(f"/proc/{self.proc.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after the command name, which may hold spaces
+            out["cpu_s"] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
         except FileNotFoundError:  # the process has gone
             pass
         return out
@@ -401,6 +405,24 @@ async def gpu_memory(http: httpx.AsyncClient) -> tuple[int | None, str]:
     return None, "the server's /metrics exports no vstream:gpu_memory* metric"
 
 
+async def _at(at: float, read):
+    await asyncio.sleep(max(0.0, at - asyncio.get_running_loop().time()))
+    return read()
+
+
+async def engine_busy(http: httpx.AsyncClient, at: float | None = None) -> dict[str, float]:
+    """The engine's busy seconds by kind of work from /metrics (`vstream:engine_busy_seconds_total`), read at loop
+    time `at` (now when None); {} when the server exports none."""
+    if at is not None:
+        await asyncio.sleep(max(0.0, at - asyncio.get_running_loop().time()))
+    r = await http.get("/metrics")
+    busy = {}
+    for line in r.text.splitlines() if r.status_code == 200 else ():
+        if line.startswith("vstream:engine_busy_seconds_total{"):
+            busy[line.split('"')[1]] = float(line.split()[-1])
+    return busy
+
+
 async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory=None) -> dict:
     """The load on the server at `url`; `memory()`: the server's resident memory (LocalServer.memory), or None."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -449,10 +471,14 @@ async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], f
     senders = [asyncio.create_task(s.send_frames(frames, t0, end, cfg.fps, s.index / n)) for s in streams]
     askers = [asyncio.create_task(ask_on_schedule(http, s, cfg, start, end, s.index / n, t0)) for s in streams]
     health = asyncio.create_task(poll_health(url, end, memory))
+    busy_start = asyncio.create_task(engine_busy(http, start))
+    cpu_start = asyncio.create_task(_at(start, memory or dict))
     await asyncio.gather(*senders)
     records = [r for rs in await asyncio.gather(*askers) for r in rs]
     latencies, failures, samples = await health
     counts = await server_counts(http, streams)
+    busy_end, busy0 = await engine_busy(http), await busy_start
+    window = loop.time() - start
     gpu, gpu_note = await gpu_memory(http)
     total = lambda key: sum(c[key] for c in counts)  # noqa: E731
     frames_out = {
@@ -466,11 +492,16 @@ async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], f
     }
     rss = [m["VmRSS"] for m in samples if "VmRSS" in m]
     end_memory = memory() if memory is not None else {}
+    cpu0 = (await cpu_start).get("cpu_s")
     return {
         "duration_s": round(loop.time() - t0, 3),
         "frames": frames_out,
         "questions": question_summary(records),
         "health_live": {"ms": stats(latencies), "failures": failures, "every_s": HEALTH_EVERY_S},
+        # the share of the question window the engine thread spent on each kind of work (the rest: waiting for work)
+        # CPU cores the server process kept busy over the question window (all its threads; None with --url)
+        "server_cpu_cores": round((end_memory["cpu_s"] - cpu0) / window, 2) if cpu0 is not None else None,
+        "engine_busy": {k: round((v - busy0.get(k, 0.0)) / window, 3) for k, v in busy_end.items()},
         "server_memory": {"rss_bytes_max_sampled": max(rss) if rss else None,
                           "rss_bytes_end": end_memory.get("VmRSS"),
                           # the kernel updates VmHWM lazily: a sampled VmRSS can exceed a later VmHWM

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from vstream import profiling
 from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, publish_snapshots, snapshot_at
 from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
 from vstream.stats import percentile
@@ -244,6 +245,7 @@ class Engine:
     def __init__(self, model, config: EngineConfig | None = None, thread: bool = True):
         """`thread=False`: no engine thread ever starts; the caller drives `step` (tests)."""
         self.model, self.config = model, config or EngineConfig()
+        profiling.start_from_env()  # VSTREAM_STACKS=FILE: sample every thread's stack (diagnosing a loaded server)
         self.threaded = thread
         c = self.config
         cuda = model.device.type == "cuda"
@@ -259,6 +261,7 @@ class Engine:
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
         self.rounds = 0
+        self.seconds = {"frames": 0.0, "answers": 0.0}  # the engine thread's wall time in each kind of work
         self.error: BaseException | None = None
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -328,7 +331,8 @@ class Engine:
     def stats(self) -> dict:
         return {"streams": len(self.lanes), "rounds": self.rounds, "answers_pending": self.pending_answers,
                 "answer_slots": self.answers.decoder.max_batch if self.answers is not None else 1,
-                "cuda_graphs": self.graphs, "warmup_s": self.warmup_s}
+                "cuda_graphs": self.graphs, "warmup_s": self.warmup_s,
+                "busy_s": dict(self.seconds)}
 
     def _ensure_thread(self) -> None:
         if not self.threaded:
@@ -349,8 +353,11 @@ class Engine:
         worked = False
         since = time.monotonic() - self._last_round
         if not answering or since >= max(self.config.round_every_s, 2 * self._round_s):
+            t0 = time.perf_counter()
             worked = self._round()
+            self.seconds["frames"] += time.perf_counter() - t0
         if answering:
+            t0 = time.perf_counter()
             if self.answers is not None and self.answers.pending:
                 try:
                     self.answers.run_once()
@@ -359,6 +366,7 @@ class Engine:
                     self.answers.fail_all(error)
             if self.eager.pending:
                 self.eager.run_once()
+            self.seconds["answers"] += time.perf_counter() - t0
             worked = True
         return worked
 

@@ -526,7 +526,11 @@ def render_metrics(state: ServerState) -> str:
                   "# TYPE vstream:engine_answers_pending gauge",
                   f"vstream:engine_answers_pending {engine.pending_answers}",
                   "# HELP vstream:engine_rounds_total Rounds of frames the engine ran (all streams together).",
-                  "# TYPE vstream:engine_rounds_total counter", f"vstream:engine_rounds_total {engine.rounds}"]
+                  "# TYPE vstream:engine_rounds_total counter", f"vstream:engine_rounds_total {engine.rounds}",
+                  "# HELP vstream:engine_busy_seconds_total The engine thread's wall time in rounds of frames and "
+                  "in answer iterations (waits for the device included).",
+                  "# TYPE vstream:engine_busy_seconds_total counter"]
+        lines += [f'vstream:engine_busy_seconds_total{{work="{k}"}} {v:.6f}' for k, v in engine.seconds.items()]
     device = state.model.device
     if device.type == "cuda":  # the allocator's own counters: no device synchronisation
         import torch
