@@ -144,3 +144,30 @@ def test_memory_with_the_kmeans_kernel_follows_the_torch_memory(monkeypatch, sce
     torch.testing.assert_close(a.temporal_spans.cpu(), b.temporal_spans)
     assert torch.isfinite(a.temporal_spans).all() and (scene == "paused" or (a.temporal_weights == 0).any())
     torch.testing.assert_close(a.tokens.cpu(), b.tokens, atol=1e-4, rtol=1e-4)
+
+
+def test_gram_kmeans_batched_equals_each_problem_alone_and_the_batched_torch_loop():
+    """A batch of problems (the memories of several streams) in one launch: each as if alone, and as the torch loop
+    batched over the same leading dimension gives it."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 26, 512, generator=g).half()
+    x[1, 3] = x[1, 5]  # a paused stream in one problem
+    x[2] = x[2, torch.arange(26) % 2]  # a static scene in another
+    w = torch.rand(5, 26, generator=g) * 10 + 1
+    w[0, 2] = 0
+    x, w = x.to(DEVICE), w.to(DEVICE)
+    centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, 25, 10, 1e-4)
+    ref = weighted_kmeans_batched(x, w, 25)
+    assert torch.equal(labels, ref.labels)
+    torch.testing.assert_close(wsum, ref.weights)
+    torch.testing.assert_close(sources, ref.sources)
+    for b in range(5):
+        one = kernels.gram_kmeans(x[b], w[b], 25, 10, 1e-4)
+        assert torch.equal(one[2], labels[b]) and torch.equal(one[1], wsum[b])
+        torch.testing.assert_close(one[0], centroids[b])
+
+
+def weighted_kmeans_batched(x, w, k):
+    from vstream.memory.kmeans import lloyd_frozen
+
+    return lloyd_frozen(x, k, w.float(), seed_indices(x, w, k), 10, 1e-4)

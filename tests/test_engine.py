@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 import vstream
 from vstream.engine import Engine, EngineConfig, FrameQueue, StreamSession
@@ -297,3 +298,30 @@ def test_an_answer_longer_than_a_slot_goes_the_eager_way(model):
         pass
     eager = "".join(model.stream_answer(snap.memory, "Describe everything.", max_new_tokens=n_new))
     assert request.finish_reason == "stop" and request.text() == eager
+
+
+def test_memories_sharing_pages_equal_each_stream_processed_alone(model):
+    """Six streams on pages of four memories (two pages): a round's steady updates of a page run as one batched
+    update, and every stream's memory equals the same frames through a processor of its own."""
+    from vstream.engine import StreamProcessor
+
+    engine = Engine(model, EngineConfig(memory_page=4, frames_per_round=5), thread=False)
+    frames = list(moving_shapes(60, 64, 48, seed=3))
+    lanes = [engine.open(queue_size=64, batch=2, live=False) for _ in range(6)]
+    alone = [StreamProcessor(model) for _ in lanes]
+    counts = [20 + 3 * i for i in range(6)]
+    for i, lane in enumerate(lanes):
+        for t in range(counts[i]):
+            lane.put(float(t), model.crop([frames[(t * (i + 1)) % 60]])[0])
+            alone[i].insert([float(t)], frames=[frames[(t * (i + 1)) % 60]])
+        lane.end()
+    while any(not lane.done.is_set() for lane in lanes):
+        engine.step()
+    assert len(engine.pages) == 2 and engine.stats()["memory_page_updates"] > 0
+    for lane, processor, n in zip(lanes, alone, counts):
+        assert lane.error is None and lane.counters.encoded == n and lane.snapshot.frames == n
+        torch.testing.assert_close(lane.snapshot.memory.tokens, processor.snapshot().memory.tokens,
+                                   atol=1e-5, rtol=1e-4)
+        assert lane.snapshot.spatial_times == processor.snapshot().spatial_times
+        assert lane.snapshot.retrieved_times == processor.snapshot().retrieved_times
+    assert all(not p.members for p in engine.pages)  # every ended lane gave its row back

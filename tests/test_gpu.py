@@ -204,9 +204,9 @@ def test_load_on_cuda_answers_through_the_fast_path_like_the_eager_one():
 
 
 def test_the_engines_round_and_decode_step_never_synchronise():
-    """A round of frames of three streams (crops to the device, the tower's graphs, each memory's captured update)
-    and the batched decode step with answers in flight: no host synchronisation (publishing the snapshots reads
-    their times to the host, once per stream, outside this)."""
+    """A round of frames of three streams (crops to the device, the tower's graphs, the memories' batched update
+    replayed from their page's graph) and the batched decode step with answers in flight: no host synchronisation
+    (publishing the snapshots reads their times to the host, once per round, outside this)."""
     import vstream
     from vstream.engine import Engine
 
@@ -234,11 +234,54 @@ def test_the_engines_round_and_decode_step_never_synchronise():
             features = engine._encode(work)
             for (lane, items), feats in zip(work, features):
                 engine._insert(lane, items, feats)
+            for page in engine.pages:  # what the first read of a page's memory does
+                page.flush()
         for _ in range(10):
             engine.answers.decoder.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert [repr(lane.error) for lane in lanes if lane.error is not None] == []
     assert all(lane.counters.encoded == 44 for lane in lanes)
-    assert all(lane.processor.memory.graph.graph is not None for lane in lanes)
+    assert len(engine.pages) == 1 and engine.pages[0].graph is not None and engine.pages[0].updates > 4
     assert snap.frames == 40 and engine.answers.decoder.step_size() == 1
+
+
+def test_a_memory_page_on_cuda_equals_memories_updating_alone_and_never_synchronises():
+    """The 7B preset's memory shapes: four memories of one page (one captured batched update) against four memories
+    each replaying its own captured update, on streams with static and cycling scenes among them."""
+    from vstream.memory.paged import MemoryPage
+
+    torch.manual_seed(0)
+    att = AbstractAttention(D, 32).cuda().half()
+    page = MemoryPage(MemoryConfig(), D, att, 16, capacity=8, device="cuda", dtype=torch.float16)
+    paged = [page.new_memory() for _ in range(4)]
+    alone = [PaperStarMemory(MemoryConfig(), D, att, 16, device="cuda", dtype=torch.float16) for _ in range(4)]
+    for m in alone:
+        m.enable_cuda_graph()
+    frames = torch.randn(4, 120, 256, D, device="cuda", dtype=torch.float16)
+    frames[1] = frames[1, :1]  # a static scene
+    frames[2] = frames[2, torch.arange(120) % 3]  # a cycling one
+    times = torch.arange(120, dtype=torch.float64, device="cuda")
+
+    def feed(i):
+        for k in range(4):
+            paged[k].update(frames[k, i : i + 1], times[i : i + 1])
+            alone[k].update(frames[k, i : i + 1], times[i : i + 1])
+        page.flush()
+
+    for i in range(40):
+        feed(i)
+    assert page.graph is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for i in range(40, 120):
+            feed(i)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(paged, alone):
+        ra, rb = a.read(), b.read()
+        torch.testing.assert_close(ra.tokens, rb.tokens, atol=2e-3, rtol=1e-3)
+        assert torch.equal(ra.temporal_weights, rb.temporal_weights)
+        assert torch.equal(ra.retrieved_times, rb.retrieved_times) and torch.equal(ra.spatial_times, rb.spatial_times)
+        assert a.frames_seen == 120 and int(a.count) == 120

@@ -110,6 +110,14 @@ if triton is not None:
         g_ptr, n_ptr, same_ptr, w_ptr, a_ptr, wsum_ptr, labels_ptr, t, k, tol,
         MAX_ITER: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     ):
+        b = tl.program_id(0)  # one problem of the batch per program
+        g_ptr += b * t * t
+        same_ptr += b * t * t
+        n_ptr += b * t
+        w_ptr += b * t
+        labels_ptr += b * t
+        a_ptr += b * k * t
+        wsum_ptr += b * k
         rows = tl.arange(0, BT)  # points
         cols = tl.arange(0, BT)
         ks = tl.arange(0, BK)  # clusters
@@ -205,22 +213,27 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: int, tol: float):
-    """Seeded weighted k-means of points [T, F] with weights [T], on their Gram matrix: the result of
-    `kmeans.weighted_kmeans` with `seed_indices` seeds and `empty="keep"`, up to float32 rounding.
+    """Seeded weighted k-means of points [..., T, F] with weights [..., T], on their Gram matrix: the result of
+    `kmeans.weighted_kmeans` with `seed_indices` seeds and `empty="keep"`, up to float32 rounding. Leading dimensions
+    are a batch of independent problems, one program each.
 
-    Returns (centroids [K, F] float32, cluster weights [K] float32, labels [T] int64, sources [K, T] float32: the
-    coefficients of each centroid over the points, as `KMeansResult.sources`)."""
-    t = points.shape[0]
-    if points.dim() != 2 or weights.shape != (t,) or not 1 <= k < t <= MAX_KMEANS_POINTS:
-        raise ValueError(f"gram_kmeans needs points [T, F], weights [T] and 1 <= k < T <= {MAX_KMEANS_POINTS}, got "
-                         f"{tuple(points.shape)}, {tuple(weights.shape)}, k={k}")
-    x = points.float()
-    gram = x @ x.T  # [T, T]
-    norms = (x * x).sum(1)  # [T], as `squared_distances` takes them
-    same = (x[:, None] == x[None]).all(-1).to(torch.int8)  # [T, T] exact copies, as `seed_indices` finds them
-    coef = torch.empty(k, t, device=x.device, dtype=torch.float32)  # centroid k = sum_t coef[k, t] x_t
-    wsum = torch.empty(k, device=x.device, dtype=torch.float32)
-    labels = torch.empty(t, device=x.device, dtype=torch.long)
-    _gram_kmeans_kernel[(1,)](gram, norms, same, weights.float().contiguous(), coef, wsum, labels, t, k, tol,
-                              MAX_ITER=max_iter, BT=MAX_KMEANS_POINTS, BK=MAX_KMEANS_POINTS, num_warps=4)
-    return coef @ x, wsum, labels, coef
+    Returns (centroids [..., K, F] float32, cluster weights [..., K] float32, labels [..., T] int64, sources
+    [..., K, T] float32: the coefficients of each centroid over the points, as `KMeansResult.sources`)."""
+    t = points.shape[-2] if points.dim() >= 2 else 0
+    if points.dim() < 2 or weights.shape != points.shape[:-1] or not 1 <= k < t <= MAX_KMEANS_POINTS:
+        raise ValueError(f"gram_kmeans needs points [..., T, F], weights [..., T] and 1 <= k < T <= "
+                         f"{MAX_KMEANS_POINTS}, got {tuple(points.shape)}, {tuple(weights.shape)}, k={k}")
+    batch = points.shape[:-2]
+    x = points.float().reshape(-1, t, points.shape[-1])  # [B, T, F]
+    gram = x @ x.transpose(1, 2)  # [B, T, T]
+    norms = (x * x).sum(-1)  # [B, T], as `squared_distances` takes them
+    same = (x[:, :, None] == x[:, None]).all(-1).to(torch.int8)  # [B, T, T] exact copies, as `seed_indices` finds them
+    n = x.shape[0]
+    coef = torch.empty(n, k, t, device=x.device, dtype=torch.float32)  # centroid k = sum_t coef[k, t] x_t
+    wsum = torch.empty(n, k, device=x.device, dtype=torch.float32)
+    labels = torch.empty(n, t, device=x.device, dtype=torch.long)
+    _gram_kmeans_kernel[(n,)](gram, norms, same, weights.float().reshape(n, t).contiguous(), coef, wsum, labels, t, k,
+                              tol, MAX_ITER=max_iter, BT=MAX_KMEANS_POINTS, BK=MAX_KMEANS_POINTS, num_warps=4)
+    centroids = coef @ x
+    return (centroids.reshape(*batch, k, -1), wsum.reshape(*batch, k), labels.reshape(*batch, t),
+            coef.reshape(*batch, k, t))

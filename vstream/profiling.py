@@ -69,7 +69,10 @@ class StackSampler:
         while True:
             self.sample()
             if time.monotonic() - last >= self.write_every_s:
-                self.write()
+                try:
+                    self.write()
+                except OSError as error:  # a diagnostic must not stop: say so and keep sampling
+                    print(f"vstream: cannot write the stack samples to {self.path}: {error}", file=sys.stderr)
                 last = time.monotonic()
             time.sleep(self.every_s)
 

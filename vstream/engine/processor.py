@@ -108,17 +108,19 @@ class SnapshotHistory:
 class StreamProcessor:
     """The memory of one stream as frames are inserted, its snapshots, and answers from them."""
 
-    def __init__(self, model, *, offline: bool = False, history: int = 0):
+    def __init__(self, model, *, offline: bool = False, history: int = 0, new_memory=None):
         """`history`: past snapshots kept for questions asked as of an earlier time (0: none; every inserted frame's
-        memory is a candidate). `offline`: see the module docstring."""
+        memory is a candidate). `offline`: see the module docstring. `new_memory`: makes the streaming memory
+        (default `model.new_memory`; the engine's gives memories of a shared `MemoryPage`)."""
         self.model = model
+        self.new_memory = new_memory or model.new_memory
         self.offline_official = offline and model.cfg.memory.mode == "official"
         self.history = SnapshotHistory(history)
         self.reset()
 
     def reset(self) -> None:
         """Forget every frame: an empty memory, no snapshot, no history."""
-        self.memory = None if self.offline_official else self.model.new_memory()
+        self.memory = None if self.offline_official else self.new_memory()
         self._pooled: list[torch.Tensor] = []  # offline official: the frames' P_spa features so far
         self._times: list[float] = []
         self._snapshot: Snapshot | None = None
@@ -145,8 +147,9 @@ class StreamProcessor:
     def insert(self, times: Sequence[float], frames: Sequence[np.ndarray] | None = None,
                features: torch.Tensor | None = None, batch_size: int = 32, publish: bool = True) -> None:
         """Add frames in time order: RGB `frames` (encoded here) or their `features` [n, grid^2, D], one time each.
-        `publish=False` leaves the new snapshots for a later `publish([...])` that makes several streams' snapshots
-        in one transfer from the device (the engine's round)."""
+        `publish=False` leaves the latest snapshot for a later `publish_snapshots([...])`, which makes several
+        streams' snapshots in one transfer from the device (and lets memories of one page update together first: the
+        engine's round)."""
         times = [float(t) for t in times]
         if (frames is None) == (features is None):
             raise ValueError("insert takes frames or features, exactly one of them")
@@ -175,9 +178,7 @@ class StreamProcessor:
                 if self.history.size and i < len(times) - 1:  # every frame's memory is kept for "as of" questions
                     self._reads.append(self._read())
         self._snapshot = None
-        if self.history.size:
-            self._reads.append(self._read())
-        if publish and self._reads:
+        if publish and self.history.size:
             publish_snapshots([self])
 
     def _check_times(self, times: list[float]) -> None:
@@ -220,8 +221,9 @@ def publish_snapshots(processors: Iterable[StreamProcessor]) -> None:
     every cited time read to the host in one transfer; each processor's `snapshot()` is then its latest."""
     processors = list(processors)
     for p in processors:
-        if not p._reads and p._snapshot is None and p._times:
-            p._reads.append(p._read())
+        latest_read = p._reads and p._reads[-1][3] == len(p._times)
+        if p._snapshot is None and p._times and not latest_read:
+            p._reads.append(p._read())  # the first read of a page's memory runs the page's queued updates
     reads = [(p, r) for p in processors for r in p._reads]
     snaps = Snapshot.of_many([r for _, r in reads])
     for (p, _), snap in zip(reads, snaps):

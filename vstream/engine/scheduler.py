@@ -40,6 +40,7 @@ import torch
 
 from vstream import profiling
 from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, publish_snapshots, snapshot_at
+from vstream.memory.paged import MemoryPage
 from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
 from vstream.stats import percentile
 
@@ -70,8 +71,14 @@ class EngineConfig:
     """Batch sizes the tower is captured at; a round's batch is cut into them, largest first."""
     seed: int = 0
     """Seed of the sampled answers' noise."""
+    memory_page: int | None = None
+    """Paper-mode memories of this many streams share a `MemoryPage`, so that a round updates all of a page's steady
+    memories in one batched update (one graph replay on CUDA) instead of one per stream; 0: each memory alone. None:
+    64 with CUDA graphs, else 0."""
 
     def __post_init__(self):
+        if self.memory_page is not None and self.memory_page < 0:
+            raise ValueError(f"EngineConfig.memory_page must be >= 0 or None, got {self.memory_page}")
         for name in ("frames_per_round", "answer_slots", "max_waiting", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -149,9 +156,10 @@ class Lane:
 
     def __init__(self, engine: "Engine", history: int, queue_size: int, batch: int, live: bool):
         self.engine = engine
-        self.processor = StreamProcessor(engine.model, history=history)
-        if engine.graphs and hasattr(self.processor.memory, "enable_cuda_graph"):
-            self.processor.memory.enable_cuda_graph()
+        self.processor = StreamProcessor(engine.model, history=history, new_memory=engine.new_memory)
+        memory = self.processor.memory
+        if engine.graphs and getattr(memory, "page", None) is None and hasattr(memory, "enable_cuda_graph"):
+            memory.enable_cuda_graph()
         self.queue = FrameQueue(queue_size)
         self.batch, self.live = batch, live
         self.counters = Counters()
@@ -260,6 +268,7 @@ class Engine:
         self.eager = EagerAnswerer(model, c.max_waiting)
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
+        self.pages: list[MemoryPage] = []
         self.rounds = 0
         self.seconds = {"frames": 0.0, "answers": 0.0}  # the engine thread's wall time in each kind of work
         self.error: BaseException | None = None
@@ -286,11 +295,30 @@ class Engine:
 
     def close(self, lane: Lane) -> None:
         """Stop serving `lane` (closed, ended or failed): its queued frames are dropped, its snapshot stays
-        readable."""
+        readable, its memory's page row is freed."""
         with self._lock:
             if lane in self.lanes:
                 self.lanes.remove(lane)
+            memory = lane.processor.memory
+            if getattr(memory, "page", None) is not None:
+                memory.page.release(memory)
         lane.done.set()
+
+    def new_memory(self):
+        """A lane's streaming memory: a row of a memory page (a new page when all are full) when pages are on and
+        the memory is paper-mode, else the model's own."""
+        model, size = self.model, self.config.memory_page
+        size = (64 if self.graphs else 0) if size is None else size
+        if not (size and model.cfg.memory.mode == "paper"):
+            return model.new_memory()
+        with self._lock:
+            page = next((p for p in self.pages if p.free), None)
+            if page is None:
+                c = model.cfg
+                page = MemoryPage(c.memory, c.vision.hidden_size, model.attention_model, c.vision.grid, size,
+                                  model.device, model.dtype, graph=model.device.type == "cuda")
+                self.pages.append(page)
+            return page.new_memory()
 
     def ask(self, lane: Lane, question: str, as_of: float | None = None, max_new_tokens: int | None = None,
             temperature: float = 0.0) -> tuple[Snapshot, Request]:
@@ -332,7 +360,8 @@ class Engine:
         return {"streams": len(self.lanes), "rounds": self.rounds, "answers_pending": self.pending_answers,
                 "answer_slots": self.answers.decoder.max_batch if self.answers is not None else 1,
                 "cuda_graphs": self.graphs, "warmup_s": self.warmup_s,
-                "busy_s": dict(self.seconds)}
+                "busy_s": dict(self.seconds), "memory_pages": len(self.pages),
+                "memory_page_updates": sum(p.updates for p in self.pages)}
 
     def _ensure_thread(self) -> None:
         if not self.threaded:

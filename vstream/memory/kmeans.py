@@ -39,10 +39,11 @@ class KMeansResult:
 
 
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """[T, F], [K, F] -> [T, K] squared Euclidean distances, float32, via |x|^2 - 2 x.c + |c|^2 (clamped at 0)."""
+    """[..., T, F], [..., K, F] -> [..., T, K] squared Euclidean distances, float32, via |x|^2 - 2 x.c + |c|^2 (clamped
+    at 0); leading dimensions are a batch of independent problems."""
     x = x.float()
     c = c.float()
-    d = (x * x).sum(1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(1)[None, :]
+    d = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ c.transpose(-1, -2)) + (c * c).sum(-1)[..., None, :]
     return d.clamp_min_(0.0)
 
 
@@ -89,33 +90,38 @@ def weighted_kmeans(
     elif init_indices.shape != (k,):
         raise ValueError(f"init_indices must have shape [{k}], got {tuple(init_indices.shape)}")
     if empty == "keep":
-        return _lloyd_frozen(data, k, w, init_indices, max_iter, tol)
+        return lloyd_frozen(data, k, w, init_indices, max_iter, tol)
     return _lloyd_released(data, k, w, init_indices, max_iter, tol)
 
 
 def _onehot(index: torch.Tensor, n: int) -> torch.Tensor:
-    """[m] -> [m, n] float32; a comparison, not F.one_hot, which validates its input on the host (a synchronisation)."""
-    return (index[:, None] == torch.arange(n, device=index.device)[None, :]).to(torch.float32)
+    """[..., m] -> [..., m, n] float32; a comparison, not F.one_hot, which validates its input on the host (a
+    synchronisation)."""
+    return (index[..., None] == torch.arange(n, device=index.device)).to(torch.float32)
 
 
-def _lloyd_frozen(x_in, k, w, init, max_iter, tol) -> KMeansResult:
+def lloyd_frozen(x_in: torch.Tensor, k: int, w: torch.Tensor, init: torch.Tensor, max_iter: int,
+                 tol: float) -> KMeansResult:
+    """The `empty="keep"` loop of `weighted_kmeans` for points [..., T, F], weights [..., T] and seeds [..., K]:
+    leading dimensions are a batch of independent problems, each frozen once it has converged."""
     x = x_in.float()
-    t = x.shape[0]
-    c = x[init]
-    src = _onehot(init, t)  # [K, T]
-    done = torch.zeros((), dtype=torch.bool, device=x.device)
-    labels_out = torch.zeros(t, dtype=torch.long, device=x.device)
-    wsum_out = torch.zeros(k, device=x.device)
+    t = x.shape[-2]
+    c = x.gather(-2, init[..., None].expand(*init.shape, x.shape[-1]))  # [..., K, F]
+    src = _onehot(init, t)  # [..., K, T]
+    done = torch.zeros(x.shape[:-2], dtype=torch.bool, device=x.device)[..., None, None]
+    labels_out = torch.zeros(x.shape[:-1], dtype=torch.long, device=x.device)
+    wsum_out = torch.zeros(*x.shape[:-2], k, device=x.device)
+    tiny = torch.finfo(torch.float32).tiny
     for _ in range(max_iter):
-        labels = squared_distances(x, c).argmin(dim=1)  # first index wins ties
-        member = _onehot(labels, k) * w[:, None]  # [T, K]
-        wsum = member.sum(0)
-        live = (wsum > 0)[:, None]
-        new = torch.where(live, (member.T @ x) / wsum.clamp_min(torch.finfo(torch.float32).tiny)[:, None], c)
-        new_src = torch.where(live, member.T / wsum.clamp_min(torch.finfo(torch.float32).tiny)[:, None], src)
-        converged = (new - c).norm(dim=1).sum() < tol
-        labels_out = torch.where(done, labels_out, labels)
-        wsum_out = torch.where(done, wsum_out, wsum)
+        labels = squared_distances(x, c).argmin(dim=-1)  # first index wins ties
+        member = (_onehot(labels, k) * w[..., None]).transpose(-1, -2)  # [..., K, T]
+        wsum = member.sum(-1)
+        live = (wsum > 0)[..., None]
+        new = torch.where(live, (member @ x) / wsum.clamp_min(tiny)[..., None], c)
+        new_src = torch.where(live, member / wsum.clamp_min(tiny)[..., None], src)
+        converged = ((new - c).norm(dim=-1).sum(-1) < tol)[..., None, None]
+        labels_out = torch.where(done[..., 0], labels_out, labels)
+        wsum_out = torch.where(done[..., 0], wsum_out, wsum)
         keep = done | converged
         c = torch.where(keep, c, new)
         src = torch.where(keep, src, new_src)

@@ -34,7 +34,7 @@ from vstream import kernels
 from vstream.config import MemoryConfig
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
-from vstream.memory.kmeans import KMeansResult, squared_distances, weighted_kmeans
+from vstream.memory.kmeans import KMeansResult, lloyd_frozen, squared_distances, weighted_kmeans
 
 PARTS = ("abstract", "temporal", "retrieved", "spatial")
 
@@ -117,9 +117,13 @@ class StarMemoryBase:
 
     def state_dict(self) -> dict:
         """Tensors and counters that restore this memory exactly with `load_state_dict`."""
+        if getattr(self, "page", None) is not None:
+            self.page.flush()
         return {"tensors": {k: v.clone() for k, v in self._state().items()}, "counters": self._counters()}
 
     def load_state_dict(self, state: dict) -> None:
+        if getattr(self, "page", None) is not None:
+            self.page.flush()
         mine = self._state()
         if set(state["tensors"]) != set(mine):
             raise ValueError(f"memory state has tensors {sorted(state['tensors'])}, expected {sorted(mine)}")
@@ -134,21 +138,43 @@ class StarMemoryBase:
         return {k: v for k, v in vars(self).items() if k == "frames_seen" or k.startswith("n_")}
 
 
-class PaperStarMemory(StarMemoryBase):
-    """The paper's STAR memory with carried cluster weights and a bounded ring buffer."""
+def paper_state_layout(cfg: MemoryConfig, dim: int, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype, float]]:
+    """The state tensors of a `PaperStarMemory`: name -> (shape, dtype, initial value)."""
+    c, d, f64 = cfg, dim, torch.float64
+    return {
+        "buffer": ((c.buffer_length, c.spatial_size**2, d), dtype, 0.0),  # [N_buff, P_spa^2, D] a ring
+        "buffer_tem": ((c.buffer_length, c.temporal_size**2, d), dtype, 0.0),  # [N_buff, P_tem^2, D]
+        "buffer_time": ((c.buffer_length,), f64, float("nan")),  # [N_buff]; NaN: not written yet
+        "temporal": ((c.temporal_length, c.temporal_size**2, d), dtype, 0.0),  # [N_tem, P_tem^2, D]
+        "tem_weight": ((c.temporal_length,), torch.float32, 0.0),  # [N_tem]
+        "tem_span": ((c.temporal_length, 3), f64, float("nan")),  # [N_tem, 3]
+        "abstract": ((c.abstract_length, c.abstract_size**2, d), dtype, 0.0),  # [N_abs, P_abs^2, D]
+        "retrieved": ((c.retrieved_length,), torch.long, 0),  # [N_ret] buffer slots
+        "count": ((), torch.long, 0),  # frames seen, on the device (the ring position)
+    }
 
-    def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None):
+
+class PaperStarMemory(StarMemoryBase):
+    """The paper's STAR memory with carried cluster weights and a bounded ring buffer. A memory of a `MemoryPage`
+    (`page` set) hands its steady one-frame updates to the page, which runs them for all its memories at once when
+    any of them is read next (or `page.flush()`)."""
+
+    page = None  # the MemoryPage holding this memory's state, if any
+
+    def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None,
+                 state: dict[str, torch.Tensor] | None = None):
+        """`state`: tensors of `paper_state_layout`, in their initial values, to hold the state in (rows of a
+        `MemoryPage`, say); by default the memory allocates its own."""
         super().__init__(cfg, dim, attention, grid, device, dtype)
-        c, d = cfg, dim
-        self.buffer = self._tensor(c.buffer_length, c.spatial_size**2, d)  # [N_buff, P_spa^2, D]
-        self.buffer_tem = self._tensor(c.buffer_length, c.temporal_size**2, d)  # [N_buff, P_tem^2, D]
-        self.buffer_time = self._tensor(c.buffer_length, dtype=torch.float64, fill=float("nan"))  # [N_buff]
-        self.temporal = self._tensor(c.temporal_length, c.temporal_size**2, d)  # [N_tem, P_tem^2, D]
-        self.tem_weight = self._tensor(c.temporal_length, dtype=torch.float32)  # [N_tem]
-        self.tem_span = self._tensor(c.temporal_length, 3, dtype=torch.float64, fill=float("nan"))  # [N_tem, 3]
-        self.abstract = self._tensor(c.abstract_length, c.abstract_size**2, d)  # [N_abs, P_abs^2, D]
-        self.retrieved = torch.zeros(c.retrieved_length, dtype=torch.long, device=self.device)  # [N_ret] buffer slots
-        self.count = torch.zeros((), dtype=torch.long, device=self.device)  # frames seen, on the device (ring position)
+        layout = paper_state_layout(cfg, dim, self.dtype)
+        if state is None:
+            state = {k: self._tensor(*shape, dtype=dt, fill=fill) for k, (shape, dt, fill) in layout.items()}
+        for name, (shape, dt, _) in layout.items():
+            given = state.get(name)
+            if given is None or tuple(given.shape) != shape or given.dtype != dt or not _on(given, self.device):
+                got = None if given is None else (tuple(given.shape), given.dtype, given.device)
+                raise ValueError(f"memory state {name!r} must be {shape} {dt} on {self.device}, got {got}")
+            setattr(self, name, given)
         self.n_tem = self.n_abs = self.n_ret = 0
         self.graph: CapturedUpdate | None = None
 
@@ -175,6 +201,11 @@ class PaperStarMemory(StarMemoryBase):
     @torch.no_grad()
     def update(self, features: torch.Tensor, times=None) -> None:
         """Add a chunk of frames: features [n, grid^2, D] (or [n, P_spa^2, D]), times [n] stream seconds."""
+        if self.page is not None:
+            if self.steady and features.shape[0] == 1 and features.shape[1] == self.grid**2 and times is not None:
+                self.page.queue(self, features, times)
+                return
+            self.page.flush()
         if self.graph is not None and self.steady and features.shape[0] == 1:
             self.graph.replay(features, times)
             self.frames_seen += 1
@@ -184,6 +215,8 @@ class PaperStarMemory(StarMemoryBase):
     def update_differentiable(self, features: torch.Tensor, times=None) -> None:
         """`update` with autograd left as the caller set it: under grad mode the abstract slots keep their graph back to
         the attention's parameters (training). Same arithmetic as `update`."""
+        if self.page is not None:
+            self.page.flush()
         self._step(*self._prepare(features, times))
         self.frames_seen += features.shape[0]
 
@@ -252,6 +285,8 @@ class PaperStarMemory(StarMemoryBase):
         return torch.arange(self.frames_seen - n, self.frames_seen, device=self.device) % self.cfg.buffer_length
 
     def read(self) -> MemoryRead:
+        if self.page is not None:
+            self.page.flush()
         spa = self.spatial_slots()
         ret = self.retrieved[: self.n_ret]
         tokens = torch.cat(
@@ -271,6 +306,14 @@ class PaperStarMemory(StarMemoryBase):
             temporal_weights=self.tem_weight[: self.n_tem].clone(),
             frames_seen=self.frames_seen,
         )
+
+
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device` ("cuda" meaning the current CUDA device)."""
+    if device.type != tensor.device.type:
+        return False
+    return device.index is None and (device.type != "cuda" or tensor.device.index == torch.cuda.current_device()) \
+        or device.index == tensor.device.index
 
 
 def abstract_slots(
@@ -301,12 +344,15 @@ def abstract_slots(
 
 
 def seeded_kmeans(points: torch.Tensor, weight: torch.Tensor, k: int, max_iter: int, tol: float) -> KMeansResult:
-    """Weighted k-means of points [T, F] from `seed_indices` seeds, an empty cluster keeping its centroid. Where the
-    fused kernels run and T is small (a steady update has T = k + 1), seeding and all iterations are one kernel on the
-    Gram matrix, between two matrix products; elsewhere the batched PyTorch loop of `weighted_kmeans`."""
-    if kernels.available(points.device) and k < points.shape[0] <= kernels.MAX_KMEANS_POINTS:
+    """Weighted k-means of points [..., T, F] (leading dimensions: independent problems) from `seed_indices` seeds,
+    an empty cluster keeping its centroid. Where the fused kernels run and T is small (a steady update has T = k + 1),
+    seeding and all iterations are one kernel on the Gram matrix, between two matrix products; elsewhere the batched
+    PyTorch loop of `weighted_kmeans`."""
+    if kernels.available(points.device) and k < points.shape[-2] <= kernels.MAX_KMEANS_POINTS:
         centroids, wsum, labels, sources = kernels.gram_kmeans(points, weight, k, max_iter, tol)
         return KMeansResult(centroids.to(points.dtype), wsum, labels, sources)
+    if points.dim() > 2 and k < points.shape[-2]:
+        return lloyd_frozen(points, k, weight.float(), seed_indices(points, weight, k), max_iter, tol)
     return weighted_kmeans(points, k, weights=weight, init_indices=seed_indices(points, weight, k),
                            max_iter=max_iter, tol=tol, empty="keep")
 
@@ -321,50 +367,53 @@ def seed_indices(points: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Te
     later copy costs nothing, and the first copy is measured against the other points only, so every distinct point
     seeds a cluster before any copy does and a chunk of repeated frames never merges two different scenes.
     """
-    t = points.shape[0]
+    t = points.shape[-2]
     same = exact_copies(points)
     index = torch.arange(t, device=points.device)
     later_copy = same & (index[None, :] > index[:, None])  # [i, j]: j repeats i and comes after it
     d = squared_distances(points, points).masked_fill_(same, 0.0)
     d.masked_fill_(later_copy | (index[None, :] == index[:, None]), float("inf"))
-    nearest = d.min(dim=1).values  # inf for the first copy of a point repeated everywhere
+    nearest = d.min(dim=-1).values  # inf for the first copy of a point repeated everywhere
     cost = torch.where(weight > 0, weight * nearest, 0.0)  # a weight-0 point (an emptied cluster) costs nothing
-    return torch.sort(cost, descending=True, stable=True).indices[:k]  # ties: earlier point first
+    return torch.sort(cost, descending=True, stable=True).indices[..., :k]  # ties: earlier point first
 
 
 def exact_copies(points: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
-    """[T, F] -> [T, T] bool: which points are equal bit for bit, compared in blocks of rows of at most
+    """[..., T, F] -> [..., T, T] bool: which points are equal bit for bit, compared in blocks of rows of at most
     `max_elements` elements."""
     rows = max(1, max_elements // max(1, points.numel()))
-    return torch.cat([(points[i : i + rows, None] == points[None]).all(-1) for i in range(0, points.shape[0], rows)])
+    t = points.shape[-2]
+    blocks = [(points[..., i : i + rows, None, :] == points[..., None, :, :]).all(-1) for i in range(0, t, rows)]
+    return torch.cat(blocks, dim=-2)
 
 
 def nearest_most_recent(dist: torch.Tensor, times: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
-    """dist [r, B], times [B] -> [r]: per row the column at the smallest distance; columns within `rel_tol` of it
-    count as tied (a two-frame centroid is equidistant from both frames) and the most recent of them wins."""
-    best = dist.min(dim=1, keepdim=True).values
+    """dist [..., r, B], times [..., B] -> [..., r]: per row the column at the smallest distance; columns within
+    `rel_tol` of it count as tied (a two-frame centroid is equidistant from both frames) and the most recent of them
+    wins."""
+    best = dist.min(dim=-1, keepdim=True).values
     tied = dist <= best * (1 + rel_tol) + 1e-12
-    return times[None, :].expand_as(dist).masked_fill(~tied, float("-inf")).argmax(1)
+    return times[..., None, :].expand_as(dist).masked_fill(~tied, float("-inf")).argmax(-1)
 
 
 def span_sources(result: KMeansResult, weight: torch.Tensor) -> torch.Tensor:
-    """[K, T] non-negative rows, none all zero: which points' times each cluster stands for. A cluster with weight
+    """[..., K, T] non-negative rows, none all zero: which points' times each cluster stands for. A cluster with weight
     stands for its members, each by its weight (a weight-0 member adds no frame); an empty cluster keeps its centroid,
     so it stands for what that centroid averages (`result.sources`): its frames stay finite and citable."""
-    k = result.weights.shape[0]
-    member = (result.labels[None, :] == torch.arange(k, device=weight.device)[:, None]) * weight.float()[None, :]
-    return torch.where((result.weights > 0)[:, None], member, result.sources.float())
+    k = result.weights.shape[-1]
+    member = (result.labels[..., None, :] == torch.arange(k, device=weight.device)[:, None]) * weight.float()[..., None, :]
+    return torch.where((result.weights > 0)[..., None], member, result.sources.float())
 
 
 def cluster_spans(span: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
     """Per-cluster (first, last, weighted-mean) time [K, 3] float64 from the points' spans [T, 3] and `span_sources`
     [K, T]: first and last over the points a cluster stands for, the mean weighted by how much it stands for each."""
-    pos = sources > 0
-    first = torch.where(pos, span[None, :, 0], torch.inf).amin(1)
-    last = torch.where(pos, span[None, :, 1], -torch.inf).amax(1)
+    pos = sources > 0  # [..., K, T]; span [..., T, 3]
+    first = torch.where(pos, span[..., None, :, 0], torch.inf).amin(-1)
+    last = torch.where(pos, span[..., None, :, 1], -torch.inf).amax(-1)
     s = sources.double()
-    mean = (s @ span[:, 2]) / s.sum(1)
-    return torch.stack([first, last, mean], 1)
+    mean = (s @ span[..., 2:3])[..., 0] / s.sum(-1)
+    return torch.stack([first, last, mean], -1)
 
 
 class CapturedUpdate:
