@@ -119,6 +119,38 @@ def test_fused_decoder_gives_the_eager_greedy_tokens(kv_heads):
     assert list(dec.iter_tokens(embeds[:, 20:], 20, max_new_tokens=12)) == eager
 
 
+@pytest.mark.parametrize("kv_heads", [8, 4])
+def test_batched_decoder_with_fused_prefills_gives_the_eager_greedy_tokens(kv_heads):
+    """Prompts prefilled through the fused layers into their slots (a shared prefix, then chunks), then decoded
+    together: each slot's tokens are the eager path's for its prompt alone."""
+    from vstream.model.batch_decode import BatchDecoder
+    from vstream.model.generate import iter_tokens
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=1024)
+    llm = LlamaForCausalLM(cfg).to(DEVICE).eval()
+    dec = BatchDecoder(llm, 4, 128, cuda_graph=False, fused=True)
+    prefix = torch.randn(1, 6, 256, device=DEVICE)
+    prompts = [torch.randn(1, n, 256, device=DEVICE) for n in (30, 17, 41)]
+    eager = [list(iter_tokens(llm, torch.cat([prefix, p], 1), max_new_tokens=8)) for p in prompts]
+    with torch.inference_mode():
+        dec.set_prefix(tuple(range(6)), prefix)
+        slots = []
+        for p in prompts:
+            slots.append(dec.cache.acquire())
+            dec.prefill(slots[-1], p[:, :10], last=False)
+            dec.prefill(slots[-1], p[:, 10:])
+        tokens = [[] for _ in prompts]
+        for _ in range(8):  # each step is fed the newest tokens, which come back to the host
+            dec.fetch()
+            dec.step()
+            fed = dec.fetched()
+            for k, slot in enumerate(slots):
+                tokens[k].append(fed[slot])
+    assert dec.fused is not None and tokens == eager
+
+
 @pytest.mark.parametrize("scene", ["paused", "cycling"])
 def test_memory_with_the_kmeans_kernel_follows_the_torch_memory(monkeypatch, scene):
     torch.manual_seed(0)

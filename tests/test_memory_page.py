@@ -81,7 +81,7 @@ def test_a_page_refuses_what_it_cannot_update_and_reuses_freed_rows():
     assert second.page_row != again.page_row
 
 
-def test_deferred_updates_run_together_when_read_and_a_released_memory_stays_readable():
+def test_deferred_updates_run_together_when_read_and_a_released_memory_says_so():
     page, attention = make_page(capacity=4)
     paged = [page.new_memory() for _ in range(3)]
     alone = [PaperStarMemory(CFG, D, attention, GRID) for _ in range(3)]
@@ -96,9 +96,13 @@ def test_deferred_updates_run_together_when_read_and_a_released_memory_stays_rea
     assert page.updates == updates + 1  # all three memories' last frames in one batched update
     for i in range(3):
         torch.testing.assert_close(paged[i].read().tokens, alone[i].read().tokens)
-    before = paged[0].read().tokens
+    before = paged[0].read()
+    copy = before.tokens.clone()
     page.release(paged[0])
     reused = page.new_memory()
     reused.update(scene(3, 8), torch.arange(8, dtype=torch.float64))
-    assert paged[0].page is None
-    torch.testing.assert_close(paged[0].read().tokens, before)  # its own copy, untouched by the row's new memory
+    torch.testing.assert_close(before.tokens, copy)  # a read taken before is a copy: the row's new memory leaves it
+    with pytest.raises(RuntimeError, match="released from its memory page"):
+        paged[0].read()
+    with pytest.raises(RuntimeError, match="released from its memory page"):
+        paged[0].update(scene(0, 1), torch.zeros(1, dtype=torch.float64))

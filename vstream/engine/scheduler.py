@@ -269,6 +269,9 @@ class Engine:
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
         self.pages: list[MemoryPage] = []
+        self._page_pool = None  # one memory pool for every page's graph: pages update one after another
+        self._staging: torch.Tensor | None = None  # pinned host buffer of a round's crops (CUDA)
+        self._staged = None  # event: the copy from it has been queued up to here
         self.rounds = 0
         self.seconds = {"frames": 0.0, "answers": 0.0}  # the engine thread's wall time in each kind of work
         self.error: BaseException | None = None
@@ -315,8 +318,11 @@ class Engine:
             page = next((p for p in self.pages if p.free), None)
             if page is None:
                 c = model.cfg
+                cuda = model.device.type == "cuda"
+                if cuda and self._page_pool is None:
+                    self._page_pool = torch.cuda.graph_pool_handle()
                 page = MemoryPage(c.memory, c.vision.hidden_size, model.attention_model, c.vision.grid, size,
-                                  model.device, model.dtype, graph=model.device.type == "cuda")
+                                  model.device, model.dtype, graph=cuda, graph_pool=self._page_pool)
                 self.pages.append(page)
             return page.new_memory()
 
@@ -486,10 +492,27 @@ class Engine:
         return out
 
     def _features(self, crops: list[np.ndarray]) -> torch.Tensor:
-        host = torch.from_numpy(np.stack(crops))  # [n, S, S, 3] uint8
-        if self.model.device.type == "cuda":
-            host = host.pin_memory()
-        return self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
+        if self.model.device.type != "cuda":
+            host = torch.from_numpy(np.stack(crops))  # [n, S, S, 3] uint8
+            return self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
+        host = self._stage(crops)
+        features = self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
+        self._staged.record()  # the copy from `host` is queued: the next round waits for it before writing there
+        return features
+
+    def _stage(self, crops: list[np.ndarray]) -> torch.Tensor:
+        """The crops [n, S, S, 3] in pinned host memory allocated once (pinning a new buffer every round costs
+        milliseconds of the engine thread), written after the previous round's copy from it has finished."""
+        n, shape = len(crops), crops[0].shape
+        if self._staging is None or self._staging.shape[0] < n or self._staging.shape[1:] != shape:
+            self._staging = torch.empty((max(n, self.config.frames_per_round), *shape), dtype=torch.uint8,
+                                        pin_memory=True)
+            self._staged = torch.cuda.Event()
+            self._staged.record()
+        self._staged.synchronize()  # the previous round's copy (long done: the round waited for its snapshots)
+        host = self._staging[:n]
+        np.stack(crops, out=host.numpy())
+        return host
 
     def _insert(self, lane: Lane, items: list, features: torch.Tensor) -> None:
         try:

@@ -32,8 +32,10 @@ class MemoryPage:
     """Up to `capacity` paper-mode memories in the rows of stacked state tensors (see the module docstring)."""
 
     def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, capacity: int,
-                 device, dtype: torch.dtype, graph: bool | None = None):
-        """`graph`: capture the batched update in a CUDA graph (None: on CUDA)."""
+                 device, dtype: torch.dtype, graph: bool | None = None, graph_pool=None):
+        """`graph`: capture the batched update in a CUDA graph (None: on CUDA). `graph_pool`: the graph's memory pool
+        (`torch.cuda.graph_pool_handle()`), shared by pages whose updates never run at the same time, so that their
+        temporaries take the room of one page's, not of each."""
         if cfg.mode != "paper":
             raise ValueError(f"a memory page holds paper-mode memories, got mode {cfg.mode!r}")
         if capacity < 1:
@@ -49,6 +51,7 @@ class MemoryPage:
         self.active = torch.zeros(capacity, dtype=torch.bool, device=self.device)
         self.use_graph = self.device.type == "cuda" if graph is None else graph
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph_pool = graph_pool
         self._queued: dict[int, tuple[PaperStarMemory, torch.Tensor, torch.Tensor]] = {}  # row -> its queued frame
         self.updates = 0  # batched updates run (each one graph replay on CUDA)
 
@@ -74,15 +77,13 @@ class MemoryPage:
         return memory
 
     def release(self, memory: PaperStarMemory) -> None:
-        """Free the row of `memory` (any thread): the memory keeps a copy of its state and leaves the page, so it
-        stays readable; a frame it had queued is dropped."""
+        """Free the row of `memory` (any thread) for a new memory: the released one can no longer be read or updated
+        (snapshots taken before stay valid: they are copies); a frame it had queued is dropped."""
         row = getattr(memory, "page_row", None)
         if self.members.get(row) is not memory:
             return
         self._queued.pop(row, None)
-        for name in self.state:
-            setattr(memory, name, getattr(memory, name).clone())
-        memory.page = memory.page_row = None
+        memory.released = True
         del self.members[row]
 
     def queue(self, memory: PaperStarMemory, features: torch.Tensor, times) -> None:
@@ -144,7 +145,7 @@ class MemoryPage:
                 self._step()
         torch.cuda.current_stream(self.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=self.graph_pool):
             self._step()
         for k, v in saved.items():
             self.state[k].copy_(v)

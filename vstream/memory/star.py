@@ -160,6 +160,7 @@ class PaperStarMemory(StarMemoryBase):
     any of them is read next (or `page.flush()`)."""
 
     page = None  # the MemoryPage holding this memory's state, if any
+    released = False  # its page gave its row to another memory
 
     def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None,
                  state: dict[str, torch.Tensor] | None = None):
@@ -201,6 +202,7 @@ class PaperStarMemory(StarMemoryBase):
     @torch.no_grad()
     def update(self, features: torch.Tensor, times=None) -> None:
         """Add a chunk of frames: features [n, grid^2, D] (or [n, P_spa^2, D]), times [n] stream seconds."""
+        self._check_held()
         if self.page is not None:
             if self.steady and features.shape[0] == 1 and features.shape[1] == self.grid**2 and times is not None:
                 self.page.queue(self, features, times)
@@ -284,7 +286,13 @@ class PaperStarMemory(StarMemoryBase):
         n = min(self.frames_seen, self.cfg.spatial_length)
         return torch.arange(self.frames_seen - n, self.frames_seen, device=self.device) % self.cfg.buffer_length
 
+    def _check_held(self) -> None:
+        if self.released:
+            raise RuntimeError("this memory was released from its memory page (its stream was closed): it can no "
+                               "longer be read or updated; read the snapshots taken before")
+
     def read(self) -> MemoryRead:
+        self._check_held()
         if self.page is not None:
             self.page.flush()
         spa = self.spatial_slots()

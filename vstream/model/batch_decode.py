@@ -18,8 +18,11 @@ attention, the model's own MLP. So greedy decoding gives each slot the tokens th
 - `fetch` / `fetched`: the host reads the tokens fed to a step after launching it (pinned memory, one event), so the
   read never stalls the device.
 
+Where Triton runs, prefills go through the fused layers of `fast.FusedLayers` (the single-answer fast path's), writing
+into the slot's rows of the cache; the step stays unfused (one graph replay either way).
+
 What this module does not do: pick which request gets a slot, detokenise, check stop conditions (all the host's, in
-`vstream.model.batch_answer`), top-p sampling, or the fused Triton layers of `fast.py`.
+`vstream.model.batch_answer`), or top-p sampling.
 """
 
 from __future__ import annotations
@@ -29,13 +32,16 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from vstream.model.batch_cache import SlotCache
+from vstream.model.fast import FusedLayers
 from vstream.model.generate import _check_embeds
 
 
 class BatchDecoder:
     """Static-cache decoding of a `LlamaForCausalLM` for up to `max_batch` sequences of `max_seq_len` positions."""
 
-    def __init__(self, llm, max_batch: int, max_seq_len: int, cuda_graph: bool | None = None, seed: int = 0):
+    def __init__(self, llm, max_batch: int, max_seq_len: int, cuda_graph: bool | None = None, seed: int = 0,
+                 fused: bool | None = None):
+        """`fused`: prefill through the fused kernels of `FusedLayers` (None: where they run)."""
         cfg = llm.config
         if getattr(cfg, "model_type", None) != "llama":
             raise ValueError(f"batched decoding needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
@@ -56,6 +62,8 @@ class BatchDecoder:
             cos, sin = llm.model.rotary_emb(weight[:1], positions[None])  # [1, S_max, Dh] in the model dtype
         self.cos, self.sin = cos[0], sin[0]  # [S_max, Dh]
         self.positions = positions  # [S_max]
+        fused = FusedLayers.possible(llm) if fused is None else fused
+        self.fused = FusedLayers(llm, self.cos, self.sin) if fused else None
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # [B] fed to the next step
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)  # [B] slots the step advances
         self.temperature = torch.zeros(max_batch, device=self.device)  # [B] float32; 0 = greedy
@@ -153,7 +161,11 @@ class BatchDecoder:
             mask, causal = causal_lower_right(s, end), False
         else:  # built once here rather than in every layer
             mask, causal = self.positions[:end][None, :] <= self.positions[start:end][:, None], False  # [S, end]
-        logits = self._forward(embeds, self.cos[start:end], self.sin[start:end], write, read, mask, causal)
+        if self.fused is not None and s > 1:  # a one-position prefill (a question's last piece) gains nothing
+            logits = self.fused.forward(embeds, self.positions[start : start + 1],
+                                        lambda i: (c.k[i, slot], c.v[i, slot]), lambda i: read(i), mask, causal)
+        else:
+            logits = self._forward(embeds, self.cos[start:end], self.sin[start:end], write, read, mask, causal)
         c.host_lengths[slot] = end
         return logits
 

@@ -38,6 +38,78 @@ from vstream.model.prompts import IMAGE_TOKEN_INDEX, prompt_parts, stop_strings
 from vstream.model.splice import splice
 
 
+class FusedLayers:
+    """A LLaMA decoder's prefill through the fused kernels (see the module docstring), for any KV cache: the caller
+    says where each layer's new keys go and which keys each layer attends to. Each layer's q/k/v and gate/up weights
+    are stored concatenated once per model (the projections become views), whoever asks first."""
+
+    def __init__(self, llm, cos: torch.Tensor, sin: torch.Tensor):
+        cfg = llm.config
+        self.llm, self.layers = llm, list(llm.model.layers)
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps, self.cos, self.sin = cfg.rms_norm_eps, cos, sin  # [S_max, Dh] tables
+        self.qkv, self.gate_up = concatenated_weights(llm)
+
+    @staticmethod
+    def possible(llm) -> bool:
+        """Triton runs on the model's device, the MLP is SiLU-gated without biases, head_dim / 2 is a power of two."""
+        cfg, layers = llm.config, list(llm.model.layers)
+        half = (getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads) // 2
+        biased = any(getattr(m, "bias", None) is not None for layer in layers
+                     for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                               layer.mlp.gate_proj, layer.mlp.up_proj))
+        return (kernels.available(llm.get_input_embeddings().weight.device) and cfg.hidden_act == "silu"
+                and not biased and half > 0 and half & (half - 1) == 0)
+
+    def forward(self, x: torch.Tensor, start: torch.Tensor, cache, keys, mask, causal: bool) -> torch.Tensor:
+        """x [1, S, H] at positions start[0] + [0, S) -> logits of the last position [1, V]. `cache(i)`: layer i's
+        (k, v) caches [Hkv, S_max, Dh] that the new keys are written into at those positions; `keys(i)`: the
+        (keys, values) [1, Hkv, S_keys, Dh] layer i attends to, once written."""
+        s = x.shape[1]
+        x = x.reshape(s, -1).clone()  # the residual stream, updated in place from here on
+        weights = [layer.input_layernorm.weight for layer in self.layers] + [self.llm.model.norm.weight]
+        h = kernels.rms_norm(x, weights[0], self.eps)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            qkv = F.linear(h, self.qkv[i])  # [S, (Hq + 2 Hkv) Dh]
+            q = kernels.rope_to_cache(qkv, self.cos, self.sin, start, *cache(i), self.heads, self.kv_heads,
+                                      self.head_dim)  # [1, Hq, S, Dh]
+            k, v = keys(i)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=a.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            h = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
+                                 residual=a.o_proj(out.transpose(1, 2).reshape(s, -1)))
+            mlp = layer.mlp.down_proj(kernels.silu_mul(F.linear(h, self.gate_up[i])))
+            if i + 1 < len(self.layers):
+                h = kernels.rms_norm(x, weights[i + 1], self.eps, residual=mlp)
+            else:  # only the last position reaches the head
+                h = kernels.rms_norm(x[-1:], weights[-1], self.eps, residual=mlp[-1:])
+        return self.llm.lm_head(h)
+
+
+@torch.no_grad()
+def concatenated_weights(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, the q/k/v weights [(Hq + 2 Hkv) Dh, H] and the gate/up weights [2 I, H] stored concatenated, the
+    projections' weights pointed at views of them (no weight held twice); done once per model, kept on it."""
+    done = llm.__dict__.get("_vstream_concatenated")
+    if done is not None:
+        return done
+    qkv, gate_up = [], []
+    for layer in llm.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        for out, parts in ((qkv, (a.q_proj, a.k_proj, a.v_proj)), (gate_up, (m.gate_proj, m.up_proj))):
+            joined = torch.cat([p.weight for p in parts])
+            row = 0
+            for p in parts:
+                n = p.weight.shape[0]
+                p.weight.data = joined[row : row + n]
+                row += n
+            out.append(joined)
+    llm.__dict__["_vstream_concatenated"] = (qkv, gate_up)
+    return qkv, gate_up
+
+
 class FastLlama:
     """Static-cache decoding of a `LlamaForCausalLM` for one sequence of at most `max_seq_len` positions."""
 
@@ -71,15 +143,12 @@ class FastLlama:
         self.lock = threading.Lock()
         self.graph: torch.cuda.CUDAGraph | None = None
         self.warmup_s = 0.0
-        can_fuse = kernels.available(self.device) and self._fusable(cfg)
+        can_fuse = FusedLayers.possible(llm)
         if fused and not can_fuse:
             raise ValueError(f"fused layers need Triton on a CUDA device, a SiLU MLP without biases and a power-of-two "
                              f"head_dim / 2; got device {self.device}, hidden_act {cfg.hidden_act!r}")
         self.fused = can_fuse if fused is None else fused
-        self.qkv: list[torch.Tensor] = []  # per layer [(Hq + 2 Hkv) Dh, H]: q_proj, k_proj, v_proj weights are views
-        self.gate_up: list[torch.Tensor] = []  # per layer [2 I, H]: gate_proj, up_proj weights are views
-        if self.fused:
-            self._concatenate_weights()
+        self.fused_layers = FusedLayers(llm, self.cos, self.sin) if self.fused else None
         use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if use_graph:
             self._capture()
@@ -88,27 +157,6 @@ class FastLlama:
     def nbytes(self) -> int:
         """Bytes of the static KV cache."""
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
-
-    def _fusable(self, cfg) -> bool:
-        half = self.head_dim // 2
-        biased = any(getattr(m, "bias", None) is not None for layer in self.layers
-                     for m in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                               layer.mlp.gate_proj, layer.mlp.up_proj))
-        return cfg.hidden_act == "silu" and not biased and half > 0 and half & (half - 1) == 0
-
-    @torch.no_grad()
-    def _concatenate_weights(self) -> None:
-        """Store each layer's q/k/v and gate/up weights concatenated and point the projections at views of them."""
-        for layer in self.layers:
-            a, m = layer.self_attn, layer.mlp
-            for name, parts in (("qkv", (a.q_proj, a.k_proj, a.v_proj)), ("gate_up", (m.gate_proj, m.up_proj))):
-                joined = torch.cat([p.weight for p in parts])
-                row = 0
-                for p in parts:
-                    n = p.weight.shape[0]
-                    p.weight.data = joined[row : row + n]
-                    row += n
-                getattr(self, name).append(joined)
 
     # ---------------------------------------------------------------- the transformer
 
@@ -148,26 +196,9 @@ class FastLlama:
 
     def _forward_fused(self, x: torch.Tensor, start: torch.Tensor, keys_upto: int, mask, causal: bool) -> torch.Tensor:
         """`_forward` through the fused kernels: x [1, S, H] at positions start[0] + [0, S) -> logits [1, V]."""
-        s = x.shape[1]
-        x = x.reshape(s, -1).clone()  # the residual stream, updated in place from here on
-        weights = [layer.input_layernorm.weight for layer in self.layers] + [self.llm.model.norm.weight]
-        h = kernels.rms_norm(x, weights[0], self.eps)
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
-            qkv = F.linear(h, self.qkv[i])  # [S, (Hq + 2 Hkv) Dh]
-            q = kernels.rope_to_cache(qkv, self.cos, self.sin, start, self.k_cache[i, 0], self.v_cache[i, 0],
-                                      self.heads, self.kv_heads, self.head_dim)  # [1, Hq, S, Dh]
-            keys, values = self.k_cache[i][:, :, :keys_upto], self.v_cache[i][:, :, :keys_upto]
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=a.scaling,
-                                                 enable_gqa=self.kv_heads != self.heads)
-            h = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
-                                 residual=a.o_proj(out.transpose(1, 2).reshape(s, -1)))
-            mlp = layer.mlp.down_proj(kernels.silu_mul(F.linear(h, self.gate_up[i])))
-            if i + 1 < len(self.layers):
-                h = kernels.rms_norm(x, weights[i + 1], self.eps, residual=mlp)
-            else:  # only the last position reaches the head
-                h = kernels.rms_norm(x[-1:], weights[-1], self.eps, residual=mlp[-1:])
-        return self.llm.lm_head(h)
+        return self.fused_layers.forward(x, start, lambda i: (self.k_cache[i, 0], self.v_cache[i, 0]),
+                                         lambda i: (self.k_cache[i][:, :, :keys_upto], self.v_cache[i][:, :, :keys_upto]),
+                                         mask, causal)
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
