@@ -35,12 +35,15 @@ from vstream.engine import EngineConfig, StreamSession, engine_of
 from vstream.server.answers import (Generation, check_max_tokens, check_question, prompt_tokens,
                                     vstream_extension)
 from vstream.server import gate
-from vstream.server.gate import COOKIE, NO_KEY, PAGE_HEADERS, AsciiJSONResponse, Gate, authorized, error_response
+from vstream.server.errors import ApiError, AsciiJSONResponse, error_response, internal_error, log
+from vstream.server.gate import COOKIE, NO_KEY, PAGE_HEADERS, Gate, authorized
 from vstream.server.inputs import open_stream_source
 from vstream.server.openapi import document, errors
 from vstream.server.realtime import RealtimeSession, deny, watch
 from vstream.server.schemas import ChatRequest, StreamCreate, error_body
-from vstream.server.state import ApiError, Limits, ServerState, Stream, Thumbnails, internal_error, log
+from vstream.server.metrics import render_metrics
+from vstream.server.state import Limits, ServerState, Stream
+from vstream.server.thumbnails import Thumbnails
 from vstream.sources import PushSource
 
 STATIC = Path(__file__).with_name("static")
@@ -491,53 +494,6 @@ async def realtime_session(state: ServerState, ws: WebSocket, stream_id: str | N
 
 
 # ---------------------------------------------------------------------------------------------------------- ops
-
-
-def render_metrics(state: ServerState) -> str:
-    """Prometheus text exposition: per-stream counters and gauges labelled by stream id, server-wide TTFT."""
-    per_stream = [("frames_ingested_total", "counter", "Frames encoded into the memory.", "ingested"),
-                  ("frames_received_total", "counter", "Frames read from the source or pushed.", "received"),
-                  ("frames_dropped_total", "counter", "Frames not ingested: over the target rate or behind.",
-                   "dropped"),
-                  ("memory_tokens", "gauge", "Tokens in the stream's memory.", "memory_tokens")]
-    stats = {}
-    for sid, s in list(state.streams.items()):
-        snap = s.session.snapshot()
-        stats[sid] = s.counts() | {"memory_tokens": 0 if snap is None else snap.memory.num_tokens}
-    lines = []
-    for name, kind, help_text, key in per_stream:
-        lines += [f"# HELP vstream:{name} {help_text}", f"# TYPE vstream:{name} {kind}"]
-        lines += [f'vstream:{name}{{stream_id="{sid}"}} {st[key]}' for sid, st in stats.items()]
-    lines += ["# HELP vstream:num_streams Open streams.", "# TYPE vstream:num_streams gauge",
-              f"vstream:num_streams {len(stats)}",
-              "# HELP vstream:num_requests_running Answers being generated.",
-              "# TYPE vstream:num_requests_running gauge", f"vstream:num_requests_running {state.running}",
-              "# HELP vstream:num_realtime_sessions Open WebSocket sessions.",
-              "# TYPE vstream:num_realtime_sessions gauge", f"vstream:num_realtime_sessions {len(state.sockets)}",
-              "# HELP vstream:requests_cancelled_total Answers stopped before their end (disconnect or cancel).",
-              "# TYPE vstream:requests_cancelled_total counter",
-              f"vstream:requests_cancelled_total {state.answers_cancelled}",
-              "# HELP vstream:time_to_first_token_seconds Request received to first answer piece.",
-              "# TYPE vstream:time_to_first_token_seconds histogram"]
-    lines += state.ttft.lines("vstream:time_to_first_token_seconds")
-    engine = state.engine
-    if engine is not None:
-        lines += ["# HELP vstream:engine_answers_pending Answers waiting for a slot, prefilling or decoding.",
-                  "# TYPE vstream:engine_answers_pending gauge",
-                  f"vstream:engine_answers_pending {engine.pending_answers}",
-                  "# HELP vstream:engine_rounds_total Rounds of frames the engine ran (all streams together).",
-                  "# TYPE vstream:engine_rounds_total counter", f"vstream:engine_rounds_total {engine.rounds}"]
-    device = state.model.device
-    if device.type == "cuda":  # the allocator's own counters: no device synchronisation
-        import torch
-
-        lines += ["# HELP vstream:gpu_memory_allocated_bytes GPU memory held by tensors.",
-                  "# TYPE vstream:gpu_memory_allocated_bytes gauge",
-                  f"vstream:gpu_memory_allocated_bytes {torch.cuda.memory_allocated(device)}",
-                  "# HELP vstream:gpu_memory_reserved_bytes GPU memory reserved by the caching allocator.",
-                  "# TYPE vstream:gpu_memory_reserved_bytes gauge",
-                  f"vstream:gpu_memory_reserved_bytes {torch.cuda.memory_reserved(device)}"]
-    return "\n".join(lines) + "\n"
 
 
 def begin_drain(state: ServerState, grace_s: float) -> None:

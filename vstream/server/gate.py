@@ -20,17 +20,15 @@ then re-raises, and uvicorn then drops the connection).
 from __future__ import annotations
 
 import hmac
-import json
 import socket
 import time
 from collections.abc import Iterable
 
-from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 
-from vstream.server.schemas import error_body
-from vstream.server.state import ERROR_TYPES, ApiError, ServerState, internal_error
+from vstream.server.errors import ApiError, error_response, internal_error
+from vstream.server.state import ServerState
 
 COOKIE = "vstream_session"
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
@@ -47,20 +45,6 @@ PAGE_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
-
-
-class AsciiJSONResponse(JSONResponse):
-    """JSON with every non-ASCII character escaped: a lone surrogate that a client sent as `\\ud800` and that comes
-    back in a message (or in a stream's source) renders instead of failing to encode as UTF-8."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error_response(exc: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-    body = error_body(exc.message, ERROR_TYPES.get(exc.status, "server_error"), exc.code, exc.param)
-    return AsciiJSONResponse(body, exc.status, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------------------- hosts

@@ -33,8 +33,9 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from vstream.server.answers import Generation, check_max_tokens, check_question, vstream_extension
+from vstream.server.errors import ERROR_TYPES, ApiError, internal_error
 from vstream.server.schemas import error_body
-from vstream.server.state import ERROR_TYPES, ApiError, ServerState, Stream, internal_error
+from vstream.server.state import ServerState, Stream
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
