@@ -5,7 +5,7 @@ Routes only translate between the wire and `StreamSession`. Model work never run
 generated on their own threads (`vstream.server.answers`); opening and probing sources, decoding pushed frames and
 closing streams run in the thread pool. The server keeps no history between questions and persists nothing.
 
-Access (`vstream.server.gate`): requests must name an allowed Host (without a key: the names the server listens as)
+Access (`vstream.server.access`): requests must name an allowed Host (without a key: the names the server listens as)
 and, from a browser page, come from the server's own origin to change state or open a realtime session. With an API
 key, every route but `/health/*` and the page's static files needs `Authorization: Bearer KEY`, or the HttpOnly
 cookie that `POST /v1/auth/cookie` (itself called with the key) sets for the page; a request carrying only the
@@ -24,20 +24,19 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request, WebSocket
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, PlainTextResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocketDisconnect
 
 from vstream.engine import EngineConfig, StreamSession, engine_of
 from vstream.server.answers import (Generation, check_max_tokens, check_question, prompt_tokens,
                                     vstream_extension)
-from vstream.server import gate
-from vstream.server.errors import ApiError, AsciiJSONResponse, error_response, internal_error, log
-from vstream.server.gate import COOKIE, NO_KEY, PAGE_HEADERS, Gate, authorized
+from vstream.server import access
+from vstream.server.errors import ApiError, AsciiJSONResponse, internal_error, log
+from vstream.server.access import COOKIE, NO_KEY, authorized
 from vstream.server.inputs import open_stream_source
+from vstream.server.middleware import Gate, add_error_handlers
 from vstream.server.openapi import document, errors
 from vstream.server.realtime import RealtimeSession, deny, watch
 from vstream.server.schemas import ChatRequest, StreamCreate, error_body
@@ -49,6 +48,18 @@ from vstream.sources import PushSource
 STATIC = Path(__file__).with_name("static")
 COOKIE_TTL_S = 12 * 3600
 MAX_COOKIES = 64
+# The page loads only its own script and style sheet, talks only to its own origin (fetch and WebSocket: CSP 3's
+# 'self' covers ws/wss on the same host: Chrome 71, Safari 16), shows thumbnails from it and plays a local file
+# through a blob: URL, and is never framed. The webcam's MediaStream goes through srcObject, which CSP does not
+# govern.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                               "media-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+                               "frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
 
 
 def start_stream(state: ServerState, frames, live: bool, push: PushSource | None, source: dict, fps: float,
@@ -153,13 +164,13 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
                allowed_hosts: Iterable[str] | None = None) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
-    names requests may use ('*': any); None: the loopback names without a key, any with one (see `gate`)."""
+    names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`)."""
     if media_root is not None and not Path(media_root).is_dir():
         raise ValueError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
-        allowed_hosts = gate.default_allowed_hosts("127.0.0.1")
+        allowed_hosts = access.default_allowed_hosts("127.0.0.1")
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
-                        limits or Limits(), allow_private_sources, gate.allowed_hosts(allowed_hosts))
+                        limits or Limits(), allow_private_sources, access.allowed_hosts(allowed_hosts))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -311,35 +322,6 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
     return app
 
 
-def add_error_handlers(app: FastAPI) -> None:
-    """Every error as the OpenAI error object: ApiError with its status, validation errors as 400 naming each field
-    and what came, Starlette's own (unknown route, unreadable body) with theirs."""
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError):
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {}
-        where = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-
-        def describe(e: dict) -> str:
-            given = f", got {json.dumps(e['input'], default=str)[:80]}" if "input" in e else ""
-            return f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}{given}"
-
-        return error_response(ApiError(400, "; ".join(map(describe, errors)), "invalid_request", where))
-
-    @app.exception_handler(HTTPException)
-    async def starlette_error(request: Request, exc: HTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "invalid_request")
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
-            message = "the body nests JSON deeper than the server parses: expected a flat request object"
-        return error_response(ApiError(exc.status_code, message, code))
-
-
 # ---------------------------------------------------------------------------------------------------------- chat
 
 
@@ -420,7 +402,7 @@ def sse_answer(state: ServerState, stream_id: str, generation: Generation):
 async def realtime_session(state: ServerState, ws: WebSocket, stream_id: str | None) -> None:
     """Check Host, Origin and key, attach to (or create) the stream, then run the session until either side closes
     it."""
-    refused = gate.refusal(state, ws.headers, ws.url.path, "WEBSOCKET")
+    refused = access.refusal(state, ws.headers, ws.url.path, "WEBSOCKET")
     if refused is None and not authorized(state, ws.headers):
         refused = ApiError(401, f"{NO_KEY.message} or the page's session cookie", code=NO_KEY.code)
     if refused is not None:
@@ -509,8 +491,8 @@ def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, me
           allowed_hosts: Iterable[str] = ()) -> None:
     """Load the model with `vstream.load` and serve until interrupted. The first SIGINT/SIGTERM drains (see
     `begin_drain`) for up to `drain_s` seconds, then stops; a second one stops at once. Requests may name the
-    Host names `host` is bound as (`gate.default_allowed_hosts`) and `allowed_hosts` ('*': any); with an API key and
-    no `allowed_hosts`, any Host (see `gate`)."""
+    Host names `host` is bound as (`access.default_allowed_hosts`) and `allowed_hosts` ('*': any); with an API key and
+    no `allowed_hosts`, any Host (see `access`)."""
     import threading
 
     import uvicorn
@@ -518,8 +500,8 @@ def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, me
     import vstream
 
     extra = list(allowed_hosts)
-    hosts = None if api_key is not None and not extra else [*gate.default_allowed_hosts(host), *extra]
-    gate.allowed_hosts(hosts)  # a malformed name is an error before the model loads
+    hosts = None if api_key is not None and not extra else [*access.default_allowed_hosts(host), *extra]
+    access.allowed_hosts(hosts)  # a malformed name is an error before the model loads
     model = vstream.load(model_name_or_path, device=device)
     limits = limits or Limits()
     app = create_app(model, media_root, api_key, max_streams, allow_private_sources=allow_private_sources,

@@ -6,7 +6,7 @@ the wire schemas' static ones. This module only rewrites the document; it enforc
 
 from __future__ import annotations
 
-from vstream.server.gate import SAFE_METHODS, public
+from vstream.server.access import SAFE_METHODS, public
 from vstream.server.schemas import ErrorResponse
 from vstream.server.state import ServerState
 
@@ -33,7 +33,7 @@ def errors(*statuses: int) -> dict:
 
 
 def gate_statuses(state: ServerState, path: str, method: str) -> set[int]:
-    """What `gate.Gate` may answer on this route before the route runs (see `gate.refusal` and `Gate`)."""
+    """What `middleware.Gate` may answer on this route before the route runs (see `access.refusal`)."""
     statuses = {413}
     if method not in SAFE_METHODS or (state.allowed_hosts is not None and not path.startswith("/health/")):
         statuses.add(403)
