@@ -34,7 +34,7 @@ from websockets.sync.client import connect as ws_connect
 import vstream
 from helpers import DEADLINE_S, KEY, EngineHook, assert_error, free_port, running_server, wait_frames, wait_ready
 from vstream.server import create_app
-from vstream.server.app import begin_drain
+from vstream.server.run import begin_drain
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video, write_video
 

@@ -6,6 +6,8 @@ the wire schemas' static ones. This module only rewrites the document; it enforc
 
 from __future__ import annotations
 
+from fastapi import FastAPI
+
 from vstream.server.access import SAFE_METHODS, public
 from vstream.server.schemas import ErrorResponse
 from vstream.server.state import ServerState
@@ -40,6 +42,18 @@ def gate_statuses(state: ServerState, path: str, method: str) -> set[int]:
     if state.api_key is not None and not public(path):
         statuses.add(401)
     return statuses
+
+
+def install(app: FastAPI, state: ServerState) -> None:
+    """Serve the rewritten document as the app's `/openapi.json` (made once, on first request)."""
+    fastapi_openapi = app.openapi
+
+    def rewritten() -> dict:
+        if app.openapi_schema is None:
+            document(fastapi_openapi(), state)
+        return app.openapi_schema
+
+    app.openapi = rewritten
 
 
 def document(schema: dict, state: ServerState) -> dict:

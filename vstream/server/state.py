@@ -1,11 +1,14 @@
-"""What the server keeps between requests: its limits, the open streams and its counters.
+"""What the server keeps between requests: its limits, the open streams and its counters, and the bookkeeping of
+opening and closing a stream (slots, registration).
 
-Nothing here touches the network or runs model code. Every structure is bounded: streams by `max_streams`, thumbnails
-by a ring per stream (`thumbnails`), latency histograms by their buckets (`metrics`).
+Nothing here touches the network or runs model code: a stream's session reads and ingests on its own thread and the
+engine's. Every structure is bounded: streams by `max_streams`, thumbnails by a ring per stream (`thumbnails`),
+latency histograms by their buckets (`metrics`).
 """
 
 from __future__ import annotations
 
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -85,6 +88,12 @@ class Stream:
         return {"received": self.pushed if self.push is not None else c.received, "ingested": c.encoded,
                 "dropped": c.dropped + rejected + self.sampled_out}
 
+    def close(self) -> None:
+        """Close the push transport (if any), then the session; blocks until its threads end (never on the loop)."""
+        if self.push is not None:
+            self.push.close()
+        self.session.close()
+
 
 @dataclass
 class ServerState:
@@ -132,6 +141,32 @@ class ServerState:
         if self.draining:
             raise ApiError(503, "the server is draining: it takes no new streams, sessions or questions",
                            code="draining", retry_after=5)
+
+    def reserve_slot(self) -> None:
+        """Hold a stream slot while a request opens its source; 429 when `max_streams` are open or being opened."""
+        self.refuse_if_draining()
+        with self.lock:
+            if len(self.streams) + self.pending >= self.max_streams:
+                raise ApiError(429, f"too many streams: {len(self.streams)} open, at most max_streams="
+                               f"{self.max_streams}; DELETE one first", code="too_many_streams", retry_after=5)
+            self.pending += 1
+
+    def release_slot(self) -> None:
+        with self.lock:
+            self.pending -= 1
+
+    def start_stream(self, frames, live: bool, push: PushSource | None, source: dict, fps: float,
+                     owner: str | None = None) -> Stream:
+        """Register a stream (the caller holds a reserved slot) and start its session."""
+        thumbnails = Thumbnails(self.limits.thumbnails)
+        session = StreamSession(self.model, history=self.limits.snapshot_history, on_frames=thumbnails.add,
+                                engine=self.engine)
+        stream_id = "str_" + secrets.token_hex(8)
+        stream = Stream(stream_id, session, source, time.time(), fps, thumbnails, push, owner)
+        session.start(frames, live=live)
+        with self.lock:
+            self.streams[stream_id] = stream
+        return stream
 
     def begin_answer(self) -> None:
         """Count an answer as running; 429 when `max_running` are already running."""
