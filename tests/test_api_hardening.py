@@ -32,9 +32,9 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, EngineHook, _free_port, _wait_frames, _wait_ready, running_server
+from helpers import DEADLINE_S, KEY, EngineHook, assert_error, free_port, running_server, wait_frames, wait_ready
 from vstream.server import create_app
-from vstream.server.app import begin_drain
+from vstream.server.run import begin_drain
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video, write_video
 
@@ -75,13 +75,6 @@ def keyless(model, media):
     app = create_app(model, media_root=media, max_streams=3, limits=LIMITS)
     with running_server(app) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
         yield client, app
-
-
-def _error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    return err
 
 
 def _port(client) -> int:
@@ -161,7 +154,7 @@ def test_without_a_key_only_the_loopback_names_are_answered(keyless):
     for host in (f"rebind.example:{port}", "127.0.0.1.nip.io", "[::1", "", "localhost:x", "127.0.0.2"):
         for method, path in (("GET", "/v1/streams"), ("GET", "/"), ("GET", "/openapi.json"),
                              ("POST", "/v1/streams"), ("GET", "/v1/streams/str_x/frames?t=0")):
-            err = _error(client.request(method, path, headers={"Host": host}, json={"source": {"type": "push"}}),
+            err = assert_error(client.request(method, path, headers={"Host": host}, json={"source": {"type": "push"}}),
                          403)
             assert err["code"] == "host_not_allowed" and repr(host) in err["message"], (host, path)
             assert err["message"].count("localhost") == host.count("localhost")  # the allowed names stay unsaid
@@ -179,14 +172,15 @@ def test_origin_is_checked_on_the_socket_and_on_state_changing_routes(keyless):
         with pytest.raises(InvalidStatus) as refused:
             ws_connect(url, origin=origin, open_timeout=DEADLINE_S)
         assert refused.value.response.status_code == 403 and b"origin_not_allowed" in refused.value.response.body
-        err = _error(client.post("/v1/streams", json={"source": {"type": "push"}}, headers={"Origin": origin}), 403)
+        r = client.post("/v1/streams", json={"source": {"type": "push"}}, headers={"Origin": origin})
+        err = assert_error(r, 403)
         assert err["code"] == "origin_not_allowed" and origin[:20] in err["message"]
     assert app.state.vstream.streams == {}
     sid = client.post("/v1/streams", json={"source": {"type": "push"}}).json()["id"]  # no Origin: curl, SDKs
     try:
         evil = {"Origin": "http://evil.example"}
-        assert _error(client.delete(f"/v1/streams/{sid}", headers=evil), 403)["code"] == "origin_not_allowed"
-        assert _error(client.post("/v1/auth/cookie", headers=evil), 403)["code"] == "origin_not_allowed"
+        assert assert_error(client.delete(f"/v1/streams/{sid}", headers=evil), 403)["code"] == "origin_not_allowed"
+        assert assert_error(client.post("/v1/auth/cookie", headers=evil), 403)["code"] == "origin_not_allowed"
         assert client.get(f"/v1/streams/{sid}", headers=evil).status_code == 200  # reads: the Host check covers them
         with ws_connect(url, origin=base, open_timeout=DEADLINE_S) as ws:  # the page's own origin
             assert json.loads(ws.recv(timeout=DEADLINE_S))["type"] == "session.created"
@@ -207,7 +201,7 @@ def test_allowed_hosts_are_configurable(model):
         assert client.get("/v1/streams", headers={"Host": "any.example"}).status_code == 401
     keyed_names = create_app(model, api_key=KEY, allowed_hosts=["vstream.example"])
     with running_server(keyed_names) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
-        assert _error(client.get("/v1/streams", headers={"Host": "any.example"} | AUTH), 403)["code"] == \
+        assert assert_error(client.get("/v1/streams", headers={"Host": "any.example"} | AUTH), 403)["code"] == \
             "host_not_allowed"
     anything = create_app(model, allowed_hosts=["*"])
     with running_server(anything) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
@@ -218,13 +212,13 @@ def test_allowed_hosts_are_configurable(model):
 
 
 def test_serve_allowed_host_option():
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-c", "from vstream.cli import main; main()", "serve", "--model", "tiny",
                              "--port", str(port), "--allowed-host", "vstream.test", "--drain-seconds", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, base)
+        wait_ready(proc, base)
         host = lambda name: httpx.get(f"{base}/v1/streams", headers={"Host": name}, timeout=5).status_code  # noqa
         assert host("vstream.test") == 200 and host(f"localhost:{port}") == 200 and host("evil.test") == 403
     finally:
@@ -298,7 +292,7 @@ def fragile(model, media):
     app = create_app(model, media_root=media, api_key=KEY, limits=LIMITS)
     with running_server(app) as base, httpx.Client(base_url=base, headers=AUTH, timeout=DEADLINE_S) as client:
         sid = client.post("/v1/streams", json={"source": {"type": "file", "path": "small.mp4"}}).json()["id"]
-        _wait_frames(client, sid, 3)
+        wait_frames(client, sid, 3)
         yield client, app, sid
 
 
@@ -342,7 +336,7 @@ def test_a_failed_generation_names_no_path_on_any_transport(fragile, caplog):
         ask = {"model": sid, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
         r = client.post("/v1/chat/completions", json=ask)
         _no_internals(r.text)
-        assert _error(r, 500)["code"] == "internal_error"
+        assert assert_error(r, 500)["code"] == "internal_error"
         with client.stream("POST", "/v1/chat/completions", json=ask | {"stream": True}) as r:
             events = [line for line in r.iter_lines() if line]
         _no_internals("\n".join(events))
@@ -380,22 +374,22 @@ def test_lone_surrogates_and_bad_bodies_are_400s(strict):
     client, _ = strict
     sid = client.post("/v1/streams", json={"source": {"type": "file", "path": "small.mp4"}}).json()["id"]
     try:
-        _wait_frames(client, sid, 3)
+        wait_frames(client, sid, 3)
         post = lambda raw: client.post("/v1/chat/completions", content=raw,  # noqa: E731
                                        headers={"Content-Type": "application/json"})
         for text in ('"\\ud800"', '"why\\udfff?"', '"\\ude00\\ud83d"', '[{"type": "text", "text": "a\\ud800"}]'):
             raw = f'{{"model": "{sid}", "messages": [{{"role": "user", "content": {text}}}]}}'
-            err = _error(post(raw.encode()), 400)
+            err = assert_error(post(raw.encode()), 400)
             assert err["code"] == "invalid_text" and "surrogate" in err["message"] and err["param"] == "messages"
-        err = _error(post(f'{{"model": "{sid}", "messages": [{{"role": "user", "content": '
+        err = assert_error(post(f'{{"model": "{sid}", "messages": [{{"role": "user", "content": '
                           '[{"type": "text", "text": 7}]}]}'.encode()), 400)
         assert "string 'text'" in err["message"]
-        assert "\\ud800" in _error(post(b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'),
+        assert "\\ud800" in assert_error(post(b'{"model": "\\ud800", "messages": [{"role": "user", "content": "hi"}]}'),
                                    404)["message"]
-        assert _error(post(b'{"model": ' + b"[" * 1500 + b"]" * 1500 + b"}"), 400)["message"].startswith(
+        assert assert_error(post(b'{"model": ' + b"[" * 1500 + b"]" * 1500 + b"}"), 400)["message"].startswith(
             "the body nests JSON deeper")
         for raw in (b"\xff\xfe", b'{"model": 1e999999}', b"[]", b'{"model": "x", "messages": "hi"}'):
-            _error(post(raw), 400)
+            assert_error(post(raw), 400)
         path = client.post("/v1/streams", content=b'{"source": {"type": "file", "path": "\\ud800.mp4"}}',
                            headers={"Content-Type": "application/json"})
         assert path.status_code in (400, 403, 404), path.text  # named, escaped, and no 500
@@ -458,7 +452,7 @@ def test_openapi_lists_exactly_the_statuses_each_route_sends(model, media):
         documented, seen = _operations(doc), {}
         file_sid = client.post("/v1/streams", json={"source": {"type": "file", "path": "small.mp4"}}).json()["id"]
         push_sid = client.post("/v1/streams", json={"source": {"type": "push"}}).json()["id"]
-        _wait_frames(client, file_sid, 3)
+        wait_frames(client, file_sid, 3)
         real = {"{stream_id}": push_sid}
 
         def probe(method, template, path=None, **kw):
@@ -544,9 +538,9 @@ def test_schema_bounds_are_the_bounds_the_server_enforces(model, limits):
         ok = at(limits.max_fps)
         assert ok.status_code == 201, ok.text  # the schema's maximum is accepted, the next value is not
         client.delete(f"/v1/streams/{ok.json()['id']}")
-        assert f"max_fps={limits.max_fps:g}" in _error(at(limits.max_fps + 0.5), 400)["message"]
+        assert f"max_fps={limits.max_fps:g}" in assert_error(at(limits.max_fps + 0.5), 400)["message"]
         push = client.post("/v1/streams", json={"source": {"type": "push"}}).json()["id"]
         ask = lambda n: client.post("/v1/chat/completions", json={  # noqa: E731
             "model": push, "messages": [{"role": "user", "content": "hi"}], "max_tokens": n})
-        assert _error(ask(limits.max_answer_tokens), 409)["code"] == "stream_not_ready"  # past the bound check
-        assert "max_answer_tokens" in _error(ask(limits.max_answer_tokens + 1), 400)["message"]
+        assert assert_error(ask(limits.max_answer_tokens), 409)["code"] == "stream_not_ready"  # past the bound check
+        assert "max_answer_tokens" in assert_error(ask(limits.max_answer_tokens + 1), 400)["message"]

@@ -13,7 +13,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 import vstream
-from test_server import KEY, running_server
+from helpers import KEY, running_server
 from vstream.server import create_app
 from vstream.synth.clips import moving_shapes
 

@@ -7,29 +7,17 @@ No mocks; every wait is bounded. The RTSP tests need the Debian packages that `.
 
 import functools
 import http.server
-import os
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
+from helpers import RtspServer, free_port, rtsp_available
 from vstream.server.netsafe import check_url
 from vstream.sources import network_source, open_source
 from vstream.synth.clips import write_test_video
 from vstream.video import VideoError
-
-SYSTEM_PYTHON = "/usr/bin/python3"
-RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def take(frames, n: int, seconds: float = 30.0) -> list:
     """The first `n` items of `frames`, failing (not hanging) if they take longer than `seconds` in all."""
@@ -162,47 +150,9 @@ def test_unknown_scheme_is_refused_at_call_time(url):
         open_source(url)
 
 
-def _rtsp_available() -> str | None:
-    """Why the RTSP server cannot run here, or None when it can."""
-    if not os.path.exists(SYSTEM_PYTHON):
-        return f"{SYSTEM_PYTHON} not found"
-    check = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
-    probe = subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, text=True, timeout=30)
-    if probe.returncode:
-        return ("GStreamer RTSP server not importable by /usr/bin/python3 (apt-get install gir1.2-gst-rtsp-server-1.0 "
-                f"gstreamer1.0-rtsp python3-gi gstreamer1.0-plugins-{{base,good,ugly}}): {probe.stderr.strip()[-300:]}")
-    return None
-
-
-class RtspServer:
-    """`tests/rtsp_server.py` as a subprocess on `port`; `start()` waits (bounded) for its ready line."""
-
-    def __init__(self, port: int):
-        self.port, self.proc = port, None
-        self.url = f"rtsp://127.0.0.1:{port}/test"
-
-    def start(self, seconds: float = 20.0) -> "RtspServer":
-        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(RTSP_SERVER), str(self.port), "/test"],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        ready: list[str] = []
-        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
-        reader.start()
-        reader.join(timeout=seconds)
-        if not (ready and ready[0].startswith("READY")):
-            self.stop()
-            pytest.fail(f"RTSP server on port {self.port} not ready within {seconds} s: stdout {ready}, "
-                        f"stderr {self.proc.stderr.read()[-1000:]!r}")
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-
 @pytest.fixture
 def rtsp():
-    reason = _rtsp_available()
+    reason = rtsp_available()
     if reason:
         pytest.skip(reason)
     servers = []

@@ -19,7 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, EngineHook, _wait_frames, running_server
+from helpers import DEADLINE_S, KEY, EngineHook, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import moving_shapes, write_test_video
@@ -96,7 +96,7 @@ def test_push_frames_are_acknowledged_and_answered(server, client):
         assert [a["received"] for a in acks] == [1, 2, 3] and acks[-1]["dropped"] == 0
         ws.send(jpeg(3))  # a binary frame, timed by the server's clock
         assert recv(ws, "input_video_frame.ack")["received"] == 4
-        _wait_frames(client, sid, 3)
+        wait_frames(client, sid, 3)
         ws.send(json.dumps({"type": "response.create", "event_id": "q1", "question": "What is there?",
                             "max_tokens": 4}))
         created = recv(ws, "response.created")["response"]
@@ -121,11 +121,11 @@ def test_30fps_into_1fps_keeps_memory_flat_and_counts_drops(server, client):
             ws.send(append(i, i / 30))
             ack = recv(ws, "input_video_frame.ack")
         assert ack["received"] == 60 and ack["dropped"] == 60 - 3  # slots 0, 1 and 2
-        first = _wait_frames(client, sid, 2)["stats"]
+        first = wait_frames(client, sid, 2)["stats"]
         for i in range(60, 300):
             ws.send(append(i, i / 30))
             ack = recv(ws, "input_video_frame.ack")
-        view = _wait_frames(client, sid, 10)["stats"]
+        view = wait_frames(client, sid, 10)["stats"]
         assert ack["received"] == 300 and ack["dropped"] == 300 - 11 and ack["ingested"] <= 11
         assert view["memory_bytes"] == first["memory_bytes"]
         assert view["frames_dropped_total"] == ack["dropped"]
@@ -138,7 +138,7 @@ def test_memory_view_thumbnails_and_as_of(server, client):
         sid = recv(ws)["session"]["stream_id"]
         assert client.get(f"/v1/streams/{sid}/memory").status_code == 409
         push_seconds(ws, 8)
-        _wait_frames(client, sid, 8)
+        wait_frames(client, sid, 8)
         memory = client.get(f"/v1/streams/{sid}/memory").json()
         assert memory["frames_seen"] == 8 and memory["stream_time"] == 7.0 and memory["bytes"] > 0
         assert memory["tokens"]["total"] == sum(memory["tokens"][k] for k in ("abstract", "temporal", "retrieved",
@@ -174,7 +174,7 @@ def test_cancel_stops_the_answer(server, client):
     with connect(server[0]) as ws:
         sid = recv(ws)["session"]["stream_id"]
         push_seconds(ws, 2)
-        _wait_frames(client, sid, 2)
+        wait_frames(client, sid, 2)
         with EngineHook(server[1].state.vstream, pause_s=0.2):
             ws.send(json.dumps({"type": "response.create", "question": "Describe everything.", "max_tokens": 30}))
             recv(ws, "response.output_text.delta")
@@ -265,7 +265,7 @@ def test_refusals_on_connect_and_frames_to_a_pulled_stream(server, client):
             assert recv(ws)["session"]["push"] is False
             ws.send(append(0, 0.0))
             assert recv(ws, "error")["error"]["code"] == "not_a_push_stream"
-            _wait_frames(client, file_stream, 6)
+            wait_frames(client, file_stream, 6)
             assert recv(ws, "stream.ended")["error"] is None
             ws.send(json.dumps({"type": "response.create", "question": "What moved?", "max_tokens": 2}))
             assert recv(ws, "response.done")["response"]["status"] == "completed"
@@ -306,7 +306,7 @@ def test_one_failing_stream_leaves_the_others_running(server, client):
         prober.start()
         try:
             push_seconds(good, 5)
-            _wait_frames(client, good_id, 5)
+            wait_frames(client, good_id, 5)
             good.send(json.dumps({"type": "response.create", "question": "Still there?", "max_tokens": 3}))
             assert recv(good, "response.done")["response"]["status"] == "completed"
         finally:
@@ -326,7 +326,7 @@ def test_concurrent_streams_and_questions(server, client):
         for f in feeders:
             f.join(DEADLINE_S)
         for sid in ids:
-            _wait_frames(client, sid, 4)
+            wait_frames(client, sid, 4)
         oai = OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
         answers: list = []
 

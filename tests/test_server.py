@@ -3,33 +3,20 @@ client. Every wait is bounded."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.routing import APIRoute, APIWebSocketRoute
 from openai import OpenAI
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import vstream
+from helpers import DEADLINE_S, KEY, EngineHook, assert_error, running_server, wait_frames
 from vstream.server import create_app
 from vstream.synth.clips import write_test_video
-
-KEY = "test-key-123"
-DEADLINE_S = 20.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
@@ -40,26 +27,6 @@ def media(tmp_path_factory) -> Path:
     (root / "link.mp4").symlink_to(outside / "secret.mp4")
     (root / "sub").mkdir()
     return root
-
-
-@contextlib.contextmanager
-def running_server(app):
-    """The base URL of `app` served by uvicorn on 127.0.0.1 in a background thread; stopped on exit."""
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + DEADLINE_S
-    while not srv.started:
-        assert thread.is_alive(), "uvicorn exited during startup"
-        assert time.monotonic() < deadline, f"uvicorn did not start within {DEADLINE_S} s"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(10)
-    assert not thread.is_alive(), "uvicorn did not stop within 10 s"
 
 
 @pytest.fixture(scope="module")
@@ -82,54 +49,24 @@ def _create(client, **source) -> dict:
     return r.json()
 
 
-def _wait_frames(client, stream_id: str, count: int) -> dict:
-    deadline = time.monotonic() + DEADLINE_S
-    while time.monotonic() < deadline:
-        view = client.get(f"/v1/streams/{stream_id}").json()
-        if view["stats"]["frames_encoded"] >= count:
-            return view
-        assert view["state"] != "failed", view
-        time.sleep(0.05)
-    raise AssertionError(f"{count} frames not encoded within {DEADLINE_S} s: {view}")
-
-
-def _wait_ready(proc, base: str, timeout: float = 60) -> None:
-    """Until a `vstream serve` subprocess answers /health/ready with 200 (it must not exit first)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-        try:
-            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            time.sleep(0.1)
-
-
 @pytest.fixture
 def stream_id(client):
     sid = _create(client, type="file", path="clip.mp4")["id"]
-    _wait_frames(client, sid, 6)
+    wait_frames(client, sid, 6)
     yield sid
     client.delete(f"/v1/streams/{sid}")
-
-
-def _assert_error(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
-    return err
 
 
 def test_create_list_get_delete(client):
     view = _create(client, type="file", path="clip.mp4")
     sid = view["id"]
     assert sid.startswith("str_") and view["live"] is False and view["source"] == {"type": "file", "path": "clip.mp4"}
-    view = _wait_frames(client, sid, 6)
+    view = wait_frames(client, sid, 6)
     assert view["stats"]["memory_tokens"] > 0 and view["stats"]["frames_dropped"] == 0
     assert sid in [s["id"] for s in client.get("/v1/streams").json()["data"]]
     assert client.delete(f"/v1/streams/{sid}").json()["deleted"] is True
-    _assert_error(client.get(f"/v1/streams/{sid}"), 404)
-    _assert_error(client.delete(f"/v1/streams/{sid}"), 404)
+    assert_error(client.get(f"/v1/streams/{sid}"), 404)
+    assert_error(client.delete(f"/v1/streams/{sid}"), 404)
     assert sid not in [s["id"] for s in client.get("/v1/streams").json()["data"]]
 
 
@@ -143,22 +80,22 @@ def test_live_replay_and_push_streams(client):
 
 @pytest.mark.parametrize("path", ["../secret.mp4", "link.mp4", "/etc/passwd", "sub/../../x.mp4"])
 def test_paths_outside_media_root_are_refused(client, path):
-    err = _assert_error(client.post("/v1/streams", json={"source": {"type": "file", "path": path}}), 403)
+    err = assert_error(client.post("/v1/streams", json={"source": {"type": "file", "path": path}}), 403)
     assert err["param"] == "source.path"
 
 
 def test_missing_file_and_bad_bodies(client):
     missing = client.post("/v1/streams", json={"source": {"type": "file", "path": "missing.mp4"}})
-    assert "missing.mp4" in _assert_error(missing, 404)["message"]
-    _assert_error(client.post("/v1/streams", json={"source": {"type": "file", "path": "sub"}}), 400)
-    _assert_error(client.post("/v1/streams", json={"source": {"type": "ftp", "url": "x"}}), 400)
-    _assert_error(client.post("/v1/streams", json={"source": {"type": "url", "url": "ftp://x/y"}}), 400)
+    assert "missing.mp4" in assert_error(missing, 404)["message"]
+    assert_error(client.post("/v1/streams", json={"source": {"type": "file", "path": "sub"}}), 400)
+    assert_error(client.post("/v1/streams", json={"source": {"type": "ftp", "url": "x"}}), 400)
+    assert_error(client.post("/v1/streams", json={"source": {"type": "url", "url": "ftp://x/y"}}), 400)
 
 
 def test_too_many_streams(client):
     ids = [_create(client, type="push")["id"] for _ in range(3)]
     try:
-        _assert_error(client.post("/v1/streams", json={"source": {"type": "push"}}), 429)
+        assert_error(client.post("/v1/streams", json={"source": {"type": "push"}}), 429)
     finally:
         for sid in ids:
             client.delete(f"/v1/streams/{sid}")
@@ -181,7 +118,7 @@ def test_every_route_needs_the_key(server):
                 if path in public:
                     assert r.status_code == 200, (method, path, r.text)
                 else:
-                    assert _assert_error(r, 401)["code"] == "invalid_api_key", (method, path)
+                    assert assert_error(r, 401)["code"] == "invalid_api_key", (method, path)
         assert anon.get("/static/app.js").status_code == 200
     ws_routes = [r.path for r in app.routes if isinstance(r, APIWebSocketRoute)]
     assert ws_routes == ["/v1/realtime"]
@@ -228,56 +165,19 @@ def test_sse_wire_format_ends_with_done(client, stream_id):
 
 def test_chat_errors(client, stream_id):
     ask = lambda **kw: client.post("/v1/chat/completions", json={"model": stream_id, **kw})  # noqa: E731
-    _assert_error(ask(messages=[{"role": "user", "content": "  "}]), 400)
-    _assert_error(ask(messages=[]), 400)
-    _assert_error(ask(), 400)
-    _assert_error(ask(messages=[{"role": "system", "content": "x"}]), 400)
-    _assert_error(ask(messages=[{"role": "user", "content": "hi"}], max_tokens=0), 400)
+    assert_error(ask(messages=[{"role": "user", "content": "  "}]), 400)
+    assert_error(ask(messages=[]), 400)
+    assert_error(ask(), 400)
+    assert_error(ask(messages=[{"role": "system", "content": "x"}]), 400)
+    assert_error(ask(messages=[{"role": "user", "content": "hi"}], max_tokens=0), 400)
     hi = [{"role": "user", "content": "hi"}]
-    err = _assert_error(client.post("/v1/chat/completions", json={"model": "str_nope", "messages": hi}), 404)
+    err = assert_error(client.post("/v1/chat/completions", json={"model": "str_nope", "messages": hi}), 404)
     assert "str_nope" in err["message"]
     push = _create(client, type="push")["id"]
     try:
-        _assert_error(client.post("/v1/chat/completions", json={"model": push, "messages": hi}), 409)
+        assert_error(client.post("/v1/chat/completions", json={"model": push, "messages": hi}), 409)
     finally:
         client.delete(f"/v1/streams/{push}")
-
-
-class EngineHook:
-    """The running server's engine with its answer iterations slowed for a test: each `pause_s` late (so that an
-    answer is surely in flight), none while `go` is clear (`held=True`), the tokens they produce counted, and the
-    answers' prompts built by `prompts` when given (a model that fails, say). The engine is restored on exit."""
-
-    def __init__(self, state, pause_s: float = 0.0, held: bool = False, prompts=None):
-        self.answers, self.pause_s, self.prompts = state.engine.answers, pause_s, prompts
-        self.go = threading.Event()
-        if not held:
-            self.go.set()
-        self.tokens = 0
-
-    def __enter__(self) -> "EngineHook":
-        answers = self.answers
-        run_once, take, self._model = answers.run_once, answers._take, answers.model
-
-        def slow_run_once():
-            self.go.wait(DEADLINE_S)
-            pending = run_once()
-            time.sleep(self.pause_s)  # blocks the engine thread: the event loop must not be that thread
-            return pending
-
-        def counting_take(request, token):
-            self.tokens += 1
-            take(request, token)
-
-        answers.run_once, answers._take = slow_run_once, counting_take
-        if self.prompts is not None:
-            answers.model = self.prompts
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.go.set()
-        del self.answers.run_once, self.answers._take  # the class's methods again
-        self.answers.model = self._model
 
 
 def test_health_answers_while_an_answer_streams(server, client, stream_id):

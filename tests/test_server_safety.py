@@ -19,7 +19,7 @@ import pytest
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, EngineHook, _free_port, _wait_frames, _wait_ready, running_server
+from helpers import DEADLINE_S, KEY, EngineHook, free_port, running_server, wait_frames, wait_ready
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video
@@ -140,13 +140,13 @@ def test_loopback_sources_when_allowed(model, media, canary):
             r = _url_source(client, source)
             assert r.status_code == 201, r.text
             sid = r.json()["id"]
-            _wait_frames(client, sid, 3)
+            wait_frames(client, sid, 3)
             client.delete(f"/v1/streams/{sid}")
         chain = f"{base}/go?to=/go?to=/go?to=/go?to=/small.mp4"
         assert "redirects" in _error(_url_source(client, chain), 403)["message"]
         assert _error(_url_source(client, f"{base}/missing.mp4"), 400)["code"] == "url_unreachable"
         assert _error(_url_source(client, f"{base}/junk.mp4"), 400)["code"] == "invalid_video"
-        closed = _free_port()
+        closed = free_port()
         assert _error(_url_source(client, f"http://127.0.0.1:{closed}/x.mp4"), 400)["code"] == "url_unreachable"
         assert _error(client.post("/v1/streams", json={"source": {"type": "webcam", "device": 63}}), 400)["message"]
 
@@ -276,13 +276,13 @@ def test_page_cookie(strict):
 
 def test_drain_on_sigterm(tmp_path):
     """A real `vstream serve`: SIGTERM -> not ready, new work refused, a session notice, then a clean exit."""
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     proc = subprocess.Popen([sys.executable, "-c", "from vstream.cli import main; main()", "serve", "--model", "tiny",
                              "--port", str(port), "--api-key", KEY, "--drain-seconds", "1.5"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        _wait_ready(proc, base)
+        wait_ready(proc, base)
         with ws_connect(base.replace("http", "ws") + "/v1/realtime", additional_headers=AUTH,
                         open_timeout=DEADLINE_S) as ws:
             assert json.loads(ws.recv(timeout=DEADLINE_S))["type"] == "session.created"

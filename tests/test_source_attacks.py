@@ -22,8 +22,7 @@ import httpx
 import pytest
 
 import vstream
-from test_network_sources import RtspServer, _rtsp_available, free_port
-from test_server import DEADLINE_S, KEY, _wait_frames, running_server
+from helpers import DEADLINE_S, KEY, RtspServer, free_port, rtsp_available, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.netsafe import address_refusal
 from vstream.server.rtsp_relay import Refused, messages
@@ -199,7 +198,7 @@ def test_a_plain_video_still_plays_from_the_allowed_host_and_the_media_root(clie
         r = _source(client, source)
         assert r.status_code == 201, r.text
         sid = r.json()["id"]
-        _wait_frames(client, sid, 2)
+        wait_frames(client, sid, 2)
         client.delete(f"/v1/streams/{sid}")
 
 
@@ -358,7 +357,7 @@ def test_relay_frames_the_server_side_as_ffmpeg_does():
 
 def test_rtsp_through_the_relay_streams_frames():
     """A real RTSP server (GStreamer's, on 127.0.0.1) read through the relay by a server allowed to reach it."""
-    reason = _rtsp_available()
+    reason = rtsp_available()
     if reason:
         pytest.skip(reason)
     rtsp = RtspServer(free_port()).start()

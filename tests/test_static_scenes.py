@@ -27,7 +27,7 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from test_server import DEADLINE_S, KEY, _wait_frames, running_server
+from helpers import DEADLINE_S, KEY, running_server, wait_frames
 from vstream.config import MemoryConfig
 from vstream.memory import AbstractAttention, OfficialStreamingMemory, PaperStarMemory, official_offline_memory
 from vstream.memory.reference import RefOfficialStreaming, ref_official_offline
@@ -275,7 +275,7 @@ def test_every_json_route_stays_finite_on_static_and_repetitive_video(scene_serv
         assert r.status_code == 201, r.text
         sid = strict_json(r.text)["id"]
         try:
-            _wait_frames(client, sid, 40)
+            wait_frames(client, sid, 40)
             assert sid in [s["id"] for s in _get(client, "/v1/streams")["data"]]
             _get(client, f"/v1/streams/{sid}")
             now = _get(client, f"/v1/streams/{sid}/memory")
@@ -307,7 +307,7 @@ def test_a_static_camera_pushed_over_the_realtime_socket_stays_finite(scene_serv
         for i in range(30):  # each frame ingested before the next: a live source drops the oldest queued frames
             ws.send(json.dumps({"type": "input_video_frame.append", "timestamp": float(i), "image": image}))
             assert _until(ws, "input_video_frame.ack")[-1]["accepted"]
-            _wait_frames(client, sid, i + 1)
+            wait_frames(client, sid, i + 1)
         now = _get(client, f"/v1/streams/{sid}/memory")
         assert now["frames_seen"] == 30 and all(c["first"] <= c["mean"] <= c["last"] <= 29 for c in now["temporal"])
         _get(client, f"/v1/streams/{sid}/memory", as_of=27.5)

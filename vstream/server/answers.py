@@ -12,7 +12,8 @@ import threading
 import time
 
 from vstream.model.prompts import build_prompt, tokenizer_image_token
-from vstream.server.state import ApiError, ServerState, Stream
+from vstream.server.errors import ApiError
+from vstream.server.state import ServerState, Stream
 
 
 JSON_TYPES = {bool: "a boolean", int: "a number", float: "a number", list: "an array", dict: "an object"}

@@ -20,9 +20,10 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
+from vstream.server.errors import ApiError
 from vstream.server.netsafe import UnsafeUrl, check_url
 from vstream.server.schemas import FileSpec, PushSpec, StreamCreate, UrlSpec, WebcamSpec
-from vstream.server.state import ApiError, Limits, ServerState
+from vstream.server.state import Limits, ServerState
 from vstream.sources import PushSource, file_source, network_source, replay_source, rtsp_options, webcam_source
 from vstream.video import VideoError, open_input, probe
 

@@ -6,7 +6,9 @@ the wire schemas' static ones. This module only rewrites the document; it enforc
 
 from __future__ import annotations
 
-from vstream.server.gate import SAFE_METHODS, public
+from fastapi import FastAPI
+
+from vstream.server.access import SAFE_METHODS, public
 from vstream.server.schemas import ErrorResponse
 from vstream.server.state import ServerState
 
@@ -33,13 +35,25 @@ def errors(*statuses: int) -> dict:
 
 
 def gate_statuses(state: ServerState, path: str, method: str) -> set[int]:
-    """What `gate.Gate` may answer on this route before the route runs (see `gate.refusal` and `Gate`)."""
+    """What `middleware.Gate` may answer on this route before the route runs (see `access.refusal`)."""
     statuses = {413}
     if method not in SAFE_METHODS or (state.allowed_hosts is not None and not path.startswith("/health/")):
         statuses.add(403)
     if state.api_key is not None and not public(path):
         statuses.add(401)
     return statuses
+
+
+def install(app: FastAPI, state: ServerState) -> None:
+    """Serve the rewritten document as the app's `/openapi.json` (made once, on first request)."""
+    fastapi_openapi = app.openapi
+
+    def rewritten() -> dict:
+        if app.openapi_schema is None:
+            document(fastapi_openapi(), state)
+        return app.openapi_schema
+
+    app.openapi = rewritten
 
 
 def document(schema: dict, state: ServerState) -> dict:

@@ -13,6 +13,9 @@ Without `stream_id` the session creates a push stream of its own, deleted when t
 by their time to the stream's `fps` before they are decoded (a frame fills the sampling slot nearest its time; one
 whose slot is already filled is dropped and counted); a frame's pixel count is read from its header and checked
 before its pixels are allocated. Decoding runs in the thread pool, generation on its own thread.
+
+This module runs an accepted socket: events, frames, answers, the idle and drain clocks, and the close. The handshake
+(who may connect, which stream) is `vstream.server.routes.realtime`.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ from fastapi import WebSocket
 from fastapi.responses import JSONResponse
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
+from starlette.websockets import WebSocketDisconnect
 
 from vstream.server.answers import Generation, check_max_tokens, check_question, vstream_extension
+from vstream.server.errors import ERROR_TYPES, ApiError, internal_error
 from vstream.server.schemas import error_body
-from vstream.server.state import ERROR_TYPES, ApiError, ServerState, Stream, internal_error
+from vstream.server.state import ServerState, Stream
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -71,13 +76,63 @@ def _error_event(exc: ApiError, event_id: str | None = None) -> dict:
 class RealtimeSession:
     """One socket: an outbox drained by one sender task, at most one answer at a time, the idle clock."""
 
-    def __init__(self, ws: WebSocket, state: ServerState, stream: Stream):
-        self.ws, self.state, self.stream = ws, state, stream
+    def __init__(self, ws: WebSocket, state: ServerState, stream: Stream, session_id: str):
+        self.ws, self.state, self.stream, self.id = ws, state, stream, session_id
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.last_message = time.monotonic()
         self.generation: Generation | None = None
         self.answer_task: asyncio.Task | None = None
         self.closing: str | None = None
+
+    async def run(self) -> None:
+        """Send `session.created`, then handle the client's messages until either side ends the session; close the
+        socket with a code that says why (unless the client left first)."""
+        limits = self.state.limits
+        self.send(_event("session.created", session={
+            "id": self.id, "stream_id": self.stream.id, "fps": self.stream.fps, "push": self.stream.push is not None,
+            "owns_stream": self.stream.owner == self.id, "max_message_bytes": limits.max_ws_message_bytes,
+            "idle_timeout_s": limits.ws_idle_s}))
+        sender = asyncio.create_task(self.sender())
+        watcher = asyncio.create_task(watch(self))
+        close_code, reason = 1000, ""
+        try:
+            close_code, reason = await self._receive(watcher, sender)
+        except WebSocketDisconnect:
+            close_code = None
+        except Exception as exc:  # not the client's doing (its messages' errors are events): logged, closed as such
+            close_code, reason = 1011, internal_error(exc, f"the realtime session {self.id}").message[:120]
+        finally:
+            self.cancel_response()
+            watcher.cancel()
+            if close_code is not None:
+                self.send(None)
+                try:
+                    await asyncio.wait_for(sender, 2.0)
+                    await self.ws.close(close_code, reason)
+                except Exception:  # the client is already gone: nothing left to tell it
+                    pass
+            sender.cancel()
+
+    async def _receive(self, watcher: asyncio.Task, sender: asyncio.Task) -> tuple[int | None, str]:
+        """Handle messages until the client leaves (None), the watcher closes the session (1001), sending fails (1011)
+        or a message is over the limit (1009): the close code and its reason."""
+        limit = self.state.limits.max_ws_message_bytes
+        while True:
+            receive = asyncio.create_task(self.ws.receive())
+            done, _ = await asyncio.wait({receive, watcher, sender}, return_when=asyncio.FIRST_COMPLETED)
+            if receive not in done:
+                receive.cancel()
+                return (1001, self.closing or "closing") if watcher in done else (1011, "send failed")
+            message = receive.result()
+            if message["type"] == "websocket.disconnect":
+                return None, ""
+            size = len(message.get("bytes") or b"") + len((message.get("text") or "").encode())
+            if size > limit:
+                return 1009, f"message of {size} bytes over max_ws_message_bytes"
+            self.last_message = time.monotonic()
+            if self.closing == "idle":
+                self.closing = None
+            await self.handle(message)
 
     def send(self, event: dict) -> None:
         self.outbox.put_nowait(event)

@@ -1,50 +1,24 @@
-"""What the server keeps between requests: its limits, the open streams, their thumbnails, counters and the error type.
+"""What the server keeps between requests: its limits, the open streams and its counters, and the bookkeeping of
+opening and closing a stream (slots, registration).
 
-Nothing here touches the network or runs model code. Every structure is bounded: streams by `max_streams`, thumbnails
-by a ring per stream, latency histograms by their buckets.
+Nothing here touches the network or runs model code: a stream's session reads and ingests on its own thread and the
+engine's. Every structure is bounded: streams by `max_streams`, thumbnails by a ring per stream (`thumbnails`),
+latency histograms by their buckets (`metrics`).
 """
 
 from __future__ import annotations
 
-import collections
-import io
-import logging
 import secrets
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from vstream.engine import StreamSession
+from vstream.server.errors import ApiError
+from vstream.server.metrics import TTFT_BUCKETS, Histogram
+from vstream.server.thumbnails import Thumbnails
 from vstream.sources import PushSource
-
-TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error",
-               503: "service_unavailable"}
-log = logging.getLogger("vstream.server")
-
-
-class ApiError(Exception):
-    """An error answered with the OpenAI error object and `status` (429 and 503 also carry `Retry-After`)."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 retry_after: int | None = None):
-        super().__init__(message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-        self.retry_after = retry_after
-
-
-def internal_error(exc: BaseException, where: str) -> ApiError:
-    """Log `exc` with its traceback under a new reference and return the 500 that the client gets: the reference
-    only, since an exception's text may hold server paths or other internals."""
-    ref = "err_" + secrets.token_hex(6)
-    log.error("internal error %s in %s", ref, where, exc_info=exc)
-    return ApiError(500, f"internal error {ref}: the server failed to handle this; its log has the details under "
-                    "this reference", code="internal_error")
 
 
 @dataclass(frozen=True)
@@ -88,64 +62,6 @@ class Limits:
     enough that every sampling slot is an exact integer."""
 
 
-class Histogram:
-    """A Prometheus histogram (cumulative buckets, sum, count); thread-safe."""
-
-    def __init__(self, buckets: tuple[float, ...]):
-        self.buckets, self.counts = buckets, [0] * len(buckets)
-        self.sum, self.count, self._lock = 0.0, 0, threading.Lock()
-
-    def observe(self, value: float) -> None:
-        with self._lock:
-            self.sum += value
-            self.count += 1
-            for i, bound in enumerate(self.buckets):
-                if value <= bound:
-                    self.counts[i] += 1
-
-    def lines(self, name: str) -> list[str]:
-        with self._lock:
-            out = [f'{name}_bucket{{le="{b}"}} {c}' for b, c in zip(self.buckets, self.counts)]
-            out.append(f'{name}_bucket{{le="+Inf"}} {self.count}')
-            return out + [f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
-
-
-class Thumbnails:
-    """Small JPEGs (longest edge `edge` pixels) of the newest `size` ingested frames, by stream time; thread-safe."""
-
-    def __init__(self, size: int, edge: int = 192):
-        self.size, self.edge = size, edge
-        self._items: collections.OrderedDict[float, bytes] = collections.OrderedDict()
-        self._lock = threading.Lock()
-
-    def add(self, frames: list[tuple[float, np.ndarray]]) -> None:
-        """Runs on the ingest thread (never the event loop)."""
-        encoded = []
-        for t, frame in frames:
-            image = Image.fromarray(frame)
-            image.thumbnail((self.edge, self.edge))
-            out = io.BytesIO()
-            image.save(out, format="JPEG", quality=75)
-            encoded.append((float(t), out.getvalue()))
-        with self._lock:
-            for t, jpeg in encoded:
-                self._items[t] = jpeg
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
-
-    def nearest(self, t: float, tolerance: float = 1e-3) -> tuple[float, bytes] | None:
-        with self._lock:
-            if t in self._items:
-                return t, self._items[t]
-            best = min(self._items, key=lambda k: abs(k - t), default=None)
-            if best is None or abs(best - t) > tolerance:
-                return None
-            return best, self._items[best]
-
-    def has(self, t: float) -> bool:
-        return self.nearest(t) is not None
-
-
 @dataclass
 class Stream:
     """One open stream: its session, what it was created from, and the state of its push transport (if any)."""
@@ -171,6 +87,12 @@ class Stream:
         rejected = self.push.rejected if self.push is not None else 0
         return {"received": self.pushed if self.push is not None else c.received, "ingested": c.encoded,
                 "dropped": c.dropped + rejected + self.sampled_out}
+
+    def close(self) -> None:
+        """Close the push transport (if any), then the session; blocks until its threads end (never on the loop)."""
+        if self.push is not None:
+            self.push.close()
+        self.session.close()
 
 
 @dataclass
@@ -219,6 +141,32 @@ class ServerState:
         if self.draining:
             raise ApiError(503, "the server is draining: it takes no new streams, sessions or questions",
                            code="draining", retry_after=5)
+
+    def reserve_slot(self) -> None:
+        """Hold a stream slot while a request opens its source; 429 when `max_streams` are open or being opened."""
+        self.refuse_if_draining()
+        with self.lock:
+            if len(self.streams) + self.pending >= self.max_streams:
+                raise ApiError(429, f"too many streams: {len(self.streams)} open, at most max_streams="
+                               f"{self.max_streams}; DELETE one first", code="too_many_streams", retry_after=5)
+            self.pending += 1
+
+    def release_slot(self) -> None:
+        with self.lock:
+            self.pending -= 1
+
+    def start_stream(self, frames, live: bool, push: PushSource | None, source: dict, fps: float,
+                     owner: str | None = None) -> Stream:
+        """Register a stream (the caller holds a reserved slot) and start its session."""
+        thumbnails = Thumbnails(self.limits.thumbnails)
+        session = StreamSession(self.model, history=self.limits.snapshot_history, on_frames=thumbnails.add,
+                                engine=self.engine)
+        stream_id = "str_" + secrets.token_hex(8)
+        stream = Stream(stream_id, session, source, time.time(), fps, thumbnails, push, owner)
+        session.start(frames, live=live)
+        with self.lock:
+            self.streams[stream_id] = stream
+        return stream
 
     def begin_answer(self) -> None:
         """Count an answer as running; 429 when `max_running` are already running."""

@@ -1,7 +1,7 @@
-"""The outer layer of every request: which Host names the server answers to, which Origins may change state or open
-a realtime session, the API key (or the page's cookie), the body cap, and the last-resort answer to an error that no
-route handled. `Gate` applies these to HTTP before any route reads the request; the realtime route calls `refusal`
-on its handshake. Nothing here knows about streams or models.
+"""Who may call the server: which Host names it answers to, which Origins may change state or open a realtime
+session, and the API key (or the page's cookie). `middleware.Gate` applies these to HTTP before any route reads the
+request; the realtime route applies them to its handshake. Nothing here sends a response or knows about streams or
+models.
 
 Hosts. A request naming a Host outside `state.allowed_hosts` is refused (403), so that a page on a DNS-rebinding
 domain cannot reach the server through the visitor's browser. `/health/*` is exempt (probes dial addresses).
@@ -11,56 +11,24 @@ rebinding page holds neither the key nor the page's cookie (cookies are bound to
 Origins. A browser sends `Origin` on cross-site requests and on every WebSocket handshake. A request that carries
 one must come from the server's own origin (the Origin's host and port equal the Host header, itself allowed) to
 use a method other than GET/HEAD/OPTIONS or to open `/v1/realtime`. Requests without Origin (curl, SDKs) pass.
-
-Errors. An exception no route turned into an `ApiError` is logged with its traceback and answered with a 500 that
-carries only a reference to the log entry, on the same connection (Starlette's own handler sends the response and
-then re-raises, and uvicorn then drops the connection).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import socket
 import time
 from collections.abc import Iterable
 
-from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 
-from vstream.server.schemas import error_body
-from vstream.server.state import ERROR_TYPES, ApiError, ServerState, internal_error
+from vstream.server.errors import ApiError
+from vstream.server.state import ServerState
 
 COOKIE = "vstream_session"
 LOOPBACK = frozenset({"localhost", "127.0.0.1", "::1"})
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# The page loads only its own script and style sheet, talks only to its own origin (fetch and WebSocket: CSP 3's
-# 'self' covers ws/wss on the same host: Chrome 71, Safari 16), shows thumbnails from it and plays a local file
-# through a blob: URL, and is never framed. The webcam's MediaStream goes through srcObject, which CSP does not
-# govern.
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                               "media-src 'self' blob:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
-                               "frame-ancestors 'none'",
-    "X-Frame-Options": "DENY",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
-
-
-class AsciiJSONResponse(JSONResponse):
-    """JSON with every non-ASCII character escaped: a lone surrogate that a client sent as `\\ud800` and that comes
-    back in a message (or in a stream's source) renders instead of failing to encode as UTF-8."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
-
-
-def error_response(exc: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
-    body = error_body(exc.message, ERROR_TYPES.get(exc.status, "server_error"), exc.code, exc.param)
-    return AsciiJSONResponse(body, exc.status, headers=headers)
 
 
 # ---------------------------------------------------------------------------------------------------------- hosts
@@ -162,72 +130,3 @@ def authorized(state: ServerState, headers: Headers) -> bool:
 
 
 NO_KEY = ApiError(401, "missing or wrong API key: expected 'Authorization: Bearer <key>'", code="invalid_api_key")
-
-
-# ---------------------------------------------------------------------------------------------------------- gate
-
-
-class Gate:
-    """ASGI middleware for HTTP: Host and Origin (403), the API key (401) and the body cap (413) before any route
-    reads the request; then the app, with an error that no route handled answered as a logged 500."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.state = app, state
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = Headers(scope=scope)
-        refused = refusal(self.state, headers, scope["path"], scope["method"])
-        if refused is None and not public(scope["path"]) and not authorized(self.state, headers):
-            refused = NO_KEY
-        if refused is None:
-            body = await self._body(headers, receive)
-            if body is None:
-                return
-            if isinstance(body, ApiError):
-                refused = body
-        if refused is not None:
-            return await error_response(refused)(scope, receive, send)
-        await self._run(scope, body, receive, send)
-
-    async def _body(self, headers: Headers, receive) -> bytes | ApiError | None:
-        """The whole body, a 413 when it is over the cap (by its Content-Length or as it arrives), or None when the
-        client went away."""
-        cap = self.state.limits.max_body_bytes
-        length = headers.get("content-length")
-        declared = int(length) if length is not None and length.isdigit() else None
-        body, more = bytearray(), declared is None or declared <= cap
-        while more and len(body) <= cap:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-        if len(body) > cap or (declared is not None and declared > cap):
-            size = declared if declared is not None else f"more than {cap}"
-            return ApiError(413, f"the request body has {size} bytes, over the limit max_body_bytes={cap}",
-                            code="body_too_large")
-        return bytes(body)
-
-    async def _run(self, scope, body: bytes, receive, send) -> None:
-        replayed, started = False, False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()  # after the body: the client's disconnect, if it goes away
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, replay, watched)
-        except Exception as exc:
-            error = internal_error(exc, f"{scope['method']} {scope['path']}")
-            if not started:  # once a response has begun, its connection can only end with it
-                await error_response(error)(scope, replay, send)

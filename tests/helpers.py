@@ -1,0 +1,153 @@
+"""Helpers shared by the server's test files: a real uvicorn on a free port, bounded waits on a stream or a `vstream
+serve` subprocess, the error-object check, a hook that slows the running server's engine, and GStreamer's RTSP
+server as a subprocess. No fixtures here (they stay with the tests that use them) and no tests."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+
+KEY = "test-key-123"
+DEADLINE_S = 20.0
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(app):
+    """The base URL of `app` served by uvicorn on 127.0.0.1 in a background thread; stopped on exit."""
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + DEADLINE_S
+    while not srv.started:
+        assert thread.is_alive(), "uvicorn exited during startup"
+        assert time.monotonic() < deadline, f"uvicorn did not start within {DEADLINE_S} s"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(10)
+    assert not thread.is_alive(), "uvicorn did not stop within 10 s"
+
+
+def wait_frames(client, stream_id: str, count: int) -> dict:
+    deadline = time.monotonic() + DEADLINE_S
+    while time.monotonic() < deadline:
+        view = client.get(f"/v1/streams/{stream_id}").json()
+        if view["stats"]["frames_encoded"] >= count:
+            return view
+        assert view["state"] != "failed", view
+        time.sleep(0.05)
+    raise AssertionError(f"{count} frames not encoded within {DEADLINE_S} s: {view}")
+
+
+def wait_ready(proc, base: str, timeout: float = 60) -> None:
+    """Until a `vstream serve` subprocess answers /health/ready with 200 (it must not exit first)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        try:
+            if httpx.get(f"{base}/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            time.sleep(0.1)
+
+
+def assert_error(r: httpx.Response, status: int) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    return err
+
+
+class EngineHook:
+    """The running server's engine with its answer iterations slowed for a test: each `pause_s` late (so that an
+    answer is surely in flight), none while `go` is clear (`held=True`), the tokens they produce counted, and the
+    answers' prompts built by `prompts` when given (a model that fails, say). The engine is restored on exit."""
+
+    def __init__(self, state, pause_s: float = 0.0, held: bool = False, prompts=None):
+        self.answers, self.pause_s, self.prompts = state.engine.answers, pause_s, prompts
+        self.go = threading.Event()
+        if not held:
+            self.go.set()
+        self.tokens = 0
+
+    def __enter__(self) -> "EngineHook":
+        answers = self.answers
+        run_once, take, self._model = answers.run_once, answers._take, answers.model
+
+        def slow_run_once():
+            self.go.wait(DEADLINE_S)
+            pending = run_once()
+            time.sleep(self.pause_s)  # blocks the engine thread: the event loop must not be that thread
+            return pending
+
+        def counting_take(request, token):
+            self.tokens += 1
+            take(request, token)
+
+        answers.run_once, answers._take = slow_run_once, counting_take
+        if self.prompts is not None:
+            answers.model = self.prompts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.go.set()
+        del self.answers.run_once, self.answers._take  # the class's methods again
+        self.answers.model = self._model
+
+
+def rtsp_available() -> str | None:
+    """Why the RTSP server cannot run here, or None when it can."""
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"{SYSTEM_PYTHON} not found"
+    check = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
+    probe = subprocess.run([SYSTEM_PYTHON, "-c", check], capture_output=True, text=True, timeout=30)
+    if probe.returncode:
+        return ("GStreamer RTSP server not importable by /usr/bin/python3 (apt-get install gir1.2-gst-rtsp-server-1.0 "
+                f"gstreamer1.0-rtsp python3-gi gstreamer1.0-plugins-{{base,good,ugly}}): {probe.stderr.strip()[-300:]}")
+    return None
+
+
+class RtspServer:
+    """`tests/rtsp_server.py` as a subprocess on `port`; `start()` waits (bounded) for its ready line."""
+
+    def __init__(self, port: int):
+        self.port, self.proc = port, None
+        self.url = f"rtsp://127.0.0.1:{port}/test"
+
+    def start(self, seconds: float = 20.0) -> "RtspServer":
+        self.proc = subprocess.Popen([SYSTEM_PYTHON, str(RTSP_SERVER), str(self.port), "/test"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(self.proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=seconds)
+        if not (ready and ready[0].startswith("READY")):
+            self.stop()
+            pytest.fail(f"RTSP server on port {self.port} not ready within {seconds} s: stdout {ready}, "
+                        f"stderr {self.proc.stderr.read()[-1000:]!r}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
