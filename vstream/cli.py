@@ -12,6 +12,7 @@ import typer
 
 from vstream import __version__
 from vstream.devices import DEVICE_HELP
+from vstream.errors import VStreamError
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -25,7 +26,7 @@ DEFAULT_MODEL = "demo"
 """The trained demo model shipped in the package (SmolLM2 from its wheel); `--model tiny` is the random test preset."""
 
 
-class UserError(Exception):
+class UserError(VStreamError):
     """A problem with what the user asked for; shown as one line, no traceback."""
 
 
@@ -262,7 +263,7 @@ def main() -> None:
 
     try:
         app()
-    except (UserError, VideoError, FileNotFoundError, ValueError, KeyError) as exc:
+    except (VStreamError, VideoError, FileNotFoundError, ValueError, KeyError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         typer.echo(f"error: {message}", err=True)
         sys.exit(2)

@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocketDisconnect
 
 from vstream.engine import EngineConfig, StreamSession, engine_of
+from vstream.errors import UserInputError
 from vstream.server.answers import (Generation, check_max_tokens, check_question, prompt_tokens,
                                     vstream_extension)
 from vstream.server import gate
@@ -152,7 +153,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
     names requests may use ('*': any); None: the loopback names without a key, any with one (see `gate`)."""
     if media_root is not None and not Path(media_root).is_dir():
-        raise ValueError(f"media_root must be an existing directory, got {media_root}")
+        raise UserInputError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
         allowed_hosts = gate.default_allowed_hosts("127.0.0.1")
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
