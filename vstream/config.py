@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from vstream.errors import ConfigError, UnknownNameError
+
 MemoryMode = Literal["paper", "official"]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -54,7 +56,7 @@ class VisionConfig:
         """Blocks that must run to produce hidden state `select_layer`."""
         n = self.num_hidden_layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
         if not 0 <= n <= self.num_hidden_layers:
-            raise ValueError(
+            raise ConfigError(
                 f"select_layer={self.select_layer} is outside the {self.num_hidden_layers + 1} hidden states of the tower"
             )
         return n
@@ -103,19 +105,20 @@ class MemoryConfig:
     def validate(self, grid: int) -> None:
         """Raise if a pooled size does not divide the encoder grid (the pyramid is grid -> P_spa -> P_tem, P_abs)."""
         if self.mode not in ("paper", "official"):
-            raise ValueError(f"memory mode must be 'paper' or 'official', got {self.mode!r}")
+            raise ConfigError(f"memory mode must be 'paper' or 'official', got {self.mode!r}")
         for name, size, parent in (
             ("spatial_size", self.spatial_size, grid),
             ("temporal_size", self.temporal_size, self.spatial_size),
             ("abstract_size", self.abstract_size, self.spatial_size),
         ):
             if size < 1 or parent % size:
-                raise ValueError(f"{name}={size} must divide {parent} (the grid it is pooled from)")
+                raise ConfigError(f"{name}={size} must divide {parent} (the grid it is pooled from)")
         for name in ("spatial_length", "temporal_length", "abstract_length", "buffer_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.buffer_length < self.spatial_length:
-            raise ValueError(f"buffer_length={self.buffer_length} must hold spatial_length={self.spatial_length} frames")
+            raise ConfigError(f"buffer_length={self.buffer_length} must hold spatial_length={self.spatial_length} "
+                              "frames")
 
 
 @dataclass
@@ -184,7 +187,7 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown model config keys {unknown}; expected a subset of {sorted(known)}")
+            raise ConfigError(f"unknown model config keys {unknown}; expected a subset of {sorted(known)}")
         kwargs: dict[str, Any] = {}
         for key, value in data.items():
             if key in sections:
@@ -192,7 +195,8 @@ class ModelConfig:
                 sub_known = {f.name for f in dataclasses.fields(sub)}
                 bad = sorted(set(value) - sub_known)
                 if bad:
-                    raise ValueError(f"unknown keys {bad} in config section {key!r}; expected a subset of {sorted(sub_known)}")
+                    raise ConfigError(f"unknown keys {bad} in config section {key!r}; expected a subset of "
+                                      f"{sorted(sub_known)}")
                 if key == "vision":
                     value = {k: tuple(v) if k in ("image_mean", "image_std") else v for k, v in value.items()}
                 value = sub(**value)
@@ -240,5 +244,5 @@ PRESETS: dict[str, ModelConfig] = {
 def preset(name: str) -> ModelConfig:
     """A fresh copy of the named preset."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
+        raise UnknownNameError(f"unknown preset {name!r}; known presets: {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])

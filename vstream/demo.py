@@ -19,6 +19,7 @@ from dataclasses import asdict
 
 import numpy as np
 
+from vstream.errors import UserInputError
 from vstream.model.loading import OWN_CONFIG, PACKAGED
 from vstream.sources import paced
 from vstream.synth import world as w
@@ -47,7 +48,7 @@ def pick_questions(qas: list[w.QA], count: int | None) -> list[w.QA]:
     """`count` questions, the types in turn as far as each has some, each type's spread evenly over the stream; all
     of them when `count` is None or not less than their number. In time order."""
     if count is not None and count < 1:
-        raise ValueError(f"the number of questions must be >= 1, got {count}")
+        raise UserInputError(f"the number of questions must be >= 1, got {count}")
     if count is None or count >= len(qas):
         return list(qas)
     by_type = {kind: [qa for qa in qas if qa.type == kind] for kind in w.QUESTION_TYPES}
@@ -107,9 +108,9 @@ def run_demo(
 
     t0 = time.perf_counter()
     if not speed > 0:
-        raise ValueError(f"--speed must be > 0, got {speed}")
+        raise UserInputError(f"--speed must be > 0, got {speed}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        raise UserInputError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     seed = random.randrange(w.SPLIT_SEEDS["test"].stop, 1 << 31) if seed is None else seed
     stream = w.generate_stream(seed)  # checks the seed before the model is loaded
     qas = pick_questions(w.make_questions(stream), questions)

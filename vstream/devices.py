@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import torch
 
+from vstream.errors import UserInputError
+
 DEVICE_HELP = "auto (CUDA when torch sees a device, else the CPU), cpu, cuda or cuda:N."
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
-    """`auto`, `cpu`, `cuda` or `cuda:N` (or a torch.device) -> a torch.device that exists here; raises ValueError."""
+    """`auto`, `cpu`, `cuda` or `cuda:N` (or a torch.device) -> a torch.device that exists here; raises
+    UserInputError (a ValueError) naming the name given."""
     if isinstance(name, torch.device):
         name = str(name)
     if name == "auto":
@@ -19,14 +22,14 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise ValueError(f"device must be {DEVICE_HELP[:-1]}; got {name!r}") from exc
+        raise UserInputError(f"device must be {DEVICE_HELP[:-1]}; got {name!r}") from exc
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be {DEVICE_HELP[:-1]}; got {name!r}")
+        raise UserInputError(f"device must be {DEVICE_HELP[:-1]}; got {name!r}")
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise ValueError(f"device {name!r} was asked for, but torch sees no CUDA device (use auto or cpu)")
+            raise UserInputError(f"device {name!r} was asked for, but torch sees no CUDA device (use auto or cpu)")
         if device.index is not None and device.index >= count:
-            raise ValueError(f"device {name!r} was asked for, but torch sees {count} CUDA device(s): "
-                             f"expected an index below {count}")
+            raise UserInputError(f"device {name!r} was asked for, but torch sees {count} CUDA device(s): "
+                                 f"expected an index below {count}")
     return device

@@ -32,9 +32,10 @@ import httpx
 import websockets
 from PIL import Image
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from vstream.bench import summary
+from vstream.errors import ServiceError, UserInputError, VStreamError
 
 HEALTH_EVERY_S = 0.5
 SETTLE_S = 10.0  # after the load: how long to wait for frames still queued in the server to be ingested or dropped
@@ -84,7 +85,7 @@ def jpeg_frames(size: tuple[int, int], count: int, fps: float) -> list[bytes]:
 
 def raise_open_files(streams: int) -> int:
     """Raise this process's soft limit on open files to the hard limit (a local server inherits it): each stream
-    holds a socket, each question in flight another. Returns the limit; RuntimeError when it is too low."""
+    holds a socket, each question in flight another. Returns the limit; UserInputError when it is too low."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -95,8 +96,8 @@ def raise_open_files(streams: int) -> int:
         pass
     needed = 2 * streams + 64
     if soft != resource.RLIM_INFINITY and soft < needed:
-        raise RuntimeError(f"{streams} streams need about {needed} open files, but the limit is {soft} "
-                           "(raise it with `ulimit -n`)")
+        raise UserInputError(f"{streams} streams need about {needed} open files, but the limit is {soft} "
+                             "(raise it with `ulimit -n`)")
     return soft
 
 
@@ -143,7 +144,7 @@ class LocalServer:
         with httpx.Client(base_url=self.url, timeout=5, trust_env=False) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with code {self.proc.returncode} before it was ready:\n"
+                    raise ServiceError(f"the server exited with code {self.proc.returncode} before it was ready:\n"
                                        f"{self.log_tail()}")
                 try:
                     if client.get("/health/ready").status_code == 200:
@@ -152,7 +153,7 @@ class LocalServer:
                     pass
                 time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the server was not ready within {timeout:g} s:\n{self.log_tail()}")
+        raise ServiceError(f"the server was not ready within {timeout:g} s:\n{self.log_tail()}")
 
     def memory(self) -> dict:
         """Resident memory now and its peak (VmRSS, VmHWM of /proc/PID/status), in bytes, and the CPU seconds the
@@ -433,7 +434,7 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
                                  trust_env=False) as http:
         ready = await http.get("/health/ready")
         if ready.status_code != 200:
-            raise RuntimeError(f"{url}/health/ready answered {ready.status_code}: expected 200 from a ready vstream "
+            raise ServiceError(f"{url}/health/ready answered {ready.status_code}: expected 200 from a ready vstream "
                                f"server, got {ready.text[:200]!r}")
         ready = ready.json()
         t_open = time.perf_counter()
@@ -444,7 +445,7 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
         refused = collections.Counter(str(s) for s in opened if not isinstance(s, PushStream))
         if not streams:
             hint = ": the server needs a key (--api-key)" if "401" in refused else ""
-            raise RuntimeError(f"no push stream could be opened on {ws_url}: refused {dict(refused)}{hint}")
+            raise ServiceError(f"no push stream could be opened on {ws_url}: refused {dict(refused)}{hint}")
         try:
             result = await _measure(http, url, cfg, streams, frames, memory)
         finally:
@@ -521,11 +522,13 @@ def bench_serve(cfg: LoadConfig, url: str | None = None, api_key: str | None = N
     try:
         result = asyncio.run(run_load(url or server.url, cfg, api_key, server.memory if server else None))
     except httpx.TransportError as exc:
-        raise RuntimeError(f"could not reach the server at {url or server.url}: {type(exc).__name__}: {exc}") from exc
+        raise ServiceError(f"could not reach the server at {url or server.url}: {type(exc).__name__}: {exc}") from exc
     except Exception as exc:
-        if server is not None:
-            raise RuntimeError(f"{type(exc).__name__}: {exc}\nserver log:\n{server.log_tail()}") from exc
-        raise
+        if server is None:
+            raise
+        failed = isinstance(exc, (VStreamError, httpx.HTTPError, WebSocketException, OSError, TimeoutError))
+        raise (ServiceError if failed else RuntimeError)(  # a bug of ours keeps its traceback, with the server's log
+            f"{type(exc).__name__}: {exc}\nserver log:\n{server.log_tail()}") from exc
     finally:
         stopped = server.stop() if server is not None else None
     cpu_s = time.process_time() - cpu0

@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import numpy as np
 
+from vstream.errors import SourceError, UserInputError
 from vstream.video import VideoError, iter_frames
 
 NETWORK_SCHEMES = ("rtsp", "rtsps", "http", "https")
@@ -36,7 +37,7 @@ def replay_source(
 ) -> Iterator[tuple[float, np.ndarray]]:
     """Yield each sampled frame no earlier than `t / speed` seconds after the first one (decoding runs ahead)."""
     if speed <= 0:
-        raise ValueError(f"replay speed must be > 0, got {speed}")
+        raise UserInputError(f"replay speed must be > 0, got {speed}")
     yield from paced(iter_frames(path, fps=fps, until=until), speed, clock=clock, sleep=sleep)
 
 
@@ -45,7 +46,7 @@ def paced(frames: Iterable[tuple[float, np.ndarray]], speed: float, start: float
           ) -> Iterator[tuple[float, np.ndarray]]:
     """Yield each `(t, frame)` no earlier than `start + t / speed` (default start: the first frame's arrival)."""
     if not speed > 0:
-        raise ValueError(f"speed must be > 0, got {speed}")
+        raise UserInputError(f"speed must be > 0, got {speed}")
     for t, frame in frames:
         if start is None:
             start = clock() - t / speed
@@ -69,7 +70,7 @@ def network_source(
     """
     scheme = url.partition("://")[0].lower()
     if scheme not in NETWORK_SCHEMES:
-        raise ValueError(f"unsupported URL scheme {scheme!r} in {url!r}: expected one of {NETWORK_SCHEMES}")
+        raise SourceError(f"unsupported URL scheme {scheme!r} in {url!r}: expected one of {NETWORK_SCHEMES}")
     live = scheme.startswith("rtsp") if live is None else live
     connect = connect or (lambda: nullcontext(url))
     return _reconnecting(url, fps, rtsp_options(url) | (options or {}), retries, backoff, timeout, live, sleep,

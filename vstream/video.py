@@ -14,8 +14,9 @@ its one demuxer. Files and http(s) URLs may be one of `CONTAINERS`, demuxers tha
 playlist (HLS `.m3u8`, DASH), a concat list, an SDP file or an image sequence is refused at open, because each would
 make FFmpeg open inputs that nobody checked. Nested playlists are not resolved: refusing is simpler and closes the class.
 
-Damaged input. Every failure raises `VideoError` naming the path, what was expected and what was found:
-- a path that does not exist: `VideoNotFoundError` (also a `FileNotFoundError`);
+Damaged input. Every failure raises `VideoError` (a `vstream.errors.SourceError`, so a `ValueError`) naming the path,
+what was expected and what was found:
+- a path that does not exist: `VideoNotFoundError` (also a `MissingPathError`, a `FileNotFoundError`);
 - a file FFmpeg cannot open (not a video, random bytes, an mp4 cut before its index): at open;
 - a container without a video stream, or whose video stream decodes to no frame (`read_frames`);
 - an error FFmpeg reports while decoding (corrupt packets): raised after the frames decoded before it were yielded; the
@@ -38,16 +39,18 @@ from pathlib import Path
 import av
 import numpy as np
 
+from vstream.errors import MissingPathError, SourceError
+
 # Demuxers that read their one input and never open another (no playlists, concat lists, SDP or image sequences)
 CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,mpeg"
 _EPS = 1e-6  # seconds; absorbs the float rounding of pts * time_base when a frame is compared with a due time
 
 
-class VideoError(ValueError):
+class VideoError(SourceError):
     """A path that is not a decodable video, or a video that broke while decoding; the message names the path."""
 
 
-class VideoNotFoundError(VideoError, FileNotFoundError):
+class VideoNotFoundError(VideoError, MissingPathError):
     """The video path does not exist."""
 
 

@@ -17,6 +17,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from vstream.errors import MissingPathError
+
 LAYOUTS = (
     ("model.safetensors", "model.safetensors.index.json"),
     ("pytorch_model.bin", "pytorch_model.bin.index.json"),
@@ -25,8 +27,8 @@ LAYOUTS = (
 
 def read_state_dict(directory: str | Path, skip_prefixes: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """All tensors of the folder as memory-mapped CPU tensors (pages are read when a tensor is used), except keys
-    starting with one of `skip_prefixes`. Raises FileNotFoundError naming the files expected and those found, or a
-    missing shard."""
+    starting with one of `skip_prefixes`. Raises MissingPathError (a FileNotFoundError) naming the files expected and
+    those found, or a missing shard."""
     root = Path(directory)
     for single, index_name in LAYOUTS:
         if (root / single).is_file():
@@ -35,13 +37,13 @@ def read_state_dict(directory: str | Path, skip_prefixes: tuple[str, ...] = ()) 
             shards = sorted(set(json.loads((root / index_name).read_text())["weight_map"].values()))
             missing = [s for s in shards if not (root / s).is_file()]
             if missing:
-                raise FileNotFoundError(f"{root / index_name} names shards that are not in {root}: {missing}")
+                raise MissingPathError(f"{root / index_name} names shards that are not in {root}: {missing}")
             state: dict[str, torch.Tensor] = {}
             for shard in shards:
                 state.update(_read_file(root / shard, skip_prefixes))
             return state
     present = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
-    raise FileNotFoundError(
+    raise MissingPathError(
         f"no weights in {root}: expected model.safetensors, pytorch_model.bin or an index of their shards; found {present}"
     )
 

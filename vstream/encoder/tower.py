@@ -29,6 +29,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from vstream.config import VisionConfig
+from vstream.errors import ConfigError, MissingPathError
 from vstream.weights import assign_, place, read_state_dict
 
 _BLOCK = re.compile(r"encoder\.layers\.(\d+)\.")
@@ -232,10 +233,10 @@ def load_clip_weights(
             unexpected.append(key)
     missing = sorted(prefix + name for name in wanted.keys() - mapped.keys())
     if missing or unexpected:
-        raise ValueError(_mismatch_message(missing, sorted(unexpected), prefix, state_dict))
+        raise ConfigError(_mismatch_message(missing, sorted(unexpected), prefix, state_dict))
     for name, value in mapped.items():
         if value.shape != wanted[name].shape:
-            raise ValueError(
+            raise ConfigError(
                 f"{prefix + name}: checkpoint shape {list(value.shape)}, tower expects {list(wanted[name].shape)}"
             )
     if next(iter(wanted.values())).is_meta:
@@ -261,7 +262,7 @@ def load_clip_directory(
     root = Path(path)
     if not (root.is_dir() and (root / "config.json").is_file()):
         found = "has no config.json" if root.is_dir() else "is not a directory" if root.exists() else "does not exist"
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"{root} {found}: expected a local CLIP directory with config.json and weights (nothing is downloaded)"
         )
     vision_cfg = vision_config_from_dir(root, cfg)
@@ -317,15 +318,18 @@ def materialise_position_ids(tower: VisionTower) -> None:
 def vision_config_from_dir(root: Path, cfg: VisionConfig | None = None) -> VisionConfig:
     """The architecture of a local CLIP directory (CLIPModel or CLIPVisionModel config.json); the remaining fields
     (selected layer, normalisation) come from `cfg` when given."""
-    raw = json.loads((root / "config.json").read_text())
+    try:
+        raw = json.loads((root / "config.json").read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{root}/config.json is not JSON: {exc}") from None
     model_type = raw.get("model_type")
     if model_type == "clip":
         raw = raw.get("vision_config", {})
     elif model_type != "clip_vision_model":
-        raise ValueError(f"{root}/config.json: expected model_type 'clip' or 'clip_vision_model', got {model_type!r}")
+        raise ConfigError(f"{root}/config.json: expected model_type 'clip' or 'clip_vision_model', got {model_type!r}")
     hf = CLIPVisionConfig(**{k: v for k, v in raw.items() if k not in ("model_type", "architectures")})
     if hf.num_channels != 3:
-        raise ValueError(f"{root}: expected a 3-channel CLIP vision tower, got num_channels={hf.num_channels}")
+        raise ConfigError(f"{root}: expected a 3-channel CLIP vision tower, got num_channels={hf.num_channels}")
     arch = dict(
         hidden_size=hf.hidden_size,
         intermediate_size=hf.intermediate_size,

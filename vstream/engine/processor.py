@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from vstream.encoder.pooling import pool_grid
+from vstream.errors import UserInputError
 from vstream.memory import MemoryRead, official_offline_memory
 
 
@@ -237,7 +238,7 @@ def pick_snapshot(latest: Snapshot | None, history: SnapshotHistory, question: s
     """The snapshot a question is answered from; raises ValueError (empty question), RuntimeError (no frame yet) or
     LookupError (nothing kept that old)."""
     if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"the question is empty or not text: expected a non-empty string, got {question!r}")
+        raise UserInputError(f"the question is empty or not text: expected a non-empty string, got {question!r}")
     if latest is None:
         raise RuntimeError("no frame has been ingested yet: nothing to answer from")
     return latest if as_of is None else snapshot_at(latest, history, as_of)
@@ -291,5 +292,5 @@ def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.nd
 
 def _require(snap: Snapshot | None, t: float) -> Snapshot:
     if snap is None:
-        raise ValueError(f"a snapshot at {t} s comes before the first frame")
+        raise UserInputError(f"a snapshot at {t} s comes before the first frame")
     return snap

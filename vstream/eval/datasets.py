@@ -27,13 +27,14 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vstream.errors import DataError
 from vstream.eval.features import VIDEO_EXTENSIONS, feature_name
 
 LETTERS = "ABCDEFGHIJ"
 CHOICE_INSTRUCTION = "Answer with the letter of the correct option only."
 
 
-class DatasetError(ValueError):
+class DatasetError(DataError):
     """A benchmark file or record that does not match its format, or a video/feature file that is missing."""
 
 

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from vstream.errors import DataError, MissingPathError
 from vstream.video import VideoError, iter_frames
 
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ts")
@@ -41,7 +42,7 @@ def list_videos(videos_dir: str | Path) -> list[str]:
     """Video files under `videos_dir` (recursively), as sorted paths relative to it."""
     root = Path(videos_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory: expected a folder of videos")
+        raise MissingPathError(f"{root} is not a directory: expected a folder of videos")
     return sorted(
         str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS
     )
@@ -90,17 +91,17 @@ def load_features(path: str | Path) -> tuple[torch.Tensor, list[float]]:
     """Read a feature file -> (features [T, tokens, D], times [T] seconds). Files without times are 1 fps from 0 s."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: expected a feature file")
+        raise MissingPathError(f"{path} does not exist: expected a feature file")
     with safe_open(str(path), framework="pt") as f:
         if FEATURE_KEY not in f.keys():
-            raise ValueError(f"{path}: expected a tensor named {FEATURE_KEY!r}, found {sorted(f.keys())}")
+            raise DataError(f"{path}: expected a tensor named {FEATURE_KEY!r}, found {sorted(f.keys())}")
         features = f.get_tensor(FEATURE_KEY)
         meta = f.metadata() or {}
     if features.ndim != 3 or features.shape[0] == 0:
-        raise ValueError(f"{path}: expected {FEATURE_KEY!r} of shape [T>0, tokens, D], got {tuple(features.shape)}")
+        raise DataError(f"{path}: expected {FEATURE_KEY!r} of shape [T>0, tokens, D], got {tuple(features.shape)}")
     times = json.loads(meta["times"]) if "times" in meta else [float(i) for i in range(features.shape[0])]
     if len(times) != features.shape[0]:
-        raise ValueError(f"{path}: {features.shape[0]} frames but {len(times)} times in the metadata")
+        raise DataError(f"{path}: {features.shape[0]} frames but {len(times)} times in the metadata")
     return features, [float(t) for t in times]
 
 
@@ -116,7 +117,7 @@ def extract_features(
 
     videos = list_videos(videos_dir)
     if not videos:
-        raise FileNotFoundError(f"{videos_dir} holds no video files (extensions {', '.join(VIDEO_EXTENSIONS)})")
+        raise MissingPathError(f"{videos_dir} holds no video files (extensions {', '.join(VIDEO_EXTENSIONS)})")
     out = Path(out_dir)
     done: dict[str, list[str]] = {"written": [], "skipped": []}
     meta = {"model": model.cfg.name, "fps": repr(model.cfg.sample_fps)}

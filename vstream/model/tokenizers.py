@@ -28,6 +28,7 @@ import string
 import tempfile
 from pathlib import Path
 
+from vstream.errors import MissingPathError
 from vstream.model.prompts import VICUNA_SYSTEM
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt")
@@ -206,10 +207,10 @@ def load_tokenizer(path: str | Path):
 
     folder = Path(path)
     if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
+        raise MissingPathError(f"tokenizer folder {folder} does not exist")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         found = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(f"{folder} holds none of the tokenizer files {list(TOKENIZER_FILES)}; it holds {found}")
+        raise MissingPathError(f"{folder} holds none of the tokenizer files {list(TOKENIZER_FILES)}; it holds {found}")
     # use_fast=False follows the official code (transformers 5 ignores it and always builds the tokenizers backend).
     use_fast = not (folder / "tokenizer.model").is_file()
     tokenizer = AutoTokenizer.from_pretrained(folder, use_fast=use_fast)

@@ -20,6 +20,7 @@ from torch import nn
 from vstream.config import ModelConfig
 from vstream.encoder.preprocess import crop_frames, normalise_crops
 from vstream.encoder.tower import VisionTower
+from vstream.errors import ConfigError
 from vstream.memory import AbstractAttention, MemoryRead, build_memory
 from vstream.model.generate import stream_generate
 from vstream.model.prompts import IMAGE_TOKEN_INDEX, prompt_parts, stop_strings
@@ -32,7 +33,7 @@ def build_projector(kind: str, in_dim: int, out_dim: int) -> nn.Module:
         return nn.Sequential(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
     if kind == "linear":
         return nn.Linear(in_dim, out_dim)
-    raise ValueError(f"projector type must be 'mlp2x_gelu' or 'linear', got {kind!r}")
+    raise ConfigError(f"projector type must be 'mlp2x_gelu' or 'linear', got {kind!r}")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 
+from vstream.errors import UserInputError
 from vstream.server.errors import ApiError
 from vstream.server.state import ServerState
 
@@ -44,10 +45,11 @@ def allowed_hosts(names: Iterable[str] | None) -> frozenset[str] | None:
             return None
         bare = name.strip().lower().removeprefix("[").removesuffix("]") if isinstance(name, str) else ""
         if not bare or name.count(":") == 1 or any(c in bare for c in "/[]@ \t"):
-            raise ValueError(f"allowed hosts must be host names or addresses without a port (or '*'), got {name!r}")
+            raise UserInputError(f"allowed hosts must be host names or addresses without a port (or '*'), "
+                                 f"got {name!r}")
         kept.add(bare)
     if not kept:
-        raise ValueError("allowed hosts is empty: expected at least one host name, or '*' for any")
+        raise UserInputError("allowed hosts is empty: expected at least one host name, or '*' for any")
     return frozenset(kept)
 
 

@@ -20,6 +20,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from vstream.engine import EngineConfig, StreamSession, engine_of
+from vstream.errors import UserInputError
 from vstream.server import access, openapi
 from vstream.server.errors import AsciiJSONResponse
 from vstream.server.middleware import Gate, add_error_handlers
@@ -37,7 +38,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
     names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`)."""
     if media_root is not None and not Path(media_root).is_dir():
-        raise ValueError(f"media_root must be an existing directory, got {media_root}")
+        raise UserInputError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
         allowed_hosts = access.default_allowed_hosts("127.0.0.1")
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,

@@ -63,9 +63,8 @@ def render_metrics(state: ServerState) -> str:
                          engine.pending_answers)
         lines += _sample("engine_rounds_total", "counter", "Rounds of frames the engine ran (all streams together).",
                          engine.rounds)
-        lines += ["# HELP vstream:engine_busy_seconds_total The engine thread's wall time in rounds of frames and in "
-                  "answer iterations (waits for the device included).",
-                  "# TYPE vstream:engine_busy_seconds_total counter"]
+        lines += _header("engine_busy_seconds_total", "counter", "The engine thread's wall time in rounds of frames "
+                         "and in answer iterations (waits for the device included).")
         lines += [f'vstream:engine_busy_seconds_total{{work="{k}"}} {v:.6f}' for k, v in engine.seconds.items()]
     device = state.model.device
     if device.type == "cuda":  # the allocator's own counters: no device synchronisation

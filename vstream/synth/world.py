@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vstream.errors import UserInputError
 from vstream.synth.clips import write_video
 
 OBJECT_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -151,7 +152,7 @@ class Stream:
     def frames(self, fps: float = 1.0, size: int = 128) -> Iterator[tuple[float, np.ndarray]]:
         """Yield (t, RGB frame [size, size, 3] uint8) for t = k / fps, 0 <= t < duration."""
         if not fps > 0:
-            raise ValueError(f"fps must be > 0, got {fps}")
+            raise UserInputError(f"fps must be > 0, got {fps}")
         k = 0
         while (t := k / fps) < self.duration:
             yield t, render(self.state_at(t), size)
@@ -199,12 +200,12 @@ def _fold(position: float, span: float) -> float:
 def generate_stream(seed: int, duration: int | None = None) -> Stream:
     """The stream of `seed` (same seed and duration, same stream). `duration` in whole seconds, default 24..48."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        raise UserInputError(f"seed must be an integer >= 0, got {seed!r}")
     rng = np.random.default_rng(int(seed))
     if duration is None:
         duration = int(rng.integers(24, 49))
     elif isinstance(duration, bool) or not isinstance(duration, (int, np.integer)) or duration < MIN_DURATION:
-        raise ValueError(f"duration must be an integer number of seconds >= {MIN_DURATION}, got {duration!r}")
+        raise UserInputError(f"duration must be an integer number of seconds >= {MIN_DURATION}, got {duration!r}")
     for _ in range(1000):  # rejection sampling: a draw that breaks a rule is drawn again from the same generator
         stream = _Builder(rng, int(seed), int(duration)).build()
         if stream is not None:
@@ -374,7 +375,7 @@ def label_map(scene: Scene, size: int = 128) -> np.ndarray:
 
 def _checked_size(size: int) -> int:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 8:
-        raise ValueError(f"frame size must be an integer >= 8 pixels, got {size!r}")
+        raise UserInputError(f"frame size must be an integer >= 8 pixels, got {size!r}")
     return int(size)
 
 
@@ -403,7 +404,7 @@ def _object_mask(o: SceneObject, size: int) -> tuple[slice, slice, np.ndarray]:
 def write_stream_video(stream: Stream, path: str | Path, fps: float = 4.0, size: int = 128) -> Path:
     """Encode the stream's frames at `fps` as H.264 (yuv420p, so `size` must be even). Returns the path."""
     if _checked_size(size) % 2:
-        raise ValueError(f"H.264 yuv420p needs an even frame size, got {size}")
+        raise UserInputError(f"H.264 yuv420p needs an even frame size, got {size}")
     return write_video(path, (frame for _, frame in stream.frames(fps, size)), fps=fps)
 
 
@@ -569,11 +570,11 @@ def _pick(rng: np.random.Generator, facts: _Facts, qtype: str, times: range, ask
 def split_seeds(split: str, n: int, start: int = 0) -> list[int]:
     """Seeds `start` .. `start + n - 1` of a split's range in SPLIT_SEEDS."""
     if split not in SPLIT_SEEDS:
-        raise ValueError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
+        raise UserInputError(f"split must be one of {sorted(SPLIT_SEEDS)}, got {split!r}")
     seeds = SPLIT_SEEDS[split]
     if n < 0 or start < 0 or start + n > len(seeds):
-        raise ValueError(f"split {split!r} has {len(seeds)} seeds: expected 0 <= start and start + n <= {len(seeds)}, "
-                         f"got start {start}, n {n}")
+        raise UserInputError(f"split {split!r} has {len(seeds)} seeds: expected 0 <= start and "
+                             f"start + n <= {len(seeds)}, got start {start}, n {n}")
     return list(seeds[start : start + n])
 
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from vstream.errors import ConfigError, MissingPathError
+
 STAGES = ("vision", "projector", "finetune")
 
 
@@ -101,13 +103,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+            raise ConfigError(f"stage must be one of {STAGES}, got {self.stage!r}")
         if self.data.kind not in ("world", "llava"):
-            raise ValueError(f"data.kind must be 'world' or 'llava', got {self.data.kind!r}")
+            raise ConfigError(f"data.kind must be 'world' or 'llava', got {self.data.kind!r}")
         if self.data.kind == "llava" and not self.data.json:
-            raise ValueError("data.kind 'llava' needs data.json (the LLaVA JSON list)")
+            raise ConfigError("data.kind 'llava' needs data.json (the LLaVA JSON list)")
         if self.stage == "vision" and self.data.kind != "world":
-            raise ValueError("the vision stage learns from the world's label maps: data.kind must be 'world'")
+            raise ConfigError("the vision stage learns from the world's label maps: data.kind must be 'world'")
 
     @property
     def prompt_template(self) -> str | None:
@@ -121,12 +123,22 @@ def load_config(path: str | Path, **overrides) -> TrainConfig:
     """Read a YAML training config; `overrides` (top-level keys) win over the file. Unknown keys are errors."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training config {str(path)!r} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+        raise MissingPathError(f"training config {str(path)!r} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of training settings, got {type(raw).__name__}")
+        raise ConfigError(f"{path}: expected a mapping of training settings, got {type(raw).__name__}")
     raw |= {k: v for k, v in overrides.items() if v is not None}
     return from_dict(raw, source=str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What the YAML parser found and where (line and column from 1), in one line."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
 def from_dict(raw: dict, source: str = "the config") -> TrainConfig:
@@ -134,16 +146,16 @@ def from_dict(raw: dict, source: str = "the config") -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(raw) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown training settings {unknown}; known: {sorted(known)}")
+        raise ConfigError(f"{source}: unknown training settings {unknown}; known: {sorted(known)}")
     kwargs = dict(raw)
     for key, cls in sections.items():
         if key in kwargs:
             sub_known = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(kwargs[key]) - sub_known)
             if bad:
-                raise ValueError(f"{source}: unknown keys {bad} in {key!r}; known: {sorted(sub_known)}")
+                raise ConfigError(f"{source}: unknown keys {bad} in {key!r}; known: {sorted(sub_known)}")
             kwargs[key] = cls(**kwargs[key])
     missing = [k for k in ("stage", "model", "output_dir") if k not in kwargs]
     if missing:
-        raise ValueError(f"{source}: missing required settings {missing}")
+        raise ConfigError(f"{source}: missing required settings {missing}")
     return TrainConfig(**kwargs)

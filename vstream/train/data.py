@@ -29,6 +29,7 @@ from vstream.config import ModelConfig
 from vstream.encoder.pooling import pyramid
 from vstream.encoder.preprocess import preprocess_frames
 from vstream.encoder.tower import VisionTower
+from vstream.errors import ConfigError, DataError, MissingPathError
 from vstream.memory import AbstractAttention, PaperStarMemory
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN, build_training_example
 from vstream.train.config import DataConfig
@@ -39,7 +40,8 @@ class SnapshotBuilder:
 
     def __init__(self, cfg: ModelConfig, tower: VisionTower | None):
         if cfg.memory.mode != "paper":
-            raise ValueError(f"training builds the paper-mode streaming memory; the model's memory mode is {cfg.memory.mode!r}")
+            raise ConfigError(f"training builds the paper-mode streaming memory; the model's memory mode is "
+                              f"{cfg.memory.mode!r}")
         self.cfg = cfg
         self.tower = tower
         # The worker's attention only keeps the memory running; its slots are discarded (the trainer recomputes them).
@@ -68,7 +70,7 @@ class SnapshotBuilder:
                 memory.update(features[frame : frame + 1], [times[frame]])
                 frame += 1
             if memory.frames_seen == 0:
-                raise ValueError(f"a conversation at {at[i]:.2f} s comes before the first frame ({times[0]:.2f} s)")
+                raise DataError(f"a conversation at {at[i]:.2f} s comes before the first frame ({times[0]:.2f} s)")
             read = memory.read()
             n_abs = read.counts["abstract"]
             out[i] = (read.tokens[n_abs:].clone(), abs_all[: memory.frames_seen].clone())
@@ -100,19 +102,23 @@ class LlavaDataset(Dataset):
     def __init__(self, data: DataConfig, builder: SnapshotBuilder, template: str, tokenizer):
         path = Path(data.json)
         if not path.is_file():
-            raise FileNotFoundError(f"training data {str(path)!r} does not exist")
-        records = json.loads(path.read_text())
+            raise MissingPathError(f"training data {str(path)!r} does not exist")
+        try:
+            records = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"{path} is not JSON: {exc}") from None
         if not isinstance(records, list) or not records:
-            raise ValueError(f"{path}: expected a non-empty JSON list of LLaVA records")
+            raise DataError(f"{path}: expected a non-empty JSON list of LLaVA records")
         self.root = Path(data.root) if data.root else path.parent
         self.features = Path(data.features) if data.features else None
         for i, r in enumerate(records):
             if not isinstance(r, dict) or not isinstance(r.get("conversations"), list):
-                raise ValueError(f"{path}: record {i} has no 'conversations' list")
+                raise DataError(f"{path}: record {i} has no 'conversations' list")
             media = r.get("video") or r.get("image")
             if media is not None and self._source(media) is None:
-                raise FileNotFoundError(f"{path}: record {i} ({r.get('id')}) names {media!r}, which is not under {self.root}"
-                                        + (f" nor has features in {self.features}" if self.features else ""))
+                elsewhere = f" nor has features in {self.features}" if self.features else ""
+                raise MissingPathError(f"{path}: record {i} ({r.get('id')}) names {media!r}, which is not under "
+                                       f"{self.root}{elsewhere}")
         self.records = records
         self.builder, self.template, self.tokenizer = builder, template, tokenizer
 
@@ -136,7 +142,7 @@ class LlavaDataset(Dataset):
         media = record.get("video") or record.get("image")
         if media is None:
             if any(IMAGE_TOKEN in m.get("value", "") for m in conversation):
-                raise ValueError(f"record {record.get('id')} has {IMAGE_TOKEN} but no video or image")
+                raise DataError(f"record {record.get('id')} has {IMAGE_TOKEN} but no video or image")
             ids, labels = tokenize(self.template, conversation, self.tokenizer)
             d, p = self.builder.cfg.vision.hidden_size, self.builder.cfg.memory.abstract_size**2
             return [{"rest": torch.zeros(0, d), "abstract_inputs": torch.zeros(0, p, d), "input_ids": ids, "labels": labels}]
@@ -155,7 +161,7 @@ class LlavaDataset(Dataset):
             frame = read_frames(source)[0] if source.suffix.lower() not in (".png", ".jpg", ".jpeg") else _read_image(source)
             times, features = [0.0], self.builder.encode([frame])
         if not times:
-            raise ValueError(f"record {record.get('id')}: no frames at or before {at} s in {source}")
+            raise DataError(f"record {record.get('id')}: no frames at or before {at} s in {source}")
         ask = times[-1] if math.isinf(at) else at
         return make_examples(self.builder, features, times, [(ask, conversation)], self.template, self.tokenizer)
 

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from vstream.errors import ConfigError, MissingPathError
 from vstream.model.loading import OWN_WEIGHTS, load, load_own_weights, save_pretrained
 from vstream.train.config import TrainConfig
 from vstream.train.data import LlavaDataset, SnapshotBuilder, collate
@@ -96,7 +97,7 @@ def apply_init(model, path: Path, merge: bool = True) -> dict[str, torch.Tensor]
     """Load the non-LLM weights of a vstream directory (a previous stage's `model/`) into `model`. Its LoRA factors
     are merged into the LLM (`merge`), or returned for adapters of the same shape to continue from."""
     if not (path / OWN_WEIGHTS).is_file():
-        raise FileNotFoundError(f"init {str(path)!r} holds no {OWN_WEIGHTS} (expected a vstream model directory)")
+        raise MissingPathError(f"init {str(path)!r} holds no {OWN_WEIGHTS} (expected a vstream model directory)")
     return load_own_weights(model, path, merge=merge)
 
 
@@ -106,13 +107,14 @@ def load_lora_factors(peft_model, lora: dict[str, torch.Tensor], rank: int, sour
     targets = {n for n, m in modules.items() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     saved = {k.rsplit(".", 1)[0] for k in lora}
     if saved != targets:
-        raise ValueError(f"init {source}: its LoRA modules {sorted(saved - targets)[:3]}... do not match the adapters "
-                         f"{sorted(targets - saved)[:3]}... (same rank and targets are needed to continue them)")
+        raise ConfigError(f"init {source}: its LoRA modules {sorted(saved - targets)[:3]}... do not match the "
+                          f"adapters {sorted(targets - saved)[:3]}... (same rank and targets are needed to continue "
+                          "them)")
     with torch.no_grad():
         for name in targets:
             a, b = lora[name + ".lora_A"], lora[name + ".lora_B"]
             if a.shape[0] != rank:
-                raise ValueError(f"init {source}: LoRA rank {a.shape[0]} differs from lora.rank {rank}")
+                raise ConfigError(f"init {source}: LoRA rank {a.shape[0]} differs from lora.rank {rank}")
             modules[name].lora_A["default"].weight.copy_(a)
             modules[name].lora_B["default"].weight.copy_(b)
 
@@ -145,7 +147,7 @@ def run(cfg: TrainConfig) -> Path:
 
         resume = get_last_checkpoint(str(out)) if out.is_dir() else None
         if resume is None:
-            raise FileNotFoundError(f"resume: true, but {out} holds no checkpoint-N folder to continue from")
+            raise MissingPathError(f"resume: true, but {out} holds no checkpoint-N folder to continue from")
     trainer.train(resume_from_checkpoint=resume)
     final = out / "model"
     if trainer.is_world_process_zero():
@@ -216,11 +218,11 @@ class VStreamTrainer(Trainer):
         module = model or self.model
         file = Path(resume_from_checkpoint) / TRAINABLE
         if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {resume_from_checkpoint} holds no {TRAINABLE}")
+            raise MissingPathError(f"checkpoint {resume_from_checkpoint} holds no {TRAINABLE}")
         state = load_file(str(file))
         expected = {n for n, p in module.named_parameters() if p.requires_grad}
         if set(state) != expected:
-            raise ValueError(
+            raise ConfigError(
                 f"checkpoint {resume_from_checkpoint} does not match the trained parameters: missing "
                 f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}"
             )

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 
 from vstream.config import ModelConfig
 from vstream.encoder.preprocess import preprocess_frames
+from vstream.errors import ConfigError
 from vstream.synth import world as w
 from vstream.train.config import DataConfig
 from vstream.train.data import SnapshotBuilder, make_examples
@@ -50,7 +51,7 @@ def caption(scene: w.Scene) -> str:
 class WorldQADataset(Dataset):
     def __init__(self, data: DataConfig, cfg: ModelConfig, builder: SnapshotBuilder, template: str, tokenizer):
         if data.task not in ("qa", "captions"):
-            raise ValueError(f"data.task must be 'qa' or 'captions' for world data, got {data.task!r}")
+            raise ConfigError(f"data.task must be 'qa' or 'captions' for world data, got {data.task!r}")
         self.data, self.cfg, self.builder, self.template, self.tokenizer = data, cfg, builder, template, tokenizer
         self.seeds = w.split_seeds(data.split, data.streams, data.start)
 
@@ -131,7 +132,7 @@ class WorldFrameDataset(Dataset):
         grid = self.cfg.vision.grid
         cell = size // grid
         if cell * grid != size:
-            raise ValueError(f"frame_size {size} must be a multiple of the tower's grid {grid}")
+            raise ConfigError(f"frame_size {size} must be a multiple of the tower's grid {grid}")
         onehot = np.eye(PATCH_CLASSES, dtype=np.float32)[labels]  # [S, S, C]
         shares = onehot.reshape(grid, cell, grid, cell, PATCH_CLASSES).mean((1, 3)).reshape(grid * grid, PATCH_CLASSES)
         return {

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from vstream.errors import UserInputError
 from vstream.memory import PARTS, MemoryRead
 from vstream.model.prompts import stop_strings
 from vstream.synth import world as w
@@ -84,7 +85,7 @@ def evaluate(
     from tqdm import tqdm
 
     if source not in ("render", "video"):
-        raise ValueError(f"source must be 'render' or 'video', got {source!r}")
+        raise UserInputError(f"source must be 'render' or 'video', got {source!r}")
     names = ["full" if a is None else f"no_{a}" for a in ablations]
     rows = []
     pending: list[tuple[dict, MemoryRead]] = []

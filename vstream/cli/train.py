@@ -1,4 +1,5 @@
-"""`vstream train`: the training stages of `vstream.train`, configured by a YAML file (see `configs/`)."""
+"""`vstream train`: one training stage of `vstream.train`, configured by a YAML file (see `configs/`). The stages,
+data and checkpoints are `vstream.train`; this module reads the config with the overrides and names the result."""
 
 from __future__ import annotations
 
@@ -6,10 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import app, needs_extra
+from vstream.cli.extras import needs_extra
 
 
-@app.command()
 def train(
     config: Annotated[str, typer.Option("--config", "-c", help="YAML training config (see configs/).")],
     output_dir: Annotated[Optional[str], typer.Option(help="Override the config's output_dir.")] = None,

@@ -1,4 +1,5 @@
-"""`vstream synth`: write a split of the procedural streaming world (`vstream.synth.world`) to a directory."""
+"""`vstream synth`: write a split of the procedural streaming world (`vstream.synth.world`) to a directory. The world
+and its files are `vstream.synth.world`; this module checks the options before anything is written."""
 
 from __future__ import annotations
 
@@ -7,10 +8,9 @@ from typing import Annotated
 
 import typer
 
-from vstream.cli import UserError, app
+from vstream.errors import UserInputError
 
 
-@app.command()
 def synth(
     out_dir: Annotated[Path, typer.Argument(help="Directory to write videos/, timelines/, llava.json, test_qa.json.")],
     split: Annotated[str, typer.Option(help="train, val or test (disjoint seed ranges).")] = "test",
@@ -23,16 +23,16 @@ def synth(
     from vstream.synth.world import SPLIT_SEEDS, split_seeds, write_dataset
 
     if split not in SPLIT_SEEDS:
-        raise UserError(f"--split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
+        raise UserInputError(f"--split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
     if streams < 1:
-        raise UserError(f"--streams must be >= 1, got {streams}")
+        raise UserInputError(f"--streams must be >= 1, got {streams}")
     split_seeds(split, streams, start)  # a range outside the split fails here, before anything is written
     if not fps > 0:
-        raise UserError(f"--fps must be > 0, got {fps}")
+        raise UserInputError(f"--fps must be > 0, got {fps}")
     if size < 16 or size % 2:
-        raise UserError(f"--size must be an even number of pixels >= 16, got {size}")
+        raise UserInputError(f"--size must be an even number of pixels >= 16, got {size}")
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"OUT_DIR must be a directory, got the file {out_dir}")
+        raise UserInputError(f"OUT_DIR must be a directory, got the file {out_dir}")
     with typer.progressbar(length=streams, label=f"{split} streams", file=None) as bar:
         counts = write_dataset(out_dir, split, streams, fps=fps, size=size, start=start,
                                on_stream=lambda _seed: bar.update(1))

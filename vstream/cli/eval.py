@@ -1,4 +1,5 @@
-"""`vstream extract-features` and `vstream eval`: the evaluation commands (the library is `vstream.eval`)."""
+"""`vstream extract-features` and `vstream eval`: the evaluation commands. The datasets, runners, judges and reports
+are `vstream.eval`; this module checks the options and prints the summary lines."""
 
 from __future__ import annotations
 
@@ -7,14 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DEFAULT_MODEL, DeviceOpt, ModelOpt, UserError, app, needs_extra
+from vstream.cli.extras import needs_extra
+from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt
+from vstream.errors import UserInputError
 
 VisionTowerOpt = Annotated[
     Optional[str], typer.Option(help="Local CLIP folder, for a released checkpoint whose config names a hub id.")
 ]
 
 
-@app.command("extract-features")
 def extract_features_command(
     videos_dir: Annotated[Path, typer.Argument(help="Folder of videos (searched recursively).")],
     out_dir: Annotated[Path, typer.Argument(help="Folder for the .safetensors files (created if needed).")],
@@ -28,15 +30,14 @@ def extract_features_command(
     from vstream.eval.features import extract_features
 
     if not videos_dir.is_dir():
-        raise UserError(f"VIDEOS_DIR must be an existing folder, got {videos_dir}")
+        raise UserInputError(f"VIDEOS_DIR must be an existing folder, got {videos_dir}")
     if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
     m = vstream.load(model, device=device, vision_tower=vision_tower)
     done = extract_features(m, videos_dir, out_dir, batch_size=batch_size, show_progress=True)
     typer.echo(f"{len(done['written'])} written, {len(done['skipped'])} already there, in {out_dir}")
 
 
-@app.command("eval")
 def eval_command(
     benchmark: Annotated[str, typer.Option(help="vs-ego, vs-movie, rvs-ego, rvs-movie, actnet, msvd, msrvtt, nextoe, "
                                                 "open, egoschema, mvbench or videomme.")],
@@ -54,7 +55,7 @@ def eval_command(
     judge_backoff: Annotated[float, typer.Option(help="First retry delay in seconds (doubles each retry).")] = 1.0,
     judge_concurrency: Annotated[int, typer.Option(help="Judge requests in flight.")] = 4,
     model: ModelOpt = DEFAULT_MODEL,
-    memory_mode: Annotated[Optional[str], typer.Option(help="paper or official (default: the model's).")] = None,
+    memory_mode: MemoryModeOpt = None,
     qa: Annotated[Optional[Path], typer.Option(help="Question file (default: the benchmark's file in --data).")] = None,
     videos: Annotated[Optional[Path], typer.Option(help="Folder of videos (default: DATA/videos).")] = None,
     features: Annotated[Optional[Path], typer.Option(help="Folder of feature files to use instead of videos.")] = None,
@@ -62,7 +63,7 @@ def eval_command(
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N questions.")] = None,
     speed: Annotated[Optional[float], typer.Option(help="Streaming: replay live at this multiple of real time "
                                                          "(default: simulated time).")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")] = None,
+    max_new_tokens: MaxNewTokensOpt = None,
     rvs_originals: Annotated[bool, typer.Option(help="RVS: ask every question on the original long video at its "
                                                      "end_time (videos named by original_video).")] = False,
     batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
@@ -79,12 +80,7 @@ def eval_command(
     from vstream.eval.judges import build_judge
     from vstream.eval.runner import RunConfig
 
-    if mode not in ("offline", "streaming", "both"):
-        raise UserError(f"--mode must be offline, streaming or both, got {mode!r}")
-    if speed is not None and (mode == "offline" or features is not None or speed <= 0):
-        raise UserError(f"--speed needs --mode streaming, videos (not --features) and a value > 0, got {speed}")
-    if workers < 1 or batch_size < 1:
-        raise UserError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
+    _check(mode, speed, features, workers, batch_size)
     bench = load_benchmark(benchmark, data, qa_file=qa, videos=videos, features=features, limit=limit,
                            originals=rvs_originals)
     scorer = None
@@ -99,6 +95,15 @@ def eval_command(
                         source="features" if features is not None else "video", originals=rvs_originals,
                         device=device, vision_tower=vision_tower)
         _evaluate(bench, cfg, scorer, out / one if mode == "both" else out, workers)
+
+
+def _check(mode: str, speed: float | None, features: Path | None, workers: int, batch_size: int) -> None:
+    if mode not in ("offline", "streaming", "both"):
+        raise UserInputError(f"--mode must be offline, streaming or both, got {mode!r}")
+    if speed is not None and (mode == "offline" or features is not None or speed <= 0):
+        raise UserInputError(f"--speed needs --mode streaming, videos (not --features) and a value > 0, got {speed}")
+    if workers < 1 or batch_size < 1:
+        raise UserInputError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
 
 
 def _evaluate(bench, cfg, scorer, out: Path, workers: int) -> None:

@@ -4,6 +4,8 @@ medians/p95. `serve` is the load generator against a server (`vstream.loadgen`);
 `--preset` picks the model shape (random weights): `tiny` runs on the CPU in seconds, `flash-vstream-7b` is the released
 model's shape (CLIP ViT-L/14, a 7B LLaMA) and wants a GPU. The fast path (fused tower, CUDA graphs, static KV cache)
 is enabled for every benchmark but `stream`, which runs the streaming engine as `vstream.load` builds it.
+
+The measurements are `vstream.bench` and `vstream.loadgen`; this module checks the options and prints the tables.
 """
 
 from __future__ import annotations
@@ -13,12 +15,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DeviceOpt, JsonOpt, ModelOpt, UserError, app, needs_extra
-
-DEFAULT_MODEL = "tiny"  # benchmarks default to the random preset; `--preset flash-vstream-7b` on a GPU
-
-bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks; each prints what it ran on.")
-app.add_typer(bench_app, name="bench")
+from vstream.cli.extras import needs_extra
+from vstream.cli.options import BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, resolve_device_option
+from vstream.errors import UserInputError
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")]
 
@@ -28,14 +27,10 @@ def _model(preset: str, device: str):
 
     from vstream.bench import load_bench_model
     from vstream.config import PRESETS
-    from vstream.devices import resolve_device
 
     if preset not in PRESETS:
-        raise UserError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
-    try:
-        device = str(resolve_device(device))
-    except ValueError as exc:
-        raise UserError(f"--device: {exc}") from exc
+        raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    device = str(resolve_device_option(device))
     model, built, warm = load_bench_model(preset, device)
     return model, {"build_s": round(built, 2), "fast_path_warmup_s": round(warm, 2)}
 
@@ -54,15 +49,14 @@ def _ints(text: str, name: str) -> tuple[int, ...]:
     try:
         values = tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise UserError(f"--{name} must be comma-separated integers, got {text!r}") from None
+        raise UserInputError(f"--{name} must be comma-separated integers, got {text!r}") from None
     if not values or min(values) < 1:
-        raise UserError(f"--{name} must hold integers >= 1, got {text!r}")
+        raise UserInputError(f"--{name} must hold integers >= 1, got {text!r}")
     return values
 
 
-@bench_app.command("memory")
 def bench_memory(
-    preset: PresetOpt = DEFAULT_MODEL,
+    preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
     lengths: Annotated[str, typer.Option(help="Stream lengths in frames, comma-separated.")] = "100,1000",
     repeats: Annotated[int, typer.Option(help="Timed one-frame updates per length.")] = 50,
@@ -86,9 +80,8 @@ def bench_memory(
         typer.echo(f"  growing buffer copy {name}: {_stat(s)}")
 
 
-@bench_app.command("encode")
 def bench_encode(
-    preset: PresetOpt = DEFAULT_MODEL,
+    preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
     batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
     repeats: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 5,
@@ -110,9 +103,8 @@ def bench_encode(
         typer.echo(f"  batch {row['batch']:>4}: {cells}")
 
 
-@bench_app.command("answer")
 def bench_answer(
-    preset: PresetOpt = DEFAULT_MODEL,
+    preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
     prompt_tokens: Annotated[int, typer.Option(help="Prompt length in positions (memory + template + question).")] = 745,
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded by the fast path.")] = 32,
@@ -146,9 +138,8 @@ def bench_answer(
                    f"{c['ms_per_token_second_call']} ms/token")
 
 
-@bench_app.command("streams")
 def bench_streams(
-    preset: PresetOpt = DEFAULT_MODEL,
+    preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
     counts: Annotated[str, typer.Option(help="Numbers of live streams, comma-separated.")] = "2",
     seconds: Annotated[float, typer.Option(help="Wall-clock seconds per run.")] = 3.0,
@@ -160,7 +151,7 @@ def bench_streams(
     from vstream.bench import streams_benchmark
 
     if seconds <= 0 or question_interval <= 0:
-        raise UserError(f"--seconds and --question-interval must be > 0, got {seconds} and {question_interval}")
+        raise UserInputError(f"--seconds and --question-interval must be > 0, got {seconds} and {question_interval}")
     model, load = _model(preset, device)
     r = streams_benchmark(model, counts=_ints(counts, "counts"), seconds=seconds, question_interval=question_interval,
                           max_new_tokens=max_new_tokens) | {"load": load}
@@ -174,14 +165,13 @@ def bench_streams(
                    f"frames ingested, {row['frames_dropped']} dropped")
 
 
-@bench_app.command("stream")
 def bench_stream(
     source: Annotated[Optional[str], typer.Option(help="Video file (default: a generated one).")] = None,
     seconds: Annotated[int, typer.Option(help="Length of the generated video.")] = 60,
     speed: Annotated[float, typer.Option(help="Live replay speed (source rate = sample fps x speed).")] = 10.0,
     questions: Annotated[int, typer.Option(help="Questions asked during live ingestion.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(help="Answer length per question.")] = 16,
-    model: ModelOpt = DEFAULT_MODEL,
+    model: ModelOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
@@ -210,19 +200,18 @@ def _frame_size(text: str) -> tuple[int, int]:
     try:
         size = (int(width), int(height))
     except ValueError:
-        raise UserError(f"--frame-size must be WIDTHxHEIGHT in pixels, e.g. 640x480, got {text!r}") from None
+        raise UserInputError(f"--frame-size must be WIDTHxHEIGHT in pixels, e.g. 640x480, got {text!r}") from None
     if min(size) < 16:
-        raise UserError(f"--frame-size must be at least 16x16, got {text!r}")
+        raise UserInputError(f"--frame-size must be at least 16x16, got {text!r}")
     return size
 
 
 def _positive(**values: float) -> None:
     for name, value in values.items():
         if not value > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
+            raise UserInputError(f"--{name.replace('_', '-')} must be > 0, got {value:g}")
 
 
-@bench_app.command("serve")
 def bench_serve(
     url: Annotated[Optional[str], typer.Option(help="A running server (http://HOST:PORT); none: start one.")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="Bearer key of the server (a local one is given it).")] = None,
@@ -243,35 +232,27 @@ def bench_serve(
     """Load a server through its API: N push streams of JPEG frames, streamed questions; client-side latencies."""
     needs_extra("server", "bench serve")  # its client (httpx, websockets) comes with the server
     if streams < 1 or max_tokens < 1:
-        raise UserError(f"--streams and --max-tokens must be >= 1, got {streams} and {max_tokens}")
+        raise UserInputError(f"--streams and --max-tokens must be >= 1, got {streams} and {max_tokens}")
     _positive(fps=fps, seconds=seconds, question_every=question_every, start_timeout=start_timeout)
     if warmup < 0:
-        raise UserError(f"--warmup must be >= 0 seconds, got {warmup:g}")
+        raise UserInputError(f"--warmup must be >= 0 seconds, got {warmup:g}")
     if question is not None and not question.strip():
-        raise UserError(f"--question must be a non-empty question, got {question!r}")
+        raise UserInputError(f"--question must be a non-empty question, got {question!r}")
     if url is not None:
         if not url.startswith(("http://", "https://")):
-            raise UserError(f"--url must be http://HOST:PORT or https://HOST:PORT, got {url!r}")
+            raise UserInputError(f"--url must be http://HOST:PORT or https://HOST:PORT, got {url!r}")
         if model is not None or device != "auto":
-            raise UserError("--model and --device choose the local server's model; with --url the server has its "
-                            f"own (got --model {model}, --device {device})")
+            raise UserInputError("--model and --device choose the local server's model; with --url the server has its "
+                                 f"own (got --model {model}, --device {device})")
     else:
-        from vstream.devices import resolve_device
-
-        try:
-            device = str(resolve_device(device))
-        except ValueError as exc:
-            raise UserError(f"--device: {exc}") from exc
+        device = str(resolve_device_option(device))
     from vstream.loadgen import LoadConfig, bench_serve as run
 
     cfg = LoadConfig(streams=streams, fps=fps, seconds=seconds, question_every=question_every, max_tokens=max_tokens,
                      frame_size=_frame_size(frame_size), warmup=warmup,
                      **({"question": question} if question is not None else {}))
-    try:
-        r = run(cfg, url=url and url.rstrip("/"), api_key=api_key, model=model or DEFAULT_MODEL, device=device,
-                start_timeout=start_timeout)
-    except RuntimeError as exc:
-        raise UserError(str(exc)) from exc
+    r = run(cfg, url=url and url.rstrip("/"), api_key=api_key, model=model or BENCH_DEFAULT_PRESET, device=device,
+            start_timeout=start_timeout)
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return

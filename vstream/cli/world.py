@@ -4,6 +4,9 @@ per ablation, the command, model, date, device and versions) and `accuracy.png` 
 
 `--from-results FILE` renders the report and plot again from a results file alone (e.g. one made on a GPU machine), so
 the same file always gives the same report.
+
+The evaluation itself is `vstream.train.world_eval`; this module checks the options, records what produced the results
+and renders them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli import DeviceOpt, UserError, app, needs_extra
+from vstream.cli.extras import needs_extra
+from vstream.cli.options import DeviceOpt, resolve_device_option
+from vstream.errors import UserInputError
 
 RESULTS, REPORT, PLOT = "results.json", "report.md", "accuracy.png"
 ABLATIONS = (None, "spatial", "temporal", "abstract", "retrieved")
@@ -29,7 +34,6 @@ REQUIRED = ("command", "model", "date", "device", "versions", "split", "streams"
 """Fields a results file must hold for its report to be rendered."""
 
 
-@app.command("world-eval")
 def world_eval(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Preset, model directory or 'demo'.")] = None,
     split: Annotated[str, typer.Option(help="train, val or test (disjoint seed ranges).")] = "test",
@@ -73,26 +77,10 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
 
     import vstream
     from vstream import __version__
-    from vstream.devices import resolve_device
-    from vstream.synth.world import SPLIT_SEEDS, split_seeds
     from vstream.train.world_eval import evaluate
 
-    if model is None:
-        raise UserError("--model is required (a preset, a model directory or 'demo') unless --from-results is given")
-    if split not in SPLIT_SEEDS:
-        raise UserError(f"--split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
-    if streams < 1:
-        raise UserError(f"--streams must be >= 1, got {streams}")
-    split_seeds(split, streams, start)  # a range outside the split fails before the model is loaded
-    if source not in ("render", "video"):
-        raise UserError(f"--source must be render or video, got {source!r}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
-    try:
-        device = resolve_device(device)
-    except ValueError as exc:
-        raise UserError(f"--device: {exc}") from exc
-    m = vstream.load(model, device=device)
+    _check(model, split, streams, start, source, batch_size)
+    m = vstream.load(model, device=resolve_device_option(device))
     ablations = ABLATIONS if ablate else (None,)
     results = evaluate(m, split=split, streams=streams, start=start, ablations=ablations, source=source,
                        batch_size=batch_size)
@@ -106,6 +94,23 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
         "ablations": ["full" if a is None else f"no_{a}" for a in ablations],
         "right": _right_counts(results["rows"], ["full" if a is None else f"no_{a}" for a in ablations]),
     } | results
+
+
+def _check(model: str | None, split: str, streams: int, start: int, source: str, batch_size: int) -> None:
+    from vstream.synth.world import SPLIT_SEEDS, split_seeds
+
+    if model is None:
+        raise UserInputError("--model is required (a preset, a model directory or 'demo') unless --from-results is "
+                             "given")
+    if split not in SPLIT_SEEDS:
+        raise UserInputError(f"--split must be one of {', '.join(SPLIT_SEEDS)}, got {split!r}")
+    if streams < 1:
+        raise UserInputError(f"--streams must be >= 1, got {streams}")
+    split_seeds(split, streams, start)  # a range outside the split fails before the model is loaded
+    if source not in ("render", "video"):
+        raise UserInputError(f"--source must be render or video, got {source!r}")
+    if batch_size < 1:
+        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
 
 
 def _device_name(device) -> str:
@@ -131,16 +136,16 @@ def _right_counts(rows: list[dict], names: list[str]) -> dict[str, dict[str, int
 def read_results(path: Path) -> dict:
     """A results file written by `world-eval`, checked for the fields the report needs."""
     if not path.is_file():
-        raise UserError(f"--from-results must be a results.json file, got {path}")
+        raise UserInputError(f"--from-results must be a results.json file, got {path}")
     try:
         results = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserError(f"{path} is not JSON: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"{path} is not JSON: {exc}") from None
     missing = [k for k in REQUIRED if not isinstance(results, dict) or k not in results]
     if missing:
-        raise UserError(f"{path} is not a world-eval results file: missing {missing}")
+        raise UserInputError(f"{path} is not a world-eval results file: missing {missing}")
     if "full" not in results["accuracy"]:
-        raise UserError(f"{path}: accuracy has no 'full' row, got {sorted(results['accuracy'])}")
+        raise UserInputError(f"{path}: accuracy has no 'full' row, got {sorted(results['accuracy'])}")
     return results
 
 

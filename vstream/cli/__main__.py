@@ -1,0 +1,5 @@
+"""`python -m vstream.cli ...` = the `vstream` command."""
+
+from vstream.cli import main
+
+main()

@@ -1,0 +1,40 @@
+"""`vstream run`: play a source with a live status line and answer the questions typed on stdin meanwhile.
+
+The console loop itself is `vstream.engine.console`; this module checks the options, loads the model and opens the
+source.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt, SourceArg
+from vstream.errors import UserInputError
+
+
+def run(
+    source: SourceArg,
+    speed: Annotated[Optional[float], typer.Option(help="Replay a file in simulated real time at this speed.")] = None,
+    model: ModelOpt = DEFAULT_MODEL,
+    memory_mode: MemoryModeOpt = None,
+    max_new_tokens: MaxNewTokensOpt = None,
+    device: DeviceOpt = "auto",
+) -> None:
+    """Play a source, show a live status line, and answer questions typed on stdin while ingestion goes on."""
+    import vstream
+    from vstream.engine import StreamSession
+    from vstream.engine.console import run_console
+    from vstream.model.loading import show_progress
+    from vstream.sources import open_source
+
+    if speed is not None and speed <= 0:
+        raise UserInputError(f"--speed must be > 0, got {speed}")
+    show_progress()
+    m = vstream.load(model, device=device, memory_mode=memory_mode)
+    frames, live = open_source(source, fps=m.cfg.sample_fps, speed=speed)
+    with StreamSession(m).start(frames, live=live) as session:
+        code = run_console(session, sys.stdin, max_new_tokens=max_new_tokens)
+    raise typer.Exit(code)

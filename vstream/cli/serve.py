@@ -1,0 +1,60 @@
+"""`vstream serve`: the HTTP API, the realtime WebSocket and the web page. The server is `vstream.server`; this module
+checks the options (before the model loads) and shows the model's load stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from vstream.cli.extras import needs_extra
+from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, ModelOpt
+from vstream.errors import UserInputError
+
+
+def serve(
+    model: ModelOpt = DEFAULT_MODEL,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    media_root: Annotated[
+        Optional[Path], typer.Option(help="Directory that file sources must lie in (none: no files).")
+    ] = None,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(envvar="VSTREAM_API_KEY", help="Require 'Authorization: Bearer KEY' (all routes but /health/*)."),
+    ] = None,
+    max_streams: Annotated[int, typer.Option(help="Most streams open at once.")] = 8,
+    device: DeviceOpt = "auto",
+    allow_private_sources: Annotated[
+        bool, typer.Option(help="Let URL sources reach loopback, private, link-local and reserved addresses.")
+    ] = False,
+    drain_seconds: Annotated[
+        float, typer.Option(help="On SIGTERM/Ctrl-C: not ready, sessions notified, closed after this long.")
+    ] = 10.0,
+    allowed_host: Annotated[
+        Optional[list[str]],
+        typer.Option(metavar="NAME", help="Also accept this Host name (repeatable; '*': any). Accepted anyway: "
+                     "the names --host is bound as (all of the machine's for 0.0.0.0); with --api-key and no "
+                     "--allowed-host, any."),
+    ] = None,
+) -> None:
+    """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
+    needs_extra("server", "serve")
+    from vstream.model.loading import show_progress
+    from vstream.server import serve as run_server
+
+    _check(media_root, max_streams, drain_seconds)
+    show_progress()  # the model's load stages on stderr, before uvicorn's own lines
+    run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
+               max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
+               drain_s=drain_seconds, allowed_hosts=allowed_host or ())
+
+
+def _check(media_root: Path | None, max_streams: int, drain_seconds: float) -> None:
+    if media_root is not None and not media_root.is_dir():
+        raise UserInputError(f"--media-root must be an existing directory, got {media_root}")
+    if max_streams < 1:
+        raise UserInputError(f"--max-streams must be >= 1, got {max_streams}")
+    if drain_seconds < 0:
+        raise UserInputError(f"--drain-seconds must be >= 0, got {drain_seconds}")
