@@ -52,10 +52,13 @@ class Snapshot:
     def of_many(cls, reads: Sequence[tuple[int, MemoryRead, float, int]]) -> list["Snapshot"]:
         """Snapshots of several memory reads `(version, memory, stream_time, frames)`, whichever streams they come
         from, with all their times read to the host in one transfer (one wait for the device, not one per read)."""
-        parts = [(m.spatial_times, m.retrieved_times, m.temporal_spans.flatten(), m.temporal_weights)
-                 for _, m, _, _ in reads]
-        flat = [p.detach().to(torch.float64).flatten() for group in parts for p in group]
-        host = torch.cat(flat).cpu().tolist() if flat else []
+        flat = _times_of(reads)
+        return cls.from_host(reads, flat.cpu().tolist() if flat is not None else [])
+
+    @classmethod
+    def from_host(cls, reads: Sequence[tuple[int, MemoryRead, float, int]], host: list[float]) -> list["Snapshot"]:
+        """The snapshots of `reads` from their times on the host, in the order `_times_of` lays them out."""
+        parts = [_parts(m) for _, m, _, _ in reads]
         out, i = [], 0
         for (version, memory, stream_time, frames), group in zip(reads, parts):
             spa, ret, spans, weights = [], [], [], []
@@ -65,6 +68,45 @@ class Snapshot:
             out.append(cls(version, memory, stream_time, frames, tuple(spa), tuple(ret),
                            tuple(tuple(spans[j : j + 3]) for j in range(0, len(spans), 3)), tuple(weights)))
         return out
+
+
+def _parts(m: MemoryRead) -> tuple[torch.Tensor, ...]:
+    return m.spatial_times, m.retrieved_times, m.temporal_spans.flatten(), m.temporal_weights
+
+
+def _times_of(reads) -> torch.Tensor | None:
+    """Every time the reads cite, as one float64 tensor on their device (None for no read)."""
+    flat = [p.detach().to(torch.float64).flatten() for _, m, _, _ in reads for p in _parts(m)]
+    return torch.cat(flat) if flat else None
+
+
+class PendingSnapshots:
+    """Snapshots whose cited times are on their way to the host (a copy into pinned memory, queued behind the work
+    that computes them): `ready()` says, without waiting, whether they have arrived; `finish()` waits for them and
+    publishes the snapshots to their processors (latest snapshot and history)."""
+
+    def __init__(self, reads: list[tuple["StreamProcessor", tuple]]):
+        self.reads = reads
+        flat = _times_of([r for _, r in reads])
+        self.host, self.event = None, None
+        if flat is not None and flat.is_cuda:
+            self.host = torch.empty(flat.shape, dtype=torch.float64, pin_memory=True)
+            self.host.copy_(flat, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        elif flat is not None:
+            self.host = flat
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def finish(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+        host = self.host.tolist() if self.host is not None else []
+        for (p, _), snap in zip(self.reads, Snapshot.from_host([r for _, r in self.reads], host)):
+            p.history.add(snap)  # a no-op without history
+            p._snapshot = snap
 
 
 class SnapshotHistory:
@@ -125,6 +167,7 @@ class StreamProcessor:
         self._pooled: list[torch.Tensor] = []  # offline official: the frames' P_spa features so far
         self._times: list[float] = []
         self._snapshot: Snapshot | None = None
+        self._stale = False  # frames came after the latest snapshot's read
         self._reads: list[tuple[int, MemoryRead, float, int]] = []  # memory reads not yet made snapshots
         self._version = 0
         self.history.clear()
@@ -178,7 +221,7 @@ class StreamProcessor:
                 self._times.append(t)
                 if self.history.size and i < len(times) - 1:  # every frame's memory is kept for "as of" questions
                     self._reads.append(self._read())
-        self._snapshot = None
+        self._stale = True
         if publish and self.history.size:
             publish_snapshots([self])
 
@@ -199,8 +242,9 @@ class StreamProcessor:
         return self._version, memory, self._times[-1], len(self._times)
 
     def snapshot(self) -> Snapshot | None:
-        """The memory after the last inserted frame (None before the first); taken once per insert."""
-        if self._reads or (self._snapshot is None and self._times):
+        """The memory after the last inserted frame (None before the first); taken once per insert (the previous one
+        while a `publish_snapshots(wait=False)` of this processor is not finished)."""
+        if self._reads or self._stale:
             publish_snapshots([self])
         return self._snapshot
 
@@ -217,21 +261,24 @@ class StreamProcessor:
                                               temperature=temperature)
 
 
-def publish_snapshots(processors: Iterable[StreamProcessor]) -> None:
+def publish_snapshots(processors: Iterable[StreamProcessor], wait: bool = True) -> PendingSnapshots | None:
     """Make the pending snapshots of several processors (each one's latest, and the past ones its history keeps) with
-    every cited time read to the host in one transfer; each processor's `snapshot()` is then its latest."""
+    every cited time read to the host in one transfer; each processor's `snapshot()` is then its latest. With
+    `wait=False` the transfer is only queued: the caller finishes the returned `PendingSnapshots` later (until then
+    each processor's `snapshot()` is its previous one)."""
     processors = list(processors)
     for p in processors:
         latest_read = p._reads and p._reads[-1][3] == len(p._times)
-        if p._snapshot is None and p._times and not latest_read:
+        if p._stale and not latest_read:
             p._reads.append(p._read())  # the first read of a page's memory runs the page's queued updates
-    reads = [(p, r) for p in processors for r in p._reads]
-    snaps = Snapshot.of_many([r for _, r in reads])
-    for (p, _), snap in zip(reads, snaps):
-        p.history.add(snap)  # a no-op without history
-        p._snapshot = snap
+        p._stale = False
+    pending = PendingSnapshots([(p, r) for p in processors for r in p._reads])
     for p in processors:
         p._reads.clear()
+    if not wait:
+        return pending
+    pending.finish()
+    return None
 
 
 def pick_snapshot(latest: Snapshot | None, history: SnapshotHistory, question: str, as_of: float | None) -> Snapshot:

@@ -8,11 +8,13 @@
 Each iteration of the engine thread does up to two things:
 
 1. **A round of frames**, when frames wait and (no answer is running, or `round_every_s` and twice the last round's
-   duration have passed since the last round began, so answers get at least half of a loaded engine): up to
-   `frames_per_round` frames from all streams, at most `lane.batch` from each, taken round-robin so that no stream
-   waits behind the others. They go through the tower in one batch (captured CUDA graphs on CUDA), each stream's
-   memory takes its frames (its steady update replayed from a captured graph), and each stream publishes its new
-   snapshot (one reference swap; snapshots carry their times on the host).
+   duration (its device time on CUDA) have passed since the last round began, so answers get at least half of a
+   loaded engine): up to `frames_per_round` frames from all streams, at most `lane.batch` from each, taken
+   round-robin so that no stream waits behind the others. They go through the tower in one batch (captured CUDA
+   graphs on CUDA); the memories take their frames (steady updates of the memories of one `MemoryPage` as one
+   batched update, replayed from a captured graph); each stream publishes its new snapshot (one reference swap;
+   snapshots carry their times on the host, copied there in one transfer that the next iteration collects, so a
+   round never waits for the device).
 2. **One answer iteration** (`BatchAnswerer.run_once`: admit, a chunk of prefill, one batched decode step for every
    running answer), when answers are pending.
 
@@ -270,6 +272,7 @@ class Engine:
         self.lanes: list[Lane] = []
         self.pages: list[MemoryPage] = []
         self._page_pool = None  # one memory pool for every page's graph: pages update one after another
+        self._pending = None  # (PendingSnapshots, lanes, device-time events) of the last round, not yet published
         self._staging: torch.Tensor | None = None  # pinned host buffer of a round's crops (CUDA)
         self._staged = None  # event: the copy from it has been queued up to here
         self.rounds = 0
@@ -384,8 +387,8 @@ class Engine:
         """One iteration of the engine thread (a round of frames when due, one answer iteration when answers are
         pending) -> whether it did any work. The thread calls it in a loop; a test may drive an engine made with
         `thread=False` by calling it."""
+        worked = self._finish_publish(block=False)
         answering = self.pending_answers > 0
-        worked = False
         since = time.monotonic() - self._last_round
         if not answering or since >= max(self.config.round_every_s, 2 * self._round_s):
             t0 = time.perf_counter()
@@ -403,6 +406,8 @@ class Engine:
                 self.eager.run_once()
             self.seconds["answers"] += time.perf_counter() - t0
             worked = True
+        if not worked and self._pending is not None:  # nothing else to do: wait for the last round's snapshots
+            worked = self._finish_publish(block=True)
         return worked
 
     def _run(self) -> None:
@@ -452,22 +457,25 @@ class Engine:
         frames = [(lane, items) for lane, items in frames if items]
         if frames:
             t0 = time.perf_counter()
+            span = self._events() if self.model.device.type == "cuda" else None
             features = self._encode(frames)
             t1 = time.perf_counter()
             for (lane, items), feats in zip(frames, features):
                 if feats is not None:
                     self._insert(lane, items, feats)
-            self._publish([lane for lane, _ in frames])
+            self._publish([lane for lane, _ in frames], span)
             t2 = time.perf_counter()
-            self._round_s = t2 - t0
+            self._round_s = self._round_s if span is not None else t2 - t0  # on CUDA: its device time, once known
             n = sum(len(items) for _, items in frames)
             for lane, items in frames:
                 lane.counters.latency["encode"].add((t1 - t0) / n)
                 lane.counters.latency["memory_update"].add((t2 - t1) / n)
             self.rounds += 1
-        for lane, items in work:
-            if any(it is _END for it in items) or lane.done.is_set():
-                self.close(lane)
+        ending = [lane for lane, items in work if any(it is _END for it in items) or lane.done.is_set()]
+        if ending:
+            self._finish_publish(block=True)  # an ended lane's last snapshot is published before it is done
+        for lane in ending:
+            self.close(lane)
         return True
 
     def _encode(self, frames: list[tuple[Lane, list]]) -> list[torch.Tensor | None]:
@@ -521,18 +529,50 @@ class Engine:
         except Exception as error:  # this stream's frames or memory failed: it ends, the others go on
             lane.fail(error)
 
-    def _publish(self, lanes: list[Lane]) -> None:
-        """Every lane's new snapshot, with all their times read in one transfer (when that fails, lane by lane, so
-        that only the failing lane ends)."""
+    @staticmethod
+    def _events() -> tuple:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start, end
+
+    def _publish(self, lanes: list[Lane], span: tuple | None = None) -> None:
+        """Every lane's new snapshot, with all their times read in one transfer that is only queued here: the next
+        iteration publishes them once they have arrived (`_finish_publish`), so a round never waits for the device.
+        When making them fails, lane by lane, so that only the failing lane ends."""
+        self._finish_publish(block=True)
         lanes = [lane for lane in lanes if not (lane.done.is_set() and lane.error is not None)]
         try:
-            publish_snapshots([lane.processor for lane in lanes])
-        except Exception:
-            for lane in lanes:
-                try:
-                    publish_snapshots([lane.processor])
-                except Exception as error:
-                    lane.fail(error)
+            self._pending = (publish_snapshots([lane.processor for lane in lanes], wait=False), lanes, span)
+            if span is not None:
+                span[1].record()  # the round's device work ends here (its times' copy to the host queued)
+            else:  # on the CPU the times are there already
+                self._finish_publish(block=True)
+            return
+        except Exception:  # noqa: BLE001 - retried lane by lane below, where the failing lane ends with its error
+            pass
+        for lane in lanes:
+            try:
+                publish_snapshots([lane.processor])
+            except Exception as error:
+                lane.fail(error)
+        self._swap(lanes)
+
+    def _finish_publish(self, block: bool) -> bool:
+        """Publish the snapshots of the last round once their times are on the host (`block`: wait for them) ->
+        whether there were some."""
+        if self._pending is None or not (block or self._pending[0].ready()):
+            return False
+        pending, lanes, span = self._pending
+        self._pending = None
+        pending.finish()
+        if span is not None:
+            span[1].synchronize()  # recorded right after the copy `finish` waited for
+            self._round_s = span[0].elapsed_time(span[1]) / 1000  # the round's device time: answers get twice it
+        self._swap(lanes)
+        return True
+
+    @staticmethod
+    def _swap(lanes: list[Lane]) -> None:
         for lane in lanes:
             if not lane.done.is_set() or lane.error is None:
                 lane.snapshot = lane.processor.snapshot()  # one reference swap publishes it

@@ -1,5 +1,6 @@
 """Many streams' paper-mode memories updated as one: the state of up to `capacity` memories lives in the rows of
-stacked tensors, and one steady one-frame update of any set of them is one batched computation (on CUDA, one graph).
+stacked tensors, and one steady one-frame update of any set of them is one batched computation (on CUDA, one graph
+replay) whose cost grows with the memories updated, not with the page.
 
     page = MemoryPage(cfg, dim, attention, grid, capacity=64, device="cuda", dtype=torch.float16)
     memory = page.new_memory()           # a PaperStarMemory whose tensors are views of one row
@@ -7,10 +8,12 @@ stacked tensors, and one steady one-frame update of any set of them is one batch
     m1.update(f, t); m2.update(g, u)     # the same, deferred: queued, run together when either is read next
 
 A page's memory is an ordinary `PaperStarMemory` (its reads, snapshots, state dicts and non-steady updates work on
-its row); only the steady one-frame update has a batched form here. That update runs for every row, and rows without
-a frame this time keep their state (`torch.where` on an `active` mask), so its shapes never change and it is captured
-once. Same arithmetic as `PaperStarMemory._step`, batched over rows: equal to it up to the rounding of batched matrix
-products (the k-means labels, weights and retrieved frames are the same on the tested streams).
+its row); only the steady one-frame update has a batched form here. It gathers the rows being updated (their small
+parts: clusters, slots, times; the ring buffer is written in place and read only for retrieval), updates them and
+scatters them back. Its batch is padded to a power of two with a scratch row that no memory owns, so a page captures
+at most log2(capacity) + 1 graphs. Same arithmetic as `PaperStarMemory._step`, batched over rows: equal to it up to
+the rounding of batched matrix products (the k-means labels, weights and retrieved frames are the same on the tested
+streams).
 
 What this module does not do: decide which memories share a page or when to update (the engine does), or batch the
 filling phase (a memory's first `temporal_length` frames), whose shapes change frame by frame.
@@ -33,9 +36,9 @@ class MemoryPage:
 
     def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, capacity: int,
                  device, dtype: torch.dtype, graph: bool | None = None, graph_pool=None):
-        """`graph`: capture the batched update in a CUDA graph (None: on CUDA). `graph_pool`: the graph's memory pool
+        """`graph`: capture the batched update in CUDA graphs (None: on CUDA). `graph_pool`: their memory pool
         (`torch.cuda.graph_pool_handle()`), shared by pages whose updates never run at the same time, so that their
-        temporaries take the room of one page's, not of each."""
+        temporaries take the room of one update's, not of each."""
         if cfg.mode != "paper":
             raise ValueError(f"a memory page holds paper-mode memories, got mode {cfg.mode!r}")
         if capacity < 1:
@@ -43,15 +46,13 @@ class MemoryPage:
         self.cfg, self.dim, self.attention, self.grid = cfg, dim, attention, grid
         self.capacity, self.device, self.dtype = capacity, torch.device(device), dtype
         self.layout = paper_state_layout(cfg, dim, dtype)
-        self.state = {k: torch.full((capacity, *shape), fill, dtype=dt, device=self.device)
+        self.state = {k: torch.full((capacity + 1, *shape), fill, dtype=dt, device=self.device)  # + a scratch row
                       for k, (shape, dt, fill) in self.layout.items()}
         self.members: dict[int, PaperStarMemory] = {}  # row -> its memory
-        self.features = torch.zeros(capacity, grid**2, dim, dtype=dtype, device=self.device)  # static inputs
-        self.times = torch.zeros(capacity, dtype=torch.float64, device=self.device)
-        self.active = torch.zeros(capacity, dtype=torch.bool, device=self.device)
+        self.sizes = sorted({1 << i for i in range(capacity.bit_length()) if 1 << i < capacity} | {capacity})
         self.use_graph = self.device.type == "cuda" if graph is None else graph
-        self.graph: torch.cuda.CUDAGraph | None = None
         self.graph_pool = graph_pool
+        self._graphs: dict[int, _Batch] = {}  # batch size -> its static inputs and captured update
         self._queued: dict[int, tuple[PaperStarMemory, torch.Tensor, torch.Tensor]] = {}  # row -> its queued frame
         self.updates = 0  # batched updates run (each one graph replay on CUDA)
 
@@ -120,81 +121,96 @@ class MemoryPage:
         rows = [m.page_row for m in memories]
         if any(self.members.get(r) is not m or not m.steady for r, m in zip(rows, memories)) or len(set(rows)) < n:
             raise ValueError("a batched update takes distinct steady memories of this page")
-        index = torch.tensor(rows, dtype=torch.long)
-        index = (index.pin_memory() if self.device.type == "cuda" else index).to(self.device, non_blocking=True)
-        self.active.zero_()
-        self.active.index_fill_(0, index, True)
-        self.features.index_copy_(0, index, features.to(self.dtype))
-        self.times.index_copy_(0, index, times.to(self.device, torch.float64))
-        if self.use_graph:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-        else:
-            self._step()
+        size = next(b for b in self.sizes if b >= n)
+        batch = self._graphs.get(size) or self._graphs.setdefault(size, _Batch(self, size))
+        batch.prepare()
+        index = torch.tensor(rows + [self.capacity] * (size - n), dtype=torch.long)  # padded with the scratch row
+        index = index.pin_memory() if self.device.type == "cuda" else index
+        batch.index.copy_(index, non_blocking=True)
+        batch.features[:n].copy_(features)
+        batch.times[:n].copy_(times)
+        batch.run()
         self.updates += 1
         for memory in memories:
             memory.frames_seen += 1
 
-    def _capture(self) -> None:
-        saved = {k: v.clone() for k, v in self.state.items()}  # warm-up and capture leave no trace
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
+    def step(self, index: torch.Tensor, features: torch.Tensor, times: torch.Tensor) -> None:
+        """(1) -> (5) of `PaperStarMemory._step` for the rows `index` [b] (distinct, but for repeats of the scratch
+        row), one frame each: features [b, grid^2, D], times [b]."""
+        c, s = self.cfg, self.state
+        spa, tem, abs_ = pyramid(features, c.spatial_size, c.temporal_size, c.abstract_size)
+        count = s["count"][index]  # [b]
+        slot = count % c.buffer_length
+        for name, new in (("buffer", spa), ("buffer_tem", tem), ("buffer_time", times)):
+            s[name][index, slot] = new
+        s["count"][index] = count + 1
+        temporal, weight = self._update_temporal(index, tem, times)
+        self._update_abstract(index, abs_)
+        self._retrieve(index, temporal, weight)
+
+    def _update_temporal(self, index, tem, times) -> tuple[torch.Tensor, torch.Tensor]:
+        s, c = self.state, self.cfg
+        k, b = c.temporal_length, index.shape[0]
+        points = torch.cat([s["temporal"][index].flatten(2), tem.flatten(1)[:, None]], 1)  # [b, K + 1, F_tem]
+        weight = torch.cat([s["tem_weight"][index], torch.ones(b, 1, device=self.device)], 1)  # [b, K + 1]
+        span = torch.cat([s["tem_span"][index], times[:, None, None].expand(b, 1, 3)], 1)  # [b, K + 1, 3]
+        result = seeded_kmeans(points, weight, k, c.kmeans_iters, c.kmeans_tol)
+        new_span = cluster_spans(span, span_sources(result, weight))  # [b, K, 3]
+        order = torch.sort(new_span[..., 2], dim=-1, stable=True).indices  # [b, K] time order
+        centroids = result.centroids.gather(1, order[..., None].expand(-1, -1, points.shape[-1]))
+        weights = result.weights.gather(1, order)
+        s["temporal"][index] = centroids.view(b, *s["temporal"].shape[1:])
+        s["tem_weight"][index] = weights
+        s["tem_span"][index] = new_span.gather(1, order[..., None].expand(-1, -1, 3))
+        return centroids, weights
+
+    def _update_abstract(self, index, abs_) -> None:
+        slots = self.state["abstract"][index]  # [b, N_abs, P, D]
+        b, n_abs, p, d = slots.shape
+        moved = self.attention.update_paper(slots.transpose(0, 1).reshape(n_abs, b * p, d),
+                                            abs_.reshape(1, b * p, d), self.cfg.update_ratio)  # rows as positions
+        self.state["abstract"][index] = moved.reshape(n_abs, b, p, d).transpose(0, 1)
+
+    def _retrieve(self, index, temporal, weight) -> None:
+        s, r = self.state, min(self.cfg.retrieved_length, self.cfg.temporal_length)
+        top = torch.sort(weight, dim=-1, descending=True, stable=True).indices[:, :r]  # [b, r] heaviest
+        cent = temporal.gather(1, top[..., None].expand(-1, -1, temporal.shape[-1]))  # [b, r, F_tem]
+        buffer_time = s["buffer_time"][index]  # [b, N_buff]
+        dist = squared_distances(cent, s["buffer_tem"][index].flatten(2))  # [b, r, N_buff]
+        dist.masked_fill_(buffer_time.isnan()[:, None, :], float("inf"))  # slots not written yet
+        slots = nearest_most_recent(dist, buffer_time)  # [b, r]
+        s["retrieved"][index, :r] = slots.gather(1, torch.argsort(buffer_time.gather(1, slots), dim=-1))  # time order
+
+
+class _Batch:
+    """A page's batched update at one batch size: its static inputs (rows, frames, times) and, on CUDA, its graph."""
+
+    def __init__(self, page: MemoryPage, size: int):
+        self.page = page
+        self.index = torch.full((size,), page.capacity, dtype=torch.long, device=page.device)
+        self.features = torch.zeros(size, page.grid**2, page.dim, dtype=page.dtype, device=page.device)
+        self.times = torch.zeros(size, dtype=torch.float64, device=page.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def run(self) -> None:
+        if self.graph is None:
+            self.page.step(self.index, self.features, self.times)
+        else:
+            self.graph.replay()
+
+    def prepare(self) -> None:
+        """Capture the update (on CUDA with graphs, once), while every input row is the scratch row: the warm-up and
+        capture runs touch no memory's state."""
+        page = self.page
+        if self.graph is not None or not page.use_graph:
+            return
+        self.index.fill_(page.capacity)
+        side = torch.cuda.Stream(page.device)
+        side.wait_stream(torch.cuda.current_stream(page.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(self.device).wait_stream(side)
+                page.step(self.index, self.features, self.times)
+        torch.cuda.current_stream(page.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=self.graph_pool):
-            self._step()
-        for k, v in saved.items():
-            self.state[k].copy_(v)
-
-    def _step(self) -> None:
-        """(1) -> (5) of `PaperStarMemory._step` for every row; rows not `active` keep their state."""
-        c, s, on = self.cfg, self.state, self.active
-        spa, tem, abs_ = pyramid(self.features, c.spatial_size, c.temporal_size, c.abstract_size)
-        self._push_buffer(spa, tem, on)
-        self._update_temporal(tem, on)
-        self._update_abstract(abs_, on)
-        self._retrieve(on)
-        s["count"].add_(on.long())
-
-    def _push_buffer(self, spa, tem, on) -> None:
-        s, rows = self.state, torch.arange(self.capacity, device=self.device)
-        slot = s["count"] % self.cfg.buffer_length  # [C]
-        for name, new in (("buffer", spa), ("buffer_tem", tem), ("buffer_time", self.times)):
-            old = s[name][rows, slot]
-            s[name][rows, slot] = torch.where(on.view(-1, *[1] * (new.dim() - 1)), new, old)
-
-    def _update_temporal(self, tem, on) -> None:
-        s, c = self.state, self.cfg
-        k, cap = c.temporal_length, self.capacity
-        points = torch.cat([s["temporal"].flatten(2), tem.flatten(1)[:, None]], 1)  # [C, K + 1, F_tem]
-        weight = torch.cat([s["tem_weight"], torch.ones(cap, 1, device=self.device)], 1)  # [C, K + 1]
-        span = torch.cat([s["tem_span"], self.times[:, None, None].expand(cap, 1, 3)], 1)  # [C, K + 1, 3]
-        result = seeded_kmeans(points, weight, k, c.kmeans_iters, c.kmeans_tol)
-        new_span = cluster_spans(span, span_sources(result, weight))  # [C, K, 3]
-        order = torch.sort(new_span[..., 2], dim=-1, stable=True).indices  # [C, K] time order
-        centroids = result.centroids.gather(1, order[..., None].expand(-1, -1, points.shape[-1]))
-        for name, new in (("temporal", centroids.view_as(s["temporal"])), ("tem_weight", result.weights.gather(1, order)),
-                          ("tem_span", new_span.gather(1, order[..., None].expand(-1, -1, 3)))):
-            s[name].copy_(torch.where(on.view(-1, *[1] * (new.dim() - 1)), new.to(s[name].dtype), s[name]))
-
-    def _update_abstract(self, abs_, on) -> None:
-        slots = self.state["abstract"]  # [C, N_abs, P, D]
-        cap, n_abs, p, d = slots.shape
-        moved = self.attention.update_paper(slots.transpose(0, 1).reshape(n_abs, cap * p, d),
-                                            abs_.reshape(1, cap * p, d), self.cfg.update_ratio)  # rows as positions
-        moved = moved.reshape(n_abs, cap, p, d).transpose(0, 1)
-        slots.copy_(torch.where(on[:, None, None, None], moved, slots))
-
-    def _retrieve(self, on) -> None:
-        s, r = self.state, min(self.cfg.retrieved_length, self.cfg.temporal_length)
-        top = torch.sort(s["tem_weight"], dim=-1, descending=True, stable=True).indices[:, :r]  # [C, r] heaviest
-        cent = s["temporal"].flatten(2).gather(1, top[..., None].expand(-1, -1, s["temporal"][0, 0].numel()))
-        dist = squared_distances(cent, s["buffer_tem"].flatten(2))  # [C, r, N_buff]
-        dist.masked_fill_(s["buffer_time"].isnan()[:, None, :], float("inf"))  # slots not written yet
-        slots = nearest_most_recent(dist, s["buffer_time"])  # [C, r]
-        slots = slots.gather(1, torch.argsort(s["buffer_time"].gather(1, slots), dim=-1))  # time order
-        s["retrieved"][:, :r] = torch.where(on[:, None], slots, s["retrieved"][:, :r])
+        with torch.cuda.graph(self.graph, pool=page.graph_pool):
+            page.step(self.index, self.features, self.times)
