@@ -29,6 +29,7 @@ answer that fails ends with its error. What this module does not do: read source
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -233,7 +234,7 @@ class EagerAnswerer:
             request._pieces.put(next(pieces))
         except StopIteration as stop:
             self._end(request, pieces, "cancelled" if stop.args == ("cancelled",) else "stop")
-        except Exception as error:  # this answer failed; the engine goes on
+        except Exception as error:  # this answer failed; the engine goes on  # noqa: BLE001
             request.error = error
             self._end(request, pieces, "error")
         return self.pending
@@ -338,10 +339,8 @@ class Engine:
         """Queue a question on memory tokens [N, D] (batched when the LLM allows and the answer fits a slot)."""
         request = None
         if self.answers is not None:
-            try:
+            with contextlib.suppress(TooLong):  # the eager path below
                 request = self.answers.submit(memory_tokens, question, max_new_tokens, temperature)
-            except TooLong:
-                pass  # the eager path below
         if request is None:
             request = self.eager.submit(memory_tokens, question, max_new_tokens, temperature)
         self._ensure_thread()
@@ -476,12 +475,12 @@ class Engine:
         crops = [crop for _, items in frames for _, crop in items]
         try:
             features = self._features(crops)
-        except Exception:
+        except Exception:  # the round's batch failed: encode lane by lane to find the failing stream  # noqa: BLE001
             out = []
             for lane, items in frames:
                 try:
                     out.append(self._features([crop for _, crop in items]))
-                except Exception as error:
+                except Exception as error:  # this stream's frames failed: it ends, the others go on  # noqa: BLE001
                     lane.fail(error)
                     out.append(None)
             return out
@@ -518,7 +517,7 @@ class Engine:
         try:
             lane.processor.insert([t for t, _ in items], features=features, publish=False)
             lane.counters.encoded += len(items)
-        except Exception as error:  # this stream's frames or memory failed: it ends, the others go on
+        except Exception as error:  # this stream's frames or memory failed: it ends, the others go on  # noqa: BLE001
             lane.fail(error)
 
     def _publish(self, lanes: list[Lane]) -> None:
@@ -527,11 +526,11 @@ class Engine:
         lanes = [lane for lane in lanes if not (lane.done.is_set() and lane.error is not None)]
         try:
             publish_snapshots([lane.processor for lane in lanes])
-        except Exception:
+        except Exception:  # the batched publish failed: publish lane by lane to find the failing stream  # noqa: BLE001
             for lane in lanes:
                 try:
                     publish_snapshots([lane.processor])
-                except Exception as error:
+                except Exception as error:  # this stream's memory failed: it ends, the others go on  # noqa: BLE001
                     lane.fail(error)
         for lane in lanes:
             if not lane.done.is_set() or lane.error is None:
