@@ -1,3 +1,6 @@
+# size: the benchmarks of `vstream bench`: one measured procedure per part, sharing the timing helpers
+# size answer_benchmark: one measured procedure read top to bottom; pieces would pass its dozen timings around
+# size streams_benchmark: one measured procedure read top to bottom (engine, warm streams, timed rounds)
 """Benchmarks, each returning a dict with what it ran on (device, versions, dtype, config) and medians/p95 of measured
 times (CUDA events or a synchronised host clock on a GPU, `perf_counter` on the CPU).
 

@@ -1,3 +1,4 @@
+# size: the engine thread and the state only it touches (lanes, queues, rounds, answers), kept in one module
 """One owner of the device: every stream's frames, memory updates and answers run on one engine thread.
 
     engine = Engine(model, EngineConfig())
