@@ -83,7 +83,7 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 results[part] = run()
-            except Exception as exc:  # keep the other parts' numbers; the error is reported in the output
+            except Exception as exc:  # keep the other parts' numbers; the error is reported in the output  # noqa: BLE001
                 results[part] = {"error": repr(exc)}
             results[part]["wall_s"] = round(time.perf_counter() - t0, 1)
             (out / "all.json").write_text(json.dumps(results, indent=1))  # rewritten after each part

@@ -15,7 +15,6 @@ import logging
 import re
 import subprocess
 import sys
-import threading
 import time
 from html.parser import HTMLParser
 from pathlib import Path

@@ -94,7 +94,7 @@ def test_snapshots_are_consistent_under_concurrent_questions(model, clip):
                     assert mem.spatial_times.tolist() == [snap.stream_time]
                     assert answer.frames >= snap.frames
                     seen.append(snap.version)
-            except Exception as exc:  # collected and re-raised on the main thread
+            except Exception as exc:  # collected and re-raised on the main thread  # noqa: BLE001
                 errors.append(exc)
 
         threads = [threading.Thread(target=asker) for _ in range(4)]

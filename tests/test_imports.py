@@ -63,6 +63,8 @@ class _Imports(ast.NodeVisitor):
         self.depth = 0
         self.top: set[str] = set()
         self.deferred: set[str] = set()
+        self.external_top: set[str] = set()
+        self.external_deferred: set[str] = set()
 
     def _function(self, node: ast.AST) -> None:
         self.depth += 1
@@ -84,21 +86,36 @@ class _Imports(ast.NodeVisitor):
     def _import(self, node: ast.Import | ast.ImportFrom) -> None:
         targets = set(_targets(node, self.importer, self.is_package, self.modules)) - {self.importer}
         (self.deferred if self.depth else self.top).update(targets)
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] * (not node.level)
+        roots = {n.split(".")[0] for n in names} - {"vstream", ""}
+        (self.external_deferred if self.depth else self.external_top).update(roots)
 
     visit_Import = visit_ImportFrom = _import
 
 
 @functools.cache
-def import_graph() -> tuple[Graph, Graph]:
-    """(module-level edges, in-function edges) of every module of vstream."""
+def _visited() -> dict[str, _Imports]:
+    """Every module of vstream, parsed once, with what it imports."""
     modules = all_modules()
     names = set(modules)
-    top, deferred = {}, {}
+    out = {}
     for name, path in modules.items():
-        visitor = _Imports(name, path.name == "__init__.py", names)
-        visitor.visit(ast.parse(path.read_text(), str(path)))
-        top[name], deferred[name] = frozenset(visitor.top), frozenset(visitor.deferred)
-    return top, deferred
+        out[name] = _Imports(name, path.name == "__init__.py", names)
+        out[name].visit(ast.parse(path.read_text(), str(path)))
+    return out
+
+
+def import_graph() -> tuple[Graph, Graph]:
+    """(module-level edges, in-function edges) of every module of vstream."""
+    visited = _visited()
+    return ({m: frozenset(v.top) for m, v in visited.items()}, {m: frozenset(v.deferred) for m, v in visited.items()})
+
+
+def external_imports() -> tuple[Graph, Graph]:
+    """(module-level, in-function) top-level packages outside vstream that each module imports (`av`, `torch`, ...)."""
+    visited = _visited()
+    return ({m: frozenset(v.external_top) for m, v in visited.items()},
+            {m: frozenset(v.external_deferred) for m, v in visited.items()})
 
 
 def cyclic_components(graph: Graph) -> list[frozenset[str]]:
@@ -205,3 +222,73 @@ def test_no_command_module_imports_the_command_table(module):
     """The table in vstream/cli/__init__.py imports the commands; no command imports it back, even in a function."""
     top, deferred = import_graph()
     assert "vstream.cli" not in top[module] | deferred[module]
+
+
+LAYER_CONTRACTS: dict[str, frozenset[str]] = {
+    "vstream.memory": frozenset({"vstream.model"}),
+    "vstream.model": frozenset({"vstream.engine", "vstream.server"}),
+    "vstream.engine": frozenset({"vstream.server", "vstream.sources", "av"}),
+}
+"""Layer -> what none of its modules may import, at module level or in a function, directly or through the modules it
+imports (what importing them runs: their module-level imports, their parent packages'). The memory is arithmetic on
+tensors and knows no model; the model knows no engine or server; the engine consumes tensors and `(t, frame)`s from
+any iterable and knows no server, no source and no video library (PyAV, `av`)."""
+
+KNOWN_VIOLATIONS: set[tuple[str, str]] = {
+    # FlashVStream's offline helpers (`answer(video)`, `memory_snapshots`, `memory_from_features`, which the README
+    # and the eval use) run the engine's I/O-free StreamProcessor, so that an offline memory is built by the same code
+    # as a streaming one. The fix moves these helpers out of the model class (or the processor out of the engine), a
+    # change of public API beyond this branch.
+    ("vstream.model.vlm", "vstream.engine.processor"),
+}
+"""(importer, imported) pairs that break LAYER_CONTRACTS today and are accepted for now; a new one fails."""
+
+
+def _under(module: str, prefix: str) -> bool:
+    return module == prefix or module.startswith(prefix + ".")
+
+
+def _loaded(module: str, top: Graph) -> set[str]:
+    """The vstream modules that importing `module` runs: it, its parent packages, and theirs and their module-level
+    imports', transitively."""
+    seen: set[str] = set()
+    work = [module]
+    while work:
+        name = work.pop()
+        parts = name.split(".")
+        for m in (".".join(parts[:i]) for i in range(1, len(parts) + 1)):
+            if m in top and m not in seen:
+                seen.add(m)
+                work.extend(top[m])
+    return seen
+
+
+def layer_violations() -> set[tuple[str, str]]:
+    """(importer, imported) pairs of LAYER_CONTRACTS' layers that reach a forbidden module or package; `imported` is
+    the vstream module the importer names, or the outside package (`av`) when it imports it itself."""
+    top, deferred = import_graph()
+    ext_top, ext_deferred = external_imports()
+    found = set()
+    for layer, banned in LAYER_CONTRACTS.items():
+        for module in (m for m in top if _under(m, layer)):
+            found |= {(module, e) for e in (ext_top[module] | ext_deferred[module]) & banned}
+            for target in top[module] | deferred[module]:
+                loaded = _loaded(target, top)
+                if any(_under(m, b) for m in loaded for b in banned) or any(ext_top[m] & banned for m in loaded):
+                    found.add((module, target))
+    return found
+
+
+def test_layer_contracts_find_what_they_forbid():
+    top, _ = import_graph()
+    assert "vstream.video" in _loaded("vstream.sources", top) and "vstream" in _loaded("vstream.sources", top)
+    assert "av" in external_imports()[0]["vstream.video"]
+
+
+def test_no_layer_imports_what_its_contract_forbids():
+    found = layer_violations()
+    new = sorted(found - KNOWN_VIOLATIONS)
+    assert not new, "imports across layers (tests/test_imports.py LAYER_CONTRACTS): " + "; ".join(
+        f"{a} imports {b}" for a, b in new)
+    gone = KNOWN_VIOLATIONS - found
+    assert not gone, f"known violations that no longer exist (remove them from KNOWN_VIOLATIONS): {sorted(gone)}"

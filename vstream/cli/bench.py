@@ -23,8 +23,6 @@ PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model sh
 
 
 def _model(preset: str, device: str):
-    import torch
-
     from vstream.bench import load_bench_model
     from vstream.config import PRESETS
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vstream.encoder.pooling import pool_grid
-from vstream.errors import UserInputError
+from vstream.errors import UserInputError, VideoError
 from vstream.memory import MemoryRead, official_offline_memory
 
 
@@ -330,8 +330,6 @@ def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.nd
             flush()
     flush()
     if processor.frames == 0:
-        from vstream.video import VideoError  # PyAV, only on this error
-
         raise VideoError(f"{name} contains no decodable video frames")
     for t in pending:
         yield _require(processor.snapshot(), t)

@@ -1,3 +1,4 @@
+# size: the engine thread and the state only it touches (lanes, queues, rounds, answers), kept in one module
 """One owner of the device: every stream's frames, memory updates and answers run on one engine thread.
 
     engine = Engine(model, EngineConfig())
@@ -31,6 +32,7 @@ answer that fails ends with its error. What this module does not do: read source
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import threading
 import time
@@ -235,7 +237,7 @@ class EagerAnswerer:
             request._pieces.put(next(pieces))
         except StopIteration as stop:
             self._end(request, pieces, "cancelled" if stop.args == ("cancelled",) else "stop")
-        except Exception as error:  # this answer failed; the engine goes on
+        except Exception as error:  # this answer failed; the engine goes on  # noqa: BLE001
             request.error = error
             self._end(request, pieces, "error")
         return self.pending
@@ -341,10 +343,8 @@ class Engine:
         """Queue a question on memory tokens [N, D] (batched when the LLM allows and the answer fits a slot)."""
         request = None
         if self.answers is not None:
-            try:
+            with contextlib.suppress(TooLong):  # the eager path below
                 request = self.answers.submit(memory_tokens, question, max_new_tokens, temperature)
-            except TooLong:
-                pass  # the eager path below
         if request is None:
             request = self.eager.submit(memory_tokens, question, max_new_tokens, temperature)
         self._ensure_thread()
@@ -484,12 +484,12 @@ class Engine:
         crops = [crop for _, items in frames for _, crop in items]
         try:
             features = self._features(crops)
-        except Exception:
+        except Exception:  # the round's batch failed: encode lane by lane to find the failing stream  # noqa: BLE001
             out = []
             for lane, items in frames:
                 try:
                     out.append(self._features([crop for _, crop in items]))
-                except Exception as error:
+                except Exception as error:  # this stream's frames failed: it ends, the others go on  # noqa: BLE001
                     lane.fail(error)
                     out.append(None)
             return out
@@ -526,7 +526,7 @@ class Engine:
         try:
             lane.processor.insert([t for t, _ in items], features=features, publish=False)
             lane.counters.encoded += len(items)
-        except Exception as error:  # this stream's frames or memory failed: it ends, the others go on
+        except Exception as error:  # this stream's frames or memory failed: it ends, the others go on  # noqa: BLE001
             lane.fail(error)
 
     @staticmethod
@@ -547,15 +547,13 @@ class Engine:
                 span[1].record()  # the round's device work ends here (its times' copy to the host queued)
             else:  # on the CPU the times are there already
                 self._finish_publish(block=True)
-            return
-        except Exception:  # noqa: BLE001 - retried lane by lane below, where the failing lane ends with its error
-            pass
-        for lane in lanes:
-            try:
-                publish_snapshots([lane.processor])
-            except Exception as error:
-                lane.fail(error)
-        self._swap(lanes)
+        except Exception:  # the batched publish failed: publish lane by lane to find the failing stream  # noqa: BLE001
+            for lane in lanes:
+                try:
+                    publish_snapshots([lane.processor])
+                except Exception as error:  # this stream's memory failed: it ends, the others go on  # noqa: BLE001
+                    lane.fail(error)
+            self._swap(lanes)
 
     def _finish_publish(self, block: bool) -> bool:
         """Publish the snapshots of the last round once their times are on the host (`block`: wait for them) ->

@@ -85,14 +85,14 @@ class StreamSession:
                 if self.on_frames is not None:
                     self.on_frames([(t, frame)])
                 self._queue(t, crop)
-        except Exception as exc:  # the source failed: keep what was ingested, end the stream with its error
+        except Exception as exc:  # the source failed: keep what was ingested, end the stream with its error  # noqa: BLE001
             error = exc
         finally:
             close = getattr(source, "close", None)  # a generator's close runs its finally: decoders, relays, sockets
             if close is not None:
                 try:
                     close()
-                except Exception as exc:  # closing must not hide the stream's own error, nor raise from the thread
+                except Exception as exc:  # closing must not hide the stream's own error, nor raise from the thread  # noqa: BLE001
                     error = error or exc
             self.lane.end(error)
 

@@ -1,3 +1,4 @@
+# size: the paper-mode STAR memory: state, update (equations 1-5) and the batched helpers memory pages share
 """STAR memory in `paper` mode: equations (1)-(5) applied incrementally, one frame or one chunk of frames at a time.
 
 State is a set of preallocated tensors written in place; its size never depends on the stream length. Host-side

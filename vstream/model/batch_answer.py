@@ -169,7 +169,7 @@ class BatchAnswerer:
             request.error = error
             try:
                 self._finish(request, "error")
-            except Exception:  # the device may refuse even the slot's release: the request still ends
+            except Exception:  # the device may refuse even the slot's release: the request still ends  # noqa: BLE001
                 self._running.pop(request.slot, None)
                 self._close(request, "error")
         self._prefilling.clear()
@@ -205,7 +205,7 @@ class BatchAnswerer:
             request.state = "prefilling"
             try:
                 embeds = self.model.prompt_embeds(request.memory_tokens, request.question)  # [1, P + S, H]
-            except Exception as error:  # this request's inputs failed; the others go on
+            except Exception as error:  # this request's inputs failed; the others go on  # noqa: BLE001
                 request.error = error
                 self._finish(request, "error")
                 continue

@@ -1,3 +1,4 @@
+# size: the fast LLaMA answer path in one file (fused layers, static cache, decode graph), read against eager
 """The fast answer path of a LLaMA decoder: a static KV cache, a cached system-prompt prefix, and a decode step replayed
 from a CUDA graph that is captured once, when the decoder is built.
 

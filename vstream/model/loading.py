@@ -1,3 +1,4 @@
+# size: the one table of official weight names and the three sources (preset, released, vstream) it checks
 """Loading and saving models: named presets (random weights), the released `Flash-VStream-7b` directory format, and
 vstream's own `save_pretrained` directories.
 

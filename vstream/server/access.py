@@ -15,6 +15,7 @@ use a method other than GET/HEAD/OPTIONS or to open `/v1/realtime`. Requests wit
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import socket
 import time
@@ -62,10 +63,8 @@ def default_allowed_hosts(bind: str) -> frozenset[str]:
         return frozenset({bind}) | (LOOPBACK if bind in LOOPBACK or bind.startswith("127.") else frozenset())
     names = set(LOOPBACK) | {socket.gethostname().lower(), socket.getfqdn().lower()}
     for name in list(names - LOOPBACK):
-        try:
+        with contextlib.suppress(OSError):  # a host name that does not resolve adds only itself
             names |= {info[4][0].split("%")[0].lower() for info in socket.getaddrinfo(name, None)}
-        except OSError:  # a host name that does not resolve adds only itself
-            pass
     return frozenset(names)
 
 

@@ -113,7 +113,7 @@ class Generation:
                 if self.cancelled.is_set() or not post(piece):
                     break
             post(end)
-        except Exception as exc:  # reported to the consumer, which answers with an error
+        except Exception as exc:  # reported to the consumer, which answers with an error  # noqa: BLE001
             post(exc)
         finally:
             self._pieces.close()

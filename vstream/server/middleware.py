@@ -82,7 +82,7 @@ class Gate:
 
         try:
             await self.app(scope, replay, watched)
-        except Exception as exc:
+        except Exception as exc:  # any error of the app becomes a logged 500, never a dropped connection  # noqa: BLE001
             error = internal_error(exc, f"{scope['method']} {scope['path']}")
             if not started:  # once a response has begun, its connection can only end with it
                 await error_response(error)(scope, replay, send)

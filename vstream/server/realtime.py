@@ -25,6 +25,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import math
 import secrets
 import time
@@ -40,6 +41,8 @@ from vstream.server.answers import Generation, check_max_tokens, check_question,
 from vstream.server.errors import ERROR_TYPES, ApiError, internal_error
 from vstream.server.schemas import error_body
 from vstream.server.state import ServerState, Stream
+
+log = logging.getLogger("vstream.server")
 
 
 def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
@@ -99,7 +102,7 @@ class RealtimeSession:
             close_code, reason = await self._receive(watcher, sender)
         except WebSocketDisconnect:
             close_code = None
-        except Exception as exc:  # not the client's doing (its messages' errors are events): logged, closed as such
+        except Exception as exc:  # not the client's doing (its messages' errors are events): logged, closed as such  # noqa: BLE001
             close_code, reason = 1011, internal_error(exc, f"the realtime session {self.id}").message[:120]
         finally:
             self.cancel_response()
@@ -109,8 +112,8 @@ class RealtimeSession:
                 try:
                     await asyncio.wait_for(sender, 2.0)
                     await self.ws.close(close_code, reason)
-                except Exception:  # the client is already gone: nothing left to tell it
-                    pass
+                except Exception:  # the client is already gone: nothing left to tell it  # noqa: BLE001
+                    log.debug("realtime session %s: the client left before the close", self.id, exc_info=True)
             sender.cancel()
 
     async def _receive(self, watcher: asyncio.Task, sender: asyncio.Task) -> tuple[int | None, str]:
@@ -273,7 +276,7 @@ class RealtimeSession:
                                "response.create or response.cancel", "unknown_event", "type")
         except ApiError as exc:
             self.send(_error_event(exc, event_id))
-        except Exception as exc:
+        except Exception as exc:  # an unexpected error is logged and sent as an event; the session goes on  # noqa: BLE001
             where = f"the realtime session on stream {self.stream.id}"
             self.send(_error_event(internal_error(exc, where), event_id))
 

@@ -15,6 +15,7 @@ addresses (`netsafe` did, before) and does not look inside RTP packets.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import select
 import socket
@@ -109,10 +110,8 @@ class RtspRelay:
     def close(self) -> None:
         """Cut both connections and stop listening; the relay's thread ends."""
         for sock in list(self._sockets):
-            try:
+            with contextlib.suppress(OSError):  # a socket already shut down
                 sock.shutdown(socket.SHUT_RDWR)  # wakes the thread's select
-            except OSError:
-                pass
         self._thread.join(timeout=self.timeout + 1)
         for sock in self._sockets:
             sock.close()
@@ -139,10 +138,8 @@ class RtspRelay:
             pass  # either side went away: FFmpeg sees the end of the connection
         finally:
             for sock in (client, upstream):
-                try:
+                with contextlib.suppress(OSError):  # a socket already shut down
                     sock.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
     def _dial(self) -> socket.socket:
         sock = socket.create_connection((self.address, self.port), timeout=self.timeout)

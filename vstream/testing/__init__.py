@@ -1,0 +1,1 @@
+"""Helpers for tests and examples that ship with the package: tiny random checkpoints in the released layout."""

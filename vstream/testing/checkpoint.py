@@ -26,14 +26,14 @@ from vstream.model.vlm import build_projector
 
 def released_config(cfg: ModelConfig, vision_tower: str, vocab_size: int) -> dict:
     """config.json as the released checkpoint writes it, with `cfg`'s sizes."""
-    m, l = cfg.memory, cfg.llm
+    m, lm = cfg.memory, cfg.llm
     return {
         "_name_or_path": "./checkpoints-finetune/vstream-tiny", "architectures": ["VStreamLlamaForCausalLM"],
         "model_type": "vstream", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-        "hidden_act": "silu", "hidden_size": l.hidden_size, "intermediate_size": l.intermediate_size,
-        "initializer_range": 0.02, "max_position_embeddings": l.max_position_embeddings,
-        "num_attention_heads": l.num_attention_heads, "num_hidden_layers": l.num_hidden_layers,
-        "num_key_value_heads": l.num_key_value_heads, "pretraining_tp": 1, "rms_norm_eps": l.rms_norm_eps,
+        "hidden_act": "silu", "hidden_size": lm.hidden_size, "intermediate_size": lm.intermediate_size,
+        "initializer_range": 0.02, "max_position_embeddings": lm.max_position_embeddings,
+        "num_attention_heads": lm.num_attention_heads, "num_hidden_layers": lm.num_hidden_layers,
+        "num_key_value_heads": lm.num_key_value_heads, "pretraining_tp": 1, "rms_norm_eps": lm.rms_norm_eps,
         "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.31.0",
         "use_cache": True, "vocab_size": vocab_size,
         "compress_Turing_memory_size": m.abstract_size, "compress_Turing_update_ratio": m.update_ratio,

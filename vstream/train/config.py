@@ -55,8 +55,11 @@ class LoraConfig:
     rank: int = 0
     """0 = no LoRA (the `finetune` stage then trains the LLM in full)."""
     alpha: float = 16.0
+    """LoRA scale numerator: the deltas are multiplied by alpha / rank."""
     dropout: float = 0.05
+    """Dropout on the LoRA branch's input while training."""
     targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    """Names of the LLM's Linear modules that get LoRA deltas."""
 
 
 @dataclass
@@ -70,25 +73,39 @@ class TrainConfig:
     init: str = ""
     """A vstream model directory whose non-LLM weights (and LoRA) replace the starting model's (e.g. the last stage)."""
     data: DataConfig = field(default_factory=DataConfig)
+    """What to train on (see `DataConfig`)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA deltas on the LLM in the `finetune` stage (see `LoraConfig`; rank 0 = none)."""
     template: str | None = None
     """Conversation template; default: `plain` for the projector stage, the model's own otherwise."""
     max_steps: int = 100
+    """Optimizer steps to run (the world datasets are sized from it)."""
     batch_size: int = 4
     """Dataset items per device and step (a world item is one stream with several conversations)."""
     grad_accum: int = 1
+    """Steps whose gradients add up before each optimizer step."""
     lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     warmup_ratio: float = 0.03
+    """Fraction of `max_steps` spent warming the learning rate up from 0."""
     scheduler: str = "cosine"
+    """Learning-rate schedule after warm-up (a transformers `lr_scheduler_type`: cosine, linear, constant, ...)."""
     bf16: bool = False
+    """bfloat16 mixed precision (ignored on the CPU)."""
     gradient_checkpointing: bool = False
+    """Recompute the LLM's activations in the backward pass: less memory, more time."""
     workers: int = 0
     """DataLoader worker processes (each builds memories on the CPU with the frozen tower)."""
     save_steps: int = 100
+    """Save a `checkpoint-N` every this many steps."""
     save_total_limit: int = 2
+    """Keep at most this many `checkpoint-N` folders (the oldest go)."""
     logging_steps: int = 10
+    """Log the loss and learning rate every this many steps."""
     seed: int = 0
+    """Seed of the starting model's random weights (a preset) and of the trainer (data order, dropout)."""
     deepspeed: str | None = None
     """Path of a DeepSpeed JSON config (ZeRO stage 0-3), or None."""
     device: str = "auto"
