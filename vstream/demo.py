@@ -44,7 +44,7 @@ def is_untrained(model: str) -> bool:
     return model in PRESETS
 
 
-def pick_questions(qas: list[w.QA], count: int | None) -> list[w.QA]:
+def pick_questions(qas: list[w.WorldQuestion], count: int | None) -> list[w.WorldQuestion]:
     """`count` questions, the types in turn as far as each has some, each type's spread evenly over the stream; all
     of them when `count` is None or not less than their number. In time order."""
     if count is not None and count < 1:
@@ -62,14 +62,14 @@ def pick_questions(qas: list[w.QA], count: int | None) -> list[w.QA]:
     return sorted(picked, key=lambda qa: qa.time)
 
 
-def describe_start(stream: w.Stream) -> str:
+def describe_start(stream: w.WorldTimeline) -> str:
     """What the first frame shows: "a red circle and a blue square on a gray background"."""
     names = [f"a {o.colour} {o.shape}" for o in sorted(stream.state_at(0.0).objects, key=lambda o: o.x)]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"the stream starts: {listed} on a {stream.background_at(0.0)} background"
 
 
-def describe_event(stream: w.Stream, event: w.Event) -> str:
+def describe_event(stream: w.WorldTimeline, event: w.Event) -> str:
     """One line on what changed: "a red circle appears", "the square turns blue", "scene: gray -> night"."""
     d = event.details
     if event.kind == "appear":
@@ -135,7 +135,7 @@ def run_demo(
     }
 
 
-def _play(m, stream: w.Stream, qas: list[w.QA], speed: float, max_new_tokens: int,
+def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, max_new_tokens: int,
           on_event: Callable[[dict], None], on_answer: Callable[[dict], None]) -> dict:
     """The session over the paced frames; each question answered once the memory reaches its time."""
     from vstream.engine import StreamSession
@@ -188,7 +188,7 @@ def _wait_for_time(session, t: float, timeout: float) -> None:
     raise TimeoutError(f"the memory did not reach stream time {t} s within {timeout:.0f} s")
 
 
-def _ask(session, qa: w.QA, max_new_tokens: int, started: float, speed: float) -> dict:
+def _ask(session, qa: w.WorldQuestion, max_new_tokens: int, started: float, speed: float) -> dict:
     """Answer `qa` from the memory as of its time; latencies from the moment it is asked."""
     asked = time.monotonic()
     snap, pieces = session.ask_stream(qa.question, max_new_tokens=max_new_tokens, as_of=qa.time)

@@ -1,4 +1,4 @@
-"""The resumable JSON-lines files of a run (`predictions.jsonl`, `judgments.jsonl`): read by id, and made ready to append.
+"""The resumable JSON-lines files of a run (`predictions.jsonl`, `judgments.jsonl`): read by id, made ready to append.
 
 One corruption policy for both: the last line may be cut by an interruption (a run killed mid-write); it is dropped
 and its record computed again. Any other line that is not JSON is damage this code did not make: reading raises
