@@ -15,7 +15,7 @@ import torch
 
 from vstream.model.loading import load
 from vstream.synth import world as w
-from vstream.train.world_eval import normalise
+from vstream.eval.scoring import normalise_keep_word_breaks
 
 
 def snapshots(model, seeds, kernels_on: bool) -> list:
@@ -52,12 +52,12 @@ def main() -> None:
     fast = model.fast
     seeds = w.split_seeds("test", args.streams, 0)
     with_kernel, with_loop = snapshots(model, seeds, True), snapshots(model, seeds, False)
-    truth = [normalise(qa.answer) for qa, _ in with_kernel]
+    truth = [normalise_keep_word_breaks(qa.answer) for qa, _ in with_kernel]
     runs = {"fast_kernel_memory": answers(model, with_kernel, fast), "eager_kernel_memory": answers(model, with_kernel, None),
             "eager_loop_memory": answers(model, with_loop, None)}
 
     def acc(texts):
-        return round(sum(normalise(t) == a for t, a in zip(texts, truth)) / len(truth), 4)
+        return round(sum(normalise_keep_word_breaks(t) == a for t, a in zip(texts, truth)) / len(truth), 4)
 
     def agree(a, b):
         return round(sum(x == y for x, y in zip(runs[a][0], runs[b][0])) / len(truth), 4)

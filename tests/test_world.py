@@ -17,7 +17,7 @@ from vstream.synth.world import (
     OBJECT_COLOURS,
     QUESTION_TYPES,
     SHAPES,
-    Stream,
+    WorldTimeline,
     generate_stream,
     label_map,
     label_name,
@@ -52,7 +52,7 @@ def test_different_seeds_differ():
 
 def test_timeline_round_trips_through_json():
     stream = generate_stream(11)
-    again = Stream.from_dict(json.loads(json.dumps(stream.to_dict())))
+    again = WorldTimeline.from_dict(json.loads(json.dumps(stream.to_dict())))
     assert again.to_dict() == stream.to_dict()
     for t in np.arange(0, stream.duration, 0.5):
         assert again.state_at(t) == stream.state_at(t)
@@ -260,7 +260,7 @@ def test_write_dataset_files(tmp_path):
         assert {"question": qa["question"], "answer": qa["answer"], "time": qa["time"]}.items() <= {
             k: v for q in timeline["questions"] if q["question"] == qa["question"] and q["time"] == qa["time"]
             for k, v in q.items()}.items()
-    assert Stream.from_dict(timeline).to_dict() == generate_stream(seeds[-1]).to_dict()
+    assert WorldTimeline.from_dict(timeline).to_dict() == generate_stream(seeds[-1]).to_dict()
 
 
 @pytest.mark.slow

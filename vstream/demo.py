@@ -5,7 +5,7 @@ world's questions asked at their moments and each answer scored against the grou
 feeds them to a `StreamSession` as a live source paced at `speed` x real time, so frames may be dropped when ingestion
 falls behind (they are counted). When the memory reaches a question's time, the question is answered from the memory
 as it stood at that time (the session's per-frame history) while ingestion goes on; its answer is scored by exact match
-after normalisation, as `vstream.train.world_eval` scores. A random seed is drawn above the world's split ranges, so
+after normalisation, as `vstream.eval.world` scores. A random seed is drawn above the world's split ranges, so
 the stream was never seen in training or evaluation. The result is a plain dict; `run_demo` does not print: its
 callbacks (`on_load`, `on_start`, `on_event`, `on_answer`) see each step as it happens, and `ConsoleView` renders them with rich.
 """
@@ -29,7 +29,7 @@ DEFAULT_SPEED = 1.0
 MAX_NEW_TOKENS = 8
 """Answer length limit: the world's answers are one or two words."""
 FRAME_SIZE = 128
-"""Side of the rendered frames, as in training and `world_eval`."""
+"""Side of the rendered frames, as in training and `vstream.eval.world`."""
 
 
 def default_model() -> str:
@@ -44,7 +44,7 @@ def is_untrained(model: str) -> bool:
     return model in PRESETS
 
 
-def pick_questions(qas: list[w.QA], count: int | None) -> list[w.QA]:
+def pick_questions(qas: list[w.WorldQuestion], count: int | None) -> list[w.WorldQuestion]:
     """`count` questions, the types in turn as far as each has some, each type's spread evenly over the stream; all
     of them when `count` is None or not less than their number. In time order."""
     if count is not None and count < 1:
@@ -62,14 +62,14 @@ def pick_questions(qas: list[w.QA], count: int | None) -> list[w.QA]:
     return sorted(picked, key=lambda qa: qa.time)
 
 
-def describe_start(stream: w.Stream) -> str:
+def describe_start(stream: w.WorldTimeline) -> str:
     """What the first frame shows: "a red circle and a blue square on a gray background"."""
     names = [f"a {o.colour} {o.shape}" for o in sorted(stream.state_at(0.0).objects, key=lambda o: o.x)]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
     return f"the stream starts: {listed} on a {stream.background_at(0.0)} background"
 
 
-def describe_event(stream: w.Stream, event: w.Event) -> str:
+def describe_event(stream: w.WorldTimeline, event: w.Event) -> str:
     """One line on what changed: "a red circle appears", "the square turns blue", "scene: gray -> night"."""
     d = event.details
     if event.kind == "appear":
@@ -135,11 +135,11 @@ def run_demo(
     }
 
 
-def _play(m, stream: w.Stream, qas: list[w.QA], speed: float, max_new_tokens: int,
+def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, max_new_tokens: int,
           on_event: Callable[[dict], None], on_answer: Callable[[dict], None]) -> dict:
     """The session over the paced frames; each question answered once the memory reaches its time."""
     from vstream.engine import StreamSession
-    from vstream.train.world_eval import normalise
+    from vstream.eval.scoring import normalise_keep_word_breaks
 
     frames = stream.frames(fps=m.cfg.sample_fps, size=FRAME_SIZE)
     history = int(stream.duration * m.cfg.sample_fps) + 2  # every frame's memory is kept: questions see their time
@@ -157,7 +157,7 @@ def _play(m, stream: w.Stream, qas: list[w.QA], speed: float, max_new_tokens: in
             _wait_for_time(session, qa.time, timeout=30 + 4 * qa.time / speed)
             report_events(qa.time)
             row = _ask(session, qa, max_new_tokens, started, speed)
-            row["correct"] = normalise(row["prediction"]) == normalise(qa.answer)
+            row["correct"] = normalise_keep_word_breaks(row["prediction"]) == normalise_keep_word_breaks(qa.answer)
             rows.append(row)
             on_answer(row)
         limit = 30 + 2 * stream.duration / speed
@@ -188,7 +188,7 @@ def _wait_for_time(session, t: float, timeout: float) -> None:
     raise TimeoutError(f"the memory did not reach stream time {t} s within {timeout:.0f} s")
 
 
-def _ask(session, qa: w.QA, max_new_tokens: int, started: float, speed: float) -> dict:
+def _ask(session, qa: w.WorldQuestion, max_new_tokens: int, started: float, speed: float) -> dict:
     """Answer `qa` from the memory as of its time; latencies from the moment it is asked."""
     asked = time.monotonic()
     snap, pieces = session.ask_stream(qa.question, max_new_tokens=max_new_tokens, as_of=qa.time)

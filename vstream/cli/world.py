@@ -1,11 +1,11 @@
 """`vstream world-eval`: accuracy on held-out streams of the procedural world per question type, with each memory part
-switched off in turn (`vstream.train.world_eval.evaluate`), written as `results.json` (every row), `report.md` (a table
+switched off in turn (`vstream.eval.world.evaluate`), written as `results.json` (every row), `report.md` (a table
 per ablation, the command, model, date, device and versions) and `accuracy.png` (grouped bars).
 
 `--from-results FILE` renders the report and plot again from a results file alone (e.g. one made on a GPU machine), so
 the same file always gives the same report.
 
-The evaluation itself is `vstream.train.world_eval`; this module checks the options, records what produced the results
+The evaluation itself is `vstream.eval.world`; this module checks the options, records what produced the results
 and renders them.
 """
 
@@ -77,7 +77,7 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
 
     import vstream
     from vstream import __version__
-    from vstream.train.world_eval import evaluate
+    from vstream.eval.world import evaluate
 
     _check(model, split, streams, start, source, batch_size)
     m = vstream.load(model, device=resolve_device_option(device))

@@ -17,7 +17,6 @@ import ast
 import hashlib
 import json
 import re
-import string
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -26,6 +25,7 @@ import httpx
 
 from vstream.errors import MissingExtraError, UserInputError
 from vstream.eval.datasets import LETTERS
+from vstream.eval.scoring import normalise_drop_punctuation
 
 JUDGE_SYSTEM = (
     "You grade answers to questions about videos. Decide whether the predicted answer says the same thing as the "
@@ -162,14 +162,9 @@ class OpenAIJudge:
             return out
 
 
-def normalise(text: str) -> str:
-    """Lower case, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
 class OfflineJudge:
-    """Exact match after `normalise`, else embedding similarity >= `threshold` (all-MiniLM-L6-v2, mean pooling)."""
+    """Exact match after `normalise_drop_punctuation`, else embedding similarity >= `threshold` (all-MiniLM-L6-v2,
+    mean pooling)."""
 
     kind = "offline"
 
@@ -215,7 +210,8 @@ class OfflineJudge:
             answers = self.embed([a for _, a, _ in chunk])
             preds = self.embed([p or " " for _, _, p in chunk])
             for (_, a, p), sim in zip(chunk, (answers * preds).sum(-1).tolist()):
-                if normalise(a) == normalise(p) and normalise(a):
+                key = normalise_drop_punctuation(a)
+                if key and key == normalise_drop_punctuation(p):
                     verdict = Verdict("ok", "yes", 5.0, attempts=1)
                 else:
                     verdict = Verdict("ok", "yes" if sim >= self.threshold else "no", round(5 * max(sim, 0.0), 3), 1)
@@ -247,8 +243,8 @@ def parse_choice(text: str, options: tuple[str, ...] | list[str]) -> str | None:
         lone.add(m.group(1))
     if lone:
         return lone.pop() if len(lone) == 1 else None
-    said = normalise(t)
-    hits = [(normalise(opt), k) for k, opt in enumerate(options) if normalise(opt) and normalise(opt) in said]
+    said = normalise_drop_punctuation(t)
+    hits = [(o, k) for k, opt in enumerate(options) if (o := normalise_drop_punctuation(opt)) and o in said]
     hits = [(o, k) for o, k in hits if not any(o != other and o in other for other, _ in hits)]
     return LETTERS[hits[0][1]] if len(hits) == 1 else None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from vstream import __version__
 from vstream.errors import UserInputError
 from vstream.eval.judges import OFFLINE_LABEL, parse_choice
-from vstream.eval.runner import trim_partial_line
+from vstream.eval.jsonl import read_jsonl_by_id, trim_partial_line
 from vstream.stats import percentile
 
 JUDGMENTS = "judgments.jsonl"
@@ -47,7 +47,7 @@ def score_predictions(records: list[dict], judge, out_dir: str | Path, show_prog
     if judge is None:
         raise UserInputError("open-ended questions need a judge: pass --judge offline or --judge openai")
     path = Path(out_dir) / JUDGMENTS
-    cached = _read_jsonl(path)
+    cached = read_jsonl_by_id(path)
     trim_partial_line(path)
     signature = judge.signature()
     todo = [r for r in open_records
@@ -64,19 +64,6 @@ def score_predictions(records: list[dict], judge, out_dir: str | Path, show_prog
         outcomes[rec["id"]] = {"status": j["status"], "correct": j["status"] == "ok" and j["pred"] == "yes",
                                "score": j["score"], "judge_error": j.get("error")}
     return outcomes
-
-
-def _read_jsonl(path: Path) -> dict[str, dict]:
-    out: dict[str, dict] = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by an interruption: that judgment is redone
-                out[rec["id"]] = rec  # later lines win: a retried judgment replaces the failed one
-    return out
 
 
 # ---------------------------------------------------------------- aggregation

@@ -33,6 +33,7 @@ import torch
 
 from vstream.errors import DataError, UserInputError
 from vstream.eval.datasets import Benchmark, Question
+from vstream.eval.jsonl import read_jsonl_by_id, trim_partial_line
 
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "run.json"
@@ -71,25 +72,6 @@ class RunConfig:
 # ---------------------------------------------------------------- resumable files
 
 
-def read_predictions(path: Path) -> dict[str, dict]:
-    """id -> record, from a JSON-lines file; a last line cut by an interruption is dropped (it is recomputed)."""
-    if not path.exists():
-        return {}
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = {}
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise DataError(f"{path}: line {i + 1} is not JSON: expected one record per line") from None
-        out[rec["id"]] = rec
-    return out
-
-
 def check_run_file(out_dir: Path, cfg: RunConfig) -> None:
     """Write `run.json`, or check that the existing one describes the same run (resuming a different run is an error)."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -120,7 +102,7 @@ def run_predictions(
     out_dir = Path(out_dir)
     check_run_file(out_dir, cfg)
     path = out_dir / PREDICTIONS
-    done = read_predictions(path)
+    done = read_jsonl_by_id(path)
     trim_partial_line(path)
     todo = _by_video([q for q in bench.questions if q.id not in done])
     bar = tqdm(total=len(bench.questions), initial=len(bench.questions) - sum(map(len, todo.values())),
@@ -142,14 +124,6 @@ def run_predictions(
             _run_pool(bench, cfg, todo, workers, write)
     bar.close()
     return [done[q.id] for q in bench.questions]
-
-
-def trim_partial_line(path: Path) -> None:
-    """Cut a last line left unfinished by an interruption, so that appended lines start on a line of their own."""
-    if path.exists():
-        data = path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def _by_video(questions: list[Question]) -> dict[str, list[Question]]:

@@ -58,7 +58,7 @@ class WorldQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.seeds)
 
-    def conversations(self, stream: w.Stream, rng: np.random.Generator) -> list[tuple[float, list[dict]]]:
+    def conversations(self, stream: w.WorldTimeline, rng: np.random.Generator) -> list[tuple[float, list[dict]]]:
         if self.data.task == "qa":
             qas = w.make_questions(stream, seed=stream.seed)
             if len(qas) > self.data.max_questions:
@@ -89,7 +89,7 @@ class WorldQADataset(Dataset):
 INVENTORY_QUESTION = "Which objects have appeared so far, in order?"
 
 
-def inventory(stream: w.Stream, t: float) -> str:
+def inventory(stream: w.WorldTimeline, t: float) -> str:
     """The objects seen in the frames sampled at whole seconds up to `t`, in order of first sight (ties: left to
     right), each with the colour it first showed: "red circle, blue square, white triangle"."""
     seen: dict[int, tuple[float, float, str]] = {}

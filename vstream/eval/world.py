@@ -4,12 +4,13 @@ Each stream is played once through the model's streaming memory (`memory_snapsho
 rendered frames (`source="render"`) or from the H.264 video the world writes (`source="video"`, decoded like any
 file); each question is answered from the memory as of its time by greedy decoding, several questions per batch. An
 ablation drops the tokens of one memory part (`spatial`, `temporal`, `abstract`, `retrieved`) from every snapshot.
-Scoring is exact match after lower-casing and stripping punctuation and a leading article.
+Scoring is exact match after `normalise_keep_word_breaks` (lower case, punctuation as spaces, no leading article).
+
+This module does not train (see `vstream.train`) and does not draw the world (see `vstream.synth.world`).
 """
 
 from __future__ import annotations
 
-import re
 import tempfile
 import time
 from collections import defaultdict
@@ -19,15 +20,10 @@ from pathlib import Path
 import torch
 
 from vstream.errors import UserInputError
+from vstream.eval.scoring import accuracy_by_type, normalise_keep_word_breaks
 from vstream.memory import PARTS, MemoryRead
 from vstream.model.prompts import stop_strings
 from vstream.synth import world as w
-
-
-def normalise(text: str) -> str:
-    text = re.sub(r"[^a-z0-9 ]", " ", text.lower())
-    text = re.sub(r"^(the|a|an) ", "", " ".join(text.split()))
-    return text
 
 
 def without(memory: MemoryRead, parts: Sequence[str]) -> MemoryRead:
@@ -97,7 +93,7 @@ def evaluate(
             preds = answer_batch(model, mems, [r["question"] for r, _ in pending])
             for (row, _), pred in zip(pending, preds):
                 row[name] = pred
-                row[name + "_right"] = normalise(pred) == normalise(row["answer"])
+                row[name + "_right"] = normalise_keep_word_breaks(pred) == normalise_keep_word_breaks(row["answer"])
         pending.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,13 +112,7 @@ def evaluate(
                     flush()
         if pending:
             flush()
-    accuracy = {}
-    for name in names:
-        by_type = defaultdict(list)
-        for r in rows:
-            by_type[r["type"]].append(r[name + "_right"])
-            by_type["overall"].append(r[name + "_right"])
-        accuracy[name] = {k: sum(v) / len(v) for k, v in sorted(by_type.items())}
+    accuracy = {name: accuracy_by_type(rows, name + "_right") for name in names}
     counts = defaultdict(int)
     for r in rows:
         counts[r["type"]] += 1
