@@ -1,3 +1,4 @@
+# size: one reader per published benchmark format, each with its own checks; they share the validation helpers
 """Benchmarks in their published formats, read into one validated list of `Question`s.
 
 Every record is checked: a missing or mistyped field, a duplicate id, or a video (or feature file) that is not on disk
