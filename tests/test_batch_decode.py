@@ -26,9 +26,7 @@ QUESTIONS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny", device="cpu")
+TINY_DEVICE = "cpu"  # the `model` fixture (conftest.py) on the CPU, also where CUDA is present
 
 
 @pytest.fixture(scope="module")

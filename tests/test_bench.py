@@ -2,23 +2,19 @@
 gives the eager path's results: the same greedy tokens, the same tower features up to rounding."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import vstream
+from helpers import vstream_cli
 from vstream.config import VisionConfig
 from vstream.encoder.tower import VisionTower
 from vstream.model.fast import FastLlama
 from vstream.model.generate import generate_text, iter_tokens
 
 
-def cli(*args, timeout=300):
-    out = subprocess.run([sys.executable, "-m", "vstream.cli", "bench", *args], capture_output=True, text=True,
-                         timeout=timeout, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+def cli(*args):
+    out = vstream_cli("bench", *args, timeout=300)
     assert out.returncode == 0, out.stderr
     return out
 
@@ -82,22 +78,16 @@ def test_bench_text_output_names_device_and_versions():
 
 
 def test_bench_rejects_bad_options():
-    out = subprocess.run([sys.executable, "-m", "vstream.cli", "bench", "memory", "--preset", "nope"],
-                         capture_output=True, text=True, timeout=120)
+    out = vstream_cli("bench", "memory", "--preset", "nope", timeout=120)
     assert out.returncode == 2 and "--preset must be one of" in out.stderr
 
 
 # ---------------------------------------------------------------- the fast path equals the eager path
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return vstream.load("tiny")
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_fast_decoder_gives_the_eager_greedy_tokens_and_logits(tiny, seed):
-    llm = tiny.llm
+def test_fast_decoder_gives_the_eager_greedy_tokens_and_logits(model, seed):
+    llm = model.llm
     dec = FastLlama(llm, max_seq_len=400)
     torch.manual_seed(seed)
     embeds = torch.randn(1, 50 + 60 * seed, llm.config.hidden_size) * 0.5
@@ -111,21 +101,21 @@ def test_fast_decoder_gives_the_eager_greedy_tokens_and_logits(tiny, seed):
     assert list(dec.iter_tokens(embeds[:, 17:], 17, max_new_tokens=40)) == eager
 
 
-def test_fast_answers_equal_eager_answers(tiny):
-    memory = tiny.memory_from_features(torch.randn(30, 256, tiny.cfg.vision.hidden_size))
+def test_fast_answers_equal_eager_answers(model):
+    memory = model.memory_from_features(torch.randn(30, 256, model.cfg.vision.hidden_size))
     questions = ["What is happening?", "Which colours appeared?", "What is happening?"]
-    eager = [tiny.answer_from(memory, q, max_new_tokens=20).text for q in questions]
+    eager = [model.answer_from(memory, q, max_new_tokens=20).text for q in questions]
     try:
-        tiny.enable_fast(max_seq_len=1024)
-        fast = [tiny.answer_from(memory, q, max_new_tokens=20).text for q in questions]
-        assert tiny.fast.decoder.prefix  # the system prompt stayed cached across answers
+        model.enable_fast(max_seq_len=1024)
+        fast = [model.answer_from(memory, q, max_new_tokens=20).text for q in questions]
+        assert model.fast.decoder.prefix  # the system prompt stayed cached across answers
     finally:
-        tiny.fast = None
+        model.fast = None
     assert fast == eager
 
 
-def test_fast_decoder_sampling_and_limits(tiny):
-    llm = tiny.llm
+def test_fast_decoder_sampling_and_limits(model):
+    llm = model.llm
     dec = FastLlama(llm, max_seq_len=64)
     embeds = torch.randn(1, 20, llm.config.hidden_size)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
@@ -134,8 +124,8 @@ def test_fast_decoder_sampling_and_limits(tiny):
     assert a == b
     with pytest.raises(ValueError, match="needs 69 positions, the KV cache holds 64"):
         list(dec.iter_tokens(embeds, max_new_tokens=50))
-    assert generate_text(llm, embeds, tiny.tokenizer, max_new_tokens=5) == generate_text(
-        llm, embeds, tiny.tokenizer, max_new_tokens=5)
+    assert generate_text(llm, embeds, model.tokenizer, max_new_tokens=5) == generate_text(
+        llm, embeds, model.tokenizer, max_new_tokens=5)
 
 
 def test_fast_tower_equals_the_transformers_tower():

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from helpers import vstream_cli
 from vstream.synth.clips import write_test_video
 
 
@@ -17,16 +18,9 @@ def long_clip(tmp_path_factory):
     return write_test_video(tmp_path_factory.mktemp("cli") / "long.mp4", seconds=40, fps=5, size=(160, 120), seed=4)
 
 
-def cli(*args, stdin=None, timeout=180):
-    return subprocess.run(
-        [sys.executable, "-m", "vstream.cli", *args], input=stdin, capture_output=True, text=True, timeout=timeout,
-        env=os.environ | {"PYTHONWARNINGS": "ignore"},
-    )
-
-
 @pytest.mark.slow
 def test_ask_answers_each_question_from_the_memory_at_its_time(long_clip):
-    out = cli("ask", str(long_clip), "What is at thirty?", "What is at twelve?", "And at the end?",
+    out = vstream_cli("ask", str(long_clip), "What is at thirty?", "What is at twelve?", "And at the end?",
               "--at", "30", "--at", "12.5", "--at", "39", "--max-new-tokens", "4", "--json")
     assert out.returncode == 0, out.stderr
     answers = json.loads(out.stdout)["answers"]
@@ -48,19 +42,19 @@ def test_ask_answers_each_question_from_the_memory_at_its_time(long_clip):
 )
 @pytest.mark.slow
 def test_ask_rejects_bad_questions(long_clip, args, message):
-    out = cli("ask", str(long_clip), *args)
+    out = vstream_cli("ask", str(long_clip), *args)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.slow
 def test_ask_unknown_scheme_is_a_clear_error():
-    out = cli("ask", "gopher://127.0.0.1/x.mp4", "What?")
+    out = vstream_cli("ask", "gopher://127.0.0.1/x.mp4", "What?")
     assert out.returncode == 2 and "unsupported URL scheme 'gopher'" in out.stderr
 
 
 @pytest.mark.slow
 def test_run_answers_questions_from_stdin_while_the_stream_plays(long_clip):
-    out = cli("run", str(long_clip), "--speed", "40", "--max-new-tokens", "5", stdin="What is there?\nAnd now?\n")
+    out = vstream_cli("run", str(long_clip), "--speed", "40", "--max-new-tokens", "5", stdin="What is there?\nAnd now?\n")
     assert out.returncode == 0, out.stderr
     answers = [line for line in out.stdout.splitlines() if line.startswith("[")]
     assert len(answers) == 2 and answers[0].split("]")[0].endswith("s")
@@ -72,13 +66,13 @@ def test_run_answers_questions_from_stdin_while_the_stream_plays(long_clip):
 
 @pytest.mark.slow
 def test_run_on_a_missing_file_ends_with_its_error(tmp_path):
-    out = cli("run", str(tmp_path / "absent.mp4"), stdin="")
+    out = vstream_cli("run", str(tmp_path / "absent.mp4"), stdin="")
     assert out.returncode == 1 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
 @pytest.mark.slow
 def test_bench_stream_reports_throughput_drops_and_latency():
-    out = cli("bench", "stream", "--seconds", "10", "--speed", "20", "--questions", "2", "--max-new-tokens", "3", "--json")
+    out = vstream_cli("bench", "stream", "--seconds", "10", "--speed", "20", "--questions", "2", "--max-new-tokens", "3", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["environment"]["model"] == "tiny" and result["environment"]["torch"]

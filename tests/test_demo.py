@@ -2,30 +2,17 @@
 `vstream world-eval` (accuracy per question type with memory parts switched off; results, report and plot)."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
+from helpers import in_process, vstream_cli
 from vstream.demo import accuracy_table, paced, pick_questions, run_demo
 from vstream.synth import world as w
 
 
-def cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "vstream", *args], capture_output=True, text=True, timeout=timeout,
-                          env=os.environ | {"PYTHONWARNINGS": "ignore", "COLUMNS": "200"})
-
-
-def in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    """`vstream ARGS` through the console entry point in this process: (exit code, stdout, stderr)."""
-    from vstream.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["vstream", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    out = capsys.readouterr()
-    return exit_.value.code or 0, out.out, out.err
+def cli(*args):
+    return vstream_cli(*args, timeout=120, env={"COLUMNS": "200"})
 
 
 @pytest.mark.slow

@@ -15,11 +15,6 @@ from vstream.synth.clips import moving_shapes, write_test_video, write_video
 
 
 @pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
-
-
-@pytest.fixture(scope="module")
 def clip(tmp_path_factory):
     return write_test_video(tmp_path_factory.mktemp("engine") / "clip.mp4", seconds=10, fps=10, seed=2)
 

@@ -7,15 +7,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-import vstream
 from vstream.cli import app
 from vstream.eval.features import extract_features, feature_name, load_features
 from vstream.synth.clips import write_test_video
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
 
 
 @pytest.fixture(scope="module")

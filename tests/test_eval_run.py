@@ -7,17 +7,13 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
+from helpers import vstream_cli
 import vstream
 from vstream.cli import app
 from vstream.eval.datasets import load_benchmark
 from vstream.eval.features import extract_features
 from vstream.eval.runner import PREDICTIONS, RunConfig, run_predictions
 from vstream.synth.clips import write_test_video
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -154,11 +150,7 @@ def test_cli_eval_errors_exit_2(data, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(data / "videos", bad / "videos")
     (bad / "test_qa.json").write_text(json.dumps([{"video_id": "v9", "question": "q", "id": 1, "answer": "a"}]))
-    import subprocess
-    import sys
-
-    proc = subprocess.run([sys.executable, "-c", "from vstream.cli import main; main()", "eval", "--benchmark",
-                           "msvd", "--data", str(bad)], capture_output=True, text=True, timeout=120)
+    proc = vstream_cli("eval", "--benchmark", "msvd", "--data", str(bad), timeout=120)
     assert proc.returncode == 2
     assert "record '1', field video: no video file for 'v9'" in proc.stderr
     assert main  # the console entry point maps DatasetError (a VStreamError) to exit code 2

@@ -6,15 +6,12 @@ that its counts agree with each other and with the server's; bad options give on
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import pytest
 
 import vstream
-from helpers import DEADLINE_S, KEY, running_server
+from helpers import DEADLINE_S, KEY, in_process, running_server, vstream_cli
 from vstream.cli.bench import _serve_table
 from vstream.loadgen import free_port
 from vstream.server import create_app
@@ -24,21 +21,14 @@ STATUSES = ("200", "429", "503", "other", "no_response")
 
 
 def bench_serve(*args, timeout=300) -> dict:
-    out = subprocess.run([sys.executable, "-m", "vstream", "bench", "serve", *args, "--json"], capture_output=True,
-                         text=True, timeout=timeout, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    out = vstream_cli("bench", "serve", *args, "--json", timeout=timeout)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
 
-def in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+def bench_serve_in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """`vstream bench serve ARGS` through the console entry point in this process: (exit code, stdout, stderr)."""
-    from vstream.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["vstream", "bench", "serve", *args])
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    out = capsys.readouterr()
-    return exit_.value.code or 0, out.out, out.err
+    return in_process(monkeypatch, capsys, "bench", "serve", *args)
 
 
 def check_consistent(r: dict, streams: int) -> None:
@@ -130,7 +120,7 @@ def test_a_socket_the_server_closes_during_the_load_is_counted_with_its_reason()
 
 def test_an_unreachable_url_is_named(monkeypatch, capsys):
     port = free_port()  # closed again: nothing listens there
-    code, out, err = in_process(monkeypatch, capsys, "--url", f"http://127.0.0.1:{port}", "--seconds", "1")
+    code, out, err = bench_serve_in_process(monkeypatch, capsys, "--url", f"http://127.0.0.1:{port}", "--seconds", "1")
     assert code == 2 and out == "" and len(err.splitlines()) == 1
     assert err.startswith(f"error: could not reach the server at http://127.0.0.1:{port}: ConnectError")
 
@@ -138,7 +128,7 @@ def test_an_unreachable_url_is_named(monkeypatch, capsys):
 def test_a_key_is_needed_and_named(monkeypatch, capsys):
     app = create_app(vstream.load("tiny"), api_key=KEY, max_streams=1)
     with running_server(app) as base:
-        code, out, err = in_process(monkeypatch, capsys, "--url", base, "--seconds", "1", "--warmup", "0")
+        code, out, err = bench_serve_in_process(monkeypatch, capsys, "--url", base, "--seconds", "1", "--warmup", "0")
     ours = [line for line in err.splitlines() if not line.startswith("ERROR:  ")]  # uvicorn logs each refusal
     assert code == 2 and out == "" and ours == ["error: no push stream could be opened on "
                                                 f"{base.replace('http', 'ws')}/v1/realtime: refused {{'401': 2}}: "
@@ -158,5 +148,5 @@ def test_a_key_is_needed_and_named(monkeypatch, capsys):
     (["--device", "tpu"], "--device: device must be"),
 ])
 def test_bad_options_are_one_line_errors(monkeypatch, capsys, args, message):
-    code, out, err = in_process(monkeypatch, capsys, *args)
+    code, out, err = bench_serve_in_process(monkeypatch, capsys, *args)
     assert code == 2 and out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1

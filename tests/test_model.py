@@ -3,13 +3,12 @@
 import json
 import os
 import resource
-import subprocess
-import sys
 
 import pytest
 import torch
 from transformers import CLIPVisionModel
 
+from helpers import vstream_cli
 import vstream
 from vstream.config import preset
 from vstream.model.loading import build_random, read_config, save_pretrained
@@ -34,10 +33,7 @@ def run_cli(*args, limit_bytes=None):
         if limit_bytes:
             resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
 
-    return subprocess.run(
-        [sys.executable, "-m", "vstream.cli", *args], capture_output=True, text=True, timeout=300, preexec_fn=limit,
-        env=os.environ | {"PYTHONWARNINGS": "ignore"},
-    )
+    return vstream_cli(*args, timeout=300, preexec_fn=limit)
 
 
 @pytest.mark.slow

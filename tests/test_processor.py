@@ -8,16 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-import vstream
 from vstream.engine import StreamProcessor, StreamSession
 from vstream.engine.processor import snapshots_at
 from vstream.memory import official_offline_memory
 from vstream.encoder.pooling import pool_grid
 
 
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny", device="cpu")
+TINY_DEVICE = "cpu"  # the `model` fixture (conftest.py) on the CPU, also where CUDA is present
 
 
 def features(model, n: int, seed: int = 0) -> torch.Tensor:

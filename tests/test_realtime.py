@@ -18,7 +18,6 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-import vstream
 from helpers import DEADLINE_S, KEY, EngineHook, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
@@ -40,11 +39,6 @@ def jpeg(i: int = 0, size: tuple[int, int] | None = None) -> bytes:
 def append(i: int, t: float, event_id: str | None = None) -> str:
     return json.dumps({"type": "input_video_frame.append", "event_id": event_id or f"f{i}", "timestamp": t,
                        "image": base64.b64encode(jpeg(i)).decode()})
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ from openai import OpenAI
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-import vstream
 from helpers import DEADLINE_S, KEY, EngineHook, assert_error, running_server, wait_frames
 from vstream.server import create_app
 from vstream.synth.clips import write_test_video
@@ -30,9 +29,9 @@ def media(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(media):
+def server(model, media):
     """(base url, app) of a server running in a background thread; stopped at the end of the module."""
-    app = create_app(vstream.load("tiny"), media_root=media, api_key=KEY, max_streams=3)
+    app = create_app(model, media_root=media, api_key=KEY, max_streams=3)
     with running_server(app) as base:
         yield base, app
 

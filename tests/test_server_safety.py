@@ -8,8 +8,6 @@ import http.server
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,8 +16,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-import vstream
-from helpers import DEADLINE_S, KEY, EngineHook, free_port, running_server, wait_frames, wait_ready
+from helpers import DEADLINE_S, KEY, EngineHook, free_port, running_server, vstream_serve, wait_frames, wait_ready
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video
@@ -69,11 +66,6 @@ def canary(media):
     server, hits, base = _http_server("127.0.0.1", media)
     yield base, hits
     server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
 
 
 LIMITS = Limits(max_body_bytes=4096, max_answer_tokens=8, max_question_chars=100, max_running=1,
@@ -278,9 +270,7 @@ def test_drain_on_sigterm(tmp_path):
     """A real `vstream serve`: SIGTERM -> not ready, new work refused, a session notice, then a clean exit."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-c", "from vstream.cli import main; main()", "serve", "--model", "tiny",
-                             "--port", str(port), "--api-key", KEY, "--drain-seconds", "1.5"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = vstream_serve("--model", "tiny", "--port", str(port), "--api-key", KEY, "--drain-seconds", "1.5")
     try:
         wait_ready(proc, base)
         with ws_connect(base.replace("http", "ws") + "/v1/realtime", additional_headers=AUTH,

@@ -2,15 +2,13 @@
 from the rendered frames alone, and the written video and dataset files."""
 
 import json
-import os
 import re
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 
+from helpers import vstream_cli
 from vstream.synth import world
 from vstream.synth.world import (
     BACKGROUNDS,
@@ -266,9 +264,7 @@ def test_write_dataset_files(tmp_path):
 @pytest.mark.slow
 def test_synth_command_writes_a_split(tmp_path):
     def synth(*args):
-        command = [sys.executable, "-m", "vstream.cli", "synth", *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120,
-                              env=os.environ | {"PYTHONWARNINGS": "ignore"})
+        return vstream_cli("synth", *args, timeout=120)
 
     done = synth(str(tmp_path / "out"), "--split", "test", "--streams", "2", "--fps", "2", "--size", "64")
     assert done.returncode == 0, done.stderr
