@@ -77,6 +77,22 @@ def test_bench_text_output_names_device_and_versions():
     assert "tiny on cpu" in out and f"torch {torch.__version__}" in out and "fps" in out
 
 
+@pytest.mark.slow
+def test_bench_all_writes_each_part_after_one_load(tmp_path):
+    out = cli("all", "--preset", "tiny", "--device", "cpu", "--parts", "memory,ceilings", "--lengths", "10",
+              "--out", str(tmp_path)).stdout
+    r = json.loads((tmp_path / "all.json").read_text())
+    assert set(r) == {"load", "memory"} and "ceilings" not in out  # the ceilings need CUDA
+    check_environment(r["memory"]["environment"])
+    assert r["memory"]["paper"][0]["tokens"] == 681 and r["memory"]["wall_s"] > 0
+    assert not (tmp_path / "profile.txt").exists()
+
+
+def test_bench_all_rejects_unknown_parts():
+    out = vstream_cli("bench", "all", "--preset", "tiny", "--parts", "memory,warp", timeout=120)
+    assert out.returncode == 2 and "--parts must name some of ceilings,answer" in out.stderr
+
+
 def test_bench_rejects_bad_options():
     out = vstream_cli("bench", "memory", "--preset", "nope", timeout=120)
     assert out.returncode == 2 and "--preset must be one of" in out.stderr

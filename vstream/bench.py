@@ -4,15 +4,17 @@
 """Benchmarks, each returning a dict with what it ran on (device, versions, dtype, config) and medians/p95 of measured
 times (CUDA events or a synchronised host clock on a GPU, `perf_counter` on the CPU).
 
-- `memory_benchmark`: per-frame STAR memory update at growing stream lengths (paper mode, CUDA graph on a GPU), the
-  official algorithm's update and its growing-buffer copy as anchors, and the device memory of the whole model
-  (answering at each length) from 10^2 to 10^5 frames.
+- `memory_benchmark`: per-frame STAR memory update at growing stream lengths (paper mode, a CUDA graph on a GPU
+  unless turned off), the official algorithm's update and its growing-buffer copy as anchors, and the device memory
+  of the whole model (answering at each length) from 10^2 to 10^5 frames.
 - `encode_benchmark`: vision tower frames/s at several batch sizes: the full transformers tower reading hidden state
   -2 (anchor), the truncated tower, and the fast path (fused forward, CUDA graphs).
 - `answer_benchmark`: question -> first token for a prompt of a given length, and decode ms/token: the fast path,
   the eager path and transformers `generate` (anchors), with the greedy tokens compared.
 - `streams_benchmark`: N simulated live 1-fps streams on one model, questions at intervals: p95 time to first token.
 - `stream_benchmark`: one file ingested offline, then replayed live with questions (the streaming engine).
+- `ceilings` and `profile_tables`: the device's measured matrix-product rate and copy bandwidth, and torch.profiler
+  tables of the fast path's hot calls (CUDA only), for `vstream bench all`.
 
 `load_bench_model` builds a preset with random weights directly on the target device (no CPU initialisation).
 """
@@ -170,15 +172,16 @@ def stream_benchmark(model, source: str | None = None, seconds: int = 60, speed:
 
 
 def memory_benchmark(model, lengths=(100, 1000, 10000, 100000), repeats: int = 200, official: bool = True,
-                     answer_tokens: int = 8, ff_chunk: int = 250) -> dict:
+                     answer_tokens: int = 8, ff_chunk: int = 250, cuda_graph: bool = True) -> dict:
     """Per-frame paper-mode update (the CUDA graph on a GPU) at each stream length, with the device memory of the whole
     model after answering a question there. Stream lengths are reached by fast-forwarding in chunks of `ff_chunk`
     frames (the state has fixed size, so how it got there does not change the cost). Anchors: the official algorithm's
-    update, and the copy of a buffer that grows by one frame per update (what the released streaming loop does)."""
+    update, and the copy of a buffer that grows by one frame per update (what the released streaming loop does).
+    `cuda_graph=False` times the eager update on a GPU (the graph's reference)."""
     device, dtype, dim = model.device, model.dtype, model.cfg.vision.hidden_size
     grid = model.cfg.vision.grid
     mem = model.new_memory()
-    graph = device.type == "cuda" and hasattr(mem, "enable_cuda_graph")
+    graph = cuda_graph and device.type == "cuda" and hasattr(mem, "enable_cuda_graph")
     if graph:
         mem.enable_cuda_graph()
     torch.manual_seed(0)
@@ -520,3 +523,38 @@ def streams_benchmark(model, counts=(8, 16, 32, 64), seconds: float = 20.0, warm
     return {"environment": environment(model) | {"seconds": seconds, "question_interval_s": question_interval,
                                                  "max_new_tokens": max_new_tokens, "engine": engine.stats()},
             "runs": rows}
+
+
+def ceilings(device: torch.device) -> dict:
+    """Measured matrix-product rate (fp16, 8192^3) and device copy bandwidth (bytes read + written)."""
+    a = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.float16)
+    ms = summary(time_ms(lambda: a @ b, device, 10, warmup=3))
+    x = torch.empty(2**30, dtype=torch.uint8, device=device).random_()
+    y = torch.empty_like(x)
+    cp = summary(time_ms(lambda: y.copy_(x), device, 10, warmup=3))
+    return {"fp16_matmul_tflops": round(2 * 8192**3 / ms["median_ms"] / 1e9, 1),
+            "copy_TBps": round(2 * x.numel() / cp["median_ms"] / 1e9, 3)}
+
+
+def profile_tables(model) -> str:
+    """Kernel-time tables (CUDA) of one fast prefill, 20 decode steps and one batch-64 encode."""
+    from torch.profiler import ProfilerActivity, profile
+
+    dec = model.fast.decoder
+    mem = torch.randn(model.cfg.memory.max_tokens, model.cfg.vision.hidden_size, device=model.device, dtype=model.dtype)
+    embeds, start = model.fast.embeds(mem, "What is happening?")
+    pixels = torch.randn(64, 3, 224, 224, device=model.device, dtype=model.dtype)
+    tables = []
+    for name, fn in {
+        "prefill": lambda: dec.prefill(embeds, start),
+        "decode_steps": lambda: [dec.step() for _ in range(20)],
+        "encode64": lambda: model.vision.encode(pixels, batch_size=64),
+    }.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+            fn()
+            torch.cuda.synchronize()
+        tables.append(f"== {name}\n" + p.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    return "\n\n".join(tables)

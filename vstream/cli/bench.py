@@ -1,5 +1,6 @@
-"""`vstream bench {memory,encode,answer,streams,stream,serve}`: benchmarks that print what they ran on and their
-medians/p95. `serve` is the load generator against a server (`vstream.loadgen`); the others run in process.
+"""`vstream bench {memory,encode,answer,streams,all,stream,serve}`: benchmarks that print what they ran on and their
+medians/p95. `all` runs the in-process ones with one model load for a GPU lease (what benchmarks/gpu.sh calls);
+`serve` is the load generator against a server (`vstream.loadgen`); the others run in process.
 
 `--preset` picks the model shape (random weights): `tiny` runs on the CPU in seconds, `flash-vstream-7b` is the released
 model's shape (CLIP ViT-L/14, a 7B LLaMA) and wants a GPU. The fast path (fused tower, CUDA graphs, static KV cache)
@@ -11,6 +12,8 @@ The measurements are `vstream.bench` and `vstream.loadgen`; this module checks t
 from __future__ import annotations
 
 import json
+import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -58,13 +61,15 @@ def bench_memory(
     device: DeviceOpt = "auto",
     lengths: Annotated[str, typer.Option(help="Stream lengths in frames, comma-separated.")] = "100,1000",
     repeats: Annotated[int, typer.Option(help="Timed one-frame updates per length.")] = 50,
+    cuda_graph: Annotated[bool, typer.Option(
+        help="On a GPU, replay the steady update from a CUDA graph (--no-cuda-graph: time the eager update).")] = True,
     as_json: JsonOpt = False,
 ) -> None:
     """Per-frame STAR memory update and the model's device memory at growing stream lengths; official anchors."""
     from vstream.bench import memory_benchmark
 
     model, load = _model(preset, device)
-    r = memory_benchmark(model, lengths=_ints(lengths, "lengths"), repeats=repeats) | {"load": load}
+    r = memory_benchmark(model, lengths=_ints(lengths, "lengths"), repeats=repeats, cuda_graph=cuda_graph) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -161,6 +166,60 @@ def bench_streams(
         typer.echo(f"  {row['streams']:>3} streams: first token {_stat(row['first_token'])} "
                    f"({row['answered']}/{row['questions']} answered); {row['frames']}/{row['frames_expected']} "
                    f"frames ingested, {row['frames_dropped']} dropped")
+
+
+ALL_PARTS = ("ceilings", "answer", "encode", "memory", "streams", "profile")
+
+
+def _all_runs(model, lengths, counts, seconds) -> dict:
+    """The in-process benchmarks of `bench all`, with the figures BENCHMARKS.md reports."""
+    from vstream import bench
+
+    return {
+        "answer": lambda: bench.answer_benchmark(model, new_tokens=128, repeats=20, anchor_tokens=128,
+                                                 compile_anchor=True),
+        "encode": lambda: bench.encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats=20),
+        "memory": lambda: bench.memory_benchmark(model, lengths=lengths, repeats=200),
+        "streams": lambda: bench.streams_benchmark(model, counts=counts, seconds=seconds, warm_frames=27),
+    }
+
+
+def bench_all(
+    preset: Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")
+                      ] = "flash-vstream-7b",
+    device: DeviceOpt = "cuda",
+    out: Annotated[Path, typer.Option(help="Folder for all.json and profile.txt.")] = Path("bench-out"),
+    parts: Annotated[str, typer.Option(help=f"Parts, comma-separated, of {','.join(ALL_PARTS)}.")] = ",".join(ALL_PARTS),
+    lengths: Annotated[str, typer.Option(help="Memory: stream lengths in frames.")] = "100,1000,10000,100000",
+    counts: Annotated[str, typer.Option(help="Streams: numbers of live streams.")] = "16,32,64",
+    seconds: Annotated[float, typer.Option(help="Streams: wall-clock seconds per run.")] = 20.0,
+) -> None:
+    """Every benchmark in one process with one model load (a GPU lease): ceilings, answer, encode, memory, streams
+    and a profile; all.json is rewritten after each part, a part's error is kept in it and the others still run."""
+    wanted = [p for p in parts.split(",") if p]
+    if not wanted or set(wanted) - set(ALL_PARTS):
+        raise UserInputError(f"--parts must name some of {','.join(ALL_PARTS)}, got {parts!r}")
+    from vstream import bench
+
+    model, load = _model(preset, device)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"load": load | {"tower_warmup_s": model.vision.warmup_s, "decode_warmup_s": model.fast.warmup_s,
+                               "memory": bench.gpu_memory(model.device)}}
+    if "ceilings" in wanted and model.device.type == "cuda":
+        results["ceilings"] = bench.ceilings(model.device)
+    typer.echo(json.dumps(results))
+    for part, run in _all_runs(model, _ints(lengths, "lengths"), _ints(counts, "counts"), seconds).items():
+        if part in wanted:
+            t0 = time.perf_counter()
+            try:
+                results[part] = run()
+            except Exception as exc:  # keep the other parts' numbers; the error is reported in the output  # noqa: BLE001
+                results[part] = {"error": repr(exc)}
+            results[part]["wall_s"] = round(time.perf_counter() - t0, 1)
+            (out / "all.json").write_text(json.dumps(results, indent=1))
+            typer.echo(f"{part} {json.dumps(results[part])[:3000]}")
+    if "profile" in wanted and model.device.type == "cuda":
+        (out / "profile.txt").write_text(bench.profile_tables(model))
 
 
 def bench_stream(
