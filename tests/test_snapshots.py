@@ -77,9 +77,10 @@ def test_lane_state_is_taken_and_restored_on_the_engine_thread(model, frames):
 
 def test_write_read_one_current_snapshot(model, frames, tmp_path):
     ident = snapshots.identity(model)
-    for n in (3, 6):
-        snapshots.write(tmp_path, SID, _fed(model, frames, n).state_dict(), ident, {"source": {"type": "push"}})
+    snapshots.write(tmp_path, SID, _fed(model, frames, 3).state_dict(), ident, {"source": {"type": "push"}})
     folder = tmp_path / SID
+    (folder / ".memory-00000009.safetensors.123.tmp").write_bytes(b"half")  # a kill -9 during a write
+    snapshots.write(tmp_path, SID, _fed(model, frames, 6).state_dict(), ident, {"source": {"type": "push"}})
     assert sorted(p.name for p in folder.iterdir()) == ["manifest.json", "memory-00000002.safetensors"]
     snap = snapshots.read(tmp_path, SID, ident)
     assert snap.state["frames"] == 6 and snap.meta == {"source": {"type": "push"}}

@@ -130,8 +130,9 @@ class Durable:
             self.save_all(state)
 
     def _problem(self, stream_id: str, exc: Exception) -> None:
+        if self.problems.get(stream_id) != str(exc):  # `check` runs at create_app and again at restore: log once
+            log.error("stream %s not restored: %s", stream_id, exc)
         self.problems[stream_id] = str(exc)
-        log.error("stream %s not restored: %s", stream_id, exc)
 
 
 def _meta(stream: Stream) -> dict:
