@@ -25,8 +25,9 @@ beyond `max_waiting` are refused; a live stream's queue drops its oldest frame w
 makes its reader wait.
 
 An exception in one stream's work (its frames, its memory) ends that stream with the error; the others go on. An
-answer that fails ends with its error. What this module does not do: read sources, decode images, or pace anything
-(feeders do: `vstream.engine.session`).
+answer that fails ends with its error. Other threads reach what the engine thread owns (a lane's memory, to save or
+restore it: `Lane.state_dict`) through `Engine.call`, which runs a function between two iterations. What this module
+does not do: read sources, decode images, or pace anything (feeders do: `vstream.engine.session`).
 """
 
 from __future__ import annotations
