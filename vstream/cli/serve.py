@@ -38,6 +38,13 @@ def serve(
                      "the names --host is bound as (all of the machine's for 0.0.0.0); with --api-key and no "
                      "--allowed-host, any."),
     ] = None,
+    state_dir: Annotated[
+        Optional[Path], typer.Option(help="Save every stream's memory, source and settings here and restore them "
+                                     "at start (made if missing; see README, Durable streams).")
+    ] = None,
+    snapshot_every: Annotated[
+        float, typer.Option(help="With --state-dir: seconds between snapshots (a kill -9 loses at most this much).")
+    ] = 10.0,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")
@@ -45,10 +52,13 @@ def serve(
     from vstream.server import serve as run_server
 
     _check(media_root, max_streams, drain_seconds)
+    if not snapshot_every > 0:
+        raise UserInputError(f"--snapshot-every must be > 0 seconds, got {snapshot_every}")
     show_progress()  # the model's load stages on stderr, before uvicorn's own lines
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
-               drain_s=drain_seconds, allowed_hosts=allowed_host or ())
+               drain_s=drain_seconds, allowed_hosts=allowed_host or (), state_dir=state_dir,
+               snapshot_every=snapshot_every)
 
 
 def _check(media_root: Path | None, max_streams: int, drain_seconds: float) -> None:

@@ -187,6 +187,30 @@ class StreamProcessor:
             return self.memory.nbytes
         return sum(f.numel() * f.element_size() for f in self._pooled)
 
+    def state_dict(self) -> dict:
+        """What `load_state_dict` needs to go on as if the stream had never stopped: the streaming memory's
+        `state_dict()` (tensors and counters; a page's queued updates run first), the frames inserted, the last one's
+        stream time and the snapshot version. The history of past snapshots is not part of it."""
+        if self.memory is None:
+            raise ValueError("an offline official-mode processor keeps every frame: it has no fixed-size state to save")
+        return {"memory": self.memory.state_dict(), "frames": self.frames, "stream_time": self.stream_time,
+                "version": self._version}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Replace this processor's memory and counters with `state` (from `state_dict`); the history restarts empty
+        and the next `snapshot()` is the restored memory's."""
+        if self.memory is None:
+            raise ValueError("an offline official-mode processor has no fixed-size state to load")
+        frames, stream_time = int(state["frames"]), state["stream_time"]
+        if (frames == 0) != (stream_time is None):
+            raise ValueError(f"a processor state with {frames} frames must have a stream time iff frames > 0, got "
+                             f"stream_time={stream_time}")
+        self.memory.load_state_dict(state["memory"])
+        self._times = [float(stream_time)] * frames  # streaming mode reads only their count and the last one
+        self._version, self._reads, self._snapshot = int(state["version"]), [], None
+        self._stale = frames > 0
+        self.history.clear()
+
     @torch.no_grad()
     def insert(self, times: Sequence[float], frames: Sequence[np.ndarray] | None = None,
                features: torch.Tensor | None = None, batch_size: int = 32, publish: bool = True) -> None:

@@ -25,8 +25,9 @@ beyond `max_waiting` are refused; a live stream's queue drops its oldest frame w
 makes its reader wait.
 
 An exception in one stream's work (its frames, its memory) ends that stream with the error; the others go on. An
-answer that fails ends with its error. What this module does not do: read sources, decode images, or pace anything
-(feeders do: `vstream.engine.session`).
+answer that fails ends with its error. Other threads reach what the engine thread owns (a lane's memory, to save or
+restore it: `Lane.state_dict`) through `Engine.call`, which runs a function between two iterations. What this module
+does not do: read sources, decode images, or pace anything (feeders do: `vstream.engine.session`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -197,6 +199,20 @@ class Lane:
     def snapshot_at(self, t: float) -> Snapshot:
         return snapshot_at(self.snapshot, self.processor.history, t)
 
+    def state_dict(self, timeout: float | None = 60.0) -> dict:
+        """Its processor's state (`StreamProcessor.state_dict`: memory tensors, counters, frames and times), taken on
+        the engine thread between two iterations, so never half-way through an update. Any thread but the engine's."""
+        return self.engine.call(self.processor.state_dict).result(timeout)
+
+    def load_state_dict(self, state: dict, timeout: float | None = 60.0) -> None:
+        """Restore its processor from `state_dict()`'s result on the engine thread and publish the restored memory's
+        snapshot, so that questions are answered from it before any new frame. Any thread but the engine's."""
+        def load() -> None:
+            self.processor.load_state_dict(state)
+            self.snapshot = self.processor.snapshot()
+
+        self.engine.call(load).result(timeout)
+
 
 class EagerAnswerer:
     """The fallback for an LLM that `BatchAnswerer` cannot batch, or an answer longer than its slots hold: one answer
@@ -287,6 +303,7 @@ class Engine:
         self._next = 0  # the lane a round starts from (round-robin)
         self._last_round = 0.0  # monotonic start of the last round
         self._round_s = 0.0  # how long the last round took: answers get at least as long before the next one
+        self._calls: list[tuple[Callable, Future]] = []  # functions `call` queued for the engine thread
 
     # ---------------------------------------------------------------- any thread
 
@@ -354,6 +371,20 @@ class Engine:
     def wake(self) -> None:
         self._wake.set()
 
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn()` on the engine thread between two iterations (never inside a round or an answer step) -> a Future
+        of its result. The way for another thread to read or write what the engine thread owns (a lane's memory).
+        Called on the engine thread itself, `fn` runs at once. With `thread=False`, it runs at the next `step`."""
+        future: Future = Future()
+        if self._thread is not None and threading.current_thread() is self._thread:
+            self._run_call(fn, future)
+            return future
+        with self._lock:
+            self._calls.append((fn, future))
+        self._ensure_thread()
+        self.wake()
+        return future
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread (queued answers are not served)."""
         self._stop = True
@@ -387,6 +418,7 @@ class Engine:
         """One iteration of the engine thread (a round of frames when due, one answer iteration when answers are
         pending) -> whether it did any work. The thread calls it in a loop; a test may drive an engine made with
         `thread=False` by calling it."""
+        called = self._run_calls()
         worked = self._finish_publish(block=False)
         answering = self.pending_answers > 0
         since = time.monotonic() - self._last_round
@@ -408,7 +440,24 @@ class Engine:
             worked = True
         if not worked and self._pending is not None:  # nothing else to do: wait for the last round's snapshots
             worked = self._finish_publish(block=True)
-        return worked
+        return worked or called
+
+    def _run_calls(self) -> bool:
+        """Run the functions queued by `call` -> whether there were some."""
+        with self._lock:
+            calls, self._calls = self._calls, []
+        for fn, future in calls:
+            self._run_call(fn, future)
+        return bool(calls)
+
+    @staticmethod
+    def _run_call(fn: Callable[[], object], future: Future) -> None:
+        if not future.set_running_or_notify_cancel():
+            return
+        try:
+            future.set_result(fn())
+        except BaseException as error:  # the caller's function failed: its Future carries the error  # noqa: BLE001
+            future.set_exception(error)
 
     def _run(self) -> None:
         idle_since = time.monotonic()
@@ -422,7 +471,8 @@ class Engine:
                 idle_since = time.monotonic()
                 continue
             with self._lock:
-                if not self.lanes and time.monotonic() - idle_since > self.idle_stop_s and not self.pending_answers:
+                if (not self.lanes and time.monotonic() - idle_since > self.idle_stop_s and not self.pending_answers
+                        and not self._calls):
                     self._thread = None
                     return
             self._wake.wait(0.02)

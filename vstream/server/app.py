@@ -3,7 +3,8 @@
 warm-up. `run.serve` runs the app under uvicorn.
 
 The contract: routes only translate between the wire and `StreamSession`; model work never runs on the event loop;
-the server keeps no history between questions and persists nothing. Every error is an OpenAI error object; one that
+the server keeps no history between questions and persists nothing but, with a state directory, each stream's
+state (`durable`). Every error is an OpenAI error object; one that
 no route expected is logged and answered with a 500 naming only its log reference. Design notes:
 docs/architecture.md (Server).
 """
@@ -19,9 +20,10 @@ from pathlib import Path
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
-from vstream.engine import EngineConfig, StreamSession, engine_of
+from vstream.engine import EngineConfig, StreamSession, engine_of, snapshots
 from vstream.errors import UserInputError
 from vstream.server import access, openapi
+from vstream.server.durable import Durable
 from vstream.server.errors import AsciiJSONResponse
 from vstream.server.middleware import Gate, add_error_handlers
 from vstream.server.routes import auth, chat, health, metrics, page, realtime, streams
@@ -33,16 +35,22 @@ log = logging.getLogger("vstream.server")
 
 def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8, *,
                allow_private_sources: bool = False, limits: Limits | None = None,
-               allowed_hosts: Iterable[str] | None = None) -> FastAPI:
+               allowed_hosts: Iterable[str] | None = None, state_dir: Path | None = None,
+               snapshot_every: float = 10.0) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
-    names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`)."""
+    names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`).
+    `state_dir`: save every stream there every `snapshot_every` seconds and restore them at start (`durable`); a
+    snapshot of another model or memory configuration there is an error here, before anything is served."""
     if media_root is not None and not Path(media_root).is_dir():
         raise UserInputError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
         allowed_hosts = access.default_allowed_hosts("127.0.0.1")
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
                         limits or Limits(), allow_private_sources, access.allowed_hosts(allowed_hosts))
+    if state_dir is not None:
+        state.durable = Durable(Path(state_dir), snapshot_every, snapshots.identity(model))
+        state.durable.check()
     app = FastAPI(title="vstream", lifespan=lifespan, version="0.1.0", default_response_class=AsciiJSONResponse,
                   description="Question answering over live video streams from a bounded STAR memory.")
     app.state.vstream = state
@@ -59,9 +67,15 @@ async def lifespan(app: FastAPI):
     """Warm up before the first request is accepted; close every stream at shutdown."""
     state: ServerState = app.state.vstream
     state.warmup_s = await run_in_threadpool(warm_up, state)
+    if state.durable is not None:
+        await run_in_threadpool(state.durable.restore, state)
+        state.durable.start(state)
     state.ready = True
     yield
     state.ready = False
+    if state.durable is not None:  # on drain: every stream saved before it closes
+        await run_in_threadpool(state.durable.stop)
+        await run_in_threadpool(state.durable.save_all, state, True)
     for stream in list(state.streams.values()):
         await run_in_threadpool(stream.close)
 

@@ -74,6 +74,7 @@ class Stream:
     thumbnails: Thumbnails
     push: PushSource | None = None
     owner: str | None = None  # the WebSocket session that created it, deleted with it
+    speed: float | None = None  # a file replayed at this speed (live), as created
     pushed: int = 0  # frames received on the push transport
     sampled_out: int = 0  # pushed frames skipped because they came faster than `fps`
     next_slot: int = 0  # the next sampling slot (floor(t * fps)) a pushed frame may fill
@@ -120,6 +121,8 @@ class ServerState:
     answers_cancelled: int = 0
     engine: object = None
     """The model's engine (`vstream.engine.Engine`), made by the start-up warm-up."""
+    durable: object = None
+    """The state directory (`vstream.server.durable.Durable`) with `--state-dir`, else None."""
 
     def get(self, stream_id: str, param: str = "model") -> Stream:
         stream = self.streams.get(stream_id)
@@ -156,13 +159,21 @@ class ServerState:
             self.pending -= 1
 
     def start_stream(self, frames, live: bool, push: PushSource | None, source: dict, fps: float,
-                     owner: str | None = None) -> Stream:
-        """Register a stream (the caller holds a reserved slot) and start its session."""
+                     owner: str | None = None, *, speed: float | None = None, stream_id: str | None = None,
+                     created: float | None = None, memory_state: dict | None = None) -> Stream:
+        """Register a stream (the caller holds a reserved slot) and start its session; a restored stream comes with
+        its `stream_id`, `created` time and `memory_state` (`Lane.load_state_dict`), loaded before any frame."""
         thumbnails = Thumbnails(self.limits.thumbnails)
         session = StreamSession(self.model, history=self.limits.snapshot_history, on_frames=thumbnails.add,
                                 engine=self.engine)
-        stream_id = "str_" + secrets.token_hex(8)
-        stream = Stream(stream_id, session, source, time.time(), fps, thumbnails, push, owner)
+        if memory_state is not None:
+            try:
+                session.lane.load_state_dict(memory_state)
+            except BaseException:
+                session.close()
+                raise
+        stream_id = stream_id or "str_" + secrets.token_hex(8)
+        stream = Stream(stream_id, session, source, created or time.time(), fps, thumbnails, push, owner, speed=speed)
         session.start(frames, live=live)
         with self.lock:
             self.streams[stream_id] = stream

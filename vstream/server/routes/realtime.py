@@ -39,9 +39,20 @@ async def realtime(ws: WebSocket, state: State, stream_id: str | None = None):
     finally:
         state.sockets.discard(session)
         if stream.owner == owner:
-            with state.lock:
-                state.streams.pop(stream.id, None)
-            await run_in_threadpool(stream.close)
+            await _drop(state, stream)
+
+
+async def _drop(state: ServerState, stream: Stream) -> None:
+    """Delete the stream its socket owned, with its saved files; when the server drains, save it instead (it comes
+    back, owned by none, after the restart)."""
+    keep = state.durable is not None and state.draining
+    if keep:
+        await run_in_threadpool(state.durable.save, state, stream, True)
+    with state.lock:
+        state.streams.pop(stream.id, None)
+    await run_in_threadpool(stream.close)
+    if state.durable is not None and not keep:
+        await run_in_threadpool(state.durable.remove, stream.id)
 
 
 def _refusal(state: ServerState, ws: WebSocket) -> ApiError | None:

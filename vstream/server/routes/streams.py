@@ -33,7 +33,7 @@ async def create_stream(state: State, body: StreamCreate):
     state.reserve_slot()
     try:
         frames, is_live, push, fps = await run_in_threadpool(open_stream_source, state, body)
-        stream = state.start_stream(frames, is_live, push, body.source.model_dump(), fps)
+        stream = state.start_stream(frames, is_live, push, body.source.model_dump(), fps, speed=body.speed)
     finally:
         state.release_slot()
     return stream_view(state, stream)
@@ -52,6 +52,8 @@ async def delete_stream(state: State, stream_id: str):
         stream = state.get(stream_id, "stream_id")
         del state.streams[stream_id]
     await run_in_threadpool(stream.close)
+    if state.durable is not None:
+        await run_in_threadpool(state.durable.remove, stream_id)
     return {"id": stream_id, "object": "stream.deleted", "deleted": True}
 
 

@@ -1,0 +1,255 @@
+"""Durable streams through the real server (`--state-dir`): a snapshot/restore round trip in process, a `kill -9` of a
+`vstream serve` subprocess, corrupt files, another memory configuration, DELETE. The tiny model, real video files,
+loopback only; every wait is bounded."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from websockets.sync.client import connect as ws_connect
+
+import vstream
+from helpers import DEADLINE_S, free_port, running_server, wait_frames, wait_ready
+from vstream.engine import snapshots
+from vstream.server import create_app
+from vstream.synth.clips import moving_shapes, write_test_video
+
+FRAMES = list(moving_shapes(20, 160, 120, seed=1, fps=10))
+HI = [{"role": "user", "content": "What is on the screen?"}]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return vstream.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("media")
+    write_test_video(root / "clip.mp4", seconds=6, fps=5)
+    return root
+
+
+def append(i: int, t: float) -> str:
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(FRAMES[i % len(FRAMES)])).save(out, format="JPEG")
+    return json.dumps({"type": "input_video_frame.append", "event_id": f"f{i}", "timestamp": t,
+                       "image": base64.b64encode(out.getvalue()).decode()})
+
+
+def connect(base: str, stream_id: str):
+    url = base.replace("http://", "ws://") + f"/v1/realtime?stream_id={stream_id}"
+    return ws_connect(url, open_timeout=DEADLINE_S, close_timeout=5)
+
+
+def recv(ws, type_: str) -> dict:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        event = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+        if event["type"] == type_:
+            return event
+
+
+def push_frames(base: str, stream_id: str, times: list[float], pause_s: float = 0.0) -> list[tuple[float, int]]:
+    """Push one frame at each time; -> (wall clock of its ack, frames ingested by then) per frame."""
+    acks = []
+    with connect(base, stream_id) as ws:
+        recv(ws, "session.created")
+        for i, t in enumerate(times):
+            ws.send(append(i, t))
+            ack = recv(ws, "input_video_frame.ack")
+            assert ack["accepted"], ack
+            acks.append((time.monotonic(), ack["ingested"]))
+            time.sleep(pause_s)
+    return acks
+
+
+def create(client, **body) -> str:
+    r = client.post("/v1/streams", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def wait_until(check, what: str, timeout: float = DEADLINE_S):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def finished(client, sid: str) -> dict:
+    return wait_until(lambda: (v := client.get(f"/v1/streams/{sid}").json())["stats"]["finished"] and v,
+                      f"stream {sid} finished")
+
+
+def ask(client, sid: str) -> dict:
+    r = client.post("/v1/chat/completions", json={"model": sid, "messages": HI, "max_tokens": 3})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def lane_state(app, sid: str) -> dict:
+    return app.state.vstream.streams[sid].session.lane.state_dict()
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert snapshots.tensors_equal(a["memory"]["tensors"], b["memory"]["tensors"])
+    assert a["memory"]["counters"] == b["memory"]["counters"]
+    assert (a["frames"], a["stream_time"]) == (b["frames"], b["stream_time"])
+
+
+def files_of(state_dir: Path, sid: str) -> list[str]:
+    return sorted(p.name for p in (state_dir / sid).iterdir())
+
+
+def test_round_trip_restores_memory_bit_for_bit_and_continues(model, media, tmp_path):
+    state_dir = tmp_path / "state"
+    app = create_app(model, media_root=media, state_dir=state_dir, snapshot_every=60)
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        replay = create(client, source={"type": "file", "path": "clip.mp4"}, speed=1.0)
+        done = create(client, source={"type": "file", "path": "clip.mp4"})
+        push = create(client, source={"type": "push"})
+        push_frames(base, push, [0.0, 1.0, 2.0])
+        finished(client, done)
+        wait_frames(client, push, 3)
+        wait_frames(client, replay, 2)
+    before = {sid: snapshots.read(state_dir, sid, snapshots.identity(model)).state for sid in (done, replay, push)}
+    assert before[push]["frames"] == 3 and before[push]["stream_time"] == 2.0 and before[done]["frames"] == 6
+    assert 2 <= before[replay]["frames"] < 6, "the drain saved the replay mid-stream"
+    for sid in before:
+        assert files_of(state_dir, sid) == ["manifest.json", "memory-00000001.safetensors"]
+
+    again = create_app(model, media_root=media, state_dir=state_dir, snapshot_every=60)
+    with running_server(again) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        assert {s["id"] for s in client.get("/v1/streams").json()["data"]} == set(before)
+        for sid in (done, push):
+            assert_same_state(lane_state(again, sid), before[sid])
+            assert ask(client, sid)["choices"][0]["message"]["content"] is not None
+        memory = client.get(f"/v1/streams/{push}/memory").json()
+        assert memory["stream_time"] == 2.0 and memory["frames_seen"] == 3
+        with connect(base, push) as ws:
+            recv(ws, "session.created")
+            ws.send(append(0, 2.0))
+            assert recv(ws, "error")["error"]["code"] == "invalid_timestamp"  # time continues after the saved one
+        push_frames(base, push, [3.0])
+        wait_until(lambda: client.get(f"/v1/streams/{push}").json()["stats"]["stream_time"] == 3.0, "frame at 3 s")
+        view = finished(client, replay)
+        assert view["state"] == "finished" and view["stats"]["stream_time"] == 5.0
+        replayed = lane_state(again, replay)
+        assert replayed["frames"] == 6, "the replay went on after its saved time, no frame twice, none lost"
+        for sid in before:
+            assert client.delete(f"/v1/streams/{sid}").status_code == 200
+            assert not (state_dir / sid).exists(), "DELETE removes the stream's files"
+    assert snapshots.stream_ids(state_dir) == []
+
+
+def test_corrupt_snapshots_are_reported_and_not_loaded(model, media, tmp_path, caplog):
+    state_dir = tmp_path / "state"
+    app = create_app(model, media_root=media, state_dir=state_dir, snapshot_every=60)
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        ids = [create(client, source={"type": "push"}) for _ in range(3)]
+        for sid in ids:
+            push_frames(base, sid, [0.0, 1.0])
+            wait_frames(client, sid, 2)
+    flipped, truncated, sound = ids
+    tensors = next((state_dir / flipped).glob("*.safetensors"))
+    data = bytearray(tensors.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    tensors.write_bytes(bytes(data))
+    (state_dir / truncated / "manifest.json").write_text('{"format": "vstream.str')
+    again = create_app(model, media_root=media, state_dir=state_dir, snapshot_every=60)
+    with caplog.at_level("ERROR", "vstream.server.durable"), running_server(again) as base, \
+            httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        assert [s["id"] for s in client.get("/v1/streams").json()["data"]] == [sound]
+    problems = again.state.vstream.durable.problems
+    assert set(problems) == {flipped, truncated}
+    assert "checksum mismatch" in problems[flipped] and "JSON" in problems[truncated]
+    assert f"stream {flipped} not restored" in caplog.text and f"stream {truncated} not restored" in caplog.text
+    assert (state_dir / flipped).exists(), "a corrupt snapshot is left for inspection, not removed"
+
+
+def test_another_memory_configuration_is_refused(model, media, tmp_path):
+    state_dir = tmp_path / "state"
+    app = create_app(model, media_root=media, state_dir=state_dir, snapshot_every=60)
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        push_frames(base, create(client, source={"type": "push"}), [0.0])
+    official = vstream.load("tiny", memory_mode="official")
+    with pytest.raises(snapshots.IncompatibleSnapshot) as caught:
+        create_app(official, media_root=media, state_dir=state_dir)
+    assert "memory.mode='paper'" in str(caught.value) and "memory.mode='official'" in str(caught.value)
+
+
+def test_kill_9_loses_at_most_the_snapshot_interval(media, tmp_path):
+    """`vstream serve --state-dir D --snapshot-every 1`, SIGKILL, restart: every stream back with its id and its last
+    snapshot's memory bit for bit, answers from it, at most 1 s of frames lost, one snapshot per stream on disk."""
+    state_dir, every = tmp_path / "state", 1.0
+    server = Serve(media, state_dir, every)
+    with httpx.Client(base_url=server.base, timeout=DEADLINE_S) as client:
+        file_id = create(client, source={"type": "file", "path": "clip.mp4"})
+        push_id = create(client, source={"type": "push"})
+        finished(client, file_id)
+        acks = push_frames(server.base, push_id, [float(i) for i in range(20)], pause_s=0.15)
+    server.kill()
+    killed_at = time.monotonic()
+    saved = shutil.copytree(state_dir, tmp_path / "at-kill")
+    ident = snapshots.identity(vstream.load("tiny"))
+    last = {sid: snapshots.read(saved, sid, ident) for sid in (file_id, push_id)}
+    safe = max((ingested for at, ingested in acks if at <= killed_at - every - 1.0), default=0)
+    assert last[push_id].state["frames"] >= safe, "frames ingested more than the interval before the kill were lost"
+    assert last[file_id].state["frames"] == 6
+
+    server = Serve(media, state_dir, every)
+    try:
+        with httpx.Client(base_url=server.base, timeout=DEADLINE_S) as client:
+            assert {s["id"] for s in client.get("/v1/streams").json()["data"]} == {file_id, push_id}
+            for sid, snap in last.items():
+                memory = client.get(f"/v1/streams/{sid}/memory").json()
+                assert (memory["frames_seen"], memory["stream_time"]) == (snap.state["frames"],
+                                                                          snap.state["stream_time"])
+                answer = ask(client, sid)
+                assert max(answer["vstream"]["spatial_times"]) <= snap.state["stream_time"]
+            for sid, snap in last.items():  # the restarted server saves each restored memory: the same bits
+                wait_until(lambda sid=sid, snap=snap: snapshots.read(state_dir, sid, ident).saved_at > snap.saved_at,
+                           f"a new snapshot of {sid}")
+                assert_same_state(snapshots.read(state_dir, sid, ident).state, snap.state)
+                names = files_of(state_dir, sid)
+                assert len(names) == 2 and names[0] == "manifest.json" and names[1].endswith(".safetensors"), names
+            resume = last[push_id].state["stream_time"] + 1.0
+            push_frames(server.base, push_id, [resume])
+            wait_until(lambda: client.get(f"/v1/streams/{push_id}").json()["stats"]["stream_time"] == resume,
+                       "the pushed frame after the restart")
+    finally:
+        server.kill()
+
+
+class Serve:
+    """`vstream serve --model tiny --state-dir D --snapshot-every S` as a subprocess, ready on a free port."""
+
+    def __init__(self, media: Path, state_dir: Path, every: float):
+        port = free_port()
+        self.base = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", "from vstream.cli import main; main()", "serve", "--model", "tiny", "--port",
+             str(port), "--media-root", str(media), "--state-dir", str(state_dir), "--snapshot-every", str(every)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_ready(self.proc, self.base)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(DEADLINE_S)
