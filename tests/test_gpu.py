@@ -208,10 +208,10 @@ def test_the_engines_round_and_decode_step_never_synchronise():
     replayed from their page's graph) and the batched decode step with answers in flight: no host synchronisation
     (publishing the snapshots reads their times to the host, once per round, outside this)."""
     import vstream
-    from vstream.engine import Engine
+    from vstream.engine import Engine, EngineConfig
 
     model = vstream.load("tiny", device="cuda")
-    engine = Engine(model)
+    engine = Engine(model, EngineConfig(memory_page=64))
     lanes = [engine.open(batch=4, live=False) for _ in range(3)]
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (60, model.cfg.vision.image_size, model.cfg.vision.image_size, 3), dtype=np.uint8)

@@ -228,7 +228,7 @@ def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: i
     x = points.float().reshape(-1, t, points.shape[-1])  # [B, T, F]
     gram = x @ x.transpose(1, 2)  # [B, T, T]
     norms = (x * x).sum(-1)  # [B, T], as `squared_distances` takes them
-    same = (torch.cdist(x, x, p=0) == 0).to(torch.int8)  # [B, T, T] exact copies, as `memory.star.exact_copies`
+    same = (x[:, :, None] == x[:, None]).all(-1).to(torch.int8)  # [B, T, T] exact copies, as `seed_indices` finds them
     n = x.shape[0]
     coef = torch.empty(n, k, t, device=x.device, dtype=torch.float32)  # centroid k = sum_t coef[k, t] x_t
     wsum = torch.empty(n, k, device=x.device, dtype=torch.float32)

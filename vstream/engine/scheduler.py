@@ -77,14 +77,15 @@ class EngineConfig:
     """Batch sizes the tower is captured at; a round's batch is cut into them, largest first."""
     seed: int = 0
     """Seed of the sampled answers' noise."""
-    memory_page: int | None = None
+    memory_page: int = 0
     """Paper-mode memories of this many streams share a `MemoryPage`, so that a round updates all of a page's steady
-    memories in one batched update (one graph replay on CUDA) instead of one per stream; 0: each memory alone. None:
-    64 with CUDA graphs, else 0."""
+    memories that have a frame in one batched update (one graph replay on CUDA) instead of one update per stream; 0:
+    each memory alone. Off by default until the pages' current form (rows gathered, one graph per batch size) has run
+    on a GPU: its first form measured 3.2x less device time per round than one replay per stream (BENCHMARKS.md)."""
 
     def __post_init__(self):
-        if self.memory_page is not None and self.memory_page < 0:
-            raise ValueError(f"EngineConfig.memory_page must be >= 0 or None, got {self.memory_page}")
+        if self.memory_page < 0:
+            raise ValueError(f"EngineConfig.memory_page must be >= 0, got {self.memory_page}")
         for name in ("frames_per_round", "answer_slots", "max_waiting", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -333,7 +334,6 @@ class Engine:
         """A lane's streaming memory: a row of a memory page (a new page when all are full) when pages are on and
         the memory is paper-mode, else the model's own."""
         model, size = self.model, self.config.memory_page
-        size = (64 if self.graphs else 0) if size is None else size
         if not (size and model.cfg.memory.mode == "paper"):
             return model.new_memory()
         with self._lock:
@@ -424,7 +424,7 @@ class Engine:
         since = time.monotonic() - self._last_round
         if not answering or since >= max(self.config.round_every_s, 2 * self._round_s):
             t0 = time.perf_counter()
-            worked = self._round()
+            worked = self._round() or worked
             self.seconds["frames"] += time.perf_counter() - t0
         if answering:
             t0 = time.perf_counter()

@@ -387,11 +387,13 @@ def seed_indices(points: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Te
     return torch.sort(cost, descending=True, stable=True).indices[..., :k]  # ties: earlier point first
 
 
-def exact_copies(points: torch.Tensor) -> torch.Tensor:
-    """[..., T, F] -> [..., T, T] bool: which points are equal coordinate for coordinate (the count of coordinates
-    that differ, `cdist` with p=0, is zero: one pass over the pairs, no [T, T, F] comparison held in memory)."""
-    x = points.float()  # exact for float16/bfloat16 points: equal in float32 exactly when equal
-    return torch.cdist(x, x, p=0) == 0
+def exact_copies(points: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """[..., T, F] -> [..., T, T] bool: which points are equal bit for bit, compared in blocks of rows of at most
+    `max_elements` elements."""
+    rows = max(1, max_elements // max(1, points.numel()))
+    t = points.shape[-2]
+    blocks = [(points[..., i : i + rows, None, :] == points[..., None, :, :]).all(-1) for i in range(0, t, rows)]
+    return torch.cat(blocks, dim=-2)
 
 
 def nearest_most_recent(dist: torch.Tensor, times: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
