@@ -36,7 +36,8 @@ from vstream.synth.clips import write_test_video, write_video
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = Limits(max_body_bytes=4096, max_answer_tokens=8, max_question_chars=100, max_running=1,
-                max_frame_pixels=200 * 200, max_source_seconds=5, max_source_frames=30, max_fps=5, url_timeout_s=2)
+                max_frame_pixels=200 * 200, max_source_seconds=5, max_source_frames=30, max_fps=5, url_timeout_s=2,
+                max_watches_per_stream=1)
 SECRET = "/srv/vstream-secret/weights.bin"  # a server path that no answer may show
 
 
@@ -444,7 +445,10 @@ def test_openapi_lists_exactly_the_statuses_each_route_sends(model, media):
         real = {"{stream_id}": push_sid}
 
         def probe(method, template, path=None, **kw):
-            r = client.request(method, path or template.replace("{stream_id}", real.get("{stream_id}")), **kw)
+            url = path or template.replace("{stream_id}", real.get("{stream_id}"))
+            with client.stream(method, url, **kw) as r:  # streamed: an event feed that answers 200 never ends
+                if r.status_code >= 400:
+                    r.read()
             assert r.status_code < 500 or r.status_code == 503, r.text  # 503: drained on purpose
             if r.status_code >= 400:
                 assert r.json()["error"]["message"]
@@ -465,6 +469,14 @@ def test_openapi_lists_exactly_the_statuses_each_route_sends(model, media):
                  "GET /v1/streams/{stream_id}/memory": [{"path": "/v1/streams/str_x/memory"}, {},
                                                         {"params": {"as_of": -1}}],
                  "GET /v1/streams/{stream_id}/frames": [{"path": "/v1/streams/str_x/frames?t=0"}, {}],
+                 "POST /v1/streams/{stream_id}/watches": [{"json": {}}, {"path": "/v1/streams/str_x/watches",
+                                                                                "json": {"condition": "x"}},
+                                                          {"json": {"condition": "x"}},  # 201, then 429
+                                                          {"json": {"condition": "x"}}],
+                 "GET /v1/streams/{stream_id}/watches": [{"path": "/v1/streams/str_x/watches"}],
+                 "DELETE /v1/streams/{stream_id}/watches/{watch_id}": [{"path": "/v1/streams/str_x/watches/wat_x"}],
+                 "GET /v1/streams/{stream_id}/events": [{"path": "/v1/streams/str_x/events"},
+                                                        {"headers": {"Last-Event-ID": "x"}}],
                  "POST /v1/chat/completions": [{"json": ask("str_x")}, {"json": ask(push_sid)},
                                                {"json": ask(file_sid, max_tokens=9)}]}
         for key, calls in route.items():
@@ -521,7 +533,11 @@ def test_schema_bounds_are_the_bounds_the_server_enforces(model, limits):
             ("ChatRequest", "max_completion_tokens", "maximum"): limits.max_answer_tokens,
             ("ChatRequest", "as_of", "minimum"): 0,
             ("GET /v1/streams/{stream_id}/memory", "as_of", "minimum"): 0,
-            ("GET /v1/streams/{stream_id}/frames", "t", "minimum"): 0}
+            ("GET /v1/streams/{stream_id}/frames", "t", "minimum"): 0,
+            ("WatchCreate", "every_s", "minimum"): 0.1, ("WatchCreate", "every_s", "maximum"): 3600,
+            ("WatchCreate", "cooldown_s", "minimum"): 0, ("WatchCreate", "cooldown_s", "maximum"): 86400,
+            ("WatchCreate", "threshold", "minimum"): -1e12, ("WatchCreate", "threshold", "maximum"): 1e12,
+            ("WatchCreate", "hysteresis", "minimum"): 0, ("WatchCreate", "hysteresis", "maximum"): 1e6}
         at = lambda fps: client.post("/v1/streams", json={"source": {"type": "push"}, "fps": fps})  # noqa: E731
         ok = at(limits.max_fps)
         assert ok.status_code == 201, ok.text  # the schema's maximum is accepted, the next value is not

@@ -97,3 +97,16 @@ def test_run_exits_cleanly_on_ctrl_c(long_clip):
         proc.kill()
     assert code == 130
     assert "interrupted" in proc.stderr.read()
+
+
+def test_run_prints_each_watch_trigger_with_its_stream_time(tmp_path):
+    clip = write_test_video(tmp_path / "short.mp4", seconds=4, fps=5, size=(160, 120), seed=2)
+    # a threshold of -1e9 fires at the first evaluation whatever the tiny model's random weights say
+    out = vstream_cli("run", str(clip), "--speed", "4", "--watch", "a purple square appears", "--watch", "a red circle",
+                      "--watch-threshold", "-1e9", stdin="")
+    assert out.returncode == 0, out.stderr
+    fired = [line for line in out.stdout.splitlines() if "watch triggered" in line]
+    assert len(fired) == 2, out.stdout
+    assert re.fullmatch(r"\[[\d.]+s\] watch triggered: a purple square appears \(score -?[\d.]+\)", fired[0]), fired
+    bad = vstream_cli("run", str(clip), "--watch", " ", stdin="")
+    assert bad.returncode != 0 and "condition" in bad.stderr

@@ -22,12 +22,18 @@ def run(
     memory_mode: MemoryModeOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     device: DeviceOpt = "auto",
+    watch: Annotated[Optional[list[str]], typer.Option(
+        help="A condition to watch for (repeatable); each trigger is printed with its stream time.")] = None,
+    watch_threshold: Annotated[float, typer.Option(
+        help="Log-odds of yes against no above which a watch triggers (for testing and calibration).")] = 0.0,
 ) -> None:
     """Play a source, show a live status line, and answer questions typed on stdin while ingestion goes on."""
     import vstream
     from vstream.engine import StreamSession
     from vstream.engine.console import run_console
+    from vstream.engine.watches import Watch
     from vstream.model.loading import show_progress
+    from vstream.model.yesno import watch_question, yes_no_score
     from vstream.sources import open_source
 
     if speed is not None and speed <= 0:
@@ -35,6 +41,10 @@ def run(
     show_progress()
     m = vstream.load(model, device=device, memory_mode=memory_mode)
     frames, live = open_source(source, fps=m.cfg.sample_fps, speed=speed)
+    watches = [Watch(c, threshold=watch_threshold) for c in watch or []]
+    for w in watches:
+        watch_question(w.condition)  # an empty or overlong condition is refused before the stream starts
     with StreamSession(m).start(frames, live=live) as session:
-        code = run_console(session, sys.stdin, max_new_tokens=max_new_tokens)
+        code = run_console(session, sys.stdin, max_new_tokens=max_new_tokens, watches=watches,
+                           score=lambda tokens, condition: yes_no_score(m, tokens, condition))
     raise typer.Exit(code)

@@ -26,10 +26,10 @@ from vstream.server import access, openapi
 from vstream.server.durable import Durable
 from vstream.server.errors import AsciiJSONResponse
 from vstream.server.middleware import Gate, add_error_handlers
-from vstream.server.routes import auth, chat, health, metrics, page, realtime, streams
+from vstream.server.routes import auth, chat, health, metrics, page, realtime, streams, watches
 from vstream.server.state import Limits, ServerState
 
-ROUTES = (page, health, auth, streams, chat, realtime, metrics)  # in this order in `app.routes` and the document
+ROUTES = (page, health, auth, streams, watches, chat, realtime, metrics)  # in this order in `app.routes` and the document
 log = logging.getLogger("vstream.server")
 
 
@@ -73,6 +73,8 @@ async def lifespan(app: FastAPI):
     state.ready = True
     yield
     state.ready = False
+    if state.watcher is not None:
+        await run_in_threadpool(state.watcher.stop)
     if state.durable is not None:  # on drain: every stream saved before it closes
         await run_in_threadpool(state.durable.stop)
         await run_in_threadpool(state.durable.save_all, state, True)

@@ -86,6 +86,7 @@ class RealtimeSession:
         self.generation: Generation | None = None
         self.answer_task: asyncio.Task | None = None
         self.closing: str | None = None
+        self.events_after = stream.board.feed.last_id  # the stream's watch events after this id go to the socket
 
     async def run(self) -> None:
         """Send `session.created`, then handle the client's messages until either side ends the session; close the
@@ -339,6 +340,9 @@ async def watch(session: RealtimeSession) -> None:
             if left <= 0 and (session.answer_task is None or session.answer_task.done()):
                 return
             continue
+        for event in stream.board.feed.since(session.events_after):  # watch.triggered / watch.cleared
+            session.events_after = event["id"]
+            session.send(_event(event["type"], event=event))
         if stream.session.error is not None and not reported:
             reported = True
             error = state.public_text(str(stream.session.error))

@@ -82,6 +82,23 @@ class ChatRequest(BaseModel):
                                 "vstream extension)")
 
 
+class WatchCreate(BaseModel):
+    """Body of `POST /v1/streams/{id}/watches`: a standing question on the stream."""
+
+    model_config = ConfigDict(extra="forbid")
+    condition: str = Field(min_length=1, max_length=500, description="what to watch for, e.g. 'a purple square "
+                           "appears' (asked as a yes/no question of the memory)")
+    every_s: float = Field(default=1.0, ge=0.1, le=3600, allow_inf_nan=False,
+                           description="evaluate at most once per this many seconds of stream time")
+    cooldown_s: float = Field(default=10.0, ge=0, le=86400, allow_inf_nan=False,
+                              description="no event within this many seconds of stream time of the last one")
+    threshold: float = Field(default=0.0, ge=-1e12, le=1e12, allow_inf_nan=False,
+                             description="log-odds of yes against no above which the watch triggers; for testing "
+                             "and calibration (a very low value fires at the first evaluation)")
+    hysteresis: float = Field(default=0.5, ge=0, le=1e6, allow_inf_nan=False,
+                              description="triggers above threshold + hysteresis, clears below threshold - hysteresis")
+
+
 class ErrorObject(BaseModel):
     """The OpenAI error object: what went wrong, its kind, the field at fault and a stable code."""
 

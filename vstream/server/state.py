@@ -18,6 +18,7 @@ from vstream.engine import StreamSession
 from vstream.server.errors import ApiError
 from vstream.server.metrics import TTFT_BUCKETS, Histogram
 from vstream.server.thumbnails import Thumbnails
+from vstream.server.watches import WatchBoard
 from vstream.sources import PushSource
 
 
@@ -55,6 +56,8 @@ class Limits:
     """Each network wait of a URL source (connect, read), and of the redirect checks."""
     thumbnails: int = 512
     """Most key-frame thumbnails kept per stream (the newest; at least the memory buffer's length is useful)."""
+    max_watches_per_stream: int = 8
+    """Most watches (standing questions) on one stream (429 above it)."""
     snapshot_history: int = 32
     """Past memory snapshots kept per stream for questions "as of" an earlier time."""
     max_frame_time_s: float = 1e9
@@ -81,6 +84,7 @@ class Stream:
     last_time: float = float("-inf")  # time of the last pushed frame (times must increase)
     clock0: float | None = None  # monotonic time of the first binary frame (binary frames carry no time)
     push_lock: threading.Lock = field(default_factory=threading.Lock)
+    board: WatchBoard = field(default_factory=WatchBoard)  # its watches and their event feed
 
     def counts(self) -> dict:
         """Running counts for frame acknowledgements: frames received, ingested (in the memory) and dropped."""
@@ -122,6 +126,8 @@ class ServerState:
     engine: object = None
     """The model's engine (`vstream.engine.Engine`), made by the start-up warm-up."""
     durable: object = None
+    watcher: object = None
+    """The thread that evaluates watches (`vstream.server.watches.Watcher`), started with the first watch."""
     """The state directory (`vstream.server.durable.Durable`) with `--state-dir`, else None."""
 
     def get(self, stream_id: str, param: str = "model") -> Stream:

@@ -1,0 +1,91 @@
+"""Watches (standing questions): the state machine with scripted scores, and the yes/no score of a condition computed
+by the tiny model in one prefill from a real stream's snapshot."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vstream.engine import StreamSession
+from vstream.engine.watches import CLEARED, TRIGGERED, Watch, evaluate_due
+from vstream.errors import ConfigError, UserInputError
+from vstream.model.yesno import watch_question, yes_no_ids, yes_no_score
+from vstream.sources import file_source
+from vstream.synth.clips import write_test_video
+
+
+def run(watch: Watch, scores: list[tuple[float, float]]) -> list[tuple[str, float]]:
+    """Feed (stream_time, score) pairs to the watch where due; the (type, stream_time) of each event it fires."""
+    out = []
+    for t, score in scores:
+        if watch.due(t):
+            event = watch.update(t, score, [t], [])
+            if event is not None:
+                assert event["watch_id"] == watch.id and event["score"] == score and event["spatial_times"] == [t]
+                out.append((event["type"], t))
+    return out
+
+
+def test_triggers_once_above_the_band_and_clears_below_it():
+    w = Watch("a purple square appears", every_s=1.0, cooldown_s=0.0, threshold=0.0, hysteresis=0.5)
+    scores = [(0, -2.0), (1, 0.4), (2, 0.6), (3, 0.2), (4, -0.4), (5, 3.0), (6, -0.6), (7, -3.0), (8, 0.9)]
+    assert run(w, scores) == [(TRIGGERED, 2), (CLEARED, 6), (TRIGGERED, 8)]
+
+
+def test_a_score_hovering_at_the_threshold_fires_once():
+    w = Watch("x", every_s=0.5, cooldown_s=0.0, hysteresis=0.5)
+    scores = [(i * 0.5, 0.6 if i % 2 else 0.45) for i in range(20)]
+    assert run(w, scores) == [(TRIGGERED, 0.5)]
+
+
+def test_cooldown_holds_events_then_fires_if_still_past_the_band():
+    w = Watch("x", every_s=1.0, cooldown_s=5.0, hysteresis=0.1)
+    scores = [(0, 1.0), (1, -1.0), (2, -1.0), (3, 1.0), (4, -1.0), (5, -1.0), (6, -1.0)]
+    assert run(w, scores) == [(TRIGGERED, 0), (CLEARED, 5)]
+
+
+def test_evaluated_at_most_every_every_s_of_stream_time():
+    w = Watch("x", every_s=2.0, cooldown_s=0.0)
+    seen = [t for t in [0.0, 0.5, 1.9, 2.0, 2.1, 3.9, 4.0, 4.0] if w.due(t) and w.update(t, 0.0) is None]
+    assert seen == [0.0, 2.0, 4.0] and w.evaluations == 3
+
+
+@pytest.mark.parametrize("field,value", [("every_s", -1.0), ("cooldown_s", math.nan), ("hysteresis", math.inf),
+                                         ("threshold", math.nan)])
+def test_bad_watch_settings_name_the_field(field, value):
+    with pytest.raises(UserInputError, match=field):
+        Watch("x", **{field: value})
+
+
+def test_yes_no_ids_need_single_tokens(model):
+    yes, no = yes_no_ids(model.tokenizer)
+    assert yes and no and not set(yes) & set(no)
+
+    class NoWords:
+        def __call__(self, text, add_special_tokens=True):
+            return type("E", (), {"input_ids": [ord(c) for c in text]})()
+
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    with pytest.raises(ConfigError, match="no single token"):
+        yes_no_ids(NoWords())
+    with pytest.raises(UserInputError, match="empty"):
+        watch_question("  ")
+
+
+def test_the_tiny_model_scores_a_condition_from_a_real_snapshot(model, tmp_path):
+    path = write_test_video(tmp_path / "clip.mp4", seconds=3, fps=5)
+    with StreamSession(model) as session:
+        session.start(file_source(path, fps=model.cfg.sample_fps), live=False)
+        assert session.wait(60)
+        snap = session.snapshot()
+        score = yes_no_score(model, snap.memory.tokens, "a purple square appears")
+        assert isinstance(score, float) and math.isfinite(score)
+        again = yes_no_score(model, snap.memory.tokens, "a purple square appears")
+        assert again == pytest.approx(score, abs=1e-4)  # one deterministic prefill
+        w = Watch("a purple square appears", threshold=-1e9)
+        events = evaluate_due([w], snap, lambda tokens, cond: yes_no_score(model, tokens, cond))
+        assert [e["type"] for e in events] == [TRIGGERED]
+        assert events[0]["stream_time"] == snap.stream_time and events[0]["spatial_times"] == list(snap.spatial_times)

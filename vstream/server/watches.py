@@ -1,0 +1,99 @@
+"""The server's side of watches: each stream's `WatchBoard` (its watches and its event feed) and the `Watcher`
+thread that evaluates them.
+
+`EventFeed` is a bounded in-memory ring of a stream's events, each with an id that increases by one (the SSE `id:`
+and `Last-Event-ID`); readers poll it with `since(last_id)`, so a reader that fell more than the ring behind misses
+the oldest events (it can tell: the first id it gets is not `last_id + 1`). The `Watcher` wakes every `tick_s`, takes
+each stream's latest snapshot and, when some of its watches are due, scores them on the engine thread
+(`Engine.call`), one call per stream, waiting for it off the event loop; events go to the stream's feed, from which
+the SSE route and every realtime socket of the stream read.
+
+Not built yet: webhooks, watches saved with durable streams, per-server limits, and scoring batched into the
+engine's batched prefill (each score is one eager prefill now).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from vstream.engine.watches import Watch, evaluate_due
+from vstream.model.yesno import yes_no_score
+
+log = logging.getLogger("vstream.server")
+
+
+class EventFeed:
+    """A stream's last `size` events, each a dict with an increasing integer `id`. Thread-safe."""
+
+    def __init__(self, size: int = 256):
+        self._ring: deque[dict] = deque(maxlen=size)
+        self._lock = threading.Lock()
+        self.last_id = 0
+
+    def publish(self, event: dict) -> dict:
+        with self._lock:
+            self.last_id += 1
+            event = {"id": self.last_id, **event}
+            self._ring.append(event)
+        return event
+
+    def since(self, last_id: int) -> list[dict]:
+        """The kept events with an id above `last_id`, oldest first."""
+        with self._lock:
+            return [e for e in self._ring if e["id"] > last_id]
+
+
+@dataclass
+class WatchBoard:
+    """A stream's watches (by id, in creation order) and its event feed."""
+
+    watches: dict[str, Watch] = field(default_factory=dict)
+    feed: EventFeed = field(default_factory=EventFeed)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def list(self) -> list[Watch]:
+        with self.lock:
+            return list(self.watches.values())
+
+
+class Watcher:
+    """One thread that evaluates every stream's due watches on the engine thread, at most every `tick_s`."""
+
+    def __init__(self, state, tick_s: float = 0.1, timeout_s: float = 60.0):
+        self.state, self.tick_s, self.timeout_s = state, tick_s, timeout_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="vstream-watcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.tick_s):
+            for stream in list(self.state.streams.values()):
+                try:
+                    self.evaluate(stream)
+                except Exception:  # one stream's failure must not stop the others' watches  # noqa: BLE001
+                    log.exception("watches of stream %s failed to evaluate", stream.id)
+
+    def evaluate(self, stream) -> list[dict]:
+        """Score the stream's due watches on its latest snapshot; publish and return their events."""
+        board: WatchBoard = stream.board
+        snap = stream.session.snapshot()
+        if snap is None:
+            return []
+        due = [w for w in board.list() if w.due(snap.stream_time)]
+        if not due:
+            return []
+        model = self.state.model
+        t0 = time.perf_counter()
+        future = self.state.engine.call(
+            lambda: evaluate_due(due, snap, lambda tokens, condition: yes_no_score(model, tokens, condition)))
+        events = future.result(timeout=self.timeout_s)
+        log.debug("stream %s: %d watches scored in %.1f ms", stream.id, len(due), 1e3 * (time.perf_counter() - t0))
+        return [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
