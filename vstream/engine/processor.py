@@ -44,18 +44,6 @@ class Snapshot:
     temporal_weights: tuple[float, ...]
 
     @classmethod
-    def of(cls, version: int, memory: MemoryRead, stream_time: float, frames: int) -> "Snapshot":
-        """Read the memory's times to the host (one transfer)."""
-        return cls.of_many([(version, memory, stream_time, frames)])[0]
-
-    @classmethod
-    def of_many(cls, reads: Sequence[tuple[int, MemoryRead, float, int]]) -> list["Snapshot"]:
-        """Snapshots of several memory reads `(version, memory, stream_time, frames)`, whichever streams they come
-        from, with all their times read to the host in one transfer (one wait for the device, not one per read)."""
-        flat = _times_of(reads)
-        return cls.from_host(reads, flat.cpu().tolist() if flat is not None else [])
-
-    @classmethod
     def from_host(cls, reads: Sequence[tuple[int, MemoryRead, float, int]], host: list[float]) -> list["Snapshot"]:
         """The snapshots of `reads` from their times on the host, in the order `_times_of` lays them out."""
         parts = [_parts(m) for _, m, _, _ in reads]

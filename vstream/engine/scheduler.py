@@ -165,7 +165,7 @@ class Lane:
         self.engine = engine
         self.processor = StreamProcessor(engine.model, history=history, new_memory=engine.new_memory)
         memory = self.processor.memory
-        if engine.graphs and getattr(memory, "page", None) is None and hasattr(memory, "enable_cuda_graph"):
+        if engine.graphs and memory.page is None and hasattr(memory, "enable_cuda_graph"):
             memory.enable_cuda_graph()
         self.queue = FrameQueue(queue_size)
         self.batch, self.live = batch, live
@@ -326,7 +326,7 @@ class Engine:
             if lane in self.lanes:
                 self.lanes.remove(lane)
             memory = lane.processor.memory
-            if getattr(memory, "page", None) is not None:
+            if memory.page is not None:
                 memory.page.release(memory)
         lane.done.set()
 
@@ -515,7 +515,8 @@ class Engine:
                     self._insert(lane, items, feats)
             self._publish([lane for lane, _ in frames], span)
             t2 = time.perf_counter()
-            self._round_s = self._round_s if span is not None else t2 - t0  # on CUDA: its device time, once known
+            if span is None:  # on CUDA the round's device time, once known (`_finish_publish`)
+                self._round_s = t2 - t0
             n = sum(len(items) for _, items in frames)
             for lane, items in frames:
                 lane.counters.latency["encode"].add((t1 - t0) / n)
@@ -550,12 +551,11 @@ class Engine:
         return out
 
     def _features(self, crops: list[np.ndarray]) -> torch.Tensor:
-        if self.model.device.type != "cuda":
-            host = torch.from_numpy(np.stack(crops))  # [n, S, S, 3] uint8
-            return self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
-        host = self._stage(crops)
+        cuda = self.model.device.type == "cuda"
+        host = self._stage(crops) if cuda else torch.from_numpy(np.stack(crops))  # [n, S, S, 3] uint8
         features = self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
-        self._staged.record()  # the copy from `host` is queued: the next round waits for it before writing there
+        if cuda:
+            self._staged.record()  # the copy from `host` is queued: the next round waits for it before writing there
         return features
 
     def _stage(self, crops: list[np.ndarray]) -> torch.Tensor:
@@ -567,7 +567,7 @@ class Engine:
                                         pin_memory=True)
             self._staged = torch.cuda.Event()
             self._staged.record()
-        self._staged.synchronize()  # the previous round's copy (long done: the round waited for its snapshots)
+        self._staged.synchronize()  # the previous round's copy (done long before, in all but an overloaded engine)
         host = self._staging[:n]
         np.stack(crops, out=host.numpy())
         return host

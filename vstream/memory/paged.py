@@ -52,7 +52,7 @@ class MemoryPage:
         self.sizes = sorted({1 << i for i in range(capacity.bit_length()) if 1 << i < capacity} | {capacity})
         self.use_graph = self.device.type == "cuda" if graph is None else graph
         self.graph_pool = graph_pool
-        self._graphs: dict[int, _Batch] = {}  # batch size -> its static inputs and captured update
+        self._batches: dict[int, _Batch] = {}  # batch size -> its static inputs and captured update
         self._queued: dict[int, tuple[PaperStarMemory, torch.Tensor, torch.Tensor]] = {}  # row -> its queued frame
         self.updates = 0  # batched updates run (each one graph replay on CUDA)
 
@@ -122,7 +122,9 @@ class MemoryPage:
         if any(self.members.get(r) is not m or not m.steady for r, m in zip(rows, memories)) or len(set(rows)) < n:
             raise ValueError("a batched update takes distinct steady memories of this page")
         size = next(b for b in self.sizes if b >= n)
-        batch = self._graphs.get(size) or self._graphs.setdefault(size, _Batch(self, size))
+        if size not in self._batches:
+            self._batches[size] = _Batch(self, size)
+        batch = self._batches[size]
         batch.prepare()
         index = torch.tensor(rows + [self.capacity] * (size - n), dtype=torch.long)  # padded with the scratch row
         index = index.pin_memory() if self.device.type == "cuda" else index

@@ -61,6 +61,8 @@ class MemoryRead:
 class StarMemoryBase:
     """What both modes share: configuration, pooling of new frames, counters and budgets."""
 
+    page = None  # the MemoryPage holding this memory's state, if any (paper mode only)
+
     def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None):
         cfg.validate(grid)
         self.cfg = cfg
@@ -118,12 +120,12 @@ class StarMemoryBase:
 
     def state_dict(self) -> dict:
         """Tensors and counters that restore this memory exactly with `load_state_dict`."""
-        if getattr(self, "page", None) is not None:
+        if self.page is not None:
             self.page.flush()
         return {"tensors": {k: v.clone() for k, v in self._state().items()}, "counters": self._counters()}
 
     def load_state_dict(self, state: dict) -> None:
-        if getattr(self, "page", None) is not None:
+        if self.page is not None:
             self.page.flush()
         mine = self._state()
         if set(state["tensors"]) != set(mine):
@@ -160,7 +162,6 @@ class PaperStarMemory(StarMemoryBase):
     (`page` set) hands its steady one-frame updates to the page, which runs them for all its memories at once when
     any of them is read next (or `page.flush()`)."""
 
-    page = None  # the MemoryPage holding this memory's state, if any
     released = False  # its page gave its row to another memory
 
     def __init__(self, cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None,
