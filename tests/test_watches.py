@@ -89,3 +89,17 @@ def test_the_tiny_model_scores_a_condition_from_a_real_snapshot(model, tmp_path)
         events = evaluate_due([w], snap, lambda tokens, cond: yes_no_score(model, tokens, cond))
         assert [e["type"] for e in events] == [TRIGGERED]
         assert events[0]["stream_time"] == snap.stream_time and events[0]["spatial_times"] == list(snap.spatial_times)
+
+
+def test_a_score_that_is_not_a_number_is_refused_not_sent(tmp_path):
+    """A broken LLM (NaN weights) gives no NaN score to events or the API: the score raises, naming the value."""
+    import torch
+
+    import vstream
+
+    broken = vstream.load("tiny")
+    with torch.no_grad():
+        broken.llm.lm_head.weight.fill_(float("nan"))
+    tokens = torch.zeros(4, broken.cfg.vision.hidden_size)
+    with pytest.raises(ValueError, match="not a finite number: nan"):
+        yes_no_score(broken, tokens, "a purple square appears")

@@ -13,6 +13,8 @@ prefix; it is one eager transformers forward per score, to be run where the mode
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vstream.errors import ConfigError, UserInputError
@@ -65,4 +67,7 @@ def yes_no_score(model, memory_tokens: torch.Tensor, condition: str) -> float:
     embeds = model.prompt_embeds(memory_tokens, watch_question(condition))
     logits = model.llm(inputs_embeds=embeds, use_cache=False).logits[0, -1].float()
     yes, no = (torch.tensor(i, device=logits.device) for i in ids)
-    return float(torch.logsumexp(logits[yes], 0) - torch.logsumexp(logits[no], 0))
+    score = float(torch.logsumexp(logits[yes], 0) - torch.logsumexp(logits[no], 0))
+    if not math.isfinite(score):  # events and the API carry scores as strict JSON numbers
+        raise ValueError(f"the yes/no score of {condition!r} is not a finite number: {score}")
+    return score
