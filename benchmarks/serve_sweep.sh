@@ -5,6 +5,7 @@
 #
 #   OUT=dir MODEL=flash-vstream-7b STREAMS="1 8 32 64 128 256" LOAD_S=30 WARMUP_S=2 bash benchmarks/serve_sweep.sh
 #
+# SERVE_ARGS: more options of `vstream serve` (e.g. "--memory-page 64").
 # WARMUP_S: seconds of frames before the first question (at 1 fps a memory reaches its steady state, where updates
 # replay a captured graph, after about temporal_length frames).
 set -euo pipefail
@@ -15,7 +16,7 @@ LOAD_S=${LOAD_S:-30}
 PORT=${PORT:-8765}
 mkdir -p "$OUT"
 start=$(date +%s.%N)
-python3 -m vstream serve --model "$MODEL" --device "${DEVICE:-auto}" --port "$PORT" --max-streams 2048 \
+python3 -m vstream serve --model "$MODEL" --device "${DEVICE:-auto}" --port "$PORT" --max-streams 2048 ${SERVE_ARGS:-} \
   > "$OUT/serve.log" 2>&1 &
 server=$!
 trap 'kill -INT $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT

@@ -45,6 +45,10 @@ def serve(
     snapshot_every: Annotated[
         float, typer.Option(help="With --state-dir: seconds between snapshots (a kill -9 loses at most this much).")
     ] = 10.0,
+    memory_page: Annotated[
+        Optional[int], typer.Option(help="Streams whose memories update together in one batched update (a memory "
+                                    "page); 0: each memory alone. Default: the engine's (see EngineConfig).")
+    ] = None,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")
@@ -54,11 +58,13 @@ def serve(
     _check(media_root, max_streams, drain_seconds)
     if not snapshot_every > 0:
         raise UserInputError(f"--snapshot-every must be > 0 seconds, got {snapshot_every}")
+    if memory_page is not None and memory_page < 0:
+        raise UserInputError(f"--memory-page must be >= 0 (0: off), got {memory_page}")
     show_progress()  # the model's load stages on stderr, before uvicorn's own lines
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
                drain_s=drain_seconds, allowed_hosts=allowed_host or (), state_dir=state_dir,
-               snapshot_every=snapshot_every)
+               snapshot_every=snapshot_every, memory_page=memory_page)
 
 
 def _check(media_root: Path | None, max_streams: int, drain_seconds: float) -> None:

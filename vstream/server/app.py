@@ -36,18 +36,20 @@ log = logging.getLogger("vstream.server")
 def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8, *,
                allow_private_sources: bool = False, limits: Limits | None = None,
                allowed_hosts: Iterable[str] | None = None, state_dir: Path | None = None,
-               snapshot_every: float = 10.0) -> FastAPI:
+               snapshot_every: float = 10.0, memory_page: int | None = None) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
     names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`).
     `state_dir`: save every stream there every `snapshot_every` seconds and restore them at start (`durable`); a
-    snapshot of another model or memory configuration there is an error here, before anything is served."""
+    snapshot of another model or memory configuration there is an error here, before anything is served.
+    `memory_page`: the engine's `EngineConfig.memory_page` (None: its default)."""
     if media_root is not None and not Path(media_root).is_dir():
         raise UserInputError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
         allowed_hosts = access.default_allowed_hosts("127.0.0.1")
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
-                        limits or Limits(), allow_private_sources, access.allowed_hosts(allowed_hosts))
+                        limits or Limits(), allow_private_sources, access.allowed_hosts(allowed_hosts),
+                        memory_page=memory_page)
     if state_dir is not None:
         state.durable = Durable(Path(state_dir), snapshot_every, snapshots.identity(model))
         state.durable.check()
@@ -92,8 +94,9 @@ def warm_up(state: ServerState) -> float:
     t0 = time.perf_counter()
     model = state.model
     limits = state.limits
+    page = {} if state.memory_page is None else {"memory_page": state.memory_page}
     state.engine = engine_of(model, EngineConfig(answer_slots=min(limits.max_running, 32),
-                                                 max_waiting=limits.max_running))
+                                                 max_waiting=limits.max_running, **page))
     log.info("engine ready in %.1f s (%s)", state.engine.warmup_s, state.engine.stats())
     side = model.cfg.vision.image_size
     with StreamSession(model, engine=state.engine) as session:

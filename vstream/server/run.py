@@ -46,11 +46,13 @@ class DrainingServer(uvicorn.Server):
 def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, media_root: Path | None = None,
           api_key: str | None = None, max_streams: int = 8, device: str = "auto", *,
           allow_private_sources: bool = False, drain_s: float = 10.0, limits: Limits | None = None,
-          allowed_hosts: Iterable[str] = (), state_dir: Path | None = None, snapshot_every: float = 10.0) -> None:
+          allowed_hosts: Iterable[str] = (), state_dir: Path | None = None, snapshot_every: float = 10.0,
+          memory_page: int | None = None) -> None:
     """Load the model with `vstream.load` and serve until interrupted. The first SIGINT/SIGTERM drains (see
     `begin_drain`) for up to `drain_s` seconds, then stops; a second one stops at once. Requests may name the
     Host names `host` is bound as (`access.default_allowed_hosts`) and `allowed_hosts` ('*': any); with an API key
-    and no `allowed_hosts`, any Host (see `access`). `state_dir`, `snapshot_every`: durable streams (`durable`)."""
+    and no `allowed_hosts`, any Host (see `access`). `state_dir`, `snapshot_every`: durable streams (`durable`);
+    `memory_page`: streams per memory page (`EngineConfig.memory_page`; None: its default)."""
     import vstream
 
     extra = list(allowed_hosts)
@@ -59,7 +61,8 @@ def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, me
     model = vstream.load(model_name_or_path, device=device)
     limits = limits or Limits()
     app = create_app(model, media_root, api_key, max_streams, allow_private_sources=allow_private_sources,
-                     limits=limits, allowed_hosts=hosts or ["*"], state_dir=state_dir, snapshot_every=snapshot_every)
+                     limits=limits, allowed_hosts=hosts or ["*"], state_dir=state_dir, snapshot_every=snapshot_every,
+                     memory_page=memory_page)
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=limits.max_ws_message_bytes + 1024,
                             timeout_graceful_shutdown=5)
     DrainingServer(config, app.state.vstream, drain_s).run()

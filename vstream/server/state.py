@@ -118,6 +118,8 @@ class ServerState:
     ready: bool = False
     warmup_s: float = 0.0
     """Seconds the start-up warm-up answer took (readiness waits for it)."""
+    memory_page: int | None = None
+    """Streams per memory page of the engine (`EngineConfig.memory_page`); None: the engine's default."""
     draining: bool = False
     drain_deadline: float | None = None  # monotonic time at which sessions are closed
     cookies: dict[str, float] = field(default_factory=dict)  # page session token -> expiry (monotonic)
