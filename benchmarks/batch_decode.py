@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=50)
     args = ap.parse_args()
-    model, _, _ = load_bench_model(args.preset, "cuda", fast=True)
+    model, _, _ = load_bench_model(args.preset, "cuda", eager=False)
     llm, hidden = model.llm, model.llm.config.hidden_size
     result = {"env": environment(model), "prompt_tokens": args.prompt, "max_seq_len": args.seq, "batched": {}}
     for b in (int(x) for x in args.batches.split(",")):

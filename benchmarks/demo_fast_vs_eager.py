@@ -31,7 +31,7 @@ def snapshots(model, seeds, kernels_on: bool) -> list:
 
 
 def answers(model, items, fast) -> tuple[list[str], list[float]]:
-    model.fast = fast
+    model.static_answerer = fast
     texts, ms = [], []
     for qa, memory in items:
         if model.device.type == "cuda":
@@ -48,8 +48,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cuda")
     args = ap.parse_args()
-    model = load("demo", device=args.device, dtype=args.dtype, fast=True)
-    fast = model.fast
+    model = load("demo", device=args.device, dtype=args.dtype, eager=False)
+    fast = model.static_answerer
     seeds = w.split_seeds("test", args.streams, 0)
     with_kernel, with_loop = snapshots(model, seeds, True), snapshots(model, seeds, False)
     truth = [normalise_keep_word_breaks(qa.answer) for qa, _ in with_kernel]

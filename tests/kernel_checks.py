@@ -103,14 +103,14 @@ def test_rope_to_cache_rotates_q_and_writes_k_v_at_the_positions():
 
 @pytest.mark.parametrize("kv_heads", [8, 4])
 def test_fused_decoder_gives_the_eager_greedy_tokens(kv_heads):
-    from vstream.model.fast import FastLlama
+    from vstream.model.static_decode import StaticLlama
     from vstream.model.generate import iter_tokens
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=kv_heads, max_position_embeddings=1024)
     llm = LlamaForCausalLM(cfg).to(DEVICE).eval()
-    dec = FastLlama(llm, 256, fused=True)
+    dec = StaticLlama(llm, 256, fused=True)
     embeds = torch.randn(1, 40, 256, device=DEVICE)
     eager = list(iter_tokens(llm, embeds, max_new_tokens=12))
     assert list(dec.iter_tokens(embeds, max_new_tokens=12)) == eager

@@ -50,7 +50,7 @@ def assert_like_eager(model, memory, request):
 
 
 def test_batched_greedy_answers_equal_one_at_a_time_eager_answers(model, memories):
-    assert model.fast is None  # on the CPU, stream_answer takes the eager path: the reference
+    assert model.static_answerer is None  # on the CPU, stream_answer takes the eager path: the reference
     answerer = BatchAnswerer(model, max_batch=8, prefill_chunk=4096)
     requests = [answerer.submit(m.tokens, q, max_new_tokens=24) for m, q in zip(memories, QUESTIONS)]
     assert len({m.tokens.shape[0] for m in memories}) == 5
@@ -241,7 +241,7 @@ def test_smollm2_batch_of_three_equals_one_at_a_time_greedy(smollm2):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU)")
 def test_graph_replayed_batched_step_equals_eager_and_never_synchronises():
     torch.backends.cuda.matmul.allow_tf32 = False
-    model = vstream.load("tiny", device="cuda", dtype="float32", fast=False)
+    model = vstream.load("tiny", device="cuda", dtype="float32", eager=True)
     torch.manual_seed(0)
     memories = [model.memory_from_features(torch.randn(t, 256, 32, device="cuda")) for t in (1, 3, 5)]
     answerer = BatchAnswerer(model, max_batch=4, prefill_chunk=96)

@@ -9,7 +9,7 @@ import torch
 from helpers import vstream_cli
 from vstream.config import VisionConfig
 from vstream.encoder.tower import VisionTower
-from vstream.model.fast import FastLlama
+from vstream.model.static_decode import StaticLlama
 from vstream.model.generate import generate_text, iter_tokens
 
 
@@ -104,7 +104,7 @@ def test_bench_rejects_bad_options():
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fast_decoder_gives_the_eager_greedy_tokens_and_logits(model, seed):
     llm = model.llm
-    dec = FastLlama(llm, max_seq_len=400)
+    dec = StaticLlama(llm, max_seq_len=400)
     torch.manual_seed(seed)
     embeds = torch.randn(1, 50 + 60 * seed, llm.config.hidden_size) * 0.5
     eager = list(iter_tokens(llm, embeds, max_new_tokens=40))
@@ -122,17 +122,17 @@ def test_fast_answers_equal_eager_answers(model):
     questions = ["What is happening?", "Which colours appeared?", "What is happening?"]
     eager = [model.answer_from(memory, q, max_new_tokens=20).text for q in questions]
     try:
-        model.enable_fast(max_seq_len=1024)
+        model.use_static_decoder(max_seq_len=1024)
         fast = [model.answer_from(memory, q, max_new_tokens=20).text for q in questions]
-        assert model.fast.decoder.prefix  # the system prompt stayed cached across answers
+        assert model.static_answerer.decoder.prefix  # the system prompt stayed cached across answers
     finally:
-        model.fast = None
+        model.static_answerer = None
     assert fast == eager
 
 
 def test_fast_decoder_sampling_and_limits(model):
     llm = model.llm
-    dec = FastLlama(llm, max_seq_len=64)
+    dec = StaticLlama(llm, max_seq_len=64)
     embeds = torch.randn(1, 20, llm.config.hidden_size)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     a = list(dec.iter_tokens(embeds, max_new_tokens=10, temperature=0.8, generator=g1))
@@ -152,7 +152,7 @@ def test_fast_tower_equals_the_transformers_tower():
         p.data.normal_(0, 0.05)
     x = torch.randn(3, 3, 224, 224)
     ref = tower.encode(x)
-    got = tower.enable_fast().encode(x)
+    got = tower.use_fused().encode(x)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert not torch.equal(got, torch.zeros_like(got))
 

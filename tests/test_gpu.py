@@ -131,12 +131,12 @@ def _llama(dtype=torch.float32, layers=4):
 
 
 def test_fast_decode_gives_the_eager_greedy_tokens_on_cuda():
-    from vstream.model.fast import FastLlama
+    from vstream.model.static_decode import StaticLlama
     from vstream.model.generate import iter_tokens
 
     torch.backends.cuda.matmul.allow_tf32 = False
     llm = _llama()
-    dec = FastLlama(llm, max_seq_len=512)
+    dec = StaticLlama(llm, max_seq_len=512)
     assert dec.graph is not None
     for seed in range(3):
         torch.manual_seed(seed)
@@ -151,10 +151,10 @@ def test_fast_decode_gives_the_eager_greedy_tokens_on_cuda():
 
 
 def test_decode_step_never_synchronises():
-    from vstream.model.fast import FastLlama
+    from vstream.model.static_decode import StaticLlama
 
     llm = _llama(torch.float16)
-    dec = FastLlama(llm, max_seq_len=256)
+    dec = StaticLlama(llm, max_seq_len=256)
     with torch.inference_mode():
         dec.token.fill_(3)
         dec.prefill(torch.randn(1, 10, 256, device="cuda", dtype=torch.float16), 0)
@@ -181,7 +181,7 @@ def test_fast_tower_graphs_equal_the_transformers_tower():
     tower = tower.cuda()
     x = torch.randn(7, 3, 224, 224, device="cuda")
     ref = tower.encode(x)
-    tower.enable_fast(graph_batch_sizes=(1, 2, 4))
+    tower.use_fused(graph_batch_sizes=(1, 2, 4))
     got = tower.encode(x)  # 4 + 2 + 1 replays
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
@@ -191,9 +191,9 @@ def test_load_on_cuda_answers_through_the_fast_path_like_the_eager_one():
 
     torch.backends.cuda.matmul.allow_tf32 = False
     fast = vstream.load("tiny", device="cuda", dtype="float32")
-    plain = vstream.load("tiny", device="cuda", dtype="float32", fast=False)
-    assert fast.fast is not None and fast.fast.decoder.graph is not None and fast.fast.decoder.fused
-    assert plain.fast is None
+    plain = vstream.load("tiny", device="cuda", dtype="float32", eager=True)
+    assert fast.static_answerer is not None and fast.static_answerer.decoder.graph is not None and fast.static_answerer.decoder.fused
+    assert plain.static_answerer is None
     torch.manual_seed(0)
     memory = plain.memory_from_features(torch.randn(30, 256, plain.cfg.vision.hidden_size, device="cuda"))
     for question in ("What is happening?", "Which colours appeared?"):

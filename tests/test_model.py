@@ -225,15 +225,15 @@ def test_snapshots_in_one_pass_equal_separate_answers(video, released):
 @pytest.mark.slow
 def test_load_turns_the_fast_path_on_when_asked_and_keeps_long_answers_on_the_eager_path():
     plain = vstream.load("tiny")
-    assert plain.fast is None and not plain.vision.fast  # the CPU default: the eager path
-    fast = vstream.load("tiny", fast=True)
-    assert fast.fast is not None and fast.vision.fast
+    assert plain.static_answerer is None and not plain.vision.fused  # the CPU default: the eager path
+    fast = vstream.load("tiny", eager=False)
+    assert fast.static_answerer is not None and fast.vision.fused
     memory = plain.memory_from_features(torch.randn(30, 256, plain.cfg.vision.hidden_size))
     question = "What is happening?"
     assert fast.answer_from(memory, question, max_new_tokens=24).text == plain.answer_from(memory, question,
                                                                                           max_new_tokens=24).text
     # an answer longer than the static cache holds runs on the eager path, with the eager path's result
-    long = fast.fast.decoder.max_seq_len
-    assert fast.fast.answer(memory.tokens, question, long) is None
+    long = fast.static_answerer.decoder.max_seq_len
+    assert fast.static_answerer.answer(memory.tokens, question, long) is None
     assert fast.answer_from(memory, question, max_new_tokens=long).text == plain.answer_from(memory, question,
                                                                                             max_new_tokens=long).text

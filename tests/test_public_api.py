@@ -54,8 +54,8 @@ def test_load_has_the_loader_s_signature():
 
 
 def test_load_forwards_every_argument():
-    model = vstream.load("tiny", device="cpu", dtype="float32", memory_mode="official", seed=1, fast=False)
-    assert model.cfg.memory.mode == "official" and model.device.type == "cpu" and model.fast is None
+    model = vstream.load("tiny", device="cpu", dtype="float32", memory_mode="official", seed=1, eager=True)
+    assert model.cfg.memory.mode == "official" and model.device.type == "cpu" and model.static_answerer is None
 
 
 def test_an_unknown_name_is_an_attribute_error():

@@ -42,20 +42,21 @@ def load(
     memory_mode: str | None = None,
     vision_tower: str | Path | None = None,
     seed: int = 0,
-    fast: bool | None = None,
+    eager: bool | None = None,
 ) -> FlashVStream:
     """Load a model: a preset name (random weights from `seed`), a released Flash-VStream directory or a vstream
     directory.
 
     `device` is `auto` (CUDA when torch sees a device, else the CPU), `cpu`, `cuda` or `cuda:N`; `dtype` defaults to
     the config's on CUDA and float32 on the CPU; `memory_mode` (`paper` or `official`) overrides the config's;
-    `vision_tower` names a local CLIP directory for a released config that names a hub id; `fast` turns the fast
-    answer path on or off (None: on for a LLaMA decoder on CUDA). See `vstream.model.loading.load`.
+    `vision_tower` names a local CLIP directory for a released config that names a hub id; `eager=True` keeps the
+    reference forward passes, `eager=False` runs the static-cache decoder and the fused tower (None: those for a
+    LLaMA decoder on CUDA, eager elsewhere). See `vstream.model.loading.load`.
     """
     from vstream.model.loading import load as _load
 
     return _load(path_or_preset, device=device, dtype=dtype, memory_mode=memory_mode, vision_tower=vision_tower,
-                 seed=seed, fast=fast)
+                 seed=seed, eager=eager)
 
 
 def __getattr__(name: str):

@@ -54,9 +54,10 @@ def environment(model) -> dict:
     }
 
 
-def load_bench_model(name: str, device: str | torch.device = "cpu", fast: bool = True, graph_batch_sizes=None):
+def load_bench_model(name: str, device: str | torch.device = "cpu", eager: bool = False, graph_batch_sizes=None):
     """A preset with random weights built directly on `device` in the preset's dtype (float32 on the CPU), with the
-    fast path enabled when `fast`. Returns (model, seconds to build, seconds of fast-path warm-up)."""
+    static-cache decoder and the fused tower unless `eager`. Returns (model, seconds to build, seconds of their
+    warm-up)."""
     from vstream.config import preset
     from vstream.model.loading import build_random
     from vstream.model.tokenizers import build_tiny_tokenizer
@@ -78,10 +79,10 @@ def load_bench_model(name: str, device: str | torch.device = "cpu", fast: bool =
     _sync(device)
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
-    if fast:
+    if not eager:
         sizes = graph_batch_sizes if graph_batch_sizes is not None else ((1, 2, 4, 8, 16, 32, 64) if device.type == "cuda" else ())
-        model.vision.enable_fast(tuple(sizes))
-        model.enable_fast()
+        model.vision.use_fused(tuple(sizes))
+        model.use_static_decoder()
     _sync(device)
     return model, built, time.perf_counter() - t0
 
@@ -211,7 +212,7 @@ def memory_benchmark(model, lengths=(100, 1000, 10000, 100000), repeats: int = 2
             answer_ms = round((time.perf_counter() - t0) * 1000, 2)
         rows.append({"frames_seen": seen, "update": summary(ms), "state_bytes": mem.nbytes, "tokens": mem.num_tokens,
                      "answer_ms": answer_ms, "memory": gpu_memory(device)})
-    out = {"environment": environment(model) | {"cuda_graph": graph, "fast_answer": model.fast is not None},
+    out = {"environment": environment(model) | {"cuda_graph": graph, "fast_answer": model.static_answerer is not None},
            "paper": rows}
     if official:
         out["official"] = official_anchor(model, repeats=max(20, repeats // 4))
@@ -274,14 +275,14 @@ def encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats: int = 20, anch
     dtype = tower.clip.embeddings.patch_embedding.weight.dtype
     cfg = tower.cfg
     variants = {"fast": lambda x: tower.encode(x, batch_size=max(batch_sizes))}
-    saved = (tower.fast, tower.graphs)
+    saved = (tower.fused, tower.graphs)
 
     def truncated(x):
-        tower.fast, tower.graphs = False, {}
+        tower.fused, tower.graphs = False, {}
         try:
             return tower.encode(x, batch_size=max(batch_sizes))
         finally:
-            tower.fast, tower.graphs = saved
+            tower.fused, tower.graphs = saved
 
     variants["truncated_eager"] = truncated
     full = None
@@ -333,12 +334,12 @@ def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repe
     that call's seconds and the ms/token of a second call."""
     from vstream.model.generate import iter_tokens
 
-    if model.fast is None:
-        raise ValueError("answer_benchmark needs the fast path: call model.enable_fast() first")
-    fast, device = model.fast, model.device
-    dec = fast.decoder
+    if model.static_answerer is None:
+        raise ValueError("answer_benchmark needs the static-cache decoder: call model.use_static_decoder() first")
+    answerer, device = model.static_answerer, model.device
+    dec = answerer.decoder
     n_mem = model.cfg.memory.max_tokens
-    prefix, rest = fast.prompt_parts("What is happening in the video right now?")
+    prefix, rest = answerer.prompt_parts("What is happening in the video right now?")
     n_rest = prompt_tokens - prefix_tokens - n_mem
     if prefix_tokens < 1 or n_rest < 1:
         raise UserInputError(f"prompt_tokens must exceed prefix_tokens + {n_mem} memory tokens, got {prompt_tokens} "
@@ -352,8 +353,8 @@ def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repe
     def build(cached_prefix: bool):
         with torch.inference_mode():
             vision = model.mm_projector(memory)
-            head = [] if cached_prefix else [fast._ids_embeds(prefix)]
-            return torch.cat(head + [vision, fast._ids_embeds(rest)])[None]
+            head = [] if cached_prefix else [answerer._ids_embeds(prefix)]
+            return torch.cat(head + [vision, answerer._ids_embeds(rest)])[None]
 
     def first_token(cached_prefix: bool) -> int:
         embeds = build(cached_prefix)
@@ -366,7 +367,7 @@ def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repe
     _sync(device)
     cold_ms = (time.perf_counter() - t0) * 1000
     with torch.inference_mode():
-        dec.prefill(fast._ids_embeds(prefix)[None], 0)
+        dec.prefill(answerer._ids_embeds(prefix)[None], 0)
     dec.prefix = tuple(prefix)
 
     ttft = summary(time_ms(lambda: first_token(True), device, repeats, events=False))
@@ -541,9 +542,9 @@ def profile_tables(model) -> str:
     """Kernel-time tables (CUDA) of one fast prefill, 20 decode steps and one batch-64 encode."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = model.fast.decoder
+    dec = model.static_answerer.decoder
     mem = torch.randn(model.cfg.memory.max_tokens, model.cfg.vision.hidden_size, device=model.device, dtype=model.dtype)
-    embeds, start = model.fast.embeds(mem, "What is happening?")
+    embeds, start = model.static_answerer.embeds(mem, "What is happening?")
     pixels = torch.randn(64, 3, 224, 224, device=model.device, dtype=model.dtype)
     tables = []
     for name, fn in {

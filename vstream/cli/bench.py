@@ -203,7 +203,7 @@ def bench_all(
 
     model, load = _model(preset, device)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"load": load | {"tower_warmup_s": model.vision.warmup_s, "decode_warmup_s": model.fast.warmup_s,
+    results = {"load": load | {"tower_warmup_s": model.vision.warmup_s, "decode_warmup_s": model.static_answerer.warmup_s,
                                "memory": bench.gpu_memory(model.device)}}
     if "ceilings" in wanted and model.device.type == "cuda":
         results["ceilings"] = bench.ceilings(model.device)

@@ -67,8 +67,8 @@ class VisionTower(nn.Module):
         self.clip.post_layernorm = nn.Identity()
         self.requires_grad_(False)
         self.eval()
-        self.fast = False  # `enable_fast`: the fused forward below, same function up to rounding
-        self.graphs: dict[int, _CapturedTower] = {}  # batch size -> captured fast forward (CUDA)
+        self.fused = False  # `use_fused`: the fused forward below, same function up to rounding
+        self.graphs: dict[int, _CapturedTower] = {}  # batch size -> captured fused forward (CUDA)
         self.warmup_s = 0.0
 
     @property
@@ -86,25 +86,25 @@ class VisionTower(nn.Module):
         self._checked(pixel_values)
         if self.graphs:
             return self._replay(pixel_values, self.graphs)
-        if self.fast:
-            return self._fast_forward(pixel_values)
+        if self.fused:
+            return self._fused_forward(pixel_values)
         hidden = self.clip(pixel_values=pixel_values).last_hidden_state  # [n, 1 + grid*grid, D]
         return hidden[:, 1:]
 
-    # ---------------------------------------------------------------- fast path (same function, fewer passes)
+    # ---------------------------------------------------------------- fused path (same function, fewer passes)
 
-    def enable_fast(self, graph_batch_sizes: tuple[int, ...] = ()) -> "VisionTower":
-        """Run the blocks through `_fast_forward`; on CUDA also capture one graph per batch size in
+    def use_fused(self, graph_batch_sizes: tuple[int, ...] = ()) -> "VisionTower":
+        """Run the blocks through `_fused_forward`; on CUDA also capture one graph per batch size in
         `graph_batch_sizes`, and cut every batch into those sizes (largest first). Returns the warm-up seconds in
         `self.warmup_s`. Call after moving the tower to its device and dtype."""
-        self.fast = True
+        self.fused = True
         t0 = time.perf_counter()
         self.graphs = self.capture(graph_batch_sizes)
         self.warmup_s = time.perf_counter() - t0
         return self
 
     def capture(self, batch_sizes: tuple[int, ...]) -> dict[int, "_CapturedTower"]:
-        """The fast forward captured in one CUDA graph per batch size (sharing one memory pool). Their static inputs
+        """The fused forward captured in one CUDA graph per batch size (sharing one memory pool). Their static inputs
         and outputs belong to whoever holds them: one thread passes them to `encode(graphs=...)`."""
         if not batch_sizes:
             return {}
@@ -117,7 +117,7 @@ class VisionTower(nn.Module):
         return graphs
 
     @torch.inference_mode()
-    def _fast_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _fused_forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The truncated tower with fewer memory passes: SDPA attention, the MLP's quick-GELU computed as
         silu(1.702 z) / 1.702 with both scales folded into the two matrix products (one activation pass instead of
         three), biases in the matrix-product epilogues. The same function as `self.clip`, up to rounding."""
@@ -151,7 +151,7 @@ class VisionTower(nn.Module):
         while i < n:
             size = next((s for s in sizes if s <= n - i), None)
             if size is None:  # smaller than every captured size: run eagerly
-                out[i:] = self._fast_forward(pixel_values[i:])
+                out[i:] = self._fused_forward(pixel_values[i:])
                 break
             out[i : i + size] = graphs[size].run(pixel_values[i : i + size])
             i += size
@@ -183,7 +183,7 @@ class VisionTower(nn.Module):
 
 
 class _CapturedTower:
-    """The fast forward of one batch size captured in a CUDA graph: inputs and outputs are static tensors."""
+    """The fused forward of one batch size captured in a CUDA graph: inputs and outputs are static tensors."""
 
     def __init__(self, tower: VisionTower, batch: int, pool):
         weight = tower.clip.embeddings.patch_embedding.weight
@@ -193,11 +193,11 @@ class _CapturedTower:
         side.wait_stream(torch.cuda.current_stream(weight.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                tower._fast_forward(self.pixels)
+                tower._fused_forward(self.pixels)
         torch.cuda.current_stream(weight.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.out = tower._fast_forward(self.pixels)  # [b, grid^2, D]
+            self.out = tower._fused_forward(self.pixels)  # [b, grid^2, D]
 
     def run(self, pixels: torch.Tensor) -> torch.Tensor:
         """Replay on `pixels`; the result is the static output: copy it before the next replay."""

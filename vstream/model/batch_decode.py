@@ -1,7 +1,7 @@
 """Batched decoding of a LLaMA decoder over a `SlotCache`: many answers advance by one token in one step.
 
 `BatchDecoder` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the arithmetic
-of `vstream.model.fast.FastLlama` in batched form: RMSNorm in float32, RoPE from the model's own rotary module, SDPA
+of `vstream.model.static_decode.StaticLlama` in batched form: RMSNorm in float32, RoPE from the model's own rotary module, SDPA
 attention, the model's own MLP. So greedy decoding gives each slot the tokens the eager path gives it alone.
 
 - `set_prefix` computes the system prompt's keys once and places them at [0, P) of every slot.
@@ -18,7 +18,7 @@ attention, the model's own MLP. So greedy decoding gives each slot the tokens th
 - `fetch` / `fetched`: the host reads the tokens fed to a step after launching it (pinned memory, one event), so the
   read never stalls the device.
 
-Where Triton runs, prefills go through the fused layers of `fast.FusedLayers` (the single-answer fast path's), writing
+Where Triton runs, prefills go through the fused layers of `static_decode.FusedLayers` (the single-answer fast path's), writing
 into the slot's rows of the cache; the step stays unfused (one graph replay either way).
 
 What this module does not do: pick which request gets a slot, detokenise, check stop conditions (all the host's, in
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from vstream.model.batch_cache import SlotCache
-from vstream.model.fast import FusedLayers
+from vstream.model.static_decode import FusedLayers
 from vstream.model.generate import _check_embeds
 
 

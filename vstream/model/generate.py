@@ -8,7 +8,7 @@
 
 What this module does not do: build prompts or embeddings (the caller splices memory tokens in before calling), batch
 several prompts, or use `llm.generate`. The one host sync per token is the read of the new token id, which decides
-whether to stop. This is the eager reference path; `vstream.model.fast` is the static-cache, graph-replayed one, and
+whether to stop. This is the eager reference path; `vstream.model.static_decode` is the static-cache, graph-replayed one, and
 `stream_text` turns either's tokens into text.
 """
 

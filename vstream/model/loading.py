@@ -87,16 +87,17 @@ def load(
     memory_mode: str | None = None,
     vision_tower: str | Path | None = None,
     seed: int = 0,
-    fast: bool | None = None,
+    eager: bool | None = None,
 ) -> FlashVStream:
     """Load a preset name (random weights from `seed`), a released-format directory or a vstream directory.
 
     `device` is `auto` (CUDA when torch sees a device, else the CPU), `cpu`, `cuda` or `cuda:N`; `dtype` defaults to
     the config's on CUDA and float32 on the CPU. `memory_mode` overrides the memory mode (released checkpoints default
     to `official`, everything else keeps its config's mode); `vision_tower` names a local CLIP directory when a
-    released config names a hub id. `fast` answers through the static-cache fast path (`FlashVStream.enable_fast`) and
-    runs the tower's fused forward; None (the default) turns both on for a LLaMA decoder on CUDA, where the path was
-    measured, and off elsewhere. Each stage logs one line on the `vstream.load` logger (see `Stages`).
+    released config names a hub id. `eager=True` keeps the reference paths (transformers' forward for the LLM and the
+    tower); `eager=False` answers through the static-cache decoder (`FlashVStream.use_static_decoder`) and runs the
+    tower's fused forward (`VisionTower.use_fused`); None (the default) is eager except for a LLaMA decoder on CUDA,
+    where the other paths were measured. Each stage logs one line on the `vstream.load` logger (see `Stages`).
     """
     device = resolve_device(device)
     stages = Stages(Path(str(path_or_preset)).name or str(path_or_preset), device)
@@ -114,13 +115,13 @@ def load(
     else:
         model = _load_official(path, cfg, vision_tower, device, target, stages)
     model.eval()
-    if fast is None:
-        fast = device.type == "cuda" and getattr(model.llm.config, "model_type", None) == "llama"
-    if fast:
-        with stages("fast path") as stage:
-            model.enable_fast()
+    if eager is None:
+        eager = device.type != "cuda" or getattr(model.llm.config, "model_type", None) != "llama"
+    if not eager:
+        with stages("static decoder") as stage:
+            model.use_static_decoder()
             if model.vision is not None:
-                model.vision.enable_fast()  # no CUDA graphs: the sessions' threads would share their static buffers
+                model.vision.use_fused()  # no CUDA graphs: the sessions' threads would share their static buffers
             stage.note = f"static-cache decoder and fused tower on {device}"
     stages.ready()
     return model

@@ -137,15 +137,15 @@ class FlashVStream(nn.Module):
 
     # ---------------------------------------------------------------- memory + question -> prompt embeddings -> text
 
-    fast = None  # a `vstream.model.fast.FastAnswerer` once `enable_fast` ran; None: the eager path
+    static_answerer = None  # a `vstream.model.static_decode.StaticAnswerer` once `use_static_decoder` ran; None: eager
 
-    def enable_fast(self, max_seq_len: int | None = None, cuda_graph: bool | None = None) -> "FlashVStream":
-        """Answer through the static-cache fast path (the eager path's greedy tokens in float32; in half precision its
+    def use_static_decoder(self, max_seq_len: int | None = None, cuda_graph: bool | None = None) -> "FlashVStream":
+        """Answer through the static-cache decoder (the eager path's greedy tokens in float32; in half precision its
         fused products may round differently); on CUDA its decode step is captured and one blank answer runs now, so
         the first answer pays neither. Call after moving the model to its device and dtype."""
-        from vstream.model.fast import FastAnswerer
+        from vstream.model.static_decode import StaticAnswerer
 
-        self.fast = FastAnswerer(self, max_seq_len=max_seq_len, cuda_graph=cuda_graph)
+        self.static_answerer = StaticAnswerer(self, max_seq_len=max_seq_len, cuda_graph=cuda_graph)
         return self
 
     def prompt_embeds(self, memory_tokens: torch.Tensor, question: str, system_extra: str | None = None) -> torch.Tensor:
@@ -159,11 +159,11 @@ class FlashVStream(nn.Module):
     ) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated from a memory snapshot (greedy by default)."""
         n_new = max_new_tokens or self.cfg.max_new_tokens
-        pieces = None if self.fast is None else self.fast.answer(memory.tokens, question, n_new, temperature)
+        pieces = None if self.static_answerer is None else self.static_answerer.answer(memory.tokens, question, n_new, temperature)
         if pieces is not None:
             yield from pieces
             return
-        # the eager path: no fast path, or an answer longer than its static cache holds
+        # the eager path: no static decoder, or an answer longer than its static cache holds
         with torch.inference_mode():
             embeds = self.prompt_embeds(memory.tokens, question)
         yield from stream_generate(

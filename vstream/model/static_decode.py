@@ -1,8 +1,8 @@
-# size: the fast LLaMA answer path in one file (fused layers, static cache, decode graph), read against eager
-"""The fast answer path of a LLaMA decoder: a static KV cache, a cached system-prompt prefix, and a decode step replayed
+# size: the static-cache LLaMA answer path in one file (fused layers, static cache, decode graph), read against eager
+"""The static-cache answer path of a LLaMA decoder: a static KV cache, a cached system-prompt prefix, and a decode step replayed
 from a CUDA graph that is captured once, when the decoder is built.
 
-`FastLlama` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the same arithmetic
+`StaticLlama` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the same arithmetic
 as its SDPA forward: RMSNorm in float32, RoPE from the model's own rotary module, SDPA attention, SiLU-gated MLP. So
 greedy decoding gives the tokens of the eager path (`vstream.model.generate.iter_tokens`); tests check this on the CPU
 and on the GPU.
@@ -111,13 +111,13 @@ def concatenated_weights(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return qkv, gate_up
 
 
-class FastLlama:
+class StaticLlama:
     """Static-cache decoding of a `LlamaForCausalLM` for one sequence of at most `max_seq_len` positions."""
 
     def __init__(self, llm, max_seq_len: int, cuda_graph: bool | None = None, fused: bool | None = None):
         cfg = llm.config
         if getattr(cfg, "model_type", None) != "llama":
-            raise ValueError(f"the fast path needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
+            raise ValueError(f"the static-cache decoder needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
         if max_seq_len < 2 or max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}], got {max_seq_len}")
         self.llm = llm
@@ -342,8 +342,8 @@ class FastLlama:
                 self.token.copy_(_pick(self.logits, temperature, top_p, generator))
 
 
-class FastAnswerer:
-    """Answers from memory snapshots with a `FastLlama`: the prompt's text before `<image>` (the system prompt) is
+class StaticAnswerer:
+    """Answers from memory snapshots with a `StaticLlama`: the prompt's text before `<image>` (the system prompt) is
     prefilled once and kept in the cache; each answer prefills only the memory tokens and the question."""
 
     def __init__(self, model, max_seq_len: int | None = None, cuda_graph: bool | None = None):
@@ -351,7 +351,7 @@ class FastAnswerer:
         if max_seq_len is None:  # memory tokens + room for the question and the template + the answer
             max_seq_len = min(model.cfg.memory.max_tokens + 256 + model.cfg.max_new_tokens,
                               model.llm.config.max_position_embeddings)
-        self.decoder = FastLlama(model.llm, max_seq_len, cuda_graph=cuda_graph)
+        self.decoder = StaticLlama(model.llm, max_seq_len, cuda_graph=cuda_graph)
         self.answer_warmup_s = 0.0
         if self.decoder.graph is not None:
             self._warm_up()
