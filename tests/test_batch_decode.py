@@ -275,16 +275,19 @@ def test_graph_replayed_batched_step_equals_eager_and_never_synchronises():
     assert decoder.cache.lengths.tolist() == [decoder.cache.prefix_len + 20] * 4
 
 
-def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot():
+@pytest.mark.parametrize("span_step", [128, 8])
+def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot(span_step):
     """The tiny preset's random attention barely moves its tokens; with larger weights every position counts, so a
-    slot that saw a wrong key (another slot's, a stale one, one past its length) would change its tokens."""
+    slot that saw a wrong key (another slot's, a stale one, one past its length) would change its tokens. With
+    `span_step` 8 the steps read 8, 16, ... 64 key positions as the slots grow: a span that cut off a key a slot
+    needs would change its tokens too."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from vstream.model.batch_decode import BatchDecoder
 
     torch.manual_seed(0)
     llm = LlamaForCausalLM(LlamaConfig(**preset("tiny").llm.to_hf(), initializer_range=0.3)).eval()
-    decoder = BatchDecoder(llm, max_batch=3, max_seq_len=128)
+    decoder = BatchDecoder(llm, max_batch=3, max_seq_len=128, span_step=span_step)
     prefix = torch.randn(1, 7, 64)
     decoder.set_prefix(tuple(range(7)), prefix)
     prompts = [torch.randn(1, n, 64) for n in (5, 40, 23, 11)]
@@ -293,6 +296,7 @@ def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot():
     got: dict[int, list[int]] = {}
     owner: dict[int, int] = {}  # slot -> prompt
     queue_ = list(range(len(prompts)))
+    spans: set[int] = set()  # key spans the steps read
     while queue_ or owner:
         if queue_ and decoder.cache.free_slots:  # join mid-way, the prompt in chunks of 16
             i = queue_.pop(0)
@@ -303,6 +307,7 @@ def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot():
             owner[slot], got[i] = i, []
         decoder.fetch()
         decoder.step()
+        spans.add(decoder.span())
         tokens = decoder.fetched()
         for slot, i in list(owner.items()):
             got[i].append(tokens[slot])
@@ -313,6 +318,7 @@ def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot():
     assert got[0] == expected[0][:4]
     assert [got[i] for i in (1, 2, 3)] == [expected[i] for i in (1, 2, 3)]
     assert len({tuple(e) for e in expected}) == 4
+    assert spans == ({128} if span_step == 128 else {16, 32, 48, 56, 64})  # the longest slot: 7 + 40 + 12 = 59 positions at most
 
 
 def test_decoder_refuses_embeds_of_the_wrong_shape_or_dtype(model):

@@ -13,8 +13,10 @@ attention, the model's own MLP. So greedy decoding gives each slot the tokens th
   write only at the last position S_max - 1, which a slot always writes itself before it can read it, and their
   tokens and lengths stay as they are. Greedy (temperature 0) and sampled slots mix in one batch; sampling is
   Gumbel-max with per-slot temperatures from a device generator, so the step never reads the device from the host.
-  On CUDA the step is captured at 1, 2, 4, ... and B_max slots and the smallest size that covers every active
-  slot is replayed.
+  The step reads keys only up to a span of positions (a multiple of `span_step`, or S_max) that covers every active
+  slot: a 745-position prompt's answer reads 896 positions of a 1,193-position cache, not all of them (the step's
+  time goes mostly to reading keys and weights). On CUDA the step is captured at 1, 2, 4, ... and B_max slots times
+  each span, and the smallest size and span that cover every active slot are replayed.
 - `fetch` / `fetched`: the host reads the tokens fed to a step after launching it (pinned memory, one event), so the
   read never stalls the device.
 
@@ -40,8 +42,9 @@ class BatchDecoder:
     """Static-cache decoding of a `LlamaForCausalLM` for up to `max_batch` sequences of `max_seq_len` positions."""
 
     def __init__(self, llm, max_batch: int, max_seq_len: int, cuda_graph: bool | None = None, seed: int = 0,
-                 fused: bool | None = None):
-        """`fused`: prefill through the fused kernels of `FusedLayers` (None: where they run)."""
+                 fused: bool | None = None, span_step: int = 128):
+        """`fused`: prefill through the fused kernels of `FusedLayers` (None: where they run). `span_step`: the
+        step's key spans are its multiples below `max_seq_len`, and `max_seq_len`."""
         cfg = llm.config
         if getattr(cfg, "model_type", None) != "llama":
             raise ValueError(f"batched decoding needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
@@ -52,7 +55,10 @@ class BatchDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
+        if span_step < 1:
+            raise ValueError(f"span_step must be >= 1, got {span_step}")
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.spans = sorted({*range(span_step, max_seq_len, span_step), max_seq_len})  # key lengths a step reads
         weight = llm.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype
         self.cache = SlotCache(len(self.layers), max_batch, self.kv_heads, max_seq_len, self.head_dim,
@@ -73,7 +79,7 @@ class BatchDecoder:
         cuda = self.device.type == "cuda"
         self.host = torch.zeros(max_batch, dtype=torch.long, pin_memory=cuda)  # [B] tokens read back
         self.ready = torch.cuda.Event() if cuda else None
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # step size -> its captured step
+        self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}  # (slots, span) -> its captured step
         if cuda if cuda_graph is None else cuda_graph:
             self._capture()
 
@@ -195,15 +201,16 @@ class BatchDecoder:
 
     # ---------------------------------------------------------------- the batched step
 
-    def _step(self, b: int) -> None:
-        """One decode step on device state only, for slots [0, b) (inactive ones write at S_max - 1, change nothing)."""
+    def _step(self, b: int, n: int) -> None:
+        """One decode step on device state only, for slots [0, b), reading keys [0, n) (every active slot's position
+        is below n; inactive ones write at S_max - 1, which no step reads before a slot writes it, and change nothing)."""
         c = self.cache
         active, tokens, lengths = self.active[:b], self.tokens[:b], c.lengths[:b]
         pos = torch.where(active, lengths, self.max_seq_len - 1)  # [b] where each slot's token sits
         x = self.llm.get_input_embeddings()(tokens)[:, None]  # [b, 1, H]
         cos = self.cos.index_select(0, pos)[:, None, None]  # [b, 1, 1, Dh]
         sin = self.sin.index_select(0, pos)[:, None, None]
-        mask = (self.positions[None, :] <= pos[:, None])[:, None, None]  # [b, 1, 1, S_max]
+        mask = (self.positions[None, :n] <= pos[:, None])[:, None, None]  # [b, 1, 1, n]
         where = pos.view(b, 1, 1, 1).expand(b, self.kv_heads, 1, self.head_dim)  # [b, Hkv, 1, Dh]
 
         def write(i: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -211,7 +218,7 @@ class BatchDecoder:
             c.v[i, :b].scatter_(2, where, v)
 
         def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            return c.k[i, :b], c.v[i, :b]
+            return c.k[i, :b, :, :n], c.v[i, :b, :, :n]
 
         logits = self._forward(x, cos, sin, write, read, mask, False)
         tokens.copy_(torch.where(active, self._pick(logits, self.temperature[:b]), tokens))
@@ -221,7 +228,17 @@ class BatchDecoder:
         """How many leading slots the next step runs: the smallest captured size (any size when eager) that covers
         every active slot. Slots are handed out lowest first, so a few answers run a small step."""
         need = max(self.host_active, default=0) + 1
-        return next((b for b in sorted(self.graphs) if b >= need), self.max_batch) if self.graphs else need
+        return next((b for b in self.sizes() if b >= need), self.max_batch) if self.graphs else need
+
+    def sizes(self) -> list[int]:
+        """The slot counts a step is captured at: 1, 2, 4, ... below B_max, and B_max."""
+        return sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch} | {self.max_batch})
+
+    def span(self) -> int:
+        """How many key positions the next step reads: the smallest span that holds every active slot's keys."""
+        lengths = self.cache.host_lengths
+        need = max((lengths[slot] for slot in self.host_active), default=1)
+        return next(n for n in self.spans if n >= need)
 
     @torch.inference_mode()
     def step(self) -> torch.Tensor:
@@ -234,11 +251,11 @@ class BatchDecoder:
                                f"the KV cache holds {self.max_seq_len} per slot")
         for slot in self.host_active:
             lengths[slot] += 1
-        b = self.step_size()
+        b, n = self.step_size(), self.span()
         if self.graphs:
-            self.graphs[b].replay()
+            self.graphs[b, n].replay()
         else:
-            self._step(b)
+            self._step(b, n)
         return self.tokens
 
     def fetch(self) -> None:
@@ -256,24 +273,23 @@ class BatchDecoder:
 
     @torch.inference_mode()
     def _capture(self) -> None:
-        """Warm up on a side stream and capture the step at 1, 2, 4, ... and B_max slots (one memory pool: they replay
-        one at a time). No slot is active, so the warm-ups and captures write only at S_max - 1 and change no token or
-        length. The generator's state is registered with each graph, so each replay draws new noise."""
+        """Warm up on a side stream and capture the step at every slot count of `sizes` and span of `spans` (one memory
+        pool: they replay one at a time). No slot is active, so the warm-ups and captures write only at S_max - 1 and
+        change no token or length. The generator's state is registered with each graph, so each replay draws new
+        noise."""
         self.active.zero_()
-        powers = {1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch}
-        sizes = sorted(powers | {self.max_batch})
+        shapes = [(b, n) for b in self.sizes() for n in self.spans]
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for b in sizes:
-                for _ in range(2):
-                    self._step(b)
+            for b, n in shapes:
+                self._step(b, n)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        for b in sorted(sizes, reverse=True):  # largest first: the smaller ones fit in its pool
+        for b, n in sorted(shapes, reverse=True):  # largest first: the smaller ones fit in its pool
             graph = torch.cuda.CUDAGraph()
             graph.register_generator_state(self.generator)
             with torch.cuda.graph(graph, pool=pool):
-                self._step(b)
-            self.graphs[b] = graph
+                self._step(b, n)
+            self.graphs[b, n] = graph
         torch.cuda.synchronize(self.device)
