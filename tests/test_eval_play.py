@@ -53,7 +53,7 @@ def test_question_times_must_increase(model, video):
 def test_live_answers_at_wall_clock_moments_from_a_pushed_source(model, video):
     speed = 4.0
     frames = list(iter_frames(video, fps=model.cfg.sample_fps))
-    source = PushSource()
+    pushed = PushSource()
     start = threading.Event()
 
     def push() -> None:  # a camera's pace: each frame at its moment on the wall clock (speed x real time)
@@ -61,12 +61,15 @@ def test_live_answers_at_wall_clock_moments_from_a_pushed_source(model, video):
         t0 = time.monotonic()
         for t, frame in frames:
             time.sleep(max(0.0, t0 + t / speed - time.monotonic()))
-            source.push(t, frame)
-        source.close()
+            pushed.push(t, frame)
+        pushed.close()
+
+    def source():  # the camera starts when the stream is first read, as the wall clock does
+        start.set()
+        yield from pushed
 
     threading.Thread(target=push, daemon=True).start()
-    start.set()
-    got = list(play(model, source, QUESTIONS, WallClock(speed, timeout=60), batch_size=2, max_new_tokens=4))
+    got = list(play(model, source(), QUESTIONS, WallClock(speed, timeout=60), batch_size=2, max_new_tokens=4))
     for (t, _), p in zip(QUESTIONS, got):
         if t is not None:
             assert p.asked_wall_s >= t / speed - 0.01  # never before its moment

@@ -198,6 +198,10 @@ def _source(model, bench: Benchmark, video: str, cfg: RunConfig) -> tuple[Iterab
     if cfg.source == "features":
         from vstream.eval.features import load_features
 
+        if cfg.speed is not None:
+            raise UserInputError(f"a live replay (speed={cfg.speed}) plays videos: feature files play offline or in "
+                                 "simulated time")
+
         path = bench.feature_path(video)
         features, times = load_features(path)
         return zip(times, features), times[-1], str(path)
