@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from vstream.engine.processor import Snapshot, StreamProcessor, collect_answer, snapshots_at
+from vstream.engine.scheduler import engine_of
+from vstream.engine.session import StreamSession
 from vstream.model.vlm import Answer
 
 Frame = tuple[float, np.ndarray | torch.Tensor]
@@ -75,8 +77,6 @@ class WallClock:
                   name: str) -> Iterator[Snapshot]:
         """The engine's latest snapshot of the stream at each time's wall-clock moment (None: once the source ended
         and every frame was ingested)."""
-        from vstream.engine import StreamSession
-
         session = StreamSession(model, batch_size=batch_size).start(source, live=True)
         start = time.monotonic()
         try:
@@ -110,8 +110,6 @@ def play(model, source: Iterable[Frame], questions: Sequence[tuple[float | None,
         snaps = snapshots_at(StreamProcessor(model, offline=True), source, at, batch_size=batch_size, name=name)
     else:
         snaps = clock.snapshots(model, source, at, batch_size, name)
-    from vstream.engine import engine_of
-
     engine, start = engine_of(model), time.monotonic()
     try:
         t0 = time.perf_counter()
@@ -120,7 +118,11 @@ def play(model, source: Iterable[Frame], questions: Sequence[tuple[float | None,
             asked = time.monotonic() - start
             t1 = time.perf_counter()
             request = engine.submit(snap.memory.tokens, prompt, max_new_tokens=max_new_tokens)
-            answer = collect_answer(snap, prompt, request, timings, start=t1)
+            try:
+                answer = collect_answer(snap, prompt, request, timings, start=t1)
+            finally:
+                if request.state != "done":  # left early (an interrupt): free the answer's slot
+                    request.cancel()
             yield Played(snap, answer, asked, 0 if clock is None else clock.dropped)
             t0 = time.perf_counter()
     finally:
