@@ -173,8 +173,10 @@ def predict_video(model, bench: Benchmark, video: str, questions: list[Question]
     torch.manual_seed(seed)
     ordered = sorted(questions, key=lambda q: math.inf if q.time is None else q.time)
     source, duration, name = _source(model, bench, video, cfg)
-    clock = None if cfg.mode == "offline" else SimulatedClock() if cfg.speed is None else WallClock(cfg.speed,
-                                                                                                       cfg.timeout)
+    if cfg.mode == "offline":
+        clock = None
+    else:
+        clock = SimulatedClock() if cfg.speed is None else WallClock(cfg.speed, cfg.timeout)
     plays = play(model, source, [(q.time, q.prompt()) for q in ordered], clock, batch_size=cfg.batch_size,
                  max_new_tokens=cfg.max_new_tokens, name=name)
     records = []
