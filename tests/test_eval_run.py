@@ -102,6 +102,14 @@ def test_live_replay_records_lag(model, data, tmp_path):
         assert r["time"] is None or r["stream"]["lag_s"] >= 0
 
 
+def test_live_replay_of_feature_files_is_refused(model, data, tmp_path):
+    from vstream.errors import UserInputError
+
+    bench = load_benchmark("open", data, features=data / "features", limit=1)
+    with pytest.raises(UserInputError, match="live replay .* plays videos"):
+        predictions(model, bench, tmp_path, mode="streaming", speed=2.0)
+
+
 @pytest.mark.slow
 def test_two_workers_give_the_same_predictions(model, data, tmp_path):
     bench = load_benchmark("open", data)

@@ -70,6 +70,31 @@ def test_training_batch_rebuilds_the_inference_memory_and_prompt(tmp_path):
     torch.testing.assert_close(torch.cat([slots.flatten(0, 1)[:n_abs], rest]), memory.tokens, rtol=1e-5, atol=1e-5)
 
 
+def test_training_snapshots_are_the_stream_processors_snapshots():
+    """A training sample's memory is what streaming builds: the builder's snapshots at any times, asked in any order,
+    equal the snapshots of a `StreamProcessor` fed the same frames (same attention weights), token for token."""
+    from vstream.engine.processor import StreamProcessor
+    from vstream.errors import DataError
+
+    model = load("tiny")
+    builder = SnapshotBuilder(model.cfg, model.vision)
+    builder.attention.load_state_dict(model.attention_model.state_dict())
+    rng = torch.Generator().manual_seed(1)
+    frames = [torch.randint(0, 255, (48, 64, 3), dtype=torch.uint8, generator=rng).numpy() for _ in range(14)]
+    times = [0.5 * i for i in range(14)]
+    at = [5.2, 0.0, 6.5, 2.0]
+    built = builder.snapshots(builder.encode(frames), times, at)
+    processor = StreamProcessor(model)
+    for t, (rest, abs_inputs) in sorted(zip(at, built), key=lambda pair: pair[0]):
+        seen = [i for i, s in enumerate(times) if s <= t and i >= processor.frames]
+        processor.insert([times[i] for i in seen], frames=[frames[i] for i in seen])
+        snap = processor.snapshot()
+        assert abs_inputs.shape[0] == snap.frames == int(t / 0.5) + 1
+        assert torch.equal(rest, snap.memory.tokens[snap.memory.counts["abstract"]:])
+    with pytest.raises(DataError, match="before the first frame"):
+        builder.snapshots(builder.encode(frames[:2]), [1.0, 2.0], [0.5])
+
+
 def _tiny_llava(tmp_path: Path, n: int = 4) -> Path:
     videos = tmp_path / "videos"
     videos.mkdir()

@@ -1,6 +1,7 @@
 """`vstream ask`: questions about a video, each answered from the memory as it stood at its `--at` time.
 
-One pass over the source builds the memory snapshots; the answers are printed as text (details on stderr) or as one
+One offline pass over the source (`vstream.eval.play` with no clock: the loop `vstream eval` runs) takes the memory
+snapshots, and the model's engine answers from them; the answers are printed as text (details on stderr) or as one
 JSON document. Playing a source live and taking questions on stdin is `vstream run`.
 """
 
@@ -29,6 +30,7 @@ def ask(
     """One pass over the source; each question is answered from the memory as it stood at its `--at` time (default:
     the end), so it sees only the frames up to that time."""
     import vstream
+    from vstream.eval.play import play
     from vstream.model.loading import read_config, show_progress
     from vstream.sources import open_source
 
@@ -38,10 +40,9 @@ def ask(
     m = vstream.load(model, device=device, memory_mode=memory_mode)
     order = sorted(range(len(questions)), key=lambda i: math.inf if times[i] is None else times[i])
     answers: dict[int, dict] = {}
-    snapshots = m.memory_snapshots(frames, [times[i] for i in order])
-    for i, memory in zip(order, snapshots):
-        result = m.answer_from(memory, questions[i], max_new_tokens=max_new_tokens)
-        answers[i] = result.to_dict() | {"at": times[i]}
+    plays = play(m, frames, [(times[i], questions[i]) for i in order], max_new_tokens=max_new_tokens, name=source)
+    for i, played in zip(order, plays):
+        answers[i] = played.answer.to_dict() | {"at": times[i]}
         if not as_json:
             _print_answer(answers[i])
     if as_json:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +29,7 @@ import torch
 from vstream.encoder.pooling import pool_grid
 from vstream.errors import UserInputError, VideoError
 from vstream.memory import MemoryRead, official_offline_memory
+from vstream.model.vlm import Answer
 
 
 @dataclass(frozen=True)
@@ -314,25 +316,46 @@ def snapshot_at(latest: Snapshot | None, history: SnapshotHistory, t: float) -> 
     return past
 
 
-def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.ndarray]], at: Sequence[float | None],
-                 batch_size: int = 32, name: str = "the source") -> Iterator[Snapshot]:
+def collect_answer(snap: Snapshot, question: str, pieces: Iterable[str], timings: dict | None = None,
+                   start: float | None = None) -> Answer:
+    """The whole answer from the text `pieces` of an answer resting on `snap`, with the stream times it rests on and
+    its latencies from `start` (a `time.perf_counter()`; default: now) to the first piece and to the last."""
+    t0 = time.perf_counter() if start is None else start
+    text, first = [], None
+    for piece in pieces:
+        first = first if first is not None else time.perf_counter()
+        text.append(piece)
+    t1 = time.perf_counter()
+    return Answer(
+        text="".join(text).strip(), question=question, frames=snap.frames, memory_tokens=snap.memory.num_tokens,
+        spatial_times=list(snap.spatial_times), retrieved_times=list(snap.retrieved_times),
+        temporal_spans=[(a, b) for a, b, _ in snap.temporal_spans],
+        timings=(timings or {}) | {"first_token_s": (first or t1) - t0, "answer_s": t1 - t0},
+    )
+
+
+def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.ndarray | torch.Tensor]],
+                 at: Sequence[float | None], batch_size: int = 32, name: str = "the source") -> Iterator[Snapshot]:
     """Insert `(t, frame)`s of `source` in batches and yield the snapshot as of each time in `at` (increasing, None =
-    the end of the source): the memory of every frame with time <= that time. The host holds one batch of frames."""
+    the end of the source): the memory of every frame with time <= that time. A frame is an RGB array, or a frame's
+    pre-extracted features [grid^2, D] (a tensor). The host holds one batch of frames."""
     keys = [math.inf if t is None else t for t in at]
     if keys != sorted(keys):
         raise ValueError(f"snapshot times must increase (None last), got {list(at)}")
     pending, times, frames = list(keys), [], []
 
     def flush() -> None:
-        if frames:
+        if frames and isinstance(frames[0], torch.Tensor):
+            processor.insert(times, features=torch.stack(frames))
+        elif frames:
             processor.insert(times, frames=frames, batch_size=batch_size)
-            times.clear()
-            frames.clear()
+        times.clear()
+        frames.clear()
 
     for t, frame in source:
         while pending and t > pending[0]:
             flush()
-            yield _require(processor.snapshot(), pending[0])
+            yield _require(processor.snapshot(), pending[0], name)
             pending.pop(0)
         if not pending:
             return
@@ -344,10 +367,10 @@ def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.nd
     if processor.frames == 0:
         raise VideoError(f"{name} contains no decodable video frames")
     for t in pending:
-        yield _require(processor.snapshot(), t)
+        yield _require(processor.snapshot(), t, name)
 
 
-def _require(snap: Snapshot | None, t: float) -> Snapshot:
+def _require(snap: Snapshot | None, t: float, name: str) -> Snapshot:
     if snap is None:
-        raise UserInputError(f"a snapshot at {t} s comes before the first frame")
+        raise UserInputError(f"a snapshot at {t} s comes before the first frame of {name}")
     return snap

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from vstream.engine.processor import Snapshot
+from vstream.engine.processor import Snapshot, collect_answer
 from vstream.engine.scheduler import Counters, Engine, Lane, engine_of
 from vstream.model.batch_answer import Request
 from vstream.model.vlm import Answer, FlashVStream
@@ -161,17 +161,7 @@ class StreamSession:
         """A whole answer from the latest snapshot (or as of `as_of`), with the stream times it rests on."""
         t0 = time.perf_counter()
         snap, pieces = self.ask_stream(question, max_new_tokens=max_new_tokens, as_of=as_of)
-        text, first = [], None
-        for piece in pieces:
-            first = first if first is not None else time.perf_counter()
-            text.append(piece)
-        t1 = time.perf_counter()
-        return Answer(
-            text="".join(text).strip(), question=question, frames=snap.frames, memory_tokens=snap.memory.num_tokens,
-            spatial_times=list(snap.spatial_times), retrieved_times=list(snap.retrieved_times),
-            temporal_spans=[(a, b) for a, b, _ in snap.temporal_spans],
-            timings={"first_token_s": (first or t1) - t0, "answer_s": t1 - t0},
-        )
+        return collect_answer(snap, question, pieces, start=t0)
 
     # ---------------------------------------------------------------- lifecycle and stats
 

@@ -1,13 +1,14 @@
 """Predictions for a benchmark, in one of two modes, written to a resumable JSON-lines file.
 
-- `offline`: each question is answered from the memory of its video up to the question's time (the whole video when it
-  has none), built the way an offline answer builds it (`FlashVStream.memory_snapshots`, or a `StreamProcessor` over feature
-  files); one decoding pass per video serves all its questions.
-- `streaming`: one pass per video through `StreamSession`, each question asked when the stream reaches its time. By
-  default time is simulated: the source is held back at each question's time until it is answered, so the answer rests
-  on exactly the frames up to that time. With `speed`, the file is replayed live at `speed` x real time and each
-  question is asked at its wall-clock moment from whatever the engine has ingested by then (lag and drops recorded).
-  From feature files, the streaming memory is updated frame by frame in simulated time.
+Every video is played once through `vstream.eval.play`, its questions answered along it in time order; the mode is
+only the clock the play runs under:
+- `offline`: no clock: each question is answered from the offline memory of its video up to the question's time (the
+  whole video when it has none).
+- `streaming`: by default in simulated time: the stream's memory, the source held back at each question's time until it
+  is answered, so the answer rests on exactly the frames up to that time (in `paper` memory mode: the offline answer).
+  With `speed`, the file is replayed live at `speed` x real time and each question is asked at its wall-clock moment
+  from whatever the engine has ingested by then (lag and drops recorded).
+Videos are read from their files, or from pre-extracted feature files (`source="features"`: offline and simulated time).
 
 Each prediction records the latency its answer took. Predictions are keyed by question id: a resumed run computes only
 the missing ones, and seeds every video's random draws from its name, so a resumed run gives the same predictions.
@@ -22,8 +23,6 @@ import json
 import math
 import os
 import random
-import threading
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -31,13 +30,12 @@ from pathlib import Path
 
 import torch
 
-from vstream.errors import DataError, UserInputError
+from vstream.errors import UserInputError
 from vstream.eval.datasets import Benchmark, Question
 from vstream.eval.jsonl import read_jsonl_by_id, trim_partial_line
 
 PREDICTIONS = "predictions.jsonl"
 RUN_FILE = "run.json"
-_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -168,26 +166,53 @@ def _run_pool(bench: Benchmark, cfg: RunConfig, todo: dict, workers: int, write:
 
 def predict_video(model, bench: Benchmark, video: str, questions: list[Question], cfg: RunConfig) -> list[dict]:
     """Answer `questions` (all about `video`) in `cfg.mode`; records in time order (None = the end, last)."""
+    from vstream.eval.play import SimulatedClock, WallClock, play
+
     seed = int(hashlib.sha256(video.encode()).hexdigest()[:8], 16)
     random.seed(seed)
     torch.manual_seed(seed)
     ordered = sorted(questions, key=lambda q: math.inf if q.time is None else q.time)
+    source, duration, name = _source(model, bench, video, cfg)
+    if cfg.mode == "offline":
+        clock = None
+    else:
+        clock = SimulatedClock() if cfg.speed is None else WallClock(cfg.speed, cfg.timeout)
+    plays = play(model, source, [(q.time, q.prompt()) for q in ordered], clock, batch_size=cfg.batch_size,
+                 max_new_tokens=cfg.max_new_tokens, name=name)
+    records = []
+    try:
+        for q, played in zip(ordered, plays):
+            snap = played.snapshot
+            extra = {} if clock is None else {"stream": {
+                "snapshot_time": snap.stream_time, "snapshot_frames": snap.frames,
+                "frames_dropped": played.frames_dropped,
+                "lag_s": None if q.time is None else round(q.time - snap.stream_time, 6),
+                "asked_wall_s": round(played.asked_wall_s, 6)}}
+            records.append(_record(q, played.answer, extra, duration, cfg))
+    finally:
+        plays.close()
+    return records
+
+
+def _source(model, bench: Benchmark, video: str, cfg: RunConfig) -> tuple[Iterable, float, str]:
+    """The video's frames as `(t, frame)`s (features rows from a feature file), its duration and its name."""
+    fps = model.cfg.sample_fps
     if cfg.source == "features":
         from vstream.eval.features import load_features
 
-        features, times = load_features(bench.feature_path(video))
-        duration = times[-1]
-        answers = _from_features(model, features, times, ordered, cfg)
-    else:
-        from vstream.video import probe
+        if cfg.speed is not None:
+            raise UserInputError(f"a live replay (speed={cfg.speed}) plays videos: feature files play offline or in "
+                                 "simulated time")
 
-        path = bench.video_path(video)
-        duration = probe(path).duration
-        if cfg.mode == "offline":
-            answers = _offline_video(model, path, ordered, cfg)
-        else:
-            answers = _streaming_video(model, path, ordered, cfg)
-    return [_record(q, a, extra, duration, cfg) for q, (a, extra) in zip(ordered, answers)]
+        path = bench.feature_path(video)
+        features, times = load_features(path)
+        return zip(times, features), times[-1], str(path)
+    from vstream.sources import file_source, replay_source
+    from vstream.video import probe
+
+    path = bench.video_path(video)
+    frames = file_source(str(path), fps=fps) if cfg.speed is None else replay_source(str(path), fps=fps, speed=cfg.speed)
+    return frames, probe(path).duration, str(path)
 
 
 def _record(q: Question, answer, extra: dict, duration: float | None, cfg: RunConfig) -> dict:
@@ -201,148 +226,3 @@ def _record(q: Question, answer, extra: dict, duration: float | None, cfg: RunCo
         "latency": {k: round(v, 6) for k, v in answer.timings.items()}, **extra,
         **({"meta": q.meta} if q.meta else {}),
     }
-
-
-def _offline_video(model, path: Path, questions: list[Question], cfg: RunConfig) -> list:
-    snapshots = model.memory_snapshots(str(path), [q.time for q in questions], batch_size=cfg.batch_size)
-    out = []
-    try:
-        t0 = time.perf_counter()
-        for q, memory in zip(questions, snapshots):
-            build = time.perf_counter() - t0
-            answer = model.answer_from(memory, q.prompt(), max_new_tokens=cfg.max_new_tokens,
-                                       timings={"memory_build_s": build})
-            out.append((answer, {}))
-            t0 = time.perf_counter()
-    finally:
-        snapshots.close()
-    return out
-
-
-def _from_features(model, features: torch.Tensor, times: list[float], questions: list[Question], cfg: RunConfig):
-    """Each question from a `StreamProcessor` fed the frames up to its time: the offline memory (`--mode offline`) or
-    the streaming one."""
-    from vstream.engine.processor import StreamProcessor
-
-    processor = StreamProcessor(model, offline=cfg.mode == "offline")
-    out, next_frame = [], 0
-    for q in questions:
-        t0 = time.perf_counter()
-        until = math.inf if q.time is None else q.time + _EPS
-        end = next_frame
-        while end < len(times) and times[end] <= until:
-            end += 1
-        if end > next_frame:
-            processor.insert(times[next_frame:end], features=features[next_frame:end])
-            next_frame = end
-        if next_frame == 0:
-            raise DataError(f"question {q.id!r} at {q.time} s comes before the first frame ({times[0]} s)")
-        answer = model.answer_from(processor.snapshot().memory, q.prompt(), max_new_tokens=cfg.max_new_tokens,
-                                   timings={"memory_build_s": time.perf_counter() - t0})
-        out.append((answer, {}))
-    return out
-
-
-# ---------------------------------------------------------------- streaming through the engine
-
-
-class HeldSource:
-    """Frames of `frames`, held back once their time passes `until` (raised by `release`): simulated time."""
-
-    def __init__(self, frames: Iterable):
-        self._frames = frames
-        self._cond = threading.Condition()
-        self._until = -math.inf
-        self._held: float | None = None
-        self._closed = False
-        self.ended = False
-        self.yielded = 0
-
-    def __iter__(self):
-        try:
-            for t, frame in self._frames:
-                with self._cond:
-                    if t > self._until + _EPS:
-                        self._held = t
-                        self._cond.notify_all()
-                        self._cond.wait_for(lambda: t <= self._until + _EPS or self._closed)
-                        self._held = None
-                    if self._closed:
-                        return
-                    self.yielded += 1
-                yield t, frame
-        finally:
-            with self._cond:
-                self.ended = True
-                self._cond.notify_all()
-
-    def release(self, until: float) -> None:
-        with self._cond:
-            self._until = max(self._until, until)
-            self._cond.notify_all()
-
-    def settled(self, timeout: float) -> int:
-        """Wait until the source holds a frame beyond `until` or has ended; the number of frames let through."""
-        with self._cond:
-            ok = self._cond.wait_for(
-                lambda: self.ended or (self._held is not None and self._held > self._until + _EPS), timeout)
-            if not ok:
-                raise TimeoutError(f"the source did not reach {self._until} s within {timeout} s")
-            return self.yielded
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-
-def _streaming_video(model, path: Path, questions: list[Question], cfg: RunConfig) -> list:
-    from vstream.engine import StreamSession
-    from vstream.sources import file_source, replay_source
-
-    fps = model.cfg.sample_fps
-    if cfg.speed is not None:
-        source, live = replay_source(str(path), fps=fps, speed=cfg.speed), True
-    else:
-        source, live = HeldSource(file_source(str(path), fps=fps)), False
-    session = StreamSession(model, batch_size=cfg.batch_size).start(source, live=live)
-    start = time.monotonic()
-    out = []
-    try:
-        for q in questions:
-            until = math.inf if q.time is None else q.time
-            if live:
-                snap = _live_wait(session, start, until, cfg)
-            else:
-                source.release(until)
-                count = source.settled(cfg.timeout)
-                if count == 0:
-                    raise DataError(f"question {q.id!r} at {q.time} s comes before the first frame of {path}")
-                snap = session.wait_for_frames(count, cfg.timeout)
-            if session.error is not None:
-                raise session.error
-            snap = session.snapshot() if live else snap
-            asked_at = time.monotonic()
-            answer = session.ask(q.prompt(), max_new_tokens=cfg.max_new_tokens)
-            extra = {"stream": {"snapshot_time": snap.stream_time, "snapshot_frames": snap.frames,
-                                "frames_dropped": session.counters.dropped, "lag_s": None if q.time is None
-                                else round(q.time - snap.stream_time, 6),
-                                "asked_wall_s": round(asked_at - start, 6)}}
-            out.append((answer, extra))
-    finally:
-        if isinstance(source, HeldSource):
-            source.close()
-        session.close()
-    return out
-
-
-def _live_wait(session, start: float, until: float, cfg: RunConfig):
-    """Live replay: wait for the question's wall-clock moment (or the end of the stream), then the current snapshot."""
-    if math.isinf(until):
-        if not session.wait(cfg.timeout):
-            raise TimeoutError(f"the stream did not end within {cfg.timeout} s")
-    else:
-        delay = start + until / cfg.speed - time.monotonic()
-        if delay > 0:
-            session.wait(delay)  # returns at the question's moment, or earlier when the stream ends
-    return session.wait_for_frames(1, cfg.timeout)

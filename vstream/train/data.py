@@ -1,9 +1,9 @@
 """Training data: stream passes -> memory snapshots -> supervised conversations, batched for the trainer.
 
 A dataset item is one pass over one video (or one world stream) with the conversations asked along it, each at its
-stream time. The pass runs in a DataLoader worker on the CPU: the frozen vision tower encodes the frames and the
-streaming `PaperStarMemory` (the class inference uses) ingests them one frame at a time; at each conversation's time
-the memory is read. Only the abstract slots depend on trained weights (the attention's q/k), so the worker hands over
+stream time. The pass runs in a DataLoader worker on the CPU: the frozen vision tower encodes the frames and a
+`StreamProcessor` (the one inference and evaluation drive) inserts them into a streaming `PaperStarMemory`; at each
+conversation's time its snapshot is taken, so a training sample's memory is the one streaming builds. Only the abstract slots depend on trained weights (the attention's q/k), so the worker hands over
 the memory without them plus each frame's P_abs features, and the trainer recomputes the slots with autograd through
 `abstract_slots` (the same update rule, checked equal to the streaming memory in the tests).
 
@@ -16,6 +16,7 @@ Example (one conversation over one snapshot), as tensors:
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Iterable, Sequence
@@ -29,6 +30,7 @@ from vstream.config import ModelConfig
 from vstream.encoder.pooling import pyramid
 from vstream.encoder.preprocess import preprocess_frames
 from vstream.encoder.tower import VisionTower
+from vstream.engine.processor import StreamProcessor
 from vstream.errors import ConfigError, DataError, MissingPathError
 from vstream.memory import AbstractAttention, PaperStarMemory
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN, build_training_example
@@ -36,7 +38,13 @@ from vstream.train.config import DataConfig
 
 
 class SnapshotBuilder:
-    """Frames or features of one stream -> the memory snapshots at given times, without the abstract slots."""
+    """Frames or features of one stream -> the memory snapshots at given times, without the abstract slots.
+
+    The builder is the frames-to-memory half of a model on the CPU (`cfg`, `device`, `dtype`, `encode`, `new_memory`),
+    which is what a `StreamProcessor` drives: the snapshots are the processor's, frame for frame."""
+
+    device = torch.device("cpu")
+    dtype = torch.float32
 
     def __init__(self, cfg: ModelConfig, tower: VisionTower | None):
         if cfg.memory.mode != "paper":
@@ -53,6 +61,11 @@ class SnapshotBuilder:
             raise ValueError("this dataset reads frames but no vision tower was given")
         return self.tower.encode(preprocess_frames(frames, self.cfg.vision), batch_size=batch_size).clone().float()
 
+    def new_memory(self) -> PaperStarMemory:
+        c = self.cfg
+        return PaperStarMemory(c.memory, c.vision.hidden_size, self.attention, c.vision.grid, device=self.device,
+                               dtype=self.dtype)
+
     @torch.no_grad()
     def snapshots(self, features: torch.Tensor, times: Sequence[float], at: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """features [T, tokens, D] in time order -> for each time in `at` (any order): (rest, abstract_inputs) of the
@@ -61,19 +74,17 @@ class SnapshotBuilder:
         if features.shape[0] != len(times):
             raise ValueError(f"expected one time per frame: {features.shape[0]} frames, {len(times)} times")
         _, _, abs_all = pyramid(features.float(), c.memory.spatial_size, c.memory.temporal_size, c.memory.abstract_size)
-        memory = PaperStarMemory(c.memory, c.vision.hidden_size, self.attention, c.vision.grid, device="cpu", dtype=torch.float32)
-        order = sorted(range(len(at)), key=lambda i: at[i])
+        processor = StreamProcessor(self)
         out: list = [None] * len(at)
-        frame = 0
-        for i in order:
-            while frame < len(times) and times[frame] <= at[i] + 1e-9:
-                memory.update(features[frame : frame + 1], [times[frame]])
-                frame += 1
-            if memory.frames_seen == 0:
+        for i in sorted(range(len(at)), key=lambda i: at[i]):
+            end = bisect.bisect_right(times, at[i] + 1e-9)
+            if end > processor.frames:
+                processor.insert(times[processor.frames : end], features=features[processor.frames : end])
+            snap = processor.snapshot()
+            if snap is None:
                 raise DataError(f"a conversation at {at[i]:.2f} s comes before the first frame ({times[0]:.2f} s)")
-            read = memory.read()
-            n_abs = read.counts["abstract"]
-            out[i] = (read.tokens[n_abs:].clone(), abs_all[: memory.frames_seen].clone())
+            n_abs = snap.memory.counts["abstract"]
+            out[i] = (snap.memory.tokens[n_abs:].clone(), abs_all[: snap.frames].clone())
         return out
 
 
