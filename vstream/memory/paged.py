@@ -57,6 +57,11 @@ class MemoryPage:
         self.updates = 0  # batched updates run (each one graph replay on CUDA)
 
     @property
+    def captured(self) -> list[int]:
+        """The batch sizes whose update is captured in a CUDA graph so far."""
+        return sorted(size for size, batch in self._batches.items() if batch.graph is not None)
+
+    @property
     def free(self) -> int:
         return self.capacity - len(self.members)
 
