@@ -47,10 +47,15 @@ def test_cuda_graph_replay_equals_eager_updates_and_never_synchronises():
     graphed.enable_cuda_graph()
     frames = torch.randn(420, 256, D, device="cuda", dtype=torch.float16)
     times = torch.arange(420, dtype=torch.float64, device="cuda")
-    for i in range(40):  # fill, then the first steady update captures the graph
+    for i in range(40):  # the fill phase from its graph (captured at the first frame), then the steady one's
         for mem in (eager, graphed):
             mem.update(frames[i : i + 1], times[i : i + 1])
-    assert graphed.graph.graph is not None
+        if i < 25:  # every frame of the fill phase leaves the state of the eager update, bit for bit
+            mine, theirs = graphed.state_dict(), eager.state_dict()
+            assert mine["counters"] == theirs["counters"], i
+            for name, value in theirs["tensors"].items():
+                assert torch.equal(mine["tensors"][name].nan_to_num(-1), value.nan_to_num(-1)), (i, name)
+    assert graphed.graph.fill_graph is not None and graphed.graph.graph is not None
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

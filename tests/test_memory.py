@@ -211,6 +211,37 @@ def test_paper_equals_reference(chunks, scene):
         assert read.temporal_spans[:, 2].tolist() == pytest.approx([cl[4] for cl in ref.clusters])
 
 
+@pytest.mark.parametrize("scene", ["random", "repeated"])
+def test_the_fixed_shape_fill_step_equals_the_update_bit_for_bit(scene):
+    """`_fill_step` (what the fill phase's CUDA graph replays: counts as device inputs, fixed shapes) leaves every state
+    tensor and counter exactly as `update` does, frame by frame through the fill phase (fewer clusters than N_ret
+    included), and the steady updates after it agree too."""
+    cfg = MemoryConfig(buffer_length=20, temporal_length=6, abstract_length=6, retrieved_length=3, spatial_length=2)
+    att = make_attention(2)
+    eager, fixed = PaperStarMemory(cfg, D, att, GRID), PaperStarMemory(cfg, D, att, GRID)
+    x = frames(10, seed=5)
+    if scene == "repeated":  # a static camera: equal frames, tied distances
+        x[:] = x[0]
+    fills = 0
+    for i in range(10):
+        times = torch.tensor([0.5 * i], dtype=torch.float64)
+        eager.update(x[i : i + 1], times)
+        if fixed.filling:
+            counts = torch.tensor([fixed.n_tem]), torch.tensor([fixed.n_abs])
+            with torch.no_grad():
+                fixed._fill_step(*fixed._prepare(x[i : i + 1], times), *counts)
+            fixed._counted_fill()
+            fixed.frames_seen += 1
+            fills += 1
+        else:
+            fixed.update(x[i : i + 1], times)
+        mine, theirs = fixed.state_dict(), eager.state_dict()
+        assert mine["counters"] == theirs["counters"], i
+        for name, value in theirs["tensors"].items():
+            assert torch.equal(mine["tensors"][name].nan_to_num(-1), value.nan_to_num(-1)), (i, name)
+    assert fills == 6 and fixed.steady
+
+
 def test_paper_state_is_bounded():
     cfg = MemoryConfig(buffer_length=50)
     mem = PaperStarMemory(cfg, D, make_attention(), GRID)

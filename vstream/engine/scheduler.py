@@ -165,8 +165,8 @@ class Lane:
         self.engine = engine
         self.processor = StreamProcessor(engine.model, history=history, new_memory=engine.new_memory)
         memory = self.processor.memory
-        if engine.graphs and memory.page is None and hasattr(memory, "enable_cuda_graph"):
-            memory.enable_cuda_graph()
+        if engine.graphs and hasattr(memory, "enable_cuda_graph"):  # a page's memory: for its fill phase
+            memory.enable_cuda_graph(engine.graph_pool())
         self.queue = FrameQueue(queue_size)
         self.batch, self.live = batch, live
         self.counters = Counters()
@@ -290,7 +290,7 @@ class Engine:
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
         self.pages: list[MemoryPage] = []
-        self._page_pool = None  # one memory pool for every page's graph: pages update one after another
+        self._graph_pool = None  # one memory pool for every memory's and page's update graphs (`graph_pool`)
         self._pending = None  # (PendingSnapshots, lanes, device-time events) of the last round, not yet published
         self._staging: torch.Tensor | None = None  # pinned host buffer of a round's crops (CUDA)
         self._staged = None  # event: the copy from it has been queued up to here
@@ -330,6 +330,13 @@ class Engine:
                 memory.page.release(memory)
         lane.done.set()
 
+    def graph_pool(self):
+        """The one CUDA memory pool of every memory's and page's captured update: the engine thread runs them one after
+        another and each writes its results in place, so they can share it (made on first use)."""
+        if self._graph_pool is None:
+            self._graph_pool = torch.cuda.graph_pool_handle()
+        return self._graph_pool
+
     def new_memory(self):
         """A lane's streaming memory: a row of a memory page (a new page when all are full) when pages are on and
         the memory is paper-mode, else the model's own."""
@@ -341,10 +348,8 @@ class Engine:
             if page is None:
                 c = model.cfg
                 cuda = model.device.type == "cuda"
-                if cuda and self._page_pool is None:
-                    self._page_pool = torch.cuda.graph_pool_handle()
                 page = MemoryPage(c.memory, c.vision.hidden_size, model.attention_model, c.vision.grid, size,
-                                  model.device, model.dtype, graph=cuda, graph_pool=self._page_pool)
+                                  model.device, model.dtype, graph=cuda, graph_pool=self.graph_pool() if cuda else None)
                 self.pages.append(page)
             return page.new_memory()
 

@@ -27,6 +27,7 @@ are identical; the k-means partition and the abstract slots may differ (clusteri
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -36,6 +37,8 @@ from vstream.config import MemoryConfig
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import KMeansResult, lloyd_frozen, squared_distances, weighted_kmeans
+
+log = logging.getLogger(__name__)
 
 PARTS = ("abstract", "temporal", "retrieved", "spatial")
 
@@ -195,11 +198,19 @@ class PaperStarMemory(StarMemoryBase):
         """Clusters and abstract slots are full: from here on, a one-frame update has fixed shapes throughout."""
         return self.n_tem == self.cfg.temporal_length and self.n_abs == self.cfg.abstract_length
 
-    def enable_cuda_graph(self) -> None:
-        """Replay steady one-frame updates from a CUDA graph (captured at the first steady update)."""
+    @property
+    def filling(self) -> bool:
+        """Clusters and abstract slots both have room for one more frame: a one-frame update only appends (no k-means,
+        no attention) and `_fill_step` runs it with fixed shapes, the counts given on the device."""
+        return self.n_tem < self.cfg.temporal_length and self.n_abs < self.cfg.abstract_length
+
+    def enable_cuda_graph(self, pool=None) -> None:
+        """Replay one-frame updates, filling and steady, from CUDA graphs (each captured at its first use). `pool`: a
+        memory pool (`torch.cuda.graph_pool_handle()`) shared with other graphs that never run at the same time
+        (the engine's memories, say); None: one of the memory's own."""
         if self.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the memory on a CUDA device, it is on {self.device}")
-        self.graph = CapturedUpdate(self)
+        self.graph = CapturedUpdate(self, pool)
 
     @torch.no_grad()
     def update(self, features: torch.Tensor, times=None) -> None:
@@ -210,11 +221,44 @@ class PaperStarMemory(StarMemoryBase):
                 self.page.queue(self, features, times)
                 return
             self.page.flush()
-        if self.graph is not None and self.steady and features.shape[0] == 1:
-            self.graph.replay(features, times)
-            self.frames_seen += 1
-            return
+        if self.graph is not None and features.shape[0] == 1 and (self.steady or self.filling):
+            filling = self.filling
+            if self.graph.replay(features, times, fill=(self.n_tem, self.n_abs) if filling else None):
+                if filling:
+                    self._counted_fill()
+                self.frames_seen += 1
+                return
         self.update_differentiable(features, times)
+
+    def _fill_step(self, spa, tem, abs_, times, n_tem: torch.Tensor, n_abs: torch.Tensor) -> None:
+        """`_step` for one frame while `filling`, with fixed shapes: the frame is appended at the clusters' and
+        abstract slots' counts `n_tem`, `n_abs` (device [1] int64), so one captured graph serves the whole fill
+        phase. Same arithmetic and results as `_step`; the host counts change in `_counted_fill`."""
+        self._push_buffer(spa, tem, times)  # (1)
+        self.temporal.index_copy_(0, n_tem, tem)  # (3): a new cluster of one frame
+        self.tem_weight.index_fill_(0, n_tem, 1.0)
+        self.tem_span.index_copy_(0, n_tem, times[:, None].expand(1, 3))
+        self.abstract.index_copy_(0, n_abs, abs_)  # (4): a new abstract slot
+        self._retrieve_held(n_tem + 1)  # (5)
+
+    def _counted_fill(self) -> None:
+        self.n_tem += 1
+        self.n_abs += 1
+        self.n_ret = min(self.cfg.retrieved_length, self.n_tem)
+
+    def _retrieve_held(self, held: torch.Tensor) -> None:
+        """`_retrieve` with fixed shapes, `held` (device [1]) clusters held: the clusters past it weigh -inf (sorted
+        last), the key frames of the first min(N_ret, held) heaviest are kept in time order, the rest of `retrieved`
+        stays as it was."""
+        k, r = self.cfg.temporal_length, min(self.cfg.retrieved_length, self.cfg.temporal_length)
+        weight = torch.where(torch.arange(k, device=self.device) < held, self.tem_weight, -torch.inf)
+        top = torch.sort(weight, descending=True, stable=True).indices[:r]
+        dist = squared_distances(self.temporal[top].flatten(1), self.buffer_tem.flatten(1))  # [r, N_buff]
+        dist.masked_fill_(self.buffer_time.isnan()[None, :], float("inf"))
+        slots = nearest_most_recent(dist, self.buffer_time)
+        kept = torch.arange(r, device=self.device) < held
+        slots = slots[torch.argsort(torch.where(kept, self.buffer_time[slots], torch.inf), stable=True)]  # time order
+        self.retrieved[:r].copy_(torch.where(kept, slots, self.retrieved[:r]))
 
     def update_differentiable(self, features: torch.Tensor, times=None) -> None:
         """`update` with autograd left as the caller set it: under grad mode the abstract slots keep their graph back to
@@ -427,36 +471,70 @@ def cluster_spans(span: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
 
 
 class CapturedUpdate:
-    """A steady one-frame update of a `PaperStarMemory` captured once in a CUDA graph and replayed: one launch instead of
-    a few hundred. Inputs are copied into static tensors; the state is updated in place by the replay."""
+    """The one-frame updates of a `PaperStarMemory` captured in CUDA graphs and replayed: one launch instead of a few
+    hundred. Two graphs, in one memory pool (they never run at once; their intermediates live only within a replay,
+    every result is written in place into the state): the fill phase's (`_fill_step`, the counts as
+    device inputs) and the steady state's (`_step`), each captured at its first use. Inputs are copied into static
+    tensors; the state is updated in place by the replay."""
 
-    def __init__(self, memory: PaperStarMemory):
+    def __init__(self, memory: PaperStarMemory, pool=None):
         self.memory = memory
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None  # the steady update
+        self.fill_graph: torch.cuda.CUDAGraph | None = None
+        self.pool = torch.cuda.graph_pool_handle() if pool is None else pool
         self.features: torch.Tensor | None = None  # [1, tokens, D] static input
         self.times = torch.zeros(1, dtype=torch.float64, device=memory.device)  # [1] static input
+        self.counts = torch.zeros(2, dtype=torch.long, device=memory.device)  # [2] static input: n_tem, n_abs
+        self.fill_failed = False
 
-    def replay(self, features: torch.Tensor, times) -> None:
+    def replay(self, features: torch.Tensor, times, fill: tuple[int, int] | None = None) -> bool:
+        """Replay the steady update, or with `fill` = (n_tem, n_abs) the fill phase's -> whether it ran (False: the
+        fill phase could not be captured on this device, logged once; the caller updates eagerly)."""
         m = self.memory
         if times is None:
             times = m.count.to(torch.float64).reshape(1)
-        if self.graph is None or self.features.shape != features.shape:
-            self._capture(features)
+        if self.features is None or self.features.shape != features.shape:
+            self.features = torch.zeros_like(features, dtype=m.dtype, device=m.device)
+            self.graph = self.fill_graph = None
+        if fill is None and self.graph is None:
+            self.graph = self._capture(lambda: m._step(*m._prepare(self.features, self.times)))
+        if fill is not None and self.fill_graph is None:
+            if self.fill_failed:
+                return False
+            try:
+                self.fill_graph = self._capture(self._fill)
+            except RuntimeError:  # the memory stays correct: its fill phase runs eagerly, as before graphs
+                log.warning("the fill phase of a memory update could not be captured in a CUDA graph; it runs "
+                            "eagerly", exc_info=True)
+                self.fill_failed = True
+                return False
         self.features.copy_(features)
         self.times.copy_(torch.as_tensor(times, dtype=torch.float64, device=m.device).reshape(1))
-        self.graph.replay()
+        if fill is None:
+            self.graph.replay()
+        else:
+            self.counts[0].fill_(fill[0])  # a scalar argument of a kernel: no copy from the host, no wait
+            self.counts[1].fill_(fill[1])
+            self.fill_graph.replay()
+        return True
 
-    def _capture(self, features: torch.Tensor) -> None:
+    def _fill(self) -> None:
         m = self.memory
-        self.features = torch.zeros_like(features, dtype=m.dtype, device=m.device)
+        m._fill_step(*m._prepare(self.features, self.times), self.counts[0:1], self.counts[1:2])
+
+    def _capture(self, run) -> torch.cuda.CUDAGraph:
+        m = self.memory
         state = m.state_dict()  # the warm-up and capture runs must leave no trace: restore afterwards
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up on a side stream, as graph capture requires
-                m._step(*m._prepare(self.features, self.times))
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            m._step(*m._prepare(self.features, self.times))
-        m.load_state_dict(state)
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up on a side stream, as graph capture requires
+                    run()
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                run()
+        finally:
+            m.load_state_dict(state)
+        return graph
