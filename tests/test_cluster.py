@@ -20,7 +20,7 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from helpers import DEADLINE_S, running_server
+from helpers import DEADLINE_S, cluster_server
 from vstream.engine import snapshots
 from vstream.synth.clips import write_test_video
 
@@ -35,24 +35,12 @@ HI = [{"role": "user", "content": "What is on the screen?"}]
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """(ingress base URL, fleet actor, state directory, media root); Ray shut down at the end."""
-    from vstream.cluster.ingress import create_ingress
-    from vstream.cluster.run import start_fleet
-    from vstream.server import access
-
     root = tmp_path_factory.mktemp("cluster")
     media, state_dir = root / "media", root / "state"
     media.mkdir()
     write_test_video(media / "clip.mp4", seconds=8, fps=5)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        fleet = start_fleet("tiny", state_dir, 2, {"media_root": media, "snapshot_every": EVERY_S,
-                                                   "device": "cpu"})
-        app = create_ingress(fleet, access.allowed_hosts(["127.0.0.1", "localhost"]))
-        with running_server(app) as base:
-            yield base, fleet, state_dir, media
-        ray.get(fleet.stop.remote())
-    finally:
-        ray.shutdown()
+    with cluster_server(2, state_dir, media_root=media, snapshot_every=EVERY_S) as (base, fleet):
+        yield base, fleet, state_dir, media
 
 
 def jpeg(value: int) -> bytes:

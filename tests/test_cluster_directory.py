@@ -98,3 +98,22 @@ def test_saved_streams_nobody_owns_are_spread_at_start():
     create(d, "s0")
     plan = d.adopt_plan(["s0", "a", "b", "c"])
     assert plan == {"a": "r2", "b": "r3", "c": "r1"}, "s0 is owned: not adopted again"
+
+
+def test_autoscaling_steps_on_streams_per_replica():
+    d = Directory()
+    assert d.scale_step(1, 3, target=2) == "up", "below the minimum"
+    d.join("r1", "u1", 1)
+    assert d.scale_step(1, 3, target=2) is None
+    create(d, "s0")
+    create(d, "s1")
+    assert d.scale_step(1, 3, target=2) == "up", "2 streams on 1 replica: at the target"
+    d.join("r2", "u2", 2)
+    assert d.scale_step(1, 3, target=2) is None, "2 streams on 2 replicas"
+    d.forget("s1")
+    assert d.scale_step(1, 3, target=2) == "r2", "1 stream fits in 1 replica at half the target: drain the emptiest"
+    assert d.scale_step(2, 3, target=2) is None, "never below the minimum"
+    for i in range(2, 8):
+        create(d, f"s{i}")
+    d.join("r3", "u3", 3)
+    assert d.scale_step(1, 3, target=2) is None, "never above the maximum"

@@ -159,6 +159,18 @@ class Directory:
             self.replicas[target].pending -= 1
         return plan
 
+    def scale_step(self, least: int, most: int, target: int) -> str | None:
+        """The autoscaler's next step on streams per replica: "up" when the live replicas that take streams hold
+        `target` or more each on average (and fewer than `most` are live), the id of the emptiest one to drain when
+        the streams would fit in one replica fewer at half the target (and more than `least` are live), else None."""
+        serving = [r for r in self.live() if r.accepting]
+        streams = sum(r.load()[0] for r in serving)
+        if len(serving) < least or (len(serving) < most and streams >= target * len(serving)):
+            return "up"
+        if len(serving) > least and streams <= target * (len(serving) - 1) / 2:
+            return min(serving, key=lambda r: (*r.load(), -list(self.replicas).index(r.id))).id
+        return None
+
     def report(self, replica_id: str, running: int) -> None:
         self.replicas[replica_id].running = running
 

@@ -33,9 +33,13 @@ class Fleet:
     """The directory and the replica actors of one cluster (run as the named actor `FleetActor`)."""
 
     def __init__(self, model_name: str, state_dir: str, options: dict, threads: int | None = 1,
-                 monitor_s: float = 0.2):
+                 monitor_s: float = 0.2, autoscale: tuple[int, int] | None = None, target_streams: int = 4,
+                 scale_every_s: float = 10.0):
         self.model_name, self.state_dir, self.options = model_name, state_dir, dict(options)
         self.threads, self.monitor_s = threads, monitor_s
+        self.autoscale, self.target_streams, self.scale_every_s = autoscale, target_streams, scale_every_s
+        self._scaling: asyncio.Task | None = None
+        self._scaled_at = 0.0
         self.directory = Directory()
         self.handles: dict = {}
         self.restores: dict[str, dict] = {}  # stream id -> what its last restore took (seconds, frames)
@@ -61,6 +65,8 @@ class Fleet:
         self.handles[replica_id] = handle
         self.directory.join(replica_id, info["url"], info["pid"])
         log.info("replica %s joined at %s (pid %s)", replica_id, info["url"], info["pid"])
+        orphans = self.directory.reassign_orphans()  # streams of dead replicas that found no live one yet
+        await asyncio.gather(*(self._restore(sid, rid) for sid, rid in orphans.items()))
         return info
 
     # ---------------------------------------------------------------------------------------------- routing
@@ -124,6 +130,19 @@ class Fleet:
                     await self._failover(replica.id)
                     continue
                 self.directory.report(replica.id, load["running"])
+            self._autoscale()
+
+    def _autoscale(self) -> None:
+        """One step of the autoscaler (at most one running, one per `scale_every_s`): add a replica, or drain one."""
+        busy = self._scaling is not None and not self._scaling.done()
+        if self.autoscale is None or busy or time.monotonic() - self._scaled_at < self.scale_every_s:
+            return
+        step = self.directory.scale_step(*self.autoscale, self.target_streams)
+        if step is None:
+            return
+        log.info("autoscaler: %s", "adding a replica" if step == "up" else f"draining {step}")
+        self._scaled_at = time.monotonic()
+        self._scaling = asyncio.get_running_loop().create_task(self.add() if step == "up" else self.drain(step))
 
     async def _failover(self, replica_id: str) -> None:
         async with self._lock:

@@ -254,7 +254,7 @@ class Proxy:
         except InvalidStatus as exc:
             await self._unplace(target, stream_id)
             headers = {k: v for k, v in exc.response.headers.raw_items() if k.lower() == "retry-after"}
-            return await ws.send_denial_response(Response(exc.response.body, exc.response.status_code,
+            return await ws.send_denial_response(Response(bytes(exc.response.body), exc.response.status_code,
                                                           headers=headers, media_type="application/json"))
         except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
             await self._unplace(target, stream_id)

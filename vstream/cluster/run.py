@@ -18,28 +18,33 @@ from vstream.server.state import Limits
 log = logging.getLogger("vstream.cluster")
 
 
-def start_fleet(model: str, state_dir: Path, replicas: int, options: dict, threads: int | None = 1):
+def start_fleet(model: str, state_dir: Path, replicas: int, options: dict, threads: int | None = 1,
+                autoscale: tuple[int, int] | None = None, target_streams: int = 4):
     """The fleet actor with `replicas` ready replicas over the shared `state_dir` (Ray must be initialised); the
-    streams saved there come back, spread over the replicas."""
-    fleet = FleetActor.options(name=FLEET_NAME).remote(model, str(state_dir), options, threads)
-    ray.get(fleet.start.remote(replicas))
+    streams saved there come back, spread over the replicas. `autoscale` (MIN, MAX): replicas added and drained on
+    streams per replica (`target_streams`), starting from MIN."""
+    fleet = FleetActor.options(name=FLEET_NAME).remote(model, str(state_dir), options, threads,
+                                                       autoscale=autoscale, target_streams=target_streams)
+    ray.get(fleet.start.remote(autoscale[0] if autoscale else replicas))
     return fleet
 
 
 def serve_cluster(model: str, *, replicas: int, state_dir: Path, host: str = "127.0.0.1", port: int = 8000,
                   address: str | None = None, snapshot_every: float = 10.0, api_key: str | None = None,
                   allowed_hosts: Iterable[str] = (), server_options: dict | None = None,
-                  limits: Limits | None = None) -> None:
+                  limits: Limits | None = None, autoscale: tuple[int, int] | None = None,
+                  target_streams: int = 4, threads: int | None = None) -> None:
     """Serve the API of `vstream serve` over `replicas` engine replicas on Ray (`address`: an existing cluster;
-    None: a local one started here). `server_options` go to each replica's `create_app` (media root, max streams,
-    device, ...); the state directory must be one that every replica's node sees."""
+    None: a local one started here), or from MIN to MAX of them (`autoscale`, on `target_streams` per replica).
+    `server_options` go to each replica's `create_app` (media root, max streams, device, ...); the state directory
+    must be one that every replica's node sees. `threads`: torch threads per replica (None: torch's default)."""
     extra = list(allowed_hosts)
     hosts = None if api_key is not None and not extra else [*access.default_allowed_hosts(host), *extra]
     gate_hosts = access.allowed_hosts(hosts or ["*"])
     limits = limits or Limits()
     options = dict(server_options or {}) | {"api_key": api_key, "snapshot_every": snapshot_every, "limits": limits}
     ray.init(address=address, include_dashboard=False)
-    fleet = start_fleet(model, Path(state_dir).resolve(), replicas, options)
+    fleet = start_fleet(model, Path(state_dir).resolve(), replicas, options, threads, autoscale, target_streams)
     app = create_ingress(fleet, gate_hosts, limits)
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=limits.max_ws_message_bytes + 1024,
                             timeout_graceful_shutdown=5)
