@@ -3,6 +3,7 @@ in this process, until interrupted; then stop the replicas, each saving its stre
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -49,7 +50,30 @@ def serve_cluster(model: str, *, replicas: int, state_dir: Path, host: str = "12
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=limits.max_ws_message_bytes + 1024,
                             timeout_graceful_shutdown=5)
     try:
-        uvicorn.Server(config).run()
+        IngressServer(config, lambda: _stop(fleet)).run()
     finally:
+        _stop(fleet)
+
+
+class IngressServer(uvicorn.Server):
+    """uvicorn's server that runs `on_exit` once it has stopped serving and before it re-raises the signal that
+    stopped it (uvicorn re-raises SIGTERM and SIGINT, which would end the process before any `finally`)."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                self.on_exit()
+
+
+def _stop(fleet) -> None:
+    """Stop the replicas (each saves its streams at shutdown), then leave Ray; once."""
+    if ray.is_initialized():
         ray.get(fleet.stop.remote())
         ray.shutdown()
