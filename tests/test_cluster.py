@@ -17,6 +17,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 import vstream
@@ -143,6 +144,10 @@ def test_streams_spread_over_both_replicas_and_each_is_answered_by_its_owner(clu
             cites_only(r.json(), times)
             memory = client.get(f"/v1/streams/{sid}/memory").json()
             assert memory["frames_seen"] == 3 and memory["stream_time"] == max(times)
+        metrics = client.get("/metrics").text.splitlines()  # every replica's, each sample labelled with it
+        for sid in STREAMS:
+            assert f'vstream:frames_ingested_total{{stream_id="{sid}",replica="{owners[sid]}"}} 3' in metrics
+        assert sum(line.startswith("# TYPE vstream:frames_ingested_total ") for line in metrics) == 1
         missing = client.get("/v1/streams/str_0123456789abcdef")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "stream_not_found"
         foreign = client.get("/v1/streams", headers={"Host": "evil.example"})
@@ -154,7 +159,13 @@ def test_a_stream_moves_by_drain_snapshot_restore(cluster):
     sid = next(iter(STREAMS))
     source = directory(fleet)["streams"][sid]
     target = "replica-2" if source == "replica-1" else "replica-1"
-    restored = ray.get(fleet.move.remote(sid, target))
+    with connect(base, sid) as ws:  # a socket on the stream is told, then closed; it may reconnect
+        recv(ws, "session.created")
+        restored = ray.get(fleet.move.remote(sid, target))
+        assert recv(ws, "session.closing")["reason"] == "moved"
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=DEADLINE_S)
+        assert closed.value.rcvd.code == 1001
     assert (restored["frames"], restored["stream_time"]) == (3, max(STREAMS[sid]))
     assert sid in own_ids(replica(fleet, target)["url"]) and sid not in own_ids(replica(fleet, source)["url"])
     with httpx.Client(base_url=base, timeout=DEADLINE_S) as client:

@@ -65,6 +65,7 @@ def create_ingress(fleet, allowed_hosts, limits: Limits | None = None) -> FastAP
     app.add_api_route("/v1/streams", proxy.list_streams, methods=["GET"])
     app.add_api_route("/v1/streams", proxy.create_stream, methods=["POST"])
     app.add_api_route("/v1/chat/completions", proxy.chat, methods=["POST"])
+    app.add_api_route("/metrics", proxy.metrics, methods=["GET"])
     app.add_api_websocket_route("/v1/realtime", proxy.realtime)
     app.add_api_route("/{path:path}", proxy.anything, methods=["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD"])
     app.router.on_shutdown.append(proxy.close)
@@ -124,6 +125,28 @@ class Proxy:
             if stream_id not in seen:  # being restored (or registered a moment ago): listed, never lost
                 data.append({"id": stream_id, "object": "stream", "state": "restoring", "replica": owner})
         return {"object": "list", "data": data}
+
+    async def metrics(self, request: Request):
+        """Every live replica's Prometheus text, each sample labelled `replica="<id>"`; HELP and TYPE once."""
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        live = [r for r in (await self.fleet.listing.remote())["replicas"] if r["alive"]]
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        replies = await asyncio.gather(*(self.client.get(r["url"] + "/metrics", headers=headers) for r in live),
+                                       return_exceptions=True)
+        families: dict[str, tuple[dict, list]] = {}  # name -> (HELP/TYPE lines, samples): one group per metric
+        for replica, reply in zip(live, replies):
+            if isinstance(reply, httpx.TransportError):
+                continue  # a replica dying now: its samples are missing from this scrape
+            if isinstance(reply, BaseException):
+                raise reply
+            if reply.status_code != 200:
+                return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
+            merge_metrics(families, reply.text, replica["id"])
+        text = "".join("".join(f"{c}\n" for c in comments) + "".join(f"{x}\n" for x in samples)
+                       for comments, samples in families.values())
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     async def create_stream(self, request: Request):
         refused = await self._refused(request)
@@ -271,6 +294,28 @@ class Proxy:
     async def _unplace(self, target: dict, stream_id: str | None) -> None:
         if stream_id is None:
             await self.fleet.unplace.remote(target["replica"])
+
+
+def merge_metrics(families: dict, text: str, replica_id: str) -> None:
+    """Add one replica's Prometheus text to `families` (metric name -> (its HELP/TYPE lines, its samples)), each
+    sample labelled with the replica; a sample belongs to the family of the HELP/TYPE lines before it."""
+    family = None
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            family = line.split()[2]
+            families.setdefault(family, ({}, []))[0].setdefault(line, None)
+        elif line and not line.startswith("#"):
+            name = family or line.split("{")[0].split(" ")[0]
+            families.setdefault(name, ({}, []))[1].append(labelled(line, replica_id))
+
+
+def labelled(sample: str, replica_id: str) -> str:
+    """A Prometheus sample line with `replica="<id>"` added to its labels."""
+    name, _, value = sample.rpartition(" ")
+    label = f'replica="{replica_id}"'
+    if name.endswith("}"):
+        return f"{name[:-1]},{label}}} {value}"
+    return f"{name}{{{label}}} {value}"
 
 
 def _ws_url(base: str, ws: WebSocket) -> str:

@@ -73,7 +73,11 @@ class ReplicaServer:
         return {"id": stream_id, "frames": lane.processor.frames, "stream_time": lane.processor.stream_time}
 
     def release(self, stream_id: str) -> None:
-        """Save the stream, stop serving it and close it; its files stay for the next owner's `adopt`."""
+        """Close the sockets attached to the stream (`session.closing {reason: "moved"}`: they may reconnect with
+        its id, reaching the new owner), then save it, stop serving it and close it; its files stay for `adopt`."""
+        for session in list(self.state.sockets):
+            if session.stream.id == stream_id:
+                session.end("moved")
         self.state.durable.release(self.state, stream_id)
 
     def save(self, stream_id: str) -> bool:

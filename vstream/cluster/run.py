@@ -25,9 +25,16 @@ def start_fleet(model: str, state_dir: Path, replicas: int, options: dict, threa
     streams saved there come back, spread over the replicas. `autoscale` (MIN, MAX): replicas added and drained on
     streams per replica (`target_streams`), starting from MIN."""
     fleet = FleetActor.options(name=FLEET_NAME).remote(model, str(state_dir), options, threads,
-                                                       autoscale=autoscale, target_streams=target_streams)
+                                                       autoscale=autoscale, target_streams=target_streams,
+                                                       gpus=replica_gpus(options.get("device", "auto")))
     ray.get(fleet.start.remote(autoscale[0] if autoscale else replicas))
     return fleet
+
+
+def replica_gpus(device: str) -> int:
+    """GPUs each replica asks for: one when the device is `auto` or `cuda` and the cluster has GPUs, else none."""
+    wants = device == "auto" or device.startswith("cuda")
+    return 1 if wants and ray.cluster_resources().get("GPU", 0) >= 1 else 0
 
 
 def serve_cluster(model: str, *, replicas: int, state_dir: Path, host: str = "127.0.0.1", port: int = 8000,
