@@ -67,6 +67,7 @@ def run(replicas: int, args) -> dict:
             ready_s = time.perf_counter() - t0
             with serving(create_ingress(fleet, None)) as base:
                 result = asyncio.run(load(base, args))
+            result["directory"] = asyncio.run(lookups(fleet, args.clients, min(args.seconds, 5.0)))
             placement = {r["id"]: len(r["streams"]) for r in ray.get(fleet.listing.remote())["replicas"]}
             ray.get(fleet.stop.remote())
     finally:
@@ -112,6 +113,27 @@ async def load(base: str, args) -> dict:
     frames = {"sent": sum(pushed), "ingested": ingested, "dropped": sum(after[s][1] - before[s][1] for s in ids),
               "ingested_per_s": round(ingested / args.seconds, 1)}
     return {"questions": questions, "frames": frames}
+
+
+async def lookups(fleet, callers: int, seconds: float) -> dict:
+    """The directory alone: `callers` concurrent `route` calls to the fleet actor, back to back, as the ingress
+    makes one per request -> calls per second and their latency."""
+    listing = await fleet.listing.remote()
+    ids = list(listing["streams"]) or ["str_0000000000000000"]
+    latencies = []
+    deadline = time.monotonic() + seconds
+
+    async def caller(k: int) -> None:
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            await fleet.route.remote(ids[k % len(ids)])
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(caller(k) for k in range(callers)))
+    q = statistics.quantiles(latencies, n=20)
+    return {"route_calls_per_s": round(len(latencies) / (time.perf_counter() - t0)),
+            "latency_ms": {"p50": round(1000 * q[9], 2), "p95": round(1000 * q[18], 2)}}
 
 
 async def ask_loop(client: httpx.AsyncClient, ids: list[str], args) -> dict:

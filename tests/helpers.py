@@ -182,10 +182,10 @@ class RtspServer:
 
 
 @contextlib.contextmanager
-def cluster_server(replicas: int, state_dir: Path, **server_options):
+def cluster_server(replicas: int, state_dir: Path, replica_host: str | None = "127.0.0.1", **server_options):
     """(base URL of the ingress, fleet actor) of a cluster of `replicas` tiny-model replicas on a local Ray instance
-    started here (2 CPUs), each replica a `create_app(**server_options)` over the shared `state_dir`; Ray is shut
-    down on exit. Needs the [ray] extra."""
+    started here (2 CPUs), each replica a `create_app(**server_options)` over the shared `state_dir`, listening on
+    `replica_host` (None: the node's address, as on several machines); Ray is shut down on exit. Needs [ray]."""
     import ray
 
     from vstream.cluster.ingress import create_ingress
@@ -194,7 +194,8 @@ def cluster_server(replicas: int, state_dir: Path, **server_options):
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        fleet = start_fleet("tiny", state_dir, replicas, {"device": "cpu"} | server_options)
+        fleet = start_fleet("tiny", state_dir, replicas, {"device": "cpu"} | server_options,
+                            replica_host=replica_host)
         app = create_ingress(fleet, access.allowed_hosts(["127.0.0.1", "localhost"]))
         with running_server(app) as base:
             yield base, fleet

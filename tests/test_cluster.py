@@ -2,7 +2,8 @@
 replicas of the tiny model, sharing one state directory, driven through the real HTTP and WebSocket API. Streams spread
 over both replicas and every question is answered by its owner; a stream moves by drain -> snapshot -> restore; a
 replica killed with SIGKILL has its streams restored on the other from their snapshots (the time is measured and
-bounded); a third replica joins and takes the new streams. The tests run in order and share the cluster."""
+bounded); a third replica joins and takes the new streams. The replicas listen on the node's address, as on several
+machines (the server tests' cluster case uses loopback). The tests run in order and share the cluster."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def cluster(tmp_path_factory):
     media, state_dir = root / "media", root / "state"
     media.mkdir()
     write_test_video(media / "clip.mp4", seconds=8, fps=5)
-    with cluster_server(2, state_dir, media_root=media, snapshot_every=EVERY_S) as (base, fleet):
+    with cluster_server(2, state_dir, None, media_root=media, snapshot_every=EVERY_S) as (base, fleet):
         yield base, fleet, state_dir, media
 
 

@@ -12,6 +12,27 @@ from vstream.cli.extras import needs_extra
 from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, ModelOpt
 from vstream.errors import UserInputError
 
+# Durable streams, memory pages and the cluster (`--ray`): options as types, so that `serve` reads as their list.
+StateDirOpt = Annotated[Optional[Path], typer.Option(help="Save every stream's memory, source and settings here and "
+                                                     "restore them at start (made if missing; see README, Durable "
+                                                     "streams).")]
+SnapshotEveryOpt = Annotated[float, typer.Option(help="With --state-dir: seconds between snapshots (a kill -9 loses "
+                                                 "at most this much).")]
+MemoryPageOpt = Annotated[Optional[int], typer.Option(help="Streams whose memories update together in one batched "
+                                                      "update (a memory page); 0: each memory alone. Default: the "
+                                                      "engine's (see EngineConfig).")]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Spread streams over engine replicas on Ray behind one ingress "
+                                      "(needs --state-dir, shared by the replicas; see README, Scale-out on Ray).")]
+ReplicasOpt = Annotated[Optional[int], typer.Option(help="With --ray: engine replicas (default 2).")]
+AutoscaleOpt = Annotated[Optional[str], typer.Option(metavar="MIN:MAX", help="With --ray: from MIN to MAX replicas, "
+                                                     "added and drained on streams per replica.")]
+StreamsPerReplicaOpt = Annotated[int, typer.Option(help="With --autoscale: the streams per replica at which one more "
+                                                   "is added.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="With --ray: an existing Ray cluster (default: start a "
+                                                      "local one).")]
+ReplicaThreadsOpt = Annotated[Optional[int], typer.Option(help="With --ray: torch CPU threads per replica (default: "
+                                                          "torch's).")]
+
 
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
@@ -38,35 +59,15 @@ def serve(
                      "the names --host is bound as (all of the machine's for 0.0.0.0); with --api-key and no "
                      "--allowed-host, any."),
     ] = None,
-    state_dir: Annotated[
-        Optional[Path], typer.Option(help="Save every stream's memory, source and settings here and restore them "
-                                     "at start (made if missing; see README, Durable streams).")
-    ] = None,
-    snapshot_every: Annotated[
-        float, typer.Option(help="With --state-dir: seconds between snapshots (a kill -9 loses at most this much).")
-    ] = 10.0,
-    memory_page: Annotated[
-        Optional[int], typer.Option(help="Streams whose memories update together in one batched update (a memory "
-                                    "page); 0: each memory alone. Default: the engine's (see EngineConfig).")
-    ] = None,
-    ray: Annotated[
-        bool, typer.Option("--ray", help="Spread streams over engine replicas on Ray behind one ingress (needs "
-                           "--state-dir, shared by the replicas; see README, Scale-out on Ray).")
-    ] = False,
-    replicas: Annotated[Optional[int], typer.Option(help="With --ray: engine replicas (default 2).")] = None,
-    autoscale: Annotated[
-        Optional[str], typer.Option(metavar="MIN:MAX", help="With --ray: from MIN to MAX replicas, added and drained "
-                                    "on streams per replica (--streams-per-replica).")
-    ] = None,
-    streams_per_replica: Annotated[
-        int, typer.Option(help="With --autoscale: the streams per replica at which one more is added.")
-    ] = 4,
-    ray_address: Annotated[
-        Optional[str], typer.Option(help="With --ray: an existing Ray cluster (default: start a local one).")
-    ] = None,
-    replica_threads: Annotated[
-        Optional[int], typer.Option(help="With --ray: torch CPU threads per replica (default: torch's).")
-    ] = None,
+    state_dir: StateDirOpt = None,
+    snapshot_every: SnapshotEveryOpt = 10.0,
+    memory_page: MemoryPageOpt = None,
+    ray: RayOpt = False,
+    replicas: ReplicasOpt = None,
+    autoscale: AutoscaleOpt = None,
+    streams_per_replica: StreamsPerReplicaOpt = 4,
+    ray_address: RayAddressOpt = None,
+    replica_threads: ReplicaThreadsOpt = None,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")

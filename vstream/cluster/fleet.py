@@ -34,11 +34,12 @@ class Fleet:
 
     def __init__(self, model_name: str, state_dir: str, options: dict, threads: int | None = 1,
                  monitor_s: float = 0.2, autoscale: tuple[int, int] | None = None, target_streams: int = 4,
-                 scale_every_s: float = 10.0, gpus: int = 0):
+                 scale_every_s: float = 10.0, gpus: int = 0, replica_host: str | None = "127.0.0.1"):
         self.model_name, self.state_dir, self.options = model_name, state_dir, dict(options)
         self.threads, self.monitor_s = threads, monitor_s
         self.autoscale, self.target_streams, self.scale_every_s = autoscale, target_streams, scale_every_s
         self.gpus = gpus  # GPUs each replica asks Ray for (Ray then shows it that one as cuda:0)
+        self.replica_host = replica_host  # None: each replica's node address (a cluster of several machines)
         self._scaling: asyncio.Task | None = None
         self._scaled_at = 0.0
         self.directory = Directory()
@@ -62,7 +63,7 @@ class Fleet:
         replica_id = f"replica-{self._count}"
         options = dict(self.options) | ({"device": "cuda"} if self.gpus else {})  # its one GPU, as Ray shows it
         handle = ReplicaActor.options(num_gpus=self.gpus).remote(replica_id, self.model_name, self.state_dir, options,
-                                                                 threads=self.threads)
+                                                                 host=self.replica_host, threads=self.threads)
         info = await handle.info.remote()
         self.handles[replica_id] = handle
         self.directory.join(replica_id, info["url"], info["pid"])

@@ -100,7 +100,8 @@ class Proxy:
         refused = await self._refused(request)
         if refused is not None:
             return refused
-        checked = await self._forward(request, await self.fleet.any_replica.remote(), path="/v1/streams")
+        checked = await self._forward(request, await self.fleet.any_replica.remote(), path="/v1/streams",
+                                      stream=False)
         if checked.status_code != 200:
             return checked
         return await self.fleet.listing.remote()

@@ -5,8 +5,9 @@ The fleet runs it as a Ray actor (`fleet.ReplicaActor`); its methods are what th
 load, `adopt` a saved stream (moved here, or from a dead replica), `release` one (saved and closed, to move it),
 `save` one now. Its state directory is the cluster's, shared: it restores nothing at start (`restore=False`).
 
-What it does not do: decide placement or talk to other replicas (the fleet does), or serve anyone but the ingress
-(it listens on the node's address; the ingress does the Host and Origin checks, the replica the key).
+What it does not do: decide placement or talk to other replicas (the fleet does), or check Host and Origin for
+clients (the ingress does; the replica answers only its own address as Host, and checks the key). It listens on
+127.0.0.1 in a cluster on one machine, on its node's address otherwise (`host=None`): on a network, give it a key.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ log = logging.getLogger("vstream.cluster")
 class ReplicaServer:
     """The app of one replica served by uvicorn on a thread of its own, ready when constructed."""
 
-    def __init__(self, replica_id: str, model_name: str, state_dir: str, options: dict, host: str = "127.0.0.1",
+    def __init__(self, replica_id: str, model_name: str, state_dir: str, options: dict, host: str | None = "127.0.0.1",
                  threads: int | None = None):
         import torch
         import uvicorn
@@ -34,6 +35,10 @@ class ReplicaServer:
 
         if threads:
             torch.set_num_threads(threads)
+        if host is None:
+            import ray
+
+            host = ray.util.get_node_ip_address()
         self.id = replica_id
         model = vstream.load(model_name, device=options.pop("device", "auto"))
         self.app = create_app(model, state_dir=Path(state_dir), restore=False,
@@ -86,7 +91,7 @@ class ReplicaServer:
         return stream is not None and self.state.durable.save(self.state, stream, force=True)
 
     def stop(self) -> None:
-        """Drain-free stop: save every stream, then end the server (its streams are already moved or saved)."""
+        """End the server; its shutdown saves every stream it still holds (the durable drain)."""
         self.server.should_exit = True
         self.thread.join(30)
 

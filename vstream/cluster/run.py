@@ -20,13 +20,16 @@ log = logging.getLogger("vstream.cluster")
 
 
 def start_fleet(model: str, state_dir: Path, replicas: int, options: dict, threads: int | None = 1,
-                autoscale: tuple[int, int] | None = None, target_streams: int = 4):
+                autoscale: tuple[int, int] | None = None, target_streams: int = 4,
+                replica_host: str | None = "127.0.0.1"):
     """The fleet actor with `replicas` ready replicas over the shared `state_dir` (Ray must be initialised); the
     streams saved there come back, spread over the replicas. `autoscale` (MIN, MAX): replicas added and drained on
-    streams per replica (`target_streams`), starting from MIN."""
+    streams per replica (`target_streams`), starting from MIN. `replica_host` None: replicas listen on their node's
+    address (several machines), else on that address."""
     fleet = FleetActor.options(name=FLEET_NAME).remote(model, str(state_dir), options, threads,
                                                        autoscale=autoscale, target_streams=target_streams,
-                                                       gpus=replica_gpus(options.get("device", "auto")))
+                                                       gpus=replica_gpus(options.get("device", "auto")),
+                                                       replica_host=replica_host)
     ray.get(fleet.start.remote(autoscale[0] if autoscale else replicas))
     return fleet
 
@@ -52,7 +55,8 @@ def serve_cluster(model: str, *, replicas: int, state_dir: Path, host: str = "12
     limits = limits or Limits()
     options = dict(server_options or {}) | {"api_key": api_key, "snapshot_every": snapshot_every, "limits": limits}
     ray.init(address=address, include_dashboard=False)
-    fleet = start_fleet(model, Path(state_dir).resolve(), replicas, options, threads, autoscale, target_streams)
+    fleet = start_fleet(model, Path(state_dir).resolve(), replicas, options, threads, autoscale, target_streams,
+                        replica_host="127.0.0.1" if address is None else None)
     app = create_ingress(fleet, gate_hosts, limits)
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=limits.max_ws_message_bytes + 1024,
                             timeout_graceful_shutdown=5)
