@@ -61,7 +61,7 @@ def test_serve_ray_end_to_end_and_a_restart_brings_the_streams_back(tmp_path):
     try:
         wait_ready(proc, base, timeout=240)
         with httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
-            assert client.get("/health/ready").json()["replicas"] == ["replica-1", "replica-2"]
+            assert sorted(client.get("/health/ready").json()["replicas"]) == ["replica-1", "replica-2"]
             ids = [client.post("/v1/streams", json={"source": {"type": "push"}}).json()["id"] for _ in range(2)]
             for k, sid in enumerate(ids):
                 with ws_connect(f"ws://127.0.0.1:{port}/v1/realtime?stream_id={sid}", open_timeout=DEADLINE_S) as ws:

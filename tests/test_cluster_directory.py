@@ -70,6 +70,14 @@ def test_streams_wait_when_no_replica_is_left_then_go_to_the_next_one():
     assert d.owner("s0").id == "r2"
 
 
+def test_a_stream_placed_on_a_replica_that_died_meanwhile_is_not_owned_by_it():
+    d = three()
+    replica = d.place()
+    d.fail(replica.id)
+    d.placed(replica.id, "late")
+    assert "late" not in d.listing() and d.replicas[replica.id].streams == set()
+
+
 def test_a_restore_that_fails_loses_only_that_stream():
     d = three()
     create(d, "s0")

@@ -1,5 +1,6 @@
-"""The cluster ingress's merge of the replicas' Prometheus text, on its own (no Ray, no server): every sample labelled
-with its replica, each metric one group with its HELP and TYPE lines once."""
+"""The cluster ingress's merge of the replicas' Prometheus text, on its own (no Ray, no server): every server-wide
+sample labelled with its replica (a stream's samples keep their labels: a stream has one owner), each metric one group with its HELP
+and TYPE lines once."""
 
 from __future__ import annotations
 
@@ -30,5 +31,5 @@ def test_each_metric_is_one_group_over_every_replica():
         'vstream:streams{replica="replica-1"} 2', 'vstream:streams{replica="replica-2"} 1',
         "# HELP vstream:frames_ingested_total Frames encoded into the memory.",
         "# TYPE vstream:frames_ingested_total counter",
-        'vstream:frames_ingested_total{stream_id="str_a",replica="replica-1"} 6',
-        'vstream:frames_ingested_total{stream_id="str_b",replica="replica-2"} 6']
+        'vstream:frames_ingested_total{stream_id="str_a"} 6',
+        'vstream:frames_ingested_total{stream_id="str_b"} 6']

@@ -67,10 +67,12 @@ class Directory:
         return chosen
 
     def placed(self, replica_id: str, stream_id: str) -> None:
-        """The stream created on the replica `place` chose: it owns it now."""
+        """The stream created on the replica `place` chose: it owns it now (unless that replica died meanwhile: the
+        stream, never saved, died with it)."""
         replica = self.replicas[replica_id]
         replica.pending = max(0, replica.pending - 1)
-        self._own(stream_id, replica)
+        if replica.alive:
+            self._own(stream_id, replica)
 
     def unplace(self, replica_id: str) -> None:
         """The creation that `place` was for failed: nothing is owned."""

@@ -126,14 +126,20 @@ class Fleet:
     async def _watch(self) -> None:
         while True:
             await asyncio.sleep(self.monitor_s)
-            for replica in self.directory.live():
-                try:
-                    load = await self.handles[replica.id].load.remote()
-                except RayActorError:
-                    await self._failover(replica.id)
-                    continue
-                self.directory.report(replica.id, load["running"])
+            await asyncio.gather(*(self._probe(r.id) for r in self.directory.live()))
             self._autoscale()
+
+    async def _probe(self, replica_id: str) -> None:
+        """Read a replica's queue; fail it over if its actor died (a slow answer is no death: it keeps its streams)."""
+        try:
+            load = await asyncio.wait_for(self.handles[replica_id].load.remote(), timeout=10)
+        except RayActorError:
+            await self._failover(replica_id)
+            return
+        except TimeoutError:
+            log.warning("replica %s did not report its load within 10 s", replica_id)
+            return
+        self.directory.report(replica_id, load["running"])
 
     def _autoscale(self) -> None:
         """One step of the autoscaler (at most one running, one per `scale_every_s`): add a replica, or drain one."""

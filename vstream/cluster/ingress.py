@@ -128,7 +128,7 @@ class Proxy:
         return {"object": "list", "data": data}
 
     async def metrics(self, request: Request):
-        """Every live replica's Prometheus text, each sample labelled `replica="<id>"`; HELP and TYPE once."""
+        """Every live replica's Prometheus text, server-wide samples labelled `replica="<id>"`; HELP and TYPE once."""
         refused = await self._refused(request)
         if refused is not None:
             return refused
@@ -299,7 +299,8 @@ class Proxy:
 
 def merge_metrics(families: dict, text: str, replica_id: str) -> None:
     """Add one replica's Prometheus text to `families` (metric name -> (its HELP/TYPE lines, its samples)), each
-    sample labelled with the replica; a sample belongs to the family of the HELP/TYPE lines before it."""
+    server-wide sample labelled with the replica (a stream's samples already name their one stream); a sample belongs
+    to the family of the HELP/TYPE lines before it."""
     family = None
     for line in text.splitlines():
         if line.startswith("# HELP ") or line.startswith("# TYPE "):
@@ -307,7 +308,8 @@ def merge_metrics(families: dict, text: str, replica_id: str) -> None:
             families.setdefault(family, ({}, []))[0].setdefault(line, None)
         elif line and not line.startswith("#"):
             name = family or line.split("{")[0].split(" ")[0]
-            families.setdefault(name, ({}, []))[1].append(labelled(line, replica_id))
+            per_stream = 'stream_id="' in line.rpartition(" ")[0]  # one owner: its series go on when it moves
+            families.setdefault(name, ({}, []))[1].append(line if per_stream else labelled(line, replica_id))
 
 
 def labelled(sample: str, replica_id: str) -> str:
