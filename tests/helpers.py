@@ -1,6 +1,6 @@
 """Helpers shared by test files: the `vstream` command in a subprocess or in this process, a real uvicorn on a free
 port, bounded waits on a stream or a `vstream serve` subprocess, the error-object check, a hook that slows the running
-server's engine, and GStreamer's RTSP server as a subprocess. No fixtures here (shared ones live in conftest.py) and
+server's engine, GStreamer's RTSP server as a subprocess, and a cluster on a local Ray instance behind its ingress. No fixtures here (shared ones live in conftest.py) and
 no tests; no test module imports another."""
 
 from __future__ import annotations
@@ -179,3 +179,26 @@ class RtspServer:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def cluster_server(replicas: int, state_dir: Path, replica_host: str | None = "127.0.0.1", **server_options):
+    """(base URL of the ingress, fleet actor) of a cluster of `replicas` tiny-model replicas on a local Ray instance
+    started here (2 CPUs), each replica a `create_app(**server_options)` over the shared `state_dir`, listening on
+    `replica_host` (None: the node's address, as on several machines); Ray is shut down on exit. Needs [ray]."""
+    import ray
+
+    from vstream.cluster.ingress import create_ingress
+    from vstream.cluster.run import start_fleet
+    from vstream.server import access
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        fleet = start_fleet("tiny", state_dir, replicas, {"device": "cpu"} | server_options,
+                            replica_host=replica_host)
+        app = create_ingress(fleet, access.allowed_hosts(["127.0.0.1", "localhost"]))
+        with running_server(app) as base:
+            yield base, fleet
+        ray.get(fleet.stop.remote())
+    finally:
+        ray.shutdown()

@@ -18,7 +18,7 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, EngineHook, running_server, wait_frames
+from helpers import DEADLINE_S, KEY, EngineHook, cluster_server, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import moving_shapes, write_test_video
@@ -51,9 +51,24 @@ def server(model, tmp_path_factory):
         yield base, app
 
 
+@pytest.fixture(scope="module", params=["process", pytest.param("cluster", marks=[pytest.mark.ray, pytest.mark.slow])])
+def api_server(request, model, tmp_path_factory):
+    """(base url, app) of the single-process server, or (base url of the ingress, None) of a one-replica cluster on
+    Ray made with the same options (the same client code runs against both)."""
+    if request.param == "process":
+        yield request.getfixturevalue("server")
+        return
+    media = tmp_path_factory.mktemp("media")
+    write_test_video(media / "clip.mp4", seconds=6, fps=5)
+    limits = Limits(max_ws_message_bytes=200_000, max_frame_pixels=640 * 480)
+    with cluster_server(1, tmp_path_factory.mktemp("state"), media_root=media, api_key=KEY, max_streams=4,
+                        limits=limits) as (base, _):
+        yield base, None
+
+
 @pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server[0], headers=AUTH, timeout=DEADLINE_S) as c:
+def client(api_server):
+    with httpx.Client(base_url=api_server[0], headers=AUTH, timeout=DEADLINE_S) as c:
         yield c
 
 
@@ -80,8 +95,8 @@ def push_seconds(ws, seconds: int, start: int = 0) -> list[dict]:
     return acks
 
 
-def test_push_frames_are_acknowledged_and_answered(server, client):
-    with connect(server[0]) as ws:
+def test_push_frames_are_acknowledged_and_answered(api_server, client):
+    with connect(api_server[0]) as ws:
         created = recv(ws)
         assert created["type"] == "session.created" and created["session"]["owns_stream"] is True
         sid = created["session"]["stream_id"]
@@ -108,8 +123,8 @@ def test_push_frames_are_acknowledged_and_answered(server, client):
         time.sleep(0.05)
 
 
-def test_30fps_into_1fps_keeps_memory_flat_and_counts_drops(server, client):
-    with connect(server[0]) as ws:
+def test_30fps_into_1fps_keeps_memory_flat_and_counts_drops(api_server, client):
+    with connect(api_server[0]) as ws:
         sid = recv(ws)["session"]["stream_id"]
         for i in range(60):  # 2 s of stream time at 30 fps, as fast as the socket takes them
             ws.send(append(i, i / 30))
@@ -127,8 +142,8 @@ def test_30fps_into_1fps_keeps_memory_flat_and_counts_drops(server, client):
         assert f'vstream:frames_dropped_total{{stream_id="{sid}"}} {ack["dropped"]}' in metrics
 
 
-def test_memory_view_thumbnails_and_as_of(server, client):
-    with connect(server[0]) as ws:
+def test_memory_view_thumbnails_and_as_of(api_server, client):
+    with connect(api_server[0]) as ws:
         sid = recv(ws)["session"]["stream_id"]
         assert client.get(f"/v1/streams/{sid}/memory").status_code == 409
         push_seconds(ws, 8)
@@ -150,7 +165,7 @@ def test_memory_view_thumbnails_and_as_of(server, client):
         past = client.get(f"/v1/streams/{sid}/memory", params={"as_of": 3.5}).json()
         assert past["stream_time"] == 3.0 and past["frames_seen"] == 4 and past["as_of"] == 3.5
         assert max(f["time"] for f in past["spatial"]) == 3.0
-        oai = OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
+        oai = OpenAI(base_url=f"{api_server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
         reply = oai.chat.completions.create(model=sid, messages=[{"role": "user", "content": "What was there?"}],
                                             max_tokens=3, extra_body={"as_of": 2.0})
         ext = reply.model_extra["vstream"]
@@ -164,6 +179,7 @@ def test_memory_view_thumbnails_and_as_of(server, client):
         assert recv(ws, "response.done")["response"]["status"] == "completed"
 
 
+@pytest.mark.parametrize("api_server", ["process"], indirect=True)  # it reaches into this process's engine
 def test_cancel_stops_the_answer(server, client):
     with connect(server[0]) as ws:
         sid = recv(ws)["session"]["stream_id"]
@@ -181,8 +197,8 @@ def test_cancel_stops_the_answer(server, client):
     assert server[1].state.vstream.running == 0
 
 
-def test_bad_events_get_error_events_and_the_session_goes_on(server, client):
-    with connect(server[0]) as ws:
+def test_bad_events_get_error_events_and_the_session_goes_on(api_server, client):
+    with connect(api_server[0]) as ws:
         recv(ws, "session.created")
         big = io.BytesIO()
         Image.new("RGB", (800, 600)).save(big, format="JPEG")  # 480,000 pixels > 640x480
@@ -215,8 +231,8 @@ def test_bad_events_get_error_events_and_the_session_goes_on(server, client):
         assert recv(ws, "input_video_frame.ack")["accepted"] is True
 
 
-def test_limit_errors_name_the_limit_and_the_value(server):
-    with connect(server[0]) as ws:
+def test_limit_errors_name_the_limit_and_the_value(api_server):
+    with connect(api_server[0]) as ws:
         recv(ws, "session.created")
         big = io.BytesIO()
         Image.new("RGB", (800, 600)).save(big, format="JPEG")
@@ -239,8 +255,8 @@ def _png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def test_message_over_the_cap_closes_1009(server):
-    with connect(server[0]) as ws:
+def test_message_over_the_cap_closes_1009(api_server):
+    with connect(api_server[0]) as ws:
         recv(ws, "session.created")
         ws.send(b"\xff" * 200_001)
         with pytest.raises(ConnectionClosed) as closed:
@@ -249,13 +265,13 @@ def test_message_over_the_cap_closes_1009(server):
         assert closed.value.rcvd.code == 1009
 
 
-def test_refusals_on_connect_and_frames_to_a_pulled_stream(server, client):
+def test_refusals_on_connect_and_frames_to_a_pulled_stream(api_server, client):
     with pytest.raises(InvalidStatus) as refused:
-        connect(server[0], "str_nope")
+        connect(api_server[0], "str_nope")
     assert refused.value.response.status_code == 404
     file_stream = client.post("/v1/streams", json={"source": {"type": "file", "path": "clip.mp4"}}).json()["id"]
     try:
-        with connect(server[0], file_stream) as ws:
+        with connect(api_server[0], file_stream) as ws:
             assert recv(ws)["session"]["push"] is False
             ws.send(append(0, 0.0))
             assert recv(ws, "error")["error"]["code"] == "not_a_push_stream"
@@ -267,7 +283,7 @@ def test_refusals_on_connect_and_frames_to_a_pulled_stream(server, client):
         opened = [r.json()["id"] for r in others if r.status_code == 201]
         assert len(opened) == 3 and others[-1].status_code == 429 and others[-1].headers["retry-after"]
         with pytest.raises(InvalidStatus) as full:
-            connect(server[0])
+            connect(api_server[0])
         assert full.value.response.status_code == 429 and full.value.response.headers["retry-after"]
         for sid in opened:
             client.delete(f"/v1/streams/{sid}")
@@ -279,6 +295,7 @@ def _broken_insert(*args, **kwargs):
     raise RuntimeError("injected encoder fault")
 
 
+@pytest.mark.parametrize("api_server", ["process"], indirect=True)  # it reaches into this process's engine
 def test_one_failing_stream_leaves_the_others_running(server, client):
     with connect(server[0]) as bad, connect(server[0]) as good:
         bad_id, good_id = recv(bad)["session"]["stream_id"], recv(good)["session"]["stream_id"]
@@ -309,10 +326,10 @@ def test_one_failing_stream_leaves_the_others_running(server, client):
         assert health and set(health) == {200}
 
 
-def test_concurrent_streams_and_questions(server, client):
+def test_concurrent_streams_and_questions(api_server, client):
     """Three pushed streams fed at once while questions arrive on all of them over HTTP: every one is answered."""
     with contextlib.ExitStack() as opened:
-        sockets = [opened.enter_context(connect(server[0])) for _ in range(3)]
+        sockets = [opened.enter_context(connect(api_server[0])) for _ in range(3)]
         ids = [recv(ws)["session"]["stream_id"] for ws in sockets]
         feeders = [threading.Thread(target=push_seconds, args=(ws, 4)) for ws in sockets]
         for f in feeders:
@@ -321,7 +338,7 @@ def test_concurrent_streams_and_questions(server, client):
             f.join(DEADLINE_S)
         for sid in ids:
             wait_frames(client, sid, 4)
-        oai = OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
+        oai = OpenAI(base_url=f"{api_server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
         answers: list = []
 
         def ask(sid):

@@ -1,8 +1,10 @@
 """The HTTP server end to end: a real uvicorn on a free port, the tiny model, a generated video, httpx and the openai
-client. Every wait is bounded."""
+client. Every wait is bounded. The same tests run against a one-replica cluster on Ray behind its ingress
+(`api_server`'s "cluster" case, in the ray and slow tiers), except those that reach into the engine."""
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ from openai import OpenAI
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, EngineHook, assert_error, running_server, wait_frames
+from helpers import DEADLINE_S, KEY, EngineHook, assert_error, cluster_server, running_server, wait_frames
 from vstream.server import create_app
 from vstream.synth.clips import write_test_video
 
@@ -36,9 +38,21 @@ def server(model, media):
         yield base, app
 
 
+@pytest.fixture(scope="module", params=["process", pytest.param("cluster", marks=[pytest.mark.ray, pytest.mark.slow])])
+def api_server(request, model, media, tmp_path_factory):
+    """(base url, app) of the single-process server, or of the cluster's ingress with an app made like its
+    replica's (for its route table)."""
+    if request.param == "process":
+        yield request.getfixturevalue("server")
+        return
+    options = {"media_root": media, "api_key": KEY, "max_streams": 3}
+    with cluster_server(1, tmp_path_factory.mktemp("state"), **options) as (base, _):
+        yield base, create_app(model, **options)
+
+
 @pytest.fixture
-def client(server):
-    with httpx.Client(base_url=server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=DEADLINE_S) as c:
+def client(api_server):
+    with httpx.Client(base_url=api_server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=DEADLINE_S) as c:
         yield c
 
 
@@ -100,8 +114,8 @@ def test_too_many_streams(client):
             client.delete(f"/v1/streams/{sid}")
 
 
-def test_every_route_needs_the_key(server):
-    base, app = server
+def test_every_route_needs_the_key(api_server):
+    base, app = api_server
     routes = [r for r in app.routes if isinstance(r, APIRoute)]
     paths = {(m, r.path.replace("{stream_id}", "str_x")) for r in routes for m in r.methods}
     paths |= {("GET", "/openapi.json"), ("GET", "/docs"), ("GET", "/nowhere")}
@@ -129,8 +143,8 @@ def test_every_route_needs_the_key(server):
         assert b"invalid_api_key" in refused.value.response.body
 
 
-def test_chat_completion_with_openai_client(server, stream_id):
-    oai = OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
+def test_chat_completion_with_openai_client(api_server, stream_id):
+    oai = OpenAI(base_url=f"{api_server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
     done = oai.chat.completions.create(model=stream_id, messages=[{"role": "user", "content": "What is on screen?"}],
                                        max_tokens=5)
     assert done.object == "chat.completion" and done.model == stream_id
@@ -142,8 +156,8 @@ def test_chat_completion_with_openai_client(server, stream_id):
     assert set(ext) == {"stream_time", "spatial_times", "retrieved_times", "temporal_spans", "frames", "as_of"}
 
 
-def test_streamed_chat_with_openai_client(server, stream_id):
-    oai = OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
+def test_streamed_chat_with_openai_client(api_server, stream_id):
+    oai = OpenAI(base_url=f"{api_server[0]}/v1", api_key=KEY, timeout=DEADLINE_S, max_retries=0)
     chunks = list(oai.chat.completions.create(
         model="ignored", messages=[{"role": "system", "content": "be brief"},
                                    {"role": "user", "content": [{"type": "text", "text": "What moved?"}]}],
@@ -179,6 +193,7 @@ def test_chat_errors(client, stream_id):
         client.delete(f"/v1/streams/{push}")
 
 
+@pytest.mark.parametrize("api_server", ["process"], indirect=True)  # it slows the engine of this process
 def test_health_answers_while_an_answer_streams(server, client, stream_id):
     body = {"model": stream_id, "messages": [{"role": "user", "content": "Describe it all."}], "stream": True,
             "max_tokens": 6}
@@ -201,7 +216,10 @@ def test_metrics(client, stream_id):
                                               "max_tokens": 2}).raise_for_status()
     text = client.get("/metrics").text
     samples = [line.rsplit(" ", 1) for line in text.splitlines() if not line.startswith("#")]
-    values = {name: float(value) for name, value in samples}
+    values = {}
+    for name, value in samples:  # a cluster's ingress labels each sample with its replica: summed over replicas
+        name = re.sub(r',?replica="[^"]*"', "", name).replace("{}", "").replace("{,", "{")
+        values[name] = values.get(name, 0.0) + float(value)
     label = f'{{stream_id="{stream_id}"}}'
     assert values[f"vstream:frames_ingested_total{label}"] == 6
     assert values[f"vstream:frames_dropped_total{label}"] == 0

@@ -63,6 +63,17 @@ def test_processor_state_round_trip_continues_the_stream(model, frames):
         restored.insert([0.0], frames=[frames[0][1]])
 
 
+def test_the_state_of_a_stream_with_no_frame_yet_round_trips(model, frames):
+    """A stream saved before its first frame (a cluster saves new streams at once) loads and then takes frames."""
+    state = StreamProcessor(model).state_dict()
+    assert (state["frames"], state["stream_time"]) == (0, None)
+    restored = StreamProcessor(model)
+    restored.load_state_dict(state)
+    assert restored.frames == 0 and restored.snapshot() is None
+    restored.insert([frames[0][0]], frames=[frames[0][1]])
+    assert restored.frames == 1 and restored.stream_time == frames[0][0]
+
+
 def test_lane_state_is_taken_and_restored_on_the_engine_thread(model, frames):
     with StreamSession(model) as session:
         for t, frame in frames[:5]:

@@ -34,8 +34,8 @@ export VSTREAM_NO_SKIP=1
 if [ "$#" -gt 0 ]; then
   exec python -m pytest -q "$@"
 fi
-tiers="browser or network or real_llm or slow or gpu"
+tiers="browser or network or real_llm or slow or gpu or ray"
 echo "== fast tier (not $tiers)"
 python -m pytest -q -m "not ($tiers)"
-echo "== browser, network, real_llm, slow and gpu tiers"
+echo "== browser, network, real_llm, slow, gpu and ray tiers"
 python -m pytest -q -m "$tiers"

@@ -13,6 +13,7 @@ EXTRAS = {
     "server": ("fastapi", "starlette", "uvicorn", "pydantic", "httpcore", "httpx", "websockets"),
     "train": ("peft", "yaml", "matplotlib"),
     "eval": ("httpx", "matplotlib"),
+    "ray": ("ray",),
 }
 """The modules each optional extra of pyproject.toml brings, as the commands that need them import them."""
 

@@ -12,6 +12,27 @@ from vstream.cli.extras import needs_extra
 from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, ModelOpt
 from vstream.errors import UserInputError
 
+# Durable streams, memory pages and the cluster (`--ray`): options as types, so that `serve` reads as their list.
+StateDirOpt = Annotated[Optional[Path], typer.Option(help="Save every stream's memory, source and settings here and "
+                                                     "restore them at start (made if missing; see README, Durable "
+                                                     "streams).")]
+SnapshotEveryOpt = Annotated[float, typer.Option(help="With --state-dir: seconds between snapshots (a kill -9 loses "
+                                                 "at most this much).")]
+MemoryPageOpt = Annotated[Optional[int], typer.Option(help="Streams whose memories update together in one batched "
+                                                      "update (a memory page); 0: each memory alone. Default: the "
+                                                      "engine's (see EngineConfig).")]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Spread streams over engine replicas on Ray behind one ingress "
+                                      "(needs --state-dir, shared by the replicas; see README, Scale-out on Ray).")]
+ReplicasOpt = Annotated[Optional[int], typer.Option(help="With --ray: engine replicas (default 2).")]
+AutoscaleOpt = Annotated[Optional[str], typer.Option(metavar="MIN:MAX", help="With --ray: from MIN to MAX replicas, "
+                                                     "added and drained on streams per replica.")]
+StreamsPerReplicaOpt = Annotated[int, typer.Option(help="With --autoscale: the streams per replica at which one more "
+                                                   "is added.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(help="With --ray: an existing Ray cluster (default: start a "
+                                                      "local one).")]
+ReplicaThreadsOpt = Annotated[Optional[int], typer.Option(help="With --ray: torch CPU threads per replica (default: "
+                                                          "torch's).")]
+
 
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
@@ -38,20 +59,20 @@ def serve(
                      "the names --host is bound as (all of the machine's for 0.0.0.0); with --api-key and no "
                      "--allowed-host, any."),
     ] = None,
-    state_dir: Annotated[
-        Optional[Path], typer.Option(help="Save every stream's memory, source and settings here and restore them "
-                                     "at start (made if missing; see README, Durable streams).")
-    ] = None,
-    snapshot_every: Annotated[
-        float, typer.Option(help="With --state-dir: seconds between snapshots (a kill -9 loses at most this much).")
-    ] = 10.0,
-    memory_page: Annotated[
-        Optional[int], typer.Option(help="Streams whose memories update together in one batched update (a memory "
-                                    "page); 0: each memory alone. Default: the engine's (see EngineConfig).")
-    ] = None,
+    state_dir: StateDirOpt = None,
+    snapshot_every: SnapshotEveryOpt = 10.0,
+    memory_page: MemoryPageOpt = None,
+    ray: RayOpt = False,
+    replicas: ReplicasOpt = None,
+    autoscale: AutoscaleOpt = None,
+    streams_per_replica: StreamsPerReplicaOpt = 4,
+    ray_address: RayAddressOpt = None,
+    replica_threads: ReplicaThreadsOpt = None,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")
+    cluster = _cluster_options(ray, replicas, autoscale, streams_per_replica, ray_address, replica_threads,
+                               state_dir)
     from vstream.model.loading import show_progress
     from vstream.server import serve as run_server
 
@@ -60,6 +81,14 @@ def serve(
         raise UserInputError(f"--snapshot-every must be > 0 seconds, got {snapshot_every}")
     if memory_page is not None and memory_page < 0:
         raise UserInputError(f"--memory-page must be >= 0 (0: off), got {memory_page}")
+    if cluster is not None:
+        from vstream.cluster.run import serve_cluster
+
+        options = {"media_root": media_root, "max_streams": max_streams, "device": device,
+                   "allow_private_sources": allow_private_sources, "memory_page": memory_page}
+        serve_cluster(model, state_dir=state_dir, host=host, port=port, snapshot_every=snapshot_every,
+                      api_key=api_key, allowed_hosts=allowed_host or (), server_options=options, **cluster)
+        return
     show_progress()  # the model's load stages on stderr, before uvicorn's own lines
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
@@ -74,3 +103,37 @@ def _check(media_root: Path | None, max_streams: int, drain_seconds: float) -> N
         raise UserInputError(f"--max-streams must be >= 1, got {max_streams}")
     if drain_seconds < 0:
         raise UserInputError(f"--drain-seconds must be >= 0, got {drain_seconds}")
+
+
+def _cluster_options(ray: bool, replicas: int | None, autoscale: str | None, streams_per_replica: int,
+                     ray_address: str | None, replica_threads: int | None, state_dir: Path | None) -> dict | None:
+    """The cluster's settings for `serve_cluster` (None without --ray), each checked before anything starts."""
+    given = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address,
+             "--replica-threads": replica_threads}
+    if not ray:
+        named = [name for name, value in given.items() if value is not None]
+        if named:
+            raise UserInputError(f"{', '.join(named)} need --ray (a cluster of replicas), got them without it")
+        return None
+    needs_extra("ray", "serve --ray")
+    if state_dir is None:
+        raise UserInputError("--ray needs --state-dir DIR: the replicas' shared snapshot store, from which a dead "
+                             "replica's streams are restored (a directory every replica's node sees)")
+    if replicas is not None and autoscale is not None:
+        raise UserInputError(f"--replicas and --autoscale exclude each other, got --replicas {replicas} and "
+                             f"--autoscale {autoscale}")
+    if replicas is not None and replicas < 1:
+        raise UserInputError(f"--replicas must be >= 1, got {replicas}")
+    if streams_per_replica < 1 or (replica_threads is not None and replica_threads < 1):
+        raise UserInputError(f"--streams-per-replica and --replica-threads must be >= 1, got {streams_per_replica} "
+                             f"and {replica_threads}")
+    return {"replicas": replicas or 2, "autoscale": None if autoscale is None else parse_range(autoscale),
+            "target_streams": streams_per_replica, "address": ray_address, "threads": replica_threads}
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    """'MIN:MAX' -> (MIN, MAX) with 1 <= MIN <= MAX; UserInputError naming what came otherwise."""
+    low, sep, high = text.partition(":")
+    if not (sep and low.strip().isdigit() and high.strip().isdigit()) or not 1 <= int(low) <= int(high):
+        raise UserInputError(f"--autoscale must be MIN:MAX with 1 <= MIN <= MAX (replicas), got {text!r}")
+    return int(low), int(high)

@@ -36,13 +36,14 @@ log = logging.getLogger("vstream.server")
 def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8, *,
                allow_private_sources: bool = False, limits: Limits | None = None,
                allowed_hosts: Iterable[str] | None = None, state_dir: Path | None = None,
-               snapshot_every: float = 10.0, memory_page: int | None = None) -> FastAPI:
+               snapshot_every: float = 10.0, memory_page: int | None = None, restore: bool = True) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
     names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`).
     `state_dir`: save every stream there every `snapshot_every` seconds and restore them at start (`durable`); a
     snapshot of another model or memory configuration there is an error here, before anything is served.
-    `memory_page`: the engine's `EngineConfig.memory_page` (None: its default)."""
+    `memory_page`: the engine's `EngineConfig.memory_page` (None: its default). `restore=False`: the state directory
+    is shared with other servers (`vstream.cluster`): restore nothing at start, streams come by `Durable.adopt`."""
     if media_root is not None and not Path(media_root).is_dir():
         raise UserInputError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
@@ -51,7 +52,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
                         limits or Limits(), allow_private_sources, access.allowed_hosts(allowed_hosts),
                         memory_page=memory_page)
     if state_dir is not None:
-        state.durable = Durable(Path(state_dir), snapshot_every, snapshots.identity(model))
+        state.durable = Durable(Path(state_dir), snapshot_every, snapshots.identity(model), restore)
         state.durable.check()
     app = FastAPI(title="vstream", lifespan=lifespan, version="0.1.0", default_response_class=AsciiJSONResponse,
                   description="Question answering over live video streams from a bounded STAR memory.")
@@ -70,7 +71,8 @@ async def lifespan(app: FastAPI):
     state: ServerState = app.state.vstream
     state.warmup_s = await run_in_threadpool(warm_up, state)
     if state.durable is not None:
-        await run_in_threadpool(state.durable.restore, state)
+        if state.durable.restore_at_start:
+            await run_in_threadpool(state.durable.restore, state)
         state.durable.start(state)
     state.ready = True
     yield

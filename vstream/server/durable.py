@@ -18,6 +18,10 @@ brought back with their ids when a server starts on the same directory.
   due after the saved time. A source that cannot be reopened leaves the stream failed with that error, its memory
   answerable.
 
+In a cluster (`vstream.cluster`) many servers share one directory: each is made with `restore=False` (it restores
+nothing at start) and takes the streams its directory assigns with `adopt`; `release` hands one over (saved, closed,
+its files kept) so that another server can adopt it.
+
 What this module does not do: run model code on the event loop (everything here blocks: thread pool or its own
 thread), or restore a stream's thumbnails or counters of dropped frames (they restart at zero).
 """
@@ -44,10 +48,11 @@ log = logging.getLogger("vstream.server.durable")
 class Durable:
     """The state directory of one server: checks it at start, restores its streams, saves them while they run."""
 
-    def __init__(self, root: Path, every_s: float, identity: dict):
+    def __init__(self, root: Path, every_s: float, identity: dict, restore: bool = True):
         if not every_s > 0:
             raise ValueError(f"the snapshot interval must be > 0 seconds, got {every_s}")
         self.root, self.every_s, self.identity = Path(root), every_s, identity
+        self.restore_at_start = restore
         self.root.mkdir(parents=True, exist_ok=True)
         self.problems: dict[str, str] = {}  # stream id -> why its snapshot was not restored
         self._saved: dict[str, tuple] = {}  # stream id -> (version, frames) of its last save
@@ -85,6 +90,32 @@ class Durable:
             log.info("stream %s restored: %d frames, stream time %s", stream_id, snap.state["frames"],
                      snap.state["stream_time"])
         return restored
+
+    def adopt(self, state: ServerState, stream_id: str) -> Stream:
+        """Bring back one saved stream (another server saved it: a move or that server's death); KeyError when it is
+        already open here, CorruptSnapshot or IncompatibleSnapshot when its files cannot be loaded."""
+        if stream_id in state.streams:
+            raise KeyError(f"stream {stream_id} is already open on this server")
+        snap = snapshots.read(self.root, stream_id, self.identity)
+        stream = _reopen(state, snap)
+        with self._lock:
+            self._saved[stream_id] = (snap.state["version"], snap.state["frames"])
+        log.info("stream %s adopted: %d frames, stream time %s", stream_id, snap.state["frames"],
+                 snap.state["stream_time"])
+        return stream
+
+    def release(self, state: ServerState, stream_id: str) -> None:
+        """Hand a stream over: save it (anyway), unregister it and close it, its files kept for `adopt` elsewhere;
+        KeyError when it is not open here."""
+        stream = state.streams.get(stream_id)
+        if stream is None:
+            raise KeyError(f"stream {stream_id} is not open on this server")
+        self.save(state, stream, force=True)
+        with state.lock:
+            state.streams.pop(stream_id, None)
+        stream.close()
+        with self._lock:
+            self._saved.pop(stream_id, None)
 
     def start(self, state: ServerState) -> None:
         """Save every stream every `every_s` seconds on a thread of its own, until `stop`."""

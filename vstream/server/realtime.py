@@ -86,6 +86,8 @@ class RealtimeSession:
         self.generation: Generation | None = None
         self.answer_task: asyncio.Task | None = None
         self.closing: str | None = None
+        self.ended = False  # set by `end`: the watcher closes the session at its next tick
+        self.loop = asyncio.get_running_loop()
         self.events_after = stream.board.feed.last_id  # the stream's watch events after this id go to the socket
 
     async def run(self) -> None:
@@ -152,6 +154,15 @@ class RealtimeSession:
         if self.closing is None:
             self.closing = reason
             self.send(_event("session.closing", reason=reason, time_left_s=round(time_left_s, 3)))
+
+    def end(self, reason: str) -> None:
+        """Close the session now with a `session.closing {reason}` notice (its stream moved away, say); callable
+        from any thread."""
+        def ending():
+            self.notify_closing(reason, 0.0)
+            self.ended = True
+
+        self.loop.call_soon_threadsafe(ending)
 
     # ------------------------------------------------------------------------------------------------ frames
 
@@ -328,12 +339,15 @@ async def deny(ws: WebSocket, exc: ApiError) -> None:
 
 
 async def watch(session: RealtimeSession) -> None:
-    """Close the session when it is idle or when the server drains; report its stream's failure and end."""
+    """Close the session when it is idle, when the server drains or when `end` was called; report its stream's failure
+    and end."""
     state, limits, stream = session.state, session.state.limits, session.stream
     reported = ended = False
     while True:
         await asyncio.sleep(0.1)
         now = time.monotonic()
+        if session.ended:
+            return
         if state.draining:
             left = state.time_left() or 0.0
             session.notify_closing("draining", left)

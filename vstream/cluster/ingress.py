@@ -1,0 +1,397 @@
+"""The cluster's ingress: one HTTP and WebSocket endpoint in front of the engine replicas, speaking the API of the
+single-process server by forwarding each request, unchanged, to the replica that owns its stream.
+
+- **Which replica.** A request that names a stream (`/v1/streams/{id}/...`, chat's `model`/`stream_id`, the realtime
+  socket's `?stream_id=`) goes to its owner as the fleet's directory says, and to no other: a busy owner answers its
+  own 429, a stream being restored after a failure answers 503 with `Retry-After`. A stream the directory does not
+  know goes to any replica, which answers its own 404 (or 401). `POST /v1/streams` and a socket without `stream_id`
+  create the stream on the least-loaded replica and register it. `GET /v1/streams` merges every replica's list,
+  each stream from its owner only (once), and lists a stream being restored with state `restoring`. The page, its
+  static files, the OpenAPI document and the rest go to any replica.
+- **Access.** Host and Origin are checked here (`access.refusal`, as the single-process gate does), then the request
+  goes on with the replica's own Host and no Origin; the replica checks the key (the header is forwarded).
+- **Frames.** A socket's messages pass through as they came: binary frames stay JPEG bytes, never decoded here.
+  When the owner dies under a socket, the client gets `session.closing {reason: "replica_failed"}` and a close
+  1012; it may reconnect with `?stream_id=` once the stream is restored.
+
+What it does not do: run model code, keep stream state (the fleet's directory is the only record), or check keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import secrets
+
+import httpx
+import websockets
+from fastapi import FastAPI, Request, WebSocket
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
+from starlette.websockets import WebSocketDisconnect
+from websockets.asyncio.client import connect as ws_connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from vstream.server import access
+from vstream.server.errors import ApiError, error_response
+from vstream.server.state import Limits
+
+log = logging.getLogger("vstream.cluster")
+STREAM_PATH = re.compile(r"^/v1/streams/([^/]+)(?:/.*)?$")
+HOP = frozenset({"host", "origin", "connection", "keep-alive", "transfer-encoding", "upgrade", "te", "trailer",
+                 "proxy-authorization", "proxy-connection", "content-length"})
+WS_HOP = HOP | {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
+REPLICA_HEADER = "X-Vstream-Replica"
+
+
+class _Gate:
+    """What `access.refusal` reads of a server's state."""
+
+    def __init__(self, allowed_hosts):
+        self.allowed_hosts = allowed_hosts
+
+
+def create_ingress(fleet, allowed_hosts, limits: Limits | None = None) -> FastAPI:
+    """The ingress app over a fleet actor handle; `allowed_hosts` as `ServerState.allowed_hosts` (None: any)."""
+    app = FastAPI(title="vstream (cluster ingress)", openapi_url=None, docs_url=None, redoc_url=None)
+    proxy = Proxy(fleet, _Gate(allowed_hosts), limits or Limits())
+    app.state.proxy = proxy
+    app.add_api_route("/health/live", proxy.live, methods=["GET"])
+    app.add_api_route("/health/ready", proxy.ready, methods=["GET"])
+    app.add_api_route("/v1/cluster", proxy.cluster, methods=["GET"])
+    app.add_api_route("/v1/streams", proxy.list_streams, methods=["GET"])
+    app.add_api_route("/v1/streams", proxy.create_stream, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", proxy.chat, methods=["POST"])
+    app.add_api_route("/metrics", proxy.metrics, methods=["GET"])
+    app.add_api_websocket_route("/v1/realtime", proxy.realtime)
+    app.add_api_route("/{path:path}", proxy.anything, methods=["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD"])
+    app.router.on_shutdown.append(proxy.close)
+    return app
+
+
+class Proxy:
+    """The ingress's handlers: routing through the fleet, forwarding with one shared HTTP client."""
+
+    def __init__(self, fleet, gate: _Gate, limits: Limits):
+        self.fleet, self.gate, self.limits = fleet, gate, limits
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False)
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+    # ------------------------------------------------------------------------------------------------ own routes
+
+    async def live(self):
+        return {"status": "ok"}
+
+    async def ready(self):
+        listing = await self.fleet.listing.remote()
+        live = [r["id"] for r in listing["replicas"] if r["alive"]]
+        if not live:
+            return error_response(ApiError(503, "not ready: no live replica", code="not_ready"))
+        return {"status": "ready", "replicas": live}
+
+    async def cluster(self, request: Request):
+        """The directory: replicas (url, pid, streams, queue) and each stream's owner; the key is checked by a
+        replica first (this view names the replicas' addresses)."""
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        checked = await self._forward(request, await self.fleet.any_replica.remote(), path="/v1/streams",
+                                      stream=False)
+        if checked.status_code != 200:
+            return checked
+        return await self.fleet.listing.remote()
+
+    async def list_streams(self, request: Request):
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        listing = await self.fleet.listing.remote()
+        owners = listing["streams"]
+        live = [r for r in listing["replicas"] if r["alive"]]
+        replies = await asyncio.gather(*(self._get_json(request, r["url"]) for r in live))
+        data, seen = [], set()
+        for replica, (status, body) in zip(live, replies):
+            if status != 200:
+                return JSONResponse(body, status)
+            for view in body["data"]:
+                if owners.get(view["id"]) == replica["id"] and view["id"] not in seen:
+                    seen.add(view["id"])
+                    data.append(view | {"replica": replica["id"]})
+        for stream_id, owner in owners.items():
+            if stream_id not in seen:  # being restored (or registered a moment ago): listed, never lost
+                data.append({"id": stream_id, "object": "stream", "state": "restoring", "replica": owner})
+        return {"object": "list", "data": data}
+
+    async def metrics(self, request: Request):
+        """Every live replica's Prometheus text, server-wide samples labelled `replica="<id>"`; HELP and TYPE once."""
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        live = [r for r in (await self.fleet.listing.remote())["replicas"] if r["alive"]]
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        replies = await asyncio.gather(*(self.client.get(r["url"] + "/metrics", headers=headers) for r in live),
+                                       return_exceptions=True)
+        families: dict[str, tuple[dict, list]] = {}  # name -> (HELP/TYPE lines, samples): one group per metric
+        for replica, reply in zip(live, replies):
+            if isinstance(reply, httpx.TransportError):
+                continue  # a replica dying now: its samples are missing from this scrape
+            if isinstance(reply, BaseException):
+                raise reply
+            if reply.status_code != 200:
+                return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
+            merge_metrics(families, reply.text, replica["id"])
+        text = "".join("".join(f"{c}\n" for c in comments) + "".join(f"{x}\n" for x in samples)
+                       for comments, samples in families.values())
+        return Response(text, media_type="text/plain; version=0.0.4")
+
+    async def create_stream(self, request: Request):
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        target = await self.fleet.place.remote()
+        try:
+            response = await self._forward(request, target, stream=False)
+        except BaseException:
+            await self.fleet.unplace.remote(target["replica"])
+            raise
+        if response.status_code == 201:
+            await self.fleet.placed.remote(target["replica"], json.loads(response.body)["id"])
+        else:
+            await self.fleet.unplace.remote(target["replica"])
+        return response
+
+    async def chat(self, request: Request):
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        body = await self._body(request)
+        if isinstance(body, ApiError):
+            return error_response(body)
+        try:
+            parsed = json.loads(body)
+            stream_id = parsed.get("stream_id") or parsed.get("model") if isinstance(parsed, dict) else None
+        except (ValueError, UnicodeDecodeError):
+            stream_id = None  # the replica answers the bad body with its own 400
+        return await self._to_owner(request, stream_id if isinstance(stream_id, str) else None)
+
+    async def anything(self, request: Request, path: str):
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        match = STREAM_PATH.match(request.url.path)
+        response = await self._to_owner(request, match.group(1) if match else None)
+        if match and request.method == "DELETE" and response.status_code == 200:
+            await self.fleet.forget.remote(match.group(1))
+        return response
+
+    # ------------------------------------------------------------------------------------------------ forwarding
+
+    async def _refused(self, request: Request) -> Response | None:
+        refused = access.refusal(self.gate, request.headers, request.url.path, request.method)
+        return None if refused is None else error_response(refused)
+
+    async def _target(self, stream_id: str | None) -> dict | ApiError:
+        """The replica a request for `stream_id` goes to, or the 503 of a stream being restored."""
+        route = None if stream_id is None else await self.fleet.route.remote(stream_id)
+        if route is None:
+            return await self.fleet.any_replica.remote()
+        if route["state"] == "moving":
+            return ApiError(503, f"stream {stream_id} is being restored on another replica: retry shortly",
+                            code="stream_moving", retry_after=1)
+        return route
+
+    async def _to_owner(self, request: Request, stream_id: str | None) -> Response:
+        target = await self._target(stream_id)
+        if isinstance(target, ApiError):
+            return error_response(target)
+        return await self._forward(request, target)
+
+    async def _forward(self, request: Request, target: dict, path: str | None = None, stream: bool = True):
+        """The request sent on to `target`'s replica; its response streamed back (or read whole: `stream=False`).
+        A replica that cannot be reached is reported to the fleet and answered 503."""
+        body = await self._body(request)
+        if isinstance(body, ApiError):
+            return error_response(body)
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        url = target["url"] + (path or request.url.path)
+        outgoing = self.client.build_request(request.method, url, params=request.url.query if path is None else None,
+                                             headers=headers, content=body)
+        try:
+            upstream = await self.client.send(outgoing, stream=True)
+        except httpx.TransportError as exc:
+            await self.fleet.suspect.remote(target["replica"])
+            return error_response(ApiError(503, f"replica {target['replica']} could not be reached ({exc!r}): "
+                                           "its streams are being restored elsewhere, retry shortly",
+                                           code="replica_unavailable", retry_after=1))
+        kept = {k: v for k, v in upstream.headers.items() if k.lower() not in HOP and k.lower() != "content-encoding"}
+        kept[REPLICA_HEADER] = target["replica"]
+        if not stream:
+            content = await upstream.aread()
+            await upstream.aclose()
+            return Response(content, upstream.status_code, headers=kept)
+        return StreamingResponse(upstream.aiter_bytes(), upstream.status_code, headers=kept,
+                                 background=BackgroundTask(upstream.aclose))
+
+    async def _body(self, request: Request) -> bytes | ApiError:
+        """The request's body, or the 413 of one over `max_body_bytes` (read no further than the cap)."""
+        cap = self.limits.max_body_bytes
+        if getattr(request.state, "body", None) is None:
+            chunks, size = [], 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cap:
+                    break
+                chunks.append(chunk)
+            if size <= cap:
+                request.state.body = b"".join(chunks)
+            else:
+                return ApiError(413, f"the request body has more than {cap} bytes, over the limit "
+                                f"max_body_bytes={cap}", code="body_too_large")
+        return request.state.body
+
+    async def _get_json(self, request: Request, base: str) -> tuple[int, dict]:
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        try:
+            r = await self.client.get(base + "/v1/streams", headers=headers)
+        except httpx.TransportError:
+            return 200, {"data": []}  # a replica dying now: its streams are listed as restoring
+        return r.status_code, r.json()
+
+    # ------------------------------------------------------------------------------------------------ realtime
+
+    async def realtime(self, ws: WebSocket, stream_id: str | None = None):
+        refused = access.refusal(self.gate, ws.headers, ws.url.path, "WEBSOCKET")
+        if refused is None:
+            target = await self._target(stream_id) if stream_id is not None else await self._place()
+            refused = target if isinstance(target, ApiError) else None
+        if refused is not None:
+            return await ws.send_denial_response(error_response(refused))
+        try:
+            upstream = await ws_connect(_ws_url(target["url"], ws), additional_headers=_ws_headers(ws.headers),
+                                        max_size=self.limits.max_ws_message_bytes + 1024, open_timeout=30,
+                                        user_agent_header=None)
+        except InvalidStatus as exc:
+            await self._unplace(target, stream_id)
+            headers = {k: v for k, v in exc.response.headers.raw_items() if k.lower() == "retry-after"}
+            return await ws.send_denial_response(Response(bytes(exc.response.body), exc.response.status_code,
+                                                          headers=headers, media_type="application/json"))
+        except (OSError, TimeoutError, websockets.InvalidHandshake) as exc:
+            await self._unplace(target, stream_id)
+            await self.fleet.suspect.remote(target["replica"])
+            return await ws.send_denial_response(error_response(ApiError(
+                503, f"replica {target['replica']} could not be reached ({exc!r}): retry shortly",
+                code="replica_unavailable", retry_after=1)))
+        await ws.accept()
+        await Pipe(ws, upstream, self.fleet, target, created=stream_id is None).run()
+
+    async def _place(self) -> dict:
+        return await self.fleet.place.remote()
+
+    async def _unplace(self, target: dict, stream_id: str | None) -> None:
+        if stream_id is None:
+            await self.fleet.unplace.remote(target["replica"])
+
+
+def merge_metrics(families: dict, text: str, replica_id: str) -> None:
+    """Add one replica's Prometheus text to `families` (metric name -> (its HELP/TYPE lines, its samples)), each
+    server-wide sample labelled with the replica (a stream's samples already name their one stream); a sample belongs
+    to the family of the HELP/TYPE lines before it."""
+    family = None
+    for line in text.splitlines():
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            family = line.split()[2]
+            families.setdefault(family, ({}, []))[0].setdefault(line, None)
+        elif line and not line.startswith("#"):
+            name = family or line.split("{")[0].split(" ")[0]
+            per_stream = 'stream_id="' in line.rpartition(" ")[0]  # one owner: its series go on when it moves
+            families.setdefault(name, ({}, []))[1].append(line if per_stream else labelled(line, replica_id))
+
+
+def labelled(sample: str, replica_id: str) -> str:
+    """A Prometheus sample line with `replica="<id>"` added to its labels."""
+    name, _, value = sample.rpartition(" ")
+    label = f'replica="{replica_id}"'
+    if name.endswith("}"):
+        return f"{name[:-1]},{label}}} {value}"
+    return f"{name}{{{label}}} {value}"
+
+
+def _ws_url(base: str, ws: WebSocket) -> str:
+    query = f"?{ws.url.query}" if ws.url.query else ""
+    return base.replace("http://", "ws://", 1) + ws.url.path + query
+
+
+def _ws_headers(headers: Headers) -> list[tuple[str, str]]:
+    return [(k, v) for k, v in headers.items() if k.lower() not in WS_HOP]
+
+
+class Pipe:
+    """One client socket joined to its owner's socket: messages both ways as they come; the stream a socket created
+    is registered from `session.created` and forgotten when the socket ends (the replica deletes it)."""
+
+    def __init__(self, client: WebSocket, upstream, fleet, target: dict, created: bool):
+        self.client, self.upstream, self.fleet, self.target, self.created = client, upstream, fleet, target, created
+        self.stream_id: str | None = None
+
+    async def run(self) -> None:
+        up = asyncio.create_task(self._client_to_owner())
+        down = asyncio.create_task(self._owner_to_client())
+        try:
+            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            up.cancel()
+            down.cancel()
+            await self.upstream.close()
+            if self.created:
+                await (self.fleet.forget.remote(self.stream_id) if self.stream_id
+                       else self.fleet.unplace.remote(self.target["replica"]))
+
+    async def _client_to_owner(self) -> None:
+        try:
+            while True:
+                message = await self.client.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                data = message.get("bytes")
+                await self.upstream.send(data if data is not None else message.get("text") or "")
+        except (WebSocketDisconnect, ConnectionClosed):
+            return
+
+    async def _owner_to_client(self) -> None:
+        try:
+            async for message in self.upstream:
+                if self.created and self.stream_id is None and isinstance(message, str):
+                    await self._register(message)
+                await (self.client.send_bytes(message) if isinstance(message, bytes)
+                       else self.client.send_text(message))
+        except ConnectionClosed:
+            pass
+        except WebSocketDisconnect:
+            return
+        await self._close_client()
+
+    async def _register(self, message: str) -> None:
+        event = json.loads(message)
+        if event.get("type") == "session.created":
+            self.stream_id = event["session"]["stream_id"]
+            await self.fleet.placed.remote(self.target["replica"], self.stream_id)
+
+    async def _close_client(self) -> None:
+        """Pass the owner's close on; an owner gone without a close is reported, and the client told why."""
+        received = self.upstream.protocol.close_rcvd
+        if received is not None:
+            await self.client.close(received.code, received.reason)
+            return
+        await self.fleet.suspect.remote(self.target["replica"])
+        notice = {"type": "session.closing", "event_id": "evt_" + secrets.token_hex(8), "reason": "replica_failed",
+                  "time_left_s": 0.0}
+        try:
+            await self.client.send_text(json.dumps(notice))
+            await self.client.close(1012, "replica failed: reconnect with ?stream_id=")
+        except (RuntimeError, WebSocketDisconnect):
+            log.debug("the client left before the replica's failure was told")
