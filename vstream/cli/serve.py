@@ -49,6 +49,10 @@ def serve(
         Optional[int], typer.Option(help="Streams whose memories update together in one batched update (a memory "
                                     "page); 0: each memory alone. Default: the engine's (see EngineConfig).")
     ] = None,
+    webhook_secret: Annotated[
+        Optional[str], typer.Option(envvar="VSTREAM_WEBHOOK_SECRET", help="Sign watch webhooks with this key "
+                                    "(HMAC-SHA256, header X-Vstream-Signature); none: watches may not name a webhook.")
+    ] = None,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")
@@ -64,7 +68,7 @@ def serve(
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
                drain_s=drain_seconds, allowed_hosts=allowed_host or (), state_dir=state_dir,
-               snapshot_every=snapshot_every, memory_page=memory_page)
+               snapshot_every=snapshot_every, memory_page=memory_page, webhook_secret=webhook_secret)
 
 
 def _check(media_root: Path | None, max_streams: int, drain_seconds: float) -> None:

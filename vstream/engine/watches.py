@@ -32,6 +32,8 @@ class Watch:
     cooldown_s: float = 10.0
     threshold: float = 0.0
     hysteresis: float = 0.5
+    webhook: str | None = None
+    """A URL its events are POSTed to (delivered by the server; this module only carries it)."""
     id: str = field(default_factory=lambda: "wat_" + secrets.token_hex(6))
     active: bool = False
     """True between a trigger and the next clear."""
@@ -42,6 +44,8 @@ class Watch:
     last_score: float | None = None
     evaluations: int = 0
     events: int = 0
+    webhook_delivered: int = 0
+    webhook_failed: int = 0
 
     def __post_init__(self):
         for name in ("every_s", "cooldown_s", "hysteresis"):
@@ -80,7 +84,8 @@ class Watch:
         return {"id": self.id, "object": "watch", "condition": self.condition, "every_s": self.every_s,
                 "cooldown_s": self.cooldown_s, "threshold": self.threshold, "hysteresis": self.hysteresis,
                 "active": self.active, "last_score": self.last_score, "last_eval": self.last_eval,
-                "evaluations": self.evaluations, "events": self.events}
+                "evaluations": self.evaluations, "events": self.events, "webhook": self.webhook,
+                "webhook_delivered": self.webhook_delivered, "webhook_failed": self.webhook_failed}
 
 
 def evaluate_due(watches: Iterable[Watch], snapshot, score: Callable[[object, str], float]) -> list[dict]:

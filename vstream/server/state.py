@@ -58,6 +58,10 @@ class Limits:
     """Most key-frame thumbnails kept per stream (the newest; at least the memory buffer's length is useful)."""
     max_watches_per_stream: int = 8
     """Most watches (standing questions) on one stream (429 above it)."""
+    webhook_attempts: int = 5
+    """Most attempts to deliver one event to a webhook (connection failures, timeouts, 408, 429 and 5xx are retried)."""
+    webhook_backoff_s: float = 1.0
+    """Wait before the first webhook retry; it doubles with each further one."""
     snapshot_history: int = 32
     """Past memory snapshots kept per stream for questions "as of" an earlier time."""
     max_frame_time_s: float = 1e9
@@ -128,9 +132,11 @@ class ServerState:
     engine: object = None
     """The model's engine (`vstream.engine.Engine`), made by the start-up warm-up."""
     durable: object = None
+    """The state directory (`vstream.server.durable.Durable`) with `--state-dir`, else None."""
     watcher: object = None
     """The thread that evaluates watches (`vstream.server.watches.Watcher`), started with the first watch."""
-    """The state directory (`vstream.server.durable.Durable`) with `--state-dir`, else None."""
+    webhooks: object = None
+    """The webhook deliveries (`vstream.server.webhooks.WebhookSender`) when the server has a webhook secret."""
 
     def get(self, stream_id: str, param: str = "model") -> Stream:
         stream = self.streams.get(stream_id)

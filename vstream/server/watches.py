@@ -8,7 +8,8 @@ each stream's latest snapshot and, when some of its watches are due, scores them
 (`Engine.call`), one call per stream, waiting for it off the event loop; events go to the stream's feed, from which
 the SSE route and every realtime socket of the stream read.
 
-Not built yet: webhooks, watches saved with durable streams, per-server limits, and scoring batched into the
+Events of a watch with a webhook are handed to the server's `WebhookSender` (`webhooks`), which delivers them on
+its own threads. Not built yet: watches saved with durable streams, per-server limits, and scoring batched into the
 engine's batched prefill (each score is one eager prefill now).
 """
 
@@ -37,7 +38,7 @@ class EventFeed:
     def publish(self, event: dict) -> dict:
         with self._lock:
             self.last_id += 1
-            event = {"id": self.last_id, **event}
+            event = {"id": self.last_id, "created": round(time.time(), 3), **event}
             self._ring.append(event)
         return event
 
@@ -96,4 +97,21 @@ class Watcher:
             lambda: evaluate_due(due, snap, lambda tokens, condition: yes_no_score(model, tokens, condition)))
         events = future.result(timeout=self.timeout_s)
         log.debug("stream %s: %d watches scored in %.1f ms", stream.id, len(due), 1e3 * (time.perf_counter() - t0))
-        return [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
+        published = [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
+        self._send(published, {w.id: w for w in due})
+        return published
+
+    def _send(self, events: list[dict], watches: dict[str, Watch]) -> None:
+        """Queue the events of watches with a webhook for delivery (never waits for it)."""
+        sender = self.state.webhooks
+        for event in events:
+            watch = watches[event["watch_id"]]
+            if watch.webhook is not None and sender is not None:
+                sender.submit(watch.webhook, event, done=lambda ok, w=watch: _count(w, ok))
+
+
+def _count(watch: Watch, delivered: bool) -> None:
+    if delivered:
+        watch.webhook_delivered += 1
+    else:
+        watch.webhook_failed += 1

@@ -10,14 +10,17 @@ import json
 
 from fastapi import FastAPI, Header
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from vstream.engine.watches import Watch
 from vstream.server.errors import ApiError
+from vstream.server.netsafe import UnsafeUrl
 from vstream.server.openapi import errors
 from vstream.server.routes import State
 from vstream.server.schemas import WatchCreate
 from vstream.server.state import ServerState, Stream
 from vstream.server.watches import Watcher
+from vstream.server.webhooks import check_webhook
 
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "the stream's watch events, as server-sent events"}}
 POLL_S = 0.1
@@ -38,8 +41,9 @@ def add_routes(app: FastAPI) -> None:
 async def create_watch(state: State, stream_id: str, body: WatchCreate):
     stream = state.get(stream_id, "stream_id")
     board, limit = stream.board, state.limits.max_watches_per_stream
+    webhook = None if body.webhook is None else await run_in_threadpool(_webhook, state, body.webhook)
     watch = Watch(body.condition, every_s=body.every_s, cooldown_s=body.cooldown_s, threshold=body.threshold,
-                  hysteresis=body.hysteresis)
+                  hysteresis=body.hysteresis, webhook=webhook)
     with board.lock:
         if len(board.watches) >= limit:
             raise ApiError(429, f"too many watches on stream {stream_id}: {len(board.watches)}, at most "
@@ -49,6 +53,18 @@ async def create_watch(state: State, stream_id: str, body: WatchCreate):
         if state.watcher is None:
             state.watcher = Watcher(state)
     return watch.view() | {"stream_id": stream_id}
+
+
+def _webhook(state: ServerState, url: str) -> str:
+    """The checked webhook URL (blocks: resolves its host); 400 naming the rule it breaks."""
+    if state.webhooks is None:
+        raise ApiError(400, "webhooks are off: the server was started without a webhook secret to sign them with "
+                       "(vstream serve --webhook-secret, or VSTREAM_WEBHOOK_SECRET)", code="webhooks_disabled",
+                       param="webhook")
+    try:
+        return check_webhook(url, state.allow_private_sources)
+    except UnsafeUrl as exc:
+        raise ApiError(400, f"webhook refused: {exc}", code=exc.code, param="webhook") from None
 
 
 async def list_watches(state: State, stream_id: str):
