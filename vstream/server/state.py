@@ -58,6 +58,8 @@ class Limits:
     """Most key-frame thumbnails kept per stream (the newest; at least the memory buffer's length is useful)."""
     max_watches_per_stream: int = 8
     """Most watches (standing questions) on one stream (429 above it)."""
+    max_watches: int = 256
+    """Most watches over all the server's streams (429 above it)."""
     webhook_attempts: int = 5
     """Most attempts to deliver one event to a webhook (connection failures, timeouts, 408, 429 and 5xx are retried)."""
     webhook_backoff_s: float = 1.0

@@ -95,7 +95,12 @@ class Watcher:
         t0 = time.perf_counter()
         future = self.state.engine.call(
             lambda: evaluate_due(due, snap, lambda tokens, condition: yes_no_score(model, tokens, condition)))
-        events = future.result(timeout=self.timeout_s)
+        try:
+            events = future.result(timeout=self.timeout_s)
+        except Exception as exc:  # the engine could not score them: they back off like a failing score  # noqa: BLE001
+            for watch in due:
+                watch.fail(exc)
+            return []
         log.debug("stream %s: %d watches scored in %.1f ms", stream.id, len(due), 1e3 * (time.perf_counter() - t0))
         published = [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
         self._send(published, {w.id: w for w in due})

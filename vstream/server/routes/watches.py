@@ -44,12 +44,16 @@ async def create_watch(state: State, stream_id: str, body: WatchCreate):
     webhook = None if body.webhook is None else await run_in_threadpool(_webhook, state, body.webhook)
     watch = Watch(body.condition, every_s=body.every_s, cooldown_s=body.cooldown_s, threshold=body.threshold,
                   hysteresis=body.hysteresis, webhook=webhook)
-    with board.lock:
-        if len(board.watches) >= limit:
-            raise ApiError(429, f"too many watches on stream {stream_id}: {len(board.watches)}, at most "
-                           f"max_watches_per_stream={limit}; DELETE one first", code="too_many_watches")
-        board.watches[watch.id] = watch
     with state.lock:
+        total = sum(len(s.board.watches) for s in state.streams.values())
+        if total >= state.limits.max_watches:
+            raise ApiError(429, f"too many watches on this server: {total}, at most max_watches="
+                           f"{state.limits.max_watches}; DELETE one first", code="too_many_watches")
+        with board.lock:
+            if len(board.watches) >= limit:
+                raise ApiError(429, f"too many watches on stream {stream_id}: {len(board.watches)}, at most "
+                               f"max_watches_per_stream={limit}; DELETE one first", code="too_many_watches")
+            board.watches[watch.id] = watch
         if state.watcher is None:
             state.watcher = Watcher(state)
     return watch.view() | {"stream_id": stream_id}
