@@ -194,7 +194,7 @@ class StreamProcessor:
             raise ValueError(f"a processor state with {frames} frames must have a stream time iff frames > 0, got "
                              f"stream_time={stream_time}")
         self.memory.load_state_dict(state["memory"])
-        self._times = [float(stream_time)] * frames  # streaming mode reads only their count and the last one
+        self._times = [float(stream_time)] * frames if frames else []  # streaming mode reads their count and last
         self._version, self._reads, self._snapshot = int(state["version"]), [], None
         self._stale = frames > 0
         self.history.clear()

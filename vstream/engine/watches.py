@@ -106,6 +106,21 @@ class Watch:
             log.warning("watch %s (%r) failed %d time(s) in a row, next try in %.0f s: %s", self.id, self.condition,
                         self.failures, wait, self.error)
 
+    SAVED = ("condition", "every_s", "cooldown_s", "threshold", "hysteresis", "webhook", "id", "active", "last_eval",
+             "last_event", "last_score", "evaluations", "events")
+
+    def state(self) -> dict:
+        """Its settings and where its state machine stands, as JSON (what a durable stream saves)."""
+        return {name: getattr(self, name) for name in self.SAVED}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Watch:
+        """The watch `state()` described; a dict without its fields is a ValueError naming them."""
+        missing = [name for name in cls.SAVED if name not in state]
+        if missing:
+            raise ValueError(f"a saved watch lacks the fields {missing}: expected those of Watch.state()")
+        return cls(**{name: state[name] for name in cls.SAVED})
+
     def view(self) -> dict:
         """The watch as the API shows it."""
         return {"id": self.id, "object": "watch", "condition": self.condition, "every_s": self.every_s,

@@ -18,7 +18,7 @@ from vstream.engine import StreamSession
 from vstream.server.errors import ApiError
 from vstream.server.metrics import TTFT_BUCKETS, Histogram
 from vstream.server.thumbnails import Thumbnails
-from vstream.server.watches import WatchBoard
+from vstream.server.watches import WatchBoard, Watcher
 from vstream.sources import PushSource
 
 
@@ -194,6 +194,12 @@ class ServerState:
         with self.lock:
             self.streams[stream_id] = stream
         return stream
+
+    def start_watcher(self) -> None:
+        """Start the thread that evaluates watches, unless it runs already."""
+        with self.lock:
+            if self.watcher is None:
+                self.watcher = Watcher(self)
 
     def begin_answer(self) -> None:
         """Count an answer as running; 429 when `max_running` are already running."""

@@ -42,6 +42,17 @@ class EventFeed:
             self._ring.append(event)
         return event
 
+    def state(self) -> dict:
+        with self._lock:
+            return {"last_id": self.last_id, "events": list(self._ring)}
+
+    def load(self, state: dict) -> None:
+        """Take back a saved feed: its ids go on from the saved last one, its kept events are served again."""
+        with self._lock:
+            self._ring.clear()
+            self._ring.extend(state["events"])
+            self.last_id = int(state["last_id"])
+
     def since(self, last_id: int) -> list[dict]:
         """The kept events with an id above `last_id`, oldest first."""
         with self._lock:
@@ -56,9 +67,34 @@ class WatchBoard:
     feed: EventFeed = field(default_factory=EventFeed)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    version: int = 0
+    """Bumped by every change worth saving (a watch added or deleted, an event)."""
+
     def list(self) -> list[Watch]:
         with self.lock:
             return list(self.watches.values())
+
+    def add(self, watch: Watch) -> None:
+        with self.lock:
+            self.watches[watch.id] = watch
+            self.version += 1
+
+    def remove(self, watch_id: str) -> None:
+        with self.lock:
+            self.watches.pop(watch_id, None)
+            self.version += 1
+
+    def state(self) -> dict:
+        """The watches and the event feed as JSON (saved with a durable stream)."""
+        with self.lock:
+            return {"watches": [w.state() for w in self.watches.values()], "feed": self.feed.state()}
+
+    def load(self, state: dict) -> None:
+        """Take back `state()`: the watches with their ids and state, the feed with its ids."""
+        watches = [Watch.from_state(w) for w in state["watches"]]
+        with self.lock:
+            self.watches = {w.id: w for w in watches}
+            self.feed.load(state["feed"])
 
 
 class Watcher:
@@ -103,6 +139,7 @@ class Watcher:
             return []
         log.debug("stream %s: %d watches scored in %.1f ms", stream.id, len(due), 1e3 * (time.perf_counter() - t0))
         published = [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
+        board.version += len(published)
         self._send(published, {w.id: w for w in due})
         return published
 

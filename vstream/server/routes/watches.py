@@ -19,7 +19,6 @@ from vstream.server.openapi import errors
 from vstream.server.routes import State
 from vstream.server.schemas import WatchCreate
 from vstream.server.state import ServerState, Stream
-from vstream.server.watches import Watcher
 from vstream.server.webhooks import check_webhook
 
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "the stream's watch events, as server-sent events"}}
@@ -49,13 +48,11 @@ async def create_watch(state: State, stream_id: str, body: WatchCreate):
         if total >= state.limits.max_watches:
             raise ApiError(429, f"too many watches on this server: {total}, at most max_watches="
                            f"{state.limits.max_watches}; DELETE one first", code="too_many_watches")
-        with board.lock:
-            if len(board.watches) >= limit:
-                raise ApiError(429, f"too many watches on stream {stream_id}: {len(board.watches)}, at most "
-                               f"max_watches_per_stream={limit}; DELETE one first", code="too_many_watches")
-            board.watches[watch.id] = watch
-        if state.watcher is None:
-            state.watcher = Watcher(state)
+        if len(board.watches) >= limit:
+            raise ApiError(429, f"too many watches on stream {stream_id}: {len(board.watches)}, at most "
+                           f"max_watches_per_stream={limit}; DELETE one first", code="too_many_watches")
+        board.add(watch)
+    state.start_watcher()
     return watch.view() | {"stream_id": stream_id}
 
 
@@ -91,8 +88,7 @@ async def get_watch(state: State, stream_id: str, watch_id: str):
 
 async def delete_watch(state: State, stream_id: str, watch_id: str):
     stream, _ = _watch(state, stream_id, watch_id)
-    with stream.board.lock:
-        stream.board.watches.pop(watch_id, None)
+    stream.board.remove(watch_id)
     return {"id": watch_id, "object": "watch.deleted", "deleted": True}
 
 
