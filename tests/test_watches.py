@@ -138,3 +138,20 @@ def test_a_failing_score_backs_its_watch_off_and_spares_the_others(model, tmp_pa
     bad.retry_at = 0.0
     assert [e["watch_id"] for e in evaluate_due([bad], snap, score)] == [bad.id]
     assert (bad.failures, bad.error, bad.evaluations) == (0, None, 1)
+
+
+def test_batched_scores_equal_one_prefill_each(model, tmp_path):
+    """`yes_no_scores` (right-padded batch, prompts of different lengths) against `yes_no_score` per pair."""
+    from vstream.model.yesno import yes_no_scores, yes_no_scores_shared
+
+    path = write_test_video(tmp_path / "clip.mp4", seconds=3, fps=5)
+    mems = list(model.memory_snapshots(str(path), [0.0, 2.0]))
+    pairs = [(mems[0].tokens, "a purple square appears"), (mems[1].tokens, "the background changes to a much "
+             "darker shade of blue than before"), (mems[1].tokens, "x")]
+    batched = yes_no_scores(model, pairs)
+    single = [yes_no_score(model, tokens, condition) for tokens, condition in pairs]
+    assert batched == pytest.approx(single, abs=1e-4) and len(set(single)) == 3
+    assert yes_no_scores(model, []) == []
+    conditions = [c for _, c in pairs]
+    shared = yes_no_scores_shared(model, mems[1].tokens, conditions)
+    assert shared == pytest.approx([yes_no_score(model, mems[1].tokens, c) for c in conditions], abs=1e-4)
