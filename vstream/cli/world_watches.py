@@ -91,6 +91,10 @@ def report_markdown(results: dict) -> str:
     if cal is not None:
         lines += [f"## At the threshold calibrated on {cal['streams']} `{cal['split']}` streams "
                   f"({cal['threshold']:.2f}, best F1 there)", "", *table(cal["metrics"]), ""]
+        if "per_type_thresholds" in cal:
+            tuned = ", ".join(f"{t} {v:.2f}" for t, v in cal["per_type_thresholds"].items())
+            lines += [f"## At thresholds calibrated per condition type on the same `{cal['split']}` streams "
+                      f"({tuned})", "", *table(cal["per_type_metrics"]), ""]
     lines += [f"![scores of some watch tasks over stream time]({PLOT})", ""]
     return "\n".join(lines)
 

@@ -5,7 +5,8 @@ Each stream is played once through the model's memory (`memory_snapshots`, as `v
 mechanism, the log-odds of "Yes" against "No" in one prefill (`yes_no_scores_shared`: the memory's part of the
 prompt once, the tasks' questions batched on its KV cache), and the scores are kept. `replay` then runs the server's state machine (`vstream.engine.watches.Watch`: threshold, hysteresis,
 cooldown) over a task's scores to get its triggers, so thresholds can be compared from the kept scores without the
-model. `calibrate` picks the threshold with the best F1 on calibration streams (a split other than the one reported).
+model. `calibrate` picks the threshold with the best F1 on calibration streams (a split other than the one reported),
+for all condition types at once and for each type alone (a watch's threshold is set per watch).
 
 Scoring (`metrics`): a trigger at stream time t matches the earliest unmatched event e of its task with
 e <= t <= e + `window_s`; a matched event counts for recall and its delay t - e is kept; a trigger that matches no
@@ -82,17 +83,18 @@ def match(events: Sequence[float], triggers: Sequence[float], window_s: float) -
     return delays, false
 
 
-def metrics(rows: Sequence[dict], threshold: float, hysteresis: float, cooldown_s: float,
+def metrics(rows: Sequence[dict], threshold: float | dict[str, float], hysteresis: float, cooldown_s: float,
             window_s: float = WINDOW_S) -> dict:
     """{type (and "overall"): events, triggers, recall, precision, median and p95 delay (s), false alarms and false
-    alarms per hour}; a ratio with nothing to divide is None."""
+    alarms per hour}; a ratio with nothing to divide is None. `threshold`: one for all, or one per condition type."""
     groups: dict[str, list[dict]] = {t: [r for r in rows if r["type"] == t] for t in WATCH_TYPES}
     groups = {t: g for t, g in groups.items() if g} | {"overall": list(rows)}
     out = {}
     for name, group in groups.items():
         delays, false, triggers, events, seconds = [], 0, 0, 0, 0.0
         for row in group:
-            fired = replay(row, threshold, hysteresis, cooldown_s)
+            th = threshold[row["type"]] if isinstance(threshold, dict) else threshold
+            fired = replay(row, th, hysteresis, cooldown_s)
             d, f = match(row["events"], fired, window_s)
             delays += d
             false, triggers, events = false + f, triggers + len(fired), events + len(row["events"])
@@ -138,8 +140,13 @@ def evaluate_watches(model, split: str = "test", streams: int = 20, start: int =
     if calibration_streams:
         val = score_streams(model, "val", calibration_streams, 0, every_s, batch_size, progress=progress)
         tuned = calibrate(val, hysteresis, cooldown_s)
+        per_type = {t: calibrate(g, hysteresis, cooldown_s) for t in WATCH_TYPES
+                    if (g := [r for r in val if r["type"] == t])}
+        per_type |= {t: tuned for t in WATCH_TYPES if t not in per_type}  # a type the val streams lack: the overall
         out["calibrated"] = {"streams": calibration_streams, "split": "val", "threshold": tuned,
                              "metrics": metrics(rows, tuned, hysteresis, cooldown_s),
-                             "val_metrics": metrics(val, tuned, hysteresis, cooldown_s)}
+                             "val_metrics": metrics(val, tuned, hysteresis, cooldown_s),
+                             "per_type_thresholds": per_type,
+                             "per_type_metrics": metrics(rows, per_type, hysteresis, cooldown_s)}
         out["val_rows"] = val
     return out | {"seconds": time.perf_counter() - t0, "rows": rows}
