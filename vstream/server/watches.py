@@ -9,8 +9,8 @@ each stream's latest snapshot and, when some of its watches are due, scores them
 the SSE route and every realtime socket of the stream read.
 
 Events of a watch with a webhook are handed to the server's `WebhookSender` (`webhooks`), which delivers them on
-its own threads. Not built yet: watches saved with durable streams, per-server limits, and scoring batched into the
-engine's batched prefill (each score is one eager prefill now).
+its own threads. A board's `state()` (watches and feed) is saved with a durable stream and `load`ed on restore.
+Not built yet: scoring batched into the engine's batched prefill (each score is one eager prefill now).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Watches (standing questions) as resources of a stream: `POST /v1/streams/{id}/watches`, list, get and delete
 them, and the stream's event feed `GET /v1/streams/{id}/events` (server-sent events with `id:` lines, resumable with
 `Last-Event-ID` while the ring still holds the events). The watches are evaluated by the server's `Watcher` thread
-(started with the first watch), never on the event loop; this module only reads and edits the boards."""
+(started with the first watch), never on the event loop; this module only reads and edits the boards, checks a
+watch's webhook URL (in the thread pool: it resolves the host) and applies the per-stream and per-server limits."""
 
 from __future__ import annotations
 
