@@ -102,3 +102,18 @@ def test_world_eval_watches_with_the_tiny_model(tmp_path):
                         str(tmp_path / "again"))
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "again" / "watches.md").read_text() == report
+
+
+def test_cross_validation_scores_each_stream_at_thresholds_picked_on_the_others():
+    from vstream.eval.world_watches import cross_validated
+
+    def on(seed, events, scores, type_="appear"):
+        return row(events, scores) | {"seed": seed, "type": type_}
+
+    rows = [on(1, [2.5], [0, 0, 0, 3, 3]), on(1, [], [1.5] * 5), on(2, [2.5], [0, 0, 0, 3, 3]), on(2, [], [1.5] * 5),
+            on(1, [1.5], [0, 0, 3, 3, 3], "scene"), on(2, [1.5], [0, 0, 3, 3, 3], "scene")]
+    cv = cross_validated(rows, 0.5, 10.0)
+    assert set(cv["thresholds"]) == {1, 2} and 1.0 <= cv["thresholds"][1]["appear"] < 2.5
+    assert cv["metrics"]["appear"]["precision"] == 1.0 and cv["metrics"]["appear"]["recall"] == 1.0
+    assert cv["metrics"]["scene"]["caught"] == 2 and cv["metrics"]["overall"]["false_alarms"] == 0
+    json.dumps(cv)

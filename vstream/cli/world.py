@@ -87,7 +87,7 @@ def _watches(model, split, streams, start, calibration_streams, threshold, devic
     else:
         _check(model, split, streams, start, "render", batch_size)
         results = world_watches.run(model, split, streams, start, calibration_streams, threshold, device, batch_size,
-                                    lambda m: _provenance(model, m))
+                                    lambda m: _provenance(model, m), out)
     world_watches.write(results, out)
     typer.echo(f"wrote {out / world_watches.RESULTS}, {out / world_watches.REPORT} and {out / world_watches.PLOT}")
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 from vstream.errors import UserInputError
 
-RESULTS, REPORT, PLOT = "watches.json", "watches.md", "watches.png"
+RESULTS, REPORT, PLOT, PARTIAL = "watches.json", "watches.md", "watches.png", "watches.partial.json"
 TARGETS = {"recall": 0.9, "precision": 0.9, "delay_median_s": 2.0, "delay_p95_s": 5.0, "false_alarms_per_hour": 1.0}
 """Issue 17's targets for the demo model on held-out streams."""
 
 
 def run(model_name: str, split: str, streams: int, start: int, calibration_streams: int, threshold: float,
-        device: str, batch_size: int, provenance) -> dict:
-    """Load the model and evaluate its watches; the results with what produced them (`provenance(model)`)."""
+        device: str, batch_size: int, provenance, out: Path) -> dict:
+    """Load the model and evaluate its watches; the results with what produced them (`provenance(model)`). The
+    rows scored so far are kept in `out/watches.partial.json` after each stream until the run ends."""
     import vstream
     from vstream.cli.options import resolve_device_option
     from vstream.eval.world_watches import evaluate_watches
@@ -29,7 +30,11 @@ def run(model_name: str, split: str, streams: int, start: int, calibration_strea
     if calibration_streams < 0:
         raise UserInputError(f"--calibration-streams must be >= 0, got {calibration_streams}")
     m = vstream.load(model_name, device=resolve_device_option(device))
-    results = evaluate_watches(m, split, streams, start, calibration_streams, threshold, batch_size=batch_size)
+    partial = out / PARTIAL
+    out.mkdir(parents=True, exist_ok=True)
+    results = evaluate_watches(m, split, streams, start, calibration_streams, threshold, batch_size=batch_size,
+                               on_stream=lambda rows: partial.write_text(json.dumps(rows)))
+    partial.unlink(missing_ok=True)
     return provenance(m) | results
 
 
@@ -87,6 +92,13 @@ def report_markdown(results: dict) -> str:
         "shortest possible delay is 0.5 s.", "",
         f"## At the default threshold ({results['threshold']})", "", *table(results["metrics"]), "",
     ]
+    cv = results.get("cross_validated")
+    if cv is not None:
+        lines += ["## At per-type thresholds cross-validated over the streams", "",
+                  "Each stream is scored at the thresholds (one per condition type, best F1) picked on the other "
+                  "streams: " + "; ".join(f"seed {seed}: " + ", ".join(f"{t} {v:.2f}" for t, v in th.items())
+                                          for seed, th in cv["thresholds"].items()) + ".", "",
+                  *table(cv["metrics"]), ""]
     cal = results.get("calibrated")
     if cal is not None:
         lines += [f"## At the threshold calibrated on {cal['streams']} `{cal['split']}` streams "

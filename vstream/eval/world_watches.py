@@ -6,7 +6,8 @@ mechanism, the log-odds of "Yes" against "No" in one prefill (`yes_no_scores_sha
 prompt once, the tasks' questions batched on its KV cache), and the scores are kept. `replay` then runs the server's state machine (`vstream.engine.watches.Watch`: threshold, hysteresis,
 cooldown) over a task's scores to get its triggers, so thresholds can be compared from the kept scores without the
 model. `calibrate` picks the threshold with the best F1 on calibration streams (a split other than the one reported),
-for all condition types at once and for each type alone (a watch's threshold is set per watch).
+for all condition types at once and for each type alone (a watch's threshold is set per watch); `cross_validated`
+picks per-type thresholds on all streams but one and scores that one, in turn.
 
 Scoring (`metrics`): a trigger at stream time t matches the earliest unmatched event e of its task with
 e <= t <= e + `window_s`; a matched event counts for recall and its delay t - e is kept; a trigger that matches no
@@ -19,7 +20,7 @@ This module does not train and does not draw the world.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,8 +37,10 @@ WINDOW_S = 10.0
 
 @torch.inference_mode()
 def score_streams(model, split: str = "test", streams: int = 20, start: int = 0, every_s: float = 1.0,
-                  batch_size: int = 32, frame_size: int = 128, progress: bool = True) -> list[dict]:
-    """One row per watch task: seed, duration, type, condition, events, and its score at each time in `times`."""
+                  batch_size: int = 32, frame_size: int = 128, progress: bool = True,
+                  on_stream: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """One row per watch task: seed, duration, type, condition, events, and its score at each time in `times`;
+    `on_stream(rows so far)` after each stream (to keep partial results of a long run)."""
     from tqdm import tqdm
 
     if not every_s > 0 or batch_size < 1:
@@ -56,6 +59,8 @@ def score_streams(model, split: str = "test", streams: int = 20, start: int = 0,
                     scores[i + j].append(round(score, 4))
         rows += [{"seed": seed, "duration": stream.duration, "type": task.type, "condition": task.condition,
                   "events": list(task.events), "times": times, "scores": s} for task, s in zip(tasks, scores)]
+        if on_stream is not None:
+            on_stream(rows)
     return rows
 
 
@@ -83,17 +88,19 @@ def match(events: Sequence[float], triggers: Sequence[float], window_s: float) -
     return delays, false
 
 
-def metrics(rows: Sequence[dict], threshold: float | dict[str, float], hysteresis: float, cooldown_s: float,
+def metrics(rows: Sequence[dict], threshold: float | dict[str, float] | None, hysteresis: float, cooldown_s: float,
             window_s: float = WINDOW_S) -> dict:
     """{type (and "overall"): events, triggers, recall, precision, median and p95 delay (s), false alarms and false
-    alarms per hour}; a ratio with nothing to divide is None. `threshold`: one for all, or one per condition type."""
+    alarms per hour}; a ratio with nothing to divide is None. `threshold`: one for all, one per condition type, or
+    None: each row's own `threshold`."""
     groups: dict[str, list[dict]] = {t: [r for r in rows if r["type"] == t] for t in WATCH_TYPES}
     groups = {t: g for t, g in groups.items() if g} | {"overall": list(rows)}
     out = {}
     for name, group in groups.items():
         delays, false, triggers, events, seconds = [], 0, 0, 0, 0.0
         for row in group:
-            th = threshold[row["type"]] if isinstance(threshold, dict) else threshold
+            th = row["threshold"] if threshold is None else threshold[row["type"]] if isinstance(threshold, dict) \
+                else threshold
             fired = replay(row, th, hysteresis, cooldown_s)
             d, f = match(row["events"], fired, window_s)
             delays += d
@@ -127,16 +134,37 @@ def calibrate(rows: Sequence[dict], hysteresis: float, cooldown_s: float, window
     return best
 
 
+def cross_validated(rows: Sequence[dict], hysteresis: float, cooldown_s: float) -> dict:
+    """Leave one stream out: each stream's tasks replayed at the per-type thresholds `calibrate` picks on the other
+    streams, so no stream is scored at a threshold chosen on itself; {"thresholds": {seed: {type: threshold}},
+    "metrics": ...}."""
+    seeds = sorted({r["seed"] for r in rows})
+    if len(seeds) < 2:
+        raise UserInputError(f"cross-validation needs at least 2 streams, got {len(seeds)}")
+    chosen, scored = {}, []
+    for seed in seeds:
+        others = [r for r in rows if r["seed"] != seed]
+        overall = calibrate(others, hysteresis, cooldown_s)
+        chosen[seed] = {t: calibrate(g, hysteresis, cooldown_s) if (g := [r for r in others if r["type"] == t])
+                        else overall for t in WATCH_TYPES}
+        scored += [r | {"threshold": chosen[seed][r["type"]]} for r in rows if r["seed"] == seed]
+    return {"thresholds": chosen, "metrics": metrics(scored, None, hysteresis, cooldown_s)}
+
+
 def evaluate_watches(model, split: str = "test", streams: int = 20, start: int = 0, calibration_streams: int = 0,
                      threshold: float = 0.0, hysteresis: float = 0.5, cooldown_s: float = 10.0, every_s: float = 1.0,
-                     batch_size: int = 32, progress: bool = True) -> dict:
-    """Score the `split` streams' watch tasks and report `metrics` at `threshold`, and, with `calibration_streams`
-    > 0, also at the threshold `calibrate` picks on that many `val` streams (`calibrated` in the results)."""
+                     batch_size: int = 32, progress: bool = True,
+                     on_stream: Callable[[list[dict]], None] | None = None) -> dict:
+    """Score the `split` streams' watch tasks and report `metrics` at `threshold`; with 2 streams or more, also with
+    per-type thresholds cross-validated over the streams (`cross_validated`); with `calibration_streams` > 0, also at
+    the thresholds `calibrate` picks on that many `val` streams (`calibrated` in the results)."""
     t0 = time.perf_counter()
-    rows = score_streams(model, split, streams, start, every_s, batch_size, progress=progress)
+    rows = score_streams(model, split, streams, start, every_s, batch_size, progress=progress, on_stream=on_stream)
     out = {"split": split, "streams": streams, "start": start, "every_s": every_s, "hysteresis": hysteresis,
            "cooldown_s": cooldown_s, "window_s": WINDOW_S, "threshold": threshold,
            "metrics": metrics(rows, threshold, hysteresis, cooldown_s)}
+    if streams >= 2:
+        out["cross_validated"] = cross_validated(rows, hysteresis, cooldown_s)
     if calibration_streams:
         val = score_streams(model, "val", calibration_streams, 0, every_s, batch_size, progress=progress)
         tuned = calibrate(val, hysteresis, cooldown_s)
