@@ -159,7 +159,11 @@ class WebhookSender:
     def _run(self) -> None:
         while (delivery := self._next()) is not None:
             delivery.attempts += 1
-            outcome = self._attempt(delivery)
+            try:
+                outcome = self._attempt(delivery)
+            except Exception:  # an error no check expected ends this delivery, not the worker  # noqa: BLE001
+                log.exception("webhook delivery to %s failed unexpectedly", delivery.url)
+                outcome = "fail"
             if outcome == "retry" and delivery.attempts < self.attempts:
                 delivery.due = time.monotonic() + backoff(delivery.attempts, self.backoff_s)
                 with self._cond:
