@@ -59,7 +59,7 @@ def test_run_demo_sets_a_watch_on_the_first_new_object_and_evaluates_it_every_se
     task = demo_watch.choose(stream)
     first = min(e.time for e in stream.events if e.kind == "appear" or e.kind == "scene")
     assert task is not None and task.type == "appear" and task.events[0] >= first
-    assert result["watch"] == {"condition": task.condition, "events": list(task.events)}
+    assert result["watch"] == {"condition": task.condition, "events": list(task.events), "threshold": 0.0}
     assert 1 <= result["watch_evaluations"] <= stream.duration and isinstance(result["watch_last_score"], float)
     assert result["watch_triggers"] == fired
     for t in fired:  # the tiny model's weights are random: whether it fires says nothing, how it reports does

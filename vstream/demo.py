@@ -13,6 +13,7 @@ callbacks (`on_load`, `on_start`, `on_event`, `on_answer`) see each step as it h
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -131,12 +132,13 @@ def run_demo(
         on_event({"time": 0.0, "kind": "start", "text": describe_start(stream)})
     task = demo_watch.choose(stream) if watch else None
     if watch:
-        info["watch"] = None if task is None else {"condition": task.condition, "events": list(task.events)}
+        info["watch"] = None if task is None else {"condition": task.condition, "events": list(task.events),
+                                                   "threshold": demo_watch.threshold_for(model)}
         if on_event:
             on_event({"time": 0.0, "kind": "watch", "text": "no object appears in this stream: no watch to set"
                       if task is None else f"watching: “{task.condition}” (it happens at {task.events[0]:.1f} s)"})
     played = _play(m, stream, qas, speed, max_new_tokens, on_event or (lambda e: None), on_answer or (lambda r: None),
-                   task, on_watch or (lambda t: None))
+                   task, on_watch or (lambda t: None), demo_watch.threshold_for(model))
     return info | played | {
         "max_new_tokens": max_new_tokens,
         "accuracy": accuracy_table(played["rows"]),
@@ -147,7 +149,7 @@ def run_demo(
 
 def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, max_new_tokens: int,
           on_event: Callable[[dict], None], on_answer: Callable[[dict], None], task=None,
-          on_watch: Callable[[dict], None] = lambda t: None) -> dict:
+          on_watch: Callable[[dict], None] = lambda t: None, threshold: float = 0.0) -> dict:
     """The session over the paced frames; each question answered once the memory reaches its time; the watch
     `task` (if any) evaluated meanwhile."""
     from vstream.engine import StreamSession
@@ -157,15 +159,22 @@ def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, 
     history = int(stream.duration * m.cfg.sample_fps) + 2  # every frame's memory is kept: questions see their time
     events, rows = list(stream.events), []
 
+    lock = threading.Lock()  # the watch's thread reports the world's events up to a trigger, too
+
     def report_events(until: float) -> None:
-        while events and events[0].time < until:
-            event = events.pop(0)
-            on_event({"time": event.time, "kind": event.kind, "text": describe_event(stream, event)})
+        with lock:
+            while events and events[0].time < until:
+                event = events.pop(0)
+                on_event({"time": event.time, "kind": event.kind, "text": describe_event(stream, event)})
+
+    def watch_fired(trigger: dict) -> None:
+        report_events(trigger["time"])
+        on_watch(trigger)
 
     with StreamSession(m, history=history) as session:
         started = time.monotonic()
         session.start(paced(frames, speed, start=started), live=True)
-        loop = None if task is None else demo_watch.WatchLoop(session, m, task, on_watch)
+        loop = None if task is None else demo_watch.WatchLoop(session, m, task, watch_fired, threshold)
         for qa in qas:
             _wait_for_time(session, qa.time, timeout=30 + 4 * qa.time / speed)
             report_events(qa.time)

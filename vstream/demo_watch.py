@@ -18,6 +18,16 @@ from vstream.synth.world.timeline import WorldTimeline
 from vstream.synth.world.watches import WatchTask, make_watch_tasks
 
 
+THRESHOLDS = {"demo": 1.75}
+"""The watch threshold per model name (others: the server's default, 0). The demo model's "yes" leans positive for
+any condition, so 0 fires at once; 1.75 sits between the `appear` thresholds cross-validated in docs/watches/ (1.5
+and 2.0)."""
+
+
+def threshold_for(model: str) -> float:
+    return THRESHOLDS.get(model, 0.0)
+
+
 def choose(stream: WorldTimeline) -> WatchTask | None:
     """The stream's earliest appearance after its start ("a red circle appears"), or None when it has none."""
     tasks = [t for t in make_watch_tasks(stream) if t.type == "appear" and t.events]
@@ -28,9 +38,9 @@ class WatchLoop:
     """A thread that evaluates `watch` on the session's newest snapshot whenever it is due, until `stop`; each
     trigger goes to `on_trigger(dict)` with the task's event time and the delay from it."""
 
-    def __init__(self, session, model, task: WatchTask, on_trigger: Callable[[dict], None]):
+    def __init__(self, session, model, task: WatchTask, on_trigger: Callable[[dict], None], threshold: float = 0.0):
         self.session, self.model, self.task, self.on_trigger = session, model, task, on_trigger
-        self.watch = Watch(task.condition, every_s=1.0, cooldown_s=10.0)
+        self.watch = Watch(task.condition, every_s=1.0, cooldown_s=10.0, threshold=threshold)
         self.triggers: list[dict] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vstream-demo-watch", daemon=True)
