@@ -111,3 +111,30 @@ def test_uploaded_video_file(page, tmp_path):
     ask(page, "What moved?")
     expect(page.locator("#timeline circle.spatial").first).to_be_attached(timeout=WAIT_MS)
     page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+
+
+def test_a_watch_added_on_the_page_is_listed_marked_on_the_timeline_and_deleted(page, tmp_path):
+    """The page's watch form on an uploaded file's stream: the watch is listed, its trigger (threshold -1e9: the tiny
+    random model fires at the first evaluation) arrives on the socket and is marked on the memory timeline, a click on
+    the mark shows its frame, and Delete removes the watch."""
+    unlock(page)
+    page.set_input_files("#file", str(_webm(tmp_path / "clip.webm")))
+    expect(page.locator("#notice")).to_contain_text("whole file was sent", timeout=WAIT_MS)
+    page.fill("#watch-condition", "a red circle appears")
+    page.fill("#watch-threshold", "-1000000000")
+    page.click("#watch-add")
+    item = page.locator("#watches li")
+    expect(item).to_have_count(1, timeout=WAIT_MS)
+    expect(item.locator(".condition")).to_have_text("a red circle appears")
+    mark = page.locator("#timeline rect.trigger")
+    expect(mark).to_have_count(1, timeout=WAIT_MS)
+    watch_id = item.get_attribute("data-watch")
+    assert watch_id.startswith("wat_") and mark.get_attribute("data-watch") == watch_id
+    expect(item).to_have_class("active", timeout=WAIT_MS)
+    expect(item).to_contain_text("1 events", timeout=WAIT_MS)
+    mark.click()
+    expect(page.locator("#viewer-caption")).to_contain_text("triggering frame")
+    page.wait_for_function("() => document.getElementById('viewer-img').naturalWidth > 0", timeout=WAIT_MS)
+    page.screenshot(path=str(tmp_path / "watch.png"), full_page=True)
+    item.locator(".watch-delete").click()
+    expect(page.locator("#watches li")).to_have_count(0, timeout=WAIT_MS)

@@ -50,6 +50,24 @@ def test_run_demo_answers_from_the_memory_at_each_question_time():
     json.dumps(result)
 
 
+def test_run_demo_sets_a_watch_on_the_first_new_object_and_evaluates_it_every_second():
+    from vstream import demo_watch
+
+    seed, fired = 2_500_001, []
+    result = run_demo("tiny", seed=seed, speed=20, questions=1, watch=True, on_watch=fired.append)
+    stream = w.generate_stream(seed)
+    task = demo_watch.choose(stream)
+    first = min(e.time for e in stream.events if e.kind == "appear" or e.kind == "scene")
+    assert task is not None and task.type == "appear" and task.events[0] >= first
+    assert result["watch"] == {"condition": task.condition, "events": list(task.events), "threshold": 0.0}
+    assert 1 <= result["watch_evaluations"] <= stream.duration and isinstance(result["watch_last_score"], float)
+    assert result["watch_triggers"] == fired
+    for t in fired:  # the tiny model's weights are random: whether it fires says nothing, how it reports does
+        assert t["condition"] == task.condition and 0 <= t["time"] < stream.duration
+        assert t["delay_s"] is None or t["delay_s"] == t["time"] - t["event_time"] >= 0
+    json.dumps(result)
+
+
 def test_pick_questions_balances_types_and_keeps_time_order():
     qas = w.make_questions(w.generate_stream(3))
     four = pick_questions(qas, 4)

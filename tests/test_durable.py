@@ -158,6 +158,57 @@ def test_round_trip_restores_memory_bit_for_bit_and_continues(model, media, tmp_
     assert snapshots.stream_ids(state_dir) == []
 
 
+ALWAYS = {"threshold": -1e9, "hysteresis": 0.0, "cooldown_s": 0.0}  # the tiny model's watch fires at once
+
+
+def sse(client, sid: str, last_event_id: int, count: int) -> list[dict]:
+    """The first `count` events of the stream's feed after `last_event_id`."""
+    out = []
+    with client.stream("GET", f"/v1/streams/{sid}/events", headers={"Last-Event-ID": str(last_event_id)}) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                out.append(json.loads(line[5:]))
+                if len(out) == count:
+                    return out
+    raise AssertionError(f"the feed ended after {out}")
+
+
+def test_watches_come_back_with_their_ids_state_and_feed_and_keep_firing(model, tmp_path):
+    """A stream whose watch fired and a stream whose watch had no frame yet, restarted on the state directory: both
+    listed with their ids and state, the first's feed resumes with Last-Event-ID across the restart and its watch is
+    evaluated on new frames, the second's watch fires on its first frame after the restart."""
+    state_dir = tmp_path / "state"
+    app = create_app(model, state_dir=state_dir, snapshot_every=60)
+    with running_server(app) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        fired, waiting = create(client, source={"type": "push"}), create(client, source={"type": "push"})
+        push_frames(base, fired, [0.0, 1.0])
+        w1 = client.post(f"/v1/streams/{fired}/watches", json={"condition": "a red circle", "every_s": 1} | ALWAYS)
+        w2 = client.post(f"/v1/streams/{waiting}/watches", json={"condition": "a blue square"} | ALWAYS)
+        [before] = sse(client, fired, 0, 1)
+        assert before["watch_id"] == w1.json()["id"] and before["type"] == "watch.triggered"
+        saved = wait_until(lambda: (v := client.get(f"/v1/streams/{fired}/watches").json()["data"][0])["events"]
+                           and v, "the watch's view counts its event")
+
+    again = create_app(model, state_dir=state_dir, snapshot_every=60)
+    with running_server(again) as base, httpx.Client(base_url=base, timeout=DEADLINE_S) as client:
+        [back] = client.get(f"/v1/streams/{fired}/watches").json()["data"]
+        for key in ("id", "condition", "every_s", "active", "events", "last_eval", "evaluations"):
+            assert back[key] == saved[key], key
+        assert back["active"] and back["events"] == 1
+        assert [w["id"] for w in client.get(f"/v1/streams/{waiting}/watches").json()["data"]] == [w2.json()["id"]]
+        assert sse(client, fired, 0, 1) == [before], "the saved feed is served again"
+        push_frames(base, fired, [2.0, 3.0])
+        wait_until(lambda: client.get(f"/v1/streams/{fired}/watches/{back['id']}").json()["last_eval"] == 3.0,
+                   "the restored watch evaluated on the new frames")
+        push_frames(base, waiting, [0.0])
+        [after] = sse(client, waiting, 0, 1)
+        assert after["watch_id"] == w2.json()["id"] and after["type"] == "watch.triggered" and after["id"] == 1
+        w3 = client.post(f"/v1/streams/{fired}/watches", json={"condition": "anything"} | ALWAYS).json()["id"]
+        [next_] = sse(client, fired, before["id"], 1)
+        assert next_["watch_id"] == w3 and next_["id"] == before["id"] + 1, "the feed's ids go on after the restart"
+
+
 def test_corrupt_snapshots_are_reported_and_not_loaded(model, media, tmp_path, caplog):
     state_dir = tmp_path / "state"
     app = create_app(model, media_root=media, state_dir=state_dir, snapshot_every=60)

@@ -26,7 +26,7 @@ ALWAYS = {"threshold": -1e9, "hysteresis": 0.0, "cooldown_s": 0.0}
 def server(model, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     write_test_video(media / "clip.mp4", seconds=3, fps=5)
-    app = create_app(model, media_root=media, api_key=KEY, max_streams=4, limits=Limits(max_watches_per_stream=3))
+    app = create_app(model, media_root=media, api_key=KEY, max_streams=4, limits=Limits(max_watches_per_stream=3, max_watches=5))
     with running_server(app) as base:
         yield base
 
@@ -78,6 +78,19 @@ def test_watches_per_stream_are_limited_and_an_unknown_stream_is_404(client, str
     assert err["code"] == "too_many_watches" and "max_watches_per_stream" in err["message"]
     assert assert_error(client.post("/v1/streams/str_nope/watches", json={"condition": "x"}), 404)["param"] == \
         "stream_id"
+
+
+def test_watches_per_server_are_limited(client, stream_id):
+    other = client.post("/v1/streams", json={"source": {"type": "file", "path": "clip.mp4"}}).json()["id"]
+    for sid in (stream_id, stream_id, stream_id, other, other):
+        assert client.post(f"/v1/streams/{sid}/watches", json={"condition": "x"}).status_code == 201
+    err = assert_error(client.post(f"/v1/streams/{other}/watches", json={"condition": "x"}), 429)
+    assert err["code"] == "too_many_watches" and "max_watches=5" in err["message"], err
+    client.delete(f"/v1/streams/{other}")  # its watches go with it
+    assert client.post(f"/v1/streams/{stream_id}/watches", json={"condition": "x"}).status_code == 429, \
+        "the stream's own limit (3) still holds"
+    assert client.post(f"/v1/streams/{stream_id}/watches", json={"condition": "x"}).json()["error"]["message"] \
+        .count("max_watches_per_stream") == 1
 
 
 def sse(client, stream_id: str, count: int, last_event_id: str | None = None) -> list[tuple[int, str, dict]]:

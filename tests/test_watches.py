@@ -103,3 +103,55 @@ def test_a_score_that_is_not_a_number_is_refused_not_sent(tmp_path):
     tokens = torch.zeros(4, broken.cfg.vision.hidden_size)
     with pytest.raises(ValueError, match="not a finite number: nan"):
         yes_no_score(broken, tokens, "a purple square appears")
+
+
+def test_a_failing_score_backs_its_watch_off_and_spares_the_others(model, tmp_path):
+    """A score that raises marks only its watch (error named, failures counted), which is then not due for 1 s, 2 s,
+    4 s... of wall time; the other watches are scored; the next good score clears the failure."""
+    import time
+
+    path = write_test_video(tmp_path / "clip.mp4", seconds=2, fps=5)
+    with StreamSession(model) as session:
+        session.start(file_source(path, fps=model.cfg.sample_fps), live=False)
+        assert session.wait(60)
+        snap = session.snapshot()
+    broken = {"on": True}
+
+    def score(tokens, condition):
+        if condition == "broken" and broken["on"]:
+            raise RuntimeError("the scorer is down")
+        return yes_no_score(model, tokens, condition)
+
+    bad, good = Watch("broken", threshold=-1e9), Watch("fine", threshold=-1e9)
+    t0 = time.monotonic()
+    assert [e["watch_id"] for e in evaluate_due([bad, good], snap, score)] == [good.id]
+    assert bad.failures == 1 and bad.error == "RuntimeError: the scorer is down" and bad.evaluations == 0
+    assert bad.view()["error"] == bad.error
+    assert not bad.due(snap.stream_time, now=t0 + 0.5) and bad.due(snap.stream_time, now=bad.retry_at)
+    waits = []
+    for _ in range(7):  # failures 2..8 in a row
+        now = bad.retry_at
+        bad.fail(RuntimeError("the scorer is down"), now=now)
+        waits.append(bad.retry_at - now)
+    assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
+    broken["on"] = False
+    bad.retry_at = 0.0
+    assert [e["watch_id"] for e in evaluate_due([bad], snap, score)] == [bad.id]
+    assert (bad.failures, bad.error, bad.evaluations) == (0, None, 1)
+
+
+def test_batched_scores_equal_one_prefill_each(model, tmp_path):
+    """`yes_no_scores` (right-padded batch, prompts of different lengths) against `yes_no_score` per pair."""
+    from vstream.model.yesno import yes_no_scores, yes_no_scores_shared
+
+    path = write_test_video(tmp_path / "clip.mp4", seconds=3, fps=5)
+    mems = list(model.memory_snapshots(str(path), [0.0, 2.0]))
+    pairs = [(mems[0].tokens, "a purple square appears"), (mems[1].tokens, "the background changes to a much "
+             "darker shade of blue than before"), (mems[1].tokens, "x")]
+    batched = yes_no_scores(model, pairs)
+    single = [yes_no_score(model, tokens, condition) for tokens, condition in pairs]
+    assert batched == pytest.approx(single, abs=1e-4) and len(set(single)) == 3
+    assert yes_no_scores(model, []) == []
+    conditions = [c for _, c in pairs]
+    shared = yes_no_scores_shared(model, mems[1].tokens, conditions)
+    assert shared == pytest.approx([yes_no_score(model, mems[1].tokens, c) for c in conditions], abs=1e-4)

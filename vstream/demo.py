@@ -13,12 +13,14 @@ callbacks (`on_load`, `on_start`, `on_event`, `on_answer`) see each step as it h
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
 
 import numpy as np
 
+from vstream import demo_watch
 from vstream.errors import UserInputError
 from vstream.model.loading import OWN_CONFIG, PACKAGED
 from vstream.sources import paced
@@ -97,12 +99,14 @@ def run_demo(
     max_new_tokens: int = MAX_NEW_TOKENS, on_load: Callable[[dict], None] | None = None,
     on_start: Callable[[dict], None] | None = None,
     on_event: Callable[[dict], None] | None = None, on_answer: Callable[[dict], None] | None = None,
+    watch: bool = False, on_watch: Callable[[dict], None] | None = None,
 ) -> dict:
     """Play a new world stream live through the engine and answer its questions at their moments.
 
     `model`: preset, directory or packaged name (default: `default_model()`); `seed`: the stream's seed (random when
     None); `speed`: stream seconds per wall-clock second; `questions`: how many of the world's questions to ask (all
-    when None). Returns the settings, one row per question (truth, prediction, correct, latencies), the accuracy per
+    when None); `watch`: also set a watch on the stream's first new object (`demo_watch`), each trigger going to
+    `on_watch`. Returns the settings, the watch and its triggers (with `watch`), one row per question (truth, prediction, correct, latencies), the accuracy per
     type and overall, the session's frame counts and the wall-clock times."""
     import vstream
 
@@ -126,7 +130,15 @@ def run_demo(
         on_start(info)
     if on_event:
         on_event({"time": 0.0, "kind": "start", "text": describe_start(stream)})
-    played = _play(m, stream, qas, speed, max_new_tokens, on_event or (lambda e: None), on_answer or (lambda r: None))
+    task = demo_watch.choose(stream) if watch else None
+    if watch:
+        info["watch"] = None if task is None else {"condition": task.condition, "events": list(task.events),
+                                                   "threshold": demo_watch.threshold_for(model)}
+        if on_event:
+            on_event({"time": 0.0, "kind": "watch", "text": "no object appears in this stream: no watch to set"
+                      if task is None else f"watching: “{task.condition}” (it happens at {task.events[0]:.1f} s)"})
+    played = _play(m, stream, qas, speed, max_new_tokens, on_event or (lambda e: None), on_answer or (lambda r: None),
+                   task, on_watch or (lambda t: None), demo_watch.threshold_for(model))
     return info | played | {
         "max_new_tokens": max_new_tokens,
         "accuracy": accuracy_table(played["rows"]),
@@ -136,8 +148,10 @@ def run_demo(
 
 
 def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, max_new_tokens: int,
-          on_event: Callable[[dict], None], on_answer: Callable[[dict], None]) -> dict:
-    """The session over the paced frames; each question answered once the memory reaches its time."""
+          on_event: Callable[[dict], None], on_answer: Callable[[dict], None], task=None,
+          on_watch: Callable[[dict], None] = lambda t: None, threshold: float = 0.0) -> dict:
+    """The session over the paced frames; each question answered once the memory reaches its time; the watch
+    `task` (if any) evaluated meanwhile."""
     from vstream.engine import StreamSession
     from vstream.eval.scoring import normalise_keep_word_breaks
 
@@ -145,14 +159,22 @@ def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, 
     history = int(stream.duration * m.cfg.sample_fps) + 2  # every frame's memory is kept: questions see their time
     events, rows = list(stream.events), []
 
+    lock = threading.Lock()  # the watch's thread reports the world's events up to a trigger, too
+
     def report_events(until: float) -> None:
-        while events and events[0].time < until:
-            event = events.pop(0)
-            on_event({"time": event.time, "kind": event.kind, "text": describe_event(stream, event)})
+        with lock:
+            while events and events[0].time < until:
+                event = events.pop(0)
+                on_event({"time": event.time, "kind": event.kind, "text": describe_event(stream, event)})
+
+    def watch_fired(trigger: dict) -> None:
+        report_events(trigger["time"])
+        on_watch(trigger)
 
     with StreamSession(m, history=history) as session:
         started = time.monotonic()
         session.start(paced(frames, speed, start=started), live=True)
+        loop = None if task is None else demo_watch.WatchLoop(session, m, task, watch_fired, threshold)
         for qa in qas:
             _wait_for_time(session, qa.time, timeout=30 + 4 * qa.time / speed)
             report_events(qa.time)
@@ -163,6 +185,8 @@ def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, 
         limit = 30 + 2 * stream.duration / speed
         if not session.wait(timeout=limit):
             raise TimeoutError(f"the stream did not finish within {limit:.0f} s")
+        if loop is not None:
+            loop.stop()
         stats = session.stats()
     if session.error is not None:
         raise RuntimeError(f"the stream failed: {session.error}")
@@ -172,7 +196,8 @@ def _play(m, stream: w.WorldTimeline, qas: list[w.WorldQuestion], speed: float, 
         "rows": rows,
         "latency": {k: stats["latency"][k] for k in ("encode", "memory_update", "first_token", "answer")},
         "stream_s": time.monotonic() - started,
-    }
+    } | ({} if loop is None else {"watch_triggers": loop.triggers, "watch_evaluations": loop.watch.evaluations,
+                                   "watch_last_score": loop.watch.last_score})
 
 
 def _wait_for_time(session, t: float, timeout: float) -> None:
@@ -215,7 +240,13 @@ class ConsoleView:
         self.console = console or Console(highlight=False)
 
     def callbacks(self) -> dict:
-        return {"on_load": self.load, "on_start": self.start, "on_event": self.event, "on_answer": self.answer}
+        return {"on_load": self.load, "on_start": self.start, "on_event": self.event, "on_answer": self.answer,
+                "on_watch": self.watch}
+
+    def watch(self, t: dict) -> None:
+        when = "" if t["delay_s"] is None else f", {t['delay_s']:.1f} s after it happened at {t['event_time']:.1f} s"
+        self.console.print(f"{t['time']:6.1f}s  [bold magenta]watch triggered[/]: “{t['condition']}” (score "
+                           f"{t['score']:.2f}{when})", soft_wrap=True)
 
     def load(self, info: dict) -> None:
         self.console.print(f"[bold]vstream demo[/]  seed [bold]{info['seed']}[/]: a {info['duration']} s stream of the "

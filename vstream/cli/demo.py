@@ -20,6 +20,8 @@ def demo(
     speed: Annotated[float, typer.Option(help="Stream seconds played per second (1 = real time).")] = 1.0,
     questions: Annotated[Optional[int], typer.Option(help="How many of the stream's questions to ask (default: all).")]
     = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Also watch for the stream's first new object ('tell me "
+                                        "when a red circle appears') and print each trigger with its delay.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Play a new stream of the procedural world live, ask its questions at their moments, score each answer."""
@@ -30,7 +32,7 @@ def demo(
 
     hf_logging.disable_progress_bar()  # loading SmolLM2's weights takes a second: no bar among the demo's lines
     view = None if as_json else ConsoleView()
-    result = run_demo(model, seed=seed, speed=speed, questions=questions,
+    result = run_demo(model, seed=seed, speed=speed, questions=questions, watch=watch,
                       **({} if view is None else view.callbacks()))
     if as_json:
         typer.echo(json.dumps(result, indent=2))

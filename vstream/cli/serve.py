@@ -32,6 +32,9 @@ RayAddressOpt = Annotated[Optional[str], typer.Option(help="With --ray: an exist
                                                       "local one).")]
 ReplicaThreadsOpt = Annotated[Optional[int], typer.Option(help="With --ray: torch CPU threads per replica (default: "
                                                           "torch's).")]
+WebhookSecretOpt = Annotated[Optional[str], typer.Option(envvar="VSTREAM_WEBHOOK_SECRET", help="Sign watch webhooks "
+                             "with this key (HMAC-SHA256, header X-Vstream-Signature); none: watches may not name a "
+                             "webhook.")]
 
 
 def serve(
@@ -68,6 +71,7 @@ def serve(
     streams_per_replica: StreamsPerReplicaOpt = 4,
     ray_address: RayAddressOpt = None,
     replica_threads: ReplicaThreadsOpt = None,
+    webhook_secret: WebhookSecretOpt = None,
 ) -> None:
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")
@@ -76,16 +80,13 @@ def serve(
     from vstream.model.loading import show_progress
     from vstream.server import serve as run_server
 
-    _check(media_root, max_streams, drain_seconds)
-    if not snapshot_every > 0:
-        raise UserInputError(f"--snapshot-every must be > 0 seconds, got {snapshot_every}")
-    if memory_page is not None and memory_page < 0:
-        raise UserInputError(f"--memory-page must be >= 0 (0: off), got {memory_page}")
+    _check(media_root, max_streams, drain_seconds, snapshot_every, memory_page)
     if cluster is not None:
         from vstream.cluster.run import serve_cluster
 
         options = {"media_root": media_root, "max_streams": max_streams, "device": device,
-                   "allow_private_sources": allow_private_sources, "memory_page": memory_page}
+                   "allow_private_sources": allow_private_sources, "memory_page": memory_page,
+                   "webhook_secret": webhook_secret}
         serve_cluster(model, state_dir=state_dir, host=host, port=port, snapshot_every=snapshot_every,
                       api_key=api_key, allowed_hosts=allowed_host or (), server_options=options, **cluster)
         return
@@ -93,16 +94,21 @@ def serve(
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
                drain_s=drain_seconds, allowed_hosts=allowed_host or (), state_dir=state_dir,
-               snapshot_every=snapshot_every, memory_page=memory_page)
+               snapshot_every=snapshot_every, memory_page=memory_page, webhook_secret=webhook_secret)
 
 
-def _check(media_root: Path | None, max_streams: int, drain_seconds: float) -> None:
+def _check(media_root: Path | None, max_streams: int, drain_seconds: float, snapshot_every: float,
+           memory_page: int | None) -> None:
     if media_root is not None and not media_root.is_dir():
         raise UserInputError(f"--media-root must be an existing directory, got {media_root}")
     if max_streams < 1:
         raise UserInputError(f"--max-streams must be >= 1, got {max_streams}")
     if drain_seconds < 0:
         raise UserInputError(f"--drain-seconds must be >= 0, got {drain_seconds}")
+    if not snapshot_every > 0:
+        raise UserInputError(f"--snapshot-every must be > 0 seconds, got {snapshot_every}")
+    if memory_page is not None and memory_page < 0:
+        raise UserInputError(f"--memory-page must be >= 0 (0: off), got {memory_page}")
 
 
 def _cluster_options(ray: bool, replicas: int | None, autoscale: str | None, streams_per_replica: int,

@@ -48,9 +48,19 @@ def world_eval(
     batch_size: Annotated[int, typer.Option(help="Questions answered per generate call.")] = 64,
     from_results: Annotated[Optional[Path], typer.Option(help="Render report.md and accuracy.png from this "
                                                          "results.json instead of evaluating.")] = None,
+    watches: Annotated[bool, typer.Option("--watches", help="Evaluate watches (standing questions) instead: "
+                                          "precision, recall, delay and false alarms per condition type, written "
+                                          "as watches.json, watches.md and watches.png.")] = False,
+    watch_threshold: Annotated[float, typer.Option(help="With --watches: the watches' threshold (log-odds).")] = 0.0,
+    calibration_streams: Annotated[int, typer.Option(help="With --watches: also report at the threshold with the "
+                                                     "best F1 on this many val streams (0: no calibration).")] = 0,
 ) -> None:
-    """Accuracy per question type on streams of the procedural world (with --ablate: each memory part switched off)."""
+    """Accuracy per question type on streams of the procedural world (with --ablate: each memory part switched off;
+    with --watches: how watches fire)."""
     needs_extra("eval", "world-eval")  # its plot
+    if watches:
+        return _watches(model, split, streams, start, calibration_streams, watch_threshold, device, batch_size, out,
+                        from_results)
     if from_results is not None:
         results = read_results(from_results)
         out.mkdir(parents=True, exist_ok=True)
@@ -69,21 +79,26 @@ def world_eval(
     typer.echo(f"wrote {out / RESULTS}, {out / REPORT} and {out / PLOT}")
 
 
-def run_world_eval(model: str | None, split: str, streams: int, start: int, source: str, ablate: bool, device: str,
-                   batch_size: int) -> dict:
-    """Check the arguments, load the model, evaluate; the results with what produced them."""
+def _watches(model, split, streams, start, calibration_streams, threshold, device, batch_size, out, from_results):
+    from vstream.cli import world_watches
+
+    if from_results is not None:
+        results = world_watches.read(from_results)
+    else:
+        _check(model, split, streams, start, "render", batch_size)
+        results = world_watches.run(model, split, streams, start, calibration_streams, threshold, device, batch_size,
+                                    lambda m: _provenance(model, m), out)
+    world_watches.write(results, out)
+    typer.echo(f"wrote {out / world_watches.RESULTS}, {out / world_watches.REPORT} and {out / world_watches.PLOT}")
+
+
+def _provenance(model: str, m) -> dict:
+    """What produced a result: the command, model, date, device and versions."""
     import torch
     import transformers
 
-    import vstream
     from vstream import __version__
-    from vstream.eval.world import evaluate
 
-    _check(model, split, streams, start, source, batch_size)
-    m = vstream.load(model, device=resolve_device_option(device))
-    ablations = ABLATIONS if ablate else (None,)
-    results = evaluate(m, split=split, streams=streams, start=start, ablations=ablations, source=source,
-                       batch_size=batch_size)
     return {
         "command": "vstream " + shlex.join(sys.argv[1:]),
         "model": model, "model_name": m.cfg.name, "memory_mode": m.cfg.memory.mode,
@@ -91,6 +106,21 @@ def run_world_eval(model: str | None, split: str, streams: int, start: int, sour
         "device": _device_name(m.device), "dtype": m.cfg.dtype,
         "versions": {"vstream": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version()},
+    }
+
+
+def run_world_eval(model: str | None, split: str, streams: int, start: int, source: str, ablate: bool, device: str,
+                   batch_size: int) -> dict:
+    """Check the arguments, load the model, evaluate; the results with what produced them."""
+    import vstream
+    from vstream.eval.world import evaluate
+
+    _check(model, split, streams, start, source, batch_size)
+    m = vstream.load(model, device=resolve_device_option(device))
+    ablations = ABLATIONS if ablate else (None,)
+    results = evaluate(m, split=split, streams=streams, start=start, ablations=ablations, source=source,
+                       batch_size=batch_size)
+    return _provenance(model, m) | {
         "ablations": ["full" if a is None else f"no_{a}" for a in ablations],
         "right": _right_counts(results["rows"], ["full" if a is None else f"no_{a}" for a in ablations]),
     } | results

@@ -85,10 +85,14 @@ def check_watches(session: StreamSession, watches: Sequence[Watch], score: Calla
     snap = session.snapshot()
     if snap is None:
         return []
+    failures = [w.failures for w in watches]
     events = session.engine.call(lambda: evaluate_due(watches, snap, score)).result(timeout=300)
     for event in events:
         kind = event["type"].removeprefix("watch.")
         out.write(f"[{event['stream_time']:.1f}s] watch {kind}: {event['condition']} (score {event['score']:.2f})\n")
+    for watch, before in zip(watches, failures):
+        if watch.failures > before:  # it backs off; say so rather than go quiet
+            out.write(f"[{snap.stream_time:.1f}s] watch failed: {watch.condition}: {watch.error}\n")
     out.flush()
     return events
 

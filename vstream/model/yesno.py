@@ -6,8 +6,14 @@ at the first answer position: logsumexp of the logits of the "Yes" tokens minus 
 model leans to yes). Each side's tokens are the single-token spellings of the word the tokenizer has ("Yes", " Yes",
 "yes", " yes"; a bare leading space piece, as SentencePiece puts before a word, is dropped first).
 
+`yes_no_scores` scores several (memory, condition) pairs in one batched forward: the prompts are right-padded, so
+each row's causal attention never reaches its padding and its last real position gives the same logits as its own
+prefill (up to the rounding of batched products). `yes_no_scores_shared` scores many conditions over one memory: the
+prompt up to the end of the memory is the same for all, so it runs once and its KV cache serves each condition's
+question; the world's watch evaluation uses it.
+
 What this module does not do (yet): batch the prefill with the engine's other work or cache the condition's prompt
-prefix; it is one eager transformers forward per score, to be run where the model may run (the engine thread, via
+prefix; it is eager transformers forwards, to be run where the model may run (the engine thread, via
 `Engine.call`). Batching it into the engine's batched prefill is the next step.
 """
 
@@ -18,6 +24,8 @@ import math
 import torch
 
 from vstream.errors import ConfigError, UserInputError
+from vstream.model.prompts import IMAGE_TOKEN_INDEX, prompt_parts
+from vstream.model.splice import splice
 
 YES_SPELLINGS = ("Yes", " Yes", "yes", " yes", "YES")
 NO_SPELLINGS = ("No", " No", "no", " no", "NO")
@@ -56,18 +64,74 @@ def yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
     return sorted(yes), sorted(no)
 
 
+def _ids(model) -> list[int]:
+    ids = getattr(model, "_yes_no_ids", None)
+    if ids is None:
+        ids = model._yes_no_ids = yes_no_ids(model.tokenizer)
+    return ids
+
+
+def _log_odds(logits: torch.Tensor, ids, what: str) -> list[float]:
+    """Log-odds of yes against no per row of `logits` [B, V]; a value that is not finite raises, naming `what`."""
+    yes, no = (torch.tensor(i, device=logits.device) for i in ids)
+    scores = (torch.logsumexp(logits[:, yes], 1) - torch.logsumexp(logits[:, no], 1)).tolist()
+    for score in scores:
+        if not math.isfinite(score):  # events and the API carry scores as strict JSON numbers
+            raise ValueError(f"the yes/no score of {what} is not a finite number: {score}")
+    return scores
+
+
+@torch.inference_mode()
+def yes_no_scores(model, pairs: list[tuple[torch.Tensor, str]]) -> list[float]:
+    """`yes_no_score` of each (memory tokens [N, D], condition) pair, in one batched forward (right-padded)."""
+    if not pairs:
+        return []
+    ids = _ids(model)
+    embeds = [model.prompt_embeds(tokens, watch_question(condition))[0] for tokens, condition in pairs]
+    lengths = [e.shape[0] for e in embeds]
+    batch = embeds[0].new_zeros(len(embeds), max(lengths), embeds[0].shape[-1])  # [B, S, H]
+    for i, e in enumerate(embeds):
+        batch[i, : e.shape[0]] = e
+    hidden = model.llm.model(inputs_embeds=batch, use_cache=False).last_hidden_state  # [B, S, H]
+    last = hidden[torch.arange(len(embeds)), torch.tensor(lengths) - 1]  # [B, H]: no [B, S, V] logits made
+    return _log_odds(model.llm.lm_head(last).float(), ids, f"one of {[c for _, c in pairs][:4]}")
+
+
+@torch.inference_mode()
+def yes_no_scores_shared(model, memory_tokens: torch.Tensor, conditions: list[str]) -> list[float]:
+    """`yes_no_score` of each condition over one memory [N, D]: the prompt up to the end of the memory (the same for
+    every condition) runs once and its KV cache serves every condition's remaining tokens, batched (right-padded)."""
+    if not conditions:
+        return []
+    ids = _ids(model)
+    parts = [prompt_parts(model.cfg.template, watch_question(c), model.tokenizer) for c in conditions]
+    before = parts[0][0]
+    if any(p[0] != before for p in parts):
+        raise ValueError("the prompt before the memory differs between conditions: expected a template whose "
+                         "question comes after the image")
+    embed = model.llm.get_input_embeddings()
+    vision = model.mm_projector(memory_tokens.to(model.device, model.dtype))  # [N, H]
+    prefix = splice([*before, IMAGE_TOKEN_INDEX], embed, vision)[None]  # [1, P, H]
+    cache = model.llm.model(inputs_embeds=prefix, use_cache=True).past_key_values
+    cache.batch_repeat_interleave(len(conditions))
+    lengths = [len(after) for _, after in parts]
+    suffix = torch.full((len(parts), max(lengths)), model.tokenizer.pad_token_id or 0, dtype=torch.long)
+    for i, (_, after) in enumerate(parts):
+        suffix[i, : len(after)] = torch.tensor(after)
+    n = prefix.shape[1]
+    positions = torch.arange(n, n + suffix.shape[1], device=model.device)[None].expand(len(parts), -1)
+    hidden = model.llm.model(inputs_embeds=embed(suffix.to(model.device)), past_key_values=cache, use_cache=True,
+                             position_ids=positions).last_hidden_state  # [B, L, H]
+    last = hidden[torch.arange(len(parts)), torch.tensor(lengths) - 1]  # [B, H]
+    return _log_odds(model.llm.lm_head(last).float(), ids, f"one of {conditions[:4]}")
+
+
 @torch.inference_mode()
 def yes_no_score(model, memory_tokens: torch.Tensor, condition: str) -> float:
     """Log-odds of "Yes" against "No" for `condition` over the memory tokens [N, D] of a snapshot, in one prefill.
 
     `model` is a `FlashVStream`; its yes/no ids are worked out once and kept on it."""
-    ids = getattr(model, "_yes_no_ids", None)
-    if ids is None:
-        ids = model._yes_no_ids = yes_no_ids(model.tokenizer)
+    ids = _ids(model)
     embeds = model.prompt_embeds(memory_tokens, watch_question(condition))
-    logits = model.llm(inputs_embeds=embeds, use_cache=False).logits[0, -1].float()
-    yes, no = (torch.tensor(i, device=logits.device) for i in ids)
-    score = float(torch.logsumexp(logits[yes], 0) - torch.logsumexp(logits[no], 0))
-    if not math.isfinite(score):  # events and the API carry scores as strict JSON numbers
-        raise ValueError(f"the yes/no score of {condition!r} is not a finite number: {score}")
-    return score
+    logits = model.llm(inputs_embeds=embeds, use_cache=False).logits[0, -1:].float()
+    return _log_odds(logits, ids, repr(condition))[0]

@@ -28,6 +28,7 @@ from vstream.server.errors import AsciiJSONResponse
 from vstream.server.middleware import Gate, add_error_handlers
 from vstream.server.routes import auth, chat, health, metrics, page, realtime, streams, watches
 from vstream.server.state import Limits, ServerState
+from vstream.server.webhooks import WebhookSender
 
 ROUTES = (page, health, auth, streams, watches, chat, realtime, metrics)  # in this order in `app.routes` and the document
 log = logging.getLogger("vstream.server")
@@ -36,14 +37,16 @@ log = logging.getLogger("vstream.server")
 def create_app(model, media_root: Path | None = None, api_key: str | None = None, max_streams: int = 8, *,
                allow_private_sources: bool = False, limits: Limits | None = None,
                allowed_hosts: Iterable[str] | None = None, state_dir: Path | None = None,
-               snapshot_every: float = 10.0, memory_page: int | None = None, restore: bool = True) -> FastAPI:
+               snapshot_every: float = 10.0, memory_page: int | None = None, restore: bool = True,
+               webhook_secret: str | None = None) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
     names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`).
     `state_dir`: save every stream there every `snapshot_every` seconds and restore them at start (`durable`); a
     snapshot of another model or memory configuration there is an error here, before anything is served.
     `memory_page`: the engine's `EngineConfig.memory_page` (None: its default). `restore=False`: the state directory
-    is shared with other servers (`vstream.cluster`): restore nothing at start, streams come by `Durable.adopt`."""
+    is shared with other servers (`vstream.cluster`): restore nothing at start, streams come by `Durable.adopt`.
+    `webhook_secret`: the key that signs watch webhooks (None: watches with a webhook are refused)."""
     if media_root is not None and not Path(media_root).is_dir():
         raise UserInputError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
@@ -51,6 +54,10 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
                         limits or Limits(), allow_private_sources, access.allowed_hosts(allowed_hosts),
                         memory_page=memory_page)
+    if webhook_secret:
+        limits = state.limits
+        state.webhooks = WebhookSender(webhook_secret.encode(), allow_private_sources, limits.url_timeout_s,
+                                       limits.webhook_attempts, limits.webhook_backoff_s)
     if state_dir is not None:
         state.durable = Durable(Path(state_dir), snapshot_every, snapshots.identity(model), restore)
         state.durable.check()
@@ -79,6 +86,8 @@ async def lifespan(app: FastAPI):
     state.ready = False
     if state.watcher is not None:
         await run_in_threadpool(state.watcher.stop)
+    if state.webhooks is not None:
+        await run_in_threadpool(state.webhooks.stop)
     if state.durable is not None:  # on drain: every stream saved before it closes
         await run_in_threadpool(state.durable.stop)
         await run_in_threadpool(state.durable.save_all, state, True)

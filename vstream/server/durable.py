@@ -9,6 +9,9 @@ brought back with their ids when a server starts on the same directory.
   drain is saved first), and on `DELETE` (its files are removed; also when the socket that owns a push stream leaves).
   The state is taken on the engine thread between two iterations (`Lane.state_dict`). A kill -9 loses at most the
   frames of the last `every_s` seconds.
+- Its watches (settings, ids, where each state machine stands) and its event feed (the last id and the kept events,
+  so `Last-Event-ID` resumes across the restart) are saved with it; a change to them alone (a watch added or deleted,
+  an event) is saved at the next interval. A webhook delivery still pending at the restart is lost.
 - On start: a snapshot of another model or memory configuration refuses the start (`IncompatibleSnapshot`, naming
   both; the operator chooses the model or removes the directory). A corrupt or half-written one is logged as an error
   and skipped, its files left for inspection (never loaded). Every other stream comes back with its id and memory
@@ -140,7 +143,7 @@ class Durable:
         with self._lock:
             lane = stream.session.lane
             snap = lane.snapshot
-            key = None if snap is None else (snap.version, snap.frames)
+            key = None if snap is None else (snap.version, snap.frames, stream.board.version)
             memory = lane.processor.memory
             if (state.streams.get(stream.id) is not stream or lane.error is not None
                     or getattr(memory, "released", False) or (not force and self._saved.get(stream.id) == key)):
@@ -168,7 +171,7 @@ class Durable:
 
 def _meta(stream: Stream) -> dict:
     return {"source": stream.source, "fps": stream.fps, "speed": stream.speed, "live": stream.session.live,
-            "created": stream.created, "push": stream.push is not None}
+            "created": stream.created, "push": stream.push is not None, "watches": stream.board.state()}
 
 
 def _reopen(state: ServerState, snap: snapshots.Snapshot) -> Stream:
@@ -179,7 +182,21 @@ def _reopen(state: ServerState, snap: snapshots.Snapshot) -> Stream:
                                 created=meta["created"], memory_state=snap.state)
     if push is not None and last is not None:
         stream.last_time, stream.next_slot = last, math.floor(last * fps + 0.5) + 1
+    _restore_watches(state, stream, meta.get("watches"))
     return stream
+
+
+def _restore_watches(state: ServerState, stream: Stream, saved: dict | None) -> None:
+    """Give the stream back its watches and event feed (a snapshot from before watches were saved has none)."""
+    if saved is None:
+        return
+    stream.board.load(saved)
+    watches = stream.board.list()
+    if watches:
+        state.start_watcher()
+    if state.webhooks is None and any(w.webhook for w in watches):
+        log.warning("stream %s: watches with a webhook restored on a server without a webhook secret: their events "
+                    "go to the feed and sockets only", stream.id)
 
 
 def _source(state: ServerState, meta: dict, last: float | None):

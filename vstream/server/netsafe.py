@@ -212,7 +212,7 @@ def parse(url: str) -> tuple[str, str, int]:
     return scheme, parts.hostname, port or _DEFAULT_PORTS[scheme]
 
 
-class _CheckedBackend(httpcore.SyncBackend):
+class CheckedBackend(httpcore.SyncBackend):
     """Dials only addresses that pass the checks (the host is resolved here, once per connection)."""
 
     def __init__(self, allow_private: bool):
@@ -227,7 +227,7 @@ class _CheckedBackend(httpcore.SyncBackend):
 def follow_redirects(url: str, allow_private: bool, timeout: float) -> tuple[str, int | None]:
     """The URL an HTTP(S) URL finally leads to, each hop checked, and the size its server declares (from
     Content-Range's total, or Content-Length when the range is ignored); raises UnsafeUrl."""
-    with httpcore.ConnectionPool(network_backend=_CheckedBackend(allow_private), retries=0) as pool:
+    with httpcore.ConnectionPool(network_backend=CheckedBackend(allow_private), retries=0) as pool:
         for _ in range(MAX_REDIRECTS + 1):
             scheme, _host, _port = parse(url)
             if scheme not in ("http", "https"):

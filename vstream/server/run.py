@@ -47,12 +47,13 @@ def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, me
           api_key: str | None = None, max_streams: int = 8, device: str = "auto", *,
           allow_private_sources: bool = False, drain_s: float = 10.0, limits: Limits | None = None,
           allowed_hosts: Iterable[str] = (), state_dir: Path | None = None, snapshot_every: float = 10.0,
-          memory_page: int | None = None) -> None:
+          memory_page: int | None = None, webhook_secret: str | None = None) -> None:
     """Load the model with `vstream.load` and serve until interrupted. The first SIGINT/SIGTERM drains (see
     `begin_drain`) for up to `drain_s` seconds, then stops; a second one stops at once. Requests may name the
     Host names `host` is bound as (`access.default_allowed_hosts`) and `allowed_hosts` ('*': any); with an API key
     and no `allowed_hosts`, any Host (see `access`). `state_dir`, `snapshot_every`: durable streams (`durable`);
-    `memory_page`: streams per memory page (`EngineConfig.memory_page`; None: its default)."""
+    `memory_page`: streams per memory page (`EngineConfig.memory_page`; None: its default); `webhook_secret`: signs
+    watch webhooks (None: webhooks refused)."""
     import vstream
 
     extra = list(allowed_hosts)
@@ -62,7 +63,7 @@ def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, me
     limits = limits or Limits()
     app = create_app(model, media_root, api_key, max_streams, allow_private_sources=allow_private_sources,
                      limits=limits, allowed_hosts=hosts or ["*"], state_dir=state_dir, snapshot_every=snapshot_every,
-                     memory_page=memory_page)
+                     memory_page=memory_page, webhook_secret=webhook_secret)
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=limits.max_ws_message_bytes + 1024,
                             timeout_graceful_shutdown=5)
     DrainingServer(config, app.state.vstream, drain_s).run()

@@ -97,6 +97,9 @@ class WatchCreate(BaseModel):
                              "and calibration (a very low value fires at the first evaluation)")
     hysteresis: float = Field(default=0.5, ge=0, le=1e6, allow_inf_nan=False,
                               description="triggers above threshold + hysteresis, clears below threshold - hysteresis")
+    webhook: str | None = Field(default=None, min_length=1, max_length=2000,
+                                description="an http(s) URL each event of the watch is POSTed to, signed (README, "
+                                "Webhooks); private addresses only if the server allows private sources")
 
 
 class ErrorObject(BaseModel):

@@ -18,7 +18,7 @@ from vstream.engine import StreamSession
 from vstream.server.errors import ApiError
 from vstream.server.metrics import TTFT_BUCKETS, Histogram
 from vstream.server.thumbnails import Thumbnails
-from vstream.server.watches import WatchBoard
+from vstream.server.watches import WatchBoard, Watcher
 from vstream.sources import PushSource
 
 
@@ -58,6 +58,12 @@ class Limits:
     """Most key-frame thumbnails kept per stream (the newest; at least the memory buffer's length is useful)."""
     max_watches_per_stream: int = 8
     """Most watches (standing questions) on one stream (429 above it)."""
+    max_watches: int = 256
+    """Most watches over all the server's streams (429 above it)."""
+    webhook_attempts: int = 5
+    """Most attempts to deliver one event to a webhook (connection failures, timeouts, 408, 429 and 5xx are retried)."""
+    webhook_backoff_s: float = 1.0
+    """Wait before the first webhook retry; it doubles with each further one."""
     snapshot_history: int = 32
     """Past memory snapshots kept per stream for questions "as of" an earlier time."""
     max_frame_time_s: float = 1e9
@@ -128,9 +134,11 @@ class ServerState:
     engine: object = None
     """The model's engine (`vstream.engine.Engine`), made by the start-up warm-up."""
     durable: object = None
+    """The state directory (`vstream.server.durable.Durable`) with `--state-dir`, else None."""
     watcher: object = None
     """The thread that evaluates watches (`vstream.server.watches.Watcher`), started with the first watch."""
-    """The state directory (`vstream.server.durable.Durable`) with `--state-dir`, else None."""
+    webhooks: object = None
+    """The webhook deliveries (`vstream.server.webhooks.WebhookSender`) when the server has a webhook secret."""
 
     def get(self, stream_id: str, param: str = "model") -> Stream:
         stream = self.streams.get(stream_id)
@@ -186,6 +194,12 @@ class ServerState:
         with self.lock:
             self.streams[stream_id] = stream
         return stream
+
+    def start_watcher(self) -> None:
+        """Start the thread that evaluates watches, unless it runs already."""
+        with self.lock:
+            if self.watcher is None:
+                self.watcher = Watcher(self)
 
     def begin_answer(self) -> None:
         """Count an answer as running; 429 when `max_running` are already running."""

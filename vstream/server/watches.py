@@ -8,8 +8,9 @@ each stream's latest snapshot and, when some of its watches are due, scores them
 (`Engine.call`), one call per stream, waiting for it off the event loop; events go to the stream's feed, from which
 the SSE route and every realtime socket of the stream read.
 
-Not built yet: webhooks, watches saved with durable streams, per-server limits, and scoring batched into the
-engine's batched prefill (each score is one eager prefill now).
+Events of a watch with a webhook are handed to the server's `WebhookSender` (`webhooks`), which delivers them on
+its own threads. A board's `state()` (watches and feed) is saved with a durable stream and `load`ed on restore.
+Not built yet: scoring batched into the engine's batched prefill (each score is one eager prefill now).
 """
 
 from __future__ import annotations
@@ -37,9 +38,20 @@ class EventFeed:
     def publish(self, event: dict) -> dict:
         with self._lock:
             self.last_id += 1
-            event = {"id": self.last_id, **event}
+            event = {"id": self.last_id, "created": round(time.time(), 3), **event}
             self._ring.append(event)
         return event
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"last_id": self.last_id, "events": list(self._ring)}
+
+    def load(self, state: dict) -> None:
+        """Take back a saved feed: its ids go on from the saved last one, its kept events are served again."""
+        with self._lock:
+            self._ring.clear()
+            self._ring.extend(state["events"])
+            self.last_id = int(state["last_id"])
 
     def since(self, last_id: int) -> list[dict]:
         """The kept events with an id above `last_id`, oldest first."""
@@ -55,9 +67,34 @@ class WatchBoard:
     feed: EventFeed = field(default_factory=EventFeed)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
+    version: int = 0
+    """Bumped by every change worth saving (a watch added or deleted, an event)."""
+
     def list(self) -> list[Watch]:
         with self.lock:
             return list(self.watches.values())
+
+    def add(self, watch: Watch) -> None:
+        with self.lock:
+            self.watches[watch.id] = watch
+            self.version += 1
+
+    def remove(self, watch_id: str) -> None:
+        with self.lock:
+            self.watches.pop(watch_id, None)
+            self.version += 1
+
+    def state(self) -> dict:
+        """The watches and the event feed as JSON (saved with a durable stream)."""
+        with self.lock:
+            return {"watches": [w.state() for w in self.watches.values()], "feed": self.feed.state()}
+
+    def load(self, state: dict) -> None:
+        """Take back `state()`: the watches with their ids and state, the feed with its ids."""
+        watches = [Watch.from_state(w) for w in state["watches"]]
+        with self.lock:
+            self.watches = {w.id: w for w in watches}
+            self.feed.load(state["feed"])
 
 
 class Watcher:
@@ -94,6 +131,29 @@ class Watcher:
         t0 = time.perf_counter()
         future = self.state.engine.call(
             lambda: evaluate_due(due, snap, lambda tokens, condition: yes_no_score(model, tokens, condition)))
-        events = future.result(timeout=self.timeout_s)
+        try:
+            events = future.result(timeout=self.timeout_s)
+        except Exception as exc:  # the engine could not score them: they back off like a failing score  # noqa: BLE001
+            for watch in due:
+                watch.fail(exc)
+            return []
         log.debug("stream %s: %d watches scored in %.1f ms", stream.id, len(due), 1e3 * (time.perf_counter() - t0))
-        return [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
+        published = [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
+        board.version += len(published)
+        self._send(published, {w.id: w for w in due})
+        return published
+
+    def _send(self, events: list[dict], watches: dict[str, Watch]) -> None:
+        """Queue the events of watches with a webhook for delivery (never waits for it)."""
+        sender = self.state.webhooks
+        for event in events:
+            watch = watches[event["watch_id"]]
+            if watch.webhook is not None and sender is not None:
+                sender.submit(watch.webhook, event, done=lambda ok, w=watch: _count(w, ok))
+
+
+def _count(watch: Watch, delivered: bool) -> None:
+    if delivered:
+        watch.webhook_delivered += 1
+    else:
+        watch.webhook_failed += 1

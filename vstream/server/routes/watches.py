@@ -1,7 +1,8 @@
 """Watches (standing questions) as resources of a stream: `POST /v1/streams/{id}/watches`, list, get and delete
 them, and the stream's event feed `GET /v1/streams/{id}/events` (server-sent events with `id:` lines, resumable with
 `Last-Event-ID` while the ring still holds the events). The watches are evaluated by the server's `Watcher` thread
-(started with the first watch), never on the event loop; this module only reads and edits the boards."""
+(started with the first watch), never on the event loop; this module only reads and edits the boards, checks a
+watch's webhook URL (in the thread pool: it resolves the host) and applies the per-stream and per-server limits."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ import json
 
 from fastapi import FastAPI, Header
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from vstream.engine.watches import Watch
 from vstream.server.errors import ApiError
+from vstream.server.netsafe import UnsafeUrl
 from vstream.server.openapi import errors
 from vstream.server.routes import State
 from vstream.server.schemas import WatchCreate
 from vstream.server.state import ServerState, Stream
-from vstream.server.watches import Watcher
+from vstream.server.webhooks import check_webhook
 
 SSE = {200: {"content": {"text/event-stream": {}}, "description": "the stream's watch events, as server-sent events"}}
 POLL_S = 0.1
@@ -38,17 +41,32 @@ def add_routes(app: FastAPI) -> None:
 async def create_watch(state: State, stream_id: str, body: WatchCreate):
     stream = state.get(stream_id, "stream_id")
     board, limit = stream.board, state.limits.max_watches_per_stream
+    webhook = None if body.webhook is None else await run_in_threadpool(_webhook, state, body.webhook)
     watch = Watch(body.condition, every_s=body.every_s, cooldown_s=body.cooldown_s, threshold=body.threshold,
-                  hysteresis=body.hysteresis)
-    with board.lock:
+                  hysteresis=body.hysteresis, webhook=webhook)
+    with state.lock:
+        total = sum(len(s.board.watches) for s in state.streams.values())
+        if total >= state.limits.max_watches:
+            raise ApiError(429, f"too many watches on this server: {total}, at most max_watches="
+                           f"{state.limits.max_watches}; DELETE one first", code="too_many_watches")
         if len(board.watches) >= limit:
             raise ApiError(429, f"too many watches on stream {stream_id}: {len(board.watches)}, at most "
                            f"max_watches_per_stream={limit}; DELETE one first", code="too_many_watches")
-        board.watches[watch.id] = watch
-    with state.lock:
-        if state.watcher is None:
-            state.watcher = Watcher(state)
+        board.add(watch)
+    state.start_watcher()
     return watch.view() | {"stream_id": stream_id}
+
+
+def _webhook(state: ServerState, url: str) -> str:
+    """The checked webhook URL (blocks: resolves its host); 400 naming the rule it breaks."""
+    if state.webhooks is None:
+        raise ApiError(400, "webhooks are off: the server was started without a webhook secret to sign them with "
+                       "(vstream serve --webhook-secret, or VSTREAM_WEBHOOK_SECRET)", code="webhooks_disabled",
+                       param="webhook")
+    try:
+        return check_webhook(url, state.allow_private_sources)
+    except UnsafeUrl as exc:
+        raise ApiError(400, f"webhook refused: {exc}", code=exc.code, param="webhook") from None
 
 
 async def list_watches(state: State, stream_id: str):
@@ -71,8 +89,7 @@ async def get_watch(state: State, stream_id: str, watch_id: str):
 
 async def delete_watch(state: State, stream_id: str, watch_id: str):
     stream, _ = _watch(state, stream_id, watch_id)
-    with stream.board.lock:
-        stream.board.watches.pop(watch_id, None)
+    stream.board.remove(watch_id)
     return {"id": watch_id, "object": "watch.deleted", "deleted": True}
 
 

@@ -5,7 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { ws: null, streamId: null, fps: 1, timer: null, answer: null, lastTime: 0, ingested: 0,
-                polling: null, source: null, stopped: false };
+                polling: null, source: null, stopped: false, triggers: [], memory: null };
 
 function fmt(t) { return t == null ? "–" : `${Number(t).toFixed(1)} s`; }
 function frameUrl(t) { return `/v1/streams/${state.streamId}/frames?t=${encodeURIComponent(t)}`; }
@@ -47,6 +47,7 @@ function openSession() {
         $("s-id").textContent = state.streamId;
         $("send").disabled = false;
         $("stop").disabled = false;
+        $("watch-add").disabled = false;
         startPolling();
         resolve(event);
       } else {
@@ -76,6 +77,10 @@ function onEvent(event) {
     case "response.created": startAnswer(event.response); break;
     case "response.output_text.delta": if (state.answer) state.answer.text.textContent += event.delta; break;
     case "response.done": endAnswer(event.response); break;
+    case "watch.triggered":
+    case "watch.cleared":
+      onWatchEvent(event.event);
+      break;
     case "session.closing":
       showNotice(`the server closes this session (${event.reason}) in ${event.time_left_s.toFixed(0)} s`);
       break;
@@ -252,6 +257,7 @@ async function refresh() {
   $("s-memory").textContent = `${s.memory_tokens} tokens, ${(s.memory_bytes / 1024).toFixed(0)} KiB`;
   const ttft = s.latency.first_token;
   $("s-ttft").textContent = ttft.count ? `${ttft.p50_ms.toFixed(0)} ms` : "–";
+  refreshWatches();
   if (s.frames_encoded < 1) return;
   const memory = await fetch(`/v1/streams/${state.streamId}/memory`).then((r) => (r.ok ? r.json() : null));
   if (memory) drawMemory(memory);
@@ -271,6 +277,7 @@ function svg(tag, attrs, title) {
 }
 
 function drawMemory(memory) {
+  state.memory = memory;
   const tk = memory.tokens;
   $("m-summary").textContent = `${tk.total} tokens (abstract ${tk.abstract}, temporal ${tk.temporal}, retrieved ` +
     `${tk.retrieved}, spatial ${tk.spatial}), ${(memory.bytes / 1024).toFixed(0)} KiB, ${memory.frames_seen} frames`;
@@ -291,6 +298,12 @@ function drawMemory(memory) {
   marks.forEach(([f, colour, kind]) => {
     const mark = svg("circle", { cx: x(f.time), cy: 110, r: 5, fill: colour, class: kind }, `${kind} ${fmt(f.time)}`);
     mark.addEventListener("click", () => showFrame(f.time, kind));
+    line.appendChild(mark);
+  });
+  state.triggers.forEach((e) => {
+    const mark = svg("rect", { x: x(e.stream_time) - 2, y: 4, width: 4, height: 100, fill: "#c0392b", class: "trigger",
+      "data-watch": e.watch_id }, `“${e.condition}” triggered at ${fmt(e.stream_time)} (score ${e.score.toFixed(2)})`);
+    mark.addEventListener("click", () => showFrame(e.spatial_times.at(-1) ?? e.stream_time, "triggering"));
     line.appendChild(mark);
   });
   line.appendChild(svg("text", { x: 10, y: 14, "font-size": 11, fill: "#6b7385" }, null)).textContent = "0 s";
@@ -315,6 +328,70 @@ function thumbs(box, frames, kind) {
     fig.addEventListener("click", () => showFrame(f.time, kind));
     return fig;
   }));
+}
+
+// ------------------------------------------------------------------------------------------------ watches
+// Standing questions on this page's stream: listed from GET …/watches, added and deleted there; their triggers come
+// on the socket and are marked on the memory timeline (a click shows the frame the trigger rests on).
+
+function watchesUrl(id) { return `/v1/streams/${state.streamId}/watches${id ? "/" + id : ""}`; }
+
+async function refreshWatches() {
+  if (!state.streamId) return;
+  const list = await fetch(watchesUrl()).then((r) => (r.ok ? r.json() : null));
+  if (list) drawWatches(list.data);
+}
+
+function drawWatches(watches) {
+  $("watches").replaceChildren(...watches.map((w) => {
+    const li = document.createElement("li");
+    li.dataset.watch = w.id;
+    li.className = w.active ? "active" : "";
+    const text = document.createElement("span");
+    text.className = "condition";
+    text.textContent = w.condition;
+    const info = document.createElement("span");
+    info.className = "muted";
+    const score = w.last_score == null ? "–" : w.last_score.toFixed(2);
+    info.textContent = w.error ? `failing: ${w.error}` : `${w.events} events, score ${score}`;
+    const del = document.createElement("button");
+    del.type = "button";
+    del.className = "watch-delete";
+    del.textContent = "Delete";
+    del.addEventListener("click", () => deleteWatch(w.id));
+    li.append(text, info, del);
+    return li;
+  }));
+}
+
+$("watch-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const condition = $("watch-condition").value.trim();
+  if (!condition || !state.streamId) return;
+  const body = { condition, threshold: Number($("watch-threshold").value || 0) };
+  const r = await fetch(watchesUrl(), { method: "POST", headers: { "Content-Type": "application/json" },
+                                        body: JSON.stringify(body) });
+  const answer = await r.json().catch(() => null);
+  $("watch-error").hidden = r.ok;
+  if (!r.ok) {
+    $("watch-error").textContent = answer && answer.error ? answer.error.message : `HTTP ${r.status}`;
+    return;
+  }
+  $("watch-condition").value = "";
+  refreshWatches();
+});
+
+async function deleteWatch(id) {
+  await fetch(watchesUrl(id), { method: "DELETE" });
+  refreshWatches();
+}
+
+function onWatchEvent(e) {
+  if (e.type === "watch.triggered") {
+    state.triggers.push(e);
+    if (state.memory) drawMemory(state.memory);
+  }
+  refreshWatches();
 }
 
 boot();
