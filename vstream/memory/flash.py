@@ -28,6 +28,7 @@ What this module does not do: run the tower, pair frames into units, apply the m
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -37,6 +38,8 @@ from vstream.memory.star import MemoryRead, cluster_spans, nearest_most_recent, 
 @dataclass
 class FlashMemoryConfig:
     """Flash Memory sizes, counted in 2-frame units (the release counts frames: 120 and 60)."""
+
+    mode: ClassVar[str] = "flash"  # what the engine and the CLI read to tell it from the STAR modes
 
     csm_length: int = 60
     """K_csm: CSM clusters (the release's temporal_length 120 frames)."""
