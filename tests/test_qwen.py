@@ -6,6 +6,7 @@ and the real entry points (`vstream info`, `vstream ask`, the HTTP server)."""
 from __future__ import annotations
 
 import json
+import re
 import warnings
 
 import httpx
@@ -265,3 +266,15 @@ def test_answers_from_the_cached_memory_prefix_equal_a_fresh_prefill(qwen):
         want = list(qwen.iter_tokens(embeds, pos, max_new_tokens=5, stop=set()))
         assert list(prefix.iter_tokens(question, max_new_tokens=5, stop=set())) == want
         assert prefix.cache.get_seq_length() == prefix.length
+
+
+def test_run_answers_questions_from_stdin_with_a_qwen_model(checkpoint, clip):
+    out = vstream_cli("run", str(clip), "--model", str(checkpoint[0]), "--device", "cpu", "--speed", "8",
+                      "--max-new-tokens", "3", stdin="What is there?\n")
+    assert out.returncode == 0, out.stderr
+    assert len([line for line in out.stdout.splitlines() if line.startswith("[")]) == 1
+    last_status = out.stderr.strip().splitlines()[-1]
+    match = re.fullmatch(r"\[stream +([\d.]+)s \| frames 8 encoded (\d+) dropped (\d+) \| memory (\d+) tokens\]",
+                         last_status)
+    assert match, last_status
+    assert int(match[2]) + int(match[3]) == 8 and 0 < int(match[4]) <= 60 * 4 + 30 * 16

@@ -37,17 +37,31 @@ class QwenTower:
         pixels = torch.cat([patchify_units(full, self.patch, self.merge), patchify_units(small, self.patch, self.merge)])
         grid_thw = torch.tensor(grids, dtype=torch.long, device=pixels.device)
         weight = self.visual.patch_embed.proj.weight
-        hidden = self.visual(pixels.to(weight.dtype), grid_thw=grid_thw).last_hidden_state  # [u (N_f + N_s), C]
+        hidden = self._pre_merger(pixels.to(weight.dtype), grid_thw)  # [u (N_f + N_s), C]
         if self.backbone == "qwen2_5_vl":  # the blocks ran in window order: back to the patches' order
             hidden = self._unwindow(hidden, grid_thw)
         n_full = grids[0][1] * grids[0][2]
         return hidden[u * n_full :].view(u, -1, hidden.shape[-1]), hidden[: u * n_full].view(u, n_full, -1)
 
-    def _unwindow(self, hidden: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        from transformers.vision_utils import get_vision_window_index
+    def _pre_merger(self, pixels: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """The merger's input during the tower's own forward: the same in every transformers version, whatever the
+        forward returns (the merged tensor in 4.x, an output object in 5.x)."""
+        captured: list[torch.Tensor] = []
+        handle = self.visual.merger.register_forward_pre_hook(lambda _, args: captured.append(args[0]))
+        try:
+            self.visual(pixels, grid_thw=grid_thw)
+        finally:
+            handle.remove()
+        return captured[0]
 
-        cfg = self.visual.config
-        window_index, _ = get_vision_window_index(grid_thw, self.merge, cfg.window_size, self.patch)
+    def _unwindow(self, hidden: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        if hasattr(self.visual, "get_window_index"):  # transformers 4.x and early 5.x
+            window_index, _ = self.visual.get_window_index(grid_thw)
+        else:
+            from transformers.vision_utils import get_vision_window_index
+
+            cfg = self.visual.config
+            window_index, _ = get_vision_window_index(grid_thw, self.merge, cfg.window_size, self.patch)
         unit = self.merge**2
         groups = hidden.view(-1, unit, hidden.shape[-1])
         return groups[torch.argsort(window_index.to(hidden.device))].reshape(hidden.shape)
