@@ -248,6 +248,10 @@ def test_server_answers_from_a_qwen_stream(qwen, clip):
         answer = done.json()
         assert answer["usage"]["completion_tokens"] <= 3 and answer["vstream"]["frames"] == 8
         assert answer["vstream"]["retrieved_times"] and answer["vstream"]["spatial_times"] == []
+        view = client.get(f"/v1/streams/{sid}/memory").json()  # the memory view: CSM clusters and DAM units
+        assert view["tokens"]["total"] == view["tokens"]["retrieved"] + view["tokens"]["temporal"] > 0
+        assert [f["time"] for f in view["retrieved"]] == answer["vstream"]["retrieved_times"]
+        assert sum(c["weight"] for c in view["temporal"]) == 4 and view["bytes"] > 0  # 8 frames = 4 units
 
 
 def test_answers_from_the_cached_memory_prefix_equal_a_fresh_prefill(qwen):
