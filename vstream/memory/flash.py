@@ -75,10 +75,6 @@ class FlashRead(MemoryRead):
     def num_tokens(self) -> int:
         return self.tokens.shape[0] // self.merge
 
-    def unit_times(self) -> torch.Tensor:
-        """[dam_units + csm_units] float64: each read unit's AM-RoPE time in seconds (DAM: own; CSM: mean)."""
-        return torch.cat([self.retrieved_times, self.temporal_spans[:, 2]])
-
 
 def am_rope_positions(read: FlashRead, small_grid: tuple[int, int], full_grid: tuple[int, int], seconds_scale: float,
                       start: float = 0.0) -> torch.Tensor:
