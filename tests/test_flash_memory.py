@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vstream.memory.flash import FlashMemory, FlashMemoryConfig, am_rope_positions, flash_state_bytes
-from vstream.memory.flash_reference import RefFlashMemory
+from vstream.memory.flash_reference import RefFlashMemory, ref_seeds
 
 C, NS, NF = 8, 4, 16  # feature width, small-pass and full-resolution features per unit
 
@@ -180,3 +180,49 @@ def test_am_rope_positions_follow_the_definition():
     assert abs(float((weights.double() * spans[:, 2]).sum()) - sum(unit_times)) < 1e-9  # means carry the weights
     with pytest.raises(ValueError, match="merged grid of 3x3 does not hold"):
         am_rope_positions(read, (1, 1), (3, 3), 2.0)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gram_lloyd_equals_the_shared_weighted_kmeans_loop(seed):
+    """The Gram-space loop gives the partition, weights, sources and (to rounding) centroids of `lloyd_frozen`, also
+    with weight-0 points (emptied clusters) and few iterations (the last update returned unconverged)."""
+    from vstream.memory.flash import gram_lloyd
+    from vstream.memory.kmeans import lloyd_frozen
+    from vstream.memory.star import seed_indices
+
+    g = torch.Generator().manual_seed(seed)
+    points = torch.randn(13, 24, generator=g) + 3 * (torch.arange(13) % 4).float()[:, None]
+    weight = torch.rand(13, generator=g) * 3
+    weight[[2, 7]] = 0.0
+    init = seed_indices(points, weight, 6)
+    for iters in (1, 3, 10):
+        want = lloyd_frozen(points, 6, weight, init, iters, 1e-4)
+        got = gram_lloyd(points, weight, 6, init, iters, 1e-4)
+        assert torch.equal(got.labels, want.labels)
+        torch.testing.assert_close(got.weights, want.weights)
+        torch.testing.assert_close(got.sources, want.sources)
+        torch.testing.assert_close(got.centroids, want.centroids, rtol=1e-5, atol=1e-5)
+
+
+def test_gram_seeds_equal_the_shared_seed_rule_with_exact_copies():
+    from vstream.memory.flash import fingerprints, gram_seeds
+    from vstream.memory.star import seed_indices
+
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(5, 40, generator=g)
+    points = torch.cat([base, base[[1, 1, 3]], torch.randn(4, 40, generator=g)])  # rows 5, 6 copy 1; row 7 copies 3
+    near = base[2].clone()
+    near[0] = torch.nextafter(near[0], torch.tensor(10.0))  # one ulp away: not a copy
+    points = torch.cat([points, near[None]])
+    weight = torch.ones(points.shape[0])
+    weight[9] = 0.0
+    prints = fingerprints(points)
+    same = (prints[:, None] == prints[None]).all(-1)
+    assert torch.equal(same, (points[:, None] == points[None]).all(-1))  # bit-equal rows, and only those
+    # seeds: a one-ulp distance is below the Gram expansion's rounding (and the float32 rule's): leave that row out
+    points, weight = points[:-1], weight[:-1]
+    x = points.double()
+    for k in (3, 6, 10):
+        seeds = gram_seeds(points, weight, k, x @ x.T)
+        assert seeds.tolist() == ref_seeds(list(points), weight.tolist(), k)  # the literal rule
+        assert torch.equal(seeds, seed_indices(points, weight, k))  # the shared rule the STAR memory uses

@@ -6,7 +6,8 @@ resolution), both before the tower's patch merger; the merger runs on the finish
 
 - CSM (Context Synopsis Memory): K_csm centroids of a weighted k-means over the small features of every unit so far.
   Each update clusters [old centroids with their carried weights, the new unit with weight 1] (at most `kmeans_iters`
-  Lloyd iterations, Euclidean, deterministic seeds: `seed_indices`), so the weights sum to the units seen. Each
+  Lloyd iterations, Euclidean, the deterministic seeds of `star.seed_indices`; seeding and iterations run on the
+  points' Gram matrix: `gram_seeds`, `gram_lloyd`), so the weights sum to the units seen. Each
   centroid carries the first, last and weighted-mean time of the units it stands for; centroids are kept sorted by
   their mean time (an empty cluster keeps its centroid, weight 0, and the times of what that centroid averages).
 - DAM (Detail Augmentation Memory): for each cluster, its representative: the unit nearest its centroid (on the small
@@ -32,7 +33,8 @@ from typing import ClassVar
 
 import torch
 
-from vstream.memory.star import MemoryRead, cluster_spans, nearest_most_recent, seeded_kmeans, span_sources
+from vstream.memory.kmeans import KMeansResult
+from vstream.memory.star import MemoryRead, cluster_spans, nearest_most_recent, span_sources
 
 
 @dataclass
@@ -130,6 +132,84 @@ def _squared_distances64(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((x * x).sum(-1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(-1)[None, :]).clamp_min_(0.0)
 
 
+_BASES: dict[tuple, torch.Tensor] = {}  # fingerprint bases by (length, device): constants, not memory state
+
+
+def fingerprints(points: torch.Tensor) -> torch.Tensor:
+    """[T, F] -> [T, 4] float64: four integer fingerprints of each row's bits, equal for rows equal bit for bit.
+
+    The row's bytes are read as int16 values (|v| < 2^15) and multiplied by fixed pseudo-random integers below 2^17:
+    every product and partial sum is an integer below 2^53 (for rows of up to 2^20 int16 values), so the float64
+    matrix product is exact whatever its summation order, and bit-equal rows get equal fingerprints. Two different
+    rows agree on one fingerprint with probability about 2^-17, on all four about 2^-68."""
+    bits = points.contiguous().view(torch.int16).reshape(points.shape[0], -1)
+    n = bits.shape[1]
+    if n > 1 << 20:
+        raise ValueError(f"rows of {n} int16 values are too long for exact float64 fingerprints (at most 2^20)")
+    key = (n, bits.device)
+    if key not in _BASES:
+        i = torch.arange(1, n + 1, dtype=torch.int64, device=bits.device)[:, None]
+        odd = torch.tensor([40503, 52711, 69069, 97561], dtype=torch.int64, device=bits.device)[None, :]
+        _BASES[key] = ((i * odd) % 131071).double()  # [n, 4], below 2^17
+    return bits.double() @ _BASES[key]
+
+
+def gram_seeds(points: torch.Tensor, weight: torch.Tensor, k: int, gram: torch.Tensor) -> torch.Tensor:
+    """`seed_indices`' rule (the k points that cost most to merge away; exact copies told apart by their bits) with
+    distances from the Gram matrix [T, T] (float64) and exact copies from `fingerprints`: no pass of [T, T, F].
+    Distances below the expansion's rounding (about 1e-16 |x|^2) are noise here, as they are for the float32 rule."""
+    t = points.shape[0]
+    prints = fingerprints(points)
+    same = (prints[:, None, :] == prints[None, :, :]).all(-1)  # [T, T] equal bit for bit
+    index = torch.arange(t, device=points.device)
+    later_copy = same & (index[None, :] > index[:, None])
+    sq = gram.diagonal()
+    d = (sq[:, None] + sq[None, :] - 2 * gram).clamp_min(0.0).masked_fill(same, 0.0)
+    d = d.masked_fill(later_copy | (index[None, :] == index[:, None]), float("inf"))
+    nearest = d.min(dim=-1).values
+    w = weight.double()
+    cost = torch.where(w > 0, w * nearest, 0.0)
+    return torch.sort(cost, descending=True, stable=True).indices[:k]
+
+
+def gram_lloyd(points: torch.Tensor, weight: torch.Tensor, k: int, init: torch.Tensor, max_iter: int,
+               tol: float, gram: torch.Tensor | None = None) -> KMeansResult:
+    """The weighted Lloyd loop of `lloyd_frozen` (same seeds, same empty-cluster, tie and convergence rules) run on
+    the points' Gram matrix: each centroid is a combination `sources @ points`, so every distance and every centroid
+    movement is a small [K, T] x [T, T] product, in float64. The wide features are read twice (the Gram matrix, the
+    final centroids) instead of a few times per iteration: with T = K + 1 = 61 points of 256 x 1,280 values this is
+    the difference between a bandwidth-bound and a launch-bound update. points [T, F], weight [T], init [K]."""
+    x = points.double()
+    t = x.shape[0]
+    gram = x @ x.T if gram is None else gram  # [T, T]
+    sq = gram.diagonal()  # [T] |x_t|^2
+    w = weight.double()
+    slots = torch.arange(t, device=x.device)
+    src = (init[:, None] == slots[None, :]).double()  # [K, T] centroid j = src[j] @ x
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    labels_out = torch.zeros(t, dtype=torch.long, device=x.device)
+    wsum_out = torch.zeros(k, dtype=torch.float64, device=x.device)
+    tiny = torch.finfo(torch.float64).tiny
+    for _ in range(max_iter):
+        cross = src @ gram  # [K, T] c_j . x_t
+        cc = (cross * src).sum(-1)  # [K] |c_j|^2
+        dist = (sq[:, None] - 2 * cross.T + cc[None, :]).clamp_min(0.0)  # [T, K]
+        labels = dist.argmin(dim=-1)  # the first cluster wins ties
+        member = (labels[None, :] == torch.arange(k, device=x.device)[:, None]).double() * w[None, :]  # [K, T]
+        wsum = member.sum(-1)
+        live = (wsum > 0)[:, None]
+        new_src = torch.where(live, member / wsum.clamp_min(tiny)[:, None], src)
+        delta = new_src - src
+        moved = ((delta @ gram) * delta).sum(-1).clamp_min(0.0).sqrt().sum()  # sum of |new_j - c_j|
+        labels_out = torch.where(done, labels_out, labels)
+        wsum_out = torch.where(done, wsum_out, wsum)
+        keep = done | (moved < tol)
+        src = torch.where(keep, src, new_src)
+        done = keep
+    centroids = (src.to(torch.float32) @ points.float()).to(points.dtype)
+    return KMeansResult(centroids, wsum_out.float(), labels_out, src.float())
+
+
 class FlashMemory:
     """CSM + DAM over units of pre-merger features; see the module docstring."""
 
@@ -216,7 +296,10 @@ class FlashMemory:
         points = torch.cat([self.csm.flatten(1), small.reshape(1, -1)])  # [K+1, N_s C]
         weight = torch.cat([self.csm_weight, torch.ones(1, device=self.device)])
         span = torch.cat([self.csm_span, t.view(1, 1).expand(1, 3)])
-        result = seeded_kmeans(points, weight, k, self.cfg.kmeans_iters, self.cfg.kmeans_tol)
+        x = points.double()
+        gram = x @ x.T  # [K+1, K+1]: the one pass over the wide features before the final centroids
+        seeds = gram_seeds(points, weight, k, gram)
+        result = gram_lloyd(points, weight, k, seeds, self.cfg.kmeans_iters, self.cfg.kmeans_tol, gram=gram)
         new_span = cluster_spans(span, span_sources(result, weight))
         order = torch.sort(new_span[:, 2], stable=True).indices
         self.csm.copy_(result.centroids[order].view_as(self.csm))
@@ -281,4 +364,4 @@ class FlashMemory:
         self.units_seen, self.n_csm = int(state["counters"]["units_seen"]), int(state["counters"]["n_csm"])
 
 
-__all__ = ["am_rope_positions", "FlashMemory", "FlashMemoryConfig", "FlashRead", "flash_state_bytes", "flash_state_layout"]
+__all__ = ["am_rope_positions", "fingerprints", "gram_lloyd", "gram_seeds", "FlashMemory", "FlashMemoryConfig", "FlashRead", "flash_state_bytes", "flash_state_layout"]
