@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import vstream
-from helpers import DEADLINE_S, KEY, running_server, vstream_cli, wait_frames
+from helpers import DEADLINE_S, KEY, free_port, running_server, vstream_cli, vstream_serve, wait_frames, wait_ready
 from vstream.encoder.qwen_preprocess import normalise_frames, patchify_units, resize_frames, small_pass
 from vstream.engine.processor import StreamProcessor
 from vstream.errors import ConfigError
@@ -272,6 +272,7 @@ def test_answers_from_the_cached_memory_prefix_equal_a_fresh_prefill(qwen):
         assert prefix.cache.get_seq_length() == prefix.length
 
 
+@pytest.mark.slow
 def test_run_answers_questions_from_stdin_with_a_qwen_model(checkpoint, clip):
     out = vstream_cli("run", str(clip), "--model", str(checkpoint[0]), "--device", "cpu", "--speed", "8",
                       "--max-new-tokens", "3", stdin="What is there?\n")
@@ -282,3 +283,25 @@ def test_run_answers_questions_from_stdin_with_a_qwen_model(checkpoint, clip):
                          last_status)
     assert match, last_status
     assert int(match[2]) + int(match[3]) == 8 and 0 < int(match[4]) <= 60 * 4 + 30 * 16
+
+
+@pytest.mark.slow
+def test_vstream_serve_answers_from_a_qwen_checkpoint(checkpoint, clip):
+    """`vstream serve --model DIR` in its own process: warm-up, a file stream, a chat completion over HTTP."""
+    port = free_port()
+    proc = vstream_serve("--model", str(checkpoint[0]), "--port", str(port), "--media-root", str(clip.parent),
+                         "--api-key", KEY, "--device", "cpu", "--drain-seconds", "0")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, base, timeout=120)
+        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=DEADLINE_S) as client:
+            r = client.post("/v1/streams", json={"source": {"type": "file", "path": clip.name}})
+            assert r.status_code == 201, r.text
+            wait_frames(client, r.json()["id"], 8)
+            body = {"model": r.json()["id"], "messages": [{"role": "user", "content": "What is it?"}], "max_tokens": 2}
+            done = client.post("/v1/chat/completions", json=body)
+            assert done.status_code == 200, done.text
+            assert done.json()["vstream"]["frames"] == 8 and done.json()["vstream"]["retrieved_times"]
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE_S)
