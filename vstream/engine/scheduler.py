@@ -290,6 +290,7 @@ class Engine:
         self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=chunk, max_waiting=c.max_waiting,
                                       seed=c.seed, cuda_graph=self.graphs) if self.batched else None)
         self.eager = EagerAnswerer(model, c.max_waiting)
+        self._prepare = getattr(model, "prepare_answers", None)  # the Qwen models' memory prefixes (off by default)
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
         self.pages: list[MemoryPage] = []
@@ -621,7 +622,18 @@ class Engine:
             span[1].synchronize()  # recorded right after the copy `finish` waited for
             self._round_s = span[0].elapsed_time(span[1]) / 1000  # the round's device time: answers get twice it
         self._swap(lanes)
+        self._prepare_answers(lanes)
         return True
+
+    def _prepare_answers(self, lanes: list[Lane]) -> None:
+        """Let the model prepare answers from the lanes' new snapshots (a Qwen model's memory prefixes) now, off the
+        path of the questions that come later; a failure there costs only the speed-up (logged)."""
+        if self._prepare is None:
+            return
+        try:
+            self._prepare([lane.snapshot.memory for lane in lanes if lane.snapshot is not None])
+        except Exception:  # the answers prefill in full instead  # noqa: BLE001
+            log.exception("preparing answers from the new snapshots failed; answers prefill their whole prompt")
 
     @staticmethod
     def _swap(lanes: list[Lane]) -> None:

@@ -8,8 +8,11 @@ a question then prefills only its own ~20 tokens against the cached prefix, and 
 afterwards, so the next question starts from the same prefix. Tokens equal those of a fresh prefill of the whole
 prompt (tested), since the positions are the same (text after the memory continues from its largest position + 1).
 
+`FlashVStreamQwen.enable_prefix_cache` keeps the prefixes of the latest snapshots; the engine refreshes them after each
+round of frames (`prepare_answers`), so a question that comes after that finds its snapshot's prefix ready.
+
 What this module does not do: decide when to refresh (the caller's policy; the cost per stream is one prefill per
-refresh), or serve two questions of one prefix at once (one answer at a time per prefix).
+refresh), or serve two questions of one prefix at once (one answer at a time per prefix: `busy`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class MemoryPrefix:
         self.length = 0  # positions in the cache
         self.next_pos: float = 0.0  # position of the first token after the prefix
         self.read: FlashRead | None = None
+        self.busy = False  # an answer is using the cache (its KV is cropped away when it ends)
 
     @torch.inference_mode()
     def refresh(self, read: FlashRead) -> None:
@@ -67,6 +71,9 @@ class MemoryPrefix:
             raise RuntimeError("refresh(read) must run before a question is answered from the prefix")
         _check_sampling(max_new_tokens, temperature, 1.0)
         m, text = self.model, self.model.hf.model.language_model
+        if self.busy:
+            raise RuntimeError("this memory prefix is answering another question: one answer at a time")
+        self.busy = True
         ids = torch.tensor([self.suffix(question)], device=m.device)
         pos = (self.next_pos + torch.arange(ids.shape[1], device=m.device, dtype=torch.float32)).expand(3, 1, -1)
         try:
@@ -86,7 +93,8 @@ class MemoryPrefix:
         finally:
             extra = self.cache.get_seq_length() - self.length
             if extra:
-                self.cache.crop(-extra)  # transformers 5: a negative count removes that many positions
+                self.cache.crop(-extra)  # a negative count removes that many positions (transformers 4 and 5)
+            self.busy = False
 
     def stream_answer(self, question: str, max_new_tokens: int | None = None,
                       temperature: float = 0.0) -> Iterator[str]:
