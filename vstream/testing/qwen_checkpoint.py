@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from vstream.encoder.qwen_preprocess import QWEN_MEAN, QWEN_STD
 from vstream.model.qwen.config import qwen_preset
 from vstream.model.qwen.tokenizer import build_qwen_tiny_tokenizer
 
@@ -58,23 +59,11 @@ def write_qwen_checkpoint(directory: str | Path, preset: str = "tiny-qwen2.5-vl"
         {"bos_token_id": 0, "eos_token_id": [eos, 0], "pad_token_id": 0, "do_sample": False}, indent=2) + "\n")
     cfg = qwen_preset(preset)
     processor = {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels, "patch_size": 14, "temporal_patch_size": 2,
-                 "merge_size": 2, "image_mean": list(cfg_mean()), "image_std": list(cfg_std()),
+                 "merge_size": 2, "image_mean": list(QWEN_MEAN), "image_std": list(QWEN_STD),
                  "image_processor_type": "Qwen2VLImageProcessor",
                  "processor_class": "Qwen2_5_VLProcessor" if cfg.backbone == "qwen2_5_vl" else "Qwen2VLProcessor"}
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
     return weights
-
-
-def cfg_mean():
-    from vstream.encoder.qwen_preprocess import QWEN_MEAN
-
-    return QWEN_MEAN
-
-
-def cfg_std():
-    from vstream.encoder.qwen_preprocess import QWEN_STD
-
-    return QWEN_STD
 
 
 def _write_shards(out: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
