@@ -205,7 +205,7 @@ def test_cached_decoding_equals_an_uncached_reference(qwen):
 # ---------------------------------------------------------------- entry points
 
 
-def test_info_reports_the_token_budget_and_state_bytes(checkpoint):
+def test_info_reports_the_token_budget_and_state_bytes():
     out = vstream_cli("info", "--model", "flash-vstream-qwen-7b", "--json")
     assert out.returncode == 0, out.stderr
     memory = json.loads(out.stdout)["memory"]
@@ -214,6 +214,9 @@ def test_info_reports_the_token_budget_and_state_bytes(checkpoint):
     tensors = (60 * 256 + 61 * 256 + 61 * 1024) * c * bf16  # centroids, pooled small and full features of 61 units
     small = 60 * 4 + 60 * 3 * 8 + 61 * 8 + 60 * 8 + 8  # weights, spans, pool times, representative slots, free slot
     assert memory["state_bytes"] == tensors + small == 239_209_056
+
+
+def test_info_of_a_checkpoint_directory_reads_its_pixel_budget(checkpoint):
     out = vstream_cli("info", "--model", str(checkpoint[0]), "--json")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["memory"]["max_tokens"] == 60 * 4 + 30 * 16  # spec's units, 112 x 112 frames
