@@ -15,6 +15,9 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
     from vstream.model.loading import read_config
 
     cfg = read_config(model)
+    if cfg.memory.mode == "flash":
+        _emit(_flash_info(cfg), as_json)
+        return
     m = cfg.memory
     _emit(
         {
@@ -40,6 +43,31 @@ def info(model: ModelOpt = DEFAULT_MODEL, as_json: JsonOpt = False) -> None:
         },
         as_json,
     )
+
+
+def _flash_info(cfg) -> dict:
+    """A Flash-VStream-Qwen model: Flash Memory sizes, its token budget and one stream's state bytes."""
+    m = cfg.memory
+    small, full = cfg.unit_patches()
+    return {
+        "version": __version__,
+        "model": cfg.name,
+        "backbone": cfg.backbone,
+        "memory": {
+            "mode": "flash",
+            "csm": {"units": m.csm_length, "tokens_per_unit": small // cfg.merge**2},
+            "dam": {"units": m.dam_length, "tokens_per_unit": full // cfg.merge**2},
+            "kmeans_iters": m.kmeans_iters,
+            "max_tokens": cfg.max_tokens,
+            "state_bytes": cfg.state_bytes(),
+            "state_dtype": cfg.dtype,
+        },
+        "frames": {"max_pixels": cfg.max_pixels, "min_pixels": cfg.min_pixels, "square_side": cfg.vision.image_size,
+                   "frames_per_unit": cfg.vision_hf.get("temporal_patch_size", 2)},
+        "llm": {"hidden_size": cfg.text_hf["hidden_size"], "layers": cfg.text_hf["num_hidden_layers"]},
+        "template": cfg.template,
+        "sample_fps": cfg.sample_fps,
+    }
 
 
 def _emit(data: dict, as_json: bool) -> None:

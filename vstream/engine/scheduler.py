@@ -217,34 +217,37 @@ class Lane:
 
 class EagerAnswerer:
     """The fallback for an LLM that `BatchAnswerer` cannot batch, or an answer longer than its slots hold: one answer
-    at a time through `model.stream_answer`, one text piece per iteration, in the order they came."""
+    at a time through `model.stream_answer`, one text piece per iteration, in the order they came. Given the memory
+    read a question rests on (`memory`), the model gets that read (a model whose answers need more than the tokens,
+    such as the Qwen models' AM-RoPE times); else a stand-in holding its tokens."""
 
     def __init__(self, model, max_waiting: int):
         self.model, self.max_waiting = model, max_waiting
         self._lock = threading.Lock()
-        self._queue: collections.deque[Request] = collections.deque()
+        self._queue: collections.deque[tuple[Request, object]] = collections.deque()
         self._current: tuple[Request, Iterator[str]] | None = None
 
     @property
     def pending(self) -> int:
         return len(self._queue) + (self._current is not None)
 
-    def submit(self, memory_tokens, question, max_new_tokens=None, temperature=0.0) -> Request:
+    def submit(self, memory_tokens, question, max_new_tokens=None, temperature=0.0, memory=None) -> Request:
         n_new = self.model.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         request = Request(memory_tokens, question, n_new, temperature, 0)
         with self._lock:
             if len(self._queue) >= self.max_waiting:
                 raise RuntimeError(f"the queue is full: {len(self._queue)} of {self.max_waiting} requests waiting")
-            self._queue.append(request)
+            self._queue.append((request, memory))
         return request
 
     def run_once(self) -> int:
         if self._current is None:
             with self._lock:
-                request = self._queue.popleft() if self._queue else None
+                request, memory = self._queue.popleft() if self._queue else (None, None)
             if request is None:
                 return 0
-            pieces = self.model.stream_answer(_MemoryTokens(request.memory_tokens), request.question,
+            memory = memory if memory is not None else _MemoryTokens(request.memory_tokens)
+            pieces = self.model.stream_answer(memory, request.question,
                                               max_new_tokens=request.max_new_tokens, temperature=request.temperature)
             self._current = (request, pieces)
         request, pieces = self._current
@@ -287,6 +290,7 @@ class Engine:
         self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=chunk, max_waiting=c.max_waiting,
                                       seed=c.seed, cuda_graph=self.graphs) if self.batched else None)
         self.eager = EagerAnswerer(model, c.max_waiting)
+        self._prepare = getattr(model, "prepare_answers", None)  # the Qwen models' memory prefixes (off by default)
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
         self.pages: list[MemoryPage] = []
@@ -358,17 +362,18 @@ class Engine:
         """The snapshot the answer rests on (the latest, or as of `as_of`) and the queued answer; raises ValueError
         (bad question), RuntimeError (no frame yet, or the queue is full), LookupError (nothing kept that old)."""
         snap = pick_snapshot(lane.snapshot, lane.history, question, as_of)
-        return snap, self.submit(snap.memory.tokens, question, max_new_tokens, temperature)
+        return snap, self.submit(snap.memory.tokens, question, max_new_tokens, temperature, memory=snap.memory)
 
     def submit(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int | None = None,
-               temperature: float = 0.0) -> Request:
-        """Queue a question on memory tokens [N, D] (batched when the LLM allows and the answer fits a slot)."""
+               temperature: float = 0.0, memory=None) -> Request:
+        """Queue a question on memory tokens [N, D] (batched when the LLM allows and the answer fits a slot);
+        `memory`: the read they come from, for the eager path (see `EagerAnswerer`)."""
         request = None
         if self.answers is not None:
             with contextlib.suppress(TooLong):  # the eager path below
                 request = self.answers.submit(memory_tokens, question, max_new_tokens, temperature)
         if request is None:
-            request = self.eager.submit(memory_tokens, question, max_new_tokens, temperature)
+            request = self.eager.submit(memory_tokens, question, max_new_tokens, temperature, memory=memory)
         self._ensure_thread()
         self.wake()
         return request
@@ -622,7 +627,18 @@ class Engine:
             span[1].synchronize()  # recorded right after the copy `finish` waited for
             self._round_s = span[0].elapsed_time(span[1]) / 1000  # the round's device time: answers get twice it
         self._swap(lanes)
+        self._prepare_answers(lanes)
         return True
+
+    def _prepare_answers(self, lanes: list[Lane]) -> None:
+        """Let the model prepare answers from the lanes' new snapshots (a Qwen model's memory prefixes) now, off the
+        path of the questions that come later; a failure there costs only the speed-up (logged)."""
+        if self._prepare is None:
+            return
+        try:
+            self._prepare([lane.snapshot.memory for lane in lanes if lane.snapshot is not None])
+        except Exception:  # the answers prefill in full instead  # noqa: BLE001
+            log.exception("preparing answers from the new snapshots failed; answers prefill their whole prompt")
 
     @staticmethod
     def _swap(lanes: list[Lane]) -> None:

@@ -40,6 +40,7 @@ from vstream.encoder.tower import (
     vision_config_from_dir,
 )
 from vstream.errors import ConfigError, MissingPathError
+from vstream.model.qwen.loading import is_qwen, load_qwen, read_qwen_config
 from vstream.model.tokenizers import build_tiny_tokenizer, load_tokenizer
 from vstream.model.vlm import FlashVStream
 from vstream.weights import assign_, meta_names, nbytes, place, read_state_dict
@@ -93,13 +94,21 @@ def load(
 
     `device` is `auto` (CUDA when torch sees a device, else the CPU), `cpu`, `cuda` or `cuda:N`; `dtype` defaults to
     the config's on CUDA and float32 on the CPU. `memory_mode` overrides the memory mode (released checkpoints default
-    to `official`, everything else keeps its config's mode); `vision_tower` names a local CLIP directory when a
-    released config names a hub id. `eager=True` keeps the reference paths (transformers' forward for the LLM and the
-    tower); `eager=False` answers through the static-cache decoder (`FlashVStream.use_static_decoder`) and runs the
-    tower's fused forward (`VisionTower.use_fused`); None (the default) is eager except for a LLaMA decoder on CUDA,
-    where the other paths were measured. Each stage logs one line on the `vstream.load` logger (see `Stages`).
+    to `official`, everything else keeps its config's mode; Qwen2-VL / Qwen2.5-VL presets and directories run `flash`,
+    see `vstream.model.qwen`); `vision_tower` names a local CLIP directory when a released config names a hub id.
+    `eager=True` keeps the reference paths (transformers' forward for the LLM and the tower); `eager=False` answers
+    through the static-cache decoder (`FlashVStream.use_static_decoder`) and runs the tower's fused forward
+    (`VisionTower.use_fused`); None (the default) is eager except for a LLaMA decoder on CUDA, where the other paths
+    were measured. Each stage logs one line on the `vstream.load` logger (see `Stages`).
     """
     device = resolve_device(device)
+    if is_qwen(path_or_preset):  # Flash-VStream-Qwen: a Qwen preset or a Hugging Face Qwen2(.5)-VL directory
+        if memory_mode not in (None, "flash"):
+            raise ConfigError(f"a Qwen2-VL / Qwen2.5-VL model runs Flash Memory: memory_mode must be 'flash' or "
+                              f"None, got {memory_mode!r}")
+        return load_qwen(path_or_preset, device, _dtype(dtype), seed=seed)
+    if memory_mode == "flash":
+        raise ConfigError(f"memory_mode 'flash' needs a Qwen2-VL / Qwen2.5-VL model, got {str(path_or_preset)!r}")
     stages = Stages(Path(str(path_or_preset)).name or str(path_or_preset), device)
     with stages("config") as stage:
         kind, path, cfg = _resolve(path_or_preset, vision_tower)
@@ -129,6 +138,8 @@ def load(
 
 def read_config(path_or_preset: str | Path, vision_tower: str | Path | None = None) -> ModelConfig:
     """The model config of a preset or directory, reading config files only (no weights are built or read)."""
+    if is_qwen(path_or_preset):
+        return read_qwen_config(path_or_preset)
     return _resolve(path_or_preset, vision_tower)[2]
 
 

@@ -1,7 +1,8 @@
 """Conversation templates, the `<image>` placeholder, and prompt tokenisation with the official chunk-wise rule.
 
 What this module does:
-- `TEMPLATES`: `vicuna_v1` (the released Flash-VStream model), `plain` (stage-1 pretraining) and `chatml` (SmolLM2).
+- `TEMPLATES`: `vicuna_v1` (the released Flash-VStream model), `plain` (stage-1 pretraining) `chatml` (SmolLM2) and
+  `qwen_vl` (Qwen2-VL / Qwen2.5-VL).
 - `build_prompt`: the text of an inference prompt, with the `<image>` placeholder at the front of the first user turn.
 - `tokenizer_image_token`: token ids of a prompt, with `IMAGE_TOKEN_INDEX` (-200) where each `<image>` was.
 - `prompt_parts`: an inference prompt's ids before and after its one `<image>` (where the memory is spliced).
@@ -96,6 +97,18 @@ TEMPLATES: dict[str, Template] = {
         answer_format="{text}<|im_end|>",
         turn_gap="\n",
         image_prefix=IMAGE_TOKEN + "\n",
+        stop=("<|im_end|>",),
+    ),
+    # Qwen2-VL / Qwen2.5-VL: ChatML with the memory between <|vision_start|> and <|vision_end|> (vstream.model.qwen)
+    "qwen_vl": Template(
+        name="qwen_vl",
+        system="You are a helpful assistant.",
+        system_format="<|im_start|>system\n{system}<|im_end|>\n",
+        user_format="<|im_start|>user\n{text}<|im_end|>\n",
+        assistant_prefix="<|im_start|>assistant\n",
+        answer_format="{text}<|im_end|>",
+        turn_gap="\n",
+        image_prefix="<|vision_start|>" + IMAGE_TOKEN + "<|vision_end|>",
         stop=("<|im_end|>",),
     ),
 }
