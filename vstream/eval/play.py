@@ -120,7 +120,7 @@ def play(model, source: Iterable[Frame], questions: Sequence[tuple[float | None,
             timings = {} if clock is not None and clock.live else {"memory_build_s": time.perf_counter() - t0}
             asked = time.monotonic() - start
             t1 = time.perf_counter()
-            request = engine.submit(snap.memory.tokens, prompt, max_new_tokens=max_new_tokens)
+            request = engine.submit(snap.memory.tokens, prompt, max_new_tokens=max_new_tokens, memory=snap.memory)
             try:
                 answer = collect_answer(snap, prompt, request, timings, start=t1)
             finally:
