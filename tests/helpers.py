@@ -76,6 +76,17 @@ def running_server(app):
     assert not thread.is_alive(), "uvicorn did not stop within 10 s"
 
 
+def wait_until(check, what: str, timeout: float = DEADLINE_S):
+    """Poll `check` until it returns something true (returned), or fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
 def wait_frames(client, stream_id: str, count: int) -> dict:
     deadline = time.monotonic() + DEADLINE_S
     while time.monotonic() < deadline:

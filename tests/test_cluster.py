@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from helpers import DEADLINE_S, cluster_server
+from helpers import DEADLINE_S, cluster_server, wait_until
 from vstream.engine import snapshots
 from vstream.synth.clips import write_test_video
 
@@ -73,15 +73,6 @@ def push(base: str, stream_id: str, times: list[float], value: int) -> None:
                                 "image": base64.b64encode(jpeg(value)).decode()}))
             assert recv(ws, "input_video_frame.ack")["accepted"]
 
-
-def wait_until(check, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def ingested(client, sid: str, count: int) -> dict:

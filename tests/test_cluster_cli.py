@@ -8,7 +8,6 @@ import io
 import json
 import signal
 import subprocess
-import time
 
 import httpx
 import numpy as np
@@ -16,7 +15,7 @@ import pytest
 from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, free_port, in_process, vstream_serve, wait_ready
+from helpers import DEADLINE_S, free_port, in_process, vstream_serve, wait_ready, wait_until
 from vstream.engine import snapshots
 
 
@@ -96,9 +95,3 @@ def _jpeg(value: int) -> bytes:
     Image.fromarray(np.full((48, 64, 3), value, np.uint8)).save(out, format="JPEG")
     return out.getvalue()
 
-
-def wait_until(check, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"{what} within {timeout} s"
-        time.sleep(0.05)

@@ -21,7 +21,7 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from helpers import DEADLINE_S, free_port, running_server, wait_frames, wait_ready
+from helpers import DEADLINE_S, free_port, running_server, wait_frames, wait_ready, wait_until
 from vstream.engine import snapshots
 from vstream.server import create_app
 from vstream.synth.clips import moving_shapes, write_test_video
@@ -81,15 +81,6 @@ def create(client, **body) -> str:
     assert r.status_code == 201, r.text
     return r.json()["id"]
 
-
-def wait_until(check, what: str, timeout: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def finished(client, sid: str) -> dict:

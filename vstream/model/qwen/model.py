@@ -23,10 +23,10 @@ from transformers import DynamicCache
 
 from vstream.encoder.qwen_preprocess import normalise_frames, resize_frames
 from vstream.memory.flash import FlashRead, am_rope_positions
-from vstream.model.generate import _check_sampling, _pick, default_stop_ids, stream_text
+from vstream.model.generate import _check_sampling, default_stop_ids, stream_text
 from vstream.model.prompts import prompt_parts, stop_strings
 from vstream.model.qwen.config import QwenModelConfig
-from vstream.model.qwen.prefix import MemoryPrefix
+from vstream.model.qwen.prefix import MemoryPrefix, decode
 from vstream.model.qwen.stream_memory import QwenStreamMemory, QwenTower
 from vstream.model.vlm import FlashVStream
 
@@ -146,20 +146,8 @@ class FlashVStreamQwen(nn.Module):
         _check_sampling(max_new_tokens, temperature, 1.0)
         if max_new_tokens == 0:
             return
-        text = self.hf.model.language_model
         cache = DynamicCache(config=self.hf.config.get_text_config())
-        out = text(inputs_embeds=embeds, position_ids=positions, past_key_values=cache, use_cache=True)
-        logits = self.hf.lm_head(out.last_hidden_state[:, -1])
-        next_pos = positions[:, :, -1:] + 1
-        for step in range(max_new_tokens):
-            token = _pick(logits, temperature, 1.0, None)
-            token_id = int(token)
-            yield token_id
-            if token_id in stop or step == max_new_tokens - 1:
-                return
-            out = text(input_ids=token.view(1, 1), position_ids=next_pos, past_key_values=cache, use_cache=True)
-            logits = self.hf.lm_head(out.last_hidden_state[:, -1])
-            next_pos = next_pos + 1
+        yield from decode(self.hf, {"inputs_embeds": embeds}, positions, cache, max_new_tokens, temperature, stop)
 
     def stream_answer(self, memory, question: str, max_new_tokens: int | None = None,
                       temperature: float = 0.0) -> Iterator[str]:

@@ -70,26 +70,14 @@ class MemoryPrefix:
         if self.cache is None:
             raise RuntimeError("refresh(read) must run before a question is answered from the prefix")
         _check_sampling(max_new_tokens, temperature, 1.0)
-        m, text = self.model, self.model.hf.model.language_model
+        m = self.model
         if self.busy:
             raise RuntimeError("this memory prefix is answering another question: one answer at a time")
         self.busy = True
         ids = torch.tensor([self.suffix(question)], device=m.device)
         pos = (self.next_pos + torch.arange(ids.shape[1], device=m.device, dtype=torch.float32)).expand(3, 1, -1)
         try:
-            out = text(input_ids=ids, position_ids=pos, past_key_values=self.cache, use_cache=True)
-            logits = m.hf.lm_head(out.last_hidden_state[:, -1])
-            next_pos = pos[:, :, -1:] + 1
-            for step in range(max_new_tokens):
-                token = _pick(logits, temperature, 1.0, None)
-                token_id = int(token)
-                yield token_id
-                if token_id in stop or step == max_new_tokens - 1:
-                    return
-                out = text(input_ids=token.view(1, 1), position_ids=next_pos, past_key_values=self.cache,
-                           use_cache=True)
-                logits = m.hf.lm_head(out.last_hidden_state[:, -1])
-                next_pos = next_pos + 1
+            yield from decode(m.hf, {"input_ids": ids}, pos, self.cache, max_new_tokens, temperature, stop)
         finally:
             extra = self.cache.get_seq_length() - self.length
             if extra:
@@ -103,3 +91,24 @@ class MemoryPrefix:
         n_new = m.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         yield from stream_text(self.iter_tokens(question, n_new, stop, temperature), m.tokenizer, stop,
                                stop_strings(m.cfg.template))
+
+
+def decode(hf, first: dict, positions: torch.Tensor, cache, max_new_tokens: int, temperature: float,
+           stop: set[int]) -> Iterator[int]:
+    """Token ids of an answer from a Qwen2(.5)-VL model `hf`: the first pass over `first` (`input_ids` or
+    `inputs_embeds`) at M-RoPE `positions` [3, 1, S] appends to `cache`, then one token at a time at the next
+    positions, until a `stop` id or `max_new_tokens` (> 0). One host read per token (the id, to decide whether to
+    stop)."""
+    text = hf.model.language_model
+    out = text(**first, position_ids=positions, past_key_values=cache, use_cache=True)
+    logits = hf.lm_head(out.last_hidden_state[:, -1])
+    next_pos = positions[:, :, -1:] + 1
+    for step in range(max_new_tokens):
+        token = _pick(logits, temperature, 1.0, None)
+        token_id = int(token)
+        yield token_id
+        if token_id in stop or step == max_new_tokens - 1:
+            return
+        out = text(input_ids=token.view(1, 1), position_ids=next_pos, past_key_values=cache, use_cache=True)
+        logits = hf.lm_head(out.last_hidden_state[:, -1])
+        next_pos = next_pos + 1
