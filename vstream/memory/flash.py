@@ -34,7 +34,8 @@ from typing import ClassVar
 import torch
 
 from vstream.memory.kmeans import KMeansResult
-from vstream.memory.star import MemoryRead, cluster_spans, nearest_most_recent, span_sources
+from vstream.memory.star import (MemoryRead, cluster_spans, copy_tensors, held_tensors, nearest_most_recent,
+                                 span_sources, tensor_bytes)
 
 
 @dataclass
@@ -229,12 +230,12 @@ class FlashMemory:
     # ---------------------------------------------------------------- budgets
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return held_tensors(self)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors (fixed at construction)."""
-        return sum(t.numel() * t.element_size() for t in self._state().values())
+        return tensor_bytes(self._state())
 
     @property
     def max_tokens(self) -> int:
@@ -353,14 +354,7 @@ class FlashMemory:
                 "counters": {"units_seen": self.units_seen, "n_csm": self.n_csm}}
 
     def load_state_dict(self, state: dict) -> None:
-        mine = self._state()
-        if set(state["tensors"]) != set(mine):
-            raise ValueError(f"flash memory state has tensors {sorted(state['tensors'])}, expected {sorted(mine)}")
-        for name, value in state["tensors"].items():
-            if value.shape != mine[name].shape:
-                raise ValueError(f"flash memory state {name!r} has shape {tuple(value.shape)}, expected "
-                                 f"{tuple(mine[name].shape)}")
-            mine[name].copy_(value)
+        copy_tensors(self._state(), state["tensors"], "flash memory state")
         self.units_seen, self.n_csm = int(state["counters"]["units_seen"]), int(state["counters"]["n_csm"])
 
 

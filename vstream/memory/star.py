@@ -103,12 +103,12 @@ class StarMemoryBase:
         return spa, tem, abs_, times
 
     def _state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, torch.Tensor)}
+        return held_tensors(self)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the state tensors (fixed at construction)."""
-        return sum(t.numel() * t.element_size() for t in self._state().values())
+        return tensor_bytes(self._state())
 
     @property
     def max_tokens(self) -> int:
@@ -130,18 +130,32 @@ class StarMemoryBase:
     def load_state_dict(self, state: dict) -> None:
         if self.page is not None:
             self.page.flush()
-        mine = self._state()
-        if set(state["tensors"]) != set(mine):
-            raise ValueError(f"memory state has tensors {sorted(state['tensors'])}, expected {sorted(mine)}")
-        for name, value in state["tensors"].items():
-            if value.shape != mine[name].shape:
-                raise ValueError(f"memory state {name!r} has shape {tuple(value.shape)}, expected {tuple(mine[name].shape)}")
-            mine[name].copy_(value)
+        copy_tensors(self._state(), state["tensors"], "memory state")
         for name, value in state["counters"].items():
             setattr(self, name, value)
 
     def _counters(self) -> dict:
         return {k: v for k, v in vars(self).items() if k == "frames_seen" or k.startswith("n_")}
+
+
+def held_tensors(obj) -> dict[str, torch.Tensor]:
+    """The tensors among `obj`'s attributes, by name: a memory's state."""
+    return {k: v for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
+
+
+def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def copy_tensors(mine: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:
+    """Copy `given` into `mine` in place; the names and shapes must be the same (an error naming `what` otherwise)."""
+    if set(given) != set(mine):
+        raise ValueError(f"{what} has tensors {sorted(given)}, expected {sorted(mine)}")
+    for name, value in given.items():
+        if value.shape != mine[name].shape:
+            raise ValueError(f"{what} {name!r} has shape {tuple(value.shape)}, expected {tuple(mine[name].shape)}")
+    for name, value in given.items():
+        mine[name].copy_(value)
 
 
 def paper_state_layout(cfg: MemoryConfig, dim: int, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype, float]]:
@@ -247,14 +261,14 @@ class PaperStarMemory(StarMemoryBase):
         self.n_ret = min(self.cfg.retrieved_length, self.n_tem)
 
     def _retrieve_held(self, held: torch.Tensor) -> None:
-        """`_retrieve` with fixed shapes, `held` (device [1]) clusters held: the clusters past it weigh -inf (sorted
-        last), the key frames of the first min(N_ret, held) heaviest are kept in time order, the rest of `retrieved`
-        stays as it was."""
+        """(5) with fixed shapes, `held` (device [1]) clusters held: for each of the min(N_ret, held) heaviest clusters
+        (ties: the earlier; the clusters past `held` weigh -inf, sorted last) the buffer frame nearest its centroid,
+        in time order; the rest of `retrieved` stays as it was."""
         k, r = self.cfg.temporal_length, min(self.cfg.retrieved_length, self.cfg.temporal_length)
         weight = torch.where(torch.arange(k, device=self.device) < held, self.tem_weight, -torch.inf)
         top = torch.sort(weight, descending=True, stable=True).indices[:r]
         dist = squared_distances(self.temporal[top].flatten(1), self.buffer_tem.flatten(1))  # [r, N_buff]
-        dist.masked_fill_(self.buffer_time.isnan()[None, :], float("inf"))
+        dist.masked_fill_(self.buffer_time.isnan()[None, :], float("inf"))  # slots not written yet
         slots = nearest_most_recent(dist, self.buffer_time)
         kept = torch.arange(r, device=self.device) < held
         slots = slots[torch.argsort(torch.where(kept, self.buffer_time[slots], torch.inf), stable=True)]  # time order
@@ -318,14 +332,8 @@ class PaperStarMemory(StarMemoryBase):
                 self.abstract.copy_(slots)
 
     def _retrieve(self) -> None:
-        r = min(self.cfg.retrieved_length, self.n_tem)
-        top = torch.sort(self.tem_weight[: self.n_tem], descending=True, stable=True).indices[:r]  # heaviest; ties: earlier
-        dist = squared_distances(self.temporal[top].flatten(1), self.buffer_tem.flatten(1))  # [r, N_buff]
-        dist.masked_fill_(self.buffer_time.isnan()[None, :], float("inf"))  # slots not written yet
-        slots = nearest_most_recent(dist, self.buffer_time)
-        slots = slots[torch.argsort(self.buffer_time[slots])]  # time order
-        self.retrieved[:r] = slots
-        self.n_ret = r
+        self._retrieve_held(torch.full((1,), self.n_tem, device=self.device))  # a fill kernel: no copy, no wait
+        self.n_ret = min(self.cfg.retrieved_length, self.n_tem)
 
     def spatial_slots(self) -> torch.Tensor:
         """Ring slots of the newest N_spa frames, oldest first."""
