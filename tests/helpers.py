@@ -6,6 +6,7 @@ no tests; no test module imports another."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -85,6 +86,17 @@ def wait_until(check, what: str, timeout: float = DEADLINE_S):
             return value
         time.sleep(0.05)
     raise AssertionError(f"{what} within {timeout} s")
+
+
+def recv(ws, type_: str | None = None, timeout: float = DEADLINE_S) -> dict:
+    """The next realtime event (of `type_`, skipping others) on a websockets sync client; every event has `type` and
+    `event_id`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        event = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
+        assert isinstance(event["type"], str) and event["event_id"].startswith("evt_"), event
+        if type_ is None or event["type"] == type_:
+            return event
 
 
 def wait_frames(client, stream_id: str, count: int) -> dict:

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from helpers import DEADLINE_S, cluster_server, wait_until
+from helpers import DEADLINE_S, cluster_server, recv, wait_until
 from vstream.engine import snapshots
 from vstream.synth.clips import write_test_video
 
@@ -55,14 +55,6 @@ def connect(base: str, stream_id: str | None = None):
     query = f"?stream_id={stream_id}" if stream_id else ""
     return ws_connect(base.replace("http://", "ws://") + "/v1/realtime" + query, open_timeout=DEADLINE_S,
                       close_timeout=5)
-
-
-def recv(ws, type_: str) -> dict:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        event = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
-        if event["type"] == type_:
-            return event
 
 
 def push(base: str, stream_id: str, times: list[float], value: int) -> None:

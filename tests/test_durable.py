@@ -21,7 +21,7 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from helpers import DEADLINE_S, free_port, running_server, wait_frames, wait_ready, wait_until
+from helpers import DEADLINE_S, free_port, recv, running_server, wait_frames, wait_ready, wait_until
 from vstream.engine import snapshots
 from vstream.server import create_app
 from vstream.synth.clips import moving_shapes, write_test_video
@@ -52,14 +52,6 @@ def append(i: int, t: float) -> str:
 def connect(base: str, stream_id: str):
     url = base.replace("http://", "ws://") + f"/v1/realtime?stream_id={stream_id}"
     return ws_connect(url, open_timeout=DEADLINE_S, close_timeout=5)
-
-
-def recv(ws, type_: str) -> dict:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        event = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
-        if event["type"] == type_:
-            return event
 
 
 def push_frames(base: str, stream_id: str, times: list[float], pause_s: float = 0.0) -> list[tuple[float, int]]:

@@ -18,7 +18,7 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, EngineHook, cluster_server, running_server, wait_frames
+from helpers import DEADLINE_S, EngineHook, KEY, cluster_server, recv, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import moving_shapes, write_test_video
@@ -75,16 +75,6 @@ def client(api_server):
 def connect(base: str, stream_id: str | None = None):
     url = base.replace("http://", "ws://") + "/v1/realtime" + (f"?stream_id={stream_id}" if stream_id else "")
     return ws_connect(url, additional_headers=AUTH, open_timeout=DEADLINE_S, close_timeout=5)
-
-
-def recv(ws, type_: str | None = None, timeout: float = DEADLINE_S) -> dict:
-    """The next event (of `type_`, skipping others); every event has `type` and `event_id`."""
-    deadline = time.monotonic() + timeout
-    while True:
-        event = json.loads(ws.recv(timeout=max(0.01, deadline - time.monotonic())))
-        assert isinstance(event["type"], str) and event["event_id"].startswith("evt_"), event
-        if type_ is None or event["type"] == type_:
-            return event
 
 
 def push_seconds(ws, seconds: int, start: int = 0) -> list[dict]:
