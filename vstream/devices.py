@@ -1,6 +1,7 @@
 """Which torch device a name means: `auto` (the default everywhere) is CUDA when torch sees one, else the CPU.
 
-This module only names devices; it does not move tensors or load models.
+This module only names devices (and the batch sizes a captured graph is kept for); it does not move tensors or load
+models.
 """
 
 from __future__ import annotations
@@ -33,3 +34,11 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
             raise UserInputError(f"device {name!r} was asked for, but torch sees {count} CUDA device(s): "
                                  f"expected an index below {count}")
     return device
+
+
+def graph_sizes(most: int) -> list[int]:
+    """The batch sizes a fixed-shape step is captured at, for batches of 1..`most`: the powers of two below `most`,
+    and `most` (a batch of n runs at the smallest size >= n, so at most half of a step's rows are padding)."""
+    if most < 1:
+        raise ValueError(f"graph sizes need a largest batch of at least 1, got {most}")
+    return sorted({1 << i for i in range(most.bit_length()) if 1 << i < most} | {most})

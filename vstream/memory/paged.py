@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from vstream.config import MemoryConfig
+from vstream.devices import graph_sizes
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import squared_distances
@@ -49,7 +50,7 @@ class MemoryPage:
         self.state = {k: torch.full((capacity + 1, *shape), fill, dtype=dt, device=self.device)  # + a scratch row
                       for k, (shape, dt, fill) in self.layout.items()}
         self.members: dict[int, PaperStarMemory] = {}  # row -> its memory
-        self.sizes = sorted({1 << i for i in range(capacity.bit_length()) if 1 << i < capacity} | {capacity})
+        self.sizes = graph_sizes(capacity)
         self.use_graph = self.device.type == "cuda" if graph is None else graph
         self.graph_pool = graph_pool
         self._batches: dict[int, _Batch] = {}  # batch size -> its static inputs and captured update

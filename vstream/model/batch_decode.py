@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from vstream.devices import graph_sizes
 from vstream.model.batch_cache import SlotCache
 from vstream.model.static_decode import FusedLayers
 from vstream.model.generate import _check_embeds
@@ -232,7 +233,7 @@ class BatchDecoder:
 
     def sizes(self) -> list[int]:
         """The slot counts a step is captured at: 1, 2, 4, ... below B_max, and B_max."""
-        return sorted({1 << i for i in range(self.max_batch.bit_length()) if 1 << i < self.max_batch} | {self.max_batch})
+        return graph_sizes(self.max_batch)
 
     def span(self) -> int:
         """How many key positions the next step reads: the smallest span that holds every active slot's keys."""
