@@ -70,6 +70,63 @@ def test_cuda_graph_replay_equals_eager_updates_and_never_synchronises():
     assert graphed.frames_seen == 420 and int(graphed.count) == 420
 
 
+
+def test_a_graph_pool_outlives_the_graphs_captured_into_it():
+    """Memories come and go (streams close) while their graphs share one pool: after the first memory and its graphs
+    are freed, the next memory still captures both of its graphs into the pool (a bare `graph_pool_handle()` is
+    retired with its last graph, and the next capture into it fails)."""
+    import gc
+    import weakref
+
+    from vstream.devices import GraphPool
+    from vstream.memory.star import CapturedUpdate
+
+    torch.manual_seed(0)
+    att = AbstractAttention(D, 32).cuda().half()
+    pool = GraphPool("cuda")
+    frames = torch.randn(30, 256, D, device="cuda", dtype=torch.float16)
+    failures = CapturedUpdate.fill_failures
+    for _ in range(2):
+        mem = PaperStarMemory(MemoryConfig(), D, att, 16, device="cuda", dtype=torch.float16)
+        mem.enable_cuda_graph(pool.handle)
+        for i in range(30):  # the fill phase's graph, then the steady one's
+            mem.update(frames[i : i + 1], torch.tensor([float(i)], dtype=torch.float64, device="cuda"))
+        assert mem.graph.fill_graph is not None and mem.graph.graph is not None
+        freed = weakref.ref(mem)
+        del mem
+        gc.collect()
+        assert freed() is None
+    assert CapturedUpdate.fill_failures == failures
+
+
+def test_the_engine_captures_a_new_streams_graphs_after_a_closed_stream_was_freed():
+    """What the server does: its warm-up stream closes, then the real streams open on the same engine; every one
+    captures its fill and steady graphs in the engine's pool."""
+    import gc
+
+    import vstream
+    from vstream.engine import Engine
+    from vstream.memory.star import CapturedUpdate
+
+    model = vstream.load("tiny", device="cuda")
+    engine = Engine(model)
+    side = model.cfg.vision.image_size
+    crops = np.random.default_rng(0).integers(0, 255, (30, side, side, 3), dtype=np.uint8)
+    failures = CapturedUpdate.fill_failures
+    for _ in range(2):
+        lane = engine.open(batch=4, live=False)
+        for t in range(30):
+            lane.put(float(t), crops[t])
+        while lane.snapshot is None or lane.snapshot.frames < 30:
+            lane.done.wait(0.01)
+        graphs = lane.processor.memory.graph
+        assert lane.error is None and graphs.fill_graph is not None and graphs.graph is not None
+        engine.close(lane)
+        del lane, graphs
+        gc.collect()
+    engine.shutdown()
+    assert CapturedUpdate.fill_failures == failures
+
 @pytest.mark.parametrize("chunks", [[1] * 40, [3, 1, 5, 25, 2, 7]])
 def test_official_streaming_matches_reference_on_cuda(chunks):
     cfg = MemoryConfig(mode="official")

@@ -1,7 +1,7 @@
 """Which torch device a name means: `auto` (the default everywhere) is CUDA when torch sees one, else the CPU.
 
-This module only names devices (and the batch sizes a captured graph is kept for); it does not move tensors or load
-models.
+This module names devices, the batch sizes a captured graph is kept for, and the CUDA memory pools that captured graphs
+share; it does not move tensors or load models.
 """
 
 from __future__ import annotations
@@ -42,3 +42,19 @@ def graph_sizes(most: int) -> list[int]:
     if most < 1:
         raise ValueError(f"graph sizes need a largest batch of at least 1, got {most}")
     return sorted({1 << i for i in range(most.bit_length()) if 1 << i < most} | {most})
+
+
+class GraphPool:
+    """A CUDA memory pool for graphs that never run at the same time, alive as long as this object.
+
+    A pool named by a bare `torch.cuda.graph_pool_handle()` lives only while a graph captured into it lives: once the
+    last such graph is freed (a stream closed, its memory's graphs with it), the allocator retires the pool, and the
+    next capture into the same handle fails on an internal assertion. This object holds one small graph of its own in
+    the pool (`anchor`), so the pool outlives every graph that comes and goes. Pass `handle` as `pool=` to
+    `torch.cuda.graph`."""
+
+    def __init__(self, device: torch.device | str | None = None):
+        self.handle = torch.cuda.graph_pool_handle()
+        self.anchor = torch.cuda.CUDAGraph()
+        with torch.cuda.device(device), torch.cuda.graph(self.anchor, pool=self.handle):
+            self.anchor_output = torch.ones(1, device="cuda").add_(1)  # the graph's one block of the pool

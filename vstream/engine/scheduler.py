@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 from vstream import profiling
+from vstream.devices import GraphPool
 from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, publish_snapshots, snapshot_at
 from vstream.memory.paged import MemoryPage
 from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
@@ -338,8 +339,8 @@ class Engine:
         """The one CUDA memory pool of every memory's and page's captured update: the engine thread runs them one after
         another and each writes its results in place, so they can share it (made on first use)."""
         if self._graph_pool is None:
-            self._graph_pool = torch.cuda.graph_pool_handle()
-        return self._graph_pool
+            self._graph_pool = GraphPool(self.model.device)  # outlives the graphs of closed streams' memories
+        return self._graph_pool.handle
 
     def new_memory(self):
         """A lane's streaming memory: a row of a memory page (a new page when all are full) when pages are on and

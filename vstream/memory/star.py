@@ -485,6 +485,9 @@ class CapturedUpdate:
     device inputs) and the steady state's (`_step`), each captured at its first use. Inputs are copied into static
     tensors; the state is updated in place by the replay."""
 
+    fill_failures = 0
+    """Memories of this process whose fill phase could not be captured (they update eagerly until steady)."""
+
     def __init__(self, memory: PaperStarMemory, pool=None):
         self.memory = memory
         self.graph: torch.cuda.CUDAGraph | None = None  # the steady update
@@ -512,8 +515,10 @@ class CapturedUpdate:
             try:
                 self.fill_graph = self._capture(self._fill)
             except RuntimeError:  # the memory stays correct: its fill phase runs eagerly, as before graphs
-                log.warning("the fill phase of a memory update could not be captured in a CUDA graph; it runs "
-                            "eagerly", exc_info=True)
+                CapturedUpdate.fill_failures += 1
+                (log.warning if CapturedUpdate.fill_failures == 1 else log.debug)(
+                    "the fill phase of a memory update could not be captured in a CUDA graph; it runs eagerly (%d "
+                    "memories so far; logged once, then at debug level)", CapturedUpdate.fill_failures, exc_info=True)
                 self.fill_failed = True
                 return False
         self.features.copy_(features)
