@@ -35,7 +35,7 @@ def test_frames_are_ingested_while_an_answer_is_generated(model):
     source = PushSource()
     frames = list(moving_shapes(400, 64, 48, seed=1))
     stop = threading.Event()
-    with StreamSession(model, queue_size=4, batch_size=1).start(source, live=True) as session:
+    with StreamSession(model, queue_size=4, frames_per_round=1).start(source, live=True) as session:
         def pusher():
             for i, frame in enumerate(frames):
                 if stop.is_set():
@@ -61,12 +61,12 @@ def test_frames_are_ingested_while_an_answer_is_generated(model):
 
 def test_slow_encoder_drops_frames_from_a_live_source_and_none_from_a_file(clip):
     slow = slowed(vstream.load("tiny"), 0.05)
-    with StreamSession(slow, queue_size=2, batch_size=1).start(replay_source(str(clip), fps=5, speed=20), live=True) as s:
+    with StreamSession(slow, queue_size=2, frames_per_round=1).start(replay_source(str(clip), fps=5, speed=20), live=True) as s:
         assert s.wait(timeout=60)
     live = s.stats()
     assert live["frames_received"] == 50 and live["frames_dropped"] > 0
     assert live["frames_encoded"] + live["frames_dropped"] == 50
-    with StreamSession(slow, queue_size=2, batch_size=1).start(file_source(str(clip), fps=5), live=False) as s:
+    with StreamSession(slow, queue_size=2, frames_per_round=1).start(file_source(str(clip), fps=5), live=False) as s:
         assert s.wait(timeout=60)
     offline = s.stats()
     assert offline["frames_dropped"] == 0 and offline["frames_encoded"] == 50 and offline["error"] is None
@@ -74,7 +74,7 @@ def test_slow_encoder_drops_frames_from_a_live_source_and_none_from_a_file(clip)
 
 def test_snapshots_are_consistent_under_concurrent_questions(model, clip):
     errors, seen = [], []
-    with StreamSession(model, queue_size=4, batch_size=2).start(file_source(str(clip), fps=10), live=False) as s:
+    with StreamSession(model, queue_size=4, frames_per_round=2).start(file_source(str(clip), fps=10), live=False) as s:
         s.wait_for_frames(1, timeout=30)
 
         def asker():

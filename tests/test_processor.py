@@ -137,7 +137,7 @@ def test_reset_forgets_everything(model):
 def test_the_session_publishes_what_its_processor_builds(model):
     rng = np.random.default_rng(1)
     frames = [(float(t), rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for t in range(10)]
-    with StreamSession(model, batch_size=3) as session:
+    with StreamSession(model, frames_per_round=3) as session:
         session.start(iter(frames), live=False)
         assert session.wait(30)
         got = session.snapshot()

@@ -32,15 +32,15 @@ class StreamSession:
     """Feed one source into the engine; answer questions concurrently. Use as a context manager or call `close()`."""
 
     def __init__(
-        self, model: FlashVStream, *, queue_size: int = 8, batch_size: int = 4, history: int = 0,
+        self, model: FlashVStream, *, queue_size: int = 8, frames_per_round: int = 4, history: int = 0,
         on_frames: Callable[[list[Frame]], None] | None = None, engine: Engine | None = None,
     ):
-        """`history`: past snapshots kept for questions asked "as of" an earlier time (0: none). `batch_size`: most
-        of this stream's frames in one round of the engine. `on_frames` is called by the reader with each frame as
+        """`history`: past snapshots kept for questions asked "as of" an earlier time (0: none). `frames_per_round`: the
+        most of this stream's frames in one round of the engine. `on_frames` is called by the reader with each frame as
         it is queued (e.g. to keep thumbnails). `engine`: the model's shared engine by default."""
         self.model = model
         self.engine = engine if engine is not None else engine_of(model)
-        self.lane: Lane = self.engine.open(history=history, queue_size=queue_size, batch=batch_size, live=True)
+        self.lane: Lane = self.engine.open(history=history, queue_size=queue_size, batch=frames_per_round, live=True)
         self.on_frames = on_frames
         self.live = False
         self._stop = threading.Event()

@@ -77,7 +77,7 @@ class WallClock:
                   name: str) -> Iterator[Snapshot]:
         """The engine's latest snapshot of the stream at each time's wall-clock moment (None: once the source ended
         and every frame was ingested)."""
-        session = StreamSession(model, batch_size=batch_size).start(source, live=True)
+        session = StreamSession(model, frames_per_round=batch_size).start(source, live=True)
         start = time.monotonic()
         try:
             for t in at:
