@@ -6,11 +6,12 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 
 from vstream.engine import StreamSession
 from vstream.engine.watches import CLEARED, TRIGGERED, Watch, evaluate_due
 from vstream.errors import ConfigError, UserInputError
-from vstream.model.yesno import watch_question, yes_no_ids, yes_no_score
+from vstream.model.yesno import score_pairs, watch_question, yes_no_ids, yes_no_score
 from vstream.sources import file_source
 from vstream.synth.clips import write_test_video
 
@@ -155,3 +156,33 @@ def test_batched_scores_equal_one_prefill_each(model, tmp_path):
     conditions = [c for _, c in pairs]
     shared = yes_no_scores_shared(model, mems[1].tokens, conditions)
     assert shared == pytest.approx([yes_no_score(model, mems[1].tokens, c) for c in conditions], abs=1e-4)
+
+
+def stream_snapshots(model, tmp_path, seconds: list[float]) -> list:
+    """The last snapshot of a real stream of a clip of each length (each clip drawn from its own seed)."""
+    out = []
+    for i, length in enumerate(seconds):
+        path = write_test_video(tmp_path / f"clip{i}.mp4", seconds=length, fps=5, seed=i)
+        with StreamSession(model) as session:
+            session.start(file_source(path, fps=model.cfg.sample_fps), live=False)
+            assert session.wait(60)
+            out.append(session.snapshot())
+    return out
+
+
+def test_score_pairs_shares_a_memory_batches_the_others_and_isolates_a_bad_one(model, tmp_path):
+    a, b, c = (s.memory.tokens for s in stream_snapshots(model, tmp_path, [2, 3, 4]))
+    nan = torch.full_like(a, math.nan)
+    pairs = [(a, "a red circle"), (b, "something moves"), (a, "a blue square"), (nan, "y"), (c, "the scene changes"),
+             (a, "z")]
+    got = score_pairs(model, pairs, max_batch=2)  # a's three share a prefix (2 + 1); b, nan | c in padded batches
+    assert isinstance(got[3], ValueError) and "not a finite number" in str(got[3])
+    good = [i for i in range(len(pairs)) if i != 3]
+    assert [got[i] for i in good] == pytest.approx([yes_no_score(model, *pairs[i]) for i in good], abs=1e-4)
+    wide = torch.zeros(5, a.shape[1] + 1)  # a memory of the wrong width
+    got = score_pairs(model, [(wide, "x"), (b, "x"), (wide, "y")])
+    assert isinstance(got[0], RuntimeError) and isinstance(got[2], RuntimeError)
+    assert got[1] == pytest.approx(yes_no_score(model, b, "x"), abs=1e-4)
+    assert score_pairs(model, []) == []
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        score_pairs(model, pairs, max_batch=0)
