@@ -1,6 +1,6 @@
 """Watches over HTTP against a real uvicorn on 127.0.0.1 with the tiny model: create, list, get and delete; bad bodies
 and the per-stream limit; events on the SSE feed (in order, resumed with Last-Event-ID) and on a realtime socket; a
-the evaluations by how they ended in the watches' views and /metrics. And the `Watcher`'s tick on
+trigger's thumbnail; the evaluations by how they ended in the watches' views and /metrics. And the `Watcher`'s tick on
 real streams without HTTP: every stream's due watches in one engine call, a stream with a corrupted memory failing
 alone.
 
@@ -167,10 +167,10 @@ def _jpeg_b64() -> str:
     return base64.b64encode(out.getvalue()).decode()
 
 
-def test_views_and_metrics_count_evaluations_by_how_they_ended(app, client):
+def test_views_and_metrics_count_evaluations_by_how_they_ended_and_a_trigger_links_its_frame(app, client):
     """Three finished streams: a watch decided by the recent part and one escalated (margin 1e6) on the first, one
     scored on the full memory at once on the second, and one on the third whose memory is NaN (it fails, backs off,
-    and the others fire anyway)."""
+    and the others fire anyway). The trigger's thumbnail_url answers with the JPEG of its frame."""
     ids = [client.post("/v1/streams", json={"source": {"type": "file", "path": "clip.mp4"}}).json()["id"]
            for _ in range(3)]
     for sid in ids:
@@ -194,6 +194,10 @@ def test_views_and_metrics_count_evaluations_by_how_they_ended(app, client):
     assert failing["evaluations"] == 0 and "not a finite number: nan" in failing["error"]
     [(_, kind, event)] = sse(client, ids[0], 1, last_event_id="0")
     assert kind == "watch.triggered" and event["watch_id"] == watches[0] and event["scored_on"] == "recent"
+    assert event["thumbnail_url"] == f"/v1/streams/{ids[0]}/frames?t={event['stream_time']!r}"
+    jpeg = client.get(event["thumbnail_url"])
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    assert float(jpeg.headers["X-Frame-Time"]) == event["stream_time"]
     metrics = {line.split()[0]: float(line.split()[1]) for line in client.get("/metrics").text.splitlines()
                if line.startswith("vstream:watch")}
     for how in ("recent", "escalated", "full", "failed"):
@@ -226,7 +230,7 @@ def test_one_tick_scores_every_stream_in_one_engine_call_and_a_broken_stream_fai
         assert set(events) == {s.id for s in streams} and events[streams[2].id] == []
         first = events[streams[0].id][0]
         assert first["watch_id"] == plan[0][0].id and first["stream_id"] == streams[0].id and first["id"] == 1
-        assert first["stream_time"] == 2.0
+        assert first["thumbnail_url"] == f"/v1/streams/{streams[0].id}/frames?t=2.0" and first["stream_time"] == 2.0
         assert [e["watch_id"] for e in events[streams[1].id]] == [plan[1][0].id]
         assert plan[2][0].failures == 1 and plan[2][0].evaluations == 0
         assert watcher.tick() == {}  # nothing new to score, the broken one backs off

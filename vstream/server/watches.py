@@ -9,7 +9,9 @@ engine thread (`Engine.call`; `vstream.engine.watches.evaluate_streams` with `vs
 parts first, then the full memories where a recent score came near its band; conditions over one memory share its
 prefix, the others are batched across streams, at most `max_batch` prompts a forward), waiting for it off the event
 loop. A stream whose snapshot or scores fail fails only its own watches, which back off. Events go to the stream's
-feed, from which the SSE route and every realtime socket of the stream read.
+feed, from which the SSE route and every realtime socket of the stream read; a `watch.triggered` event carries
+`thumbnail_url`, the stream's frame route (`GET /v1/streams/{id}/frames?t=...`, relative to the server) for the kept
+thumbnail nearest its stream time (null when none is kept within `THUMBNAIL_WITHIN_S`).
 
 The Watcher counts evaluations by how they ended and times each tick's engine call (read by `/metrics`). Events of a
 watch with a webhook are handed to the server's `WebhookSender` (`webhooks`), which delivers them on its own threads.
@@ -24,11 +26,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from vstream.engine.watches import ESCALATED, FAILED, FULL, RECENT, Watch, evaluate_streams
+from vstream.engine.watches import ESCALATED, FAILED, FULL, RECENT, TRIGGERED, Watch, evaluate_streams
 from vstream.model.yesno import MAX_BATCH, scorer
 from vstream.server.metrics import WATCH_TICK_BUCKETS, Histogram
 
 log = logging.getLogger("vstream.server")
+THUMBNAIL_WITHIN_S = 2.0
+"""A trigger links the kept thumbnail nearest its stream time only if it is at most this far from it."""
 
 
 class EventFeed:
@@ -167,7 +171,8 @@ class Watcher:
 
     def _publish(self, stream, events: list[dict], due: list[Watch]) -> list[dict]:
         board: WatchBoard = stream.board
-        published = [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
+        published = [board.feed.publish(event | {"stream_id": stream.id} | _thumbnail(stream, event))
+                     for event in events]
         board.version += len(published)
         self._send(published, {w.id: w for w in due})
         return published
@@ -179,6 +184,14 @@ class Watcher:
             watch = watches[event["watch_id"]]
             if watch.webhook is not None and sender is not None:
                 sender.submit(watch.webhook, event, done=lambda ok, w=watch: _count(w, ok))
+
+
+def _thumbnail(stream, event: dict) -> dict:
+    """{"thumbnail_url": ...} for a trigger (see the module docstring), {} for other events."""
+    if event["type"] != TRIGGERED:
+        return {}
+    kept = stream.thumbnails.nearest(event["stream_time"], tolerance=THUMBNAIL_WITHIN_S)
+    return {"thumbnail_url": None if kept is None else f"/v1/streams/{stream.id}/frames?t={kept[0]!r}"}
 
 
 def _count(watch: Watch, delivered: bool) -> None:
