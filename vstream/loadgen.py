@@ -470,8 +470,9 @@ async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], f
     t0 = loop.time() + 0.05
     start, end = t0 + cfg.warmup, t0 + cfg.warmup + cfg.seconds
     n = len(streams)
-    senders = [asyncio.create_task(s.send_frames(frames, t0, end, cfg.fps, s.index / n)) for s in streams]
-    askers = [asyncio.create_task(ask_on_schedule(http, s, cfg, start, end, s.index / n, t0)) for s in streams]
+    # staggered by position among the opened streams (a refused stream leaves no gap in the schedule)
+    senders = [asyncio.create_task(s.send_frames(frames, t0, end, cfg.fps, i / n)) for i, s in enumerate(streams)]
+    askers = [asyncio.create_task(ask_on_schedule(http, s, cfg, start, end, i / n, t0)) for i, s in enumerate(streams)]
     health = asyncio.create_task(poll_health(url, end, memory))
     busy_start = asyncio.create_task(engine_busy(http, start))
     cpu_start = asyncio.create_task(_at(start, memory or dict))
