@@ -217,8 +217,8 @@ def evaluate_streams(jobs: Sequence[tuple[object, Iterable[Watch]]], score: Scor
         -> tuple[list[list[dict]], collections.Counter]:
     """Score the watches of each (snapshot, watches) job that are due at its stream time, with one `score` call over
     every job's recent parts and one over the full memories (see the module docstring). Returns each job's events, in
-    the order of its watches, and how many evaluations ended each way (RECENT, ESCALATED, FULL, FAILED). A snapshot
-    of None (an engine `Snapshot`, or None before the first frame) has nothing to score."""
+    the order of its watches, and how many evaluations ended each way (RECENT, ESCALATED, FULL, FAILED). Each snapshot
+    is an engine `Snapshot`, or None before the first frame (nothing to score)."""
     plans = [_plan(snap, watches) for snap, watches in jobs]
     cheap = [(job, i) for job in plans if job.recent is not None
              for i, w in enumerate(job.due) if w.escalate_margin is not None]
