@@ -1,12 +1,15 @@
 """Helpers shared by test files: the `vstream` command in a subprocess or in this process, a real uvicorn on a free
 port, bounded waits on a stream or a `vstream serve` subprocess, the error-object check, a hook that slows the running
-server's engine, GStreamer's RTSP server as a subprocess, and a cluster on a local Ray instance behind its ingress. No fixtures here (shared ones live in conftest.py) and
-no tests; no test module imports another."""
+server's engine, a snapshot with a corrupted memory, GStreamer's RTSP server as a subprocess, and a cluster on a local
+Ray instance behind its ingress. No fixtures here (shared ones live in conftest.py) and no tests; no test module
+imports another."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import socket
 import subprocess
@@ -164,6 +167,14 @@ class EngineHook:
         self.go.set()
         del self.answers.run_once, self.answers._take  # the class's methods again
         self.answers.model = self._model
+
+
+def nan_memory(snapshot):
+    """The engine snapshot with every memory token NaN (what a corrupted memory state gives); nothing else changed."""
+    import torch
+
+    tokens = torch.full_like(snapshot.memory.tokens, math.nan)
+    return dataclasses.replace(snapshot, memory=dataclasses.replace(snapshot.memory, tokens=tokens))
 
 
 def rtsp_available() -> str | None:

@@ -537,7 +537,8 @@ def test_schema_bounds_are_the_bounds_the_server_enforces(model, limits):
             ("WatchCreate", "every_s", "minimum"): 0.1, ("WatchCreate", "every_s", "maximum"): 3600,
             ("WatchCreate", "cooldown_s", "minimum"): 0, ("WatchCreate", "cooldown_s", "maximum"): 86400,
             ("WatchCreate", "threshold", "minimum"): -1e12, ("WatchCreate", "threshold", "maximum"): 1e12,
-            ("WatchCreate", "hysteresis", "minimum"): 0, ("WatchCreate", "hysteresis", "maximum"): 1e6}
+            ("WatchCreate", "hysteresis", "minimum"): 0, ("WatchCreate", "hysteresis", "maximum"): 1e6,
+            ("WatchCreate", "escalate_margin", "minimum"): 0, ("WatchCreate", "escalate_margin", "maximum"): 1e6}
         at = lambda fps: client.post("/v1/streams", json={"source": {"type": "push"}, "fps": fps})  # noqa: E731
         ok = at(limits.max_fps)
         assert ok.status_code == 201, ok.text  # the schema's maximum is accepted, the next value is not

@@ -118,6 +118,30 @@ def test_a_socket_the_server_closes_during_the_load_is_counted_with_its_reason()
     assert r["questions"]["sent"] == 1
 
 
+@pytest.mark.slow
+def test_watches_on_top_of_the_load_are_counted_from_their_views_and_the_servers_metrics(capsys):
+    app = create_app(vstream.load("tiny"), max_streams=2)
+    with running_server(app) as base:
+        r = bench_serve("--url", base, "--streams", "2", "--seconds", "3", "--warmup", "1", "--question-every", "100",
+                        "--frame-size", "160x120", "--watches", "2", "--watch-escalate-margin", "2")
+        watcher = app.state.vstream.watcher
+        assert watcher is not None and watcher.tick_seconds.count >= 1
+    check_consistent(r, 2)
+    w, srv = r["watches"], r["watches"]["server"]
+    assert r["options"]["watches"] == 2 and r["options"]["watch_escalate_margin"] == 2.0
+    assert (w["created"], w["refused"], w["seen"], w["per_stream"], w["failing"]) == (4, {}, 4, 2.0, 0)
+    assert 4 <= w["evaluations"] and w["cheap"] + w["escalated"] == w["evaluations"]  # every watch has a margin
+    assert 0 <= w["events"] <= w["evaluations"]
+    assert 1 <= srv["ticks"] <= watcher.tick_seconds.count and 0 < srv["tick_ms_mean"] and 0 < srv["busy_share"] < 1
+    assert 0 < srv["ms_per_stream_scored"] <= srv["tick_ms_mean"]
+    assert set(srv["evaluations"]) == {"recent", "escalated", "full", "failed"} and srv["evaluations"]["full"] == 0
+    assert 1 <= sum(srv["evaluations"].values()) <= w["evaluations"]  # the window's, of all the watches' evaluations
+    _serve_table(r)
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("  watches")]
+    assert line.startswith(f"  watches 4 created: {w['evaluations']} evaluations ({w['cheap']} cheap, ") and \
+        f"server: {srv['ticks']} ticks, {srv['tick_ms_mean']} ms each" in line
+
+
 def test_an_unreachable_url_is_named(monkeypatch, capsys):
     port = free_port()  # closed again: nothing listens there
     code, out, err = bench_serve_in_process(monkeypatch, capsys, "--url", f"http://127.0.0.1:{port}", "--seconds", "1")
@@ -143,6 +167,7 @@ def test_a_key_is_needed_and_named(monkeypatch, capsys):
     (["--question-every", "-1"], "--question-every must be > 0, got -1"),
     (["--warmup", "-1"], "--warmup must be >= 0 seconds, got -1"),
     (["--question", " "], "--question must be a non-empty question, got ' '"),
+    (["--watches", "-1"], "--watches and --watch-escalate-margin must be >= 0, got -1 and None"),
     (["--url", "127.0.0.1:8000"], "--url must be http://HOST:PORT or https://HOST:PORT, got '127.0.0.1:8000'"),
     (["--url", "http://127.0.0.1:9", "--model", "tiny"], "with --url the server has its own (got --model tiny"),
     (["--device", "tpu"], "--device: device must be"),

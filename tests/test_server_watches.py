@@ -1,5 +1,8 @@
 """Watches over HTTP against a real uvicorn on 127.0.0.1 with the tiny model: create, list, get and delete; bad bodies
-and the per-stream limit; events on the SSE feed (in order, resumed with Last-Event-ID) and on a realtime socket.
+and the per-stream limit; events on the SSE feed (in order, resumed with Last-Event-ID) and on a realtime socket; a
+trigger's thumbnail; the evaluations by how they ended in the watches' views and /metrics. And the `Watcher`'s tick on
+real streams without HTTP: every stream's due watches in one engine call, a stream with a corrupted memory failing
+alone.
 
 The tiny model's weights are random, so a condition's truth cannot be relied on: the delivery tests use
 `threshold: -1e9` (documented for testing and calibration), which fires at a watch's first evaluation."""
@@ -13,9 +16,12 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, assert_error, running_server, wait_frames
+from helpers import DEADLINE_S, KEY, assert_error, nan_memory, running_server, wait_frames, wait_until
+from vstream.engine.watches import Watch
 from vstream.server import create_app
-from vstream.server.state import Limits
+from vstream.server.state import Limits, ServerState
+from vstream.server.watches import Watcher
+from vstream.sources import file_source
 from vstream.synth.clips import write_test_video
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -23,10 +29,15 @@ ALWAYS = {"threshold": -1e9, "hysteresis": 0.0, "cooldown_s": 0.0}
 
 
 @pytest.fixture(scope="module")
-def server(model, tmp_path_factory):
+def app(model, tmp_path_factory):
     media = tmp_path_factory.mktemp("media")
     write_test_video(media / "clip.mp4", seconds=3, fps=5)
-    app = create_app(model, media_root=media, api_key=KEY, max_streams=4, limits=Limits(max_watches_per_stream=3, max_watches=5))
+    return create_app(model, media_root=media, api_key=KEY, max_streams=4,
+                      limits=Limits(max_watches_per_stream=3, max_watches=5))
+
+
+@pytest.fixture(scope="module")
+def server(app):
     with running_server(app) as base:
         yield base
 
@@ -154,3 +165,76 @@ def _jpeg_b64() -> str:
     out = io.BytesIO()
     Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(out, format="JPEG")
     return base64.b64encode(out.getvalue()).decode()
+
+
+def test_views_and_metrics_count_evaluations_by_how_they_ended_and_a_trigger_links_its_frame(app, client):
+    """Three finished streams: a watch decided by the recent part and one escalated (margin 1e6) on the first, one
+    scored on the full memory at once on the second, and one on the third whose memory is NaN (it fails, backs off,
+    and the others fire anyway). The trigger's thumbnail_url answers with the JPEG of its frame."""
+    ids = [client.post("/v1/streams", json={"source": {"type": "file", "path": "clip.mp4"}}).json()["id"]
+           for _ in range(3)]
+    for sid in ids:
+        wait_until(lambda s=sid: client.get(f"/v1/streams/{s}").json()["state"] == "finished", "the clip ingested")
+    lane = app.state.vstream.streams[ids[2]].session.lane
+    lane.snapshot = nan_memory(lane.snapshot)
+    bodies = [(ids[0], {"condition": "a red circle", "escalate_margin": 2} | ALWAYS),
+              (ids[0], {"condition": "a blue square", "threshold": 0, "hysteresis": 0, "escalate_margin": 1e6}),
+              (ids[1], {"condition": "something moves"} | ALWAYS), (ids[2], {"condition": "anything"} | ALWAYS)]
+    watches = [client.post(f"/v1/streams/{sid}/watches", json=body).json()["id"] for sid, body in bodies]
+
+    def view(i):
+        return client.get(f"/v1/streams/{bodies[i][0]}/watches/{watches[i]}").json()
+
+    wait_until(lambda: all(view(i)["evaluations"] for i in range(3)) and view(3)["failures"], "every watch scored")
+    cheap, escalated, full, failing = (view(i) for i in range(4))
+    assert cheap["escalate_margin"] == 2 and full["escalate_margin"] is None
+    assert cheap["cheap_evaluations"] == cheap["evaluations"] == 1 and cheap["escalated_evaluations"] == 0
+    assert escalated["escalated_evaluations"] == escalated["evaluations"] == 1
+    assert full["evaluations"] == 1 and full["cheap_evaluations"] == full["escalated_evaluations"] == 0
+    assert failing["evaluations"] == 0 and "not a finite number: nan" in failing["error"]
+    [(_, kind, event)] = sse(client, ids[0], 1, last_event_id="0")
+    assert kind == "watch.triggered" and event["watch_id"] == watches[0] and event["scored_on"] == "recent"
+    assert event["thumbnail_url"] == f"/v1/streams/{ids[0]}/frames?t={event['stream_time']!r}"
+    jpeg = client.get(event["thumbnail_url"])
+    assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg" and jpeg.content[:2] == b"\xff\xd8"
+    assert float(jpeg.headers["X-Frame-Time"]) == event["stream_time"]
+    metrics = {line.split()[0]: float(line.split()[1]) for line in client.get("/metrics").text.splitlines()
+               if line.startswith("vstream:watch")}
+    for how in ("recent", "escalated", "full", "failed"):
+        assert metrics[f'vstream:watch_evaluations_total{{scored="{how}"}}'] >= 1, metrics
+    assert metrics["vstream:watch_tick_seconds_count"] >= 1 and metrics["vstream:watch_tick_seconds_sum"] > 0
+    assert metrics["vstream:watch_streams_scored_total"] >= metrics["vstream:watch_tick_seconds_count"]
+    for sid in ids:
+        client.delete(f"/v1/streams/{sid}")
+
+
+def test_one_tick_scores_every_stream_in_one_engine_call_and_a_broken_stream_fails_alone(model, tmp_path):
+    from vstream.engine.scheduler import engine_of
+
+    state = ServerState(model, None, None, 4, engine=engine_of(model))
+    path = write_test_video(tmp_path / "clip.mp4", seconds=3, fps=5)
+    streams = [state.start_stream(file_source(path, fps=1.0), False, None, {}, 1.0) for _ in range(3)]
+    watcher = Watcher(state, tick_s=3600.0)  # its thread sleeps: the test ticks it
+    try:
+        assert all(s.session.wait(60) for s in streams)
+        streams[2].session.lane.snapshot = nan_memory(streams[2].session.snapshot())
+        always = {"threshold": -1e9, "hysteresis": 0.0, "cooldown_s": 0.0}
+        plan = [[Watch("a red circle", escalate_margin=2.0, **always), Watch("x", escalate_margin=1e6)],
+                [Watch("something moves", **always)], [Watch("anything", **always)]]
+        for stream, watches in zip(streams, plan):
+            for w in watches:
+                stream.board.add(w)
+        events = watcher.tick()
+        assert watcher.tick_seconds.count == 1 and watcher.streams_scored == 3  # one engine call for the three
+        assert dict(watcher.evaluations) == {"recent": 1, "escalated": 1, "full": 1, "failed": 1}
+        assert set(events) == {s.id for s in streams} and events[streams[2].id] == []
+        first = events[streams[0].id][0]
+        assert first["watch_id"] == plan[0][0].id and first["stream_id"] == streams[0].id and first["id"] == 1
+        assert first["thumbnail_url"] == f"/v1/streams/{streams[0].id}/frames?t=2.0" and first["stream_time"] == 2.0
+        assert [e["watch_id"] for e in events[streams[1].id]] == [plan[1][0].id]
+        assert plan[2][0].failures == 1 and plan[2][0].evaluations == 0
+        assert watcher.tick() == {}  # nothing new to score, the broken one backs off
+    finally:
+        watcher.stop()
+        for s in streams:
+            s.close()

@@ -1,16 +1,21 @@
-"""Watches (standing questions): the state machine with scripted scores, and the yes/no score of a condition computed
-by the tiny model in one prefill from a real stream's snapshot."""
+"""Watches (standing questions): the state machine with scripted scores, the yes/no score of a condition computed
+by the tiny model in one prefill from a real stream's snapshot, and the evaluation of many streams' watches in
+batched forwards (recent part first, escalated near the band) against each watch scored alone."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
+import torch
 
+from helpers import nan_memory
 from vstream.engine import StreamSession
-from vstream.engine.watches import CLEARED, TRIGGERED, Watch, evaluate_due
+from vstream.engine.watches import (CLEARED, ESCALATED, FAILED, FULL, RECENT, TRIGGERED, Watch, evaluate_due,
+                                    evaluate_streams, pairwise, recent_tokens)
 from vstream.errors import ConfigError, UserInputError
-from vstream.model.yesno import watch_question, yes_no_ids, yes_no_score
+from vstream.model.yesno import score_pairs, scorer, watch_question, yes_no_ids, yes_no_score
 from vstream.sources import file_source
 from vstream.synth.clips import write_test_video
 
@@ -52,7 +57,7 @@ def test_evaluated_at_most_every_every_s_of_stream_time():
 
 
 @pytest.mark.parametrize("field,value", [("every_s", -1.0), ("cooldown_s", math.nan), ("hysteresis", math.inf),
-                                         ("threshold", math.nan)])
+                                         ("threshold", math.nan), ("escalate_margin", -0.5)])
 def test_bad_watch_settings_name_the_field(field, value):
     with pytest.raises(UserInputError, match=field):
         Watch("x", **{field: value})
@@ -86,7 +91,7 @@ def test_the_tiny_model_scores_a_condition_from_a_real_snapshot(model, tmp_path)
         again = yes_no_score(model, snap.memory.tokens, "a purple square appears")
         assert again == pytest.approx(score, abs=1e-4)  # one deterministic prefill
         w = Watch("a purple square appears", threshold=-1e9)
-        events = evaluate_due([w], snap, lambda tokens, cond: yes_no_score(model, tokens, cond))
+        events = evaluate_due([w], snap, scorer(model))
         assert [e["type"] for e in events] == [TRIGGERED]
         assert events[0]["stream_time"] == snap.stream_time and events[0]["spatial_times"] == list(snap.spatial_times)
 
@@ -124,7 +129,7 @@ def test_a_failing_score_backs_its_watch_off_and_spares_the_others(model, tmp_pa
 
     bad, good = Watch("broken", threshold=-1e9), Watch("fine", threshold=-1e9)
     t0 = time.monotonic()
-    assert [e["watch_id"] for e in evaluate_due([bad, good], snap, score)] == [good.id]
+    assert [e["watch_id"] for e in evaluate_due([bad, good], snap, pairwise(score))] == [good.id]
     assert bad.failures == 1 and bad.error == "RuntimeError: the scorer is down" and bad.evaluations == 0
     assert bad.view()["error"] == bad.error
     assert not bad.due(snap.stream_time, now=t0 + 0.5) and bad.due(snap.stream_time, now=bad.retry_at)
@@ -136,7 +141,7 @@ def test_a_failing_score_backs_its_watch_off_and_spares_the_others(model, tmp_pa
     assert waits == [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0]
     broken["on"] = False
     bad.retry_at = 0.0
-    assert [e["watch_id"] for e in evaluate_due([bad], snap, score)] == [bad.id]
+    assert [e["watch_id"] for e in evaluate_due([bad], snap, pairwise(score))] == [bad.id]
     assert (bad.failures, bad.error, bad.evaluations) == (0, None, 1)
 
 
@@ -155,3 +160,102 @@ def test_batched_scores_equal_one_prefill_each(model, tmp_path):
     conditions = [c for _, c in pairs]
     shared = yes_no_scores_shared(model, mems[1].tokens, conditions)
     assert shared == pytest.approx([yes_no_score(model, mems[1].tokens, c) for c in conditions], abs=1e-4)
+
+
+def stream_snapshots(model, tmp_path, seconds: list[float]) -> list:
+    """The last snapshot of a real stream of a clip of each length (each clip drawn from its own seed)."""
+    out = []
+    for i, length in enumerate(seconds):
+        path = write_test_video(tmp_path / f"clip{i}.mp4", seconds=length, fps=5, seed=i)
+        with StreamSession(model) as session:
+            session.start(file_source(path, fps=model.cfg.sample_fps), live=False)
+            assert session.wait(60)
+            out.append(session.snapshot())
+    return out
+
+
+def test_the_recent_part_is_the_spatial_tokens_when_the_memory_has_more():
+    from vstream.memory import MemoryRead, without
+
+    counts = {"abstract": 2, "temporal": 3, "retrieved": 1, "spatial": 4}
+    times = torch.zeros(0, dtype=torch.float64)
+    memory = MemoryRead(torch.arange(10.0)[:, None], counts, times, times, torch.zeros(0, 3), torch.zeros(0), 5)
+    assert recent_tokens(memory).flatten().tolist() == [6.0, 7.0, 8.0, 9.0]
+    assert recent_tokens(without(memory, ["abstract", "temporal", "retrieved"])) is None  # all of it is recent
+    assert recent_tokens(dataclasses.replace(memory, counts={"retrieved": 6, "temporal": 4})) is None  # no STAR parts
+
+
+def test_score_pairs_shares_a_memory_batches_the_others_and_isolates_a_bad_one(model, tmp_path):
+    a, b, c = (s.memory.tokens for s in stream_snapshots(model, tmp_path, [2, 3, 4]))
+    nan = torch.full_like(a, math.nan)
+    pairs = [(a, "a red circle"), (b, "something moves"), (a, "a blue square"), (nan, "y"), (c, "the scene changes"),
+             (a, "z")]
+    got = score_pairs(model, pairs, max_batch=2)  # a's three share a prefix (2 + 1); b, nan | c in padded batches
+    assert isinstance(got[3], ValueError) and "not a finite number" in str(got[3])
+    good = [i for i in range(len(pairs)) if i != 3]
+    assert [got[i] for i in good] == pytest.approx([yes_no_score(model, *pairs[i]) for i in good], abs=1e-4)
+    wide = torch.zeros(5, a.shape[1] + 1)  # a memory of the wrong width
+    got = score_pairs(model, [(wide, "x"), (b, "x"), (wide, "y")])
+    assert isinstance(got[0], RuntimeError) and isinstance(got[2], RuntimeError)
+    assert got[1] == pytest.approx(yes_no_score(model, b, "x"), abs=1e-4)
+    assert score_pairs(model, []) == []
+    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
+        score_pairs(model, pairs, max_batch=0)
+
+
+def _watches(model, snap, plan: list[tuple[str, str]]) -> list[Watch]:
+    """Watches of `snap` set around their conditions' recent scores: "cheap" far below it (decided by the recent
+    part: it triggers), "near" at it (escalated), "full" with no cheap pass."""
+    recent = recent_tokens(snap.memory)
+    out = []
+    for condition, kind in plan:
+        r = yes_no_score(model, recent, condition) if math.isfinite(recent.sum()) else 0.0
+        threshold = r - 5.0 if kind == "cheap" else r
+        out.append(Watch(condition, threshold=threshold, cooldown_s=0.0,
+                         escalate_margin=None if kind == "full" else 2.0))
+    return out
+
+
+def test_many_streams_in_two_batched_calls_fire_the_events_of_each_watch_scored_alone(model, tmp_path):
+    """Four streams (one with a NaN memory), seven watches: the recent parts of all in one scorer call, the full
+    memories in a second; events, scores and counters as when each watch is scored alone in its own prefill, and
+    only the broken stream's watches fail."""
+    snaps = stream_snapshots(model, tmp_path, [2, 3, 4])
+    snaps.append(nan_memory(snaps[0]))
+    plans = [[("a red circle", "cheap"), ("a blue square", "near"), ("the scene changes", "full")],
+             [("something moves", "near")], [("a green disc", "cheap")], [("x", "cheap"), ("y", "full")]]
+    batched = [_watches(model, snap, plan) for snap, plan in zip(snaps, plans)]
+    alone = [[Watch.from_state(w.state()) for w in ws] for ws in batched]  # the same watches, ids included
+    calls = []
+
+    def counted(pairs):
+        calls.append(len(pairs))
+        return score_pairs(model, pairs, max_batch=2)
+
+    events, counts = evaluate_streams(list(zip(snaps, batched)), counted)
+    assert calls == [5, 4]  # recent: 2 + 1 + 1 + 1 (the broken one's "x"); full: 2 + 1 + 1 (its "y")
+    assert counts == {RECENT: 2, ESCALATED: 2, FULL: 1, FAILED: 2}
+    single = pairwise(lambda tokens, condition: yes_no_score(model, tokens, condition))
+    expected = [[e for w in ws for e in evaluate_due([w], snap, single)] for snap, ws in zip(snaps, alone)]
+    assert [len(e) for e in events] == [len(e) for e in expected] and events[3] == []
+    for got, want in zip(sum(events, []), sum(expected, [])):
+        assert got.pop("score") == pytest.approx(want.pop("score"), abs=1e-4) and got == want
+    assert [e["scored_on"] for e in events[0][:1] + events[2]] == ["recent", "recent"]  # both cheap ones trigger
+    for w, a in zip(sum(batched, []), sum(alone, [])):
+        view, view_alone = w.view(), a.view()
+        score, score_alone = view.pop("last_score"), view_alone.pop("last_score")
+        assert view == view_alone and (score is None) == (score_alone is None)
+        assert score is None or score == pytest.approx(score_alone, abs=1e-4)
+    cheap, near, full = batched[0]
+    assert (cheap.cheap_evaluations, near.escalated_evaluations, full.evaluations) == (1, 1, 1)
+    assert full.cheap_evaluations == full.escalated_evaluations == 0
+    assert near.last_score == pytest.approx(yes_no_score(model, snaps[0].memory.tokens, near.condition), abs=1e-4)
+    assert all(w.failures == 1 and "not a finite number" in w.error for w in batched[3])
+
+
+def test_a_state_saved_before_the_cheap_score_loads_with_its_defaults():
+    w = Watch("a red circle", escalate_margin=1.5, cheap_evaluations=3)
+    assert Watch.from_state(w.state()).state() == w.state()
+    old = {k: v for k, v in w.state().items() if k not in Watch.ADDED}
+    back = Watch.from_state(old)
+    assert (back.escalate_margin, back.cheap_evaluations, back.id) == (None, 0, w.id)

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 
 from vstream.engine.watches import TRIGGERED, Watch, evaluate_due
-from vstream.model.yesno import yes_no_score
+from vstream.model.yesno import scorer
 from vstream.synth.world.timeline import WorldTimeline
 from vstream.synth.world.watches import WatchTask, make_watch_tasks
 
@@ -60,9 +60,8 @@ class WatchLoop:
         snap = self.session.snapshot()
         if snap is None or not self.watch.due(snap.stream_time):
             return
-        model = self.model
-        events = self.session.engine.call(lambda: evaluate_due(
-            [self.watch], snap, lambda tokens, condition: yes_no_score(model, tokens, condition))).result(300)
+        score = scorer(self.model)
+        events = self.session.engine.call(lambda: evaluate_due([self.watch], snap, score)).result(300)
         for event in events:
             if event["type"] != TRIGGERED:
                 continue

@@ -3,10 +3,12 @@
 
 N push streams over `WS /v1/realtime`, each sending real JPEG frames (a moving scene, so the memory changes) at a
 given rate as binary messages, and questions over `POST /v1/chat/completions` (SSE) at a given rate per stream,
-staggered across streams. It reports the time to the first content chunk and to `[DONE]`, HTTP statuses, frames sent
-and the server's own received/ingested/dropped counts, `/health/live` latency polled during the load, and the
-server's resident memory when it started the server itself (`LocalServer`: `python -m vstream serve` on a free
-loopback port, stopped with SIGTERM).
+staggered across streams, and optionally N watches per stream (`POST /v1/streams/{id}/watches`, every_s=1). It reports
+the time to the first content chunk and to `[DONE]`, HTTP statuses, frames sent and the server's own
+received/ingested/dropped counts, the watches' evaluations and events (from their views) and the server's watch
+scoring time (`vstream:watch_tick_seconds` of /metrics over the question window), `/health/live` latency polled during
+the load, and the server's resident memory when it started the server itself (`LocalServer`: `python -m vstream serve`
+on a free loopback port, stopped with SIGTERM).
 
 It knows nothing about models and imports nothing of the server: it talks HTTP and WebSocket only, on one asyncio
 event loop for all streams, directly (proxy settings of the environment are ignored). Load is open-loop: a question
@@ -39,6 +41,9 @@ from vstream.bench import summary
 from vstream.errors import ServiceError, UserInputError, VStreamError
 
 HEALTH_EVERY_S = 0.5
+WATCH_CONDITIONS = ("a red circle appears", "a blue square appears", "a green triangle appears", "something moves",
+                    "the background changes", "a yellow disc leaves", "a white square turns purple", "two shapes touch")
+"""The conditions of a stream's watches, in turn (the load is the scoring, not what the conditions say)."""
 SETTLE_S = 10.0  # after the load: how long to wait for frames still queued in the server to be ingested or dropped
 
 
@@ -64,6 +69,10 @@ class LoadConfig:
     """The question every stream asks."""
     answer_timeout: float = 120.0
     """Seconds a question may take, from sending it to [DONE]."""
+    watches: int = 0
+    """Watches set on each stream (every_s=1) before the frames start, on top of the questions."""
+    watch_escalate_margin: float | None = None
+    """escalate_margin of each watch (None: the server's default)."""
 
 
 def stats(values_s: list[float]) -> dict:
@@ -425,6 +434,60 @@ async def engine_busy(http: httpx.AsyncClient, at: float | None = None) -> dict[
     return busy
 
 
+async def watch_metrics(http: httpx.AsyncClient, at: float | None = None) -> dict:
+    """The server's watch figures from /metrics (`vstream:watch_*`: tick count and seconds, streams scored,
+    evaluations by how they ended), read at loop time `at` (now when None); {} when it exports none yet."""
+    if at is not None:
+        await asyncio.sleep(max(0.0, at - asyncio.get_running_loop().time()))
+    r = await http.get("/metrics")
+    out: dict = {}
+    for line in r.text.splitlines() if r.status_code == 200 else ():
+        name, _, value = line.partition(" ")
+        if name.startswith("vstream:watch_evaluations_total{"):
+            out.setdefault("evaluations", {})[name.split('"')[1]] = float(value)
+        elif name in ("vstream:watch_tick_seconds_count", "vstream:watch_tick_seconds_sum",
+                      "vstream:watch_streams_scored_total"):
+            out[name.removeprefix("vstream:watch_")] = float(value)
+    return out
+
+
+async def add_watches(http: httpx.AsyncClient, streams: list[PushStream], cfg: LoadConfig) -> dict[str, int]:
+    """`cfg.watches` watches on each stream, all at once: the answers' statuses (or errors) by count."""
+    async def one(stream: PushStream, k: int) -> str:
+        body: dict = {"condition": WATCH_CONDITIONS[k % len(WATCH_CONDITIONS)], "every_s": 1.0}
+        if cfg.watch_escalate_margin is not None:
+            body["escalate_margin"] = cfg.watch_escalate_margin
+        try:
+            r = await http.post(f"/v1/streams/{stream.stream_id}/watches", json=body)
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        return str(r.status_code)
+
+    return dict(collections.Counter(await asyncio.gather(*(one(s, k) for s in streams for k in range(cfg.watches)))))
+
+
+async def watch_summary(http: httpx.AsyncClient, streams: list[PushStream], statuses: dict[str, int], before: dict,
+                        window_s: float) -> dict:
+    """The watches' figures: created and refused, their evaluations (cheap, escalated) and events from their views,
+    and the server's watch ticks over the question window (`before`: `watch_metrics` at its start)."""
+    views = await asyncio.gather(*(http.get(f"/v1/streams/{s.stream_id}/watches") for s in streams))
+    watches = [w for v in views if v.status_code == 200 for w in v.json()["data"]]
+    total = lambda key: sum(w[key] for w in watches)  # noqa: E731
+    after = await watch_metrics(http)
+    delta = lambda key: after.get(key, 0.0) - before.get(key, 0.0)  # noqa: E731
+    ticks, tick_s, scored = delta("tick_seconds_count"), delta("tick_seconds_sum"), delta("streams_scored_total")
+    earlier = before.get("evaluations", {})
+    evaluations = {k: int(v - earlier.get(k, 0.0)) for k, v in after.get("evaluations", {}).items()}
+    server = {"ticks": int(ticks), "tick_ms_mean": round(1e3 * tick_s / ticks, 3) if ticks else None,
+              "ms_per_stream_scored": round(1e3 * tick_s / scored, 3) if scored else None,
+              "busy_share": round(tick_s / window_s, 4), "evaluations": evaluations} if after else None
+    return {"per_stream": len(watches) / len(streams), "created": statuses.get("201", 0),
+            "refused": {k: v for k, v in statuses.items() if k != "201"}, "seen": len(watches),
+            "evaluations": total("evaluations"), "cheap": total("cheap_evaluations"),
+            "escalated": total("escalated_evaluations"), "events": total("events"),
+            "failing": sum(bool(w["failures"]) for w in watches), "server": server}
+
+
 async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory=None) -> dict:
     """The load on the server at `url`; `memory()`: the server's resident memory (LocalServer.memory), or None."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -448,7 +511,8 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
             hint = ": the server needs a key (--api-key)" if "401" in refused else ""
             raise ServiceError(f"no push stream could be opened on {ws_url}: refused {dict(refused)}{hint}")
         try:
-            result = await _measure(http, url, cfg, streams, frames, memory)
+            statuses = await add_watches(http, streams, cfg) if cfg.watches else {}
+            result = await _measure(http, url, cfg, streams, frames, memory, statuses)
         finally:
             for s in streams:
                 s.closing = True
@@ -464,23 +528,28 @@ async def run_load(url: str, cfg: LoadConfig, api_key: str | None = None, memory
         return result
 
 
-async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], frames, memory) -> dict:
-    """Frames from t0, questions from t0 + warmup, both until t0 + warmup + seconds; then the server's counts."""
+async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], frames, memory,
+                   watch_statuses: dict[str, int]) -> dict:
+    """Frames from t0, questions from t0 + warmup, both until t0 + warmup + seconds; then the server's counts (and
+    the watches' figures when there are watches)."""
     loop = asyncio.get_running_loop()
     t0 = loop.time() + 0.05
     start, end = t0 + cfg.warmup, t0 + cfg.warmup + cfg.seconds
     n = len(streams)
-    senders = [asyncio.create_task(s.send_frames(frames, t0, end, cfg.fps, s.index / n)) for s in streams]
-    askers = [asyncio.create_task(ask_on_schedule(http, s, cfg, start, end, s.index / n, t0)) for s in streams]
+    # staggered by position among the opened streams (a refused stream leaves no gap in the schedule)
+    senders = [asyncio.create_task(s.send_frames(frames, t0, end, cfg.fps, i / n)) for i, s in enumerate(streams)]
+    askers = [asyncio.create_task(ask_on_schedule(http, s, cfg, start, end, i / n, t0)) for i, s in enumerate(streams)]
     health = asyncio.create_task(poll_health(url, end, memory))
     busy_start = asyncio.create_task(engine_busy(http, start))
     cpu_start = asyncio.create_task(_at(start, memory or dict))
+    watch_start = asyncio.create_task(watch_metrics(http, start)) if cfg.watches else None
     await asyncio.gather(*senders)
     records = [r for rs in await asyncio.gather(*askers) for r in rs]
     latencies, failures, samples = await health
     counts = await server_counts(http, streams)
     busy_end, busy0 = await engine_busy(http), await busy_start
     window = loop.time() - start
+    watches = await watch_summary(http, streams, watch_statuses, await watch_start, window) if watch_start else None
     gpu, gpu_note = await gpu_memory(http)
     total = lambda key: sum(c[key] for c in counts)  # noqa: E731
     frames_out = {
@@ -499,6 +568,7 @@ async def _measure(http, url: str, cfg: LoadConfig, streams: list[PushStream], f
         "duration_s": round(loop.time() - t0, 3),
         "frames": frames_out,
         "questions": question_summary(records),
+        "watches": watches,
         "health_live": {"ms": stats(latencies), "failures": failures, "every_s": HEALTH_EVERY_S},
         # the share of the question window the engine thread spent on each kind of work (the rest: waiting for work)
         # CPU cores the server process kept busy over the question window (all its threads; None with --url)

@@ -284,9 +284,13 @@ def bench_serve(
     question: Annotated[Optional[str], typer.Option(
         help="The question every stream asks (default: What is happening on the screen?).")] = None,
     start_timeout: Annotated[float, typer.Option(help="Seconds the local server may take to be ready.")] = 600.0,
+    watches: Annotated[int, typer.Option(help="Watches (every_s=1) set on each stream on top of the questions.")] = 0,
+    watch_escalate_margin: Annotated[Optional[float], typer.Option(
+        help="escalate_margin of each watch (cheap recent-memory score first); default: the server's.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Load a server through its API: N push streams of JPEG frames, streamed questions; client-side latencies."""
+    """Load a server through its API: N push streams of JPEG frames, streamed questions, optional watches;
+    client-side latencies and the server's watch scoring time."""
     needs_extra("server", "bench serve")  # its client (httpx, websockets) comes with the server
     if streams < 1 or max_tokens < 1:
         raise UserInputError(f"--streams and --max-tokens must be >= 1, got {streams} and {max_tokens}")
@@ -295,6 +299,9 @@ def bench_serve(
         raise UserInputError(f"--warmup must be >= 0 seconds, got {warmup:g}")
     if question is not None and not question.strip():
         raise UserInputError(f"--question must be a non-empty question, got {question!r}")
+    if watches < 0 or (watch_escalate_margin is not None and not watch_escalate_margin >= 0):
+        raise UserInputError(f"--watches and --watch-escalate-margin must be >= 0, got {watches} and "
+                             f"{watch_escalate_margin}")
     if url is not None:
         if not url.startswith(("http://", "https://")):
             raise UserInputError(f"--url must be http://HOST:PORT or https://HOST:PORT, got {url!r}")
@@ -306,7 +313,8 @@ def bench_serve(
     from vstream.loadgen import LoadConfig, bench_serve as run
 
     cfg = LoadConfig(streams=streams, fps=fps, seconds=seconds, question_every=question_every, max_tokens=max_tokens,
-                     frame_size=_frame_size(frame_size), warmup=warmup,
+                     frame_size=_frame_size(frame_size), warmup=warmup, watches=watches,
+                     watch_escalate_margin=watch_escalate_margin,
                      **({"question": question} if question is not None else {}))
     r = run(cfg, url=url and url.rstrip("/"), api_key=api_key, model=model or BENCH_DEFAULT_PRESET, device=device,
             start_timeout=start_timeout)
@@ -338,6 +346,19 @@ def _serve_table(r: dict) -> None:
     typer.echo(f"  first content chunk {_ms(q['first_chunk_ms'])}")
     typer.echo(f"  [DONE]              {_ms(q['done_ms'])}")
     typer.echo(f"  /health/live        {_ms(h['ms'])}, {h['failures']} failed")
+    if r["watches"] is not None:
+        typer.echo(_watch_line(r["watches"]))
     rss = mem["rss_bytes_peak"]
     typer.echo(f"  server RSS peak {'-' if rss is None else f'{rss / 2**20:.0f} MiB'}; GPU memory "
                f"{mem['gpu_bytes'] if mem['gpu_bytes'] is not None else '- (' + mem['gpu_note'] + ')'}")
+
+
+def _watch_line(w: dict) -> str:
+    refused = f" (refused: {w['refused']})" if w["refused"] else ""
+    line = (f"  watches {w['created']} created{refused}: {w['evaluations']} evaluations ({w['cheap']} cheap, "
+            f"{w['escalated']} escalated), {w['events']} events, {w['failing']} failing")
+    srv = w["server"]
+    if srv is None or not srv["ticks"]:
+        return line + "; the server's /metrics has no watch ticks"
+    return (line + f"; server: {srv['ticks']} ticks, {srv['tick_ms_mean']} ms each, {srv['ms_per_stream_scored']} ms "
+            f"a stream, {100 * srv['busy_share']:.1f} % of the engine's time")

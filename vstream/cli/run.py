@@ -33,7 +33,7 @@ def run(
     from vstream.engine.console import run_console
     from vstream.engine.watches import Watch
     from vstream.model.loading import show_progress
-    from vstream.model.yesno import watch_question, yes_no_score
+    from vstream.model.yesno import scorer, watch_question
     from vstream.sources import open_source
 
     if speed is not None and speed <= 0:
@@ -45,6 +45,5 @@ def run(
     for w in watches:
         watch_question(w.condition)  # an empty or overlong condition is refused before the stream starts
     with StreamSession(m).start(frames, live=live) as session:
-        code = run_console(session, sys.stdin, max_new_tokens=max_new_tokens, watches=watches,
-                           score=lambda tokens, condition: yes_no_score(m, tokens, condition))
+        code = run_console(session, sys.stdin, max_new_tokens=max_new_tokens, watches=watches, score=scorer(m))
     raise typer.Exit(code)

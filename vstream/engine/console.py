@@ -13,11 +13,11 @@ from __future__ import annotations
 import queue
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TextIO
 
 from vstream.engine.session import StreamSession
-from vstream.engine.watches import Watch, evaluate_due
+from vstream.engine.watches import Scorer, Watch, evaluate_due
 
 FIRST_FRAME_WAIT_S = 30.0  # a question typed before the first frame waits this long for it
 
@@ -40,11 +40,12 @@ def _read_lines(stream: TextIO, into: queue.Queue) -> None:
 def run_console(
     session: StreamSession, stdin: TextIO, max_new_tokens: int | None = None,
     out: TextIO = sys.stdout, err: TextIO = sys.stderr, interval: float = 0.5,
-    watches: Sequence[Watch] = (), score: Callable | None = None,
+    watches: Sequence[Watch] = (), score: Scorer | None = None,
 ) -> int:
     """Run until the source ends (and no question is waiting) or Ctrl-C. Returns the exit code: 0, 1 when the
     source failed (its error is printed; what was ingested was still answerable), 130 on Ctrl-C. `watches` are
-    evaluated every interval with `score(memory_tokens, condition)` on the engine thread, their events printed."""
+    evaluated every interval with the `score` Scorer (`vstream.model.yesno.scorer`) on the engine thread, their events
+    printed."""
     questions: queue.Queue = queue.Queue()
     threading.Thread(target=_read_lines, args=(stdin, questions), daemon=True).start()
     rewrite = "\r" if err.isatty() else ""
@@ -80,7 +81,7 @@ def run_console(
     return 0
 
 
-def check_watches(session: StreamSession, watches: Sequence[Watch], score: Callable, out: TextIO) -> list[dict]:
+def check_watches(session: StreamSession, watches: Sequence[Watch], score: Scorer, out: TextIO) -> list[dict]:
     """Evaluate the due watches on the latest snapshot (on the engine thread) and print the events they fire."""
     snap = session.snapshot()
     if snap is None:

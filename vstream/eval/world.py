@@ -21,29 +21,9 @@ import torch
 
 from vstream.errors import UserInputError
 from vstream.eval.scoring import accuracy_by_type, normalise_keep_word_breaks
-from vstream.memory import PARTS, MemoryRead
+from vstream.memory import MemoryRead, without
 from vstream.model.prompts import stop_strings
 from vstream.synth import world as w
-
-
-def without(memory: MemoryRead, parts: Sequence[str]) -> MemoryRead:
-    """The snapshot with the tokens of `parts` removed (their counts become 0)."""
-    bad = sorted(set(parts) - set(PARTS))
-    if bad:
-        raise ValueError(f"unknown memory parts {bad}; expected some of {list(PARTS)}")
-    keep, start = [], 0
-    counts = {}
-    for part in PARTS:
-        n = memory.counts[part]
-        if part not in parts:
-            keep.append(memory.tokens[start : start + n])
-        counts[part] = 0 if part in parts else n
-        start += n
-    return MemoryRead(
-        tokens=torch.cat(keep), counts=counts, spatial_times=memory.spatial_times,
-        retrieved_times=memory.retrieved_times, temporal_spans=memory.temporal_spans,
-        temporal_weights=memory.temporal_weights, frames_seen=memory.frames_seen,
-    )
 
 
 @torch.inference_mode()

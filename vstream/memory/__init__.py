@@ -5,7 +5,7 @@ from vstream.errors import ConfigError
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import KMeansResult, weighted_kmeans
 from vstream.memory.official import OfficialStreamingMemory, official_offline_memory
-from vstream.memory.star import PARTS, MemoryRead, PaperStarMemory, StarMemoryBase
+from vstream.memory.star import PARTS, MemoryRead, PaperStarMemory, StarMemoryBase, without
 
 
 def build_memory(cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid: int, device=None, dtype=None):
@@ -18,5 +18,5 @@ def build_memory(cfg: MemoryConfig, dim: int, attention: AbstractAttention, grid
 
 __all__ = [
     "PARTS", "AbstractAttention", "KMeansResult", "MemoryRead", "OfficialStreamingMemory", "PaperStarMemory",
-    "StarMemoryBase", "build_memory", "official_offline_memory", "weighted_kmeans",
+    "StarMemoryBase", "build_memory", "official_offline_memory", "weighted_kmeans", "without",
 ]

@@ -28,6 +28,7 @@ are identical; the k-means partition and the abstract slots may differ (clusteri
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +60,26 @@ class MemoryRead:
     @property
     def num_tokens(self) -> int:
         return self.tokens.shape[0]
+
+
+def without(memory: MemoryRead, parts: Sequence[str]) -> MemoryRead:
+    """The snapshot with the tokens of `parts` removed (their counts become 0; the cited times are kept)."""
+    bad = sorted(set(parts) - set(PARTS))
+    if bad:
+        raise ValueError(f"unknown memory parts {bad}; expected some of {list(PARTS)}")
+    keep, start = [], 0
+    counts = {}
+    for part in PARTS:
+        n = memory.counts[part]
+        if part not in parts:
+            keep.append(memory.tokens[start : start + n])
+        counts[part] = 0 if part in parts else n
+        start += n
+    return MemoryRead(
+        tokens=torch.cat(keep), counts=counts, spatial_times=memory.spatial_times,
+        retrieved_times=memory.retrieved_times, temporal_spans=memory.temporal_spans,
+        temporal_weights=memory.temporal_weights, frames_seen=memory.frames_seen,
+    )
 
 
 class StarMemoryBase:

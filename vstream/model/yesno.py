@@ -10,16 +10,21 @@ model leans to yes). Each side's tokens are the single-token spellings of the wo
 each row's causal attention never reaches its padding and its last real position gives the same logits as its own
 prefill (up to the rounding of batched products). `yes_no_scores_shared` scores many conditions over one memory: the
 prompt up to the end of the memory is the same for all, so it runs once and its KV cache serves each condition's
-question; the world's watch evaluation uses it.
+question; the world's watch evaluation uses it. `score_pairs` takes any list of (memory, condition) pairs (the due
+watches of many streams) and runs both: pairs over one memory tensor share its prefix, the others go in right-padded
+batches, at most `MAX_BATCH` prompts a forward; a batch that raises is scored again pair by pair, so a bad memory (NaN
+tokens, the wrong width) or a bad condition fails only its own pairs, which get their exception instead of a score.
 
-What this module does not do (yet): batch the prefill with the engine's other work or cache the condition's prompt
-prefix; it is eager transformers forwards, to be run where the model may run (the engine thread, via
-`Engine.call`). Batching it into the engine's batched prefill is the next step.
+What this module does not do (yet): batch the prefill with the engine's other work, share a prefix across streams or
+cache the condition's prompt prefix; it is eager transformers forwards, to be run where the model may run (the engine
+thread, via `Engine.call`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -30,6 +35,9 @@ from vstream.model.splice import splice
 YES_SPELLINGS = ("Yes", " Yes", "yes", " yes", "YES")
 NO_SPELLINGS = ("No", " No", "no", " no", "NO")
 MAX_CONDITION_CHARS = 500
+MAX_BATCH = 32
+"""Most prompts in one forward of `score_pairs` (more pairs run in several): bounds a batch's activations, so that
+one evaluation of many streams' watches never builds an unbounded batch."""
 
 
 def watch_question(condition: str) -> str:
@@ -71,13 +79,14 @@ def _ids(model) -> list[int]:
     return ids
 
 
-def _log_odds(logits: torch.Tensor, ids, what: str) -> list[float]:
-    """Log-odds of yes against no per row of `logits` [B, V]; a value that is not finite raises, naming `what`."""
+def _log_odds(logits: torch.Tensor, ids, conditions: Sequence[str]) -> list[float]:
+    """Log-odds of yes against no per row of `logits` [B, V]; a value that is not finite raises, naming its row's
+    condition."""
     yes, no = (torch.tensor(i, device=logits.device) for i in ids)
     scores = (torch.logsumexp(logits[:, yes], 1) - torch.logsumexp(logits[:, no], 1)).tolist()
-    for score in scores:
+    for score, condition in zip(scores, conditions):
         if not math.isfinite(score):  # events and the API carry scores as strict JSON numbers
-            raise ValueError(f"the yes/no score of {what} is not a finite number: {score}")
+            raise ValueError(f"the yes/no score of {condition!r} is not a finite number: {score}")
     return scores
 
 
@@ -94,7 +103,7 @@ def yes_no_scores(model, pairs: list[tuple[torch.Tensor, str]]) -> list[float]:
         batch[i, : e.shape[0]] = e
     hidden = model.llm.model(inputs_embeds=batch, use_cache=False).last_hidden_state  # [B, S, H]
     last = hidden[torch.arange(len(embeds)), torch.tensor(lengths) - 1]  # [B, H]: no [B, S, V] logits made
-    return _log_odds(model.llm.lm_head(last).float(), ids, f"one of {[c for _, c in pairs][:4]}")
+    return _log_odds(model.llm.lm_head(last).float(), ids, [c for _, c in pairs])
 
 
 @torch.inference_mode()
@@ -123,7 +132,7 @@ def yes_no_scores_shared(model, memory_tokens: torch.Tensor, conditions: list[st
     hidden = model.llm.model(inputs_embeds=embed(suffix.to(model.device)), past_key_values=cache, use_cache=True,
                              position_ids=positions).last_hidden_state  # [B, L, H]
     last = hidden[torch.arange(len(parts)), torch.tensor(lengths) - 1]  # [B, H]
-    return _log_odds(model.llm.lm_head(last).float(), ids, f"one of {conditions[:4]}")
+    return _log_odds(model.llm.lm_head(last).float(), ids, conditions)
 
 
 @torch.inference_mode()
@@ -134,4 +143,52 @@ def yes_no_score(model, memory_tokens: torch.Tensor, condition: str) -> float:
     ids = _ids(model)
     embeds = model.prompt_embeds(memory_tokens, watch_question(condition))
     logits = model.llm(inputs_embeds=embeds, use_cache=False).logits[0, -1:].float()
-    return _log_odds(logits, ids, repr(condition))[0]
+    return _log_odds(logits, ids, [condition])[0]
+
+
+def score_pairs(model, pairs: Sequence[tuple[torch.Tensor, str]], max_batch: int = MAX_BATCH) -> list:
+    """The yes/no score of each (memory tokens [N, D], condition) pair, or the exception that scoring it raised (see
+    the module docstring): pairs whose tokens are one tensor share its prefix (`yes_no_scores_shared`), the others
+    run in right-padded batches (`yes_no_scores`), at most `max_batch` prompts a forward."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    by_memory: dict[int, list[int]] = {}
+    for i, (tokens, _) in enumerate(pairs):
+        by_memory.setdefault(id(tokens), []).append(i)  # `pairs` holds every tensor: no id is reused meanwhile
+    out: list = [None] * len(pairs)
+    singles = []
+    for group in by_memory.values():
+        if len(group) == 1:
+            singles += group
+            continue
+        tokens = pairs[group[0]][0]
+        for chunk in _chunks(group, max_batch):
+            _score_chunk(out, chunk, lambda c, m=tokens: yes_no_scores_shared(model, m, [pairs[i][1] for i in c]))
+    for chunk in _chunks(singles, max_batch):
+        _score_chunk(out, chunk, lambda c: yes_no_scores(model, [pairs[i] for i in c]))
+    return out
+
+
+def scorer(model, max_batch: int = MAX_BATCH) -> Callable[[Sequence[tuple[torch.Tensor, str]]], list]:
+    """`score_pairs` bound to `model`: what `vstream.engine.watches.evaluate_due` scores with."""
+    return functools.partial(score_pairs, model, max_batch=max_batch)
+
+
+def _chunks(items: list[int], size: int) -> list[list[int]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _score_chunk(out: list, chunk: list[int], score: Callable[[list[int]], list[float]]) -> None:
+    """Write `score(chunk)` into `out` at the chunk's indices; when it raises, score each index alone, so that only
+    the pairs that fail alone get their exception."""
+    try:
+        scores = score(chunk)
+    except Exception as exc:  # kept as the pair's result: its watch backs off, the others are scored  # noqa: BLE001
+        if len(chunk) == 1:
+            out[chunk[0]] = exc
+            return
+        for i in chunk:
+            _score_chunk(out, [i], score)
+        return
+    for i, value in zip(chunk, scores):
+        out[i] = value

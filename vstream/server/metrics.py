@@ -1,6 +1,7 @@
 """The server's metrics as Prometheus text: per-stream frame counters and memory size labelled by stream id, open
-streams, sockets and answers, the time to first token as a histogram, the engine's queue and, on CUDA, the
-allocator's counters. Reading them touches no device and takes no lock that an answer holds for long.
+streams, sockets and answers, the time to first token as a histogram, the watches' evaluations by how they ended and
+the engine time of each watch tick (a histogram), the engine's queue and, on CUDA, the allocator's counters. Reading
+them touches no device and takes no lock that an answer holds for long.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     from vstream.server.state import ServerState
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+WATCH_TICK_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
 PER_STREAM = (("frames_ingested_total", "counter", "Frames encoded into the memory.", "ingested"),
               ("frames_received_total", "counter", "Frames read from the source or pushed.", "received"),
               ("frames_dropped_total", "counter", "Frames not ingested: over the target rate or behind.", "dropped"),
@@ -57,6 +59,8 @@ def render_metrics(state: ServerState) -> str:
                      "Answers stopped before their end (disconnect or cancel).", state.answers_cancelled)
     lines += _header("time_to_first_token_seconds", "histogram", "Request received to first answer piece.")
     lines += state.ttft.lines("vstream:time_to_first_token_seconds")
+    if state.watcher is not None:
+        lines += _watch_lines(state.watcher)
     engine = state.engine
     if engine is not None:
         lines += _sample("engine_answers_pending", "gauge", "Answers waiting for a slot, prefilling or decoding.",
@@ -75,6 +79,19 @@ def render_metrics(state: ServerState) -> str:
         lines += _sample("gpu_memory_reserved_bytes", "gauge", "GPU memory reserved by the caching allocator.",
                          torch.cuda.memory_reserved(device))
     return "\n".join(lines) + "\n"
+
+
+def _watch_lines(watcher) -> list[str]:
+    """The Watcher's evaluations by how they ended, the engine time of its ticks, and the streams they scored."""
+    lines = _header("watch_evaluations_total", "counter", "Watch evaluations by how they ended: decided by the "
+                    "memory's recent part (recent), escalated to the full memory (escalated), scored on the full "
+                    "memory at once (full), failed.")
+    lines += [f'vstream:watch_evaluations_total{{scored="{k}"}} {v}' for k, v in sorted(watcher.evaluations.items())]
+    lines += _header("watch_tick_seconds", "histogram", "Engine time of one tick's watch scoring (every stream's due "
+                     "watches in one call).")
+    lines += watcher.tick_seconds.lines("vstream:watch_tick_seconds")
+    return lines + _sample("watch_streams_scored_total", "counter", "Streams with due watches, summed over the ticks "
+                           "(watch_tick_seconds_sum over it: the scoring time of one stream).", watcher.streams_scored)
 
 
 def _header(name: str, kind: str, help_text: str) -> list[str]:

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vstream.engine.watches import ESCALATE_MARGIN
+
 
 class FileSpec(BaseModel):
     """A video file, given relative to the server's media root."""
@@ -97,6 +99,11 @@ class WatchCreate(BaseModel):
                              "and calibration (a very low value fires at the first evaluation)")
     hysteresis: float = Field(default=0.5, ge=0, le=1e6, allow_inf_nan=False,
                               description="triggers above threshold + hysteresis, clears below threshold - hysteresis")
+    escalate_margin: float | None = Field(
+        default=ESCALATE_MARGIN, ge=0, le=1e6, allow_inf_nan=False,
+        description="score the memory's recent part (the newest frames) first, and the whole memory only when that "
+        "score lies within this many log-odds of [threshold - hysteresis, threshold + hysteresis]; null: always the "
+        "whole memory")
     webhook: str | None = Field(default=None, min_length=1, max_length=2000,
                                 description="an http(s) URL each event of the watch is POSTed to, signed (README, "
                                 "Webhooks); private addresses only if the server allows private sources")

@@ -4,27 +4,35 @@ thread that evaluates them.
 `EventFeed` is a bounded in-memory ring of a stream's events, each with an id that increases by one (the SSE `id:`
 and `Last-Event-ID`); readers poll it with `since(last_id)`, so a reader that fell more than the ring behind misses
 the oldest events (it can tell: the first id it gets is not `last_id + 1`). The `Watcher` wakes every `tick_s`, takes
-each stream's latest snapshot and, when some of its watches are due, scores them on the engine thread
-(`Engine.call`), one call per stream, waiting for it off the event loop; events go to the stream's feed, from which
-the SSE route and every realtime socket of the stream read.
+each stream's latest snapshot and the watches due on it, and scores the due watches of ALL streams in one call on the
+engine thread (`Engine.call`; `vstream.engine.watches.evaluate_streams` with `vstream.model.yesno.scorer`: the recent
+parts first, then the full memories where a recent score came near its band; conditions over one memory share its
+prefix, the others are batched across streams, at most `max_batch` prompts a forward), waiting for it off the event
+loop. A stream whose snapshot or scores fail fails only its own watches, which back off. Events go to the stream's
+feed, from which the SSE route and every realtime socket of the stream read; a `watch.triggered` event carries
+`thumbnail_url`, the stream's frame route (`GET /v1/streams/{id}/frames?t=...`, relative to the server) for the kept
+thumbnail nearest its stream time (null when none is kept within `THUMBNAIL_WITHIN_S`).
 
-Events of a watch with a webhook are handed to the server's `WebhookSender` (`webhooks`), which delivers them on
-its own threads. A board's `state()` (watches and feed) is saved with a durable stream and `load`ed on restore.
-Not built yet: scoring batched into the engine's batched prefill (each score is one eager prefill now).
+The Watcher counts evaluations by how they ended and times each tick's engine call (read by `/metrics`). Events of a
+watch with a webhook are handed to the server's `WebhookSender` (`webhooks`), which delivers them on its own threads.
+A board's `state()` (watches and feed) is saved with a durable stream and `load`ed on restore.
 """
-
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from vstream.engine.watches import Watch, evaluate_due
-from vstream.model.yesno import yes_no_score
+from vstream.engine.watches import ESCALATED, FAILED, FULL, RECENT, TRIGGERED, Watch, evaluate_streams
+from vstream.model.yesno import MAX_BATCH, scorer
+from vstream.server.metrics import WATCH_TICK_BUCKETS, Histogram
 
 log = logging.getLogger("vstream.server")
+THUMBNAIL_WITHIN_S = 2.0
+"""A trigger links the kept thumbnail nearest its stream time only if it is at most this far from it."""
 
 
 class EventFeed:
@@ -98,10 +106,17 @@ class WatchBoard:
 
 
 class Watcher:
-    """One thread that evaluates every stream's due watches on the engine thread, at most every `tick_s`."""
+    """One thread that, at most every `tick_s`, scores the due watches of every stream in one engine call."""
 
-    def __init__(self, state, tick_s: float = 0.1, timeout_s: float = 60.0):
+    def __init__(self, state, tick_s: float = 0.1, timeout_s: float = 60.0, max_batch: int = MAX_BATCH):
         self.state, self.tick_s, self.timeout_s = state, tick_s, timeout_s
+        self._score = scorer(state.model, max_batch)
+        self.evaluations = collections.Counter(dict.fromkeys((RECENT, ESCALATED, FULL, FAILED), 0))
+        """Evaluations by how they ended, over the server's life (`vstream.engine.watches`)."""
+        self.tick_seconds = Histogram(WATCH_TICK_BUCKETS)
+        """Engine time of each tick's scoring call (every stream's due watches)."""
+        self.streams_scored = 0
+        """Streams with due watches, summed over the ticks (the tick time's sum over it: the cost of a stream)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="vstream-watcher", daemon=True)
         self._thread.start()
@@ -112,33 +127,52 @@ class Watcher:
 
     def _run(self) -> None:
         while not self._stop.wait(self.tick_s):
-            for stream in list(self.state.streams.values()):
-                try:
-                    self.evaluate(stream)
-                except Exception:  # one stream's failure must not stop the others' watches  # noqa: BLE001
-                    log.exception("watches of stream %s failed to evaluate", stream.id)
+            try:
+                self.tick()
+            except Exception:  # the next tick tries again  # noqa: BLE001
+                log.exception("a tick of the watches failed")
 
-    def evaluate(self, stream) -> list[dict]:
-        """Score the stream's due watches on its latest snapshot; publish and return their events."""
-        board: WatchBoard = stream.board
-        snap = stream.session.snapshot()
-        if snap is None:
-            return []
-        due = [w for w in board.list() if w.due(snap.stream_time)]
-        if not due:
-            return []
-        model = self.state.model
-        t0 = time.perf_counter()
-        future = self.state.engine.call(
-            lambda: evaluate_due(due, snap, lambda tokens, condition: yes_no_score(model, tokens, condition)))
+    def tick(self) -> dict[str, list[dict]]:
+        """Score every stream's due watches on its latest snapshot in one engine call; publish their events and
+        return them by stream id (streams with due watches only)."""
+        jobs = [job for stream in list(self.state.streams.values()) if (job := self._due(stream)) is not None]
+        if not jobs:
+            return {}
+        future = self.state.engine.call(lambda: self._evaluate([(snap, due) for _, snap, due in jobs]))
         try:
-            events = future.result(timeout=self.timeout_s)
+            events, counts, seconds = future.result(timeout=self.timeout_s)
         except Exception as exc:  # the engine could not score them: they back off like a failing score  # noqa: BLE001
-            for watch in due:
-                watch.fail(exc)
-            return []
-        log.debug("stream %s: %d watches scored in %.1f ms", stream.id, len(due), 1e3 * (time.perf_counter() - t0))
-        published = [board.feed.publish(event | {"stream_id": stream.id}) for event in events]
+            for _, _, due in jobs:
+                for watch in due:
+                    watch.fail(exc)
+                self.evaluations[FAILED] += len(due)
+            return {}
+        self.evaluations.update(counts)
+        self.tick_seconds.observe(seconds)
+        self.streams_scored += len(jobs)
+        log.debug("%d watches of %d streams scored in %.1f ms", sum(counts.values()), len(jobs), 1e3 * seconds)
+        return {stream.id: self._publish(stream, evs, due) for (stream, _, due), evs in zip(jobs, events)}
+
+    def _due(self, stream) -> tuple | None:
+        """(stream, its latest snapshot, the watches due on it), or None when none is (or the stream cannot tell)."""
+        try:
+            snap = stream.session.snapshot()
+            due = [] if snap is None else [w for w in stream.board.list() if w.due(snap.stream_time)]
+        except Exception:  # this stream's watches wait; the others are scored  # noqa: BLE001
+            log.exception("the watches of stream %s could not be read", stream.id)
+            return None
+        return (stream, snap, due) if due else None
+
+    def _evaluate(self, jobs: list) -> tuple[list[list[dict]], collections.Counter, float]:
+        """On the engine thread: `evaluate_streams` of the jobs, and the seconds it took."""
+        t0 = time.perf_counter()
+        events, counts = evaluate_streams(jobs, self._score)
+        return events, counts, time.perf_counter() - t0
+
+    def _publish(self, stream, events: list[dict], due: list[Watch]) -> list[dict]:
+        board: WatchBoard = stream.board
+        published = [board.feed.publish(event | {"stream_id": stream.id} | _thumbnail(stream, event))
+                     for event in events]
         board.version += len(published)
         self._send(published, {w.id: w for w in due})
         return published
@@ -150,6 +184,14 @@ class Watcher:
             watch = watches[event["watch_id"]]
             if watch.webhook is not None and sender is not None:
                 sender.submit(watch.webhook, event, done=lambda ok, w=watch: _count(w, ok))
+
+
+def _thumbnail(stream, event: dict) -> dict:
+    """{"thumbnail_url": ...} for a trigger (see the module docstring), {} for other events."""
+    if event["type"] != TRIGGERED:
+        return {}
+    kept = stream.thumbnails.nearest(event["stream_time"], tolerance=THUMBNAIL_WITHIN_S)
+    return {"thumbnail_url": None if kept is None else f"/v1/streams/{stream.id}/frames?t={kept[0]!r}"}
 
 
 def _count(watch: Watch, delivered: bool) -> None:

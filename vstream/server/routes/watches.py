@@ -43,7 +43,7 @@ async def create_watch(state: State, stream_id: str, body: WatchCreate):
     board, limit = stream.board, state.limits.max_watches_per_stream
     webhook = None if body.webhook is None else await run_in_threadpool(_webhook, state, body.webhook)
     watch = Watch(body.condition, every_s=body.every_s, cooldown_s=body.cooldown_s, threshold=body.threshold,
-                  hysteresis=body.hysteresis, webhook=webhook)
+                  hysteresis=body.hysteresis, webhook=webhook, escalate_margin=body.escalate_margin)
     with state.lock:
         total = sum(len(s.board.watches) for s in state.streams.values())
         if total >= state.limits.max_watches:
