@@ -3,7 +3,8 @@ single-process server by forwarding each request, unchanged, to the replica that
 
 - **Which replica.** A request that names a stream (`/v1/streams/{id}/...`, chat's `model`/`stream_id`, the realtime
   socket's `?stream_id=`) goes to its owner as the fleet's directory says, and to no other: a busy owner answers its
-  own 429, a stream being restored after a failure answers 503 with `Retry-After`. A stream the directory does not
+  own 429, a stream being moved (or restored after a failure) answers 503 `stream_moving` with `Retry-After`, naming
+  the replica it moves to; no replica without its memory ever answers for it. A stream the directory does not
   know goes to any replica, which answers its own 404 (or 401). `POST /v1/streams` and a socket without `stream_id`
   create the stream on the least-loaded replica and register it. `GET /v1/streams` merges every replica's list,
   each stream from its owner only (once), and lists a stream being restored with state `restoring`. The page, its
@@ -196,13 +197,13 @@ class Proxy:
         return None if refused is None else error_response(refused)
 
     async def _target(self, stream_id: str | None) -> dict | ApiError:
-        """The replica a request for `stream_id` goes to, or the 503 of a stream being restored."""
+        """The replica a request for `stream_id` goes to, or the 503 of a stream being moved or restored."""
         route = None if stream_id is None else await self.fleet.route.remote(stream_id)
         if route is None:
             return await self.fleet.any_replica.remote()
         if route["state"] == "moving":
-            return ApiError(503, f"stream {stream_id} is being restored on another replica: retry shortly",
-                            code="stream_moving", retry_after=1)
+            return ApiError(503, f"stream {stream_id} is moving to replica {route['to']} (its memory saved, then "
+                            "restored there): retry shortly", code="stream_moving", retry_after=1)
         return route
 
     async def _to_owner(self, request: Request, stream_id: str | None) -> Response:
