@@ -11,11 +11,15 @@ single-process server by forwarding each request, unchanged, to the replica that
   static files, the OpenAPI document and the rest go to any replica.
 - **Access.** Host and Origin are checked here (`access.refusal`, as the single-process gate does), then the request
   goes on with the replica's own Host and no Origin; the replica checks the key (the header is forwarded).
-- **Frames.** A socket's messages pass through as they came: binary frames stay JPEG bytes, never decoded here.
-  When the owner dies under a socket, the client gets `session.closing {reason: "replica_failed"}` and a close
-  1012; it may reconnect with `?stream_id=` once the stream is restored.
+- **Sockets** (`pipe`): a socket's messages pass through as they came (binary frames stay JPEG bytes, never decoded
+  here). A socket stays open when its stream moves: the frames sent meanwhile are held here (`Limits.move_held_frames`,
+  the oldest dropped and counted beyond it) and sent to the new owner after the restore. When the owner dies under a
+  socket, the client gets `session.closing {reason: "replica_failed"}` and a close 1012.
+- **Metrics.** `GET /metrics` merges every live replica's text (see `merge_metrics`) and adds the ingress's counts
+  of frames held and dropped during moves.
 
-What it does not do: run model code, keep stream state (the fleet's directory is the only record), or check keys.
+What it does not do: run model code, keep stream state (the fleet's directory is the only record; a socket holds
+its frames only while its stream moves), decide when a stream moves (the fleet does), or check keys.
 """
 
 from __future__ import annotations
@@ -24,7 +28,6 @@ import asyncio
 import json
 import logging
 import re
-import secrets
 
 import httpx
 import websockets
@@ -32,12 +35,12 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
-from starlette.websockets import WebSocketDisconnect
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
+from vstream.cluster.pipe import MoveCounts, Pipe, open_upstream
 from vstream.server import access
 from vstream.server.errors import ApiError, error_response
+from vstream.server.metrics import sample
 from vstream.server.state import Limits
 
 log = logging.getLogger("vstream.cluster")
@@ -79,6 +82,7 @@ class Proxy:
     def __init__(self, fleet, gate: _Gate, limits: Limits):
         self.fleet, self.gate, self.limits = fleet, gate, limits
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False)
+        self.moves = MoveCounts()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -148,7 +152,11 @@ class Proxy:
             merge_metrics(families, reply.text, replica["id"])
         text = "".join("".join(f"{c}\n" for c in comments) + "".join(f"{x}\n" for x in samples)
                        for comments, samples in families.values())
-        return Response(text, media_type="text/plain; version=0.0.4")
+        own = [*sample("ingress_frames_held_total", "counter", "Frames the ingress held for sockets whose stream "
+                       "was moving.", self.moves.held),
+               *sample("ingress_frames_dropped_total", "counter", "Held frames the ingress dropped, over "
+                       "move_held_frames.", self.moves.dropped)]
+        return Response(text + "\n".join(own) + "\n", media_type="text/plain; version=0.0.4")
 
     async def create_stream(self, request: Request):
         refused = await self._refused(request)
@@ -272,10 +280,9 @@ class Proxy:
             refused = target if isinstance(target, ApiError) else None
         if refused is not None:
             return await ws.send_denial_response(error_response(refused))
+        forwarded = _ws_headers(ws.headers)
         try:
-            upstream = await ws_connect(_ws_url(target["url"], ws), additional_headers=_ws_headers(ws.headers),
-                                        max_size=self.limits.max_ws_message_bytes + 1024, open_timeout=30,
-                                        user_agent_header=None)
+            upstream = await open_upstream(_ws_url(target["url"], ws), forwarded, self.limits)
         except InvalidStatus as exc:
             await self._unplace(target, stream_id)
             headers = {k: v for k, v in exc.response.headers.raw_items() if k.lower() == "retry-after"}
@@ -288,7 +295,7 @@ class Proxy:
                 503, f"replica {target['replica']} could not be reached ({exc!r}): retry shortly",
                 code="replica_unavailable", retry_after=1)))
         await ws.accept()
-        await Pipe(ws, upstream, self.fleet, target, created=stream_id is None).run()
+        await Pipe(ws, upstream, self, target, stream_id, forwarded).run()
 
     async def _place(self) -> dict:
         return await self.fleet.place.remote()
@@ -330,69 +337,3 @@ def _ws_url(base: str, ws: WebSocket) -> str:
 def _ws_headers(headers: Headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in WS_HOP]
 
-
-class Pipe:
-    """One client socket joined to its owner's socket: messages both ways as they come; the stream a socket created
-    is registered from `session.created` and forgotten when the socket ends (the replica deletes it)."""
-
-    def __init__(self, client: WebSocket, upstream, fleet, target: dict, created: bool):
-        self.client, self.upstream, self.fleet, self.target, self.created = client, upstream, fleet, target, created
-        self.stream_id: str | None = None
-
-    async def run(self) -> None:
-        up = asyncio.create_task(self._client_to_owner())
-        down = asyncio.create_task(self._owner_to_client())
-        try:
-            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            up.cancel()
-            down.cancel()
-            await self.upstream.close()
-            if self.created:
-                await (self.fleet.forget.remote(self.stream_id) if self.stream_id
-                       else self.fleet.unplace.remote(self.target["replica"]))
-
-    async def _client_to_owner(self) -> None:
-        try:
-            while True:
-                message = await self.client.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                data = message.get("bytes")
-                await self.upstream.send(data if data is not None else message.get("text") or "")
-        except (WebSocketDisconnect, ConnectionClosed):
-            return
-
-    async def _owner_to_client(self) -> None:
-        try:
-            async for message in self.upstream:
-                if self.created and self.stream_id is None and isinstance(message, str):
-                    await self._register(message)
-                await (self.client.send_bytes(message) if isinstance(message, bytes)
-                       else self.client.send_text(message))
-        except ConnectionClosed:
-            pass
-        except WebSocketDisconnect:
-            return
-        await self._close_client()
-
-    async def _register(self, message: str) -> None:
-        event = json.loads(message)
-        if event.get("type") == "session.created":
-            self.stream_id = event["session"]["stream_id"]
-            await self.fleet.placed.remote(self.target["replica"], self.stream_id)
-
-    async def _close_client(self) -> None:
-        """Pass the owner's close on; an owner gone without a close is reported, and the client told why."""
-        received = self.upstream.protocol.close_rcvd
-        if received is not None:
-            await self.client.close(received.code, received.reason)
-            return
-        await self.fleet.suspect.remote(self.target["replica"])
-        notice = {"type": "session.closing", "event_id": "evt_" + secrets.token_hex(8), "reason": "replica_failed",
-                  "time_left_s": 0.0}
-        try:
-            await self.client.send_text(json.dumps(notice))
-            await self.client.close(1012, "replica failed: reconnect with ?stream_id=")
-        except (RuntimeError, WebSocketDisconnect):
-            log.debug("the client left before the replica's failure was told")
