@@ -1,9 +1,10 @@
 """The cluster on a real local Ray instance (2 CPUs) that this module starts: the ingress in front of two engine
 replicas of the tiny model, sharing one state directory, driven through the real HTTP and WebSocket API. Streams spread
-over both replicas and every question is answered by its owner; a stream moves by drain -> snapshot -> restore while
-a socket pushes frames into it (the socket stays open, the frames sent meanwhile are held by the ingress and ingested
-by the new owner); a replica killed with SIGKILL has its streams restored on the other from their snapshots (the time
-is measured and bounded); a third replica joins and takes the new streams. The replicas listen on the node's address, as on several machines (the
+over both replicas and every question is answered by its owner; a stream moves by drain -> snapshot -> restore through
+`POST /v1/cluster/streams/{id}/move` while a socket pushes frames into it (the socket stays open, the frames sent
+meanwhile are held by the ingress and ingested by the new owner); a replica killed with SIGKILL has its streams
+restored on the other from their snapshots (the time is measured and bounded); a third replica joins and takes the
+new streams. The replicas listen on the node's address, as on several machines (the
 server tests' cluster case uses loopback). The tests run in order and share the cluster."""
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def ask(client, sid: str) -> httpx.Response:
     return client.post("/v1/chat/completions", json={"model": sid, "messages": HI, "max_tokens": 3})
 
 
-def move(fleet, stream_id: str, replica: str) -> dict:
-    return ray.get(fleet.move.remote(stream_id, replica))
+def move(base: str, stream_id: str, replica: str) -> httpx.Response:
+    return httpx.post(f"{base}/v1/cluster/streams/{stream_id}/move", json={"replica": replica}, timeout=DEADLINE_S)
 
 
 def directory(fleet) -> dict:
@@ -157,11 +158,11 @@ def test_streams_spread_over_both_replicas_and_each_is_answered_by_its_owner(clu
         assert foreign.status_code == 403 and foreign.json()["error"]["code"] == "host_not_allowed"
 
 
-def test_a_stream_moves_with_its_socket_attached_and_the_frames_sent_meanwhile(cluster):
+def test_a_stream_moves_through_the_route_with_its_socket_attached_and_the_frames_sent_meanwhile(cluster):
     """The socket stays open through the move; the answer in progress finishes on the old owner, which holds the
     move until then; the frames sent meanwhile are held by the ingress (the oldest dropped beyond HELD, each with an
-    error event) and ingested by the new owner after the restore; questions get 503 naming the move. The memory
-    continues from the snapshot: frames after == before + sent during - dropped."""
+    error event) and ingested by the new owner after the restore; questions get 503 naming the move, a second move
+    409. The memory continues from the snapshot: frames after == before + sent during - dropped."""
     base, fleet, state_dir, _ = cluster
     sid = next(iter(STREAMS))
     source = directory(fleet)["streams"][sid]
@@ -172,7 +173,7 @@ def test_a_stream_moves_with_its_socket_attached_and_the_frames_sent_meanwhile(c
         recv(ws, "session.created")
         ws.send(json.dumps(LONG))
         recv(ws, "response.created")
-        mover = threading.Thread(target=lambda: moved.update(r=move(fleet, sid, target)))
+        mover = threading.Thread(target=lambda: moved.update(r=move(base, sid, target)))
         mover.start()
         assert recv(ws, "stream.moving")["held_frames"] == HELD
         for i, t in enumerate(during):
@@ -181,6 +182,7 @@ def test_a_stream_moves_with_its_socket_attached_and_the_frames_sent_meanwhile(c
         asked = ask(client, sid)
         assert assert_error(asked, 503)["code"] == "stream_moving" and f"moving to replica {target}" in asked.text
         assert asked.headers["retry-after"] == "1"
+        assert assert_error(move(base, sid, target), 409)["code"] == "moving"
         events = []
         while sum(e["type"] == "input_video_frame.ack" for e in events) < len(during) - 2:
             events.append(recv(ws))
@@ -199,8 +201,9 @@ def test_a_stream_moves_with_its_socket_attached_and_the_frames_sent_meanwhile(c
         ws.send(frame(during[-1] + 1, 40, "after"))  # the same socket goes on with the new owner
         assert recv(ws, "input_video_frame.ack")["item_event_id"] == "after"
         r = moved["r"]
-        assert (r["replica"], r["from"]) == (target, source)
-        assert (r["frames"], r["stream_time"]) == (before, last), "restored as it was saved"
+        assert r.status_code == 200, r.text
+        assert (r.json()["replica"], r.json()["from"]) == (target, source)
+        assert (r.json()["frames"], r.json()["stream_time"]) == (before, last), "restored as it was saved"
         kept = during[2:] + [during[-1] + 1]
         STREAMS[sid] |= set(kept)
         ingested(client, sid, len(kept))  # its new owner counts from the restore
@@ -218,6 +221,22 @@ def test_a_stream_moves_with_its_socket_attached_and_the_frames_sent_meanwhile(c
     assert snapshots.stream_ids(state_dir) == sorted(STREAMS)
 
 
+def test_the_move_route_refuses_unknown_streams_and_replicas_and_bad_bodies(cluster):
+    base, fleet, _, _ = cluster
+    sid = next(iter(STREAMS))
+    owner = directory(fleet)["streams"][sid]
+    assert assert_error(move(base, "str_0123456789abcdef", owner), 404)["code"] == "unknown_stream"
+    err = assert_error(move(base, sid, "replica-9"), 400)
+    assert err["code"] == "unknown_replica" and err["message"].endswith("expected one of replica-1, replica-2")
+    assert assert_error(move(base, sid, owner), 409)["code"] == "already_there"
+    bad = httpx.post(f"{base}/v1/cluster/streams/{sid}/move", json=["replica-1"], timeout=DEADLINE_S)
+    assert assert_error(bad, 400)["param"] == "replica"
+    foreign = httpx.post(f"{base}/v1/cluster/streams/{sid}/move", json={"replica": other(owner)},
+                         headers={"Origin": "http://evil.example"}, timeout=DEADLINE_S)
+    assert assert_error(foreign, 403)["code"] == "origin_not_allowed"
+    assert directory(fleet)["streams"][sid] == owner
+
+
 def test_a_socket_that_created_its_stream_keeps_it_through_a_move_and_deletes_it_on_its_new_owner(cluster):
     base, fleet, _, _ = cluster
     with connect(base) as ws:
@@ -225,7 +244,7 @@ def test_a_socket_that_created_its_stream_keeps_it_through_a_move_and_deletes_it
         ws.send(frame(1.0, 70))
         assert recv(ws, "input_video_frame.ack")["accepted"]
         target = other(directory(fleet)["streams"][sid])
-        assert move(fleet, sid, target)["replica"] == target
+        assert move(base, sid, target).status_code == 200
         assert recv(ws, "stream.moved")["replica"] == target
         ws.send(frame(2.0, 80))
         assert recv(ws, "input_video_frame.ack")["accepted"]

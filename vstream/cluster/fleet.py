@@ -1,7 +1,8 @@
 """The fleet: one Ray actor that holds the directory (`directory.Directory`) and the engine replicas (Ray actors
 running `replica.ReplicaServer`), and carries out what the directory decides: start replicas, place and register
 streams, notice a replica's death (its actor is gone) and restore its streams on the others from their snapshots,
-move a stream (release -> adopt), drain a replica before it stops.
+move a stream (release -> adopt: the ingress's `POST /v1/cluster/streams/{id}/move`, or a drain), drain a replica
+before it stops.
 
 A replica is declared dead only when Ray says its actor died, never because it is slow: a slow owner keeps its
 streams (its queue answers 429), since two owners of one stream would both write its snapshot.

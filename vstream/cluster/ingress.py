@@ -9,6 +9,10 @@ single-process server by forwarding each request, unchanged, to the replica that
   create the stream on the least-loaded replica and register it. `GET /v1/streams` merges every replica's list,
   each stream from its owner only (once), and lists a stream being restored with state `restoring`. The page, its
   static files, the OpenAPI document and the rest go to any replica.
+- **The cluster's own routes.** `GET /v1/cluster` (the directory) and `POST /v1/cluster/streams/{id}/move
+  {"replica": id}` (drain -> snapshot -> restore on that replica; 404 for a stream the cluster does not hold, 400 for a
+  replica that is not live or takes no streams, naming those that do, 409 for a stream moving already or already
+  there) need the key like every route: a live replica checks it before anything is done.
 - **Access.** Host and Origin are checked here (`access.refusal`, as the single-process gate does), then the request
   goes on with the replica's own Host and no Origin; the replica checks the key (the header is forwarded).
 - **Sockets** (`pipe`): a socket's messages pass through as they came (binary frames stay JPEG bytes, never decoded
@@ -19,7 +23,8 @@ single-process server by forwarding each request, unchanged, to the replica that
   of frames held and dropped during moves.
 
 What it does not do: run model code, keep stream state (the fleet's directory is the only record; a socket holds
-its frames only while its stream moves), decide when a stream moves (the fleet does), or check keys.
+its frames only while its stream moves), decide when a stream moves (the caller of the move route, or the fleet's
+drain), or check keys.
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
+from vstream.cluster.directory import MoveRefused
 from vstream.cluster.pipe import MoveCounts, Pipe, open_upstream
 from vstream.server import access
-from vstream.server.errors import ApiError, error_response
+from vstream.server.errors import ApiError, error_response, internal_error
 from vstream.server.metrics import sample
 from vstream.server.state import Limits
 
@@ -49,6 +55,7 @@ HOP = frozenset({"host", "origin", "connection", "keep-alive", "transfer-encodin
                  "proxy-authorization", "proxy-connection", "content-length"})
 WS_HOP = HOP | {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 REPLICA_HEADER = "X-Vstream-Replica"
+MOVE_STATUS = {"unknown_stream": 404, "unknown_replica": 400, "already_there": 409, "moving": 409}
 
 
 class _Gate:
@@ -66,6 +73,7 @@ def create_ingress(fleet, allowed_hosts, limits: Limits | None = None) -> FastAP
     app.add_api_route("/health/live", proxy.live, methods=["GET"])
     app.add_api_route("/health/ready", proxy.ready, methods=["GET"])
     app.add_api_route("/v1/cluster", proxy.cluster, methods=["GET"])
+    app.add_api_route("/v1/cluster/streams/{stream_id}/move", proxy.move, methods=["POST"])
     app.add_api_route("/v1/streams", proxy.list_streams, methods=["GET"])
     app.add_api_route("/v1/streams", proxy.create_stream, methods=["POST"])
     app.add_api_route("/v1/chat/completions", proxy.chat, methods=["POST"])
@@ -100,16 +108,31 @@ class Proxy:
         return {"status": "ready", "replicas": live}
 
     async def cluster(self, request: Request):
-        """The directory: replicas (url, pid, streams, queue) and each stream's owner; the key is checked by a
-        replica first (this view names the replicas' addresses)."""
-        refused = await self._refused(request)
+        """The directory: replicas (url, pid, streams, queue) and each stream's owner."""
+        refused = await self._admin(request)
         if refused is not None:
             return refused
-        checked = await self._forward(request, await self.fleet.any_replica.remote(), path="/v1/streams",
-                                      stream=False)
-        if checked.status_code != 200:
-            return checked
         return await self.fleet.listing.remote()
+
+    async def move(self, request: Request, stream_id: str):
+        """`POST /v1/cluster/streams/{id}/move {"replica": id}`: drain -> snapshot -> restore on that replica (the
+        fleet's `move`) -> the new owner, the old one and what the restore took. 404 for a stream the cluster does not
+        hold, 400 for a replica that is not live or takes no streams (naming those that do), 409 for a stream moving
+        already or already there."""
+        refused = await self._admin(request)
+        if refused is not None:
+            return refused
+        replica = _move_target(await self._body(request))
+        if isinstance(replica, ApiError):
+            return error_response(replica)
+        try:
+            moved = await self.fleet.move.remote(stream_id, replica)
+        except MoveRefused as exc:
+            param = "replica" if exc.reason == "unknown_replica" else None
+            return error_response(ApiError(MOVE_STATUS[exc.reason], exc.message, code=exc.reason, param=param))
+        except RuntimeError as exc:
+            return error_response(internal_error(exc, f"the move of stream {stream_id} to {replica}"))
+        return {"object": "cluster.move", "stream_id": stream_id, **moved}
 
     async def list_streams(self, request: Request):
         refused = await self._refused(request)
@@ -203,6 +226,23 @@ class Proxy:
     async def _refused(self, request: Request) -> Response | None:
         refused = access.refusal(self.gate, request.headers, request.url.path, request.method)
         return None if refused is None else error_response(refused)
+
+    async def _admin(self, request: Request) -> Response | None:
+        """The refusal of a request to the cluster's own routes (they name the replicas' addresses, move streams):
+        Host and Origin checked here, then the key, by a live replica (`GET /v1/streams` with the same headers)."""
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        replica = await self.fleet.any_replica.remote()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        try:
+            checked = await self.client.get(replica["url"] + "/v1/streams", headers=headers)
+        except httpx.TransportError as exc:
+            return error_response(ApiError(503, f"replica {replica['replica']} could not check the key ({exc!r}): "
+                                           "retry shortly", code="replica_unavailable", retry_after=1))
+        if checked.status_code == 200:
+            return None
+        return Response(checked.content, checked.status_code, media_type=checked.headers.get("content-type"))
 
     async def _target(self, stream_id: str | None) -> dict | ApiError:
         """The replica a request for `stream_id` goes to, or the 503 of a stream being moved or restored."""
@@ -337,3 +377,17 @@ def _ws_url(base: str, ws: WebSocket) -> str:
 def _ws_headers(headers: Headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in WS_HOP]
 
+
+def _move_target(body: bytes | ApiError) -> str | ApiError:
+    """The replica id a move's body names (`{"replica": "<id>"}`), or the 400 (413) of another body."""
+    if isinstance(body, ApiError):
+        return body
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        parsed = None
+    replica = parsed.get("replica") if isinstance(parsed, dict) else None
+    if not isinstance(replica, str) or not replica:
+        shown = body[:80].decode("utf-8", "replace")
+        return ApiError(400, f'expected a JSON body {{"replica": "<replica id>"}}, got {shown!r}', param="replica")
+    return replica
