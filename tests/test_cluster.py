@@ -2,9 +2,9 @@
 replicas of the tiny model, sharing one state directory, driven through the real HTTP and WebSocket API. Streams spread
 over both replicas and every question is answered by its owner; a stream moves by drain -> snapshot -> restore through
 `POST /v1/cluster/streams/{id}/move` while a socket pushes frames into it (the socket stays open, the frames sent
-meanwhile are held by the ingress and ingested by the new owner); a replica killed with SIGKILL has its streams
-restored on the other from their snapshots (the time is measured and bounded); a third replica joins and takes the
-new streams. The replicas listen on the node's address, as on several machines (the
+meanwhile are held by the ingress and ingested by the new owner); a busy owner answers 429 itself; a replica killed
+with SIGKILL has its streams restored on the other from their snapshots (the time is measured and bounded); a third
+replica joins and takes the new streams. The replicas listen on the node's address, as on several machines (the
 server tests' cluster case uses loopback). The tests run in order and share the cluster."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ EVERY_S = 0.5  # the replicas' snapshot interval
 FAILOVER_BOUND_S = 10.0  # from SIGKILL to the first answer from the new owner; measured ~1-3 s on 2 cores
 HI = [{"role": "user", "content": "What is on the screen?"}]
 HELD = 4  # frames the ingress holds per socket while its stream moves
-LIMITS = Limits(move_held_frames=HELD)
+LIMITS = Limits(max_running=1, move_held_frames=HELD)  # one answer at a time per replica: a long one makes it busy
 LONG = {"type": "response.create", "question": "What is on the screen?", "max_tokens": 1024}  # ~1 s on 2 cores
 
 
@@ -251,6 +251,27 @@ def test_a_socket_that_created_its_stream_keeps_it_through_a_move_and_deletes_it
         assert sid in own_ids(replica(fleet, target)["url"])
     wait_until(lambda: sid not in directory(fleet)["streams"], "the socket's stream forgotten when it closed")
     assert sid not in own_ids(replica(fleet, target)["url"]), "deleted on its new owner"
+
+
+def test_a_busy_owner_answers_429_itself_and_its_stream_questions_never_go_to_another_replica(cluster):
+    base, fleet, _, _ = cluster
+    owners = directory(fleet)["streams"]
+    sid = next(s for s in STREAMS if owners[s] == "replica-1")
+    elsewhere = next(s for s in STREAMS if owners[s] == "replica-2")
+    with httpx.Client(base_url=base, timeout=DEADLINE_S) as client, connect(base, sid) as ws:
+        recv(ws, "session.created")
+        ws.send(json.dumps(LONG))
+        recv(ws, "response.created")  # replica-1's one answer slot (max_running=1) is taken for about a second
+        for _ in range(3):
+            r = ask(client, sid)
+            err = assert_error(r, 429)
+            assert err["code"] == "too_many_requests" and "max_running=1" in err["message"]
+            assert r.headers["x-vstream-replica"] == "replica-1" and r.headers["retry-after"] == "1"
+        r = ask(client, elsewhere)  # the other replica is free: the 429 was the owner's alone
+        assert r.status_code == 200 and r.headers["x-vstream-replica"] == "replica-2"
+        assert recv(ws, "response.done")["response"]["status"] == "completed"
+        r = ask(client, sid)
+        assert r.status_code == 200 and r.headers["x-vstream-replica"] == "replica-1"
 
 
 def test_a_killed_replica_streams_come_back_on_the_other_with_their_memory(cluster):
