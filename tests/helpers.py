@@ -219,7 +219,8 @@ class RtspServer:
 def cluster_server(replicas: int, state_dir: Path, replica_host: str | None = "127.0.0.1", **server_options):
     """(base URL of the ingress, fleet actor) of a cluster of `replicas` tiny-model replicas on a local Ray instance
     started here (2 CPUs), each replica a `create_app(**server_options)` over the shared `state_dir`, listening on
-    `replica_host` (None: the node's address, as on several machines); Ray is shut down on exit. Needs [ray]."""
+    `replica_host` (None: the node's address, as on several machines), the ingress under the same `limits` (as
+    `vstream serve --ray` gives them); Ray is shut down on exit. Needs [ray]."""
     import ray
 
     from vstream.cluster.ingress import create_ingress
@@ -230,7 +231,7 @@ def cluster_server(replicas: int, state_dir: Path, replica_host: str | None = "1
     try:
         fleet = start_fleet("tiny", state_dir, replicas, {"device": "cpu"} | server_options,
                             replica_host=replica_host)
-        app = create_ingress(fleet, access.allowed_hosts(["127.0.0.1", "localhost"]))
+        app = create_ingress(fleet, access.allowed_hosts(["127.0.0.1", "localhost"]), server_options.get("limits"))
         with running_server(app) as base:
             yield base, fleet
         ray.get(fleet.stop.remote())

@@ -3,9 +3,11 @@ failover plans that never lose or duplicate a stream, moves and drains."""
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
-from vstream.cluster.directory import Directory, NoReplica
+from vstream.cluster.directory import Directory, MoveRefused, NoReplica
 
 
 def three() -> Directory:
@@ -99,6 +101,28 @@ def test_drain_plans_every_stream_elsewhere_and_stops_placement():
     assert source == "r1" and d.listing()["s0"] is None
     d.settle("s0", ok=True)
     assert d.owner("s0").id == plan["s0"]
+
+
+def refusal(d: Directory, stream_id: str, to: str) -> tuple[str, str]:
+    with pytest.raises(MoveRefused) as refused:
+        d.check_move(stream_id, to)
+    return refused.value.reason, str(refused.value)
+
+
+def test_a_move_is_refused_for_an_unknown_stream_or_replica_a_moving_stream_and_its_own_owner():
+    d = three()
+    create(d, "s0")
+    d.drain_plan("r3")  # r3 takes no new streams: no move goes there
+    d.check_move("s0", "r2")
+    reason, message = refusal(d, "nope", "r2")
+    assert reason == "unknown_stream" and "'nope'" in message
+    reason, message = refusal(d, "s0", "r9")
+    assert reason == "unknown_replica" and message.endswith("'r9' that takes streams: expected one of r1, r2")
+    assert refusal(d, "s0", "r3")[0] == "unknown_replica"
+    assert refusal(d, "s0", "r1") == ("already_there", "stream s0 is already on r1: expected another replica")
+    d.begin_move("s0", "r2")
+    assert refusal(d, "s0", "r1") == ("moving", "stream s0 is already moving to r2: wait for it to settle")
+    assert pickle.loads(pickle.dumps(MoveRefused("moving", "m"))).reason == "moving", "Ray pickles it to the caller"
 
 
 def test_saved_streams_nobody_owns_are_spread_at_start():

@@ -1,10 +1,16 @@
-"""The cluster ingress's merge of the replicas' Prometheus text, on its own (no Ray, no server): every server-wide
-sample labelled with its replica (a stream's samples keep their labels: a stream has one owner), each metric one group with its HELP
-and TYPE lines once."""
+"""The cluster ingress's pieces that need no Ray and no server: the merge of the replicas' Prometheus text (every
+server-wide sample labelled with its replica; a stream's samples keep their labels: a stream has one owner; each metric
+one group with its HELP and TYPE lines once), and the frames a socket holds while its stream moves (in order, the
+oldest dropped beyond the cap; only frames are held)."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
+
 from vstream.cluster.ingress import labelled, merge_metrics
+from vstream.cluster.pipe import Held, classify
 
 ONE = """# HELP vstream:streams Open streams.
 # TYPE vstream:streams gauge
@@ -33,3 +39,20 @@ def test_each_metric_is_one_group_over_every_replica():
         "# TYPE vstream:frames_ingested_total counter",
         'vstream:frames_ingested_total{stream_id="str_a"} 6',
         'vstream:frames_ingested_total{stream_id="str_b"} 6']
+
+
+def test_held_frames_keep_their_order_and_the_oldest_is_dropped_beyond_the_cap():
+    held = Held(2)
+    assert held.hold(b"a", None) is None and held.hold("b", "e1") is None
+    assert held.hold(b"c", None) == (b"a", None)
+    assert held.hold("d", "e2") == ("b", "e1")
+    assert list(held.frames) == [(b"c", None), ("d", "e2")]
+    with pytest.raises(ValueError, match="move_held_frames must be >= 1, got 0"):
+        Held(0)
+
+
+def test_binary_messages_and_appends_are_frames_other_messages_are_not():
+    assert classify(b"\xff\xd8") == (True, None)
+    assert classify(json.dumps({"type": "input_video_frame.append", "event_id": "f1"})) == (True, "f1")
+    assert classify(json.dumps({"type": "response.create", "event_id": "q"})) == (False, "q")
+    assert classify("not json") == (False, None) and classify("[1]") == (False, None)

@@ -187,6 +187,29 @@ def test_cancel_stops_the_answer(server, client):
     assert server[1].state.vstream.running == 0
 
 
+def test_session_end_answers_every_message_before_it_then_closes_1000(api_server, client):
+    """`session.end`: every frame sent before it is acknowledged and the answer in progress finishes, then the server
+    closes with 1000 (how a cluster's ingress hands a socket's stream over to its next owner)."""
+    sid = client.post("/v1/streams", json={"source": {"type": "push"}}).json()["id"]
+    with connect(api_server[0], sid) as ws:
+        recv(ws, "session.created")
+        push_seconds(ws, 1)
+        wait_frames(client, sid, 1)
+        ws.send(json.dumps({"type": "response.create", "question": "What is there?", "max_tokens": 8}))
+        for i in (1, 2, 3):
+            ws.send(append(i, float(i)))
+        ws.send(json.dumps({"type": "session.end"}))
+        events = []
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                events.append(recv(ws))
+    assert closed.value.rcvd.code == 1000
+    assert [e["item_event_id"] for e in events if e["type"] == "input_video_frame.ack"] == ["f1", "f2", "f3"]
+    assert next(e for e in events if e["type"] == "response.done")["response"]["status"] == "completed"
+    wait_frames(client, sid, 4)
+    assert client.delete(f"/v1/streams/{sid}").status_code == 200
+
+
 def test_bad_events_get_error_events_and_the_session_goes_on(api_server, client):
     with connect(api_server[0]) as ws:
         recv(ws, "session.created")

@@ -16,6 +16,18 @@ class NoReplica(LookupError):
     """No live replica takes new streams."""
 
 
+class MoveRefused(Exception):
+    """A move that cannot start: `reason` is "moving", "unknown_stream", "unknown_replica" or "already_there";
+    `message` names what was expected."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(reason, message)  # both in `args`: pickled whole when Ray sends it back to a caller
+        self.reason, self.message = reason, message
+
+    def __str__(self) -> str:
+        return self.message
+
+
 @dataclass
 class Replica:
     """One engine replica as the directory sees it."""
@@ -116,6 +128,22 @@ class Directory:
             replica.pending += 1
             plan[stream_id] = replica.id
         return plan
+
+    def check_move(self, stream_id: str, to: str) -> None:
+        """MoveRefused when the stream cannot move to replica `to` now: it moves already, the cluster does not hold it,
+        `to` is not a live replica that takes streams (the message names those that are), or `to` owns it."""
+        if stream_id in self.moving:
+            raise MoveRefused("moving", f"stream {stream_id} is already moving to {self.moving[stream_id]}: wait "
+                              "for it to settle")
+        if stream_id not in self.owners:
+            raise MoveRefused("unknown_stream", f"no stream with id {stream_id!r} in the cluster: expected one of the "
+                              "ids from GET /v1/streams")
+        targets = sorted(r.id for r in self.replicas.values() if r.alive and r.accepting)
+        if to not in targets:
+            raise MoveRefused("unknown_replica", f"no live replica {to!r} that takes streams: expected one of "
+                              f"{', '.join(targets)}")
+        if self.owners[stream_id] == to:
+            raise MoveRefused("already_there", f"stream {stream_id} is already on {to}: expected another replica")
 
     def begin_move(self, stream_id: str, to: str) -> str:
         """Mark an owned stream moving to replica `to` -> its old owner's id (which must release it first)."""

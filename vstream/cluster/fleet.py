@@ -1,7 +1,8 @@
 """The fleet: one Ray actor that holds the directory (`directory.Directory`) and the engine replicas (Ray actors
 running `replica.ReplicaServer`), and carries out what the directory decides: start replicas, place and register
 streams, notice a replica's death (its actor is gone) and restore its streams on the others from their snapshots,
-move a stream (release -> adopt), drain a replica before it stops.
+move a stream (release -> adopt: the ingress's `POST /v1/cluster/streams/{id}/move`, or a drain), drain a replica
+before it stops.
 
 A replica is declared dead only when Ray says its actor died, never because it is slow: a slow owner keeps its
 streams (its queue answers 429), since two owners of one stream would both write its snapshot.
@@ -20,7 +21,7 @@ from pathlib import Path
 import ray
 from ray.exceptions import RayActorError
 
-from vstream.cluster.directory import Directory, NoReplica
+from vstream.cluster.directory import Directory, MoveRefused, NoReplica
 from vstream.cluster.replica import ReplicaServer
 from vstream.engine import snapshots
 
@@ -75,11 +76,13 @@ class Fleet:
     # ---------------------------------------------------------------------------------------------- routing
 
     async def route(self, stream_id: str) -> dict | None:
-        """Where a stream's requests go: {"state": "owned", "replica", "url"}, {"state": "moving"}, or None."""
+        """Where a stream's requests go: {"state": "owned", "replica", "url"}, {"state": "moving", "to": replica},
+        or None."""
         owner = self.directory.owner(stream_id)
         if owner is not None:
             return {"state": "owned", "replica": owner.id, "url": owner.url}
-        return {"state": "moving"} if stream_id in self.directory.moving else None
+        to = self.directory.moving.get(stream_id)
+        return None if to is None else {"state": "moving", "to": to}
 
     async def any_replica(self) -> dict:
         live = self.directory.live()
@@ -161,37 +164,50 @@ class Fleet:
             log.warning("replica %s died: restoring %d streams elsewhere", replica_id, len(plan))
             await asyncio.gather(*(self._restore(sid, rid) for sid, rid in plan.items()))
 
-    async def _restore(self, stream_id: str, replica_id: str) -> None:
+    async def _restore(self, stream_id: str, replica_id: str) -> str | None:
+        """Have the replica adopt the stream from its snapshot -> None, or why it did not (logged)."""
         t0 = time.perf_counter()
         try:
             restored = await self.handles[replica_id].adopt.remote(stream_id)
         except RayActorError:
             log.error("replica %s died while restoring stream %s", replica_id, stream_id)
-            return  # still moving: the next failover reassigns it
+            return f"replica {replica_id} died while restoring it"  # still moving: the next failover reassigns it
         except Exception as exc:  # its snapshot cannot load (corrupt, missing): it is lost, reported  # noqa: BLE001
             log.error("stream %s could not be restored on %s: %s", stream_id, replica_id, exc)
             self.directory.settle(stream_id, ok=False)
-            return
+            return f"its snapshot could not be loaded on {replica_id}: {exc}"
         self.directory.settle(stream_id, ok=True)
         self.restores[stream_id] = {"replica": replica_id, "seconds": round(time.perf_counter() - t0, 3),
                                     "frames": restored["frames"], "stream_time": restored["stream_time"]}
+        return None
 
     # ---------------------------------------------------------------------------------------------- moves
 
     async def move(self, stream_id: str, to: str) -> dict:
-        """Drain -> snapshot -> restore: the owner saves and closes the stream, `to` adopts it."""
+        """Drain -> snapshot -> restore: the owner ends the stream's sockets, saves the stream with every frame it took
+        and closes it (`ReplicaServer.release`), `to` adopts it -> {"replica", "from", "seconds", "frames",
+        "stream_time"} (what the restore took). MoveRefused when it cannot start (`Directory.check_move`),
+        RuntimeError when the restore failed (the stream is lost, or restored elsewhere once `to` is failed over)."""
+        self.directory.check_move(stream_id, to)  # at once, not after the move or failover in progress
         async with self._lock:
-            if self.directory.owner(stream_id) is None:
-                raise KeyError(f"stream {stream_id} has no owner to move it from")
+            self.directory.check_move(stream_id, to)
             source = self.directory.begin_move(stream_id, to)
-            await self.handles[source].release.remote(stream_id)
-            await self._restore(stream_id, to)
-            return self.restores.get(stream_id, {})
+            try:
+                await self.handles[source].release.remote(stream_id)
+            except RayActorError:  # its owner died: the stream comes from its last snapshot (the failover skips it)
+                log.error("replica %s died while releasing stream %s: its last snapshot moves", source, stream_id)
+            failed = await self._restore(stream_id, to)
+            if failed is not None:
+                raise RuntimeError(f"stream {stream_id} did not move to {to}: {failed}")
+            return {**self.restores[stream_id], "from": source}
 
     async def drain(self, replica_id: str) -> None:
         """Scale down: move every stream of the replica to the others, then stop it (never killed with streams)."""
         for stream_id, target in self.directory.drain_plan(replica_id).items():
-            await self.move(stream_id, target)
+            try:
+                await self.move(stream_id, target)
+            except (MoveRefused, RuntimeError) as exc:  # deleted or moved since the plan was made, or lost: logged
+                log.warning("drain of %s: stream %s not moved: %s", replica_id, stream_id, exc)
         await self.handles[replica_id].stop.remote()
         self.directory.replicas[replica_id].alive = False
         ray.kill(self.handles.pop(replica_id))

@@ -3,18 +3,28 @@ single-process server by forwarding each request, unchanged, to the replica that
 
 - **Which replica.** A request that names a stream (`/v1/streams/{id}/...`, chat's `model`/`stream_id`, the realtime
   socket's `?stream_id=`) goes to its owner as the fleet's directory says, and to no other: a busy owner answers its
-  own 429, a stream being restored after a failure answers 503 with `Retry-After`. A stream the directory does not
+  own 429, a stream being moved (or restored after a failure) answers 503 `stream_moving` with `Retry-After`, naming
+  the replica it moves to; no replica without its memory ever answers for it. A stream the directory does not
   know goes to any replica, which answers its own 404 (or 401). `POST /v1/streams` and a socket without `stream_id`
   create the stream on the least-loaded replica and register it. `GET /v1/streams` merges every replica's list,
   each stream from its owner only (once), and lists a stream being restored with state `restoring`. The page, its
   static files, the OpenAPI document and the rest go to any replica.
+- **The cluster's own routes.** `GET /v1/cluster` (the directory) and `POST /v1/cluster/streams/{id}/move
+  {"replica": id}` (drain -> snapshot -> restore on that replica; 404 for a stream the cluster does not hold, 400 for a
+  replica that is not live or takes no streams, naming those that do, 409 for a stream moving already or already
+  there) need the key like every route: a live replica checks it before anything is done.
 - **Access.** Host and Origin are checked here (`access.refusal`, as the single-process gate does), then the request
   goes on with the replica's own Host and no Origin; the replica checks the key (the header is forwarded).
-- **Frames.** A socket's messages pass through as they came: binary frames stay JPEG bytes, never decoded here.
-  When the owner dies under a socket, the client gets `session.closing {reason: "replica_failed"}` and a close
-  1012; it may reconnect with `?stream_id=` once the stream is restored.
+- **Sockets** (`pipe`): a socket's messages pass through as they came (binary frames stay JPEG bytes, never decoded
+  here). A socket stays open when its stream moves: the frames sent meanwhile are held here (`Limits.move_held_frames`,
+  the oldest dropped and counted beyond it) and sent to the new owner after the restore. When the owner dies under a
+  socket, the client gets `session.closing {reason: "replica_failed"}` and a close 1012.
+- **Metrics.** `GET /metrics` merges every live replica's text (see `merge_metrics`) and adds the ingress's counts
+  of frames held and dropped during moves.
 
-What it does not do: run model code, keep stream state (the fleet's directory is the only record), or check keys.
+What it does not do: run model code, keep stream state (the fleet's directory is the only record; a socket holds
+its frames only while its stream moves), decide when a stream moves (the caller of the move route, or the fleet's
+drain), or check keys.
 """
 
 from __future__ import annotations
@@ -23,7 +33,6 @@ import asyncio
 import json
 import logging
 import re
-import secrets
 
 import httpx
 import websockets
@@ -31,12 +40,13 @@ from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
-from starlette.websockets import WebSocketDisconnect
-from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.exceptions import InvalidStatus
 
+from vstream.cluster.directory import MoveRefused
+from vstream.cluster.pipe import MoveCounts, Pipe, open_upstream
 from vstream.server import access
-from vstream.server.errors import ApiError, error_response
+from vstream.server.errors import ApiError, error_response, internal_error
+from vstream.server.metrics import sample
 from vstream.server.state import Limits
 
 log = logging.getLogger("vstream.cluster")
@@ -45,6 +55,7 @@ HOP = frozenset({"host", "origin", "connection", "keep-alive", "transfer-encodin
                  "proxy-authorization", "proxy-connection", "content-length"})
 WS_HOP = HOP | {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions", "sec-websocket-protocol"}
 REPLICA_HEADER = "X-Vstream-Replica"
+MOVE_STATUS = {"unknown_stream": 404, "unknown_replica": 400, "already_there": 409, "moving": 409}
 
 
 class _Gate:
@@ -62,6 +73,7 @@ def create_ingress(fleet, allowed_hosts, limits: Limits | None = None) -> FastAP
     app.add_api_route("/health/live", proxy.live, methods=["GET"])
     app.add_api_route("/health/ready", proxy.ready, methods=["GET"])
     app.add_api_route("/v1/cluster", proxy.cluster, methods=["GET"])
+    app.add_api_route("/v1/cluster/streams/{stream_id}/move", proxy.move, methods=["POST"])
     app.add_api_route("/v1/streams", proxy.list_streams, methods=["GET"])
     app.add_api_route("/v1/streams", proxy.create_stream, methods=["POST"])
     app.add_api_route("/v1/chat/completions", proxy.chat, methods=["POST"])
@@ -78,6 +90,7 @@ class Proxy:
     def __init__(self, fleet, gate: _Gate, limits: Limits):
         self.fleet, self.gate, self.limits = fleet, gate, limits
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False)
+        self.moves = MoveCounts()
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -95,16 +108,31 @@ class Proxy:
         return {"status": "ready", "replicas": live}
 
     async def cluster(self, request: Request):
-        """The directory: replicas (url, pid, streams, queue) and each stream's owner; the key is checked by a
-        replica first (this view names the replicas' addresses)."""
-        refused = await self._refused(request)
+        """The directory: replicas (url, pid, streams, queue) and each stream's owner."""
+        refused = await self._admin(request)
         if refused is not None:
             return refused
-        checked = await self._forward(request, await self.fleet.any_replica.remote(), path="/v1/streams",
-                                      stream=False)
-        if checked.status_code != 200:
-            return checked
         return await self.fleet.listing.remote()
+
+    async def move(self, request: Request, stream_id: str):
+        """`POST /v1/cluster/streams/{id}/move {"replica": id}`: drain -> snapshot -> restore on that replica (the
+        fleet's `move`) -> the new owner, the old one and what the restore took. 404 for a stream the cluster does not
+        hold, 400 for a replica that is not live or takes no streams (naming those that do), 409 for a stream moving
+        already or already there."""
+        refused = await self._admin(request)
+        if refused is not None:
+            return refused
+        replica = _move_target(await self._body(request))
+        if isinstance(replica, ApiError):
+            return error_response(replica)
+        try:
+            moved = await self.fleet.move.remote(stream_id, replica)
+        except MoveRefused as exc:
+            param = "replica" if exc.reason == "unknown_replica" else None
+            return error_response(ApiError(MOVE_STATUS[exc.reason], exc.message, code=exc.reason, param=param))
+        except RuntimeError as exc:
+            return error_response(internal_error(exc, f"the move of stream {stream_id} to {replica}"))
+        return {"object": "cluster.move", "stream_id": stream_id, **moved}
 
     async def list_streams(self, request: Request):
         refused = await self._refused(request)
@@ -147,7 +175,11 @@ class Proxy:
             merge_metrics(families, reply.text, replica["id"])
         text = "".join("".join(f"{c}\n" for c in comments) + "".join(f"{x}\n" for x in samples)
                        for comments, samples in families.values())
-        return Response(text, media_type="text/plain; version=0.0.4")
+        own = [*sample("ingress_frames_held_total", "counter", "Frames the ingress held for sockets whose stream "
+                       "was moving.", self.moves.held),
+               *sample("ingress_frames_dropped_total", "counter", "Held frames the ingress dropped, over "
+                       "move_held_frames.", self.moves.dropped)]
+        return Response(text + "\n".join(own) + "\n", media_type="text/plain; version=0.0.4")
 
     async def create_stream(self, request: Request):
         refused = await self._refused(request)
@@ -195,14 +227,31 @@ class Proxy:
         refused = access.refusal(self.gate, request.headers, request.url.path, request.method)
         return None if refused is None else error_response(refused)
 
+    async def _admin(self, request: Request) -> Response | None:
+        """The refusal of a request to the cluster's own routes (they name the replicas' addresses, move streams):
+        Host and Origin checked here, then the key, by a live replica (`GET /v1/streams` with the same headers)."""
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        replica = await self.fleet.any_replica.remote()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        try:
+            checked = await self.client.get(replica["url"] + "/v1/streams", headers=headers)
+        except httpx.TransportError as exc:
+            return error_response(ApiError(503, f"replica {replica['replica']} could not check the key ({exc!r}): "
+                                           "retry shortly", code="replica_unavailable", retry_after=1))
+        if checked.status_code == 200:
+            return None
+        return Response(checked.content, checked.status_code, media_type=checked.headers.get("content-type"))
+
     async def _target(self, stream_id: str | None) -> dict | ApiError:
-        """The replica a request for `stream_id` goes to, or the 503 of a stream being restored."""
+        """The replica a request for `stream_id` goes to, or the 503 of a stream being moved or restored."""
         route = None if stream_id is None else await self.fleet.route.remote(stream_id)
         if route is None:
             return await self.fleet.any_replica.remote()
         if route["state"] == "moving":
-            return ApiError(503, f"stream {stream_id} is being restored on another replica: retry shortly",
-                            code="stream_moving", retry_after=1)
+            return ApiError(503, f"stream {stream_id} is moving to replica {route['to']} (its memory saved, then "
+                            "restored there): retry shortly", code="stream_moving", retry_after=1)
         return route
 
     async def _to_owner(self, request: Request, stream_id: str | None) -> Response:
@@ -271,10 +320,9 @@ class Proxy:
             refused = target if isinstance(target, ApiError) else None
         if refused is not None:
             return await ws.send_denial_response(error_response(refused))
+        forwarded = _ws_headers(ws.headers)
         try:
-            upstream = await ws_connect(_ws_url(target["url"], ws), additional_headers=_ws_headers(ws.headers),
-                                        max_size=self.limits.max_ws_message_bytes + 1024, open_timeout=30,
-                                        user_agent_header=None)
+            upstream = await open_upstream(_ws_url(target["url"], ws), forwarded, self.limits)
         except InvalidStatus as exc:
             await self._unplace(target, stream_id)
             headers = {k: v for k, v in exc.response.headers.raw_items() if k.lower() == "retry-after"}
@@ -287,7 +335,7 @@ class Proxy:
                 503, f"replica {target['replica']} could not be reached ({exc!r}): retry shortly",
                 code="replica_unavailable", retry_after=1)))
         await ws.accept()
-        await Pipe(ws, upstream, self.fleet, target, created=stream_id is None).run()
+        await Pipe(ws, upstream, self, target, stream_id, forwarded).run()
 
     async def _place(self) -> dict:
         return await self.fleet.place.remote()
@@ -330,68 +378,16 @@ def _ws_headers(headers: Headers) -> list[tuple[str, str]]:
     return [(k, v) for k, v in headers.items() if k.lower() not in WS_HOP]
 
 
-class Pipe:
-    """One client socket joined to its owner's socket: messages both ways as they come; the stream a socket created
-    is registered from `session.created` and forgotten when the socket ends (the replica deletes it)."""
-
-    def __init__(self, client: WebSocket, upstream, fleet, target: dict, created: bool):
-        self.client, self.upstream, self.fleet, self.target, self.created = client, upstream, fleet, target, created
-        self.stream_id: str | None = None
-
-    async def run(self) -> None:
-        up = asyncio.create_task(self._client_to_owner())
-        down = asyncio.create_task(self._owner_to_client())
-        try:
-            await asyncio.wait({up, down}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            up.cancel()
-            down.cancel()
-            await self.upstream.close()
-            if self.created:
-                await (self.fleet.forget.remote(self.stream_id) if self.stream_id
-                       else self.fleet.unplace.remote(self.target["replica"]))
-
-    async def _client_to_owner(self) -> None:
-        try:
-            while True:
-                message = await self.client.receive()
-                if message["type"] == "websocket.disconnect":
-                    return
-                data = message.get("bytes")
-                await self.upstream.send(data if data is not None else message.get("text") or "")
-        except (WebSocketDisconnect, ConnectionClosed):
-            return
-
-    async def _owner_to_client(self) -> None:
-        try:
-            async for message in self.upstream:
-                if self.created and self.stream_id is None and isinstance(message, str):
-                    await self._register(message)
-                await (self.client.send_bytes(message) if isinstance(message, bytes)
-                       else self.client.send_text(message))
-        except ConnectionClosed:
-            pass
-        except WebSocketDisconnect:
-            return
-        await self._close_client()
-
-    async def _register(self, message: str) -> None:
-        event = json.loads(message)
-        if event.get("type") == "session.created":
-            self.stream_id = event["session"]["stream_id"]
-            await self.fleet.placed.remote(self.target["replica"], self.stream_id)
-
-    async def _close_client(self) -> None:
-        """Pass the owner's close on; an owner gone without a close is reported, and the client told why."""
-        received = self.upstream.protocol.close_rcvd
-        if received is not None:
-            await self.client.close(received.code, received.reason)
-            return
-        await self.fleet.suspect.remote(self.target["replica"])
-        notice = {"type": "session.closing", "event_id": "evt_" + secrets.token_hex(8), "reason": "replica_failed",
-                  "time_left_s": 0.0}
-        try:
-            await self.client.send_text(json.dumps(notice))
-            await self.client.close(1012, "replica failed: reconnect with ?stream_id=")
-        except (RuntimeError, WebSocketDisconnect):
-            log.debug("the client left before the replica's failure was told")
+def _move_target(body: bytes | ApiError) -> str | ApiError:
+    """The replica id a move's body names (`{"replica": "<id>"}`), or the 400 (413) of another body."""
+    if isinstance(body, ApiError):
+        return body
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        parsed = None
+    replica = parsed.get("replica") if isinstance(parsed, dict) else None
+    if not isinstance(replica, str) or not replica:
+        shown = body[:80].decode("utf-8", "replace")
+        return ApiError(400, f'expected a JSON body {{"replica": "<replica id>"}}, got {shown!r}', param="replica")
+    return replica

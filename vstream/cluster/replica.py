@@ -2,8 +2,9 @@
 its own model and engine, on its own port, whose streams are the ones the directory gives it.
 
 The fleet runs it as a Ray actor (`fleet.ReplicaActor`); its methods are what the fleet calls: where it listens, its
-load, `adopt` a saved stream (moved here, or from a dead replica), `release` one (saved and closed, to move it),
-`save` one now. Its state directory is the cluster's, shared: it restores nothing at start (`restore=False`).
+load, `adopt` a saved stream (moved here, or from a dead replica), `release` one (its sockets ended, then saved with
+every frame it took and closed, to move it), `save` one now. Its state directory is the cluster's, shared: it
+restores nothing at start (`restore=False`).
 
 What it does not do: decide placement or talk to other replicas (the fleet does), or check Host and Origin for
 clients (the ingress does; the replica answers only its own address as Host, and checks the key). It listens on
@@ -78,11 +79,23 @@ class ReplicaServer:
         return {"id": stream_id, "frames": lane.processor.frames, "stream_time": lane.processor.stream_time}
 
     def release(self, stream_id: str) -> None:
-        """Close the sockets attached to the stream (`session.closing {reason: "moved"}`: they may reconnect with
-        its id, reaching the new owner), then save it, stop serving it and close it; its files stay for `adopt`."""
-        for session in list(self.state.sockets):
-            if session.stream.id == stream_id:
-                session.end("moved")
+        """Hand the stream over. Each socket attached to it gets `session.closing {reason: "moved"}` and is closed
+        once its client has ended it (`session.end`: the ingress does so at once, holding later frames for the new
+        owner) or `ws_notice_s` later; a socket that created the stream no longer owns it (its closing deletes
+        nothing). Then the stream is saved with every frame it took, unregistered and closed; its files stay for
+        `adopt`. KeyError when it is not open here."""
+        stream = self.state.streams.get(stream_id)
+        if stream is None:
+            raise KeyError(f"stream {stream_id} is not open on replica {self.id}")
+        stream.owner = None
+        grace = self.state.limits.ws_notice_s
+        attached = [s for s in list(self.state.sockets) if s.stream is stream]
+        for session in attached:
+            session.end("moved", grace)
+        for session in attached:
+            if not session.closed.wait(grace + 5.0):
+                log.warning("replica %s: a socket on stream %s was still open %s s after the move's notice",
+                            self.id, stream_id, grace + 5.0)
         self.state.durable.release(self.state, stream_id)
 
     def save(self, stream_id: str) -> bool:

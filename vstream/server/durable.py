@@ -22,8 +22,8 @@ brought back with their ids when a server starts on the same directory.
   answerable.
 
 In a cluster (`vstream.cluster`) many servers share one directory: each is made with `restore=False` (it restores
-nothing at start) and takes the streams its directory assigns with `adopt`; `release` hands one over (saved, closed,
-its files kept) so that another server can adopt it.
+nothing at start) and takes the streams its directory assigns with `adopt`; `release` hands one over (a push stream
+once every frame it took is ingested; saved, closed, its files kept) so that another server can adopt it.
 
 What this module does not do: run model code on the event loop (everything here blocks: thread pool or its own
 thread), or restore a stream's thumbnails or counters of dropped frames (they restart at zero).
@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from vstream.server.state import ServerState, Stream
 from vstream.sources import paced
 
 log = logging.getLogger("vstream.server.durable")
+INGEST_WAIT_S = 30.0  # how long a release waits for a push stream's taken frames to be ingested before saving
 
 
 class Durable:
@@ -108,11 +110,14 @@ class Durable:
         return stream
 
     def release(self, state: ServerState, stream_id: str) -> None:
-        """Hand a stream over: save it (anyway), unregister it and close it, its files kept for `adopt` elsewhere;
-        KeyError when it is not open here."""
+        """Hand a stream over: save it (anyway; a push stream once every frame it took is ingested or counted
+        dropped: its sockets must be closed first), unregister it and close it, its files kept for `adopt`
+        elsewhere; KeyError when it is not open here."""
         stream = state.streams.get(stream_id)
         if stream is None:
             raise KeyError(f"stream {stream_id} is not open on this server")
+        if stream.push is not None:
+            _wait_ingested(stream, INGEST_WAIT_S)
         self.save(state, stream, force=True)
         with state.lock:
             state.streams.pop(stream_id, None)
@@ -167,6 +172,22 @@ class Durable:
         if self.problems.get(stream_id) != str(exc):  # `check` runs at create_app and again at restore: log once
             log.error("stream %s not restored: %s", stream_id, exc)
         self.problems[stream_id] = str(exc)
+
+
+def _wait_ingested(stream: Stream, timeout_s: float) -> None:
+    """Until every frame the stream's push source took is in its memory or counted dropped (the engine's live queue
+    drops the oldest), it failed or ended, or `timeout_s` passed (logged: the save misses the frames still queued)."""
+    counters, deadline = stream.session.counters, time.monotonic() + timeout_s
+    while True:
+        with stream.push_lock:
+            taken = stream.pushed - stream.sampled_out - stream.push.rejected
+        if counters.encoded + counters.dropped >= taken or stream.session.finished:
+            return
+        if time.monotonic() > deadline:
+            log.warning("stream %s: %d of its %d frames ingested after %s s; saved without the others", stream.id,
+                        counters.encoded + counters.dropped, taken, timeout_s)
+            return
+        time.sleep(0.005)
 
 
 def _meta(stream: Stream) -> dict:

@@ -52,10 +52,10 @@ def render_metrics(state: ServerState) -> str:
     for name, kind, help_text, key in PER_STREAM:
         lines += _header(name, kind, help_text)
         lines += [f'vstream:{name}{{stream_id="{sid}"}} {st[key]}' for sid, st in stats.items()]
-    lines += _sample("num_streams", "gauge", "Open streams.", len(stats))
-    lines += _sample("num_requests_running", "gauge", "Answers being generated.", state.running)
-    lines += _sample("num_realtime_sessions", "gauge", "Open WebSocket sessions.", len(state.sockets))
-    lines += _sample("requests_cancelled_total", "counter",
+    lines += sample("num_streams", "gauge", "Open streams.", len(stats))
+    lines += sample("num_requests_running", "gauge", "Answers being generated.", state.running)
+    lines += sample("num_realtime_sessions", "gauge", "Open WebSocket sessions.", len(state.sockets))
+    lines += sample("requests_cancelled_total", "counter",
                      "Answers stopped before their end (disconnect or cancel).", state.answers_cancelled)
     lines += _header("time_to_first_token_seconds", "histogram", "Request received to first answer piece.")
     lines += state.ttft.lines("vstream:time_to_first_token_seconds")
@@ -63,9 +63,9 @@ def render_metrics(state: ServerState) -> str:
         lines += _watch_lines(state.watcher)
     engine = state.engine
     if engine is not None:
-        lines += _sample("engine_answers_pending", "gauge", "Answers waiting for a slot, prefilling or decoding.",
+        lines += sample("engine_answers_pending", "gauge", "Answers waiting for a slot, prefilling or decoding.",
                          engine.pending_answers)
-        lines += _sample("engine_rounds_total", "counter", "Rounds of frames the engine ran (all streams together).",
+        lines += sample("engine_rounds_total", "counter", "Rounds of frames the engine ran (all streams together).",
                          engine.rounds)
         lines += _header("engine_busy_seconds_total", "counter", "The engine thread's wall time in rounds of frames "
                          "and in answer iterations (waits for the device included).")
@@ -74,9 +74,9 @@ def render_metrics(state: ServerState) -> str:
     if device.type == "cuda":  # the allocator's own counters: no device synchronisation
         import torch
 
-        lines += _sample("gpu_memory_allocated_bytes", "gauge", "GPU memory held by tensors.",
+        lines += sample("gpu_memory_allocated_bytes", "gauge", "GPU memory held by tensors.",
                          torch.cuda.memory_allocated(device))
-        lines += _sample("gpu_memory_reserved_bytes", "gauge", "GPU memory reserved by the caching allocator.",
+        lines += sample("gpu_memory_reserved_bytes", "gauge", "GPU memory reserved by the caching allocator.",
                          torch.cuda.memory_reserved(device))
     return "\n".join(lines) + "\n"
 
@@ -98,6 +98,6 @@ def _header(name: str, kind: str, help_text: str) -> list[str]:
     return [f"# HELP vstream:{name} {help_text}", f"# TYPE vstream:{name} {kind}"]
 
 
-def _sample(name: str, kind: str, help_text: str, value) -> list[str]:
+def sample(name: str, kind: str, help_text: str, value) -> list[str]:
     """One unlabelled metric: its HELP and TYPE lines and its value."""
     return _header(name, kind, help_text) + [f"vstream:{name} {value}"]

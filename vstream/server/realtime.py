@@ -2,11 +2,13 @@
 
 Client events: a binary message (one JPEG or PNG frame, timed by the server's clock from the stream's first binary
 frame), `input_video_frame.append {image: base64 or data URI, timestamp?}`, `response.create {question, max_tokens?,
-as_of?}`, `response.cancel`. Server events: `session.created`, `input_video_frame.ack` (one per frame: accepted or not,
-with the stream's running received/ingested/dropped counts), `response.created`, `response.output_text.delta`,
-`response.output_text.done`, `response.done {status: completed | cancelled | failed}`, `stream.ended {error}` when a
-pulled source ends or fails (the memory stays answerable), `session.closing {reason, time_left_s}` before the server
-closes the session (idle, draining), and `error {error: {type, code, message, param, event_id}}` (also when the stream
+as_of?}`, `response.cancel`, `session.end` (the client is done: every message before it is answered, the answer in
+progress finishes, then the server closes the socket with 1000). Server events: `session.created`,
+`input_video_frame.ack` (one per frame: accepted or not, with the stream's running received/ingested/dropped counts),
+`response.created`, `response.output_text.delta`, `response.output_text.done`, `response.done {status: completed |
+cancelled | failed}`, `stream.ended {error}` when a pulled source ends or fails (the memory stays answerable),
+`session.closing {reason, time_left_s}` before the server closes the session (idle, draining, its stream moved to
+another server of a cluster), and `error {error: {type, code, message, param, event_id}}` (also when the stream
 fails). Every server event has `type` and `event_id`.
 
 Without `stream_id` the session creates a push stream of its own, deleted when the socket closes. Frames are sampled
@@ -28,6 +30,7 @@ import json
 import logging
 import math
 import secrets
+import threading
 import time
 
 import numpy as np
@@ -67,13 +70,13 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
         raise ApiError(400, f"the {image.format} frame could not be decoded: {exc}", code="invalid_image") from exc
 
 
-def _event(type_: str, **fields) -> dict:
+def server_event(type_: str, **fields) -> dict:
     return {"type": type_, "event_id": "evt_" + secrets.token_hex(8), **fields}
 
 
-def _error_event(exc: ApiError, event_id: str | None = None) -> dict:
+def error_event(exc: ApiError, event_id: str | None = None) -> dict:
     body = error_body(exc.message, ERROR_TYPES.get(exc.status, "server_error"), exc.code, exc.param)["error"]
-    return _event("error", error=body | {"event_id": event_id})
+    return server_event("error", error=body | {"event_id": event_id})
 
 
 class RealtimeSession:
@@ -86,7 +89,9 @@ class RealtimeSession:
         self.generation: Generation | None = None
         self.answer_task: asyncio.Task | None = None
         self.closing: str | None = None
-        self.ended = False  # set by `end`: the watcher closes the session at its next tick
+        self.end_at: float | None = None  # set by `end`: the watcher closes the session at this monotonic time
+        self.client_ended = False  # the client sent `session.end`
+        self.closed = threading.Event()  # set once `run` has returned (any thread may wait for it)
         self.loop = asyncio.get_running_loop()
         self.events_after = stream.board.feed.last_id  # the stream's watch events after this id go to the socket
 
@@ -94,7 +99,7 @@ class RealtimeSession:
         """Send `session.created`, then handle the client's messages until either side ends the session; close the
         socket with a code that says why (unless the client left first)."""
         limits = self.state.limits
-        self.send(_event("session.created", session={
+        self.send(server_event("session.created", session={
             "id": self.id, "stream_id": self.stream.id, "fps": self.stream.fps, "push": self.stream.push is not None,
             "owns_stream": self.stream.owner == self.id, "max_message_bytes": limits.max_ws_message_bytes,
             "idle_timeout_s": limits.ws_idle_s}))
@@ -118,10 +123,12 @@ class RealtimeSession:
                 except Exception:  # the client is already gone: nothing left to tell it  # noqa: BLE001
                     log.debug("realtime session %s: the client left before the close", self.id, exc_info=True)
             sender.cancel()
+            self.closed.set()
 
     async def _receive(self, watcher: asyncio.Task, sender: asyncio.Task) -> tuple[int | None, str]:
-        """Handle messages until the client leaves (None), the watcher closes the session (1001), sending fails (1011)
-        or a message is over the limit (1009): the close code and its reason."""
+        """Handle messages until the client leaves (None) or ends the session (1000, once its answer in progress is
+        done), the watcher closes the session (1001), sending fails (1011) or a message is over the limit (1009):
+        the close code and its reason."""
         limit = self.state.limits.max_ws_message_bytes
         while True:
             receive = asyncio.create_task(self.ws.receive())
@@ -139,6 +146,10 @@ class RealtimeSession:
             if self.closing == "idle":
                 self.closing = None
             await self.handle(message)
+            if self.client_ended:
+                if self.answer_task is not None and not self.answer_task.done():
+                    await asyncio.wait({self.answer_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                return 1000, "ended by the client"
 
     def send(self, event: dict) -> None:
         self.outbox.put_nowait(event)
@@ -153,14 +164,16 @@ class RealtimeSession:
     def notify_closing(self, reason: str, time_left_s: float) -> None:
         if self.closing is None:
             self.closing = reason
-            self.send(_event("session.closing", reason=reason, time_left_s=round(time_left_s, 3)))
+            self.send(server_event("session.closing", reason=reason, time_left_s=round(time_left_s, 3)))
 
-    def end(self, reason: str) -> None:
-        """Close the session now with a `session.closing {reason}` notice (its stream moved away, say); callable
-        from any thread."""
+    def end(self, reason: str, grace_s: float = 0.0) -> None:
+        """Send `session.closing {reason, time_left_s: grace_s}` now (whatever notice came before) and close the
+        session `grace_s` later, or when the client leaves or sends `session.end` (its stream moves away, say: the
+        client may end the session once its frames are sent); callable from any thread."""
         def ending():
-            self.notify_closing(reason, 0.0)
-            self.ended = True
+            self.closing = reason
+            self.send(server_event("session.closing", reason=reason, time_left_s=round(grace_s, 3)))
+            self.end_at = time.monotonic() + grace_s
 
         self.loop.call_soon_threadsafe(ending)
 
@@ -210,8 +223,8 @@ class RealtimeSession:
                 stream.last_time = t
                 stream.pushed += 1
                 stream.sampled_out += 1
-        self.send(_event("input_video_frame.ack", item_event_id=event_id, timestamp=t, accepted=accepted,
-                         **stream.counts()))
+        self.send(server_event("input_video_frame.ack", item_event_id=event_id, timestamp=t, accepted=accepted,
+                               **stream.counts()))
 
     # ------------------------------------------------------------------------------------------------ answers
 
@@ -240,25 +253,26 @@ class RealtimeSession:
     async def _answer(self, generation: Generation) -> None:
         response_id = "resp_" + secrets.token_hex(8)
         times = vstream_extension(generation.snapshot, generation.as_of)
-        self.send(_event("response.created", response={"id": response_id, "status": "in_progress", "vstream": times}))
+        self.send(server_event("response.created",
+                               response={"id": response_id, "status": "in_progress", "vstream": times}))
         text, status = [], "completed"
         try:
             async for piece in generation:
                 if generation.cancelled.is_set():
                     break
                 text.append(piece)
-                self.send(_event("response.output_text.delta", response_id=response_id, delta=piece))
+                self.send(server_event("response.output_text.delta", response_id=response_id, delta=piece))
             if generation.cancelled.is_set():
                 status = "cancelled"
         except RuntimeError as exc:  # the model failed: its text may name server paths, the log keeps it
             status = "failed"
             error = internal_error(exc, f"the answer on stream {self.stream.id}")
-            self.send(_error_event(ApiError(500, error.message, code="generation_failed")))
+            self.send(error_event(ApiError(500, error.message, code="generation_failed")))
         finally:
             generation.release()
-        self.send(_event("response.output_text.done", response_id=response_id, text="".join(text)))
-        self.send(_event("response.done", response={"id": response_id, "status": status, "vstream": times,
-                                                    "usage": {"output_tokens": len(text)}}))
+        self.send(server_event("response.output_text.done", response_id=response_id, text="".join(text)))
+        self.send(server_event("response.done", response={"id": response_id, "status": status, "vstream": times,
+                                                          "usage": {"output_tokens": len(text)}}))
 
     def cancel_response(self) -> None:
         if self.generation is not None:
@@ -283,14 +297,16 @@ class RealtimeSession:
                 self.create_response(event)
             elif kind == "response.cancel":
                 self.cancel_response()
+            elif kind == "session.end":
+                self.client_ended = True
             else:
                 raise ApiError(400, f"unknown event type {kind!r}: expected input_video_frame.append, "
-                               "response.create or response.cancel", "unknown_event", "type")
+                               "response.create, response.cancel or session.end", "unknown_event", "type")
         except ApiError as exc:
-            self.send(_error_event(exc, event_id))
+            self.send(error_event(exc, event_id))
         except Exception as exc:  # an unexpected error is logged and sent as an event; the session goes on  # noqa: BLE001
             where = f"the realtime session on stream {self.stream.id}"
-            self.send(_error_event(internal_error(exc, where), event_id))
+            self.send(error_event(internal_error(exc, where), event_id))
 
 
 def _parse(text: str) -> dict:
@@ -346,7 +362,7 @@ async def watch(session: RealtimeSession) -> None:
     while True:
         await asyncio.sleep(0.1)
         now = time.monotonic()
-        if session.ended:
+        if session.end_at is not None and now >= session.end_at:
             return
         if state.draining:
             left = state.time_left() or 0.0
@@ -356,16 +372,16 @@ async def watch(session: RealtimeSession) -> None:
             continue
         for event in stream.board.feed.since(session.events_after):  # watch.triggered / watch.cleared
             session.events_after = event["id"]
-            session.send(_event(event["type"], event=event))
+            session.send(server_event(event["type"], event=event))
         if stream.session.error is not None and not reported:
             reported = True
             error = state.public_text(str(stream.session.error))
-            session.send(_error_event(ApiError(500, f"stream {stream.id} failed: {error}", code="stream_failed")))
+            session.send(error_event(ApiError(500, f"stream {stream.id} failed: {error}", code="stream_failed")))
         if stream.session.finished and not ended:  # its memory stays answerable: the session stays open
             ended = True
             error = stream.session.stats()["error"]
-            session.send(_event("stream.ended", stream_id=stream.id,
-                                error=None if error is None else state.public_text(error)))
+            session.send(server_event("stream.ended", stream_id=stream.id,
+                                      error=None if error is None else state.public_text(error)))
         idle = now - session.last_message
         if idle >= limits.ws_idle_s - limits.ws_notice_s:
             session.notify_closing("idle", max(0.0, limits.ws_idle_s - idle))

@@ -51,7 +51,10 @@ class Limits:
     ws_idle_s: float = 300.0
     """A WebSocket session with no message for this long is closed (after a `session.closing` notice)."""
     ws_notice_s: float = 10.0
-    """How long before closing a session (idle or drain) the notice is sent."""
+    """How long before closing a session (idle, drain, its stream moved away) the notice is sent."""
+    move_held_frames: int = 32
+    """Frames a cluster's ingress holds per socket while its stream moves (at most this many times
+    max_ws_message_bytes); beyond it the oldest is dropped, counted and answered with an error event."""
     url_timeout_s: float = 5.0
     """Each network wait of a URL source (connect, read), and of the redirect checks."""
     thumbnails: int = 512

@@ -84,6 +84,10 @@ function onEvent(event) {
     case "session.closing":
       showNotice(`the server closes this session (${event.reason}) in ${event.time_left_s.toFixed(0)} s`);
       break;
+    case "stream.moving":  // a cluster moves the stream to another replica: frames are held until it is back
+      showNotice("the stream is moving to another replica: frames are held until it is back");
+      break;
+    case "stream.moved": $("notice").hidden = true; break;
     case "error":
       (ackWaiters.shift() || (() => {}))(null);
       showNotice(`error: ${event.error.message}`);
