@@ -90,7 +90,7 @@ def _watch_lines(watcher) -> list[str]:
     lines += _header("watch_tick_seconds", "histogram", "Engine time of one tick's watch scoring (every stream's due "
                      "watches in one call).")
     lines += watcher.tick_seconds.lines("vstream:watch_tick_seconds")
-    return lines + _sample("watch_streams_scored_total", "counter", "Streams with due watches, summed over the ticks "
+    return lines + sample("watch_streams_scored_total", "counter", "Streams with due watches, summed over the ticks "
                            "(watch_tick_seconds_sum over it: the scoring time of one stream).", watcher.streams_scored)
 
 
