@@ -53,7 +53,8 @@ def main() -> None:
     seeds = w.split_seeds("test", args.streams, 0)
     with_kernel, with_loop = snapshots(model, seeds, True), snapshots(model, seeds, False)
     truth = [normalise_keep_word_breaks(qa.answer) for qa, _ in with_kernel]
-    runs = {"fast_kernel_memory": answers(model, with_kernel, fast), "eager_kernel_memory": answers(model, with_kernel, None),
+    runs = {"fast_kernel_memory": answers(model, with_kernel, fast),
+            "eager_kernel_memory": answers(model, with_kernel, None),
             "eager_loop_memory": answers(model, with_loop, None)}
 
     def acc(texts):
@@ -63,14 +64,15 @@ def main() -> None:
         return round(sum(x == y for x, y in zip(runs[a][0], runs[b][0])) / len(truth), 4)
 
     print(json.dumps({
-        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__, "dtype": args.dtype,
-        "streams": args.streams, "questions": len(truth), "fused": fast.decoder.fused,
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else args.device, "torch": torch.__version__,
+        "dtype": args.dtype, "streams": args.streams, "questions": len(truth), "fused": fast.decoder.fused,
         "accuracy": {k: acc(v[0]) for k, v in runs.items()},
         "same_text": {"fast_vs_eager": agree("fast_kernel_memory", "eager_kernel_memory"),
                       "kernel_vs_loop_memory": agree("eager_kernel_memory", "eager_loop_memory")},
         "answer_ms_median": {k: round(statistics.median(v[1]), 2) for k, v in runs.items()},
         "differing": [{"q": qa.question, "fast": a, "eager": b} for (qa, _), a, b
-                      in zip(with_kernel, runs["fast_kernel_memory"][0], runs["eager_kernel_memory"][0]) if a != b][:10],
+                      in zip(with_kernel, runs["fast_kernel_memory"][0], runs["eager_kernel_memory"][0])
+                      if a != b][:10],
     }, indent=1))
 
 

@@ -96,7 +96,8 @@ def write_released(preset_name: str, path: Path) -> Path:
     vision = {k.removeprefix("vision.clip."): v.shape for k, v in model.state_dict().items() if k.startswith("vision.")}
     last = cfg.vision.num_layers_used - 1  # the blocks the truncated tower skips have the shapes of its last one
     for block in range(cfg.vision.num_layers_used, cfg.vision.num_hidden_layers):
-        copied = {k.replace(f"layers.{last}.", f"layers.{block}."): s for k, s in vision.items() if f"layers.{last}." in k}
+        copied = {k.replace(f"layers.{last}.", f"layers.{block}."): s
+                  for k, s in vision.items() if f"layers.{last}." in k}
         vision |= copied
     vision |= {"post_layernorm.weight": (cfg.vision.hidden_size,), "post_layernorm.bias": (cfg.vision.hidden_size,)}
     shapes |= {OFFICIAL_VISION_PREFIX + k: s for k, s in vision.items()}

@@ -28,7 +28,18 @@ from schemathesis import GenerationMode
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, EngineHook, assert_error, free_port, running_server, vstream_cli, vstream_serve, wait_frames, wait_ready
+from helpers import (
+    DEADLINE_S,
+    KEY,
+    EngineHook,
+    assert_error,
+    free_port,
+    running_server,
+    vstream_cli,
+    vstream_serve,
+    wait_frames,
+    wait_ready,
+)
 from vstream.server import create_app
 from vstream.server.run import begin_drain
 from vstream.server.state import Limits
@@ -205,7 +216,8 @@ def test_allowed_hosts_are_configurable(model):
 
 def test_serve_allowed_host_option():
     port = free_port()
-    proc = vstream_serve("--model", "tiny", "--port", str(port), "--allowed-host", "vstream.test", "--drain-seconds", "0")
+    proc = vstream_serve("--model", "tiny", "--port", str(port), "--allowed-host", "vstream.test",
+                         "--drain-seconds", "0")
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base)

@@ -318,7 +318,8 @@ def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot(span_step
     assert got[0] == expected[0][:4]
     assert [got[i] for i in (1, 2, 3)] == [expected[i] for i in (1, 2, 3)]
     assert len({tuple(e) for e in expected}) == 4
-    assert spans == ({128} if span_step == 128 else {16, 32, 48, 56, 64})  # the longest slot: 7 + 40 + 12 = 59 positions at most
+    # the longest slot: 7 + 40 + 12 = 59 positions at most
+    assert spans == ({128} if span_step == 128 else {16, 32, 48, 56, 64})
 
 
 def test_decoder_refuses_embeds_of_the_wrong_shape_or_dtype(model):

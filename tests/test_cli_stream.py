@@ -54,12 +54,14 @@ def test_ask_unknown_scheme_is_a_clear_error():
 
 @pytest.mark.slow
 def test_run_answers_questions_from_stdin_while_the_stream_plays(long_clip):
-    out = vstream_cli("run", str(long_clip), "--speed", "40", "--max-new-tokens", "5", stdin="What is there?\nAnd now?\n")
+    out = vstream_cli("run", str(long_clip), "--speed", "40", "--max-new-tokens", "5",
+                      stdin="What is there?\nAnd now?\n")
     assert out.returncode == 0, out.stderr
     answers = [line for line in out.stdout.splitlines() if line.startswith("[")]
     assert len(answers) == 2 and answers[0].split("]")[0].endswith("s")
     last_status = out.stderr.strip().splitlines()[-1]
-    match = re.fullmatch(r"\[stream +([\d.]+)s \| frames 40 encoded (\d+) dropped (\d+) \| memory (\d+) tokens\]", last_status)
+    match = re.fullmatch(r"\[stream +([\d.]+)s \| frames 40 encoded (\d+) dropped (\d+) \| memory (\d+) tokens\]",
+                         last_status)
     assert match, last_status
     assert int(match[2]) + int(match[3]) == 40 and int(match[4]) <= 681
 
@@ -72,11 +74,13 @@ def test_run_on_a_missing_file_ends_with_its_error(tmp_path):
 
 @pytest.mark.slow
 def test_bench_stream_reports_throughput_drops_and_latency():
-    out = vstream_cli("bench", "stream", "--seconds", "10", "--speed", "20", "--questions", "2", "--max-new-tokens", "3", "--json")
+    out = vstream_cli("bench", "stream", "--seconds", "10", "--speed", "20", "--questions", "2",
+                      "--max-new-tokens", "3", "--json")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
     assert result["environment"]["model"] == "tiny" and result["environment"]["torch"]
-    assert result["offline"]["frames"] == 10 and result["offline"]["dropped"] == 0 and result["offline"]["ingest_fps"] > 0
+    assert (result["offline"]["frames"] == 10 and result["offline"]["dropped"] == 0
+            and result["offline"]["ingest_fps"] > 0)
     live = result["live"]
     assert live["frames_received"] == 10 and live["frames_encoded"] + live["frames_dropped"] == 10
     assert live["latency"]["first_token"]["count"] == 2 and live["latency"]["first_token"]["p95_ms"] > 0

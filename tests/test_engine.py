@@ -61,7 +61,8 @@ def test_frames_are_ingested_while_an_answer_is_generated(model):
 
 def test_slow_encoder_drops_frames_from_a_live_source_and_none_from_a_file(clip):
     slow = slowed(vstream.load("tiny"), 0.05)
-    with StreamSession(slow, queue_size=2, frames_per_round=1).start(replay_source(str(clip), fps=5, speed=20), live=True) as s:
+    source = replay_source(str(clip), fps=5, speed=20)
+    with StreamSession(slow, queue_size=2, frames_per_round=1).start(source, live=True) as s:
         assert s.wait(timeout=60)
     live = s.stats()
     assert live["frames_received"] == 50 and live["frames_dropped"] > 0

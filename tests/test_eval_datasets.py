@@ -31,7 +31,8 @@ def test_open_ended_formats(tmp_path, name, qa):
     touch_videos(tmp_path, "v1.mp4", "v2.mkv")
     bench = load_benchmark(name, tmp_path)
     first, second = bench.questions
-    assert (first.id, first.video, first.answer, first.qtype, first.time, first.kind) == ("1", "v1", "a cup", "CW", None, "open")
+    assert ((first.id, first.video, first.answer, first.qtype, first.time, first.kind)
+            == ("1", "v1", "a cup", "CW", None, "open"))
     assert first.meta == {"duration": 30}
     assert (second.answer, second.time) == ("3", 4.5)
     assert bench.video_path("v1").name == "v1.mp4" and bench.video_path("v2.mkv").name == "v2.mkv"
@@ -39,7 +40,8 @@ def test_open_ended_formats(tmp_path, name, qa):
 
 
 def test_rvs_question_times_come_from_end_time_and_the_clip_list(tmp_path):
-    write(tmp_path / "rvs_ego.json", [{"video_id": "000001", "original_video": "abc", "start_time": 100, "end_time": 160}])
+    write(tmp_path / "rvs_ego.json", [{"video_id": "000001", "original_video": "abc", "start_time": 100,
+                                       "end_time": 160}])
     write(tmp_path / "test_qa_ego4d.json", [oe("a", video="000001", start_time=110, end_time=130),
                                             oe("b", video="000001", end_time=160),
                                             oe("c", video="000001", timestamp=12)])
@@ -79,7 +81,8 @@ def test_egoschema_with_a_separate_answers_file(tmp_path):
 
 def test_mvbench_per_task_files(tmp_path):
     write(tmp_path / "json" / "action_sequence.json", [
-        {"video": "clip_a.mp4", "question": "What happened first?", "candidates": ["sat", "stood", "ran"], "answer": "stood"},
+        {"video": "clip_a.mp4", "question": "What happened first?", "candidates": ["sat", "stood", "ran"],
+         "answer": "stood"},
         {"video": "clip_b.webm", "question": "Then?", "candidates": ["x", "y"], "answer": "x", "end": 4.0},
     ])
     touch_videos(tmp_path, "clip_a.mp4", "clip_b.webm")
@@ -99,7 +102,8 @@ def test_videomme_options_lose_their_letters(tmp_path):
 
 @pytest.mark.parametrize("record,message", [
     (oe(1, question=""), r"record 0 \(id '1'\), field 'question': expected a non-empty string"),
-    ({"video_id": "v1", "question": "q", "answer": "a"}, r"record 0, field 'id': expected a non-empty string or integer"),
+    ({"video_id": "v1", "question": "q", "answer": "a"},
+     r"record 0, field 'id': expected a non-empty string or integer"),
     (oe(1, answer=None), r"field 'answer': expected a non-empty string or a number, got None"),
     (oe(1, time=-2), r"field 'time': expected a number of seconds >= 0, got -2"),
     (oe(1, time=1, timestamp=2), r"one of 'time' and 'timestamp'"),

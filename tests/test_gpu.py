@@ -155,7 +155,8 @@ def _repeating(kind: str, n: int, dtype: torch.dtype) -> torch.Tensor:
     elif kind == "cycle4":
         x = palette[index % 4]
     else:  # paused, then moving
-        moving = palette[0] + 0.3 * torch.randn(n, 256, D, device="cuda", generator=g).cumsum(0) / (1 + index[:, None, None])
+        moving = (palette[0]
+                  + 0.3 * torch.randn(n, 256, D, device="cuda", generator=g).cumsum(0) / (1 + index[:, None, None]))
         x = torch.cat([palette[0].expand(n // 2, 256, D), moving[n // 2 :]])
     return x.to(dtype).contiguous()
 
@@ -237,7 +238,8 @@ def test_fast_tower_graphs_equal_the_transformers_tower():
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.manual_seed(0)
-    tower = VisionTower(VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4))
+    tower = VisionTower(VisionConfig(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                                     num_attention_heads=4))
     for p in tower.parameters():
         p.data.normal_(0, 0.05)
     tower = tower.cuda()
@@ -254,7 +256,8 @@ def test_load_on_cuda_answers_through_the_fast_path_like_the_eager_one():
     torch.backends.cuda.matmul.allow_tf32 = False
     fast = vstream.load("tiny", device="cuda", dtype="float32")
     plain = vstream.load("tiny", device="cuda", dtype="float32", eager=True)
-    assert fast.static_answerer is not None and fast.static_answerer.decoder.graph is not None and fast.static_answerer.decoder.fused
+    assert (fast.static_answerer is not None and fast.static_answerer.decoder.graph is not None
+            and fast.static_answerer.decoder.fused)
     assert plain.static_answerer is None
     torch.manual_seed(0)
     memory = plain.memory_from_features(torch.randn(30, 256, plain.cfg.vision.hidden_size, device="cuda"))

@@ -11,7 +11,8 @@ def _wait_here(event: threading.Event) -> None:
 
 def test_sampler_counts_a_waiting_thread_under_its_kind(tmp_path):
     release = threading.Event()
-    workers = [threading.Thread(target=_wait_here, args=(release,), name=f"vstream-answer-str_{i:04x}ab") for i in range(3)]
+    workers = [threading.Thread(target=_wait_here, args=(release,), name=f"vstream-answer-str_{i:04x}ab")
+               for i in range(3)]
     for w in workers:
         w.start()
     sampler = StackSampler(str(tmp_path / "stacks.txt"), threads=("vstream-answer",))

@@ -198,7 +198,8 @@ def test_chat_errors(client, stream_id):
 def test_health_answers_while_an_answer_streams(server, client, stream_id):
     body = {"model": stream_id, "messages": [{"role": "user", "content": "Describe it all."}], "stream": True,
             "max_tokens": 6}
-    with EngineHook(server[1].state.vstream, pause_s=0.3), client.stream("POST", "/v1/chat/completions", json=body) as r:
+    with EngineHook(server[1].state.vstream, pause_s=0.3), \
+            client.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line).startswith("data: ")  # the role chunk: the answer is under way
         t0 = time.perf_counter()

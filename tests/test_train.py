@@ -103,9 +103,11 @@ def _tiny_llava(tmp_path: Path, n: int = 4) -> Path:
         write_test_video(videos / f"v{i}.mp4", seconds=4, fps=4, size=(64, 48), seed=i)
         records.append({
             "id": f"r{i}", "video": f"videos/v{i}.mp4", "time": 2.5,
-            "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"}, {"from": "gpt", "value": "shapes"}],
+            "conversations": [{"from": "human", "value": "<image>\nWhat is shown?"},
+                              {"from": "gpt", "value": "shapes"}],
         })
-    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "hello"}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"},
+                                                    {"from": "gpt", "value": "hello"}]})
     path = tmp_path / "data.json"
     path.write_text(json.dumps(records))
     return path

@@ -1,4 +1,5 @@
-"""`python -m vstream ...` = the `vstream` command (torchrun uses it: `torchrun --nproc_per_node N -m vstream train ...`)."""
+"""`python -m vstream ...` = the `vstream` command (torchrun uses it:
+`torchrun --nproc_per_node N -m vstream train ...`)."""
 
 from vstream.cli import main
 

@@ -46,7 +46,8 @@ def device_name(device: torch.device) -> str:
 def environment(model) -> dict:
     return {
         "device": device_name(model.device),
-        "torch": torch.__version__, "transformers": transformers.__version__, "dtype": str(model.dtype).removeprefix("torch."),
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "model": model.cfg.name, "memory_mode": model.cfg.memory.mode, "max_memory_tokens": model.cfg.memory.max_tokens,
         "date": time.strftime("%Y-%m-%d"),
         "triton": kernels.triton.__version__ if kernels.triton is not None else None,
@@ -80,7 +81,8 @@ def load_bench_model(name: str, device: str | torch.device = "cpu", eager: bool 
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not eager:
-        sizes = graph_batch_sizes if graph_batch_sizes is not None else ((1, 2, 4, 8, 16, 32, 64) if device.type == "cuda" else ())
+        sizes = (graph_batch_sizes if graph_batch_sizes is not None
+                 else ((1, 2, 4, 8, 16, 32, 64) if device.type == "cuda" else ()))
         model.vision.use_fused(tuple(sizes))
         model.use_static_decoder()
     _sync(device)
@@ -92,7 +94,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2, events: bool = True) -> list[float]:
+def time_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2,
+            events: bool = True) -> list[float]:
     """Milliseconds of each of `repeats` calls after `warmup` calls: CUDA events around the call on a GPU (the call
     must not read the device), else a host clock (after a synchronisation on a GPU)."""
     for _ in range(warmup):
@@ -140,7 +143,8 @@ def stream_benchmark(model, source: str | None = None, seconds: int = 60, speed:
     from vstream.synth.clips import write_test_video
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = source or str(write_test_video(Path(tmp) / "bench.mp4", seconds=seconds, fps=10, size=(320, 240), seed=0))
+        path = source or str(write_test_video(Path(tmp) / "bench.mp4", seconds=seconds, fps=10,
+                                              size=(320, 240), seed=0))
         fps = model.cfg.sample_fps
         t0 = time.perf_counter()
         with StreamSession(model).start(file_source(path, fps=fps), live=False) as offline:
@@ -401,7 +405,8 @@ def answer_benchmark(model, prompt_tokens: int = 745, new_tokens: int = 64, repe
 
 
 def _static_compile_anchor(llm, embeds: torch.Tensor, n: int, device: torch.device) -> dict:
-    """transformers `generate` with its static cache (compiled forward): first call (compile included), then a second."""
+    """transformers `generate` with its static cache (compiled forward): first call (compile included), then a
+    second."""
     calls = []
     try:
         for _ in range(2):
@@ -483,7 +488,8 @@ def streams_benchmark(model, counts=(8, 16, 32, 64), seconds: float = 20.0, warm
         before = [lane.counters.encoded for lane in lanes]
         events = sorted([(k + s / n, "frame", s) for s in range(n) for k in range(int(seconds))]
                         + [(question_interval * (j + s / n), "question", s) for s in range(n)
-                           for j in range(int(seconds / question_interval) + 1) if question_interval * (j + s / n) < seconds])
+                           for j in range(int(seconds / question_interval) + 1)
+                           if question_interval * (j + s / n) < seconds])
         answered: list[tuple[float, float]] = []  # (first piece, done) seconds after asking
         readers = []
 

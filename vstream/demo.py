@@ -7,7 +7,8 @@ falls behind (they are counted). When the memory reaches a question's time, the 
 as it stood at that time (the session's per-frame history) while ingestion goes on; its answer is scored by exact match
 after normalisation, as `vstream.eval.world` scores. A random seed is drawn above the world's split ranges, so
 the stream was never seen in training or evaluation. The result is a plain dict; `run_demo` does not print: its
-callbacks (`on_load`, `on_start`, `on_event`, `on_answer`) see each step as it happens, and `ConsoleView` renders them with rich.
+callbacks (`on_load`, `on_start`, `on_event`, `on_answer`) see each step as it happens, and `ConsoleView` renders them
+with rich.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def run_demo(
     `model`: preset, directory or packaged name (default: `default_model()`); `seed`: the stream's seed (random when
     None); `speed`: stream seconds per wall-clock second; `questions`: how many of the world's questions to ask (all
     when None); `watch`: also set a watch on the stream's first new object (`demo_watch`), each trigger going to
-    `on_watch`. Returns the settings, the watch and its triggers (with `watch`), one row per question (truth, prediction, correct, latencies), the accuracy per
-    type and overall, the session's frame counts and the wall-clock times."""
+    `on_watch`. Returns the settings, the watch and its triggers (with `watch`), one row per question (truth,
+    prediction, correct, latencies), the accuracy per type and overall, the session's frame counts and the wall-clock
+    times."""
     import vstream
 
     t0 = time.perf_counter()

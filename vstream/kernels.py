@@ -142,7 +142,8 @@ if triton is not None:
         cost = tl.where(valid, tl.where(w > 0, w * nearest, 0.0), -inf)  # [BT]
         cost_c = tl.sum(tl.where(eye, cost[:, None], 0.0), axis=0)  # cost along columns (-inf rows add 0 elsewhere)
         cost_c = tl.where(cols < t, cost_c, -inf)
-        ahead = (cost_c[None, :] > cost[:, None]) | ((cost_c[None, :] == cost[:, None]) & (cols[None, :] < rows[:, None]))
+        ahead = ((cost_c[None, :] > cost[:, None])
+                 | ((cost_c[None, :] == cost[:, None]) & (cols[None, :] < rows[:, None])))
         rank = tl.sum(ahead.to(tl.int32), axis=1)  # [BT] position in a stable descending sort
         rank_c = tl.sum(tl.where(eye, rank[:, None], 0), axis=0)
         a = ((ks[:, None] == rank_c[None, :]) & valid_k[:, None] & (cols[None, :] < t)).to(tl.float32)  # [BK, BT]

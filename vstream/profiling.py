@@ -6,8 +6,8 @@
 Every `every_s` seconds the sampler reads every thread's current stack (`sys._current_frames`, no tracing, so the
 sampled threads run at full speed) and counts it as one line `thread;outer;...;inner` (function and file). Every
 `write_every_s` seconds it rewrites `path` with the counts, most frequent first: the collapsed-stack format that
-flame-graph tools read; a thread's name loses its stream id or number, so that threads of one kind add up. A thread waiting for the device, a lock or a socket is counted where it waits, so the file shows
-wall time, not CPU time.
+flame-graph tools read; a thread's name loses its stream id or number, so that threads of one kind add up. A thread
+waiting for the device, a lock or a socket is counted where it waits, so the file shows wall time, not CPU time.
 
 What this module does not do: attribute device time (a stack waiting in a synchronisation stands for the device's
 work queued before it), or run unless asked.

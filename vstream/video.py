@@ -12,7 +12,8 @@ What FFmpeg may open. Every open names its protocols and demuxers (`guarded`): a
 protocol only, an http(s) URL through http(s) over tcp (and tls), an RTSP URL by the rtsp demuxer over tcp, a device by
 its one demuxer. Files and http(s) URLs may be one of `CONTAINERS`, demuxers that never open another file or URL; a
 playlist (HLS `.m3u8`, DASH), a concat list, an SDP file or an image sequence is refused at open, because each would
-make FFmpeg open inputs that nobody checked. Nested playlists are not resolved: refusing is simpler and closes the class.
+make FFmpeg open inputs that nobody checked. Nested playlists are not resolved: refusing is simpler and closes the
+class.
 
 Damaged input. Every failure raises `VideoError` (a `vstream.errors.SourceError`, so a `ValueError`) naming the path,
 what was expected and what was found:

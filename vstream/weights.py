@@ -44,7 +44,8 @@ def read_state_dict(directory: str | Path, skip_prefixes: tuple[str, ...] = ()) 
             return state
     present = sorted(p.name for p in root.iterdir()) if root.is_dir() else []
     raise MissingPathError(
-        f"no weights in {root}: expected model.safetensors, pytorch_model.bin or an index of their shards; found {present}"
+        f"no weights in {root}: expected model.safetensors, pytorch_model.bin or an index of their shards; "
+        f"found {present}"
     )
 
 

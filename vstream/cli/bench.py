@@ -69,7 +69,8 @@ def bench_memory(
     from vstream.bench import memory_benchmark
 
     model, load = _model(preset, device)
-    r = memory_benchmark(model, lengths=_ints(lengths, "lengths"), repeats=repeats, cuda_graph=cuda_graph) | {"load": load}
+    r = memory_benchmark(model, lengths=_ints(lengths, "lengths"), repeats=repeats,
+                         cuda_graph=cuda_graph) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -109,12 +110,14 @@ def bench_encode(
 def bench_answer(
     preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in positions (memory + template + question).")] = 745,
+    prompt_tokens: Annotated[int, typer.Option(
+        help="Prompt length in positions (memory + template + question).")] = 745,
     new_tokens: Annotated[int, typer.Option(help="Tokens decoded by the fast path.")] = 32,
     anchor_tokens: Annotated[int, typer.Option(help="Tokens decoded by the eager path and transformers generate.")] = 8,
     repeats: Annotated[int, typer.Option(help="Timed repeats.")] = 5,
     compile_anchor: Annotated[bool, typer.Option(
-        help="Also time transformers generate with its static cache (compiles at the first call: tens of seconds).")] = False,
+        help="Also time transformers generate with its static cache (compiles at the first call: tens of "
+             "seconds).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Question -> first token and decode ms/token: fast path, eager path and transformers generate (anchors)."""
@@ -128,9 +131,11 @@ def bench_answer(
         return
     env, f, a = r["environment"], r["fast"], r["anchors"]
     _header(env, {"prompt": env["prompt_tokens"], "KV cache": env["kv_cache_positions"]} | load)
-    typer.echo(f"  fast: first token {_stat(f['first_token'])} (no prefix cache: {_stat(f['first_token_no_prefix_cache'])}); "
+    typer.echo(f"  fast: first token {_stat(f['first_token'])} "
+               f"(no prefix cache: {_stat(f['first_token_no_prefix_cache'])}); "
                f"the first answer after load {f['first_answer_after_load_ms']} ms")
-    typer.echo(f"  fast: decode step {_stat(f['decode_step'])}; {f['generate_ms_per_token']} ms/token over {f['new_tokens']}")
+    typer.echo(f"  fast: decode step {_stat(f['decode_step'])}; "
+               f"{f['generate_ms_per_token']} ms/token over {f['new_tokens']}")
     typer.echo(f"  transformers prefill {_stat(a['hf_prefill_sdpa'])}; eager {a['eager_ms_per_token']} ms/token; "
                f"generate {a['hf_generate_ms_per_token']} ms/token")
     typer.echo(f"  greedy tokens equal for the first {a['greedy_tokens_equal_prefix']} of {a['tokens']}")
@@ -189,7 +194,8 @@ def bench_all(
                       ] = "flash-vstream-7b",
     device: DeviceOpt = "cuda",
     out: Annotated[Path, typer.Option(help="Folder for all.json and profile.txt.")] = Path("bench-out"),
-    parts: Annotated[str, typer.Option(help=f"Parts, comma-separated, of {','.join(ALL_PARTS)}.")] = ",".join(ALL_PARTS),
+    parts: Annotated[str, typer.Option(help=f"Parts, comma-separated, of {','.join(ALL_PARTS)}.")
+                     ] = ",".join(ALL_PARTS),
     lengths: Annotated[str, typer.Option(help="Memory: stream lengths in frames.")] = "100,1000,10000,100000",
     counts: Annotated[str, typer.Option(help="Streams: numbers of live streams.")] = "16,32,64",
     seconds: Annotated[float, typer.Option(help="Streams: wall-clock seconds per run.")] = 20.0,
@@ -203,7 +209,8 @@ def bench_all(
 
     model, load = _model(preset, device)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"load": load | {"tower_warmup_s": model.vision.warmup_s, "decode_warmup_s": model.static_answerer.warmup_s,
+    results = {"load": load | {"tower_warmup_s": model.vision.warmup_s,
+                               "decode_warmup_s": model.static_answerer.warmup_s,
                                "memory": bench.gpu_memory(model.device)}}
     if "ceilings" in wanted and model.device.type == "cuda":
         results["ceilings"] = bench.ceilings(model.device)

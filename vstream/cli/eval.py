@@ -43,10 +43,12 @@ def eval_command(
                                                 "open, egoschema, mvbench or videomme.")],
     data: Annotated[Path, typer.Option(help="Folder holding the benchmark's question file.")],
     mode: Annotated[str, typer.Option(help="offline (each question from the video up to its time), streaming "
-                                           "(one pass per video, questions asked during the stream) or both.")] = "offline",
+                                           "(one pass per video, questions asked during the stream) or "
+                                           "both.")] = "offline",
     judge: Annotated[str, typer.Option(help="offline (no network; not comparable to LLM-judged numbers) or openai "
                                             "(any OpenAI-compatible endpoint).")] = "offline",
-    judge_url: Annotated[Optional[str], typer.Option(help="Base URL of the judge, e.g. https://api.openai.com/v1.")] = None,
+    judge_url: Annotated[Optional[str], typer.Option(
+        help="Base URL of the judge, e.g. https://api.openai.com/v1.")] = None,
     judge_model: Annotated[Optional[str], typer.Option(help="Judge model name, e.g. gpt-3.5-turbo-0125.")] = None,
     judge_key: Annotated[Optional[str], typer.Option(help="Judge API key (default: env VSTREAM_JUDGE_API_KEY, "
                                                           "then OPENAI_API_KEY).")] = None,

@@ -14,7 +14,8 @@ def train(
     config: Annotated[str, typer.Option("--config", "-c", help="YAML training config (see configs/).")],
     output_dir: Annotated[Optional[str], typer.Option(help="Override the config's output_dir.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Override the config's max_steps.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the newest checkpoint in output_dir.")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the newest checkpoint in output_dir.")] = False,
 ) -> None:
     """Train one stage (vision | projector | finetune); writes checkpoints and the final model under output_dir.
 

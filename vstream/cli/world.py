@@ -201,7 +201,8 @@ def report_markdown(results: dict) -> str:
     v = results["versions"]
     lines = [
         "# Procedural world: accuracy on held-out streams", "",
-        f"- Model: `{results['model']}` ({results.get('model_name', '?')}, memory mode {results.get('memory_mode', '?')})",
+        f"- Model: `{results['model']}` ({results.get('model_name', '?')}, "
+        f"memory mode {results.get('memory_mode', '?')})",
         f"- Streams: {results['streams']} of the `{results['split']}` split from index {results['start']} ({seeds}), "
         f"{results['questions']} questions, frames from `{results['source']}`",
         f"- Device: {results['device']}, {results.get('dtype', '?')}; evaluation took "
@@ -219,8 +220,8 @@ def report_markdown(results: dict) -> str:
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + " |")
     if len(results["accuracy"]) > 1:
         full = results["accuracy"]["full"]
-        lines += ["", "What each part contributes: accuracy of the full model minus accuracy without it, in points.", "",
-                  "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+        lines += ["", "What each part contributes: accuracy of the full model minus accuracy without it, in points.",
+                  "", "| | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for name, acc in results["accuracy"].items():
             if name != "full":
                 lines.append(f"| {_label(name)} | " + " | ".join(f"{100 * (full[c] - acc[c]):+.1f}" for c in cols)

@@ -35,7 +35,8 @@ def pool_grid(x: torch.Tensor, size: int) -> torch.Tensor:
     return pooled.flatten(2).transpose(1, 2)
 
 
-def pyramid(x: torch.Tensor, spatial: int, temporal: int, abstract: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def pyramid(x: torch.Tensor, spatial: int, temporal: int,
+            abstract: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Features [B, g*g, D] -> (spatial [B,P_spa^2,D], temporal [B,P_tem^2,D], abstract [B,P_abs^2,D]).
 
     The temporal and abstract levels are pooled from the spatial level (16 -> 8 -> 4 and 8 -> 1 for the paper's sizes).

@@ -70,7 +70,8 @@ def encode_video(model, path: str | Path, batch_size: int = 32) -> tuple[torch.T
     return torch.cat(chunks), times
 
 
-def save_features(path: str | Path, features: torch.Tensor, times: list[float], meta: dict[str, str] | None = None) -> Path:
+def save_features(path: str | Path, features: torch.Tensor, times: list[float],
+                  meta: dict[str, str] | None = None) -> Path:
     """Write `{'feature': features}` with the times in the header metadata, atomically (temporary file + rename)."""
     path = Path(path)
     if features.ndim != 3 or features.shape[0] != len(times):

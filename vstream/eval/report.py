@@ -51,7 +51,8 @@ def score_predictions(records: list[dict], judge, out_dir: str | Path, show_prog
     trim_partial_line(path)
     signature = judge.signature()
     todo = [r for r in open_records
-            if not (r["id"] in cached and cached[r["id"]]["signature"] == signature and cached[r["id"]]["status"] == "ok")]
+            if not (r["id"] in cached and cached[r["id"]]["signature"] == signature
+                    and cached[r["id"]]["status"] == "ok")]
     bar = tqdm(total=len(todo), desc=f"judge {judge.kind}", unit="q", disable=not show_progress or not todo)
     verdicts = judge.judge_many([(r["question"], r["answer"], r["pred"]) for r in todo], on_done=lambda _: bar.update())
     bar.close()
@@ -187,7 +188,8 @@ def markdown(results: dict, plots: list[str]) -> str:
               "| position | n | accuracy % |", "|---|---:|---:|"]
     lines += [f"| {b['from']:.1f}-{b['to']:.1f} | {b['n']} | {_pct(b['accuracy'])} |" for b in results["by_position"]]
     if results["latency"]:
-        lines += ["", "## Latency (seconds)", "", "| measure | n | mean | p50 | p95 | max |", "|---|---:|---:|---:|---:|---:|"]
+        lines += ["", "## Latency (seconds)", "", "| measure | n | mean | p50 | p95 | max |",
+                  "|---|---:|---:|---:|---:|---:|"]
         lines += [f"| {k} | {v['n']} | {v['mean']:.3f} | {v['p50']:.3f} | {v['p95']:.3f} | {v['max']:.3f} |"
                   for k, v in results["latency"].items()]
     lines += ["", *[f"![{p}]({p})" for p in plots]]

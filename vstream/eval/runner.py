@@ -71,7 +71,8 @@ class RunConfig:
 
 
 def check_run_file(out_dir: Path, cfg: RunConfig) -> None:
-    """Write `run.json`, or check that the existing one describes the same run (resuming a different run is an error)."""
+    """Write `run.json`, or check that the existing one describes the same run (resuming a different run is an
+    error)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / RUN_FILE
     if path.exists():
@@ -211,7 +212,8 @@ def _source(model, bench: Benchmark, video: str, cfg: RunConfig) -> tuple[Iterab
     from vstream.video import probe
 
     path = bench.video_path(video)
-    frames = file_source(str(path), fps=fps) if cfg.speed is None else replay_source(str(path), fps=fps, speed=cfg.speed)
+    frames = (file_source(str(path), fps=fps) if cfg.speed is None
+              else replay_source(str(path), fps=fps, speed=cfg.speed))
     return frames, probe(path).duration, str(path)
 
 

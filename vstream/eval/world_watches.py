@@ -3,11 +3,12 @@
 Each stream is played once through the model's memory (`memory_snapshots`, as `vstream.eval.world` does); every
 `every_s` seconds of stream time each of its watch tasks (`vstream.synth.world.watches`) is scored with the server's
 mechanism, the log-odds of "Yes" against "No" in one prefill (`yes_no_scores_shared`: the memory's part of the
-prompt once, the tasks' questions batched on its KV cache), and the scores are kept. `replay` then runs the server's state machine (`vstream.engine.watches.Watch`: threshold, hysteresis,
-cooldown) over a task's scores to get its triggers, so thresholds can be compared from the kept scores without the
-model. `calibrate` picks the threshold with the best F1 on calibration streams (a split other than the one reported),
-for all condition types at once and for each type alone (a watch's threshold is set per watch); `cross_validated`
-picks per-type thresholds on all streams but one and scores that one, in turn.
+prompt once, the tasks' questions batched on its KV cache), and the scores are kept. `replay` then runs the server's
+state machine (`vstream.engine.watches.Watch`: threshold, hysteresis, cooldown) over a task's scores to get its
+triggers, so thresholds can be compared from the kept scores without the model. `calibrate` picks the threshold with the
+best F1 on calibration streams (a split other than the one reported), for all condition types at once and for each type
+alone (a watch's threshold is set per watch); `cross_validated` picks per-type thresholds on all streams but one and
+scores that one, in turn.
 
 Scoring (`metrics`): a trigger at stream time t matches the earliest unmatched event e of its task with
 e <= t <= e + `window_s`; a matched event counts for recall and its delay t - e is kept; a trigger that matches no

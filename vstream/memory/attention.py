@@ -5,8 +5,9 @@ checkpoint (`model.attention_model.*`). Only q and k take part in either update 
 weights load with no unexpected keys.
 
 Two update rules, both written for slots M [K, P, D] and new tokens X [n, P, D], one attention per token position p:
-- `update_official`: M <- (1 - r) M + r softmax_n(q(M) k(X)^T / sqrt(h)) X. The softmax runs over the NEW tokens, so with
-  a single new frame every slot gets the same update and q/k have no effect. It runs in the memory dtype, as released.
+- `update_official`: M <- (1 - r) M + r softmax_n(q(M) k(X)^T / sqrt(h)) X. The softmax runs over the NEW tokens, so
+  with a single new frame every slot gets the same update and q/k have no effect. It runs in the memory dtype, as
+  released.
 - `update_paper`: each new token distributes itself over the slots, A = softmax_K(q(M) k(X)^T / sqrt(h)); slot i moves
   towards the A-weighted mean of the new tokens with gate g_i = 1 - prod_j (1 - r A_ij). With one frame this is
   M_i <- (1 - r A_i) M_i + r A_i x: the slots that match the frame move most, the others keep what they hold. A chunk of

@@ -358,4 +358,5 @@ class FlashMemory:
         self.units_seen, self.n_csm = int(state["counters"]["units_seen"]), int(state["counters"]["n_csm"])
 
 
-__all__ = ["am_rope_positions", "fingerprints", "gram_lloyd", "gram_seeds", "FlashMemory", "FlashMemoryConfig", "FlashRead", "flash_state_bytes", "flash_state_layout"]
+__all__ = ["am_rope_positions", "fingerprints", "gram_lloyd", "gram_seeds", "FlashMemory", "FlashMemoryConfig",
+           "FlashRead", "flash_state_bytes", "flash_state_layout"]

@@ -166,7 +166,8 @@ class OfficialStreamingMemory(StarMemoryBase):
         self.n_tem = m
         self.retrieved[: idx.shape[0]] = idx
         self.n_ret = idx.shape[0]
-        merged = turing_compress(torch.cat([self.abstract[: self.n_abs], abs_]), c.abstract_length, c.update_ratio, self.attention)
+        merged = turing_compress(torch.cat([self.abstract[: self.n_abs], abs_]), c.abstract_length, c.update_ratio,
+                                 self.attention)
         self.abstract[: merged.shape[0]] = merged
         self.n_abs = merged.shape[0]
 

@@ -15,7 +15,7 @@ from vstream.encoder.pooling import pool_grid
 from vstream.memory.attention import AbstractAttention
 
 
-# ---------------------------------------------------------------- official mode (released offline and streaming)
+# -------------------------------------------------------------- official mode (released offline and streaming)
 
 
 def ref_official_kmeans(x_in: torch.Tensor, k: int, max_iter: int = 10, tol: float = 1e-4):
@@ -122,7 +122,7 @@ class RefOfficialStreaming:
         return torch.cat([a.flatten(0, 1), long.flatten(0, 1), cur.flatten(0, 1)])
 
 
-# ---------------------------------------------------------------- paper mode (equations 1-5, vstream's documented rules)
+# -------------------------------------------------------------- paper mode (equations 1-5, vstream's documented rules)
 
 
 class RefPaperMemory:

@@ -484,7 +484,8 @@ def span_sources(result: KMeansResult, weight: torch.Tensor) -> torch.Tensor:
     stands for its members, each by its weight (a weight-0 member adds no frame); an empty cluster keeps its centroid,
     so it stands for what that centroid averages (`result.sources`): its frames stay finite and citable."""
     k = result.weights.shape[-1]
-    member = (result.labels[..., None, :] == torch.arange(k, device=weight.device)[:, None]) * weight.float()[..., None, :]
+    member = ((result.labels[..., None, :] == torch.arange(k, device=weight.device)[:, None])
+              * weight.float()[..., None, :])
     return torch.where((result.weights > 0)[..., None], member, result.sources.float())
 
 

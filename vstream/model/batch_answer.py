@@ -132,7 +132,8 @@ class BatchAnswerer:
             raise ValueError(f"memory tokens must be [N, {dim}], got {list(memory_tokens.shape)}")
         prefix, rest = self.prompt_parts(question)
         if tuple(prefix) != self.cache.prefix:
-            raise ValueError(f"the prompt's prefix {prefix} differs from the cached system prompt {list(self.cache.prefix)}")
+            raise ValueError(f"the prompt's prefix {prefix} differs from the cached system prompt "
+                             f"{list(self.cache.prefix)}")
         prompt_len = memory_tokens.shape[0] + len(rest)
         need = len(prefix) + prompt_len + n_new - 1
         if need > self.decoder.max_seq_len:

@@ -1,8 +1,8 @@
 """Batched decoding of a LLaMA decoder over a `SlotCache`: many answers advance by one token in one step.
 
-`BatchDecoder` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the arithmetic
-of `vstream.model.static_decode.StaticLlama` in batched form: RMSNorm in float32, RoPE from the model's own rotary module, SDPA
-attention, the model's own MLP. So greedy decoding gives each slot the tokens the eager path gives it alone.
+`BatchDecoder` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the arithmetic of
+`vstream.model.static_decode.StaticLlama` in batched form: RMSNorm in float32, RoPE from the model's own rotary module,
+SDPA attention, the model's own MLP. So greedy decoding gives each slot the tokens the eager path gives it alone.
 
 - `set_prefix` computes the system prompt's keys once and places them at [0, P) of every slot.
 - `prefill(slot, embeds)` appends a chunk of a prompt to one slot, from the slot's length on (P for a fresh slot);
@@ -20,8 +20,8 @@ attention, the model's own MLP. So greedy decoding gives each slot the tokens th
 - `fetch` / `fetched`: the host reads the tokens fed to a step after launching it (pinned memory, one event), so the
   read never stalls the device.
 
-Where Triton runs, prefills go through the fused layers of `static_decode.FusedLayers` (the single-answer fast path's), writing
-into the slot's rows of the cache; the step stays unfused (one graph replay either way).
+Where Triton runs, prefills go through the fused layers of `static_decode.FusedLayers` (the single-answer fast path's),
+writing into the slot's rows of the cache; the step stays unfused (one graph replay either way).
 
 What this module does not do: pick which request gets a slot, detokenise, check stop conditions (all the host's, in
 `vstream.model.batch_answer`), or top-p sampling.
@@ -48,7 +48,8 @@ class BatchDecoder:
         step's key spans are its multiples below `max_seq_len`, and `max_seq_len`."""
         cfg = llm.config
         if getattr(cfg, "model_type", None) != "llama":
-            raise ValueError(f"batched decoding needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
+            raise ValueError("batched decoding needs a LLaMA decoder, got model_type "
+                             f"{getattr(cfg, 'model_type', None)!r}")
         if max_seq_len < 2 or max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}], got {max_seq_len}")
         self.llm = llm
@@ -97,7 +98,8 @@ class BatchDecoder:
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
     def _attend(self, i: int, h: torch.Tensor, cos, sin, write, read, mask, causal: bool) -> torch.Tensor:
-        # h: [B, S, H]; cos/sin broadcast against [B, H, S, Dh]; write(i, k, v) stores keys, read(i) gives the visible ones
+        # h: [B, S, H]; cos/sin broadcast against [B, H, S, Dh];
+        # write(i, k, v) stores keys, read(i) gives the visible ones
         a = self.layers[i].self_attn
         b, s = h.shape[:2]
         q = a.q_proj(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
@@ -204,7 +206,8 @@ class BatchDecoder:
 
     def _step(self, b: int, n: int) -> None:
         """One decode step on device state only, for slots [0, b), reading keys [0, n) (every active slot's position
-        is below n; inactive ones write at S_max - 1, which no step reads before a slot writes it, and change nothing)."""
+        is below n; inactive ones write at S_max - 1, which no step reads before a slot writes it, and change
+        nothing)."""
         c = self.cache
         active, tokens, lengths = self.active[:b], self.tokens[:b], c.lengths[:b]
         pos = torch.where(active, lengths, self.max_seq_len - 1)  # [b] where each slot's token sits

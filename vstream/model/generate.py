@@ -8,8 +8,8 @@
 
 What this module does not do: build prompts or embeddings (the caller splices memory tokens in before calling), batch
 several prompts, or use `llm.generate`. The one host sync per token is the read of the new token id, which decides
-whether to stop. This is the eager reference path; `vstream.model.static_decode` is the static-cache, graph-replayed one, and
-`stream_text` turns either's tokens into text.
+whether to stop. This is the eager reference path; `vstream.model.static_decode` is the static-cache, graph-replayed
+one, and `stream_text` turns either's tokens into text.
 """
 
 from __future__ import annotations
@@ -220,7 +220,8 @@ def stream_generate(
     yield from stream_text(tokens, tokenizer, stop_ids, stop_strings)
 
 
-def stream_text(tokens: Iterator[int], tokenizer, stop_ids: set[int], stop_strings: Iterable[str] = ()) -> Iterator[str]:
+def stream_text(tokens: Iterator[int], tokenizer, stop_ids: set[int],
+                stop_strings: Iterable[str] = ()) -> Iterator[str]:
     """Text pieces of a token stream (any token source: the eager `iter_tokens` or the fast path): ends before a stop
     id, at the first stop string (not yielded), or when the tokens end; closes `tokens` when done."""
     detok = IncrementalDetokenizer(tokenizer, stop_strings)

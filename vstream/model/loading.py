@@ -461,7 +461,8 @@ def _load_checked(module: nn.Module, weights: dict, unexpected: list, source, de
     unexpected = sorted(set(unexpected) | {rename(k) for k in weights.keys() - own.keys()})
     if missing or unexpected:
         raise ConfigError(f"weights of {source} do not match the model: missing {missing}, unexpected {unexpected}")
-    bad = [f"{rename(k)}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in weights.items() if v.shape != own[k].shape]
+    bad = [f"{rename(k)}: {tuple(v.shape)} vs {tuple(own[k].shape)}"
+           for k, v in weights.items() if v.shape != own[k].shape]
     if bad:
         raise ConfigError(f"weights of {source} have wrong shapes (checkpoint vs model): {bad}")
     assign_(module, {k: place(v, device, dtype) for k, v in weights.items()})
@@ -498,7 +499,8 @@ def save_pretrained(model: FlashVStream, directory: str | Path, lora: dict[str, 
     unless the config says they come from elsewhere (`llm_weights`)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / OWN_CONFIG).write_text(json.dumps({"format": "vstream", "version": 1, "model": model.cfg.to_dict()}, indent=2))
+    (directory / OWN_CONFIG).write_text(json.dumps({"format": "vstream", "version": 1, "model": model.cfg.to_dict()},
+                                                   indent=2))
     own = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items() if not k.startswith("llm.")}
     for name, value in (lora or {}).items():
         own[LORA_PREFIX + name] = value.detach().contiguous().cpu()

@@ -1,11 +1,11 @@
 # size: the static-cache LLaMA answer path in one file (fused layers, static cache, decode graph), read against eager
-"""The static-cache answer path of a LLaMA decoder: a static KV cache, a cached system-prompt prefix, and a decode step replayed
-from a CUDA graph that is captured once, when the decoder is built.
+"""The static-cache answer path of a LLaMA decoder: a static KV cache, a cached system-prompt prefix, and a decode
+step replayed from a CUDA graph that is captured once, when the decoder is built.
 
-`StaticLlama` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the same arithmetic
-as its SDPA forward: RMSNorm in float32, RoPE from the model's own rotary module, SDPA attention, SiLU-gated MLP. So
-greedy decoding gives the tokens of the eager path (`vstream.model.generate.iter_tokens`); tests check this on the CPU
-and on the GPU.
+`StaticLlama` reads the weights of a transformers `LlamaForCausalLM` (references, no copies) and runs the same
+arithmetic as its SDPA forward: RMSNorm in float32, RoPE from the model's own rotary module, SDPA attention, SiLU-gated
+MLP. So greedy decoding gives the tokens of the eager path (`vstream.model.generate.iter_tokens`); tests check this on
+the CPU and on the GPU.
 
 - Prefill runs eagerly (one pass over the prompt, causal SDPA) and writes keys and values into the static cache.
 - The decode step works on fixed shapes: the token and its position live in device tensors, keys are written at that
@@ -117,7 +117,8 @@ class StaticLlama:
     def __init__(self, llm, max_seq_len: int, cuda_graph: bool | None = None, fused: bool | None = None):
         cfg = llm.config
         if getattr(cfg, "model_type", None) != "llama":
-            raise ValueError(f"the static-cache decoder needs a LLaMA decoder, got model_type {getattr(cfg, 'model_type', None)!r}")
+            raise ValueError("the static-cache decoder needs a LLaMA decoder, got model_type "
+                             f"{getattr(cfg, 'model_type', None)!r}")
         if max_seq_len < 2 or max_seq_len > cfg.max_position_embeddings:
             raise ValueError(f"max_seq_len must be in [2, {cfg.max_position_embeddings}], got {max_seq_len}")
         self.llm = llm
@@ -191,19 +192,22 @@ class StaticLlama:
     def _forward(self, x: torch.Tensor, cos, sin, write, keys_upto: int, mask, causal: bool) -> torch.Tensor:
         """x [1, S, H] -> logits of the last position [1, V]."""
         for i, layer in enumerate(self.layers):
-            x = x + self._attend(i, self._rms(x, layer.input_layernorm.weight), cos, sin, write, keys_upto, mask, causal)
+            x = x + self._attend(i, self._rms(x, layer.input_layernorm.weight), cos, sin, write, keys_upto, mask,
+                                 causal)
             x = x + layer.mlp(self._rms(x, layer.post_attention_layernorm.weight))
         return self.llm.lm_head(self._rms(x[:, -1:], self.llm.model.norm.weight))[:, -1]
 
     def _forward_fused(self, x: torch.Tensor, start: torch.Tensor, keys_upto: int, mask, causal: bool) -> torch.Tensor:
         """`_forward` through the fused kernels: x [1, S, H] at positions start[0] + [0, S) -> logits [1, V]."""
         return self.fused_layers.forward(x, start, lambda i: (self.k_cache[i, 0], self.v_cache[i, 0]),
-                                         lambda i: (self.k_cache[i][:, :, :keys_upto], self.v_cache[i][:, :, :keys_upto]),
+                                         lambda i: (self.k_cache[i][:, :, :keys_upto],
+                                                    self.v_cache[i][:, :, :keys_upto]),
                                          mask, causal)
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor, start: int) -> torch.Tensor:
-        """Run embeds [1, S, H] at positions [start, start + S) (keys before `start` must be cached) -> logits [1, V]."""
+        """Run embeds [1, S, H] at positions [start, start + S) (keys before `start` must be cached) ->
+        logits [1, V]."""
         s = embeds.shape[1]
         end = start + s
         if end > self.max_seq_len:
@@ -358,7 +362,8 @@ class StaticAnswerer:
 
     def _warm_up(self) -> None:
         """One short answer from a blank full memory, so that the shapes of a real prompt (the system prompt cached,
-        then memory + question) have met the GPU libraries before the first real answer. The system prompt stays cached."""
+        then memory + question) have met the GPU libraries before the first real answer. The system prompt stays
+        cached."""
         t0 = time.perf_counter()
         m = self.model
         blank = torch.zeros(m.cfg.memory.max_tokens, m.cfg.vision.hidden_size, device=m.device, dtype=m.dtype)

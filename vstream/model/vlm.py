@@ -117,9 +117,9 @@ class FlashVStream(nn.Module):
         """One sequential pass over `video` (a file path, or any `(t, frame)` source): yield the offline memory as of
         each time in `at` (increasing; None = the end), through a `StreamProcessor`.
 
-        Frames of a file are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so the
-        host never holds more than one batch of frames. A `(t, frame)` source needs no video library (PyAV is imported
-        for a path only)."""
+        Frames of a file are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so
+        the host never holds more than one batch of frames. A `(t, frame)` source needs no video library (PyAV is
+        imported for a path only)."""
         from vstream.engine.processor import StreamProcessor, snapshots_at
 
         keys = [math.inf if t is None else t for t in at]
@@ -148,7 +148,8 @@ class FlashVStream(nn.Module):
         self.static_answerer = StaticAnswerer(self, max_seq_len=max_seq_len, cuda_graph=cuda_graph)
         return self
 
-    def prompt_embeds(self, memory_tokens: torch.Tensor, question: str, system_extra: str | None = None) -> torch.Tensor:
+    def prompt_embeds(self, memory_tokens: torch.Tensor, question: str,
+                      system_extra: str | None = None) -> torch.Tensor:
         """Project the memory [N, D] and splice it at the prompt's single `<image>` -> inputs_embeds [1, S, H]."""
         before, after = prompt_parts(self.cfg.template, question, self.tokenizer, system_extra=system_extra)
         vision = self.mm_projector(memory_tokens.to(self.device, self.dtype))  # [N, H]
@@ -159,7 +160,8 @@ class FlashVStream(nn.Module):
     ) -> Iterator[str]:
         """Yield the answer's text pieces as they are generated from a memory snapshot (greedy by default)."""
         n_new = max_new_tokens or self.cfg.max_new_tokens
-        pieces = None if self.static_answerer is None else self.static_answerer.answer(memory.tokens, question, n_new, temperature)
+        pieces = (None if self.static_answerer is None
+                  else self.static_answerer.answer(memory.tokens, question, n_new, temperature))
         if pieces is not None:
             yield from pieces
             return

@@ -30,7 +30,8 @@ from vstream.server.routes import auth, chat, health, metrics, page, realtime, s
 from vstream.server.state import Limits, ServerState
 from vstream.server.webhooks import WebhookSender
 
-ROUTES = (page, health, auth, streams, watches, chat, realtime, metrics)  # in this order in `app.routes` and the document
+# in this order in `app.routes` and the document
+ROUTES = (page, health, auth, streams, watches, chat, realtime, metrics)
 log = logging.getLogger("vstream.server")
 
 

@@ -51,7 +51,8 @@ def released_config(cfg: ModelConfig, vision_tower: str, vocab_size: int) -> dic
     }
 
 
-def released_weights(cfg: ModelConfig, vocab_size: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], CLIPVisionModel]:
+def released_weights(cfg: ModelConfig, vocab_size: int,
+                     seed: int = 0) -> tuple[dict[str, torch.Tensor], CLIPVisionModel]:
     """Random weights under the released names (float32; the writer stores bfloat16), and the full CLIP tower."""
     torch.manual_seed(seed)
     llm = LlamaForCausalLM(LlamaConfig(**(cfg.llm.to_hf() | {"vocab_size": vocab_size})))
@@ -67,7 +68,8 @@ def released_weights(cfg: ModelConfig, vocab_size: int, seed: int = 0) -> tuple[
     out[f"{VISION_PREFIX}embeddings.position_ids"] = torch.arange(cfg.vision.grid**2 + 1)[None]
     head_dim = cfg.llm.hidden_size // cfg.llm.num_attention_heads
     for i in range(cfg.llm.num_hidden_layers):
-        out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = 1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim)
+        out[f"model.layers.{i}.self_attn.rotary_emb.inv_freq"] = (
+            1.0 / 10000 ** (torch.arange(0, head_dim, 2) / head_dim))
     return out, clip
 
 
@@ -120,7 +122,8 @@ def _write_shards(path: Path, weights: dict[str, torch.Tensor], fmt: str, shards
     for i, group in enumerate(groups):
         file = f"{stem}-{i + 1:05d}-of-{shards:05d}.{ext}" if shards > 1 else f"{stem}.{ext}"
         part = {k: weights[k] for k in group}
-        save_file(part, str(path / file), metadata={"format": "pt"}) if fmt == "safetensors" else torch.save(part, path / file)
+        (save_file(part, str(path / file), metadata={"format": "pt"}) if fmt == "safetensors"
+         else torch.save(part, path / file))
         weight_map.update({k: file for k in group})
     if shards > 1:
         total = sum(v.numel() * v.element_size() for v in weights.values())

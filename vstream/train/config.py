@@ -47,7 +47,8 @@ class DataConfig:
     root: str = ""
     """LLaVA only: folder that `video` / `image` paths are relative to."""
     features: str = ""
-    """LLaVA only: folder of pre-extracted features (`{"feature": [T, tokens, D]}` at 1 fps, video extension -> .safetensors)."""
+    """LLaVA only: folder of pre-extracted features (`{"feature": [T, tokens, D]}` at 1 fps, video extension ->
+    .safetensors)."""
 
 
 @dataclass
@@ -58,7 +59,8 @@ class LoraConfig:
     """LoRA scale numerator: the deltas are multiplied by alpha / rank."""
     dropout: float = 0.05
     """Dropout on the LoRA branch's input while training."""
-    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                        "down_proj"])
     """Names of the LLM's Linear modules that get LoRA deltas."""
 
 

@@ -3,9 +3,10 @@
 A dataset item is one pass over one video (or one world stream) with the conversations asked along it, each at its
 stream time. The pass runs in a DataLoader worker on the CPU: the frozen vision tower encodes the frames and a
 `StreamProcessor` (the one inference and evaluation drive) inserts them into a streaming `PaperStarMemory`; at each
-conversation's time its snapshot is taken, so a training sample's memory is the one streaming builds. Only the abstract slots depend on trained weights (the attention's q/k), so the worker hands over
-the memory without them plus each frame's P_abs features, and the trainer recomputes the slots with autograd through
-`abstract_slots` (the same update rule, checked equal to the streaming memory in the tests).
+conversation's time its snapshot is taken, so a training sample's memory is the one streaming builds. Only the abstract
+slots depend on trained weights (the attention's q/k), so the worker hands over the memory without them plus each
+frame's P_abs features, and the trainer recomputes the slots with autograd through `abstract_slots` (the same update
+rule, checked equal to the streaming memory in the tests).
 
 Example (one conversation over one snapshot), as tensors:
 - `rest` [N_rest, D]: the snapshot's temporal | retrieved | spatial tokens, in `MemoryRead` order;
@@ -67,7 +68,8 @@ class SnapshotBuilder:
                                dtype=self.dtype)
 
     @torch.no_grad()
-    def snapshots(self, features: torch.Tensor, times: Sequence[float], at: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def snapshots(self, features: torch.Tensor, times: Sequence[float],
+                  at: Sequence[float]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """features [T, tokens, D] in time order -> for each time in `at` (any order): (rest, abstract_inputs) of the
         memory holding every frame with time <= that time. A time before the first frame is an error."""
         c = self.cfg
@@ -108,7 +110,8 @@ class LlavaDataset(Dataset):
 
     A video is read at the model's sample fps up to `time` (default: its end); the conversation is asked at `time`.
     With `features`, the frames come from `{features}/{video with its extension replaced by .safetensors}` holding
-    `{"feature": [T, tokens, D]}` at 1 fps, and no frame is decoded. A record without `video` or `image` is text only."""
+    `{"feature": [T, tokens, D]}` at 1 fps, and no frame is decoded. A record without `video` or `image` is text
+    only."""
 
     def __init__(self, data: DataConfig, builder: SnapshotBuilder, template: str, tokenizer):
         path = Path(data.json)
@@ -156,7 +159,8 @@ class LlavaDataset(Dataset):
                 raise DataError(f"record {record.get('id')} has {IMAGE_TOKEN} but no video or image")
             ids, labels = tokenize(self.template, conversation, self.tokenizer)
             d, p = self.builder.cfg.vision.hidden_size, self.builder.cfg.memory.abstract_size**2
-            return [{"rest": torch.zeros(0, d), "abstract_inputs": torch.zeros(0, p, d), "input_ids": ids, "labels": labels}]
+            return [{"rest": torch.zeros(0, d), "abstract_inputs": torch.zeros(0, p, d), "input_ids": ids,
+                     "labels": labels}]
         at = float(record["time"]) if record.get("time") is not None else math.inf
         source = self._source(media)
         if self.features is not None:
@@ -169,7 +173,8 @@ class LlavaDataset(Dataset):
             times = [t for t, _ in pairs]
             features = self.builder.encode([f for _, f in pairs])
         else:
-            frame = read_frames(source)[0] if source.suffix.lower() not in (".png", ".jpg", ".jpeg") else _read_image(source)
+            frame = (read_frames(source)[0] if source.suffix.lower() not in (".png", ".jpg", ".jpeg")
+                     else _read_image(source))
             times, features = [0.0], self.builder.encode([frame])
         if not times:
             raise DataError(f"record {record.get('id')}: no frames at or before {at} s in {source}")

@@ -32,14 +32,16 @@ def build(cfg: TrainConfig):
     """(module to train, model, dataset, collate_fn) for the config."""
     model = load(cfg.model, dtype=torch.float32, seed=cfg.seed)
     model.train()
-    init_lora = apply_init(model, Path(cfg.init), merge=not (cfg.stage == "finetune" and cfg.lora.rank > 0)) if cfg.init else None
+    init_lora = (apply_init(model, Path(cfg.init), merge=not (cfg.stage == "finetune" and cfg.lora.rank > 0))
+                 if cfg.init else None)
     model.requires_grad_(False)
     if cfg.stage == "vision":
         from vstream.train.world_data import FRAME_CLASSES, PATCH_CLASSES, WorldFrameDataset
 
         model.vision.requires_grad_(True)
         module = TowerPretrainModule(model.vision, PATCH_CLASSES, FRAME_CLASSES)
-        dataset = WorldFrameDataset(cfg.data, model.cfg, samples=cfg.max_steps * cfg.batch_size * cfg.grad_accum * _world_size())
+        dataset = WorldFrameDataset(cfg.data, model.cfg,
+                                    samples=cfg.max_steps * cfg.batch_size * cfg.grad_accum * _world_size())
         return module, model, dataset, None
     template = cfg.prompt_template or model.cfg.template
     tower = _frozen_copy(model.vision)
@@ -132,11 +134,13 @@ def run(cfg: TrainConfig) -> Path:
     args = TrainingArguments(
         output_dir=str(out), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, weight_decay=cfg.weight_decay,
-        warmup_steps=round(cfg.warmup_ratio * cfg.max_steps), lr_scheduler_type=cfg.scheduler, bf16=cfg.bf16 and not use_cpu,
+        warmup_steps=round(cfg.warmup_ratio * cfg.max_steps), lr_scheduler_type=cfg.scheduler,
+        bf16=cfg.bf16 and not use_cpu,
         dataloader_num_workers=cfg.workers, save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
         logging_steps=cfg.logging_steps, seed=cfg.seed, deepspeed=cfg.deepspeed, use_cpu=use_cpu,
         ddp_backend="gloo" if use_cpu and _world_size() > 1 else None, report_to="none", remove_unused_columns=False,
-        dataloader_persistent_workers=cfg.workers > 0, ignore_data_skip=not cfg.skip_seen_data, ddp_find_unused_parameters=False,
+        dataloader_persistent_workers=cfg.workers > 0, ignore_data_skip=not cfg.skip_seen_data,
+        ddp_find_unused_parameters=False,
     )
     trainer = VStreamTrainer(model=module, args=args, train_dataset=dataset, data_collator=collate_fn)
     if cfg.time_limit_s > 0:

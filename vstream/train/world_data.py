@@ -64,7 +64,8 @@ class WorldQADataset(Dataset):
             if len(qas) > self.data.max_questions:
                 qas = [qas[i] for i in sorted(rng.choice(len(qas), self.data.max_questions, replace=False))]
             convs = [(qa.time, _turn(qa.question, qa.answer)) for qa in qas]
-            for t in sorted(rng.choice(range(2, stream.duration), min(self.data.inventory, stream.duration - 2), replace=False)):
+            for t in sorted(rng.choice(range(2, stream.duration), min(self.data.inventory, stream.duration - 2),
+                                       replace=False)):
                 convs.append((float(t), _turn(INVENTORY_QUESTION, inventory(stream, float(t)))))
             return sorted(convs, key=lambda c: c[0])
         times = sorted(rng.choice(stream.duration, min(self.data.max_questions, stream.duration), replace=False))

@@ -34,7 +34,8 @@ class QwenTower:
         u = full.shape[0] // 2
         grids = [[1, full.shape[2] // self.patch, full.shape[3] // self.patch]] * u + \
                 [[1, small.shape[2] // self.patch, small.shape[3] // self.patch]] * u
-        pixels = torch.cat([patchify_units(full, self.patch, self.merge), patchify_units(small, self.patch, self.merge)])
+        pixels = torch.cat([patchify_units(full, self.patch, self.merge),
+                            patchify_units(small, self.patch, self.merge)])
         grid_thw = torch.tensor(grids, dtype=torch.long, device=pixels.device)
         weight = self.visual.patch_embed.proj.weight
         hidden = self._pre_merger(pixels.to(weight.dtype), grid_thw)  # [u (N_f + N_s), C]

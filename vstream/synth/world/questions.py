@@ -92,8 +92,10 @@ class _Facts:
             for b in named:
                 if a != b and self.first[b] - self.first[a] >= 3:  # a appeared first, at least 3 s earlier
                     answer = named[a]
-                    first.append((f"Which appeared first, the {named[a]} or the {named[b]}?", answer, [named[a], named[b]]))
-                    first.append((f"Which appeared first, the {named[b]} or the {named[a]}?", answer, [named[b], named[a]]))
+                    first.append((f"Which appeared first, the {named[a]} or the {named[b]}?", answer,
+                                  [named[a], named[b]]))
+                    first.append((f"Which appeared first, the {named[b]} or the {named[a]}?", answer,
+                                  [named[b], named[a]]))
         changes = sum(self.background[k] != self.background[k - 1] for k in range(1, t + 1))
         count = [("How many times has the scene changed?", _NUMBERS[changes], list(_NUMBERS))]
         return {"first": first, "scene_count": count}
