@@ -173,3 +173,23 @@ def test_every_report_uses_the_nearest_rank_percentile():
     assert summary([float(v) for v in range(1, 31)])["p95_ms"] == 29.0  # ceil(28.5): the rounded rank gave 28
     with pytest.raises(ValueError, match="at least one value"):
         percentile([], 0.5)
+
+
+def test_recent_values_keep_only_their_window_and_say_none_when_quiet():
+    from vstream.stats import RecentValues
+
+    now = [0.0]
+    recent = RecentValues(window_s=60, clock=lambda: now[0])
+    assert recent.percentile(0.95) is None
+    for v in range(1, 21):
+        recent.add(float(v))
+    assert recent.percentile(0.95) == 19.0
+    now[0] = 30.0
+    recent.add(100.0)
+    assert recent.percentile(1.0) == 100.0 and recent.percentile(0.5) == 11.0  # 21 values: the 11th
+    now[0] = 61.0  # the first twenty left the window, the last one is 31 s old
+    assert recent.percentile(0.5) == 100.0
+    now[0] = 91.0
+    assert recent.percentile(0.95) is None
+    with pytest.raises(ValueError, match="window_s > 0"):
+        RecentValues(window_s=0)

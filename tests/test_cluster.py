@@ -146,6 +146,8 @@ def test_streams_spread_over_both_replicas_and_each_is_answered_by_its_owner(clu
             cites_only(r.json(), times)
             memory = client.get(f"/v1/streams/{sid}/memory").json()
             assert memory["frames_seen"] == 3 and memory["stream_time"] == max(times)
+        wait_until(lambda: all((r["ttft_p95_ms"] or 0) > 0 for r in directory(fleet)["replicas"]),
+                   "each replica reports its answers' p95 time to first token (what --ttft-target-ms scales on)")
         metrics = client.get("/metrics").text.splitlines()  # every replica's, server-wide samples labelled with it
         for sid in STREAMS:
             assert f'vstream:frames_ingested_total{{stream_id="{sid}"}} 3' in metrics

@@ -28,6 +28,9 @@ from vstream.engine import snapshots
     (["--ray", "--state-dir", "{tmp}", "--autoscale", "3:1"], "MIN:MAX with 1 <= MIN <= MAX (replicas), got '3:1'"),
     (["--ray", "--state-dir", "{tmp}", "--autoscale", "two"], "got 'two'"),
     (["--ray", "--state-dir", "{tmp}", "--replica-threads", "0"], "--replica-threads must be >= 1"),
+    (["--ttft-target-ms", "500"], "--ttft-target-ms need --ray"),
+    (["--ray", "--state-dir", "{tmp}", "--ttft-target-ms", "500"], "--ttft-target-ms needs --autoscale"),
+    (["--ray", "--state-dir", "{tmp}", "--autoscale", "1:2", "--ttft-target-ms", "0"], "got 0.0 with --autoscale 1:2"),
 ])
 def test_bad_cluster_options_are_refused_before_anything_starts(monkeypatch, capsys, tmp_path, args, message):
     code, _, err = in_process(monkeypatch, capsys, "serve", *[a.format(tmp=tmp_path) for a in args])

@@ -149,3 +149,24 @@ def test_autoscaling_steps_on_streams_per_replica():
         create(d, f"s{i}")
     d.join("r3", "u3", 3)
     assert d.scale_step(1, 3, target=2) is None, "never above the maximum"
+
+
+def test_autoscaling_also_steps_on_the_time_to_first_token():
+    d = Directory()
+    d.join("r1", "u1", 1)
+    create(d, "s0")
+    assert d.scale_step(1, 3, target=4, ttft_ms=500) is None, "no answer yet: nothing to go on but streams"
+    d.report("r1", running=2, ttft_p95_ms=900.0)
+    assert d.scale_step(1, 3, target=4, ttft_ms=500) == "up", "1 stream, under the target, but answers start slowly"
+    assert d.scale_step(1, 3, target=4) is None, "without a TTFT target only streams count"
+    d.join("r2", "u2", 2)
+    d.report("r2", running=0, ttft_p95_ms=100.0)
+    assert d.scale_step(1, 3, target=4, ttft_ms=500) is None, "mean of 900 and 100 ms: 500, not above"
+    d.report("r1", running=0, ttft_p95_ms=300.0)
+    assert d.scale_step(1, 3, target=4, ttft_ms=500) is None, "300 ms is above half the target: no drain yet"
+    d.report("r1", running=0, ttft_p95_ms=None)
+    assert d.scale_step(1, 3, target=4, ttft_ms=500) == "r2", "calm, and 1 stream fits in one replica: drain"
+    d.join("r3", "u3", 3)
+    for r in ("r1", "r2", "r3"):
+        d.report(r, running=5, ttft_p95_ms=2000.0)
+    assert d.scale_step(1, 3, target=4, ttft_ms=500) is None, "never above the maximum"

@@ -28,6 +28,10 @@ AutoscaleOpt = Annotated[Optional[str], typer.Option(metavar="MIN:MAX", help="Wi
                                                      "added and drained on streams per replica.")]
 StreamsPerReplicaOpt = Annotated[int, typer.Option(help="With --autoscale: the streams per replica at which one more "
                                                    "is added.")]
+TtftTargetOpt = Annotated[Optional[float], typer.Option("--ttft-target-ms", help="With --autoscale: also add a "
+                                                       "replica while the replicas' p95 time to first token over the "
+                                                       "last minute is above this (mean over replicas); drain only "
+                                                       "while every one is below half of it.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option(help="With --ray: an existing Ray cluster (default: start a "
                                                       "local one).")]
 ReplicaThreadsOpt = Annotated[Optional[int], typer.Option(help="With --ray: torch CPU threads per replica (default: "
@@ -69,6 +73,7 @@ def serve(
     replicas: ReplicasOpt = None,
     autoscale: AutoscaleOpt = None,
     streams_per_replica: StreamsPerReplicaOpt = 4,
+    ttft_target_ms: TtftTargetOpt = None,
     ray_address: RayAddressOpt = None,
     replica_threads: ReplicaThreadsOpt = None,
     webhook_secret: WebhookSecretOpt = None,
@@ -76,7 +81,7 @@ def serve(
     """Serve the HTTP API, the realtime WebSocket and the web page at / (see README, HTTP API)."""
     needs_extra("server", "serve")
     cluster = _cluster_options(ray, replicas, autoscale, streams_per_replica, ray_address, replica_threads,
-                               state_dir)
+                               state_dir, ttft_target_ms)
     from vstream.model.loading import show_progress
     from vstream.server import serve as run_server
 
@@ -112,10 +117,11 @@ def _check(media_root: Path | None, max_streams: int, drain_seconds: float, snap
 
 
 def _cluster_options(ray: bool, replicas: int | None, autoscale: str | None, streams_per_replica: int,
-                     ray_address: str | None, replica_threads: int | None, state_dir: Path | None) -> dict | None:
+                     ray_address: str | None, replica_threads: int | None, state_dir: Path | None,
+                     ttft_target_ms: float | None = None) -> dict | None:
     """The cluster's settings for `serve_cluster` (None without --ray), each checked before anything starts."""
     given = {"--replicas": replicas, "--autoscale": autoscale, "--ray-address": ray_address,
-             "--replica-threads": replica_threads}
+             "--replica-threads": replica_threads, "--ttft-target-ms": ttft_target_ms}
     if not ray:
         named = [name for name, value in given.items() if value is not None]
         if named:
@@ -133,8 +139,12 @@ def _cluster_options(ray: bool, replicas: int | None, autoscale: str | None, str
     if streams_per_replica < 1 or (replica_threads is not None and replica_threads < 1):
         raise UserInputError(f"--streams-per-replica and --replica-threads must be >= 1, got {streams_per_replica} "
                              f"and {replica_threads}")
+    if ttft_target_ms is not None and (autoscale is None or not ttft_target_ms > 0):
+        raise UserInputError(f"--ttft-target-ms needs --autoscale and a value > 0, got {ttft_target_ms} with "
+                             f"--autoscale {autoscale}")
     return {"replicas": replicas or 2, "autoscale": None if autoscale is None else parse_range(autoscale),
-            "target_streams": streams_per_replica, "address": ray_address, "threads": replica_threads}
+            "target_streams": streams_per_replica, "address": ray_address, "threads": replica_threads,
+            "ttft_target_ms": ttft_target_ms}
 
 
 def parse_range(text: str) -> tuple[int, int]:

@@ -42,6 +42,8 @@ class Replica:
     """Streams being created on it now (placed, not yet confirmed)."""
     running: int = 0
     """Answers running or waiting on it at its last report (its queue)."""
+    ttft_p95_ms: float | None = None
+    """Its answers' p95 time to first token over the last minute, at its last report (None: no answer in it)."""
     alive: bool = True
     accepting: bool = True
     """False while it drains (scaling down): it keeps its streams until they move, and takes no new ones."""
@@ -51,7 +53,8 @@ class Replica:
 
     def view(self) -> dict:
         return {"id": self.id, "url": self.url, "pid": self.pid, "alive": self.alive, "accepting": self.accepting,
-                "streams": sorted(self.streams), "pending": self.pending, "running": self.running}
+                "streams": sorted(self.streams), "pending": self.pending, "running": self.running,
+                "ttft_p95_ms": self.ttft_p95_ms}
 
 
 class Directory:
@@ -189,20 +192,27 @@ class Directory:
             self.replicas[target].pending -= 1
         return plan
 
-    def scale_step(self, least: int, most: int, target: int) -> str | None:
-        """The autoscaler's next step on streams per replica: "up" when the live replicas that take streams hold
-        `target` or more each on average (and fewer than `most` are live), the id of the emptiest one to drain when
-        the streams would fit in one replica fewer at half the target (and more than `least` are live), else None."""
+    def scale_step(self, least: int, most: int, target: int, ttft_ms: float | None = None) -> str | None:
+        """The autoscaler's next step: "up" (while fewer than `most` are live) when the live replicas that take streams
+        hold `target` streams or more each on average, or, with `ttft_ms`, when their answers' p95 time to first token
+        (the mean over the replicas that answered in the last minute) is above `ttft_ms`; the id of the emptiest one to
+        drain (while more than `least` are live) when the streams would fit in one replica fewer at half the target and
+        no replica's p95 is above half of `ttft_ms`; else None. A new replica takes the new streams (placement goes to
+        the least loaded); streams already placed stay with their owner unless moved."""
         serving = [r for r in self.live() if r.accepting]
         streams = sum(r.load()[0] for r in serving)
-        if len(serving) < least or (len(serving) < most and streams >= target * len(serving)):
+        timed = [r.ttft_p95_ms for r in serving if r.ttft_p95_ms is not None]
+        slow = ttft_ms is not None and bool(timed) and sum(timed) / len(timed) > ttft_ms
+        if len(serving) < least or (len(serving) < most and (streams >= target * len(serving) or slow)):
             return "up"
-        if len(serving) > least and streams <= target * (len(serving) - 1) / 2:
+        calm = ttft_ms is None or all(t <= ttft_ms / 2 for t in timed)
+        if len(serving) > least and calm and streams <= target * (len(serving) - 1) / 2:
             return min(serving, key=lambda r: (*r.load(), -list(self.replicas).index(r.id))).id
         return None
 
-    def report(self, replica_id: str, running: int) -> None:
-        self.replicas[replica_id].running = running
+    def report(self, replica_id: str, running: int, ttft_p95_ms: float | None = None) -> None:
+        replica = self.replicas[replica_id]
+        replica.running, replica.ttft_p95_ms = running, ttft_p95_ms
 
     def listing(self) -> dict[str, str | None]:
         """Every stream the cluster holds -> its owner id (None while it moves)."""

@@ -35,10 +35,12 @@ class Fleet:
 
     def __init__(self, model_name: str, state_dir: str, options: dict, threads: int | None = 1,
                  monitor_s: float = 0.2, autoscale: tuple[int, int] | None = None, target_streams: int = 4,
-                 scale_every_s: float = 10.0, gpus: int = 0, replica_host: str | None = "127.0.0.1"):
+                 scale_every_s: float = 10.0, gpus: int = 0, replica_host: str | None = "127.0.0.1",
+                 ttft_target_ms: float | None = None):
         self.model_name, self.state_dir, self.options = model_name, state_dir, dict(options)
         self.threads, self.monitor_s = threads, monitor_s
         self.autoscale, self.target_streams, self.scale_every_s = autoscale, target_streams, scale_every_s
+        self.ttft_target_ms = ttft_target_ms  # with autoscale: also add a replica while answers start slower
         self.gpus = gpus  # GPUs each replica asks Ray for (Ray then shows it that one as cuda:0)
         self.replica_host = replica_host  # None: each replica's node address (a cluster of several machines)
         self._scaling: asyncio.Task | None = None
@@ -142,14 +144,14 @@ class Fleet:
         except TimeoutError:
             log.warning("replica %s did not report its load within 10 s", replica_id)
             return
-        self.directory.report(replica_id, load["running"])
+        self.directory.report(replica_id, load["running"], load.get("ttft_p95_ms"))
 
     def _autoscale(self) -> None:
         """One step of the autoscaler (at most one running, one per `scale_every_s`): add a replica, or drain one."""
         busy = self._scaling is not None and not self._scaling.done()
         if self.autoscale is None or busy or time.monotonic() - self._scaled_at < self.scale_every_s:
             return
-        step = self.directory.scale_step(*self.autoscale, self.target_streams)
+        step = self.directory.scale_step(*self.autoscale, self.target_streams, self.ttft_target_ms)
         if step is None:
             return
         log.info("autoscaler: %s", "adding a replica" if step == "up" else f"draining {step}")

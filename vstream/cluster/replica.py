@@ -69,8 +69,11 @@ class ReplicaServer:
         return {"id": self.id, "url": self.url, "pid": os.getpid()}
 
     def load(self) -> dict:
-        """Its streams and its queue (answers running or waiting), for placement."""
-        return {"streams": sorted(self.state.streams), "running": self.state.running}
+        """Its streams, its queue (answers running or waiting), for placement, and the p95 time to first token of its
+        answers in the last minute (`ttft_p95_ms`, None without any), for the autoscaler."""
+        p95 = self.state.recent_ttft.percentile(0.95)
+        return {"streams": sorted(self.state.streams), "running": self.state.running,
+                "ttft_p95_ms": None if p95 is None else round(p95 * 1000, 1)}
 
     def adopt(self, stream_id: str) -> dict:
         """Restore a saved stream here (from the shared state directory) -> its frames and stream time."""

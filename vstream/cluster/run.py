@@ -21,15 +21,16 @@ log = logging.getLogger("vstream.cluster")
 
 def start_fleet(model: str, state_dir: Path, replicas: int, options: dict, threads: int | None = 1,
                 autoscale: tuple[int, int] | None = None, target_streams: int = 4,
-                replica_host: str | None = "127.0.0.1"):
+                replica_host: str | None = "127.0.0.1", ttft_target_ms: float | None = None):
     """The fleet actor with `replicas` ready replicas over the shared `state_dir` (Ray must be initialised); the
     streams saved there come back, spread over the replicas. `autoscale` (MIN, MAX): replicas added and drained on
-    streams per replica (`target_streams`), starting from MIN. `replica_host` None: replicas listen on their node's
+    streams per replica (`target_streams`) and, with `ttft_target_ms`, on the p95 time to first token, starting from
+    MIN. `replica_host` None: replicas listen on their node's
     address (several machines), else on that address."""
     fleet = FleetActor.options(name=FLEET_NAME).remote(model, str(state_dir), options, threads,
                                                        autoscale=autoscale, target_streams=target_streams,
                                                        gpus=replica_gpus(options.get("device", "auto")),
-                                                       replica_host=replica_host)
+                                                       replica_host=replica_host, ttft_target_ms=ttft_target_ms)
     ray.get(fleet.start.remote(autoscale[0] if autoscale else replicas))
     return fleet
 
@@ -44,9 +45,10 @@ def serve_cluster(model: str, *, replicas: int, state_dir: Path, host: str = "12
                   address: str | None = None, snapshot_every: float = 10.0, api_key: str | None = None,
                   allowed_hosts: Iterable[str] = (), server_options: dict | None = None,
                   limits: Limits | None = None, autoscale: tuple[int, int] | None = None,
-                  target_streams: int = 4, threads: int | None = None) -> None:
+                  target_streams: int = 4, threads: int | None = None, ttft_target_ms: float | None = None) -> None:
     """Serve the API of `vstream serve` over `replicas` engine replicas on Ray (`address`: an existing cluster;
-    None: a local one started here), or from MIN to MAX of them (`autoscale`, on `target_streams` per replica).
+    None: a local one started here), or from MIN to MAX of them (`autoscale`, on `target_streams` per replica and,
+    with `ttft_target_ms`, on the replicas' p95 time to first token over the last minute).
     `server_options` go to each replica's `create_app` (media root, max streams, device, ...); the state directory
     must be one that every replica's node sees. `threads`: torch threads per replica (None: torch's default)."""
     extra = list(allowed_hosts)
@@ -56,7 +58,7 @@ def serve_cluster(model: str, *, replicas: int, state_dir: Path, host: str = "12
     options = dict(server_options or {}) | {"api_key": api_key, "snapshot_every": snapshot_every, "limits": limits}
     ray.init(address=address, include_dashboard=False)
     fleet = start_fleet(model, Path(state_dir).resolve(), replicas, options, threads, autoscale, target_streams,
-                        replica_host="127.0.0.1" if address is None else None)
+                        replica_host="127.0.0.1" if address is None else None, ttft_target_ms=ttft_target_ms)
     app = create_ingress(fleet, gate_hosts, limits)
     config = uvicorn.Config(app, host=host, port=port, ws_max_size=limits.max_ws_message_bytes + 1024,
                             timeout_graceful_shutdown=5)

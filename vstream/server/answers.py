@@ -130,7 +130,9 @@ class Generation:
                 if isinstance(item, Exception):
                     raise RuntimeError(f"generation failed: {item}") from item
                 if self.pieces == 0:
-                    self.state.ttft.observe(time.perf_counter() - self.t0)
+                    waited = time.perf_counter() - self.t0
+                    self.state.ttft.observe(waited)
+                    self.state.recent_ttft.add(waited)
                 self.pieces += 1
                 yield item
             self.finished = True

@@ -20,6 +20,10 @@ from vstream.server.metrics import TTFT_BUCKETS, Histogram
 from vstream.server.thumbnails import Thumbnails
 from vstream.server.watches import WatchBoard, Watcher
 from vstream.sources import PushSource
+from vstream.stats import RecentValues
+
+TTFT_WINDOW_S = 60.0
+"""The window of `ServerState.recent_ttft`."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +128,8 @@ class ServerState:
     running: int = 0
     pending: int = 0  # stream slots reserved by requests still opening their source
     ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    recent_ttft: RecentValues = field(default_factory=lambda: RecentValues(TTFT_WINDOW_S))
+    """Times to first token of the last `TTFT_WINDOW_S` seconds (what a cluster's autoscaler reads)."""
     ready: bool = False
     warmup_s: float = 0.0
     """Seconds the start-up warm-up answer took (readiness waits for it)."""
