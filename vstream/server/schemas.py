@@ -73,12 +73,17 @@ class ChatRequest(BaseModel):
     """
 
     model_config = ConfigDict(extra="allow")
-    model: str | None = None
-    stream_id: str | None = None
-    messages: list[ChatMessage] | None = Field(default=None, max_length=256)
-    stream: bool = False
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str | None = Field(default=None, description="the stream to answer from (its id, as OpenAI clients send a "
+                              "model name) when `stream_id` is not given")
+    stream_id: str | None = Field(default=None, description="the stream to answer from (a vstream extension; wins "
+                                  "over `model`)")
+    messages: list[ChatMessage] | None = Field(default=None, max_length=256, description="the question is the text of "
+                                               "the last user message")
+    stream: bool = Field(default=False, description="answer as server-sent events, piece by piece, then [DONE]")
+    max_tokens: int | None = Field(default=None, ge=1, description="most tokens in the answer (null: the model's "
+                                   "default); at most the server's limit")
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="the newer OpenAI name of max_tokens "
+                                              "(wins when both are given)")
     as_of: float | None = Field(default=None, ge=0, allow_inf_nan=False,
                                 description="answer from the memory as it stood at this stream time (seconds; a "
                                 "vstream extension)")
@@ -113,9 +118,13 @@ class ErrorObject(BaseModel):
     """The OpenAI error object: what went wrong, its kind, the field at fault and a stable code."""
 
     message: str
+    """What went wrong, naming what was expected and what came."""
     type: str
+    """Its kind, as OpenAI names them: invalid_request_error, authentication_error, rate_limit_error, ..."""
     param: str | None
+    """The request field at fault, if one is."""
     code: str | None
+    """A stable machine-readable code (e.g. stream_not_found, too_many_streams)."""
 
 
 class ErrorResponse(BaseModel):
