@@ -40,3 +40,138 @@ def test_a_text_tokens_m_rope_is_plain_rope_at_its_position(qwen):
     cos, _ = rotary(x, mixed)
     for axis in range(3):
         assert not torch.allclose(cos[0], plain_rope(mixed[axis, 0], rotary.inv_freq)[0])
+
+
+# ---------------------------------------------------------------- the batched decoder on a Qwen text model
+
+
+@pytest.fixture(scope="module")
+def sharp(qwen):
+    """The preset's model with larger q/k/v weights: its random attention is nearly uniform, so a key at a wrong
+    place or a wrong rotation would barely move its tokens; with these every position counts."""
+    from vstream.model.qwen.loading import build_random_qwen
+
+    model = build_random_qwen(qwen.cfg, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.hf.model.language_model.layers:
+            a = layer.self_attn
+            for p in (a.q_proj.weight, a.k_proj.weight, a.q_proj.bias, a.k_proj.bias):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model
+
+
+def m_rope_prompt(head: int, times: list[float], tail: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds [1, S, H=64], positions [3, S] float32) shaped like a Qwen prompt: `head` text tokens at 0..head-1,
+    a 2 x 2 grid of visual tokens per time (temporal head + time, height head + row, width head + column), then
+    `tail` text tokens from the largest position + 1."""
+    gen = torch.Generator().manual_seed(seed)
+    text = torch.arange(head, dtype=torch.float64).expand(3, -1)
+    grid = torch.tensor([[0, 0], [0, 1], [1, 0], [1, 1]], dtype=torch.float64).T  # [2, 4] rows, columns
+    visual = [torch.cat([torch.full((1, 4), head + t, dtype=torch.float64), head + grid]) for t in times]
+    memory = torch.cat(visual, dim=1) if visual else torch.zeros(3, 0, dtype=torch.float64)
+    start = float(memory.max()) + 1 if visual else float(head)
+    after = (start + torch.arange(tail, dtype=torch.float64)).expand(3, -1)
+    positions = torch.cat([text, memory, after], dim=1).float()
+    return torch.randn(1, positions.shape[1], 64, generator=gen), positions
+
+
+def transformers_tokens(model, embeds, positions, n, kv=None):
+    """Greedy tokens of transformers' own Qwen forward, prompt at `positions` [3, S] (the model's eager decode)."""
+    from transformers import DynamicCache
+
+    from vstream.model.qwen.prefix import decode
+
+    cache = DynamicCache(config=model.hf.config.get_text_config())
+    with torch.inference_mode():
+        return list(decode(model.hf, {"inputs_embeds": embeds}, positions[:, None], cache, n, 0.0, set()))
+
+
+def test_decoder_runs_qwen_prompts_at_their_m_rope_positions_like_transformers(sharp):
+    """Four prompts join a 3-slot batch mid-way, their prompts in chunks of 16 (one prompt's first 20 positions as
+    keys and values that transformers computed, as a cached memory prefix comes): each gets transformers' tokens, and
+    the answers share steps. The same prompts at their cache positions give other tokens (positions matter here)."""
+    from transformers import DynamicCache
+
+    from vstream.model.batch_decode import BatchDecoder
+
+    prompts = [m_rope_prompt(5, [0.0, 2.5], 7, 0), m_rope_prompt(9, [1.0, 3.25, 6.0, 6.5, 10.0], 12, 1),
+               m_rope_prompt(3, [], 4, 2), m_rope_prompt(14, [0.5, 40.0 / 3], 9, 3)]
+    expected = [transformers_tokens(sharp, e, p, 10) for e, p in prompts]
+    assert len({tuple(t) for t in expected}) == 4
+    decoder = BatchDecoder(sharp.hf, max_batch=3, max_seq_len=96, span_step=16)
+    got: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}  # slot -> prompt
+    waiting = list(range(len(prompts)))
+    while waiting or owner:
+        if waiting and decoder.cache.free_slots:
+            i = waiting.pop(0)
+            slot = decoder.cache.acquire()
+            embeds, positions = prompts[i]
+            skip = 0
+            if i == 1:  # its first 20 positions come as transformers' keys and values
+                skip = 20
+                cache = DynamicCache(config=sharp.hf.config.get_text_config())
+                with torch.inference_mode():
+                    sharp.hf.model.language_model(inputs_embeds=embeds[:, :skip], position_ids=positions[:, None, :skip],
+                                                  past_key_values=cache, use_cache=True)
+                decoder.append_kv(slot, [(layer.keys, layer.values) for layer in cache.layers])
+            chunks = list(zip(embeds[:, skip:].split(16, dim=1), positions[:, skip:].split(16, dim=1)))
+            for k, (chunk, where) in enumerate(chunks):
+                decoder.prefill(slot, chunk, last=k == len(chunks) - 1, positions=where.contiguous())
+            owner[slot], got[i] = i, []
+        decoder.fetch()
+        decoder.step()
+        tokens = decoder.fetched()
+        for slot, i in list(owner.items()):
+            got[i].append(tokens[slot])
+            if len(got[i]) == 10 or (i == 0 and len(got[i]) == 3):  # prompt 0 leaves early, prompt 3 takes its slot
+                decoder.deactivate(slot)
+                decoder.cache.release(slot)
+                del owner[slot]
+    assert got[0] == expected[0][:3]
+    assert [got[i] for i in (1, 2, 3)] == [expected[i] for i in (1, 2, 3)]
+    assert decoder.widest_step == 3 and decoder.slot_steps > 2 * decoder.steps
+    at_cache_positions = [transformers_tokens(sharp, e, torch.arange(p.shape[1]).float().expand(3, -1), 10)
+                          for e, p in prompts]
+    assert at_cache_positions != expected
+
+
+def test_decoder_errors_name_what_was_expected_and_what_came(qwen):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from vstream.model.batch_decode import BatchDecoder, batchable
+
+    decoder = BatchDecoder(qwen.hf, max_batch=1, max_seq_len=32)
+    slot = decoder.cache.acquire()
+    embeds = torch.zeros(1, 3, 64)
+    with pytest.raises(ValueError, match=r"M-RoPE model's prompt chunk needs its positions \(\[S\] or \[3, S\]\), got None"):
+        decoder.prefill(slot, embeds)
+    with pytest.raises(ValueError, match=r"positions must be \[3\] or \[3, 3\] float32 on cpu for a chunk of 3, got "
+                                         r"\[3, 4\] torch.float32 on cpu"):
+        decoder.prefill(slot, embeds, positions=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"got \[3\] torch.int64"):
+        decoder.prefill(slot, embeds, positions=torch.arange(3))
+    k = torch.zeros(1, 2, 5, 16)
+    with pytest.raises(ValueError, match="keys and values of 2 layers expected, got 1"):
+        decoder.append_kv(slot, [(k, k)])
+    with pytest.raises(ValueError, match=r"layer 1's keys and values must be \[1, 2, 5, 16\] torch.float32 on cpu, "
+                                         r"got \[1, 2, 5, 8\] torch.float32 on cpu"):
+        decoder.append_kv(slot, [(k, k), (k, k[..., :8])])
+    with pytest.raises(ValueError, match="slot 0 needs 40 positions, the KV cache holds 32 per slot"):
+        decoder.append_kv(slot, [(torch.zeros(1, 2, 40, 16),) * 2] * 2)
+    with pytest.raises(ValueError, match="fused layers run LLaMA decoders only"):
+        BatchDecoder(qwen.hf, max_batch=1, max_seq_len=32, fused=True)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16))
+    assert batchable(qwen.hf) and not batchable(gpt2)
+    with pytest.raises(ValueError, match="needs a LLaMA or a Qwen2-VL / Qwen2.5-VL model, got model_type 'gpt2'"):
+        BatchDecoder(gpt2, max_batch=1, max_seq_len=8)
+    text = qwen.hf.config.get_text_config()
+    kinds = text.layer_types
+    text.layer_types = ["sliding_attention", "full_attention"]
+    try:
+        with pytest.raises(ValueError, match=r"full attention only, the model's layers are \['full_attention', "
+                                             r"'sliding_attention'\]"):
+            BatchDecoder(qwen.hf, max_batch=1, max_seq_len=32)
+    finally:
+        text.layer_types = kinds
