@@ -4,12 +4,18 @@ the tokens the model's own eager path gives it alone."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import vstream
+from vstream.engine.processor import StreamProcessor
+from vstream.model.batch_answer import BatchAnswerer
+from vstream.model.generate import default_stop_ids
 
 PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
+QUESTIONS = ["What is there?", "Where did the square go after it left the middle of the screen at the start?",
+             "Why?", "How many things move, and which colours are they?", "Colour?"]
 
 
 @pytest.fixture(scope="module", params=PRESETS)
@@ -45,13 +51,12 @@ def test_a_text_tokens_m_rope_is_plain_rope_at_its_position(qwen):
 # ---------------------------------------------------------------- the batched decoder on a Qwen text model
 
 
-@pytest.fixture(scope="module")
-def sharp(qwen):
-    """The preset's model with larger q/k/v weights: its random attention is nearly uniform, so a key at a wrong
-    place or a wrong rotation would barely move its tokens; with these every position counts."""
+def sharpened(cfg):
+    """A model of `cfg` with larger q/k/v weights: the presets' random attention is nearly uniform, so a key at a
+    wrong place or a wrong rotation would barely move its tokens; with these every position counts."""
     from vstream.model.qwen.loading import build_random_qwen
 
-    model = build_random_qwen(qwen.cfg, seed=1)
+    model = build_random_qwen(cfg, seed=1)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for layer in model.hf.model.language_model.layers:
@@ -59,6 +64,11 @@ def sharp(qwen):
             for p in (a.q_proj.weight, a.k_proj.weight, a.q_proj.bias, a.k_proj.bias):
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     return model
+
+
+@pytest.fixture(scope="module")
+def sharp(qwen):
+    return sharpened(qwen.cfg)
 
 
 def m_rope_prompt(head: int, times: list[float], tail: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,3 +185,82 @@ def test_decoder_errors_name_what_was_expected_and_what_came(qwen):
             BatchDecoder(qwen.hf, max_batch=1, max_seq_len=32)
     finally:
         text.layer_types = kinds
+
+
+# ---------------------------------------------------------------- batched answers of a Qwen model
+
+
+def frames(n, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 256, (84, 112, 3), dtype=np.uint8) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reads(qwen):
+    """Snapshots of three streams, each memory a different size; frames 0.7 s apart, so that the AM-RoPE times (and
+    the text positions after them) are fractional."""
+    out = []
+    for n, seed in ((4, 1), (9, 2), (20, 3)):
+        p = StreamProcessor(qwen)
+        p.insert([0.7 * t for t in range(n)], frames=frames(n, seed))
+        out.append(p.snapshot().memory)
+    assert len({r.num_tokens for r in out}) == 3
+    return out
+
+
+def eager_tokens(model, read, question, n):
+    """The model's own greedy tokens from a fresh prefill of the whole prompt (transformers' forward)."""
+    with torch.inference_mode():
+        embeds, positions = model.prompt(read, question)
+    return list(model.iter_tokens(embeds, positions, n, set(default_stop_ids(model.hf, model.tokenizer))))
+
+
+def assert_like_eager(model, read, request):
+    pieces = list(request)
+    assert request.tokens == eager_tokens(model, read, request.question, request.max_new_tokens)
+    assert pieces == list(model.stream_answer(read, request.question, max_new_tokens=request.max_new_tokens))
+
+
+def test_batched_answers_equal_the_models_eager_answers(sharp, reads):
+    """Five questions of different lengths on three memories of different sizes, four slots (the fifth waits for
+    one), prompts in chunks of 32: each answer is the model's eager one, and the answers share their steps."""
+    answerer = BatchAnswerer(sharp, max_batch=4, prefill_chunk=32)
+    assert answerer.cache.prefix_len == 0 and answerer.decoder.max_seq_len == 72 + 256 + 24
+    asked = [(reads[i % 3], q) for i, q in enumerate(QUESTIONS)]
+    requests = [answerer.submit(read.tokens, q, max_new_tokens=16, memory=read) for read, q in asked]
+    answerer.run_until_idle()
+    for (read, _), request in zip(asked, requests):
+        assert_like_eager(sharp, read, request)
+    assert len({tuple(r.tokens) for r in requests}) == 5
+    d = answerer.decoder
+    assert d.widest_step == 4 and d.slot_steps > 2 * d.steps
+    assert (answerer.prompts.full, answerer.prompts.from_prefix) == (5, 0)
+    assert answerer.cache.free_slots == 4
+
+
+def test_batched_answers_from_cached_memory_prefixes_equal_eager_ones(qwen, reads):
+    """With the prefix cache on, the prepared snapshots' prompts come in as their prefix's keys and values and only
+    the question is prefilled; the snapshot whose prefix was dropped prefills in full. Every answer is the eager
+    one (from the prefix and from a fresh prefill alike), and the prefixes are left as they were."""
+    model = sharpened(qwen.cfg).enable_prefix_cache(slots=2)
+    model.prepare_answers(reads)  # two slots: the first read's prefix is dropped
+    prefixes = [model._prefix_of(read) for read in reads]
+    assert prefixes[0] is None and None not in prefixes[1:]
+    answerer = BatchAnswerer(model, max_batch=3, prefill_chunk=16)
+    asked = [(reads[i % 3], q) for i, q in enumerate(QUESTIONS)]
+    requests = [answerer.submit(read.tokens, q, max_new_tokens=12, memory=read) for read, q in asked]
+    answerer.run_until_idle()
+    assert (answerer.prompts.from_prefix, answerer.prompts.full) == (3, 2)
+    for (read, _), request in zip(asked, requests):
+        assert_like_eager(model, read, request)
+    for prefix in prefixes[1:]:
+        assert prefix.cache.get_seq_length() == prefix.length and not prefix.busy
+
+
+def test_a_qwen_question_needs_the_read_it_rests_on(qwen, reads):
+    answerer = BatchAnswerer(qwen, max_batch=1)
+    with pytest.raises(TypeError, match="a Qwen model answers from a FlashRead .*, got NoneType"):
+        answerer.submit(reads[0].tokens, "What is there?")
+    with pytest.raises(ValueError, match=r"prompt \(\d+ positions\) \+ max_new_tokens \(400\) needs \d+ positions, a slot "
+                                         r"holds 352"):
+        answerer.submit(reads[2].tokens, "What is there?", max_new_tokens=400, memory=reads[2])

@@ -261,7 +261,7 @@ class BatchDecoder:
         elif positions is None:
             logits = self._forward(embeds, self.cos[start:end], self.sin[start:end], write, read, mask, causal)
         else:
-            cos, sin = self._rotary(positions.view(-1, 1, s))  # [1, S, Dh]
+            cos, sin = self._rotary(positions.reshape(-1, 1, s))  # [1, S, Dh]
             logits = self._forward(embeds, cos, sin, write, read, mask, causal)
         c.host_lengths[slot] = end
         return logits
@@ -311,7 +311,7 @@ class BatchDecoder:
         if positions is None:
             self.rope_pos[slot] = c.host_lengths[slot]
         else:  # as transformers' Qwen decoding continues: the last position + 1, in float32
-            self.rope_pos[slot : slot + 1] = positions.view(-1, embeds.shape[1])[0, -1:] + 1
+            self.rope_pos[slot : slot + 1] = positions.reshape(-1, embeds.shape[1])[0, -1:] + 1
         c.lengths[slot] = c.host_lengths[slot]
         self.active[slot] = True
         self.host_active.add(slot)
