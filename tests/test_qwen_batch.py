@@ -264,3 +264,38 @@ def test_a_qwen_question_needs_the_read_it_rests_on(qwen, reads):
     with pytest.raises(ValueError, match=r"prompt \(\d+ positions\) \+ max_new_tokens \(400\) needs \d+ positions, a slot "
                                          r"holds 352"):
         answerer.submit(reads[2].tokens, "What is there?", max_new_tokens=400, memory=reads[2])
+
+
+@pytest.mark.parametrize("prefix_slots", [0, 8])
+def test_engine_answers_several_qwen_streams_in_shared_steps_like_eager(qwen, prefix_slots):
+    """Three streams whose memories differ in size, five questions asked at once through the engine: they decode in
+    shared batched steps (four slots), and each answer is the model's eager one from the same snapshot, with the
+    memory prefixes cached after each round or prefilled whole with the question."""
+    from vstream.engine.scheduler import Engine, EngineConfig
+
+    model = sharpened(qwen.cfg)
+    if prefix_slots:
+        model.enable_prefix_cache(slots=prefix_slots)
+    engine = Engine(model, EngineConfig(round_every_s=0.0, answer_slots=4), thread=False)
+    assert engine.batched and engine.stats()["answer_slots"] == 4
+    lanes = []
+    for n, seed in ((4, 1), (8, 2), (14, 3)):
+        lane = engine.open(live=False, queue_size=16)
+        for t, crop in enumerate(model.crop(frames(n, seed))):
+            lane.put(0.7 * t, crop)
+        lanes.append((lane, n))
+    while any(lane.counters.encoded < n for lane, n in lanes):
+        engine.step()
+    asked = [(*engine.ask(lane, q, max_new_tokens=12), q) for (lane, _), q in zip(lanes * 2, QUESTIONS)]
+    assert len({snap.memory.num_tokens for snap, _, _ in asked}) == 3
+    while any(request.state != "done" for _, request, _ in asked):
+        engine.step()
+    d = engine.answers.decoder
+    assert d.widest_step == 4 and d.slot_steps > 2 * d.steps
+    for snap, request, question in asked:
+        assert request.tokens == eager_tokens(model, snap.memory, question, 12)
+        assert list(request) == list(model.stream_answer(snap.memory, question, max_new_tokens=12))
+    prompts = engine.answers.prompts
+    assert (prompts.from_prefix, prompts.full) == ((5, 0) if prefix_slots else (0, 5))
+    assert engine.eager.pending == 0
+    engine.shutdown()
