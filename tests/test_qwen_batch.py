@@ -299,3 +299,40 @@ def test_engine_answers_several_qwen_streams_in_shared_steps_like_eager(qwen, pr
     assert (prompts.from_prefix, prompts.full) == ((5, 0) if prefix_slots else (0, 5))
     assert engine.eager.pending == 0
     engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the lent GPU)")
+@pytest.mark.parametrize("preset", PRESETS)
+def test_graph_replayed_qwen_step_equals_eager_and_never_synchronises(preset):
+    """On CUDA the step, the model's own rotary at each slot's position included, is captured and replayed; the
+    answers stay the eager ones, and the step alone never reads the device from the host."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = vstream.load(preset, device="cuda", dtype="float32")
+    reads = []
+    for n, seed in ((4, 1), (10, 2)):
+        p = StreamProcessor(model)
+        p.insert([0.7 * t for t in range(n)], frames=frames(n, seed))
+        reads.append(p.snapshot().memory)
+    answerer = BatchAnswerer(model, max_batch=4, prefill_chunk=24)
+    assert answerer.decoder.graphs
+    requests = [answerer.submit(r.tokens, q, max_new_tokens=12, memory=r) for r, q in zip(reads * 2, QUESTIONS)]
+    answerer.run_until_idle()
+    for read, request in zip(reads * 2, requests):
+        assert request.tokens == eager_tokens(model, read, request.question, 12)
+    decoder = answerer.decoder
+    for slot in range(4):
+        decoder.cache.acquire()
+        decoder.active[slot] = True
+        decoder.host_active.add(slot)
+    decoder.cache.lengths.fill_(0)
+    decoder.cache.host_lengths = [0] * 4
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(20):
+            decoder.fetch()
+            decoder.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert decoder.cache.lengths.tolist() == [20] * 4

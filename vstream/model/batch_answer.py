@@ -1,7 +1,7 @@
 """Answers batched across streams: questions from any thread join one running batch of a `BatchDecoder`.
 
 `BatchAnswerer.submit(memory_tokens, question, ...)` returns a `Request` at once; iterating it yields the answer's text
-pieces, as `FlashVStream.stream_answer` yields them, from whichever thread iterates. One scheduler thread calls
+pieces, as the model's own `stream_answer` yields them, from whichever thread iterates. One scheduler thread calls
 `run_once` over and over (between rounds of frame ingestion, say); each call is one scheduling iteration:
 
 1. cancelled requests are dropped; a running one frees its slot at once, before the step;
