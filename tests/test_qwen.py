@@ -312,11 +312,13 @@ def test_vstream_serve_answers_from_a_qwen_checkpoint(checkpoint, clip):
 
 def test_engine_prepares_the_memory_prefix_after_a_round_and_answers_from_it(checkpoint):
     """With the prefix cache on, the engine prefills each new snapshot's memory prefix after its round; a question
-    then prefills only its own tokens, and its answer equals the fresh prefill's."""
+    then takes the prefix's keys and values into its answer slot and prefills only its own tokens, and its answer
+    equals the fresh prefill's."""
     from vstream.engine.scheduler import Engine, EngineConfig
 
     model = vstream.load(str(checkpoint[0]), device="cpu").enable_prefix_cache(slots=2)
     engine = Engine(model, EngineConfig(round_every_s=0.0), thread=False)
+    assert engine.batched
     lane = engine.open(live=False)
     for t, crop in enumerate(model.crop(frames(6, seed=8))):
         lane.put(float(t), crop)
@@ -325,12 +327,12 @@ def test_engine_prepares_the_memory_prefix_after_a_round_and_answers_from_it(che
     read = lane.snapshot.memory
     prefix = model._prefix_of(read)
     assert prefix is not None and prefix.read is read and read.num_tokens > 0
-    used, answer_from_prefix = [], prefix.iter_tokens
-    prefix.iter_tokens = lambda *args, **kwargs: (used.append(args[0]), answer_from_prefix(*args, **kwargs))[1]
     snap, request = engine.ask(lane, "What is there?", max_new_tokens=5)
     while request.state != "done":
         engine.step()
-    assert used == ["What is there?"] and snap.memory is read
-    assert prefix.cache.get_seq_length() == prefix.length  # the answer's KV was cropped away
+    prompts = engine.answers.prompts
+    assert (prompts.from_prefix, prompts.full) == (1, 0) and snap.memory is read
+    assert request.prompt_len == prefix.length + len(prefix.suffix("What is there?"))
+    assert prefix.cache.get_seq_length() == prefix.length  # the prefix's own cache is as it was
     fresh = vstream.load(str(checkpoint[0]), device="cpu")  # no prefix cache: a full prefill
     assert "".join(request) == "".join(fresh.stream_answer(read, "What is there?", max_new_tokens=5))

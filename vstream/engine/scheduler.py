@@ -17,7 +17,9 @@ Each iteration of the engine thread does up to two things:
    snapshots carry their times on the host, copied there in one transfer that the next iteration collects, so a
    round never waits for the device).
 2. **One answer iteration** (`BatchAnswerer.run_once`: admit, a chunk of prefill, one batched decode step for every
-   running answer), when answers are pending.
+   running answer), when answers are pending. LLaMA and Qwen2-VL / Qwen2.5-VL models answer batched (a Qwen
+   question's prompt at its AM-RoPE positions, or its snapshot's cached memory prefix and the question); another LLM,
+   or an answer longer than a slot holds, goes one answer at a time through the model's own `stream_answer`.
 
 So under load, frames and answers take turns: a round runs at most every `round_every_s` while answers decode, and an
 answer advances by one token between rounds. Neither starves: questions beyond the answer slots wait (FIFO) and
@@ -49,6 +51,7 @@ from vstream.devices import GraphPool
 from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, publish_snapshots, snapshot_at
 from vstream.memory.paged import MemoryPage
 from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
+from vstream.model.text_decoder import batchable
 from vstream.stats import percentile
 
 log = logging.getLogger("vstream.engine")
@@ -285,7 +288,7 @@ class Engine:
         self.graphs = cuda if c.cuda_graphs is None else c.cuda_graphs
         t0 = time.perf_counter()
         self.tower_graphs = model.vision.capture(c.tower_batches) if self.graphs and model.vision is not None else None
-        self.batched = getattr(model.llm.config, "model_type", None) == "llama"
+        self.batched = batchable(model.llm)
         slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU is compute-bound: more slots gain little
         chunk = c.prefill_chunk if cuda else min(c.prefill_chunk, 256)
         self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=chunk, max_waiting=c.max_waiting,
@@ -368,11 +371,11 @@ class Engine:
     def submit(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int | None = None,
                temperature: float = 0.0, memory=None) -> Request:
         """Queue a question on memory tokens [N, D] (batched when the LLM allows and the answer fits a slot);
-        `memory`: the read they come from, for the eager path (see `EagerAnswerer`)."""
+        `memory`: the read they come from (a Qwen model's prompt needs its AM-RoPE times; see `EagerAnswerer`)."""
         request = None
         if self.answers is not None:
             with contextlib.suppress(TooLong):  # the eager path below
-                request = self.answers.submit(memory_tokens, question, max_new_tokens, temperature)
+                request = self.answers.submit(memory_tokens, question, max_new_tokens, temperature, memory=memory)
         if request is None:
             request = self.eager.submit(memory_tokens, question, max_new_tokens, temperature, memory=memory)
         self._ensure_thread()

@@ -1,7 +1,7 @@
 """Answers batched across streams: questions from any thread join one running batch of a `BatchDecoder`.
 
 `BatchAnswerer.submit(memory_tokens, question, ...)` returns a `Request` at once; iterating it yields the answer's text
-pieces, as `FlashVStream.stream_answer` yields them, from whichever thread iterates. One scheduler thread calls
+pieces, as the model's own `stream_answer` yields them, from whichever thread iterates. One scheduler thread calls
 `run_once` over and over (between rounds of frame ingestion, say); each call is one scheduling iteration:
 
 1. cancelled requests are dropped; a running one frees its slot at once, before the step;
@@ -11,8 +11,14 @@ pieces, as `FlashVStream.stream_answer` yields them, from whichever thread itera
    (a stop id, a stop string, or `max_new_tokens`) one step after the device produced it, and its slot is freed then.
 
 A request beyond the free slots waits (FIFO) until one frees; beyond `max_waiting` waiting requests, `submit` refuses
-it with an error that names both counts. The system prompt (the prompt's text before `<image>`) is the same for every
-question of the model's template: its keys are computed once, at construction, and shared by every slot.
+it with an error that names both counts.
+
+How a question's prompt goes into a slot is the model's: a model with `slot_prompts()` (the Qwen models:
+`vstream.model.qwen.batch`) gives its own; a LLaMA VLM (`FlashVStream`) gets `LlamaPrompts`. Either says which token
+ids every slot shares (LLaMA: the system prompt, the prompt's text before `<image>`, the same for every question of
+the model's template: its keys are computed once, at construction, and shared by every slot; Qwen: none), how many
+positions a question's prompt takes after them, and what goes in at admission (a `SlotPrompt`: keys and values
+computed already, then embeddings prefilled at their positions).
 
 What this module does not do: ingest frames, build memories, run a thread of its own, or fall back to the eager path
 (a prompt and answer longer than a slot holds are refused at `submit` with `TooLong`).
@@ -24,6 +30,7 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +45,61 @@ class TooLong(ValueError):
     """A prompt and answer longer than a slot holds (the caller may answer it another way)."""
 
 
+@dataclass
+class SlotPrompt:
+    """A question's prompt as it goes into a slot after the shared prefix: keys and values computed already (`kv`,
+    per layer [1, Hkv, n, Dh]: a cached memory prefix), then `embeds` [1, S, H] prefilled at `positions` ([S] or
+    [3, S] float32 RoPE positions of an M-RoPE model; None: LLaMA's cache positions)."""
+
+    embeds: torch.Tensor
+    positions: torch.Tensor | None = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    @property
+    def kv_len(self) -> int:
+        return 0 if self.kv is None else self.kv[0][0].shape[2]
+
+
+def span_step(max_seq_len: int, most: int = 16) -> int:
+    """The grain of the key spans a step reads, for slots of `max_seq_len` positions: 128, or the multiple of 128 that
+    makes at most `most` spans (on CUDA the step is captured at every span and batch size: a 12,032-position slot
+    of a Qwen 7B memory would take 94 spans per size at 128)."""
+    return 128 * max(1, -(-max_seq_len // (128 * most)))
+
+
+class LlamaPrompts:
+    """A LLaMA VLM's (`FlashVStream`) prompts in slots: the system prompt shared, memory tokens [N, D] spliced into the
+    question's prompt and prefilled after it."""
+
+    def __init__(self, model):
+        self.model = model
+        self._prefix = self.parts("")[0]  # the text before <image> does not depend on the question
+
+    def parts(self, question: str) -> tuple[list[int], list[int]]:
+        return prompt_parts(self.model.cfg.template, question, self.model.tokenizer)
+
+    def prefix(self) -> list[int]:
+        return list(self._prefix)
+
+    def max_seq_len(self) -> int:
+        """Memory tokens + room for the question and the template + the answer."""
+        m = self.model
+        return min(m.cfg.memory.max_tokens + 256 + m.cfg.max_new_tokens, m.llm.config.max_position_embeddings)
+
+    def positions(self, memory_tokens: torch.Tensor, question: str, memory=None) -> int:
+        dim = self.model.cfg.vision.hidden_size
+        if memory_tokens.dim() != 2 or memory_tokens.shape[1] != dim:
+            raise ValueError(f"memory tokens must be [N, {dim}], got {list(memory_tokens.shape)}")
+        prefix, rest = self.parts(question)
+        if prefix != self._prefix:
+            raise ValueError(f"the prompt's prefix {prefix} differs from the cached system prompt {self._prefix}")
+        return memory_tokens.shape[0] + len(rest)
+
+    def build(self, memory_tokens: torch.Tensor, question: str, memory=None) -> SlotPrompt:
+        embeds = self.model.prompt_embeds(memory_tokens, question)  # [1, P + S, H]
+        return SlotPrompt(embeds[:, len(self._prefix) :])
+
+
 class Request:
     """One question's answer. Iterate it for the text pieces (blocks until each comes); `cancel()` stops it.
 
@@ -45,10 +107,10 @@ class Request:
     "error") and `slot` are written by the scheduler thread."""
 
     def __init__(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int, temperature: float,
-                 prompt_len: int):
-        self.memory_tokens, self.question = memory_tokens, question
+                 prompt_len: int, memory=None):
+        self.memory_tokens, self.question, self.memory = memory_tokens, question, memory
         self.max_new_tokens, self.temperature = max_new_tokens, temperature
-        self.prompt_len = prompt_len  # positions of memory + question, prefilled from P on
+        self.prompt_len = prompt_len  # positions of memory + question, from P on
         self.state = "waiting"  # -> "prefilling" -> "running" -> "done"
         self.slot: int | None = None
         self.tokens: list[int] = []
@@ -56,8 +118,8 @@ class Request:
         self.error: BaseException | None = None
         self._cancelled = threading.Event()
         self._pieces: queue.SimpleQueue = queue.SimpleQueue()
-        self._embeds: torch.Tensor | None = None  # [1, prompt_len, H] once admitted, until prefilled
-        self._prefilled = 0
+        self._prompt: SlotPrompt | None = None  # once admitted, until prefilled
+        self._prefilled = 0  # positions of its embeds prefilled
         self._detok: IncrementalDetokenizer | None = None
 
     def cancel(self) -> None:
@@ -89,14 +151,14 @@ class BatchAnswerer:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
-        if max_seq_len is None:  # memory tokens + room for the question and the template + the answer
-            max_seq_len = min(model.cfg.memory.max_tokens + 256 + model.cfg.max_new_tokens,
-                              model.llm.config.max_position_embeddings)
+        self.prompts = model.slot_prompts() if hasattr(model, "slot_prompts") else LlamaPrompts(model)
+        max_seq_len = self.prompts.max_seq_len() if max_seq_len is None else max_seq_len
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
-        self.decoder = BatchDecoder(model.llm, max_batch, max_seq_len, cuda_graph=cuda_graph, seed=seed)
+        self.decoder = BatchDecoder(model.llm, max_batch, max_seq_len, cuda_graph=cuda_graph, seed=seed,
+                                    span_step=span_step(max_seq_len))
         self.stop_ids = default_stop_ids(model.llm, model.tokenizer)
         self.stop_strings = stop_strings(model.cfg.template)
-        prefix, _ = self.prompt_parts("")  # the text before <image> does not depend on the question
+        prefix = self.prompts.prefix()
         with torch.inference_mode():
             ids = torch.tensor(prefix, dtype=torch.long, device=self.decoder.device)
             self.decoder.set_prefix(tuple(prefix), model.llm.get_input_embeddings()(ids)[None])
@@ -123,23 +185,18 @@ class BatchAnswerer:
     # ---------------------------------------------------------------- any thread
 
     def submit(self, memory_tokens: torch.Tensor, question: str, max_new_tokens: int | None = None,
-               temperature: float = 0.0) -> Request:
-        """Queue a question on memory tokens [N, D]; the returned request yields its text pieces as they come."""
+               temperature: float = 0.0, memory=None) -> Request:
+        """Queue a question on memory tokens [N, D] (`memory`: the read they come from, which a Qwen model's prompt
+        needs for its AM-RoPE times); the returned request yields its text pieces as they come."""
         n_new = self.model.cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         _check_sampling(n_new, temperature, 1.0)
-        dim = self.model.cfg.vision.hidden_size
-        if memory_tokens.dim() != 2 or memory_tokens.shape[1] != dim:
-            raise ValueError(f"memory tokens must be [N, {dim}], got {list(memory_tokens.shape)}")
-        prefix, rest = self.prompt_parts(question)
-        if tuple(prefix) != self.cache.prefix:
-            raise ValueError(f"the prompt's prefix {prefix} differs from the cached system prompt "
-                             f"{list(self.cache.prefix)}")
-        prompt_len = memory_tokens.shape[0] + len(rest)
-        need = len(prefix) + prompt_len + n_new - 1
+        p = self.cache.prefix_len
+        prompt_len = self.prompts.positions(memory_tokens, question, memory)
+        need = p + prompt_len + n_new - 1
         if need > self.decoder.max_seq_len:
-            raise TooLong(f"prompt ({len(prefix) + prompt_len} positions) + max_new_tokens ({n_new}) needs {need} "
+            raise TooLong(f"prompt ({p + prompt_len} positions) + max_new_tokens ({n_new}) needs {need} "
                              f"positions, a slot holds {self.decoder.max_seq_len}")
-        request = Request(memory_tokens, question, n_new, temperature, prompt_len)
+        request = Request(memory_tokens, question, n_new, temperature, prompt_len, memory=memory)
         if n_new == 0:
             self._close(request, "length")
             return request
@@ -205,28 +262,40 @@ class BatchAnswerer:
             request.slot = self.cache.acquire()
             request.state = "prefilling"
             try:
-                embeds = self.model.prompt_embeds(request.memory_tokens, request.question)  # [1, P + S, H]
+                request._prompt = self._enter(request)
             except Exception as error:  # this request's inputs failed; the others go on  # noqa: BLE001
                 request.error = error
                 self._finish(request, "error")
                 continue
-            request._embeds = embeds[:, self.cache.prefix_len :]
             self._prefilling.append(request)
+
+    def _enter(self, request: Request) -> SlotPrompt:
+        """Build the request's prompt and put its keys and values computed already into its slot."""
+        prompt = self.prompts.build(request.memory_tokens, request.question, request.memory)
+        got = prompt.kv_len + prompt.embeds.shape[1]
+        if got != request.prompt_len:
+            raise ValueError(f"the prompt takes {got} positions, {request.prompt_len} were counted at submit")
+        if prompt.kv is not None:
+            self.decoder.append_kv(request.slot, prompt.kv)
+            prompt.kv = None  # copied into the slot: the request no longer holds the prefix's cache
+        return prompt
 
     def _prefill_some(self) -> None:
         budget = self.prefill_chunk
         while self._prefilling and budget:
             request = self._prefilling[0]
-            start = request._prefilled
-            n = min(request.prompt_len - start, budget)
-            last = start + n == request.prompt_len
-            self.decoder.prefill(request.slot, request._embeds[:, start : start + n], last=last,
-                                 temperature=request.temperature)
+            prompt, start = request._prompt, request._prefilled
+            total = prompt.embeds.shape[1]
+            n = min(total - start, budget)
+            last = start + n == total
+            positions = None if prompt.positions is None else prompt.positions[..., start : start + n]
+            self.decoder.prefill(request.slot, prompt.embeds[:, start : start + n], last=last,
+                                 temperature=request.temperature, positions=positions)
             request._prefilled += n
             budget -= n
             if last:
                 self._prefilling.popleft()
-                request._embeds = None
+                request._prompt = None
                 request._detok = IncrementalDetokenizer(self.model.tokenizer, self.stop_strings)
                 request.state = "running"
                 self._running[request.slot] = request
@@ -272,7 +341,7 @@ class BatchAnswerer:
         self._running.pop(slot, None)
         self.decoder.deactivate(slot)
         self.cache.release(slot)
-        request._embeds = None
+        request._prompt = None
         self._close(request, reason)
 
     @staticmethod

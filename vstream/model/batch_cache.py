@@ -2,7 +2,8 @@
 
 `SlotCache` holds the keys and values of up to `max_batch` sequences of at most `max_seq_len` positions each,
 preallocated once. Every slot holds the same prefix (the system prompt) at positions [0, P): it is computed once and
-copied into all slots, so a new answer writes only positions from P on, and no answer ever writes below P. Each slot's
+copied into all slots, so a new answer writes only positions from P on, and no answer ever writes below P (a Qwen
+model shares none: P = 0, each slot holds its own whole prompt, memory included). Each slot's
 length (the position its next key goes to) lives on the device, so the batched decode step reads and advances it
 without the host; the host keeps its own count of each slot's length, which it knows without reading the device.
 

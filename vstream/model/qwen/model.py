@@ -7,8 +7,11 @@ and 3-axis position ids, and `lm_head`. It offers what the engine, the stream pr
 (`crop`, `encode`, `encode_crops`, `new_memory`, `stream_answer`, `answer`, `answer_from`, `memory_snapshots`), so
 `vstream ask`, `run` and `serve` answer through it unchanged. Loading lives in `vstream.model.qwen.loading`.
 
-What this module does not do: batch answers across streams (the engine's eager path serves one answer at a time),
-sample frames, or download anything.
+`stream_answer` is the eager path: one answer, transformers' own forward. The engine batches answers across streams
+instead (`slot_prompts`: `vstream.model.qwen.batch` puts this model's prompts into the batched decoder's slots, which
+run the same arithmetic and give the same greedy tokens).
+
+What this module does not do: schedule or batch answers itself, sample frames, or download anything.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ class FlashVStreamQwen(nn.Module):
 
     @property
     def llm(self) -> nn.Module:
-        """The whole Hugging Face model (the engine reads `llm.config.model_type`: not LLaMA, so answers are eager)."""
+        """The whole Hugging Face model (the batched decoder finds its text model's parts from `model_type`)."""
         return self.hf
 
     @property
@@ -103,6 +106,12 @@ class FlashVStreamQwen(nn.Module):
     def _prefix_of(self, read) -> MemoryPrefix | None:
         prefix = self._prefixes.get(id(read)) if self.prefix_slots else None
         return prefix if prefix is not None and prefix.read is read and not prefix.busy else None
+
+    def slot_prompts(self):
+        """How this model's prompts go into the slots of a `BatchAnswerer` (`vstream.model.qwen.batch.QwenPrompts`)."""
+        from vstream.model.qwen.batch import QwenPrompts
+
+        return QwenPrompts(self)
 
     memory_snapshots = FlashVStream.memory_snapshots
     answer = FlashVStream.answer

@@ -11,8 +11,11 @@ prompt (tested), since the positions are the same (text after the memory continu
 `FlashVStreamQwen.enable_prefix_cache` keeps the prefixes of the latest snapshots; the engine refreshes them after each
 round of frames (`prepare_answers`), so a question that comes after that finds its snapshot's prefix ready.
 
+The engine's batched answers (`vstream.model.qwen.batch`) copy a ready prefix's keys and values (`kv`) into their
+slot and prefill the question there (`question_inputs`), so any number of questions of one snapshot run at once.
+
 What this module does not do: decide when to refresh (the caller's policy; the cost per stream is one prefill per
-refresh), or serve two questions of one prefix at once (one answer at a time per prefix: `busy`).
+refresh), or serve two questions of one prefix at once through its own cache (one answer at a time: `busy`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ class MemoryPrefix:
         _, after = prompt_parts(self.model.cfg.template, question, self.model.tokenizer)
         return after[1:]
 
+    def question_inputs(self, question: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [1, n], M-RoPE positions [3, 1, n] float32) of the question's part, from the prefix's next position."""
+        m = self.model
+        ids = torch.tensor([self.suffix(question)], device=m.device)
+        pos = (self.next_pos + torch.arange(ids.shape[1], device=m.device, dtype=torch.float32)).expand(3, 1, -1)
+        return ids, pos
+
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The prefix's keys and values per layer, [1, Hkv, length, Dh] each (views of the cache, not copies)."""
+        if self.cache is None:
+            raise RuntimeError("refresh(read) must run before the prefix's keys and values are read")
+        return [(layer.keys[:, :, : self.length], layer.values[:, :, : self.length]) for layer in self.cache.layers]
+
     @torch.inference_mode()
     def iter_tokens(self, question: str, max_new_tokens: int, stop: set[int],
                     temperature: float = 0.0) -> Iterator[int]:
@@ -74,8 +90,7 @@ class MemoryPrefix:
         if self.busy:
             raise RuntimeError("this memory prefix is answering another question: one answer at a time")
         self.busy = True
-        ids = torch.tensor([self.suffix(question)], device=m.device)
-        pos = (self.next_pos + torch.arange(ids.shape[1], device=m.device, dtype=torch.float32)).expand(3, 1, -1)
+        ids, pos = self.question_inputs(question)
         try:
             yield from decode(m.hf, {"input_ids": ids}, pos, self.cache, max_new_tokens, temperature, stop)
         finally:
