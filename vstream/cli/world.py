@@ -45,7 +45,8 @@ def world_eval(
     out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and accuracy.png.")]
     = Path("runs/world-eval"),
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Questions answered per generate call.")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Questions handed to the model's engine together (with "
+                                            "--watches: conditions scored per call).")] = 64,
     from_results: Annotated[Optional[Path], typer.Option(help="Render report.md and accuracy.png from this "
                                                          "results.json instead of evaluating.")] = None,
     watches: Annotated[bool, typer.Option("--watches", help="Evaluate watches (standing questions) instead: "

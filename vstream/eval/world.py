@@ -2,53 +2,50 @@
 
 Each stream is played once through the model's streaming memory (`memory_snapshots`, as inference does) from its
 rendered frames (`source="render"`) or from the H.264 video the world writes (`source="video"`, decoded like any
-file); each question is answered from the memory as of its time by greedy decoding, several questions per batch. An
+file); each question is answered greedily from the memory as of its time, decoded by the model's engine (`engine_of`,
+the batched decoder that serves streams), `batch_size` questions (each under every ablation) handed to it together. An
 ablation drops the tokens of one memory part (`spatial`, `temporal`, `abstract`, `retrieved`) from every snapshot.
 Scoring is exact match after `normalise_keep_word_breaks` (lower case, punctuation as spaces, no leading article).
 
-This module does not train (see `vstream.train`) and does not draw the world (see `vstream.synth.world`).
+This module does not train (see `vstream.train`), does not draw the world (see `vstream.synth.world`) and has no
+decoder of its own.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
+from vstream.engine.scheduler import EngineConfig, engine_of
 from vstream.errors import UserInputError
 from vstream.eval.scoring import accuracy_by_type, normalise_keep_word_breaks
 from vstream.memory import MemoryRead, without
-from vstream.model.prompts import stop_strings
+from vstream.model.batch_answer import Request
 from vstream.synth import world as w
 
 
-@torch.inference_mode()
 def answer_batch(model, memories: Sequence[MemoryRead], questions: Sequence[str], max_new_tokens: int = 8) -> list[str]:
-    """Greedy answers to several (memory, question) pairs at once (left-padded prompts)."""
-    embeds = [model.prompt_embeds(m.tokens, q)[0] for m, q in zip(memories, questions)]
-    longest = max(e.shape[0] for e in embeds)
-    batch = embeds[0].new_zeros(len(embeds), longest, embeds[0].shape[-1])
-    mask = torch.zeros(len(embeds), longest, dtype=torch.long, device=batch.device)
-    for i, e in enumerate(embeds):
-        batch[i, longest - e.shape[0] :] = e
-        mask[i, longest - e.shape[0] :] = 1
-    tok = model.tokenizer
-    stops = stop_strings(model.cfg.template)
-    eos = [tok.convert_tokens_to_ids(s) for s in stops if tok.convert_tokens_to_ids(s) is not None]
-    out = model.llm.generate(
-        inputs_embeds=batch, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=eos or tok.eos_token_id, pad_token_id=tok.pad_token_id or 0,
-    )
-    texts = tok.batch_decode(out, skip_special_tokens=False)
-    answers = []
-    for text in texts:
-        for s in stops:
-            text = text.split(s)[0]
-        answers.append(text.replace(tok.pad_token or "\0", "").strip())
+    """Greedy answers to (memory, question) pairs, in their order, decoded by the model's engine (`engine_of`) as every
+    answer is. Never more are queued than the engine's waiting room holds: when it is full, the oldest answer is
+    collected before the next question goes in."""
+    if len(memories) != len(questions):
+        raise ValueError(f"expected one memory per question, got {len(memories)} memories and {len(questions)} questions")
+    engine = engine_of(model, EngineConfig(answer_slots=max(1, min(len(questions), 32))))
+    requests: deque[Request] = deque()
+    answers: list[str] = []
+    try:
+        for memory, question in zip(memories, questions):
+            while requests and engine.pending_answers >= engine.config.max_waiting:
+                answers.append(requests.popleft().text().strip())
+            requests.append(engine.submit(memory.tokens, question, max_new_tokens=max_new_tokens, memory=memory))
+        while requests:
+            answers.append(requests.popleft().text().strip())
+    finally:
+        for request in requests:  # left early (an error, an interrupt): free their slots
+            request.cancel()
     return answers
 
 
@@ -67,13 +64,13 @@ def evaluate(
     pending: list[tuple[dict, MemoryRead]] = []
     t0 = time.perf_counter()
 
-    def flush():
-        for name, ablation in zip(names, ablations):
-            mems = [m if ablation is None else without(m, [ablation]) for _, m in pending]
-            preds = answer_batch(model, mems, [r["question"] for r, _ in pending])
-            for (row, _), pred in zip(pending, preds):
-                row[name] = pred
-                row[name + "_right"] = normalise_keep_word_breaks(pred) == normalise_keep_word_breaks(row["answer"])
+    def flush():  # every pending question under every ablation, in one call to the engine
+        jobs = [(row, name, m if ablation is None else without(m, [ablation]))
+                for name, ablation in zip(names, ablations) for row, m in pending]
+        preds = answer_batch(model, [m for _, _, m in jobs], [row["question"] for row, _, _ in jobs])
+        for (row, name, _), pred in zip(jobs, preds):
+            row[name] = pred
+            row[name + "_right"] = normalise_keep_word_breaks(pred) == normalise_keep_word_breaks(row["answer"])
         pending.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
