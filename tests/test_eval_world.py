@@ -18,7 +18,8 @@ def world_pairs(model, seeds, per_stream: int) -> list:
         stream = w.generate_stream(seed)
         qas = sorted(w.make_questions(stream, seed=seed), key=lambda q: q.time)[:per_stream]
         frames = stream.frames(fps=model.cfg.sample_fps, size=128)
-        pairs += [(memory, qa.question) for qa, memory in zip(qas, model.memory_snapshots(frames, [q.time for q in qas]))]
+        memories = model.memory_snapshots(frames, [q.time for q in qas])
+        pairs += [(memory, qa.question) for qa, memory in zip(qas, memories)]
     return pairs
 
 

@@ -32,7 +32,8 @@ def answer_batch(model, memories: Sequence[MemoryRead], questions: Sequence[str]
     answer is. Never more are queued than the engine's waiting room holds: when it is full, the oldest answer is
     collected before the next question goes in."""
     if len(memories) != len(questions):
-        raise ValueError(f"expected one memory per question, got {len(memories)} memories and {len(questions)} questions")
+        raise ValueError(f"expected one memory per question, got {len(memories)} memories and {len(questions)} "
+                         "questions")
     engine = engine_of(model, EngineConfig(answer_slots=max(1, min(len(questions), 32))))
     requests: deque[Request] = deque()
     answers: list[str] = []
