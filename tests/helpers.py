@@ -159,14 +159,14 @@ class EngineHook:
             take(request, token)
 
         answers.run_once, answers._take = slow_run_once, counting_take
-        if self.prompts is not None:
-            answers.model = self.prompts
+        if self.prompts is not None:  # the model whose prompts go into the slots (`BatchAnswerer.prompts.model`)
+            answers.model = answers.prompts.model = self.prompts
         return self
 
     def __exit__(self, *exc) -> None:
         self.go.set()
         del self.answers.run_once, self.answers._take  # the class's methods again
-        self.answers.model = self._model
+        self.answers.model = self.answers.prompts.model = self._model
 
 
 def nan_memory(snapshot):

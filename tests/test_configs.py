@@ -1,6 +1,7 @@
 """Shipped configs and the config dataclasses: every `configs/**/*.yaml` reads and validates with the training config's
 own loader (unknown keys and bad values are errors there) and names a known model; every DeepSpeed JSON parses; every
-field of the config dataclasses (vstream/config.py, vstream/train/config.py) says what it is.
+field of the config dataclasses (vstream/config.py, vstream/train/config.py, the engine's `EngineConfig`) and of the
+HTTP API's wire schemas (vstream/server/schemas.py) says what it is.
 
 Building a stage from these configs needs the previous stage's model (`init: runs/demo/...`) and the SmolLM2 weights,
 so it is left to the training tests, which build each stage from a tiny model.
@@ -20,7 +21,9 @@ from vstream.train.config import STAGES, load_config
 ROOT = Path(__file__).resolve().parent.parent
 YAML_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 JSON_CONFIGS = sorted((ROOT / "configs").rglob("*.json"))
-CONFIG_MODULES = [ROOT / "vstream/config.py", ROOT / "vstream/train/config.py"]
+CONFIG_MODULES = [ROOT / "vstream/config.py", ROOT / "vstream/train/config.py", ROOT / "vstream/server/schemas.py"]
+CONFIG_CLASSES = {ROOT / "vstream/engine/scheduler.py": {"EngineConfig"}}
+"""Modules whose other dataclasses are not configuration: only these classes of them are checked."""
 
 
 def test_the_shipped_configs_are_found():
@@ -41,15 +44,14 @@ def test_a_shipped_json_config_parses(path):
     assert isinstance(json.loads(path.read_text()), dict)
 
 
-def undocumented_fields(path: Path) -> list[str]:
-    """`Class.field` for each field of a dataclass in `path` with neither a docstring under it nor a comment on its
-    line or the line above."""
+def undocumented_fields(path: Path, only: set[str] | None = None) -> list[str]:
+    """`Class.field` for each field of a dataclass or pydantic model in `path` (of the classes `only`, when given)
+    with neither a docstring under it, a comment on its line or the line above, nor a `Field(description=...)`."""
     source = path.read_text()
     lines = source.splitlines()
     missing = []
     for cls in ast.walk(ast.parse(source)):
-        if not isinstance(cls, ast.ClassDef) or not any(
-                "dataclass" in ast.unparse(d) for d in cls.decorator_list):
+        if not _is_config(cls) or (only is not None and cls.name not in only):
             continue
         body = cls.body
         for i, node in enumerate(body):
@@ -59,9 +61,17 @@ def undocumented_fields(path: Path) -> list[str]:
             docstring = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(
                 after.value.value, str)
             comment = "#" in lines[node.end_lineno - 1] or lines[node.lineno - 2].strip().startswith("#")
-            if not (docstring or comment):
+            described = isinstance(node.value, ast.Call) and any(k.arg == "description" for k in node.value.keywords)
+            if not (docstring or comment or described):
                 missing.append(f"{cls.name}.{node.target.id}")
     return missing
+
+
+def _is_config(node: ast.AST) -> bool:
+    """A dataclass, or a class that derives from pydantic's BaseModel by name."""
+    return isinstance(node, ast.ClassDef) and (
+        any("dataclass" in ast.unparse(d) for d in node.decorator_list)
+        or any(ast.unparse(b) == "BaseModel" for b in node.bases))
 
 
 def test_the_field_check_reads_docstrings_and_comments(tmp_path):
@@ -69,9 +79,12 @@ def test_the_field_check_reads_docstrings_and_comments(tmp_path):
     path.write_text("@dataclass\nclass C:\n    a: int = 0\n    \"\"\"doc\"\"\"\n    b: int = 0  # why\n"
                     "    # what c is\n    c: int = 0\n    d: int = 0\n")
     assert undocumented_fields(path) == ["C.d"]
+    path.write_text("class M(BaseModel):\n    a: int = Field(default=0, description='doc')\n    b: int = Field(0)\n"
+                    "class N:\n    c: int = 0\n")
+    assert undocumented_fields(path) == ["M.b"], "a pydantic field's description documents it; a plain class is none"
 
 
-@pytest.mark.parametrize("path", CONFIG_MODULES, ids=lambda p: str(p.relative_to(ROOT)))
+@pytest.mark.parametrize("path", CONFIG_MODULES + list(CONFIG_CLASSES), ids=lambda p: str(p.relative_to(ROOT)))
 def test_every_config_field_is_documented(path):
-    missing = undocumented_fields(path)
+    missing = undocumented_fields(path, CONFIG_CLASSES.get(path))
     assert not missing, f"{path.relative_to(ROOT)}: fields without a docstring or comment: {missing}"

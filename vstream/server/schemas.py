@@ -16,31 +16,33 @@ class FileSpec(BaseModel):
     """A video file, given relative to the server's media root."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["file"]
-    path: str = Field(min_length=1, max_length=4096)
+    type: Literal["file"]  # the kind of source
+    path: str = Field(min_length=1, max_length=4096, description="the file's path relative to the media root "
+                      "(it must resolve inside it, links included)")
 
 
 class UrlSpec(BaseModel):
     """A network stream (http, https, rtsp) that the server pulls."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["url"]
-    url: str = Field(min_length=1, max_length=4096)
+    type: Literal["url"]  # the kind of source
+    url: str = Field(min_length=1, max_length=4096, description="http, https or rtsp; a private or loopback address "
+                     "only if the server allows private sources")
 
 
 class PushSpec(BaseModel):
     """Frames pushed by the client over `WS /v1/realtime?stream_id=...`."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["push"]
+    type: Literal["push"]  # the kind of source
 
 
 class WebcamSpec(BaseModel):
     """A V4L2 capture device on the server (`/dev/video<device>`)."""
 
     model_config = ConfigDict(extra="forbid")
-    type: Literal["webcam"]
-    device: int = Field(default=0, ge=0, le=63)
+    type: Literal["webcam"]  # the kind of source
+    device: int = Field(default=0, ge=0, le=63, description="the N of /dev/videoN")
 
 
 SourceSpec = Annotated[FileSpec | UrlSpec | PushSpec | WebcamSpec, Field(discriminator="type")]
@@ -50,7 +52,7 @@ class StreamCreate(BaseModel):
     """Body of `POST /v1/streams`."""
 
     model_config = ConfigDict(extra="forbid")
-    source: SourceSpec
+    source: SourceSpec  # what the stream reads: a file, a URL, pushed frames or a webcam
     speed: float | None = Field(default=None, gt=0, le=1000, allow_inf_nan=False,
                                 description="replay a file at this speed (live); null: as fast as it decodes")
     fps: float | None = Field(default=None, gt=0, allow_inf_nan=False,
@@ -62,8 +64,8 @@ class ChatMessage(BaseModel):
     """One chat message; `content` is a string or a list of OpenAI content parts (only text parts are read)."""
 
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: str  # "user", "system", "assistant": the question is the last "user" message's text
+    content: str | list[dict[str, Any]] | None = None  # text, or OpenAI content parts ({"type": "text", "text": ...})
 
 
 class ChatRequest(BaseModel):
@@ -130,7 +132,7 @@ class ErrorObject(BaseModel):
 class ErrorResponse(BaseModel):
     """Body of every error answer."""
 
-    error: ErrorObject
+    error: ErrorObject  # what went wrong (OpenAI's shape)
 
 
 def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict:
