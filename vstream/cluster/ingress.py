@@ -30,6 +30,7 @@ drain), or check keys.
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import json
 import logging
 import re
@@ -89,7 +90,8 @@ class Proxy:
 
     def __init__(self, fleet, gate: _Gate, limits: Limits):
         self.fleet, self.gate, self.limits = fleet, gate, limits
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False,
+                                        cookies=no_cookies())
         self.moves = MoveCounts()
 
     async def close(self) -> None:
@@ -343,6 +345,12 @@ class Proxy:
     async def _unplace(self, target: dict, stream_id: str | None) -> None:
         if stream_id is None:
             await self.fleet.unplace.remote(target["replica"])
+
+
+def no_cookies() -> http.cookiejar.CookieJar:
+    """A cookie jar that keeps none: the ingress's one HTTP client serves every client, so a cookie that a replica
+    sets (the page's login) goes back to the client that asked and is never sent on with anyone else's request."""
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
 def merge_metrics(families: dict, text: str, replica_id: str) -> None:
