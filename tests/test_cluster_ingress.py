@@ -1,16 +1,22 @@
-"""The cluster ingress's pieces that need no Ray and no server: the merge of the replicas' Prometheus text (every
-server-wide sample labelled with its replica; a stream's samples keep their labels: a stream has one owner; each metric
-one group with its HELP and TYPE lines once), and the frames a socket holds while its stream moves (in order, the
-oldest dropped beyond the cap; only frames are held)."""
+"""The cluster ingress's pieces that need no Ray: the merge of the replicas' Prometheus text (every server-wide sample
+labelled with its replica; a stream's samples keep their labels: a stream has one owner; each metric one group with its
+HELP and TYPE lines once), the frames a socket holds while its stream moves (in order, the oldest dropped beyond the
+cap; only frames are held), and the ingress's HTTP client, which keeps no cookie (against a real server on loopback)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
 
-from vstream.cluster.ingress import labelled, merge_metrics
+from helpers import running_server
+from vstream.cluster.ingress import Proxy, labelled, merge_metrics
 from vstream.cluster.pipe import Held, classify
+from vstream.server.state import Limits
 
 ONE = """# HELP vstream:streams Open streams.
 # TYPE vstream:streams gauge
@@ -56,3 +62,28 @@ def test_binary_messages_and_appends_are_frames_other_messages_are_not():
     assert classify(json.dumps({"type": "input_video_frame.append", "event_id": "f1"})) == (True, "f1")
     assert classify(json.dumps({"type": "response.create", "event_id": "q"})) == (False, "q")
     assert classify("not json") == (False, None) and classify("[1]") == (False, None)
+
+
+def test_the_ingress_client_sends_no_cookie_that_a_replica_set():
+    """The ingress forwards every client's requests with one HTTP client: a replica's Set-Cookie (a page's login) must
+    not make that client send the cookie with the requests of others. A real server on loopback sets and echoes it."""
+
+    async def login(request):
+        response = PlainTextResponse("set")
+        response.set_cookie("vstream_session", "token", path="/")
+        return response
+
+    async def echo(request):
+        return PlainTextResponse(request.headers.get("cookie", "none"))
+
+    app = Starlette(routes=[Route("/login", login), Route("/echo", echo)])
+
+    async def calls(base: str) -> list[str]:
+        proxy = Proxy(None, None, Limits())  # no fleet: only its client is used
+        try:
+            return [(await proxy.client.get(base + path)).text for path in ("/login", "/echo", "/echo")]
+        finally:
+            await proxy.close()
+
+    with running_server(app) as base:
+        assert asyncio.run(calls(base)) == ["set", "none", "none"]

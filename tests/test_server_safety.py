@@ -18,6 +18,7 @@ from websockets.sync.client import connect as ws_connect
 
 from helpers import DEADLINE_S, KEY, EngineHook, free_port, running_server, vstream_serve, wait_frames, wait_ready
 from vstream.server import create_app
+from vstream.server.cookies import PageCookies
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video
 
@@ -253,11 +254,15 @@ def test_page_cookie(strict):
         r = page.post("/v1/auth/cookie", headers=AUTH)
         assert r.status_code == 204
         cookie = r.headers["set-cookie"].lower()
-        assert "httponly" in cookie and "samesite=strict" in cookie and KEY.lower() not in cookie
+        assert "httponly" in cookie and "samesite=strict" in cookie and "path=/" in cookie and "domain" not in cookie
+        assert KEY.lower() not in cookie
         assert page.get("/v1/streams").status_code == 200
+        token = page.cookies["vstream_session"]
+        forged = PageCookies(KEY, b"another server!!").mint()  # signed, but not with this server's secret
+        sent = {"Cookie": f"vstream_session={forged}"}
+        assert httpx.get(f"{base}/v1/streams", headers=sent, timeout=DEADLINE_S).status_code == 401
         assert page.get("/v1/streams", headers={"Origin": "http://evil.example"}).status_code == 401
         assert page.get("/v1/streams", headers={"Origin": base}).status_code == 200
-        token = page.cookies["vstream_session"]
         with ws_connect(base.replace("http", "ws") + "/v1/realtime", open_timeout=DEADLINE_S,
                         additional_headers={"Cookie": f"vstream_session={token}", "Origin": base}) as ws:
             assert json.loads(ws.recv(timeout=DEADLINE_S))["type"] == "session.created"

@@ -14,7 +14,11 @@ single-process server by forwarding each request, unchanged, to the replica that
   replica that is not live or takes no streams, naming those that do, 409 for a stream moving already or already
   there) need the key like every route: a live replica checks it before anything is done.
 - **Access.** Host and Origin are checked here (`access.refusal`, as the single-process gate does), then the request
-  goes on with the replica's own Host and no Origin; the replica checks the key (the header is forwarded).
+  goes on with the replica's own Host and no Origin; the replica checks the key (the header is forwarded) or the
+  page's cookie. The cookie is a token signed under the key and the cluster's salt (`vstream.server.cookies`), so a
+  login (`POST /v1/auth/cookie`, forwarded to any replica) gives a cookie that every replica accepts; the Cookie
+  header is not sent on when the request comes from another origin (as the single server ignores the cookie then) or
+  carries a token logged out here (`DELETE /v1/auth/cookie`, kept in `Revoked` until its expiry).
 - **Sockets** (`pipe`): a socket's messages pass through as they came (binary frames stay JPEG bytes, never decoded
   here). A socket stays open when its stream moves: the frames sent meanwhile are held here (`Limits.move_held_frames`,
   the oldest dropped and counted beyond it) and sent to the new owner after the restore. When the owner dies under a
@@ -24,12 +28,13 @@ single-process server by forwarding each request, unchanged, to the replica that
 
 What it does not do: run model code, keep stream state (the fleet's directory is the only record; a socket holds
 its frames only while its stream moves), decide when a stream moves (the caller of the move route, or the fleet's
-drain), or check keys.
+drain), or check keys and cookie signatures (it does not know the key).
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import json
 import logging
 import re
@@ -45,6 +50,7 @@ from websockets.exceptions import InvalidStatus
 from vstream.cluster.directory import MoveRefused
 from vstream.cluster.pipe import MoveCounts, Pipe, open_upstream
 from vstream.server import access
+from vstream.server.cookies import Revoked
 from vstream.server.errors import ApiError, error_response, internal_error
 from vstream.server.metrics import sample
 from vstream.server.state import Limits
@@ -78,6 +84,7 @@ def create_ingress(fleet, allowed_hosts, limits: Limits | None = None) -> FastAP
     app.add_api_route("/v1/streams", proxy.create_stream, methods=["POST"])
     app.add_api_route("/v1/chat/completions", proxy.chat, methods=["POST"])
     app.add_api_route("/metrics", proxy.metrics, methods=["GET"])
+    app.add_api_route("/v1/auth/cookie", proxy.logout, methods=["DELETE"])
     app.add_api_websocket_route("/v1/realtime", proxy.realtime)
     app.add_api_route("/{path:path}", proxy.anything, methods=["GET", "POST", "DELETE", "PUT", "PATCH", "HEAD"])
     app.router.on_shutdown.append(proxy.close)
@@ -89,8 +96,10 @@ class Proxy:
 
     def __init__(self, fleet, gate: _Gate, limits: Limits):
         self.fleet, self.gate, self.limits = fleet, gate, limits
-        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False)
+        self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False,
+                                        cookies=no_cookies())
         self.moves = MoveCounts()
+        self.revoked = Revoked()  # page cookies logged out through this ingress, refused until their expiry
 
     async def close(self) -> None:
         await self.client.aclose()
@@ -161,7 +170,7 @@ class Proxy:
         if refused is not None:
             return refused
         live = [r for r in (await self.fleet.listing.remote())["replicas"] if r["alive"]]
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
+        headers = self._sent(request.headers)
         replies = await asyncio.gather(*(self.client.get(r["url"] + "/metrics", headers=headers) for r in live),
                                        return_exceptions=True)
         families: dict[str, tuple[dict, list]] = {}  # name -> (HELP/TYPE lines, samples): one group per metric
@@ -211,6 +220,18 @@ class Proxy:
             stream_id = None  # the replica answers the bad body with its own 400
         return await self._to_owner(request, stream_id if isinstance(stream_id, str) else None)
 
+    async def logout(self, request: Request):
+        """`DELETE /v1/auth/cookie`, answered by any replica (which checks the key or the cookie); once it has, the
+        cookie's token is refused here until its expiry, whichever replica a later request goes to."""
+        refused = await self._refused(request)
+        if refused is not None:
+            return refused
+        response = await self._to_owner(request, None)
+        token = access.page_token(request.headers)
+        if response.status_code == 204 and token is not None:
+            self.revoked.add(token)
+        return response
+
     async def anything(self, request: Request, path: str):
         refused = await self._refused(request)
         if refused is not None:
@@ -223,6 +244,14 @@ class Proxy:
 
     # ------------------------------------------------------------------------------------------------ forwarding
 
+    def _sent(self, headers: Headers, hop: frozenset[str] = HOP) -> list[tuple[str, str]]:
+        """The client's headers to send on to a replica: without the hop-by-hop ones, and without the Cookie when the
+        page cookie in it may not stand for the key (it came from another origin, and the replica sees no Origin) or
+        was logged out through this ingress."""
+        if not access.cookie_may_count(headers) or access.page_token(headers) in self.revoked:
+            hop = hop | {"cookie"}
+        return [(k, v) for k, v in headers.items() if k.lower() not in hop]
+
     async def _refused(self, request: Request) -> Response | None:
         refused = access.refusal(self.gate, request.headers, request.url.path, request.method)
         return None if refused is None else error_response(refused)
@@ -234,9 +263,8 @@ class Proxy:
         if refused is not None:
             return refused
         replica = await self.fleet.any_replica.remote()
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         try:
-            checked = await self.client.get(replica["url"] + "/v1/streams", headers=headers)
+            checked = await self.client.get(replica["url"] + "/v1/streams", headers=self._sent(request.headers))
         except httpx.TransportError as exc:
             return error_response(ApiError(503, f"replica {replica['replica']} could not check the key ({exc!r}): "
                                            "retry shortly", code="replica_unavailable", retry_after=1))
@@ -266,7 +294,7 @@ class Proxy:
         body = await self._body(request)
         if isinstance(body, ApiError):
             return error_response(body)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP]
+        headers = self._sent(request.headers)
         url = target["url"] + (path or request.url.path)
         outgoing = self.client.build_request(request.method, url, params=request.url.query if path is None else None,
                                              headers=headers, content=body)
@@ -304,9 +332,8 @@ class Proxy:
         return request.state.body
 
     async def _get_json(self, request: Request, base: str) -> tuple[int, dict]:
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in HOP}
         try:
-            r = await self.client.get(base + "/v1/streams", headers=headers)
+            r = await self.client.get(base + "/v1/streams", headers=self._sent(request.headers))
         except httpx.TransportError:
             return 200, {"data": []}  # a replica dying now: its streams are listed as restoring
         return r.status_code, r.json()
@@ -320,7 +347,7 @@ class Proxy:
             refused = target if isinstance(target, ApiError) else None
         if refused is not None:
             return await ws.send_denial_response(error_response(refused))
-        forwarded = _ws_headers(ws.headers)
+        forwarded = self._sent(ws.headers, WS_HOP)
         try:
             upstream = await open_upstream(_ws_url(target["url"], ws), forwarded, self.limits)
         except InvalidStatus as exc:
@@ -343,6 +370,12 @@ class Proxy:
     async def _unplace(self, target: dict, stream_id: str | None) -> None:
         if stream_id is None:
             await self.fleet.unplace.remote(target["replica"])
+
+
+def no_cookies() -> http.cookiejar.CookieJar:
+    """A cookie jar that keeps none: the ingress's one HTTP client serves every client, so a cookie that a replica
+    sets (the page's login) goes back to the client that asked and is never sent on with anyone else's request."""
+    return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
 
 
 def merge_metrics(families: dict, text: str, replica_id: str) -> None:
@@ -372,10 +405,6 @@ def labelled(sample: str, replica_id: str) -> str:
 def _ws_url(base: str, ws: WebSocket) -> str:
     query = f"?{ws.url.query}" if ws.url.query else ""
     return base.replace("http://", "ws://", 1) + ws.url.path + query
-
-
-def _ws_headers(headers: Headers) -> list[tuple[str, str]]:
-    return [(k, v) for k, v in headers.items() if k.lower() not in WS_HOP]
 
 
 def _move_target(body: bytes | ApiError) -> str | ApiError:

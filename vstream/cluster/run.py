@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -25,8 +26,10 @@ def start_fleet(model: str, state_dir: Path, replicas: int, options: dict, threa
     """The fleet actor with `replicas` ready replicas over the shared `state_dir` (Ray must be initialised); the
     streams saved there come back, spread over the replicas. `autoscale` (MIN, MAX): replicas added and drained on
     streams per replica (`target_streams`) and, with `ttft_target_ms`, on the p95 time to first token, starting from
-    MIN. `replica_host` None: replicas listen on their node's
-    address (several machines), else on that address."""
+    MIN. `replica_host` None: replicas listen on their node's address (several machines), else on that address. The
+    replicas share a `cookie_salt` drawn here (unless `options` gives one), so that each accepts the page cookies of
+    the others; a new launch draws a new one, and the cookies of the last end with it."""
+    options = {"cookie_salt": secrets.token_bytes(16)} | options  # one for every replica: its cookies work on all
     fleet = FleetActor.options(name=FLEET_NAME).remote(model, str(state_dir), options, threads,
                                                        autoscale=autoscale, target_streams=target_streams,
                                                        gpus=replica_gpus(options.get("device", "auto")),

@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import hmac
 import socket
-import time
 from collections.abc import Iterable
 
 from starlette.datastructures import Headers
@@ -116,16 +115,23 @@ def public(path: str) -> bool:
 
 
 def authorized(state: ServerState, headers: Headers) -> bool:
-    """The key in the Authorization header, or a live page cookie sent from the server's own origin."""
+    """The key in the Authorization header, or a valid page cookie (`cookies`) sent from the server's own origin."""
     if state.api_key is None:
         return True
     given = headers.get("authorization", "")
     if hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
         return True
-    token = cookie_parser(headers.get("cookie", "")).get(COOKIE)
-    expiry = state.cookies.get(token) if token else None
-    if expiry is None or expiry < time.monotonic():
-        return False
+    return cookie_may_count(headers) and state.cookies.valid(page_token(headers))
+
+
+def page_token(headers: Headers) -> str | None:
+    """The page's session token in the Cookie header, if any (unverified)."""
+    return cookie_parser(headers.get("cookie", "")).get(COOKIE)
+
+
+def cookie_may_count(headers: Headers) -> bool:
+    """Whether a page cookie on this request may stand for the key: it comes without an Origin or from the server's own
+    (a cookie is sent by the browser to every port of its host, whatever page asks)."""
     origin = headers.get("origin")
     return origin is None or _same_origin(origin, headers.get("host"))
 

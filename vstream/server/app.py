@@ -12,6 +12,7 @@ docs/architecture.md (Server).
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from vstream.engine import EngineConfig, StreamSession, engine_of, snapshots
 from vstream.errors import UserInputError
 from vstream.server import access, openapi
+from vstream.server.cookies import PageCookies
 from vstream.server.durable import Durable
 from vstream.server.errors import AsciiJSONResponse
 from vstream.server.middleware import Gate, add_error_handlers
@@ -39,7 +41,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
                allow_private_sources: bool = False, limits: Limits | None = None,
                allowed_hosts: Iterable[str] | None = None, state_dir: Path | None = None,
                snapshot_every: float = 10.0, memory_page: int | None = None, restore: bool = True,
-               webhook_secret: str | None = None) -> FastAPI:
+               webhook_secret: str | None = None, cookie_salt: bytes | None = None) -> FastAPI:
     """The FastAPI app over a loaded model. `media_root` bounds file sources (None: file sources refused); URL sources
     on loopback, private or reserved addresses are refused unless `allow_private_sources`. `allowed_hosts`: the Host
     names requests may use ('*': any); None: the loopback names without a key, any with one (see `access`).
@@ -47,7 +49,9 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
     snapshot of another model or memory configuration there is an error here, before anything is served.
     `memory_page`: the engine's `EngineConfig.memory_page` (None: its default). `restore=False`: the state directory
     is shared with other servers (`vstream.cluster`): restore nothing at start, streams come by `Durable.adopt`.
-    `webhook_secret`: the key that signs watch webhooks (None: watches with a webhook are refused)."""
+    `webhook_secret`: the key that signs watch webhooks (None: watches with a webhook are refused). `cookie_salt`: with
+    the key, what signs the page's session cookies: servers given the same key and salt accept each other's (a
+    cluster's replicas); None: a new salt, so that the cookies end with this server (`cookies`)."""
     if media_root is not None and not Path(media_root).is_dir():
         raise UserInputError(f"media_root must be an existing directory, got {media_root}")
     if allowed_hosts is None and api_key is None:
@@ -55,6 +59,7 @@ def create_app(model, media_root: Path | None = None, api_key: str | None = None
     state = ServerState(model, None if media_root is None else Path(media_root), api_key, max_streams,
                         limits or Limits(), allow_private_sources, access.allowed_hosts(allowed_hosts),
                         memory_page=memory_page)
+    state.cookies = PageCookies(api_key, secrets.token_bytes(16) if cookie_salt is None else cookie_salt)
     if webhook_secret:
         limits = state.limits
         state.webhooks = WebhookSender(webhook_secret.encode(), allow_private_sources, limits.url_timeout_s,

@@ -137,7 +137,8 @@ class ServerState:
     """Streams per memory page of the engine (`EngineConfig.memory_page`); None: the engine's default."""
     draining: bool = False
     drain_deadline: float | None = None  # monotonic time at which sessions are closed
-    cookies: dict[str, float] = field(default_factory=dict)  # page session token -> expiry (monotonic)
+    cookies: object = None
+    """The page's session tokens (`vstream.server.cookies.PageCookies`), made by `create_app`."""
     sockets: set = field(default_factory=set)  # open realtime sessions (objects with `notify_closing`)
     answers_cancelled: int = 0
     engine: object = None
