@@ -1,7 +1,8 @@
 """Shipped configs and the config dataclasses: every `configs/**/*.yaml` reads and validates with the training config's
 own loader (unknown keys and bad values are errors there) and names a known model; every DeepSpeed JSON parses; every
-field of the config dataclasses (vstream/config.py, vstream/train/config.py, the engine's `EngineConfig`) and of the
-HTTP API's wire schemas (vstream/server/schemas.py) says what it is.
+field of the config dataclasses (vstream/config.py, vstream/train/config.py, the engine's `EngineConfig`), of the
+server's state and limits (vstream/server/state.py) and of the HTTP API's wire schemas (vstream/server/schemas.py)
+says what it is.
 
 Building a stage from these configs needs the previous stage's model (`init: runs/demo/...`) and the SmolLM2 weights,
 so it is left to the training tests, which build each stage from a tiny model.
@@ -21,7 +22,8 @@ from vstream.train.config import STAGES, load_config
 ROOT = Path(__file__).resolve().parent.parent
 YAML_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
 JSON_CONFIGS = sorted((ROOT / "configs").rglob("*.json"))
-CONFIG_MODULES = [ROOT / "vstream/config.py", ROOT / "vstream/train/config.py", ROOT / "vstream/server/schemas.py"]
+CONFIG_MODULES = [ROOT / "vstream/config.py", ROOT / "vstream/train/config.py", ROOT / "vstream/server/schemas.py",
+                  ROOT / "vstream/server/state.py"]
 CONFIG_CLASSES = {ROOT / "vstream/engine/scheduler.py": {"EngineConfig"}}
 """Modules whose other dataclasses are not configuration: only these classes of them are checked."""
 

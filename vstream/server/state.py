@@ -82,13 +82,13 @@ class Limits:
 class Stream:
     """One open stream: its session, what it was created from, and the state of its push transport (if any)."""
 
-    id: str
-    session: StreamSession
-    source: dict
-    created: float
-    fps: float
-    thumbnails: Thumbnails
-    push: PushSource | None = None
+    id: str  # "str_" and 16 hex digits
+    session: StreamSession  # its lane of the engine, fed by its reader
+    source: dict  # the source spec it was created from, as the client sent it (what a durable stream reopens)
+    created: float  # Unix time of its creation
+    fps: float  # frames sampled per second of stream time
+    thumbnails: Thumbnails  # the newest frames as small JPEGs, for the page and watch events
+    push: PushSource | None = None  # the push transport's queue (a push stream), else None
     owner: str | None = None  # the WebSocket session that created it, deleted with it
     speed: float | None = None  # a file replayed at this speed (live), as created
     pushed: int = 0  # frames received on the push transport
@@ -96,7 +96,7 @@ class Stream:
     next_slot: int = 0  # the next sampling slot (floor(t * fps)) a pushed frame may fill
     last_time: float = float("-inf")  # time of the last pushed frame (times must increase)
     clock0: float | None = None  # monotonic time of the first binary frame (binary frames carry no time)
-    push_lock: threading.Lock = field(default_factory=threading.Lock)
+    push_lock: threading.Lock = field(default_factory=threading.Lock)  # one pushed frame at a time is sampled
     board: WatchBoard = field(default_factory=WatchBoard)  # its watches and their event feed
 
     def counts(self) -> dict:
@@ -115,32 +115,36 @@ class Stream:
 
 @dataclass
 class ServerState:
-    model: object
+    """Everything one server process shares between its routes, its realtime sockets and its threads."""
+
+    model: object  # the loaded model (`vstream.load`), whose engine answers every stream
     media_root: Path | None
+    """The directory file sources are read from (None: file sources are refused)."""
     api_key: str | None
-    max_streams: int
-    limits: Limits = field(default_factory=Limits)
-    allow_private_sources: bool = False
+    """The key every request must carry (Authorization: Bearer), or the page's cookie; None: no key asked."""
+    max_streams: int  # streams open at once; one more is refused with 429
+    limits: Limits = field(default_factory=Limits)  # every bound on what clients may ask (see `Limits`)
+    allow_private_sources: bool = False  # URL sources and webhooks may name private and loopback addresses
     allowed_hosts: frozenset[str] | None = None
     """Host names (lower case, IPv6 without brackets) that requests may name in `Host`; None: any."""
-    streams: dict[str, Stream] = field(default_factory=dict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    running: int = 0
+    streams: dict[str, Stream] = field(default_factory=dict)  # open streams by id
+    lock: threading.Lock = field(default_factory=threading.Lock)  # guards `streams`, `running` and `pending`
+    running: int = 0  # answers running or waiting now (at most `limits.max_running`; more are refused with 429)
     pending: int = 0  # stream slots reserved by requests still opening their source
-    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))
+    ttft: Histogram = field(default_factory=lambda: Histogram(TTFT_BUCKETS))  # every answer's, for /metrics
     recent_ttft: RecentValues = field(default_factory=lambda: RecentValues(TTFT_WINDOW_S))
     """Times to first token of the last `TTFT_WINDOW_S` seconds (what a cluster's autoscaler reads)."""
-    ready: bool = False
+    ready: bool = False  # the warm-up has run: /health/ready answers 200
     warmup_s: float = 0.0
     """Seconds the start-up warm-up answer took (readiness waits for it)."""
     memory_page: int | None = None
     """Streams per memory page of the engine (`EngineConfig.memory_page`); None: the engine's default."""
-    draining: bool = False
+    draining: bool = False  # SIGTERM came: not ready, new streams and questions refused, sessions told
     drain_deadline: float | None = None  # monotonic time at which sessions are closed
     cookies: object = None
     """The page's session tokens (`vstream.server.cookies.PageCookies`), made by `create_app`."""
     sockets: set = field(default_factory=set)  # open realtime sessions (objects with `notify_closing`)
-    answers_cancelled: int = 0
+    answers_cancelled: int = 0  # answers stopped before their end: client gone or cancelled (a /metrics counter)
     engine: object = None
     """The model's engine (`vstream.engine.Engine`), made by the start-up warm-up."""
     durable: object = None
