@@ -14,7 +14,8 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from helpers import running_server
-from vstream.cluster.ingress import Proxy, labelled, merge_metrics
+from vstream.cluster.ingress import Proxy
+from vstream.cluster.metrics import labelled, merge_metrics
 from vstream.cluster.pipe import Held, classify
 from vstream.server.state import Limits
 

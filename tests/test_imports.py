@@ -234,13 +234,7 @@ imports (what importing them runs: their module-level imports, their parent pack
 tensors and knows no model; the model knows no engine or server; the engine consumes tensors and `(t, frame)`s from
 any iterable and knows no server, no source and no video library (PyAV, `av`)."""
 
-KNOWN_VIOLATIONS: set[tuple[str, str]] = {
-    # FlashVStream's offline helpers (`answer(video)`, `memory_snapshots`, `memory_from_features`, which the README
-    # and the eval use) run the engine's I/O-free StreamProcessor, so that an offline memory is built by the same code
-    # as a streaming one. The fix moves these helpers out of the model class (or the processor out of the engine), a
-    # change of public API beyond this branch.
-    ("vstream.model.vlm", "vstream.engine.processor"),
-}
+KNOWN_VIOLATIONS: set[tuple[str, str]] = set()
 """(importer, imported) pairs that break LAYER_CONTRACTS today and are accepted for now; a new one fails."""
 
 

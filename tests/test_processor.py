@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vstream.engine import StreamProcessor, StreamSession
-from vstream.engine.processor import snapshots_at
+from vstream.model.processor import snapshots_at
 from vstream.memory import official_offline_memory
 from vstream.encoder.pooling import pool_grid
 

@@ -17,7 +17,7 @@ import torch
 import vstream
 from helpers import DEADLINE_S, KEY, free_port, running_server, vstream_cli, vstream_serve, wait_frames, wait_ready
 from vstream.encoder.qwen_preprocess import normalise_frames, patchify_units, resize_frames, small_pass
-from vstream.engine.processor import StreamProcessor
+from vstream.model.processor import StreamProcessor
 from vstream.errors import ConfigError
 from vstream.memory.flash import FlashMemoryConfig, am_rope_positions
 from vstream.model.prompts import prompt_parts

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import vstream
-from vstream.engine.processor import StreamProcessor
+from vstream.model.processor import StreamProcessor
 from vstream.model.batch_answer import BatchAnswerer
 from vstream.model.generate import default_stop_ids
 

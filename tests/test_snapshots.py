@@ -12,7 +12,7 @@ import torch
 import vstream
 from vstream.engine import Engine, StreamSession
 from vstream.engine import snapshots
-from vstream.engine.processor import StreamProcessor
+from vstream.model.processor import StreamProcessor
 from vstream.synth.clips import moving_shapes
 
 SID = "str_00112233445566aa"

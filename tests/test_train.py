@@ -73,7 +73,7 @@ def test_training_batch_rebuilds_the_inference_memory_and_prompt(tmp_path):
 def test_training_snapshots_are_the_stream_processors_snapshots():
     """A training sample's memory is what streaming builds: the builder's snapshots at any times, asked in any order,
     equal the snapshots of a `StreamProcessor` fed the same frames (same attention weights), token for token."""
-    from vstream.engine.processor import StreamProcessor
+    from vstream.model.processor import StreamProcessor
     from vstream.errors import DataError
 
     model = load("tiny")

@@ -48,6 +48,7 @@ from starlette.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 
 from vstream.cluster.directory import MoveRefused
+from vstream.cluster.metrics import merge_metrics, render
 from vstream.cluster.pipe import MoveCounts, Pipe, open_upstream
 from vstream.server import access
 from vstream.server.cookies import Revoked
@@ -182,8 +183,7 @@ class Proxy:
             if reply.status_code != 200:
                 return Response(reply.content, reply.status_code, media_type=reply.headers.get("content-type"))
             merge_metrics(families, reply.text, replica["id"])
-        text = "".join("".join(f"{c}\n" for c in comments) + "".join(f"{x}\n" for x in samples)
-                       for comments, samples in families.values())
+        text = render(families)
         own = [*sample("ingress_frames_held_total", "counter", "Frames the ingress held for sockets whose stream "
                        "was moving.", self.moves.held),
                *sample("ingress_frames_dropped_total", "counter", "Held frames the ingress dropped, over "
@@ -376,30 +376,6 @@ def no_cookies() -> http.cookiejar.CookieJar:
     """A cookie jar that keeps none: the ingress's one HTTP client serves every client, so a cookie that a replica
     sets (the page's login) goes back to the client that asked and is never sent on with anyone else's request."""
     return http.cookiejar.CookieJar(http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
-
-
-def merge_metrics(families: dict, text: str, replica_id: str) -> None:
-    """Add one replica's Prometheus text to `families` (metric name -> (its HELP/TYPE lines, its samples)), each
-    server-wide sample labelled with the replica (a stream's samples already name their one stream); a sample belongs
-    to the family of the HELP/TYPE lines before it."""
-    family = None
-    for line in text.splitlines():
-        if line.startswith("# HELP ") or line.startswith("# TYPE "):
-            family = line.split()[2]
-            families.setdefault(family, ({}, []))[0].setdefault(line, None)
-        elif line and not line.startswith("#"):
-            name = family or line.split("{")[0].split(" ")[0]
-            per_stream = 'stream_id="' in line.rpartition(" ")[0]  # one owner: its series go on when it moves
-            families.setdefault(name, ({}, []))[1].append(line if per_stream else labelled(line, replica_id))
-
-
-def labelled(sample: str, replica_id: str) -> str:
-    """A Prometheus sample line with `replica="<id>"` added to its labels."""
-    name, _, value = sample.rpartition(" ")
-    label = f'replica="{replica_id}"'
-    if name.endswith("}"):
-        return f"{name[:-1]},{label}}} {value}"
-    return f"{name}{{{label}}} {value}"
 
 
 def _ws_url(base: str, ws: WebSocket) -> str:

@@ -48,7 +48,7 @@ import torch
 
 from vstream import profiling
 from vstream.devices import GraphPool
-from vstream.engine.processor import Snapshot, StreamProcessor, pick_snapshot, publish_snapshots, snapshot_at
+from vstream.model.processor import Snapshot, StreamProcessor, pick_snapshot, publish_snapshots, snapshot_at
 from vstream.memory.paged import MemoryPage
 from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
 from vstream.model.text_decoder import batchable

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
-from vstream.engine.processor import Snapshot, collect_answer
+from vstream.model.processor import Snapshot, collect_answer
 from vstream.engine.scheduler import Counters, Engine, Lane, engine_of
 from vstream.model.batch_answer import Request
 from vstream.model.vlm import Answer, FlashVStream

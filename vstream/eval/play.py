@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vstream.engine.processor import Snapshot, StreamProcessor, collect_answer, snapshots_at
+from vstream.model.processor import Snapshot, StreamProcessor, collect_answer, snapshots_at
 from vstream.engine.scheduler import EngineConfig, engine_of
 from vstream.engine.session import StreamSession
 from vstream.model.vlm import Answer

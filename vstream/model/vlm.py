@@ -102,8 +102,8 @@ class FlashVStream(nn.Module):
 
     @torch.no_grad()
     def memory_from_features(self, features: torch.Tensor, times: Sequence[float] | None = None) -> MemoryRead:
-        """The offline memory after a whole clip [T, tokens, D] (see `vstream.engine.processor`)."""
-        from vstream.engine.processor import StreamProcessor
+        """The offline memory after a whole clip [T, tokens, D] (see `vstream.model.processor`)."""
+        from vstream.model.processor import StreamProcessor
 
         processor = StreamProcessor(self, offline=True)
         processor.insert(list(times) if times is not None else [float(i) for i in range(features.shape[0])],
@@ -120,7 +120,7 @@ class FlashVStream(nn.Module):
         Frames of a file are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so
         the host never holds more than one batch of frames. A `(t, frame)` source needs no video library (PyAV is
         imported for a path only)."""
-        from vstream.engine.processor import StreamProcessor, snapshots_at
+        from vstream.model.processor import StreamProcessor, snapshots_at
 
         keys = [math.inf if t is None else t for t in at]
         name = str(video) if isinstance(video, (str, Path)) else "the source"

@@ -31,7 +31,7 @@ from vstream.config import ModelConfig
 from vstream.encoder.pooling import pyramid
 from vstream.encoder.preprocess import preprocess_frames
 from vstream.encoder.tower import VisionTower
-from vstream.engine.processor import StreamProcessor
+from vstream.model.processor import StreamProcessor
 from vstream.errors import ConfigError, DataError, MissingPathError
 from vstream.memory import AbstractAttention, PaperStarMemory
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN, build_training_example

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from vstream.engine.processor import StreamProcessor
+from vstream.model.processor import StreamProcessor
 from vstream.memory.flash import FlashRead
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
