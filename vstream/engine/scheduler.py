@@ -298,7 +298,9 @@ class Engine:
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
         self.pages: list[MemoryPage] = []
-        self._graph_pool = None  # one memory pool for every memory's and page's update graphs (`graph_pool`)
+        # one memory pool for every memory's and page's update graphs (`graph_pool`), made here, on the thread that
+        # makes the engine, before the engine thread runs: its anchor's capture then meets no other thread's work
+        self._graph_pool = GraphPool(model.device) if self.graphs and model.device.type == "cuda" else None
         self._pending = None  # (PendingSnapshots, lanes, device-time events) of the last round, not yet published
         self._staging: torch.Tensor | None = None  # pinned host buffer of a round's crops (CUDA)
         self._staged = None  # event: the copy from it has been queued up to here
@@ -340,10 +342,9 @@ class Engine:
 
     def graph_pool(self):
         """The one CUDA memory pool of every memory's and page's captured update: the engine thread runs them one after
-        another and each writes its results in place, so they can share it (made on first use)."""
-        if self._graph_pool is None:
-            self._graph_pool = GraphPool(self.model.device)  # outlives the graphs of closed streams' memories
-        return self._graph_pool.handle
+        another and each writes its results in place, so they can share it. It outlives the graphs of closed
+        streams' memories (`GraphPool`). None on the CPU or with CUDA graphs off."""
+        return None if self._graph_pool is None else self._graph_pool.handle
 
     def new_memory(self):
         """A lane's streaming memory: a row of a memory page (a new page when all are full) when pages are on and
