@@ -39,11 +39,15 @@ class RecentValues:
         with self._lock:
             self._items.append((self.clock(), value))
 
-    def percentile(self, q: float) -> float | None:
-        """The nearest-rank `q`-quantile of the window's values; None when it holds none."""
+    def values(self) -> list[float]:
+        """The window's values, sorted ascending."""
         cutoff = self.clock() - self.window_s
         with self._lock:
             while self._items and self._items[0][0] < cutoff:
                 self._items.popleft()
-            values = sorted(v for _, v in self._items)
+            return sorted(v for _, v in self._items)
+
+    def percentile(self, q: float) -> float | None:
+        """The nearest-rank `q`-quantile of the window's values; None when it holds none."""
+        values = self.values()
         return percentile(values, q) if values else None

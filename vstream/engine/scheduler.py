@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import logging
 import threading
 import time
@@ -52,7 +53,7 @@ from vstream.model.processor import Snapshot, StreamProcessor, pick_snapshot, pu
 from vstream.memory.paged import MemoryPage
 from vstream.model.batch_answer import BatchAnswerer, Request, TooLong
 from vstream.model.text_decoder import batchable
-from vstream.stats import percentile
+from vstream.stats import RecentValues, percentile
 
 log = logging.getLogger("vstream.engine")
 _END = object()
@@ -97,17 +98,15 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.round_every_s must be >= 0, got {self.round_every_s}")
 
 
-class LatencyWindow:
-    """The most recent `size` durations of one stage, summarised as p50/p95 (nearest rank) and max in milliseconds."""
+class LatencyWindow(RecentValues):
+    """The most recent `size` durations of one stage (no time limit), summarised as p50/p95 (nearest rank) and max in
+    milliseconds."""
 
     def __init__(self, size: int = 1024):
-        self._values: collections.deque[float] = collections.deque(maxlen=size)
-
-    def add(self, seconds: float) -> None:
-        self._values.append(seconds)
+        super().__init__(window_s=math.inf, size=size)
 
     def summary(self) -> dict[str, float | int]:
-        values = sorted(self._values)
+        values = self.values()
         if not values:
             return {"count": 0}
         return {"count": len(values), "p50_ms": percentile(values, 0.5) * 1000,
