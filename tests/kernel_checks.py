@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from vstream import kernels
 from vstream.config import MemoryConfig
 from vstream.memory import AbstractAttention, PaperStarMemory
-from vstream.memory.kmeans import weighted_kmeans
+from vstream.memory.kmeans import exact_copies, weighted_kmeans
 from vstream.memory.star import seed_indices
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -31,7 +31,7 @@ def test_gram_kmeans_equals_the_seeded_torch_loop(t, k):
             w[2] = 0  # a cluster emptied earlier
         x, w = x.to(DEVICE), w.to(DEVICE)
         ref = weighted_kmeans(x, k, weights=w, init_indices=seed_indices(x, w, k), max_iter=10, tol=1e-4, empty="keep")
-        centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, k, 10, 1e-4)
+        centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, k, 10, 1e-4, exact_copies(x))
         assert torch.equal(labels, ref.labels)
         torch.testing.assert_close(wsum, ref.weights)
         torch.testing.assert_close(sources, ref.sources)
@@ -47,7 +47,7 @@ def test_gram_kmeans_on_repeated_frames_empties_the_clusters_the_torch_loop_empt
     w = torch.ones(26, device=DEVICE)
     w[4] = 0  # a cluster emptied by an earlier update
     ref = weighted_kmeans(x, 25, weights=w, init_indices=seed_indices(x, w, 25), max_iter=10, tol=1e-4, empty="keep")
-    centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, 25, 10, 1e-4)
+    centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, 25, 10, 1e-4, exact_copies(x))
     assert (ref.weights == 0).sum() >= 25 - distinct
     assert torch.equal(labels, ref.labels) and torch.equal(wsum, ref.weights)
     torch.testing.assert_close(sources, ref.sources)
@@ -57,7 +57,8 @@ def test_gram_kmeans_on_repeated_frames_empties_the_clusters_the_torch_loop_empt
 @pytest.mark.parametrize("t,k", [(33, 25), (25, 25)])
 def test_gram_kmeans_refuses_what_its_tile_cannot_cluster(t, k):
     with pytest.raises(ValueError, match=f"1 <= k < T <= 32, got \\({t}, 8\\), \\({t},\\), k={k}"):
-        kernels.gram_kmeans(torch.randn(t, 8, device=DEVICE), torch.ones(t, device=DEVICE), k, 10, 1e-4)
+        x = torch.randn(t, 8, device=DEVICE)
+        kernels.gram_kmeans(x, torch.ones(t, device=DEVICE), k, 10, 1e-4, exact_copies(x))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -188,13 +189,13 @@ def test_gram_kmeans_batched_equals_each_problem_alone_and_the_batched_torch_loo
     w = torch.rand(5, 26, generator=g) * 10 + 1
     w[0, 2] = 0
     x, w = x.to(DEVICE), w.to(DEVICE)
-    centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, 25, 10, 1e-4)
+    centroids, wsum, labels, sources = kernels.gram_kmeans(x, w, 25, 10, 1e-4, exact_copies(x))
     ref = weighted_kmeans_batched(x, w, 25)
     assert torch.equal(labels, ref.labels)
     torch.testing.assert_close(wsum, ref.weights)
     torch.testing.assert_close(sources, ref.sources)
     for b in range(5):
-        one = kernels.gram_kmeans(x[b], w[b], 25, 10, 1e-4)
+        one = kernels.gram_kmeans(x[b], w[b], 25, 10, 1e-4, exact_copies(x[b]))
         assert torch.equal(one[2], labels[b]) and torch.equal(one[1], wsum[b])
         torch.testing.assert_close(one[0], centroids[b])
 

@@ -205,7 +205,8 @@ def test_gram_lloyd_equals_the_shared_weighted_kmeans_loop(seed):
 
 
 def test_gram_seeds_equal_the_shared_seed_rule_with_exact_copies():
-    from vstream.memory.flash import fingerprints, gram_seeds
+    from vstream.memory.flash import gram_seeds
+    from vstream.memory.kmeans import fingerprints
     from vstream.memory.star import seed_indices
 
     g = torch.Generator().manual_seed(7)

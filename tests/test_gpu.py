@@ -350,3 +350,21 @@ def test_a_memory_page_on_cuda_equals_memories_updating_alone_and_never_synchron
         assert torch.equal(ra.temporal_weights, rb.temporal_weights)
         assert torch.equal(ra.retrieved_times, rb.retrieved_times) and torch.equal(ra.spatial_times, rb.spatial_times)
         assert a.frames_seen == 120 and int(a.count) == 120
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_distances_equal_the_float32_ones_and_copies_match_comparison(dtype):
+    from vstream.memory.kmeans import exact_copies, squared_distances
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 26, 16384, generator=g).to(dtype)
+    x[1, 5] = x[1, 2]
+    c = torch.randn(4, 300, 16384, generator=g).to(dtype)
+    want = squared_distances(x.float(), c.float())  # the float32 path (copies of the operands)
+    for got in (squared_distances(x.cuda(), c.cuda()), torch.stack([squared_distances(x[b].cuda(), c[b].cuda())
+                                                                     for b in range(4)])):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-2)
+        assert torch.equal(got.cpu().argmin(-1), want.argmin(-1))
+    same = exact_copies(x.cuda()).cpu()
+    assert torch.equal(same, (x[..., :, None, :] == x[..., None, :, :]).all(-1)) and same[1, 5, 2]

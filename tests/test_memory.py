@@ -7,7 +7,7 @@ import torch
 
 from vstream.config import MemoryConfig
 from vstream.memory import AbstractAttention, PaperStarMemory, build_memory, official_offline_memory, weighted_kmeans
-from vstream.memory.kmeans import squared_distances
+from vstream.memory.kmeans import exact_copies, fingerprints, squared_distances
 from vstream.memory.official import OfficialStreamingMemory
 from vstream.memory.reference import (
     RefOfficialStreaming,
@@ -322,3 +322,33 @@ def test_memory_input_errors_name_expected_and_actual():
         build_memory(MemoryConfig(mode="nope"), D, make_attention(), GRID)
     with pytest.raises(ValueError, match="must divide"):
         build_memory(MemoryConfig(spatial_size=5), D, make_attention(), GRID)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_exact_copies_are_the_rows_equal_bit_for_bit(dtype):
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(3, 6, 40, generator=g).to(dtype)
+    points = torch.cat([base, base[:, [2, 0]]], dim=1)  # rows 6, 7 of each problem copy rows 2 and 0
+    points[1, 4] = points[1, 5]
+    ulp = points[2, 1].clone()
+    ulp[7] = torch.nextafter(ulp[7].float(), torch.tensor(9.0)).to(dtype)  # one step away in float32: a new value
+    points[2, 3] = ulp if not torch.equal(ulp, points[2, 1]) else ulp + 1
+    want = (points[..., :, None, :] == points[..., None, :, :]).all(-1)
+    assert torch.equal(exact_copies(points), want)
+    assert torch.equal(exact_copies(points[1]), want[1])  # no batch dimension
+
+
+def test_fingerprints_see_differences_that_cancel_in_a_linear_progression():
+    """Values that differ by +1, -2, +1 in three neighbouring places (a second difference) cancel against any base
+    that grows linearly along the row; the random table tells them apart."""
+    row = torch.zeros(2, 64, dtype=torch.int16)
+    row[1, 10:13] = torch.tensor([1, -2, 1], dtype=torch.int16)
+    prints = fingerprints(row.view(torch.float16))
+    assert not (prints[0] == prints[1]).any()
+    zeros = torch.tensor([[0.0], [-0.0]])
+    assert not exact_copies(zeros)[0, 1]  # bit for bit: -0.0 is not a copy of 0.0
+
+
+def test_fingerprints_refuse_rows_too_long_to_stay_exact():
+    with pytest.raises(ValueError, match="at most 1048576 int16 values, got 2097152"):
+        fingerprints(torch.zeros(1, 1 << 21, dtype=torch.float16))

@@ -214,10 +214,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: int, tol: float):
+def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: int, tol: float, same: torch.Tensor):
     """Seeded weighted k-means of points [..., T, F] with weights [..., T], on their Gram matrix: the result of
     `kmeans.weighted_kmeans` with `seed_indices` seeds and `empty="keep"`, up to float32 rounding. Leading dimensions
-    are a batch of independent problems, one program each.
+    are a batch of independent problems, one program each. `same` [..., T, T] bool says which points are exact copies of
+    each other (`kmeans.exact_copies`), as `seed_indices` takes them.
 
     Returns (centroids [..., K, F] float32, cluster weights [..., K] float32, labels [..., T] int64, sources
     [..., K, T] float32: the coefficients of each centroid over the points, as `KMeansResult.sources`)."""
@@ -229,7 +230,7 @@ def gram_kmeans(points: torch.Tensor, weights: torch.Tensor, k: int, max_iter: i
     x = points.float().reshape(-1, t, points.shape[-1])  # [B, T, F]
     gram = x @ x.transpose(1, 2)  # [B, T, T]
     norms = (x * x).sum(-1)  # [B, T], as `squared_distances` takes them
-    same = (x[:, :, None] == x[:, None]).all(-1).to(torch.int8)  # [B, T, T] exact copies, as `seed_indices` finds them
+    same = same.reshape(-1, t, t).to(torch.int8)  # [B, T, T]
     n = x.shape[0]
     coef = torch.empty(n, k, t, device=x.device, dtype=torch.float32)  # centroid k = sum_t coef[k, t] x_t
     wsum = torch.empty(n, k, device=x.device, dtype=torch.float32)

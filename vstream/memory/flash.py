@@ -33,7 +33,7 @@ from typing import ClassVar
 
 import torch
 
-from vstream.memory.kmeans import KMeansResult
+from vstream.memory.kmeans import KMeansResult, exact_copies
 from vstream.memory.star import (MemoryRead, cluster_spans, copy_tensors, held_tensors, nearest_most_recent,
                                  span_sources, tensor_bytes)
 
@@ -133,35 +133,12 @@ def _squared_distances64(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return ((x * x).sum(-1, keepdim=True) - 2.0 * (x @ c.T) + (c * c).sum(-1)[None, :]).clamp_min_(0.0)
 
 
-_BASES: dict[tuple, torch.Tensor] = {}  # fingerprint bases by (length, device): constants, not memory state
-
-
-def fingerprints(points: torch.Tensor) -> torch.Tensor:
-    """[T, F] -> [T, 4] float64: four integer fingerprints of each row's bits, equal for rows equal bit for bit.
-
-    The row's bytes are read as int16 values (|v| < 2^15) and multiplied by fixed pseudo-random integers below 2^17:
-    every product and partial sum is an integer below 2^53 (for rows of up to 2^20 int16 values), so the float64
-    matrix product is exact whatever its summation order, and bit-equal rows get equal fingerprints. Two different
-    rows agree on one fingerprint with probability about 2^-17, on all four about 2^-68."""
-    bits = points.contiguous().view(torch.int16).reshape(points.shape[0], -1)
-    n = bits.shape[1]
-    if n > 1 << 20:
-        raise ValueError(f"rows of {n} int16 values are too long for exact float64 fingerprints (at most 2^20)")
-    key = (n, bits.device)
-    if key not in _BASES:
-        i = torch.arange(1, n + 1, dtype=torch.int64, device=bits.device)[:, None]
-        odd = torch.tensor([40503, 52711, 69069, 97561], dtype=torch.int64, device=bits.device)[None, :]
-        _BASES[key] = ((i * odd) % 131071).double()  # [n, 4], below 2^17
-    return bits.double() @ _BASES[key]
-
-
 def gram_seeds(points: torch.Tensor, weight: torch.Tensor, k: int, gram: torch.Tensor) -> torch.Tensor:
     """`seed_indices`' rule (the k points that cost most to merge away; exact copies told apart by their bits) with
-    distances from the Gram matrix [T, T] (float64) and exact copies from `fingerprints`: no pass of [T, T, F].
+    distances from the Gram matrix [T, T] (float64) and exact copies from `kmeans.fingerprints`: no pass of [T, T, F].
     Distances below the expansion's rounding (about 1e-16 |x|^2) are noise here, as they are for the float32 rule."""
     t = points.shape[0]
-    prints = fingerprints(points)
-    same = (prints[:, None, :] == prints[None, :, :]).all(-1)  # [T, T] equal bit for bit
+    same = exact_copies(points)  # [T, T] equal bit for bit
     index = torch.arange(t, device=points.device)
     later_copy = same & (index[None, :] > index[:, None])
     sq = gram.diagonal()
@@ -358,5 +335,5 @@ class FlashMemory:
         self.units_seen, self.n_csm = int(state["counters"]["units_seen"]), int(state["counters"]["n_csm"])
 
 
-__all__ = ["am_rope_positions", "fingerprints", "gram_lloyd", "gram_seeds", "FlashMemory", "FlashMemoryConfig",
+__all__ = ["am_rope_positions", "gram_lloyd", "gram_seeds", "FlashMemory", "FlashMemoryConfig",
            "FlashRead", "flash_state_bytes", "flash_state_layout"]

@@ -29,6 +29,43 @@ import torch
 
 EmptyPolicy = Literal["keep", "python_random"]
 
+_BASES: dict[tuple, torch.Tensor] = {}  # fingerprint bases by (row length, device): constants, not memory state
+_MAX_PRINT_VALUES = 1 << 20  # int16 values per row for which every fingerprint sum stays below 2^53
+
+
+def fingerprints(points: torch.Tensor) -> torch.Tensor:
+    """[..., T, F] -> [..., T, 4] float64: four integer fingerprints of each row's bits, equal for rows equal bit for
+    bit.
+
+    A row's bytes are read as int16 values (|v| <= 2^15) and multiplied by a fixed table of random integers below 2^17
+    (drawn once per row length from a seeded generator, so that no linear pattern of the values, such as a second
+    difference, is invisible to it): every product and partial sum is an integer below 2^52 for rows of up to 2^20
+    values, so the float64 matrix product is exact whatever its summation order, and bit-equal rows get equal
+    fingerprints. Two different rows agree on one fingerprint with probability at most 2^-17, on all four at most
+    2^-68. One pass over the points, where comparing rows pairwise reads them T times."""
+    bits = points.contiguous().view(torch.int16)
+    n = bits.shape[-1]
+    if n > _MAX_PRINT_VALUES:
+        raise ValueError(f"fingerprints take rows of at most {_MAX_PRINT_VALUES} int16 values, got {n}")
+    return bits.double() @ _fingerprint_base(n, bits.device)
+
+
+def _fingerprint_base(n: int, device: torch.device) -> torch.Tensor:
+    key = (n, device)
+    if key not in _BASES:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("the fingerprint table is made on the first call, which must not be inside a CUDA graph "
+                               "capture (run the function once before capturing it)")
+        table = torch.randint(0, 1 << 17, (n, 4), generator=torch.Generator().manual_seed(0x5F3759DF))
+        _BASES[key] = table.double().to(device)
+    return _BASES[key]
+
+
+def exact_copies(points: torch.Tensor) -> torch.Tensor:
+    """[..., T, F] -> [..., T, T] bool: which points are equal bit for bit (by their `fingerprints`)."""
+    prints = fingerprints(points)
+    return (prints[..., :, None, :] == prints[..., None, :, :]).all(-1)
+
 
 @dataclass
 class KMeansResult:
@@ -41,10 +78,25 @@ class KMeansResult:
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """[..., T, F], [..., K, F] -> [..., T, K] squared Euclidean distances, float32, via |x|^2 - 2 x.c + |c|^2 (clamped
     at 0); leading dimensions are a batch of independent problems."""
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and c.dtype == x.dtype and x.dim() <= 3:
+        return _half_squared_distances(x, c)
     x = x.float()
     c = c.float()
     d = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ c.transpose(-1, -2)) + (c * c).sum(-1)[..., None, :]
     return d.clamp_min_(0.0)
+
+
+def _half_squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """`squared_distances` of half-precision operands on CUDA, read as they are: a product of two fp16 or bf16 values
+    is exact in float32, so a matrix product that accumulates in float32 gives the float32 distances (up to summation
+    order) with no float32 copy of either operand (a memory's ring of frames is read once, not copied twice)."""
+    if x.dim() == 2:
+        cross = torch.mm(x, c.T, out_dtype=torch.float32)
+    else:
+        cross = torch.bmm(x, c.transpose(1, 2), out_dtype=torch.float32)
+    xx = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float32).square()
+    cc = torch.linalg.vector_norm(c, dim=-1, dtype=torch.float32).square()
+    return (xx[..., :, None] - 2.0 * cross + cc[..., None, :]).clamp_min_(0.0)
 
 
 def released_distances(x: torch.Tensor, c: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:

@@ -37,7 +37,7 @@ from vstream import kernels
 from vstream.config import MemoryConfig
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
-from vstream.memory.kmeans import KMeansResult, lloyd_frozen, squared_distances, weighted_kmeans
+from vstream.memory.kmeans import KMeansResult, exact_copies, lloyd_frozen, squared_distances, weighted_kmeans
 
 log = logging.getLogger(__name__)
 
@@ -432,7 +432,7 @@ def seeded_kmeans(points: torch.Tensor, weight: torch.Tensor, k: int, max_iter: 
     seeding and all iterations are one kernel on the Gram matrix, between two matrix products; elsewhere the batched
     PyTorch loop of `weighted_kmeans`."""
     if kernels.available(points.device) and k < points.shape[-2] <= kernels.MAX_KMEANS_POINTS:
-        centroids, wsum, labels, sources = kernels.gram_kmeans(points, weight, k, max_iter, tol)
+        centroids, wsum, labels, sources = kernels.gram_kmeans(points, weight, k, max_iter, tol, exact_copies(points))
         return KMeansResult(centroids.to(points.dtype), wsum, labels, sources)
     if points.dim() > 2 and k < points.shape[-2]:
         return lloyd_frozen(points, k, weight.float(), seed_indices(points, weight, k), max_iter, tol)
@@ -459,15 +459,6 @@ def seed_indices(points: torch.Tensor, weight: torch.Tensor, k: int) -> torch.Te
     nearest = d.min(dim=-1).values  # inf for the first copy of a point repeated everywhere
     cost = torch.where(weight > 0, weight * nearest, 0.0)  # a weight-0 point (an emptied cluster) costs nothing
     return torch.sort(cost, descending=True, stable=True).indices[..., :k]  # ties: earlier point first
-
-
-def exact_copies(points: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
-    """[..., T, F] -> [..., T, T] bool: which points are equal bit for bit, compared in blocks of rows of at most
-    `max_elements` elements."""
-    rows = max(1, max_elements // max(1, points.numel()))
-    t = points.shape[-2]
-    blocks = [(points[..., i : i + rows, None, :] == points[..., None, :, :]).all(-1) for i in range(0, t, rows)]
-    return torch.cat(blocks, dim=-2)
 
 
 def nearest_most_recent(dist: torch.Tensor, times: torch.Tensor, rel_tol: float = 1e-5) -> torch.Tensor:
