@@ -1,7 +1,8 @@
 """The cluster ingress's pieces that need no Ray: the merge of the replicas' Prometheus text (every server-wide sample
 labelled with its replica; a stream's samples keep their labels: a stream has one owner; each metric one group with its
 HELP and TYPE lines once), the frames a socket holds while its stream moves (in order, the oldest dropped beyond the
-cap; only frames are held), and the ingress's HTTP client, which keeps no cookie (against a real server on loopback)."""
+cap; only frames are held), and the ingress's HTTP client, which keeps no cookie and takes no proxy from the
+environment (against a real server on loopback)."""
 
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def test_binary_messages_and_appends_are_frames_other_messages_are_not():
     assert classify("not json") == (False, None) and classify("[1]") == (False, None)
 
 
-def test_the_ingress_client_sends_no_cookie_that_a_replica_set():
+def test_the_ingress_client_sends_no_cookie_that_a_replica_set(monkeypatch):
     """The ingress forwards every client's requests with one HTTP client: a replica's Set-Cookie (a page's login) must
     not make that client send the cookie with the requests of others. A real server on loopback sets and echoes it."""
 
@@ -86,5 +87,9 @@ def test_the_ingress_client_sends_no_cookie_that_a_replica_set():
         finally:
             await proxy.close()
 
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):  # a proxy no replica is behind: ignored
+        monkeypatch.setenv(name, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
     with running_server(app) as base:
         assert asyncio.run(calls(base)) == ["set", "none", "none"]

@@ -97,8 +97,9 @@ class Proxy:
 
     def __init__(self, fleet, gate: _Gate, limits: Limits):
         self.fleet, self.gate, self.limits = fleet, gate, limits
+        # replicas are reached directly: a proxy named in the environment (HTTP_PROXY, ALL_PROXY) is not for them
         self.client = httpx.AsyncClient(timeout=httpx.Timeout(None, connect=5.0), follow_redirects=False,
-                                        cookies=no_cookies())
+                                        cookies=no_cookies(), trust_env=False)
         self.moves = MoveCounts()
         self.revoked = Revoked()  # page cookies logged out through this ingress, refused until their expiry
 
