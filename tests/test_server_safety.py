@@ -263,10 +263,22 @@ def test_page_cookie(strict):
         assert httpx.get(f"{base}/v1/streams", headers=sent, timeout=DEADLINE_S).status_code == 401
         assert page.get("/v1/streams", headers={"Origin": "http://evil.example"}).status_code == 401
         assert page.get("/v1/streams", headers={"Origin": base}).status_code == 200
-        with ws_connect(base.replace("http", "ws") + "/v1/realtime", open_timeout=DEADLINE_S,
-                        additional_headers={"Cookie": f"vstream_session={token}", "Origin": base}) as ws:
+        sid = page.post("/v1/streams", json={"source": {"type": "push"}}).json()["id"]  # outlives the socket
+        with ws_connect(base.replace("http", "ws") + f"/v1/realtime?stream_id={sid}", open_timeout=DEADLINE_S,
+                        additional_headers={"Cookie": f"vstream_session={token}", "Origin": base}) as ws, \
+                page.stream("GET", f"/v1/streams/{sid}/events") as feed:
             assert json.loads(ws.recv(timeout=DEADLINE_S))["type"] == "session.created"
-        assert page.delete("/v1/auth/cookie").status_code == 204
+            lines = feed.iter_lines()
+            assert next(lines).startswith(": vstream")
+            assert page.delete("/v1/auth/cookie").status_code == 204  # the socket and the feed it let in end
+            notice = json.loads(ws.recv(timeout=DEADLINE_S))
+            assert notice["type"] == "session.closing" and notice["reason"] == "logged_out"
+            with pytest.raises(Exception) as closed:
+                ws.recv(timeout=DEADLINE_S)
+            assert closed.value.rcvd.code == 1001
+            assert [line for line in lines if line] == []  # the feed ended, its stream still there:
+            assert httpx.get(f"{base}/v1/streams/{sid}", headers=AUTH, timeout=DEADLINE_S).status_code == 200
+        assert httpx.delete(f"{base}/v1/streams/{sid}", headers=AUTH, timeout=DEADLINE_S).status_code == 200
         page.cookies.set("vstream_session", token)
         assert page.get("/v1/streams").status_code == 401
 

@@ -116,12 +116,23 @@ def public(path: str) -> bool:
 
 def authorized(state: ServerState, headers: Headers) -> bool:
     """The key in the Authorization header, or a valid page cookie (`cookies`) sent from the server's own origin."""
+    if _keyed(state, headers):
+        return True
+    return cookie_may_count(headers) and state.cookies.valid(page_token(headers))
+
+
+def cookie_login(state: ServerState, headers: Headers) -> str | None:
+    """The page token an authorized request was let in by, or None when it needs none or carries the key: a socket or
+    an event feed opened with a cookie ends when that cookie is logged out or expires."""
+    return None if _keyed(state, headers) else page_token(headers)
+
+
+def _keyed(state: ServerState, headers: Headers) -> bool:
+    """No key is set, or the Authorization header carries it."""
     if state.api_key is None:
         return True
     given = headers.get("authorization", "")
-    if hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode()):
-        return True
-    return cookie_may_count(headers) and state.cookies.valid(page_token(headers))
+    return hmac.compare_digest(given.encode(), f"Bearer {state.api_key}".encode())
 
 
 def page_token(headers: Headers) -> str | None:

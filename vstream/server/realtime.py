@@ -82,8 +82,10 @@ def error_event(exc: ApiError, event_id: str | None = None) -> dict:
 class RealtimeSession:
     """One socket: an outbox drained by one sender task, at most one answer at a time, the idle clock."""
 
-    def __init__(self, ws: WebSocket, state: ServerState, stream: Stream, session_id: str):
+    def __init__(self, ws: WebSocket, state: ServerState, stream: Stream, session_id: str,
+                 login: str | None = None):
         self.ws, self.state, self.stream, self.id = ws, state, stream, session_id
+        self.login = login  # the page cookie's token the socket was let in by (None: the key): it ends with it
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.last_message = time.monotonic()
         self.generation: Generation | None = None
@@ -355,14 +357,17 @@ async def deny(ws: WebSocket, exc: ApiError) -> None:
 
 
 async def watch(session: RealtimeSession) -> None:
-    """Close the session when it is idle, when the server drains or when `end` was called; report its stream's failure
-    and end."""
+    """Close the session when it is idle, when the server drains, when `end` was called or when the page cookie it
+    was let in by is logged out or expires; report its stream's failure and end."""
     state, limits, stream = session.state, session.state.limits, session.stream
     reported = ended = False
     while True:
         await asyncio.sleep(0.1)
         now = time.monotonic()
         if session.end_at is not None and now >= session.end_at:
+            return
+        if session.login is not None and not state.cookies.valid(session.login):
+            session.notify_closing("logged_out", 0.0)
             return
         if state.draining:
             left = state.time_left() or 0.0

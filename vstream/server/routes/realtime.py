@@ -32,7 +32,7 @@ async def realtime(ws: WebSocket, state: State, stream_id: str | None = None):
     except ApiError as exc:
         return await deny(ws, exc)
     await ws.accept()
-    session = RealtimeSession(ws, state, stream, owner)
+    session = RealtimeSession(ws, state, stream, owner, access.cookie_login(state, ws.headers))
     state.sockets.add(session)
     try:
         await session.run()

@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from vstream.engine.watches import Watch
+from vstream.server import access
 from vstream.server.errors import ApiError
 from vstream.server.netsafe import UnsafeUrl
 from vstream.server.openapi import errors
@@ -93,7 +94,7 @@ async def delete_watch(state: State, stream_id: str, watch_id: str):
     return {"id": watch_id, "object": "watch.deleted", "deleted": True}
 
 
-async def stream_events(state: State, stream_id: str, last_event_id: str | None = Header(None)):
+async def stream_events(state: State, request: Request, stream_id: str, last_event_id: str | None = Header(None)):
     """The stream's watch events from after `Last-Event-ID` (none given: from now on), as they come."""
     stream = state.get(stream_id, "stream_id")
     if last_event_id is None:
@@ -106,14 +107,18 @@ async def stream_events(state: State, stream_id: str, last_event_id: str | None 
         if after < 0:
             raise ApiError(400, f"Last-Event-ID must be an event id from this feed (an integer >= 0), got "
                            f"{last_event_id[:40]!r}", code="invalid_last_event_id", param="Last-Event-ID")
-    return StreamingResponse(_events(state, stream, after), media_type="text/event-stream",
+    login = access.cookie_login(state, request.headers)
+    return StreamingResponse(_events(state, stream, after, login), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-async def _events(state: ServerState, stream: Stream, after: int):
+async def _events(state: ServerState, stream: Stream, after: int, login: str | None):
+    """The feed, until the server drains, the stream goes or the page cookie it was opened with (`login`) is logged
+    out or expires."""
     yield ": vstream watch events\n\n"
     quiet = 0.0
-    while not state.draining and state.streams.get(stream.id) is stream:
+    while not state.draining and state.streams.get(stream.id) is stream and (
+            login is None or state.cookies.valid(login)):
         events = stream.board.feed.since(after)
         for event in events:
             after = event["id"]
