@@ -23,9 +23,9 @@ def slowed(model, seconds):
     """The same model with `seconds` added to each encoder call (a stand-in for a slow device)."""
     real = model.encode_crops
 
-    def encode_crops(crops, batch_size=32, graphs=None):
+    def encode_crops(crops, frames_per_call=32, graphs=None):
         time.sleep(seconds)
-        return real(crops, batch_size, graphs)
+        return real(crops, frames_per_call, graphs)
 
     model.encode_crops = encode_crops
     return model

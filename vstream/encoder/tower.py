@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -158,19 +159,24 @@ class VisionTower(nn.Module):
         return out
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, batch_size: int = 64,
-               graphs: dict[int, "_CapturedTower"] | None = None) -> torch.Tensor:
-        """Patch features [n, grid*grid, D] of pixel values [n, 3, S, S], `batch_size` frames at a time, in the tower's
-        dtype and device; through `graphs` (from `capture`) when given. The result is an inference tensor: `.clone()`
-        it before using it where autograd records."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def encode(self, pixel_values: torch.Tensor, frames_per_call: int = 64,
+               graphs: dict[int, "_CapturedTower"] | None = None, *, batch_size: int | None = None) -> torch.Tensor:
+        """Patch features [n, grid*grid, D] of pixel values [n, 3, S, S], `frames_per_call` frames a call of the tower,
+        in the tower's dtype and device; through `graphs` (from `capture`) when given. The result is an inference
+        tensor: `.clone()` it before using it where autograd records. `batch_size` is the old name of
+        `frames_per_call` (deprecated)."""
+        if batch_size is not None:
+            warnings.warn("VisionTower.encode's batch_size is now called frames_per_call", DeprecationWarning,
+                          stacklevel=3)
+            frames_per_call = batch_size
+        if frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
         weight = self.clip.embeddings.patch_embedding.weight
         n = pixel_values.shape[0]
         out = torch.empty(n, self.num_tokens, self.cfg.hidden_size, dtype=weight.dtype, device=weight.device)
-        for i in range(0, n, batch_size):
-            batch = pixel_values[i : i + batch_size].to(device=weight.device, dtype=weight.dtype)
-            out[i : i + batch_size] = self(batch) if not graphs else self._replay(self._checked(batch), graphs)
+        for i in range(0, n, frames_per_call):
+            chunk = pixel_values[i : i + frames_per_call].to(device=weight.device, dtype=weight.dtype)
+            out[i : i + frames_per_call] = self(chunk) if not graphs else self._replay(self._checked(chunk), graphs)
         return out
 
     def _checked(self, pixel_values: torch.Tensor) -> torch.Tensor:

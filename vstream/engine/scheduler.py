@@ -567,7 +567,7 @@ class Engine:
     def _features(self, crops: list[np.ndarray]) -> torch.Tensor:
         cuda = self.model.device.type == "cuda"
         host = self._stage(crops) if cuda else torch.from_numpy(np.stack(crops))  # [n, S, S, 3] uint8
-        features = self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
+        features = self.model.encode_crops(host, self.config.frames_per_round, graphs=self.tower_graphs)
         if cuda:
             self._staged.record()  # the copy from `host` is queued: the next round waits for it before writing there
         return features
