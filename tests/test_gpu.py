@@ -245,7 +245,7 @@ def test_fast_tower_graphs_equal_the_transformers_tower():
     tower = tower.cuda()
     x = torch.randn(7, 3, 224, 224, device="cuda")
     ref = tower.encode(x)
-    tower.use_fused(graph_batch_sizes=(1, 2, 4))
+    tower.use_fused(graph_sizes=(1, 2, 4))
     got = tower.encode(x)  # 4 + 2 + 1 replays
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 

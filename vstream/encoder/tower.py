@@ -94,26 +94,26 @@ class VisionTower(nn.Module):
 
     # ---------------------------------------------------------------- fused path (same function, fewer passes)
 
-    def use_fused(self, graph_batch_sizes: tuple[int, ...] = ()) -> "VisionTower":
-        """Run the blocks through `_fused_forward`; on CUDA also capture one graph per batch size in
-        `graph_batch_sizes`, and cut every batch into those sizes (largest first). Returns the warm-up seconds in
+    def use_fused(self, graph_sizes: tuple[int, ...] = ()) -> "VisionTower":
+        """Run the blocks through `_fused_forward`; on CUDA also capture one graph per frame count in `graph_sizes`,
+        and cut the frames of every call into those sizes (largest first). Returns the warm-up seconds in
         `self.warmup_s`. Call after moving the tower to its device and dtype."""
         self.fused = True
         t0 = time.perf_counter()
-        self.graphs = self.capture(graph_batch_sizes)
+        self.graphs = self.capture(graph_sizes)
         self.warmup_s = time.perf_counter() - t0
         return self
 
-    def capture(self, batch_sizes: tuple[int, ...]) -> dict[int, "_CapturedTower"]:
-        """The fused forward captured in one CUDA graph per batch size (sharing one memory pool). Their static inputs
-        and outputs belong to whoever holds them: one thread passes them to `encode(graphs=...)`."""
-        if not batch_sizes:
+    def capture(self, sizes: tuple[int, ...]) -> dict[int, "_CapturedTower"]:
+        """The fused forward captured in one CUDA graph per frame count in `sizes` (sharing one memory pool). Their
+        static inputs and outputs belong to whoever holds them: one thread passes them to `encode(graphs=...)`."""
+        if not sizes:
             return {}
         weight = self.clip.embeddings.patch_embedding.weight
         if weight.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the tower on a CUDA device, it is on {weight.device}")
         pool = torch.cuda.graph_pool_handle()
-        graphs = {n: _CapturedTower(self, n, pool) for n in sorted(set(batch_sizes), reverse=True)}  # largest first
+        graphs = {n: _CapturedTower(self, n, pool) for n in sorted(set(sizes), reverse=True)}  # largest first
         torch.cuda.synchronize(weight.device)
         return graphs
 
@@ -144,7 +144,7 @@ class VisionTower(nn.Module):
         return x.view(n, t, d)[:, 1:]
 
     def _replay(self, pixel_values: torch.Tensor, graphs: dict[int, "_CapturedTower"]) -> torch.Tensor:
-        """Cut the batch into captured sizes, largest first (37 = 32 + 4 + 1 with sizes 1, 2, 4, ..., 32)."""
+        """Cut the frames into captured sizes, largest first (37 = 32 + 4 + 1 with sizes 1, 2, 4, ..., 32)."""
         out = torch.empty(pixel_values.shape[0], self.num_tokens, self.cfg.hidden_size,
                           dtype=self.clip.embeddings.patch_embedding.weight.dtype, device=pixel_values.device)
         i, n = 0, pixel_values.shape[0]
@@ -189,12 +189,12 @@ class VisionTower(nn.Module):
 
 
 class _CapturedTower:
-    """The fused forward of one batch size captured in a CUDA graph: inputs and outputs are static tensors."""
+    """The fused forward of one frame count captured in a CUDA graph: inputs and outputs are static tensors."""
 
-    def __init__(self, tower: VisionTower, batch: int, pool):
+    def __init__(self, tower: VisionTower, frames: int, pool):
         weight = tower.clip.embeddings.patch_embedding.weight
         size = tower.cfg.image_size
-        self.pixels = torch.randn(batch, 3, size, size, device=weight.device).to(weight.dtype)  # [b, 3, S, S]
+        self.pixels = torch.randn(frames, 3, size, size, device=weight.device).to(weight.dtype)  # [b, 3, S, S]
         side = torch.cuda.Stream(weight.device)
         side.wait_stream(torch.cuda.current_stream(weight.device))
         with torch.cuda.stream(side):

@@ -78,8 +78,9 @@ class EngineConfig:
     SmolLM2 takes about a second, which would hold the rounds of frames back long enough to drop live frames."""
     cuda_graphs: bool | None = None
     """Capture the tower, the memory updates and the decode step in CUDA graphs (None: on CUDA)."""
-    tower_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    """Batch sizes the tower is captured at; a round's batch is cut into them, largest first."""
+    tower_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    """Frame counts the tower is captured at (a CUDA graph each); a round's frames are cut into them, largest
+    first."""
     seed: int = 0
     """Seed of the sampled answers' noise."""
     memory_page: int = 0
@@ -286,7 +287,8 @@ class Engine:
         cuda = model.device.type == "cuda"
         self.graphs = cuda if c.cuda_graphs is None else c.cuda_graphs
         t0 = time.perf_counter()
-        self.tower_graphs = model.vision.capture(c.tower_batches) if self.graphs and model.vision is not None else None
+        self.tower_graphs = (model.vision.capture(c.tower_graph_sizes) if self.graphs and model.vision is not None
+                             else None)
         self.batched = batchable(model.llm)
         slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU is compute-bound: more slots gain little
         chunk = c.prefill_chunk if cuda else min(c.prefill_chunk, 256)
