@@ -1,8 +1,8 @@
 """Helpers shared by test files: the `vstream` command in a subprocess or in this process, a real uvicorn on a free
 port, bounded waits on a stream or a `vstream serve` subprocess, the error-object check, a hook that slows the
-running server's engine, a snapshot with a corrupted memory, prompts juggled through a batched decoder's slots,
-GStreamer's RTSP server as a subprocess, and a cluster on a local Ray instance behind its ingress. No fixtures here
-(shared ones live in conftest.py) and no tests; no test module imports another."""
+running server's engine, a snapshot with a corrupted memory, prompts juggled through a batched decoder's slots, a
+block free of host synchronisation, GStreamer's RTSP server as a subprocess, and a cluster on a local Ray instance
+behind its ingress. No fixtures here (shared ones live in conftest.py) and no tests; no test module imports another."""
 
 from __future__ import annotations
 
@@ -212,6 +212,20 @@ def juggle_slots(decoder, lengths: list[int], admit, on_step=None) -> dict[int, 
                 decoder.cache.release(slot)
                 del owner[slot]
     return got
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """A block in which any host synchronisation with the CUDA device raises (torch's sync debug mode "error"), after
+    the device has finished what came before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def rtsp_available() -> str | None:

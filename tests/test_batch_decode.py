@@ -17,7 +17,7 @@ from vstream.model.generate import default_stop_ids, iter_tokens, stream_generat
 from vstream.model.prompts import stop_strings
 from vstream.model.vlm import FlashVStream
 
-from helpers import juggle_slots, prefill_in_chunks
+from helpers import juggle_slots, no_host_sync, prefill_in_chunks
 
 QUESTIONS = [
     "What is it?",
@@ -266,14 +266,10 @@ def test_graph_replayed_batched_step_equals_eager_and_never_synchronises():
         decoder.active[slot] = True
         decoder.host_active.add(slot)  # the step runs the slots the host knows to be active
     decoder.cache.lengths.fill_(decoder.cache.prefix_len)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(20):
             decoder.fetch()
             decoder.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert decoder.cache.lengths.tolist() == [decoder.cache.prefix_len + 20] * 4
 
 

@@ -13,7 +13,7 @@ from vstream.model.processor import StreamProcessor
 from vstream.model.batch_answer import BatchAnswerer
 from vstream.model.generate import default_stop_ids
 
-from helpers import juggle_slots, prefill_in_chunks
+from helpers import juggle_slots, no_host_sync, prefill_in_chunks
 
 PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
 QUESTIONS = ["What is there?", "Where did the square go after it left the middle of the screen at the start?",
@@ -316,12 +316,8 @@ def test_graph_replayed_qwen_step_equals_eager_and_never_synchronises(preset):
         decoder.host_active.add(slot)
     decoder.cache.lengths.fill_(0)
     decoder.cache.host_lengths = [0] * 4
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(20):
             decoder.fetch()
             decoder.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert decoder.cache.lengths.tolist() == [20] * 4
