@@ -29,10 +29,10 @@ RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
 
 
 def vstream_cli(*args, stdin: str | None = None, timeout: float = 180, env: dict | None = None,
-                preexec_fn=None) -> subprocess.CompletedProcess:
-    """`python -m vstream ARGS` in a subprocess (Python's warnings off, `env` added to the environment), its output
-    captured as text; the exit code is the caller's to check."""
-    return subprocess.run([sys.executable, "-m", "vstream", *args], input=stdin, capture_output=True, text=True,
+                preexec_fn=None, module: str = "vstream") -> subprocess.CompletedProcess:
+    """`python -m vstream ARGS` (or `-m MODULE`) in a subprocess (Python's warnings off, `env` added to the
+    environment), its output captured as text; the exit code is the caller's to check."""
+    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn,
                           env=os.environ | {"PYTHONWARNINGS": "ignore"} | (env or {}))
 
