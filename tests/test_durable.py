@@ -29,11 +29,6 @@ HI = [{"role": "user", "content": "What is on the screen?"}]
 
 
 @pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
-
-
-@pytest.fixture(scope="module")
 def media(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("media")
     write_test_video(root / "clip.mp4", seconds=6, fps=5)
