@@ -23,6 +23,7 @@ import pytest
 import uvicorn
 
 KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}  # the headers of a client holding KEY
 DEADLINE_S = 20.0
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
