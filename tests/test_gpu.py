@@ -107,7 +107,7 @@ def test_the_engine_captures_a_new_streams_graphs_after_a_closed_stream_was_free
     crops = np.random.default_rng(0).integers(0, 255, (30, side, side, 3), dtype=np.uint8)
     failures = CapturedUpdate.fill_failures
     for _ in range(2):
-        lane = engine.open(batch=4, live=False)
+        lane = engine.open(frames_per_round=4, live=False)
         for t in range(30):
             lane.put(float(t), crops[t])
         while lane.snapshot is None or lane.snapshot.frames < 30:
@@ -266,7 +266,7 @@ def test_the_engines_round_and_decode_step_never_synchronise():
 
     model = vstream.load("tiny", device="cuda")
     engine = Engine(model, EngineConfig(memory_page=64))
-    lanes = [engine.open(batch=4, live=False) for _ in range(3)]
+    lanes = [engine.open(frames_per_round=4, live=False) for _ in range(3)]
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (60, model.cfg.vision.image_size, model.cfg.vision.image_size, 3), dtype=np.uint8)
     for t in range(40):  # past the fill phase: every later update is a steady, graph-replayed one
