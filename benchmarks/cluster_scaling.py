@@ -19,7 +19,6 @@ import base64
 import io
 import json
 import os
-import statistics
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from vstream.cluster.ingress import create_ingress
 from vstream.cluster.run import start_fleet
+from vstream.stats import percentile
 
 
 def main() -> None:
@@ -131,9 +131,8 @@ async def lookups(fleet, callers: int, seconds: float) -> dict:
 
     t0 = time.perf_counter()
     await asyncio.gather(*(caller(k) for k in range(callers)))
-    q = statistics.quantiles(latencies, n=20)
     return {"route_calls_per_s": round(len(latencies) / (time.perf_counter() - t0)),
-            "latency_ms": {"p50": round(1000 * q[9], 2), "p95": round(1000 * q[18], 2)}}
+            "latency_ms": p50_p95_ms(latencies, 2)}
 
 
 async def ask_loop(client: httpx.AsyncClient, ids: list[str], args) -> dict:
@@ -154,9 +153,15 @@ async def ask_loop(client: httpx.AsyncClient, ids: list[str], args) -> dict:
     t0 = time.perf_counter()
     await asyncio.gather(*(worker(k) for k in range(args.clients)))
     wall = time.perf_counter() - t0
-    q = statistics.quantiles(latencies, n=20) if len(latencies) > 1 else [float("nan")] * 19
     return {"answers": len(latencies), "statuses": statuses, "answers_per_s": round(len(latencies) / wall, 1),
-            "latency_ms": {"p50": round(1000 * q[9], 1), "p95": round(1000 * q[18], 1)}}
+            "latency_ms": p50_p95_ms(latencies, 1)}
+
+
+def p50_p95_ms(seconds: list[float], digits: int) -> dict:
+    """p50 and p95 in milliseconds, nearest rank (`vstream.stats.percentile`, as every report); NaN without values."""
+    ordered = sorted(seconds)
+    return {f"p{round(100 * q)}": round(1000 * percentile(ordered, q), digits) if ordered else float("nan")
+            for q in (0.5, 0.95)}
 
 
 FRAME = None

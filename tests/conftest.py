@@ -3,7 +3,8 @@
 `model` is the tiny preset with random weights, one per test module (module scope): the engine is cached on the model
 and a server's warm-up builds it with that server's limits, so a model shared across modules could carry one module's
 engine configuration into another. A module that needs the model on the CPU whatever the machine sets
-`TINY_DEVICE = "cpu"` (the default is `auto`). `smollm2` is the real SmolLM2, one per session.
+`TINY_DEVICE = "cpu"` (the default is `auto`). `tok` is the tiny preset's Vicuna-style tokenizer, one per module.
+`smollm2` is the real SmolLM2, one per session.
 
 Tiers are pytest markers (registered in pyproject.toml). A test is in a tier when it carries the marker itself, when
 its file is named in FILE_TIERS, or, for `real_llm`, when it uses the real SmolLM2 fixture. tools/test.sh runs the
@@ -19,6 +20,7 @@ import torch
 
 import vstream
 from vstream.model.smollm2 import load_smollm2
+from vstream.model.tokenizers import build_vicuna_style_tokenizer
 
 FILE_TIERS = {
     "test_browser.py": ("browser",),          # Debian chromium driven by playwright
@@ -58,3 +60,9 @@ def smollm2():
 def model(request):
     """`vstream.load("tiny")` on the module's `TINY_DEVICE` (default `auto`): one fresh model per test module."""
     return vstream.load("tiny", device=getattr(request.module, "TINY_DEVICE", "auto"))
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    """The tiny preset's Vicuna-style SentencePiece tokenizer, built in a temporary folder."""
+    return build_vicuna_style_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))

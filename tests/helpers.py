@@ -1,8 +1,8 @@
 """Helpers shared by test files: the `vstream` command in a subprocess or in this process, a real uvicorn on a free
-port, bounded waits on a stream or a `vstream serve` subprocess, the error-object check, a hook that slows the running
-server's engine, a snapshot with a corrupted memory, GStreamer's RTSP server as a subprocess, and a cluster on a local
-Ray instance behind its ingress. No fixtures here (shared ones live in conftest.py) and no tests; no test module
-imports another."""
+port, bounded waits on a stream or a `vstream serve` subprocess, the error-object check, a hook that slows the
+running server's engine, a snapshot with a corrupted memory, prompts juggled through a batched decoder's slots, a
+block free of host synchronisation, GStreamer's RTSP server as a subprocess, and a cluster on a local Ray instance
+behind its ingress. No fixtures here (shared ones live in conftest.py) and no tests; no test module imports another."""
 
 from __future__ import annotations
 
@@ -23,16 +23,17 @@ import pytest
 import uvicorn
 
 KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {KEY}"}  # the headers of a client holding KEY
 DEADLINE_S = 20.0
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
 
 
 def vstream_cli(*args, stdin: str | None = None, timeout: float = 180, env: dict | None = None,
-                preexec_fn=None) -> subprocess.CompletedProcess:
-    """`python -m vstream ARGS` in a subprocess (Python's warnings off, `env` added to the environment), its output
-    captured as text; the exit code is the caller's to check."""
-    return subprocess.run([sys.executable, "-m", "vstream", *args], input=stdin, capture_output=True, text=True,
+                preexec_fn=None, module: str = "vstream") -> subprocess.CompletedProcess:
+    """`python -m vstream ARGS` (or `-m MODULE`) in a subprocess (Python's warnings off, `env` added to the
+    environment), its output captured as text; the exit code is the caller's to check."""
+    return subprocess.run([sys.executable, "-m", module, *args], input=stdin, capture_output=True, text=True,
                           timeout=timeout, preexec_fn=preexec_fn,
                           env=os.environ | {"PYTHONWARNINGS": "ignore"} | (env or {}))
 
@@ -175,6 +176,57 @@ def nan_memory(snapshot):
 
     tokens = torch.full_like(snapshot.memory.tokens, math.nan)
     return dataclasses.replace(snapshot, memory=dataclasses.replace(snapshot.memory, tokens=tokens))
+
+
+def prefill_in_chunks(decoder, slot: int, embeds, positions=None, chunk: int = 16) -> None:
+    """Prefill `embeds` [1, S, H] into a `BatchDecoder` slot `chunk` tokens at a time (with their M-RoPE `positions`
+    [3, S] when given), the last chunk marked as such."""
+    embeds_ = embeds.split(chunk, dim=1)
+    where = positions.split(chunk, dim=1) if positions is not None else [None] * len(embeds_)
+    for k, (piece, at) in enumerate(zip(embeds_, where)):
+        decoder.prefill(slot, piece, last=k == len(embeds_) - 1, positions=None if at is None else at.contiguous())
+
+
+def juggle_slots(decoder, lengths: list[int], admit, on_step=None) -> dict[int, list[int]]:
+    """Prompts 0, 1, ... through a `BatchDecoder`'s slots: each joins, in order, as soon as a slot is free
+    (`admit(slot, i)` prefills prompt i into it); after each step every joined prompt takes its slot's token and,
+    with `lengths[i]` tokens, leaves (its slot deactivated and released for the next). `on_step()` runs after each
+    step. Returns each prompt's tokens."""
+    got: dict[int, list[int]] = {}
+    owner: dict[int, int] = {}  # slot -> prompt
+    waiting = list(range(len(lengths)))
+    while waiting or owner:
+        if waiting and decoder.cache.free_slots:
+            i = waiting.pop(0)
+            slot = decoder.cache.acquire()
+            admit(slot, i)
+            owner[slot], got[i] = i, []
+        decoder.fetch()
+        decoder.step()
+        if on_step is not None:
+            on_step()
+        tokens = decoder.fetched()
+        for slot, i in list(owner.items()):
+            got[i].append(tokens[slot])
+            if len(got[i]) == lengths[i]:
+                decoder.deactivate(slot)
+                decoder.cache.release(slot)
+                del owner[slot]
+    return got
+
+
+@contextlib.contextmanager
+def no_host_sync():
+    """A block in which any host synchronisation with the CUDA device raises (torch's sync debug mode "error"), after
+    the device has finished what came before it."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def rtsp_available() -> str | None:

@@ -29,6 +29,7 @@ from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 from helpers import (
+    AUTH,
     DEADLINE_S,
     KEY,
     EngineHook,
@@ -45,7 +46,6 @@ from vstream.server.run import begin_drain
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video, write_video
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = Limits(max_body_bytes=4096, max_answer_tokens=8, max_question_chars=100, max_running=1,
                 max_frame_pixels=200 * 200, max_source_seconds=5, max_source_frames=30, max_fps=5, url_timeout_s=2,
                 max_watches_per_stream=1)

@@ -17,6 +17,8 @@ from vstream.model.generate import default_stop_ids, iter_tokens, stream_generat
 from vstream.model.prompts import stop_strings
 from vstream.model.vlm import FlashVStream
 
+from helpers import juggle_slots, no_host_sync, prefill_in_chunks
+
 QUESTIONS = [
     "What is it?",
     "Where is the red ball going now?",
@@ -264,14 +266,10 @@ def test_graph_replayed_batched_step_equals_eager_and_never_synchronises():
         decoder.active[slot] = True
         decoder.host_active.add(slot)  # the step runs the slots the host knows to be active
     decoder.cache.lengths.fill_(decoder.cache.prefix_len)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(20):
             decoder.fetch()
             decoder.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert decoder.cache.lengths.tolist() == [decoder.cache.prefix_len + 20] * 4
 
 
@@ -293,28 +291,10 @@ def test_decoder_with_attention_that_matters_equals_eager_slot_by_slot(span_step
     prompts = [torch.randn(1, n, 64) for n in (5, 40, 23, 11)]
     with torch.inference_mode():
         expected = [list(iter_tokens(llm, torch.cat([prefix, p], dim=1), max_new_tokens=12)) for p in prompts]
-    got: dict[int, list[int]] = {}
-    owner: dict[int, int] = {}  # slot -> prompt
-    queue_ = list(range(len(prompts)))
     spans: set[int] = set()  # key spans the steps read
-    while queue_ or owner:
-        if queue_ and decoder.cache.free_slots:  # join mid-way, the prompt in chunks of 16
-            i = queue_.pop(0)
-            slot = decoder.cache.acquire()
-            chunks = prompts[i].split(16, dim=1)
-            for k, chunk in enumerate(chunks):
-                decoder.prefill(slot, chunk, last=k == len(chunks) - 1)
-            owner[slot], got[i] = i, []
-        decoder.fetch()
-        decoder.step()
-        spans.add(decoder.span())
-        tokens = decoder.fetched()
-        for slot, i in list(owner.items()):
-            got[i].append(tokens[slot])
-            if len(got[i]) == 12 or (i == 0 and len(got[i]) == 4):  # prompt 0 leaves early, prompt 3 takes its slot
-                decoder.deactivate(slot)
-                decoder.cache.release(slot)
-                del owner[slot]
+    # each prompt joins mid-way, in chunks of 16; prompt 0 leaves early, prompt 3 takes its slot
+    got = juggle_slots(decoder, [4, 12, 12, 12], lambda slot, i: prefill_in_chunks(decoder, slot, prompts[i]),
+                       on_step=lambda: spans.add(decoder.span()))
     assert got[0] == expected[0][:4]
     assert [got[i] for i in (1, 2, 3)] == [expected[i] for i in (1, 2, 3)]
     assert len({tuple(e) for e in expected}) == 4

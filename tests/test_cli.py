@@ -2,14 +2,13 @@
 VStreamError into one line and exit code 2 and lets every other exception through, and `python -m vstream` and
 `python -m vstream.cli` run the same app."""
 
-import os
-import subprocess
 import sys
 
 import pytest
 import typer
 
 import vstream.cli as cli
+from helpers import vstream_cli
 from vstream.cli.options import BENCH_DEFAULT_PRESET, DEFAULT_MODEL
 from vstream.errors import MissingPathError, UserInputError, VStreamError
 
@@ -62,6 +61,5 @@ def test_any_other_exception_keeps_its_traceback(monkeypatch, exc):
 
 @pytest.mark.parametrize("module", ["vstream", "vstream.cli"])
 def test_python_dash_m_runs_the_whole_command_line(module):
-    out = subprocess.run([sys.executable, "-m", module, "bench", "memory", "--preset", "nope"], capture_output=True,
-                         text=True, timeout=120, env=os.environ | {"PYTHONWARNINGS": "ignore"})
+    out = vstream_cli("bench", "memory", "--preset", "nope", module=module, timeout=120)
     assert out.returncode == 2 and out.stderr.startswith("error: --preset must be one of"), out.stderr

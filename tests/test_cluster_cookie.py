@@ -10,13 +10,12 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, cluster_server, recv
+from helpers import AUTH, DEADLINE_S, KEY, cluster_server, recv
 from vstream.server.cookies import PageCookies
 
 pytest.importorskip("ray", reason="the cluster needs the [ray] extra: pip install -e '.[ray]'")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 def _statuses(base: str, stream_ids: list[str], headers: dict) -> dict[str, int]:

@@ -137,7 +137,8 @@ def test_world_eval_writes_results_report_and_plot(world_eval_run):
     names = ["full", "no_spatial", "no_temporal", "no_abstract", "no_retrieved"]
     assert results["ablations"] == names and list(results["accuracy"]) == names
     assert results["model"] == "tiny" and results["split"] == "test" and results["streams"] == 2
-    assert results["command"] == f"vstream world-eval --model tiny --streams 2 --start 5 --ablate --out {world_eval_run}"
+    command = f"vstream world-eval --model tiny --streams 2 --start 5 --ablate --out {world_eval_run}"
+    assert results["command"] == command
     assert results["device"].startswith("cpu") and results["versions"]["vstream"]
     seeds = w.split_seeds("test", 2, start=5)
     expected = [(seed, qa.time, qa.question, qa.answer) for seed in seeds
@@ -194,12 +195,22 @@ def test_world_eval_report_tells_the_parts_apart():
     (["--model", "tiny", "--streams", "0"], "--streams must be >= 1, got 0"),
     (["--model", "tiny", "--start", "99999"], "split 'test' has 100000 seeds"),
     (["--model", "tiny", "--source", "camera"], "--source must be render or video, got 'camera'"),
-    (["--model", "tiny", "--device", "tpu"], "--device: device must be auto (CUDA when torch sees a device, else the CPU), cpu, cuda or cuda:N; got 'tpu'"),
+    (["--model", "tiny", "--device", "tpu"],
+     "--device: device must be auto (CUDA when torch sees a device, else the CPU), cpu, cuda or cuda:N; got 'tpu'"),
     (["--from-results", "/nonexistent/results.json"], "--from-results must be a results.json file"),
+    (["--model", "tiny", "--questions-per-call", "0"], "--questions-per-call must be >= 1, got 0"),
+    (["--model", "tiny", "--watches", "--conditions-per-forward", "0"], "--conditions-per-forward must be >= 1, got 0"),
 ])
 def test_world_eval_bad_arguments_exit_2_with_one_line(monkeypatch, capsys, args, message):
     code, _, err = in_process(monkeypatch, capsys, "world-eval", *args)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("watches, option", [([], "--questions-per-call"), (["--watches"], "--conditions-per-forward")])
+def test_world_eval_batch_size_is_the_deprecated_name_of_both_counts(monkeypatch, capsys, watches, option):
+    code, _, err = in_process(monkeypatch, capsys, "world-eval", "--model", "tiny", *watches, "--batch-size", "0")
+    deprecated, error = err.strip().splitlines()
+    assert code == 2 and "--batch-size is deprecated" in deprecated and f"{option} must be >= 1, got 0" in error
 
 
 def test_world_eval_rejects_a_file_that_is_not_its_results(tmp_path, monkeypatch, capsys):

@@ -9,8 +9,6 @@ import io
 import json
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,18 +19,13 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from helpers import DEADLINE_S, free_port, recv, running_server, wait_frames, wait_ready, wait_until
+from helpers import DEADLINE_S, free_port, recv, running_server, vstream_serve, wait_frames, wait_ready, wait_until
 from vstream.engine import snapshots
 from vstream.server import create_app
 from vstream.synth.clips import moving_shapes, write_test_video
 
 FRAMES = list(moving_shapes(20, 160, 120, seed=1, fps=10))
 HI = [{"role": "user", "content": "What is on the screen?"}]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
 
 
 @pytest.fixture(scope="module")
@@ -280,10 +273,8 @@ class Serve:
     def __init__(self, media: Path, state_dir: Path, every: float):
         port = free_port()
         self.base = f"http://127.0.0.1:{port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from vstream.cli import main; main()", "serve", "--model", "tiny", "--port",
-             str(port), "--media-root", str(media), "--state-dir", str(state_dir), "--snapshot-every", str(every)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = vstream_serve("--model", "tiny", "--port", str(port), "--media-root", str(media), "--state-dir",
+                                  str(state_dir), "--snapshot-every", str(every))
         wait_ready(self.proc, self.base)
 
     def kill(self) -> None:

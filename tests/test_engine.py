@@ -23,9 +23,9 @@ def slowed(model, seconds):
     """The same model with `seconds` added to each encoder call (a stand-in for a slow device)."""
     real = model.encode_crops
 
-    def encode_crops(crops, batch_size=32, graphs=None):
+    def encode_crops(crops, frames_per_call=32, graphs=None):
         time.sleep(seconds)
-        return real(crops, batch_size, graphs)
+        return real(crops, frames_per_call, graphs)
 
     model.encode_crops = encode_crops
     return model
@@ -303,7 +303,7 @@ def test_memories_sharing_pages_equal_each_stream_processed_alone(model):
 
     engine = Engine(model, EngineConfig(memory_page=4, frames_per_round=5), thread=False)
     frames = list(moving_shapes(60, 64, 48, seed=3))
-    lanes = [engine.open(queue_size=64, batch=2, live=False) for _ in range(6)]
+    lanes = [engine.open(queue_size=64, frames_per_round=2, live=False) for _ in range(6)]
     alone = [StreamProcessor(model) for _ in lanes]
     counts = [20 + 3 * i for i in range(6)]
     for i, lane in enumerate(lanes):

@@ -30,7 +30,7 @@ def test_feature_names_replace_only_the_video_extension():
 
 
 def test_extracted_features_have_the_released_layout_and_give_the_same_memory(model, videos, tmp_path):
-    done = extract_features(model, videos, tmp_path, batch_size=4)
+    done = extract_features(model, videos, tmp_path, frames_per_call=4)
     assert done == {"written": ["a.mp4", "sub/mp4.clip.mkv"], "skipped": []}
     raw = load_file(str(tmp_path / "a.safetensors"))
     assert list(raw) == ["feature"]
@@ -40,7 +40,7 @@ def test_extracted_features_have_the_released_layout_and_give_the_same_memory(mo
 
     features, times = load_features(tmp_path / "a.safetensors")
     assert times == pytest.approx([0, 1, 2, 3, 4, 5])
-    direct = next(model.memory_snapshots(str(videos / "a.mp4"), [None], batch_size=4))
+    direct = next(model.memory_snapshots(str(videos / "a.mp4"), [None], frames_per_call=4))
     loaded = model.memory_from_features(features, times)
     assert torch.equal(direct.tokens, loaded.tokens)
     assert torch.equal(direct.retrieved_times, loaded.retrieved_times)
@@ -48,11 +48,11 @@ def test_extracted_features_have_the_released_layout_and_give_the_same_memory(mo
 
 
 def test_extraction_resumes_without_recomputing(model, videos, tmp_path):
-    extract_features(model, videos, tmp_path, batch_size=4)
+    extract_features(model, videos, tmp_path, frames_per_call=4)
     first = tmp_path / "a.safetensors"
     stamp = first.stat().st_mtime_ns
     (tmp_path / "sub" / "mp4.clip.safetensors").unlink()
-    done = extract_features(model, videos, tmp_path, batch_size=8)
+    done = extract_features(model, videos, tmp_path, frames_per_call=8)
     assert done == {"written": ["sub/mp4.clip.mkv"], "skipped": ["a.mp4"]}
     assert first.stat().st_mtime_ns == stamp
 
@@ -79,8 +79,8 @@ def test_released_files_without_times_read_as_one_fps(tmp_path):
 
 @pytest.mark.slow
 def test_cli_extract_features(videos, tmp_path):
-    result = CliRunner().invoke(app, ["extract-features", str(videos), str(tmp_path), "--batch-size", "3"])
+    result = CliRunner().invoke(app, ["extract-features", str(videos), str(tmp_path), "--frames-per-call", "3"])
     assert result.exit_code == 0, result.output
     assert "2 written, 0 already there" in result.output
-    again = CliRunner().invoke(app, ["extract-features", str(videos), str(tmp_path)])
+    again = CliRunner().invoke(app, ["extract-features", str(videos), str(tmp_path), "--batch-size", "2"])  # old name
     assert "0 written, 2 already there" in again.output

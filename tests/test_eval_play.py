@@ -25,7 +25,7 @@ def video(tmp_path_factory):
 
 
 def played(model, source, clock):
-    return list(play(model, source, QUESTIONS, clock, batch_size=3, max_new_tokens=5))
+    return list(play(model, source, QUESTIONS, clock, frames_per_call=3, max_new_tokens=5))
 
 
 def test_offline_and_simulated_time_give_equal_memories_and_answers(model, video):
@@ -38,7 +38,7 @@ def test_offline_and_simulated_time_give_equal_memories_and_answers(model, video
         assert a.snapshot.spatial_times == b.snapshot.spatial_times
         assert a.answer.text == b.answer.text and a.answer.frames == b.answer.frames
         assert a.answer.timings["answer_s"] > 0 and b.frames_dropped == 0
-    features, times = encode_video(model, video, batch_size=4)
+    features, times = encode_video(model, video, frames_per_call=4)
     from_features = played(model, zip(times, features), SimulatedClock())
     for a, b in zip(offline, from_features):
         torch.testing.assert_close(a.snapshot.memory.tokens, b.snapshot.memory.tokens)
@@ -69,7 +69,7 @@ def test_live_answers_at_wall_clock_moments_from_a_pushed_source(model, video):
         yield from pushed
 
     threading.Thread(target=push, daemon=True).start()
-    got = list(play(model, source(), QUESTIONS, WallClock(speed, timeout=60), batch_size=2, max_new_tokens=4))
+    got = list(play(model, source(), QUESTIONS, WallClock(speed, timeout=60), frames_per_call=2, max_new_tokens=4))
     for (t, _), p in zip(QUESTIONS, got):
         if t is not None:
             assert p.asked_wall_s >= t / speed - 0.01  # never before its moment

@@ -29,7 +29,7 @@ def data(tmp_path_factory, model):
     mcq = [{"videoID": f"v{i}", "question_id": f"m{i}", "question": "Which shape?", "task_type": "shapes",
             "options": ["A. disc", "B. square", "C. line"], "answer": "B", "time": 3} for i in range(2)]
     (root / "mcq.json").write_text(json.dumps(mcq))
-    extract_features(model, root / "videos", root / "features", batch_size=8)
+    extract_features(model, root / "videos", root / "features", frames_per_call=8)
     return root
 
 
@@ -83,6 +83,10 @@ def test_resume_recomputes_nothing_finished_and_gives_the_same_results(model, da
     assert len(path.read_text().splitlines()) == 8
     with pytest.raises(ValueError, match="another run"):
         predictions(model, bench, tmp_path, mode="offline")
+    run = json.loads((tmp_path / "run.json").read_text())
+    run["batch_size"] = run.pop("frames_per_call")  # a run from before the rename resumes too
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    assert texts(predictions(model, bench, tmp_path, mode="streaming")) == texts(first)
 
 
 def test_official_memory_mode_in_both_modes(data, tmp_path):

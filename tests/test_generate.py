@@ -16,12 +16,6 @@ from vstream.model.generate import (
 )
 from vstream.model.prompts import build_prompt, stop_strings, tokenizer_image_token
 from vstream.model.smollm2 import CACHE_SUBDIR, default_cache_dir, load_smollm2, smollm2_path
-from vstream.model.tokenizers import build_vicuna_style_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return build_vicuna_style_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
 
 
 @pytest.fixture(scope="module")

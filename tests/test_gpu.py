@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import no_host_sync
 from vstream.config import MemoryConfig
 from vstream.memory import AbstractAttention, PaperStarMemory
 from vstream.memory.official import OfficialStreamingMemory
@@ -26,15 +27,11 @@ def test_paper_update_and_read_never_synchronise():
     times = torch.arange(400, dtype=torch.float64, device="cuda")
     for i in range(30):  # past the fill phase, so every later update clusters, attends and retrieves
         mem.update(frames[i : i + 1], times[i : i + 1])
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for i in range(30, 400):
             mem.update(frames[i : i + 1], times[i : i + 1])
         mem.update(frames[:5], times[:5] + 1000)  # a chunk too
         read = mem.read()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert read.num_tokens == 681
     assert read.temporal_weights.sum().item() == pytest.approx(405)
 
@@ -56,14 +53,10 @@ def test_cuda_graph_replay_equals_eager_updates_and_never_synchronises():
             for name, value in theirs["tensors"].items():
                 assert torch.equal(mine["tensors"][name].nan_to_num(-1), value.nan_to_num(-1)), (i, name)
     assert graphed.graph.fill_graph is not None and graphed.graph.graph is not None
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for i in range(40, 420):
             for mem in (eager, graphed):
                 mem.update(frames[i : i + 1], times[i : i + 1])
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     a, b = eager.read(), graphed.read()
     torch.testing.assert_close(b.tokens, a.tokens)
     assert torch.equal(b.temporal_weights, a.temporal_weights) and torch.equal(b.retrieved_times, a.retrieved_times)
@@ -114,7 +107,7 @@ def test_the_engine_captures_a_new_streams_graphs_after_a_closed_stream_was_free
     crops = np.random.default_rng(0).integers(0, 255, (30, side, side, 3), dtype=np.uint8)
     failures = CapturedUpdate.fill_failures
     for _ in range(2):
-        lane = engine.open(batch=4, live=False)
+        lane = engine.open(frames_per_round=4, live=False)
         for t in range(30):
             lane.put(float(t), crops[t])
         while lane.snapshot is None or lane.snapshot.frames < 30:
@@ -222,13 +215,9 @@ def test_decode_step_never_synchronises():
         dec.token.fill_(3)
         dec.prefill(torch.randn(1, 10, 256, device="cuda", dtype=torch.float16), 0)
         dec.pos.fill_(10)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(20):
             dec.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert int(dec.pos) == 30
 
 
@@ -245,7 +234,7 @@ def test_fast_tower_graphs_equal_the_transformers_tower():
     tower = tower.cuda()
     x = torch.randn(7, 3, 224, 224, device="cuda")
     ref = tower.encode(x)
-    tower.use_fused(graph_batch_sizes=(1, 2, 4))
+    tower.use_fused(graph_sizes=(1, 2, 4))
     got = tower.encode(x)  # 4 + 2 + 1 replays
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
 
@@ -277,7 +266,7 @@ def test_the_engines_round_and_decode_step_never_synchronise():
 
     model = vstream.load("tiny", device="cuda")
     engine = Engine(model, EngineConfig(memory_page=64))
-    lanes = [engine.open(batch=4, live=False) for _ in range(3)]
+    lanes = [engine.open(frames_per_round=4, live=False) for _ in range(3)]
     rng = np.random.default_rng(0)
     crops = rng.integers(0, 255, (60, model.cfg.vision.image_size, model.cfg.vision.image_size, 3), dtype=np.uint8)
     for t in range(40):  # past the fill phase: every later update is a steady, graph-replayed one
@@ -292,9 +281,7 @@ def test_the_engines_round_and_decode_step_never_synchronise():
     while request.state != "running":  # admitted, prefilled chunk by chunk
         engine.answers.run_once()
     work = [(lane, [(40.0 + i, crops[40 + i]) for i in range(4)]) for lane in lanes]
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         with torch.inference_mode():  # as the engine thread's round runs
             features = engine._encode(work)
             for (lane, items), feats in zip(work, features):
@@ -303,8 +290,6 @@ def test_the_engines_round_and_decode_step_never_synchronise():
                 page.flush()
         for _ in range(10):
             engine.answers.decoder.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert [repr(lane.error) for lane in lanes if lane.error is not None] == []
     assert all(lane.counters.encoded == 44 for lane in lanes)
     assert len(engine.pages) == 1 and engine.pages[0].captured and engine.pages[0].updates > 4
@@ -337,13 +322,9 @@ def test_a_memory_page_on_cuda_equals_memories_updating_alone_and_never_synchron
     for i in range(40):
         feed(i)
     assert page.captured
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for i in range(40, 120):
             feed(i)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     for a, b in zip(paged, alone):
         ra, rb = a.read(), b.read()
         torch.testing.assert_close(ra.tokens, rb.tokens, atol=2e-3, rtol=1e-3)

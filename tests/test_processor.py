@@ -90,7 +90,7 @@ def test_snapshots_at_equal_separate_processors(model):
     rng = np.random.default_rng(0)
     frames = [(float(t), rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for t in range(9)]
     at = [2.0, 2.5, 8.0, None]
-    got = [s.memory.tokens for s in snapshots_at(StreamProcessor(model), iter(frames), at, batch_size=4)]
+    got = [s.memory.tokens for s in snapshots_at(StreamProcessor(model), iter(frames), at, frames_per_call=4)]
     for tokens, t in zip(got, at):
         p = StreamProcessor(model)
         kept = [(u, f) for u, f in frames if t is None or u <= t]

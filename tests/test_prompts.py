@@ -25,11 +25,6 @@ SYSTEM = (
 )
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return build_vicuna_style_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
-
-
 def plain_ids(tok, text):
     return tok(text, add_special_tokens=False).input_ids
 

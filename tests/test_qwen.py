@@ -15,7 +15,8 @@ import pytest
 import torch
 
 import vstream
-from helpers import DEADLINE_S, KEY, free_port, running_server, vstream_cli, vstream_serve, wait_frames, wait_ready
+from helpers import (AUTH, DEADLINE_S, KEY, free_port, running_server, vstream_cli, vstream_serve, wait_frames,
+                     wait_ready)
 from vstream.encoder.qwen_preprocess import normalise_frames, patchify_units, resize_frames, small_pass
 from vstream.model.processor import StreamProcessor
 from vstream.errors import ConfigError
@@ -238,7 +239,7 @@ def test_server_answers_from_a_qwen_stream(qwen, clip):
     from vstream.server import create_app
 
     app = create_app(qwen, media_root=clip.parent, api_key=KEY, max_streams=2)
-    with running_server(app) as base, httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"},
+    with running_server(app) as base, httpx.Client(base_url=base, headers=AUTH,
                                                    timeout=DEADLINE_S) as client:
         r = client.post("/v1/streams", json={"source": {"type": "file", "path": clip.name}})
         assert r.status_code == 201, r.text
@@ -297,7 +298,7 @@ def test_vstream_serve_answers_from_a_qwen_checkpoint(checkpoint, clip):
     base = f"http://127.0.0.1:{port}"
     try:
         wait_ready(proc, base, timeout=120)
-        with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=DEADLINE_S) as client:
+        with httpx.Client(base_url=base, headers=AUTH, timeout=DEADLINE_S) as client:
             r = client.post("/v1/streams", json={"source": {"type": "file", "path": clip.name}})
             assert r.status_code == 201, r.text
             wait_frames(client, r.json()["id"], 8)

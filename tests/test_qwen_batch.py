@@ -13,6 +13,8 @@ from vstream.model.processor import StreamProcessor
 from vstream.model.batch_answer import BatchAnswerer
 from vstream.model.generate import default_stop_ids
 
+from helpers import juggle_slots, no_host_sync, prefill_in_chunks
+
 PRESETS = ("tiny-qwen2-vl", "tiny-qwen2.5-vl")
 QUESTIONS = ["What is there?", "Where did the square go after it left the middle of the screen at the start?",
              "Why?", "How many things move, and which colours are they?", "Colour?"]
@@ -110,36 +112,20 @@ def test_decoder_runs_qwen_prompts_at_their_m_rope_positions_like_transformers(s
     expected = [transformers_tokens(sharp, e, p, 10) for e, p in prompts]
     assert len({tuple(t) for t in expected}) == 4
     decoder = BatchDecoder(sharp.hf, max_batch=3, max_seq_len=96, span_step=16)
-    got: dict[int, list[int]] = {}
-    owner: dict[int, int] = {}  # slot -> prompt
-    waiting = list(range(len(prompts)))
-    while waiting or owner:
-        if waiting and decoder.cache.free_slots:
-            i = waiting.pop(0)
-            slot = decoder.cache.acquire()
-            embeds, positions = prompts[i]
-            skip = 0
-            if i == 1:  # its first 20 positions come as transformers' keys and values
-                skip = 20
-                cache = DynamicCache(config=sharp.hf.config.get_text_config())
-                with torch.inference_mode():
-                    sharp.hf.model.language_model(inputs_embeds=embeds[:, :skip],
-                                                  position_ids=positions[:, None, :skip],
-                                                  past_key_values=cache, use_cache=True)
-                decoder.append_kv(slot, [(layer.keys, layer.values) for layer in cache.layers])
-            chunks = list(zip(embeds[:, skip:].split(16, dim=1), positions[:, skip:].split(16, dim=1)))
-            for k, (chunk, where) in enumerate(chunks):
-                decoder.prefill(slot, chunk, last=k == len(chunks) - 1, positions=where.contiguous())
-            owner[slot], got[i] = i, []
-        decoder.fetch()
-        decoder.step()
-        tokens = decoder.fetched()
-        for slot, i in list(owner.items()):
-            got[i].append(tokens[slot])
-            if len(got[i]) == 10 or (i == 0 and len(got[i]) == 3):  # prompt 0 leaves early, prompt 3 takes its slot
-                decoder.deactivate(slot)
-                decoder.cache.release(slot)
-                del owner[slot]
+
+    def admit(slot, i):
+        embeds, positions = prompts[i]
+        skip = 0
+        if i == 1:  # its first 20 positions come as transformers' keys and values
+            skip = 20
+            cache = DynamicCache(config=sharp.hf.config.get_text_config())
+            with torch.inference_mode():
+                sharp.hf.model.language_model(inputs_embeds=embeds[:, :skip], position_ids=positions[:, None, :skip],
+                                              past_key_values=cache, use_cache=True)
+            decoder.append_kv(slot, [(layer.keys, layer.values) for layer in cache.layers])
+        prefill_in_chunks(decoder, slot, embeds[:, skip:], positions[:, skip:])
+
+    got = juggle_slots(decoder, [3, 10, 10, 10], admit)  # prompt 0 leaves early, prompt 3 takes its slot
     assert got[0] == expected[0][:3]
     assert [got[i] for i in (1, 2, 3)] == [expected[i] for i in (1, 2, 3)]
     assert decoder.widest_step == 3 and decoder.slot_steps > 2 * decoder.steps
@@ -330,12 +316,8 @@ def test_graph_replayed_qwen_step_equals_eager_and_never_synchronises(preset):
         decoder.host_active.add(slot)
     decoder.cache.lengths.fill_(0)
     decoder.cache.host_lengths = [0] * 4
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with no_host_sync():
         for _ in range(20):
             decoder.fetch()
             decoder.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert decoder.cache.lengths.tolist() == [20] * 4

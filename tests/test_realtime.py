@@ -18,12 +18,11 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, EngineHook, KEY, cluster_server, recv, running_server, wait_frames
+from helpers import AUTH, DEADLINE_S, EngineHook, KEY, cluster_server, recv, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import moving_shapes, write_test_video
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 FRAMES = list(moving_shapes(40, 160, 120, seed=1, fps=10))
 
 

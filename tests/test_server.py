@@ -15,7 +15,7 @@ from openai import OpenAI
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, EngineHook, assert_error, cluster_server, running_server, wait_frames
+from helpers import AUTH, DEADLINE_S, KEY, EngineHook, assert_error, cluster_server, running_server, wait_frames
 from vstream.server import create_app
 from vstream.synth.clips import write_test_video
 
@@ -52,7 +52,7 @@ def api_server(request, model, media, tmp_path_factory):
 
 @pytest.fixture
 def client(api_server):
-    with httpx.Client(base_url=api_server[0], headers={"Authorization": f"Bearer {KEY}"}, timeout=DEADLINE_S) as c:
+    with httpx.Client(base_url=api_server[0], headers=AUTH, timeout=DEADLINE_S) as c:
         yield c
 
 
@@ -207,7 +207,7 @@ def test_health_answers_while_an_answer_streams(server, client, stream_id):
             assert other.get("/health/live").status_code == 200
             readiness = other.get("/health/ready").json()
             assert readiness["status"] == "ready" and readiness["warmup_s"] > 0  # an answer ran before ready
-            metrics = other.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+            metrics = other.get("/metrics", headers=AUTH).text
         assert time.perf_counter() - t0 < 0.3, "health waited for a generation step"
         assert "vstream:num_requests_running 1" in metrics.splitlines()
         assert [line for line in lines if line][-1] == "data: [DONE]"

@@ -16,13 +16,12 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, EngineHook, free_port, running_server, vstream_serve, wait_frames, wait_ready
+from helpers import AUTH, DEADLINE_S, KEY, EngineHook, free_port, running_server, vstream_serve, wait_frames, wait_ready
 from vstream.server import create_app
 from vstream.server.cookies import PageCookies
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 class _Files(http.server.SimpleHTTPRequestHandler):

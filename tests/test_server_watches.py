@@ -16,7 +16,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from helpers import DEADLINE_S, KEY, assert_error, nan_memory, running_server, wait_frames, wait_until
+from helpers import AUTH, DEADLINE_S, KEY, assert_error, nan_memory, running_server, wait_frames, wait_until
 from vstream.engine.watches import Watch
 from vstream.server import create_app
 from vstream.server.state import Limits, ServerState
@@ -24,7 +24,6 @@ from vstream.server.watches import Watcher
 from vstream.sources import file_source
 from vstream.synth.clips import write_test_video
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 ALWAYS = {"threshold": -1e9, "hysteresis": 0.0, "cooldown_s": 0.0}
 
 

@@ -17,13 +17,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from helpers import DEADLINE_S, KEY, assert_error, running_server, wait_frames
+from helpers import AUTH, DEADLINE_S, KEY, assert_error, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.server.webhooks import backoff
 from vstream.synth.clips import write_test_video
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 SECRET = "whsec-test-5f1c"
 ALWAYS = {"threshold": -1e9, "hysteresis": 0.0, "cooldown_s": 0.0}
 BACKOFF_S = 0.2

@@ -9,18 +9,12 @@ import threading
 import pytest
 import torch
 
-import vstream
 from vstream.engine import Engine, StreamSession
 from vstream.engine import snapshots
 from vstream.model.processor import StreamProcessor
 from vstream.synth.clips import moving_shapes
 
 SID = "str_00112233445566aa"
-
-
-@pytest.fixture(scope="module")
-def model():
-    return vstream.load("tiny")
 
 
 @pytest.fixture(scope="module")

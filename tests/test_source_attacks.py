@@ -22,14 +22,13 @@ import httpx
 import pytest
 
 import vstream
-from helpers import DEADLINE_S, KEY, RtspServer, free_port, rtsp_available, running_server, wait_frames
+from helpers import AUTH, DEADLINE_S, KEY, RtspServer, free_port, rtsp_available, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.netsafe import address_refusal
 from vstream.server.rtsp_relay import Refused, messages
 from vstream.server.state import Limits
 from vstream.synth.clips import write_test_video
 
-AUTH = {"Authorization": f"Bearer {KEY}"}
 RELAY_HOST = "127.0.0.2"  # the servers here may reach this host and no other
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 from websockets.sync.client import connect as ws_connect
 
 import vstream
-from helpers import DEADLINE_S, KEY, running_server, wait_frames
+from helpers import AUTH, DEADLINE_S, KEY, running_server, wait_frames
 from vstream.config import MemoryConfig
 from vstream.memory import AbstractAttention, OfficialStreamingMemory, PaperStarMemory, official_offline_memory
 from vstream.memory.reference import RefOfficialStreaming, ref_official_offline
@@ -245,7 +245,7 @@ def _sse(client: httpx.Client, sid: str, **extra) -> list[dict]:
 
 def _connect(base: str, sid: str | None = None):
     url = base.replace("http://", "ws://") + "/v1/realtime" + (f"?stream_id={sid}" if sid else "")
-    return ws_connect(url, additional_headers={"Authorization": f"Bearer {KEY}"}, open_timeout=DEADLINE_S)
+    return ws_connect(url, additional_headers=AUTH, open_timeout=DEADLINE_S)
 
 
 def _until(ws, type_: str) -> list[dict]:
@@ -270,7 +270,7 @@ def _socket_events(base: str, sid: str, **extra) -> list[dict]:
 @pytest.mark.parametrize("video", ["static.mp4", "cycle.mp4"])
 def test_every_json_route_stays_finite_on_static_and_repetitive_video(scene_server, video):
     base, mode = scene_server
-    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"}, timeout=DEADLINE_S) as client:
+    with httpx.Client(base_url=base, headers=AUTH, timeout=DEADLINE_S) as client:
         r = client.post("/v1/streams", json={"source": {"type": "file", "path": video}})
         assert r.status_code == 201, r.text
         sid = strict_json(r.text)["id"]
@@ -301,7 +301,7 @@ def test_a_static_camera_pushed_over_the_realtime_socket_stays_finite(scene_serv
     out = io.BytesIO()
     Image.fromarray(_colour_frames([(90, 140, 200)], 1)[0]).save(out, format="JPEG")
     image = base64.b64encode(out.getvalue()).decode()
-    with _connect(base) as ws, httpx.Client(base_url=base, headers={"Authorization": f"Bearer {KEY}"},
+    with _connect(base) as ws, httpx.Client(base_url=base, headers=AUTH,
                                              timeout=DEADLINE_S) as client:
         sid = _until(ws, "session.created")[-1]["session"]["stream_id"]
         for i in range(30):  # each frame ingested before the next: a live source drops the oldest queued frames

@@ -190,7 +190,8 @@ def test_score_pairs_shares_a_memory_batches_the_others_and_isolates_a_bad_one(m
     nan = torch.full_like(a, math.nan)
     pairs = [(a, "a red circle"), (b, "something moves"), (a, "a blue square"), (nan, "y"), (c, "the scene changes"),
              (a, "z")]
-    got = score_pairs(model, pairs, max_batch=2)  # a's three share a prefix (2 + 1); b, nan | c in padded batches
+    # a's three share a prefix (2 + 1); b, nan | c in padded batches
+    got = score_pairs(model, pairs, prompts_per_forward=2)
     assert isinstance(got[3], ValueError) and "not a finite number" in str(got[3])
     good = [i for i in range(len(pairs)) if i != 3]
     assert [got[i] for i in good] == pytest.approx([yes_no_score(model, *pairs[i]) for i in good], abs=1e-4)
@@ -199,8 +200,8 @@ def test_score_pairs_shares_a_memory_batches_the_others_and_isolates_a_bad_one(m
     assert isinstance(got[0], RuntimeError) and isinstance(got[2], RuntimeError)
     assert got[1] == pytest.approx(yes_no_score(model, b, "x"), abs=1e-4)
     assert score_pairs(model, []) == []
-    with pytest.raises(ValueError, match="max_batch must be >= 1, got 0"):
-        score_pairs(model, pairs, max_batch=0)
+    with pytest.raises(ValueError, match="prompts_per_forward must be >= 1, got 0"):
+        score_pairs(model, pairs, prompts_per_forward=0)
 
 
 def _watches(model, snap, plan: list[tuple[str, str]]) -> list[Watch]:
@@ -230,7 +231,7 @@ def test_many_streams_in_two_batched_calls_fire_the_events_of_each_watch_scored_
 
     def counted(pairs):
         calls.append(len(pairs))
-        return score_pairs(model, pairs, max_batch=2)
+        return score_pairs(model, pairs, prompts_per_forward=2)
 
     events, counts = evaluate_streams(list(zip(snaps, batched)), counted)
     assert calls == [5, 4]  # recent: 2 + 1 + 1 + 1 (the broken one's "x"); full: 2 + 1 + 1 (its "y")

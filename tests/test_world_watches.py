@@ -82,6 +82,8 @@ def test_matching_delays_and_false_alarms():
     assert 0.5 <= tuned < 2.5, "above 1 - 0.5, below the true trigger's 3 - 0.5"
     assert metrics(rows, tuned, 0.5, 10.0)["overall"]["precision"] == 1.0
     assert metrics(rows, -1.0, 0.5, 10.0)["overall"]["precision"] == 0.5
+    late = metrics([row([2.5], [-3, -3, -3, 3]), row([2.5], [-3, -3, -3, -3, 3])], 0.0, 0.5, 10.0)["overall"]
+    assert late["delay_median_s"] == 1.0 and late["delay_p95_s"] == 1.5  # nearest rank (interpolated: 1.45)
 
 
 def test_world_eval_watches_with_the_tiny_model(tmp_path):

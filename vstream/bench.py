@@ -55,9 +55,10 @@ def environment(model) -> dict:
     }
 
 
-def load_bench_model(name: str, device: str | torch.device = "cpu", eager: bool = False, graph_batch_sizes=None):
+def load_bench_model(name: str, device: str | torch.device = "cpu", eager: bool = False, graph_sizes=None):
     """A preset with random weights built directly on `device` in the preset's dtype (float32 on the CPU), with the
-    static-cache decoder and the fused tower unless `eager`. Returns (model, seconds to build, seconds of their
+    static-cache decoder and the fused tower unless `eager` (its CUDA graphs at the frame counts `graph_sizes`; None:
+    1, 2, 4, ... 64 on CUDA). Returns (model, seconds to build, seconds of their
     warm-up)."""
     from vstream.config import preset
     from vstream.model.loading import build_random
@@ -81,7 +82,7 @@ def load_bench_model(name: str, device: str | torch.device = "cpu", eager: bool 
     built = time.perf_counter() - t0
     t0 = time.perf_counter()
     if not eager:
-        sizes = (graph_batch_sizes if graph_batch_sizes is not None
+        sizes = (graph_sizes if graph_sizes is not None
                  else ((1, 2, 4, 8, 16, 32, 64) if device.type == "cuda" else ()))
         model.vision.use_fused(tuple(sizes))
         model.use_static_decoder()
@@ -268,9 +269,10 @@ def tower_gflop(cfg) -> float:
     return (per_layer * cfg.num_layers_used + patch) / 1e9
 
 
-def encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats: int = 20, anchor: bool = True) -> dict:
-    """Frames/s of the vision tower at each batch size: the fast path as enabled on `model.vision`, the truncated
-    tower through transformers' modules, and (anchor) the full-depth transformers tower read at hidden state -2."""
+def encode_benchmark(model, frame_counts=(1, 8, 64, 256), repeats: int = 20, anchor: bool = True) -> dict:
+    """Frames/s of the vision tower at each of `frame_counts` frames a call (a row's "batch"): the fast path as
+    enabled on `model.vision`, the truncated tower through transformers' modules, and (anchor) the full-depth
+    transformers tower read at hidden state -2."""
     from transformers import CLIPVisionModel
 
     from vstream.encoder.tower import clip_config
@@ -278,13 +280,13 @@ def encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats: int = 20, anch
     tower, device = model.vision, model.device
     dtype = tower.clip.embeddings.patch_embedding.weight.dtype
     cfg = tower.cfg
-    variants = {"fast": lambda x: tower.encode(x, batch_size=max(batch_sizes))}
+    variants = {"fast": lambda x: tower.encode(x, max(frame_counts))}
     saved = (tower.fused, tower.graphs)
 
     def truncated(x):
         tower.fused, tower.graphs = False, {}
         try:
-            return tower.encode(x, batch_size=max(batch_sizes))
+            return tower.encode(x, max(frame_counts))
         finally:
             tower.fused, tower.graphs = saved
 
@@ -297,7 +299,7 @@ def encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats: int = 20, anch
         variants["hf_full_hidden_states"] = lambda x: full(pixel_values=x, output_hidden_states=True).hidden_states[-2]  # noqa: F821 (called before the del below)
     torch.manual_seed(0)
     rows = []
-    for b in batch_sizes:
+    for b in frame_counts:
         inputs = [torch.randn(b, 3, cfg.image_size, cfg.image_size, device=device, dtype=dtype) for _ in range(2)]
         row = {"batch": b}
         for name, fn in variants.items():
@@ -556,7 +558,7 @@ def profile_tables(model) -> str:
     for name, fn in {
         "prefill": lambda: dec.prefill(embeds, start),
         "decode_steps": lambda: [dec.step() for _ in range(20)],
-        "encode64": lambda: model.vision.encode(pixels, batch_size=64),
+        "encode64": lambda: model.vision.encode(pixels, 64),
     }.items():
         fn()
         torch.cuda.synchronize()

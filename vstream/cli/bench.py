@@ -87,15 +87,15 @@ def bench_memory(
 def bench_encode(
     preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
-    batches: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
-    repeats: Annotated[int, typer.Option(help="Timed calls per batch size.")] = 5,
+    batches: Annotated[str, typer.Option(help="Frames per call of the tower (batch sizes), comma-separated.")] = "1,8",
+    repeats: Annotated[int, typer.Option(help="Timed calls per frame count.")] = 5,
     as_json: JsonOpt = False,
 ) -> None:
     """Vision tower frames/s: fast path, truncated transformers tower, full tower at hidden state -2 (anchor)."""
     from vstream.bench import encode_benchmark
 
     model, load = _model(preset, device)
-    r = encode_benchmark(model, batch_sizes=_ints(batches, "batches"), repeats=repeats) | {"load": load}
+    r = encode_benchmark(model, frame_counts=_ints(batches, "batches"), repeats=repeats) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -183,7 +183,7 @@ def _all_runs(model, lengths, counts, seconds) -> dict:
     return {
         "answer": lambda: bench.answer_benchmark(model, new_tokens=128, repeats=20, anchor_tokens=128,
                                                  compile_anchor=True),
-        "encode": lambda: bench.encode_benchmark(model, batch_sizes=(1, 8, 64, 256), repeats=20),
+        "encode": lambda: bench.encode_benchmark(model, frame_counts=(1, 8, 64, 256), repeats=20),
         "memory": lambda: bench.memory_benchmark(model, lengths=lengths, repeats=200),
         "streams": lambda: bench.streams_benchmark(model, counts=counts, seconds=seconds, warm_frames=27),
     }

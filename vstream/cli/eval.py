@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from vstream.cli.extras import needs_extra
-from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt
+from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, FramesPerCallOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt
 from vstream.errors import UserInputError
 
 VisionTowerOpt = Annotated[
@@ -22,7 +22,7 @@ def extract_features_command(
     out_dir: Annotated[Path, typer.Argument(help="Folder for the .safetensors files (created if needed).")],
     model: ModelOpt = DEFAULT_MODEL,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 32,
+    frames_per_call: FramesPerCallOpt = 32,
     vision_tower: VisionTowerOpt = None,
 ) -> None:
     """One feature file per video, {'feature': [T, grid^2, D]} at the model's sample rate; finished files are kept."""
@@ -31,10 +31,10 @@ def extract_features_command(
 
     if not videos_dir.is_dir():
         raise UserInputError(f"VIDEOS_DIR must be an existing folder, got {videos_dir}")
-    if batch_size < 1:
-        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
+    if frames_per_call < 1:
+        raise UserInputError(f"--frames-per-call must be >= 1, got {frames_per_call}")
     m = vstream.load(model, device=device, vision_tower=vision_tower)
-    done = extract_features(m, videos_dir, out_dir, batch_size=batch_size, show_progress=True)
+    done = extract_features(m, videos_dir, out_dir, frames_per_call, show_progress=True)
     typer.echo(f"{len(done['written'])} written, {len(done['skipped'])} already there, in {out_dir}")
 
 
@@ -68,7 +68,7 @@ def eval_command(
     max_new_tokens: MaxNewTokensOpt = None,
     rvs_originals: Annotated[bool, typer.Option(help="RVS: ask every question on the original long video at its "
                                                      "end_time (videos named by original_video).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Frames per encoder call.")] = 8,
+    frames_per_call: FramesPerCallOpt = 8,
     workers: Annotated[int, typer.Option(help="Processes over videos, each with its own model.")] = 1,
     device: DeviceOpt = "auto",
     vision_tower: VisionTowerOpt = None,
@@ -82,7 +82,7 @@ def eval_command(
     from vstream.eval.judges import build_judge
     from vstream.eval.runner import RunConfig
 
-    _check(mode, speed, features, workers, batch_size)
+    _check(mode, speed, features, workers, frames_per_call)
     bench = load_benchmark(benchmark, data, qa_file=qa, videos=videos, features=features, limit=limit,
                            originals=rvs_originals)
     scorer = None
@@ -93,19 +93,20 @@ def eval_command(
     out = out or Path("eval") / f"{benchmark}-{mode}"
     for one in ("offline", "streaming") if mode == "both" else (mode,):
         cfg = RunConfig(benchmark=benchmark, mode=one, model=model, memory_mode=memory_mode,
-                        max_new_tokens=max_new_tokens, batch_size=batch_size, speed=None if one == "offline" else speed,
+                        max_new_tokens=max_new_tokens, frames_per_call=frames_per_call,
+                        speed=None if one == "offline" else speed,
                         source="features" if features is not None else "video", originals=rvs_originals,
                         device=device, vision_tower=vision_tower)
         _evaluate(bench, cfg, scorer, out / one if mode == "both" else out, workers)
 
 
-def _check(mode: str, speed: float | None, features: Path | None, workers: int, batch_size: int) -> None:
+def _check(mode: str, speed: float | None, features: Path | None, workers: int, frames_per_call: int) -> None:
     if mode not in ("offline", "streaming", "both"):
         raise UserInputError(f"--mode must be offline, streaming or both, got {mode!r}")
     if speed is not None and (mode == "offline" or features is not None or speed <= 0):
         raise UserInputError(f"--speed needs --mode streaming, videos (not --features) and a value > 0, got {speed}")
-    if workers < 1 or batch_size < 1:
-        raise UserInputError(f"--workers and --batch-size must be >= 1, got {workers} and {batch_size}")
+    if workers < 1 or frames_per_call < 1:
+        raise UserInputError(f"--workers and --frames-per-call must be >= 1, got {workers} and {frames_per_call}")
 
 
 def _evaluate(bench, cfg, scorer, out: Path, workers: int) -> None:

@@ -45,8 +45,12 @@ def world_eval(
     out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and accuracy.png.")]
     = Path("runs/world-eval"),
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option(help="Questions handed to the model's engine together (with "
-                                            "--watches: conditions scored per call).")] = 64,
+    questions_per_call: Annotated[int, typer.Option(help="Questions handed to the model's engine together (each "
+                                                    "under every ablation).")] = 64,
+    conditions_per_forward: Annotated[int, typer.Option(help="With --watches: watch conditions scored in one "
+                                                        "forward over a memory.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(hidden=True, help="Deprecated: sets --questions-per-call "
+                                                      "and --conditions-per-forward.")] = None,
     from_results: Annotated[Optional[Path], typer.Option(help="Render report.md and accuracy.png from this "
                                                          "results.json instead of evaluating.")] = None,
     watches: Annotated[bool, typer.Option("--watches", help="Evaluate watches (standing questions) instead: "
@@ -59,9 +63,13 @@ def world_eval(
     """Accuracy per question type on streams of the procedural world (with --ablate: each memory part switched off;
     with --watches: how watches fire)."""
     needs_extra("eval", "world-eval")  # its plot
+    if batch_size is not None:  # the old option, one value for both counts
+        typer.echo("--batch-size is deprecated: use --questions-per-call (with --watches: --conditions-per-forward)",
+                   err=True)
+        questions_per_call = conditions_per_forward = batch_size
     if watches:
-        return _watches(model, split, streams, start, calibration_streams, watch_threshold, device, batch_size, out,
-                        from_results)
+        return _watches(model, split, streams, start, calibration_streams, watch_threshold, device,
+                        conditions_per_forward, out, from_results)
     if from_results is not None:
         results = read_results(from_results)
         out.mkdir(parents=True, exist_ok=True)
@@ -70,7 +78,7 @@ def world_eval(
         write_report(results, out)
         typer.echo(f"report written to {out / REPORT} and {out / PLOT}")
         return
-    results = run_world_eval(model, split, streams, start, source, ablate, device, batch_size)
+    results = run_world_eval(model, split, streams, start, source, ablate, device, questions_per_call)
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS).write_text(json.dumps(results, indent=1))
     write_report(results, out)
@@ -80,15 +88,16 @@ def world_eval(
     typer.echo(f"wrote {out / RESULTS}, {out / REPORT} and {out / PLOT}")
 
 
-def _watches(model, split, streams, start, calibration_streams, threshold, device, batch_size, out, from_results):
+def _watches(model, split, streams, start, calibration_streams, threshold, device, conditions_per_forward, out,
+             from_results):
     from vstream.cli import world_watches
 
     if from_results is not None:
         results = world_watches.read(from_results)
     else:
-        _check(model, split, streams, start, "render", batch_size)
-        results = world_watches.run(model, split, streams, start, calibration_streams, threshold, device, batch_size,
-                                    lambda m: _provenance(model, m), out)
+        _check(model, split, streams, start, "render", ("--conditions-per-forward", conditions_per_forward))
+        results = world_watches.run(model, split, streams, start, calibration_streams, threshold, device,
+                                    conditions_per_forward, lambda m: _provenance(model, m), out)
     world_watches.write(results, out)
     typer.echo(f"wrote {out / world_watches.RESULTS}, {out / world_watches.REPORT} and {out / world_watches.PLOT}")
 
@@ -111,23 +120,24 @@ def _provenance(model: str, m) -> dict:
 
 
 def run_world_eval(model: str | None, split: str, streams: int, start: int, source: str, ablate: bool, device: str,
-                   batch_size: int) -> dict:
+                   questions_per_call: int) -> dict:
     """Check the arguments, load the model, evaluate; the results with what produced them."""
     import vstream
     from vstream.eval.world import evaluate
 
-    _check(model, split, streams, start, source, batch_size)
+    _check(model, split, streams, start, source, ("--questions-per-call", questions_per_call))
     m = vstream.load(model, device=resolve_device_option(device))
     ablations = ABLATIONS if ablate else (None,)
     results = evaluate(m, split=split, streams=streams, start=start, ablations=ablations, source=source,
-                       batch_size=batch_size)
+                       questions_per_call=questions_per_call)
     return _provenance(model, m) | {
         "ablations": ["full" if a is None else f"no_{a}" for a in ablations],
         "right": _right_counts(results["rows"], ["full" if a is None else f"no_{a}" for a in ablations]),
     } | results
 
 
-def _check(model: str | None, split: str, streams: int, start: int, source: str, batch_size: int) -> None:
+def _check(model: str | None, split: str, streams: int, start: int, source: str, per_call: tuple[str, int]) -> None:
+    """The options' checks before the model is loaded; `per_call`: (option, value) of the count that must be >= 1."""
     from vstream.synth.world import SPLIT_SEEDS, split_seeds
 
     if model is None:
@@ -140,8 +150,9 @@ def _check(model: str | None, split: str, streams: int, start: int, source: str,
     split_seeds(split, streams, start)  # a range outside the split fails before the model is loaded
     if source not in ("render", "video"):
         raise UserInputError(f"--source must be render or video, got {source!r}")
-    if batch_size < 1:
-        raise UserInputError(f"--batch-size must be >= 1, got {batch_size}")
+    option, count = per_call
+    if count < 1:
+        raise UserInputError(f"{option} must be >= 1, got {count}")
 
 
 def _device_name(device) -> str:

@@ -20,7 +20,7 @@ TARGETS = {"recall": 0.9, "precision": 0.9, "delay_median_s": 2.0, "delay_p95_s"
 
 
 def run(model_name: str, split: str, streams: int, start: int, calibration_streams: int, threshold: float,
-        device: str, batch_size: int, provenance, out: Path) -> dict:
+        device: str, conditions_per_forward: int, provenance, out: Path) -> dict:
     """Load the model and evaluate its watches; the results with what produced them (`provenance(model)`). The
     rows scored so far are kept in `out/watches.partial.json` after each stream until the run ends."""
     import vstream
@@ -32,7 +32,8 @@ def run(model_name: str, split: str, streams: int, start: int, calibration_strea
     m = vstream.load(model_name, device=resolve_device_option(device))
     partial = out / PARTIAL
     out.mkdir(parents=True, exist_ok=True)
-    results = evaluate_watches(m, split, streams, start, calibration_streams, threshold, batch_size=batch_size,
+    results = evaluate_watches(m, split, streams, start, calibration_streams, threshold,
+                               conditions_per_forward=conditions_per_forward,
                                on_stream=lambda rows: partial.write_text(json.dumps(rows)))
     partial.unlink(missing_ok=True)
     return provenance(m) | results

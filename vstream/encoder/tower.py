@@ -19,6 +19,7 @@ import dataclasses
 import json
 import re
 import time
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -93,26 +94,26 @@ class VisionTower(nn.Module):
 
     # ---------------------------------------------------------------- fused path (same function, fewer passes)
 
-    def use_fused(self, graph_batch_sizes: tuple[int, ...] = ()) -> "VisionTower":
-        """Run the blocks through `_fused_forward`; on CUDA also capture one graph per batch size in
-        `graph_batch_sizes`, and cut every batch into those sizes (largest first). Returns the warm-up seconds in
+    def use_fused(self, graph_sizes: tuple[int, ...] = ()) -> "VisionTower":
+        """Run the blocks through `_fused_forward`; on CUDA also capture one graph per frame count in `graph_sizes`,
+        and cut the frames of every call into those sizes (largest first). Returns the warm-up seconds in
         `self.warmup_s`. Call after moving the tower to its device and dtype."""
         self.fused = True
         t0 = time.perf_counter()
-        self.graphs = self.capture(graph_batch_sizes)
+        self.graphs = self.capture(graph_sizes)
         self.warmup_s = time.perf_counter() - t0
         return self
 
-    def capture(self, batch_sizes: tuple[int, ...]) -> dict[int, "_CapturedTower"]:
-        """The fused forward captured in one CUDA graph per batch size (sharing one memory pool). Their static inputs
-        and outputs belong to whoever holds them: one thread passes them to `encode(graphs=...)`."""
-        if not batch_sizes:
+    def capture(self, sizes: tuple[int, ...]) -> dict[int, "_CapturedTower"]:
+        """The fused forward captured in one CUDA graph per frame count in `sizes` (sharing one memory pool). Their
+        static inputs and outputs belong to whoever holds them: one thread passes them to `encode(graphs=...)`."""
+        if not sizes:
             return {}
         weight = self.clip.embeddings.patch_embedding.weight
         if weight.device.type != "cuda":
             raise ValueError(f"CUDA graphs need the tower on a CUDA device, it is on {weight.device}")
         pool = torch.cuda.graph_pool_handle()
-        graphs = {n: _CapturedTower(self, n, pool) for n in sorted(set(batch_sizes), reverse=True)}  # largest first
+        graphs = {n: _CapturedTower(self, n, pool) for n in sorted(set(sizes), reverse=True)}  # largest first
         torch.cuda.synchronize(weight.device)
         return graphs
 
@@ -143,7 +144,7 @@ class VisionTower(nn.Module):
         return x.view(n, t, d)[:, 1:]
 
     def _replay(self, pixel_values: torch.Tensor, graphs: dict[int, "_CapturedTower"]) -> torch.Tensor:
-        """Cut the batch into captured sizes, largest first (37 = 32 + 4 + 1 with sizes 1, 2, 4, ..., 32)."""
+        """Cut the frames into captured sizes, largest first (37 = 32 + 4 + 1 with sizes 1, 2, 4, ..., 32)."""
         out = torch.empty(pixel_values.shape[0], self.num_tokens, self.cfg.hidden_size,
                           dtype=self.clip.embeddings.patch_embedding.weight.dtype, device=pixel_values.device)
         i, n = 0, pixel_values.shape[0]
@@ -158,19 +159,24 @@ class VisionTower(nn.Module):
         return out
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor, batch_size: int = 64,
-               graphs: dict[int, "_CapturedTower"] | None = None) -> torch.Tensor:
-        """Patch features [n, grid*grid, D] of pixel values [n, 3, S, S], `batch_size` frames at a time, in the tower's
-        dtype and device; through `graphs` (from `capture`) when given. The result is an inference tensor: `.clone()`
-        it before using it where autograd records."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    def encode(self, pixel_values: torch.Tensor, frames_per_call: int = 64,
+               graphs: dict[int, "_CapturedTower"] | None = None, *, batch_size: int | None = None) -> torch.Tensor:
+        """Patch features [n, grid*grid, D] of pixel values [n, 3, S, S], `frames_per_call` frames a call of the tower,
+        in the tower's dtype and device; through `graphs` (from `capture`) when given. The result is an inference
+        tensor: `.clone()` it before using it where autograd records. `batch_size` is the old name of
+        `frames_per_call` (deprecated)."""
+        if batch_size is not None:
+            warnings.warn("VisionTower.encode's batch_size is now called frames_per_call", DeprecationWarning,
+                          stacklevel=3)
+            frames_per_call = batch_size
+        if frames_per_call < 1:
+            raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
         weight = self.clip.embeddings.patch_embedding.weight
         n = pixel_values.shape[0]
         out = torch.empty(n, self.num_tokens, self.cfg.hidden_size, dtype=weight.dtype, device=weight.device)
-        for i in range(0, n, batch_size):
-            batch = pixel_values[i : i + batch_size].to(device=weight.device, dtype=weight.dtype)
-            out[i : i + batch_size] = self(batch) if not graphs else self._replay(self._checked(batch), graphs)
+        for i in range(0, n, frames_per_call):
+            chunk = pixel_values[i : i + frames_per_call].to(device=weight.device, dtype=weight.dtype)
+            out[i : i + frames_per_call] = self(chunk) if not graphs else self._replay(self._checked(chunk), graphs)
         return out
 
     def _checked(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -183,12 +189,12 @@ class VisionTower(nn.Module):
 
 
 class _CapturedTower:
-    """The fused forward of one batch size captured in a CUDA graph: inputs and outputs are static tensors."""
+    """The fused forward of one frame count captured in a CUDA graph: inputs and outputs are static tensors."""
 
-    def __init__(self, tower: VisionTower, batch: int, pool):
+    def __init__(self, tower: VisionTower, frames: int, pool):
         weight = tower.clip.embeddings.patch_embedding.weight
         size = tower.cfg.image_size
-        self.pixels = torch.randn(batch, 3, size, size, device=weight.device).to(weight.dtype)  # [b, 3, S, S]
+        self.pixels = torch.randn(frames, 3, size, size, device=weight.device).to(weight.dtype)  # [b, 3, S, S]
         side = torch.cuda.Stream(weight.device)
         side.wait_stream(torch.cuda.current_stream(weight.device))
         with torch.cuda.stream(side):

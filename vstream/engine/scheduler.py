@@ -10,7 +10,7 @@ Each iteration of the engine thread does up to two things:
 
 1. **A round of frames**, when frames wait and (no answer is running, or `round_every_s` and twice the last round's
    duration (its device time on CUDA) have passed since the last round began, so answers get at least half of a
-   loaded engine): up to `frames_per_round` frames from all streams, at most `lane.batch` from each, taken
+   loaded engine): up to `frames_per_round` frames from all streams, at most `lane.frames_per_round` from each, taken
    round-robin so that no stream waits behind the others. They go through the tower in one batch (captured CUDA
    graphs on CUDA); the memories take their frames (steady updates of the memories of one `MemoryPage` as one
    batched update, replayed from a captured graph); each stream publishes its new snapshot (one reference swap;
@@ -78,8 +78,9 @@ class EngineConfig:
     SmolLM2 takes about a second, which would hold the rounds of frames back long enough to drop live frames."""
     cuda_graphs: bool | None = None
     """Capture the tower, the memory updates and the decode step in CUDA graphs (None: on CUDA)."""
-    tower_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    """Batch sizes the tower is captured at; a round's batch is cut into them, largest first."""
+    tower_graph_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    """Frame counts the tower is captured at (a CUDA graph each); a round's frames are cut into them, largest
+    first."""
     seed: int = 0
     """Seed of the sampled answers' noise."""
     memory_page: int = 0
@@ -164,14 +165,14 @@ class Lane:
     """One stream inside the engine: its queue of (time, uint8 crop) frames, its processor (engine thread only), its
     published snapshot and counters. Feeders call `put` and `end`; everything else is the engine's."""
 
-    def __init__(self, engine: "Engine", history: int, queue_size: int, batch: int, live: bool):
+    def __init__(self, engine: "Engine", history: int, queue_size: int, frames_per_round: int, live: bool):
         self.engine = engine
         self.processor = StreamProcessor(engine.model, history=history, new_memory=engine.new_memory)
         memory = self.processor.memory
         if engine.graphs and hasattr(memory, "enable_cuda_graph"):  # a page's memory: for its fill phase
             memory.enable_cuda_graph(engine.graph_pool())
         self.queue = FrameQueue(queue_size)
-        self.batch, self.live = batch, live
+        self.frames_per_round, self.live = frames_per_round, live  # this stream's share of a round
         self.counters = Counters()
         self.error: BaseException | None = None
         self.snapshot: Snapshot | None = None
@@ -286,7 +287,8 @@ class Engine:
         cuda = model.device.type == "cuda"
         self.graphs = cuda if c.cuda_graphs is None else c.cuda_graphs
         t0 = time.perf_counter()
-        self.tower_graphs = model.vision.capture(c.tower_batches) if self.graphs and model.vision is not None else None
+        self.tower_graphs = (model.vision.capture(c.tower_graph_sizes) if self.graphs and model.vision is not None
+                             else None)
         self.batched = batchable(model.llm)
         slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU is compute-bound: more slots gain little
         chunk = c.prefill_chunk if cuda else min(c.prefill_chunk, 256)
@@ -317,12 +319,12 @@ class Engine:
 
     # ---------------------------------------------------------------- any thread
 
-    def open(self, history: int = 0, queue_size: int = 8, batch: int = 8, live: bool = True) -> Lane:
+    def open(self, history: int = 0, queue_size: int = 8, frames_per_round: int = 8, live: bool = True) -> Lane:
         """A new stream's lane: `history` past snapshots kept for "as of" questions, `queue_size` frames waiting,
-        at most `batch` of its frames per round, `live` (drop oldest) or not (the feeder waits)."""
-        if batch < 1:
-            raise ValueError(f"a lane's batch must be >= 1, got {batch}")
-        lane = Lane(self, history, queue_size, batch, live)
+        at most `frames_per_round` of its frames per round, `live` (drop oldest) or not (the feeder waits)."""
+        if frames_per_round < 1:
+            raise ValueError(f"a lane's frames_per_round must be >= 1, got {frames_per_round}")
+        lane = Lane(self, history, queue_size, frames_per_round, live)
         with self._lock:
             self.lanes.append(lane)
         self._ensure_thread()
@@ -505,7 +507,7 @@ class Engine:
                 break
             if not len(lane.queue) or lane.done.is_set():
                 continue
-            items = lane.queue.get_batch(min(lane.batch, budget), timeout=0)
+            items = lane.queue.get_batch(min(lane.frames_per_round, budget), timeout=0)
             budget -= sum(item is not _END for item in items)
             work.append((lane, items))
         self._next = start + 1
@@ -567,7 +569,7 @@ class Engine:
     def _features(self, crops: list[np.ndarray]) -> torch.Tensor:
         cuda = self.model.device.type == "cuda"
         host = self._stage(crops) if cuda else torch.from_numpy(np.stack(crops))  # [n, S, S, 3] uint8
-        features = self.model.encode_crops(host, batch_size=self.config.frames_per_round, graphs=self.tower_graphs)
+        features = self.model.encode_crops(host, self.config.frames_per_round, graphs=self.tower_graphs)
         if cuda:
             self._staged.record()  # the copy from `host` is queued: the next round waits for it before writing there
         return features

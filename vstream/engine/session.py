@@ -40,7 +40,8 @@ class StreamSession:
         it is queued (e.g. to keep thumbnails). `engine`: the model's shared engine by default."""
         self.model = model
         self.engine = engine if engine is not None else engine_of(model)
-        self.lane: Lane = self.engine.open(history=history, queue_size=queue_size, batch=frames_per_round, live=True)
+        self.lane: Lane = self.engine.open(history=history, queue_size=queue_size, frames_per_round=frames_per_round,
+                                           live=True)
         self.on_frames = on_frames
         self.live = False
         self._stop = threading.Event()

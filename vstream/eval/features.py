@@ -48,21 +48,22 @@ def list_videos(videos_dir: str | Path) -> list[str]:
     )
 
 
-def encode_video(model, path: str | Path, batch_size: int = 32) -> tuple[torch.Tensor, list[float]]:
-    """Sample `path` at the model's fps and encode it in batches -> (features [T, grid^2, D] on the CPU, times [T])."""
+def encode_video(model, path: str | Path, frames_per_call: int = 32) -> tuple[torch.Tensor, list[float]]:
+    """Sample `path` at the model's fps and encode it, `frames_per_call` frames a call of the encoder -> (features
+    [T, grid^2, D] on the CPU, times [T])."""
     chunks: list[torch.Tensor] = []
     times: list[float] = []
     frames: list[np.ndarray] = []
 
     def flush() -> None:
         if frames:
-            chunks.append(model.encode(frames, batch_size=batch_size).cpu())
+            chunks.append(model.encode(frames, frames_per_call).cpu())  # positional: see StreamProcessor.insert
             frames.clear()
 
     for t, frame in iter_frames(path, fps=model.cfg.sample_fps):
         times.append(t)
         frames.append(frame)
-        if len(frames) == batch_size:
+        if len(frames) == frames_per_call:
             flush()
     flush()
     if not times:
@@ -107,7 +108,7 @@ def load_features(path: str | Path) -> tuple[torch.Tensor, list[float]]:
 
 
 def extract_features(
-    model, videos_dir: str | Path, out_dir: str | Path, batch_size: int = 32,
+    model, videos_dir: str | Path, out_dir: str | Path, frames_per_call: int = 32,
     progress: Callable[[str, str], None] | None = None, show_progress: bool = False,
 ) -> dict[str, list[str]]:
     """Encode every video under `videos_dir` into `out_dir/<name>.safetensors`; files already there are kept.
@@ -127,7 +128,7 @@ def extract_features(
         if target.exists():
             status = "skipped"
         else:
-            features, times = encode_video(model, Path(videos_dir) / name, batch_size=batch_size)
+            features, times = encode_video(model, Path(videos_dir) / name, frames_per_call)
             save_features(target, features, times, meta | {"video": name})
             status = "written"
         done[status].append(name)

@@ -203,10 +203,12 @@ class OfflineJudge:
         mask = batch["attention_mask"][..., None].to(hidden.dtype)
         return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
 
-    def judge_many(self, items: list[tuple[str, str, str]], on_done=None, batch_size: int = 64) -> list[Verdict]:
+    def judge_many(self, items: list[tuple[str, str, str]], on_done=None, items_per_forward: int = 64) -> list[Verdict]:
+        """Judge (question, answer, prediction) triples in order, the answers (then the predictions) of
+        `items_per_forward` of them embedded in one forward."""
         out: list[Verdict] = []
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
+        for start in range(0, len(items), items_per_forward):
+            chunk = items[start : start + items_per_forward]
             answers = self.embed([a for _, a, _ in chunk])
             preds = self.embed([p or " " for _, _, p in chunk])
             for (_, a, p), sim in zip(chunk, (answers * preds).sum(-1).tolist()):

@@ -56,9 +56,9 @@ class SimulatedClock:
     live = False
     dropped = 0
 
-    def snapshots(self, model, source: Iterable[Frame], at: Sequence[float | None], batch_size: int,
+    def snapshots(self, model, source: Iterable[Frame], at: Sequence[float | None], frames_per_call: int,
                   name: str) -> Iterator[Snapshot]:
-        return snapshots_at(StreamProcessor(model), source, at, batch_size=batch_size, name=name)
+        return snapshots_at(StreamProcessor(model), source, at, frames_per_call, name=name)
 
 
 class WallClock:
@@ -73,11 +73,11 @@ class WallClock:
         self.speed, self.timeout = speed, timeout
         self.dropped = 0
 
-    def snapshots(self, model, source: Iterable[Frame], at: Sequence[float | None], batch_size: int,
+    def snapshots(self, model, source: Iterable[Frame], at: Sequence[float | None], frames_per_call: int,
                   name: str) -> Iterator[Snapshot]:
         """The engine's latest snapshot of the stream at each time's wall-clock moment (None: once the source ended
-        and every frame was ingested)."""
-        session = StreamSession(model, frames_per_round=batch_size).start(source, live=True)
+        and every frame was ingested); at most `frames_per_call` of its frames go into one round of the engine."""
+        session = StreamSession(model, frames_per_round=frames_per_call).start(source, live=True)
         start = time.monotonic()
         try:
             for t in at:
@@ -98,18 +98,19 @@ class WallClock:
 
 
 def play(model, source: Iterable[Frame], questions: Sequence[tuple[float | None, str]],
-         clock: SimulatedClock | WallClock | None = None, *, batch_size: int = 8, max_new_tokens: int | None = None,
-         name: str = "the source") -> Iterator[Played]:
+         clock: SimulatedClock | WallClock | None = None, *, frames_per_call: int = 8,
+         max_new_tokens: int | None = None, name: str = "the source") -> Iterator[Played]:
     """Play `source` ((t, frame) in time order: RGB frames, or pre-extracted features [grid^2, D]) and answer
-    `questions` ((time, prompt), times increasing, None = at the end) under `clock` (see the module docstring)."""
+    `questions` ((time, prompt), times increasing, None = at the end) under `clock` (see the module docstring),
+    `frames_per_call` frames a call of the encoder."""
     at = [t for t, _ in questions]
     keys = [math.inf if t is None else t for t in at]
     if keys != sorted(keys):
         raise ValueError(f"question times must increase (None last), got {at}")
     if clock is None:
-        snaps = snapshots_at(StreamProcessor(model, offline=True), source, at, batch_size=batch_size, name=name)
+        snaps = snapshots_at(StreamProcessor(model, offline=True), source, at, frames_per_call, name=name)
     else:
-        snaps = clock.snapshots(model, source, at, batch_size, name)
+        snaps = clock.snapshots(model, source, at, frames_per_call, name)
     # an engine made here gets one KV-cache slot per question (at most 32): `vstream ask` with one question on a 7B
     # model holds 1.2 K positions of keys (0.6 GB in fp16), not the serving default's 32 slots (20 GB)
     slots = EngineConfig(answer_slots=max(1, min(len(questions), 32)))

@@ -49,8 +49,8 @@ class RunConfig:
     memory_mode: str | None = None
     """None: the model's own mode."""
     max_new_tokens: int | None = None
-    batch_size: int = 8
-    """Frames per encoder call."""
+    frames_per_call: int = 8
+    """Frames per call of the vision encoder (`batch_size` in a run.json written before the rename)."""
     speed: float | None = None
     """Streaming only: replay live at this multiple of real time (None: simulated time)."""
     source: str = "video"
@@ -77,6 +77,8 @@ def check_run_file(out_dir: Path, cfg: RunConfig) -> None:
     path = out_dir / RUN_FILE
     if path.exists():
         old = json.loads(path.read_text())
+        if "batch_size" in old:  # a run from before frames_per_call had its name
+            old["frames_per_call"] = old.pop("batch_size")
         if old != cfg.key():
             diff = {k: (old.get(k), v) for k, v in cfg.key().items() if old.get(k) != v}
             raise UserInputError(f"{out_dir} holds predictions of another run (field: (theirs, this run's)) {diff}: "
@@ -178,7 +180,7 @@ def predict_video(model, bench: Benchmark, video: str, questions: list[Question]
         clock = None
     else:
         clock = SimulatedClock() if cfg.speed is None else WallClock(cfg.speed, cfg.timeout)
-    plays = play(model, source, [(q.time, q.prompt()) for q in ordered], clock, batch_size=cfg.batch_size,
+    plays = play(model, source, [(q.time, q.prompt()) for q in ordered], clock, frames_per_call=cfg.frames_per_call,
                  max_new_tokens=cfg.max_new_tokens, name=name)
     records = []
     try:

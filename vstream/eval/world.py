@@ -3,7 +3,8 @@
 Each stream is played once through the model's streaming memory (`memory_snapshots`, as inference does) from its
 rendered frames (`source="render"`) or from the H.264 video the world writes (`source="video"`, decoded like any
 file); each question is answered greedily from the memory as of its time, decoded by the model's engine (`engine_of`,
-the batched decoder that serves streams), `batch_size` questions (each under every ablation) handed to it together. An
+the batched decoder that serves streams), `questions_per_call` questions (each under every ablation) handed to it
+together. An
 ablation drops the tokens of one memory part (`spatial`, `temporal`, `abstract`, `retrieved`) from every snapshot.
 Scoring is exact match after `normalise_keep_word_breaks` (lower case, punctuation as spaces, no leading article).
 
@@ -52,7 +53,7 @@ def answer_batch(model, memories: Sequence[MemoryRead], questions: Sequence[str]
 
 def evaluate(
     model, split: str = "test", streams: int = 50, start: int = 0, ablations: Sequence[str | None] = (None,),
-    source: str = "render", batch_size: int = 64, frame_size: int = 128, progress: bool = True,
+    source: str = "render", questions_per_call: int = 64, frame_size: int = 128, progress: bool = True,
 ) -> dict:
     """{"rows": [per question: seed, time, type, question, answer, and per ablation the prediction and whether it is
     right], "accuracy": {ablation: {type: acc, "overall": acc}}, "questions": n, ...}."""
@@ -86,7 +87,7 @@ def evaluate(
                 row = {"seed": seed, "time": qa.time, "type": qa.type, "question": qa.question, "answer": qa.answer}
                 rows.append(row)
                 pending.append((row, memory))
-                if len(pending) >= batch_size:
+                if len(pending) >= questions_per_call:
                     flush()
         if pending:
             flush()

@@ -34,8 +34,8 @@ from typing import ClassVar
 import torch
 
 from vstream.memory.kmeans import KMeansResult, exact_copies
-from vstream.memory.star import (MemoryRead, cluster_spans, copy_tensors, held_tensors, nearest_most_recent,
-                                 span_sources, tensor_bytes)
+from vstream.memory.star import MemoryRead, cluster_spans, nearest_most_recent, span_sources
+from vstream.memory.state import HeldState
 
 
 @dataclass
@@ -188,8 +188,10 @@ def gram_lloyd(points: torch.Tensor, weight: torch.Tensor, k: int, init: torch.T
     return KMeansResult(centroids, wsum_out.float(), labels_out, src.float())
 
 
-class FlashMemory:
+class FlashMemory(HeldState):
     """CSM + DAM over units of pre-merger features; see the module docstring."""
+
+    state_name = "flash memory state"
 
     def __init__(self, cfg: FlashMemoryConfig, dim: int, n_small: int, n_full: int, merge: int = 4,
                  device=None, dtype=torch.float32):
@@ -205,14 +207,6 @@ class FlashMemory:
         self.n_csm = 0  # host counter: filled clusters
 
     # ---------------------------------------------------------------- budgets
-
-    def _state(self) -> dict[str, torch.Tensor]:
-        return held_tensors(self)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the state tensors (fixed at construction)."""
-        return tensor_bytes(self._state())
 
     @property
     def max_tokens(self) -> int:
@@ -325,14 +319,11 @@ class FlashMemory:
 
     # ---------------------------------------------------------------- state
 
-    def state_dict(self) -> dict:
-        """Tensors and counters that restore this memory exactly with `load_state_dict`."""
-        return {"tensors": {k: v.clone() for k, v in self._state().items()},
-                "counters": {"units_seen": self.units_seen, "n_csm": self.n_csm}}
+    def _counters(self) -> dict:
+        return {"units_seen": self.units_seen, "n_csm": self.n_csm}
 
-    def load_state_dict(self, state: dict) -> None:
-        copy_tensors(self._state(), state["tensors"], "flash memory state")
-        self.units_seen, self.n_csm = int(state["counters"]["units_seen"]), int(state["counters"]["n_csm"])
+    def _restore_counters(self, counters: dict) -> None:
+        self.units_seen, self.n_csm = int(counters["units_seen"]), int(counters["n_csm"])
 
 
 __all__ = ["am_rope_positions", "gram_lloyd", "gram_seeds", "FlashMemory", "FlashMemoryConfig",

@@ -28,6 +28,7 @@ from vstream.devices import graph_sizes
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import squared_distances
+from vstream.memory.state import tensor_bytes
 from vstream.memory.star import (PaperStarMemory, cluster_spans, nearest_most_recent, paper_state_layout, seeded_kmeans,
                                  span_sources)
 
@@ -68,7 +69,7 @@ class MemoryPage:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state.values())
+        return tensor_bytes(self.state)
 
     def new_memory(self) -> PaperStarMemory:
         """A fresh memory in a free row (ValueError when none is free)."""

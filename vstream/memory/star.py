@@ -38,6 +38,7 @@ from vstream.config import MemoryConfig
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import KMeansResult, exact_copies, lloyd_frozen, squared_distances, weighted_kmeans
+from vstream.memory.state import HeldState
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def without(memory: MemoryRead, parts: Sequence[str]) -> MemoryRead:
     )
 
 
-class StarMemoryBase:
+class StarMemoryBase(HeldState):
     """What both modes share: configuration, pooling of new frames, counters and budgets."""
 
     page = None  # the MemoryPage holding this memory's state, if any (paper mode only)
@@ -123,14 +124,6 @@ class StarMemoryBase:
         spa, tem, abs_ = pyramid(features, c.spatial_size, c.temporal_size, c.abstract_size)
         return spa, tem, abs_, times
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        return held_tensors(self)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the state tensors (fixed at construction)."""
-        return tensor_bytes(self._state())
-
     @property
     def max_tokens(self) -> int:
         return self.cfg.max_tokens
@@ -142,41 +135,12 @@ class StarMemoryBase:
     def counts(self) -> dict[str, int]:
         raise NotImplementedError
 
-    def state_dict(self) -> dict:
-        """Tensors and counters that restore this memory exactly with `load_state_dict`."""
-        if self.page is not None:
+    def _settle(self) -> None:
+        if self.page is not None:  # the page's queued updates of this memory run first
             self.page.flush()
-        return {"tensors": {k: v.clone() for k, v in self._state().items()}, "counters": self._counters()}
-
-    def load_state_dict(self, state: dict) -> None:
-        if self.page is not None:
-            self.page.flush()
-        copy_tensors(self._state(), state["tensors"], "memory state")
-        for name, value in state["counters"].items():
-            setattr(self, name, value)
 
     def _counters(self) -> dict:
         return {k: v for k, v in vars(self).items() if k == "frames_seen" or k.startswith("n_")}
-
-
-def held_tensors(obj) -> dict[str, torch.Tensor]:
-    """The tensors among `obj`'s attributes, by name: a memory's state."""
-    return {k: v for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
-
-
-def tensor_bytes(tensors: dict[str, torch.Tensor]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def copy_tensors(mine: dict[str, torch.Tensor], given: dict[str, torch.Tensor], what: str) -> None:
-    """Copy `given` into `mine` in place; the names and shapes must be the same (an error naming `what` otherwise)."""
-    if set(given) != set(mine):
-        raise ValueError(f"{what} has tensors {sorted(given)}, expected {sorted(mine)}")
-    for name, value in given.items():
-        if value.shape != mine[name].shape:
-            raise ValueError(f"{what} {name!r} has shape {tuple(value.shape)}, expected {tuple(mine[name].shape)}")
-    for name, value in given.items():
-        mine[name].copy_(value)
 
 
 def paper_state_layout(cfg: MemoryConfig, dim: int, dtype: torch.dtype) -> dict[str, tuple[tuple, torch.dtype, float]]:

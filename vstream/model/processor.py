@@ -203,8 +203,9 @@ class StreamProcessor:
 
     @torch.no_grad()
     def insert(self, times: Sequence[float], frames: Sequence[np.ndarray] | None = None,
-               features: torch.Tensor | None = None, batch_size: int = 32, publish: bool = True) -> None:
-        """Add frames in time order: RGB `frames` (encoded here) or their `features` [n, grid^2, D], one time each.
+               features: torch.Tensor | None = None, frames_per_call: int = 32, publish: bool = True) -> None:
+        """Add frames in time order: RGB `frames` (encoded here, `frames_per_call` a call of the encoder) or their
+        `features` [n, grid^2, D], one time each.
         `publish=False` leaves the latest snapshot for a later `publish_snapshots([...])`, which makes several
         streams' snapshots in one transfer from the device (and lets memories of one page update together first: the
         engine's round)."""
@@ -214,7 +215,8 @@ class StreamProcessor:
         if frames is not None:
             if len(frames) != len(times):
                 raise ValueError(f"expected one time per frame: {len(frames)} frames, {len(times)} times")
-            features = self.model.encode(list(frames), batch_size=batch_size) if frames else None
+            # positional: the models' encoders call it frames_per_call (FlashVStream) or batch_size (Qwen)
+            features = self.model.encode(list(frames), frames_per_call) if frames else None
         elif features.dim() != 3 or features.shape[0] != len(times):
             raise ValueError(f"expected features [n={len(times)}, tokens, D] (one time per frame), "
                              f"got {tuple(features.shape)}")
@@ -335,10 +337,11 @@ def collect_answer(snap: Snapshot, question: str, pieces: Iterable[str], timings
 
 
 def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.ndarray | torch.Tensor]],
-                 at: Sequence[float | None], batch_size: int = 32, name: str = "the source") -> Iterator[Snapshot]:
-    """Insert `(t, frame)`s of `source` in batches and yield the snapshot as of each time in `at` (increasing, None =
-    the end of the source): the memory of every frame with time <= that time. A frame is an RGB array, or a frame's
-    pre-extracted features [grid^2, D] (a tensor). The host holds one batch of frames."""
+                 at: Sequence[float | None], frames_per_call: int = 32, name: str = "the source") -> Iterator[Snapshot]:
+    """Insert `(t, frame)`s of `source` `frames_per_call` at a time (one call of the encoder) and yield the snapshot
+    as of each time in `at` (increasing, None = the end of the source): the memory of every frame with time <= that
+    time. A frame is an RGB array, or a frame's pre-extracted features [grid^2, D] (a tensor). The host holds at most
+    `frames_per_call` frames."""
     keys = [math.inf if t is None else t for t in at]
     if keys != sorted(keys):
         raise ValueError(f"snapshot times must increase (None last), got {list(at)}")
@@ -348,7 +351,7 @@ def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.nd
         if frames and isinstance(frames[0], torch.Tensor):
             processor.insert(times, features=torch.stack(frames))
         elif frames:
-            processor.insert(times, frames=frames, batch_size=batch_size)
+            processor.insert(times, frames=frames, frames_per_call=frames_per_call)
         times.clear()
         frames.clear()
 
@@ -361,7 +364,7 @@ def snapshots_at(processor: StreamProcessor, source: Iterable[tuple[float, np.nd
             return
         times.append(t)
         frames.append(frame)
-        if len(frames) == batch_size:
+        if len(frames) == frames_per_call:
             flush()
     flush()
     if processor.frames == 0:

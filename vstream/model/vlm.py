@@ -77,21 +77,22 @@ class FlashVStream(nn.Module):
 
     # ---------------------------------------------------------------- frames -> features -> memory
 
-    def encode(self, frames: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
-        """RGB frames (any size) -> patch features [n, grid^2, D] at the tower's selected layer."""
-        return self.encode_crops(torch.from_numpy(self.crop(frames)), batch_size=batch_size)
+    def encode(self, frames: Sequence[np.ndarray], frames_per_call: int = 32) -> torch.Tensor:
+        """RGB frames (any size) -> patch features [n, grid^2, D] at the tower's selected layer, `frames_per_call`
+        frames a call of the tower."""
+        return self.encode_crops(torch.from_numpy(self.crop(frames)), frames_per_call)
 
     def crop(self, frames: Sequence[np.ndarray]) -> np.ndarray:
         """RGB frames (any size) -> the tower's uint8 input crops [n, S, S, 3] (host work, no model)."""
         return crop_frames(frames, self.cfg.vision.image_size)
 
-    def encode_crops(self, crops: torch.Tensor, batch_size: int = 32, graphs: dict | None = None) -> torch.Tensor:
+    def encode_crops(self, crops: torch.Tensor, frames_per_call: int = 32, graphs: dict | None = None) -> torch.Tensor:
         """uint8 crops [n, S, S, 3] from `crop` (on any device) -> patch features [n, grid^2, D], normalised on the
         model's device; through the tower's captured `graphs` when given (see `VisionTower.capture`)."""
         if self.vision is None:
             raise RuntimeError("this model was loaded without a vision tower; pass pre-extracted features instead")
         pixels = normalise_crops(crops.to(self.device, non_blocking=True), self.cfg.vision)
-        return self.vision.encode(pixels, batch_size=batch_size, graphs=graphs)
+        return self.vision.encode(pixels, frames_per_call, graphs=graphs)
 
     def new_memory(self):
         """An empty streaming STAR memory of the configured mode, on the model's device and dtype."""
@@ -112,14 +113,14 @@ class FlashVStream(nn.Module):
 
     @torch.no_grad()
     def memory_snapshots(
-        self, video: str | Iterable[tuple[float, np.ndarray]], at: Sequence[float | None], batch_size: int = 32
+        self, video: str | Iterable[tuple[float, np.ndarray]], at: Sequence[float | None], frames_per_call: int = 32
     ) -> Iterator[MemoryRead]:
         """One sequential pass over `video` (a file path, or any `(t, frame)` source): yield the offline memory as of
         each time in `at` (increasing; None = the end), through a `StreamProcessor`.
 
-        Frames of a file are sampled at `cfg.sample_fps`, encoded in batches and added to the memory as they come, so
-        the host never holds more than one batch of frames. A `(t, frame)` source needs no video library (PyAV is
-        imported for a path only)."""
+        Frames of a file are sampled at `cfg.sample_fps`, encoded `frames_per_call` at a time and added to the memory
+        as they come, so the host never holds more than that many frames. A `(t, frame)` source needs no video
+        library (PyAV is imported for a path only)."""
         from vstream.model.processor import StreamProcessor, snapshots_at
 
         keys = [math.inf if t is None else t for t in at]
@@ -128,7 +129,7 @@ class FlashVStream(nn.Module):
             from vstream.video import iter_frames
 
             video = iter_frames(video, fps=self.cfg.sample_fps, until=None if math.inf in keys else max(keys))
-        snaps = snapshots_at(StreamProcessor(self, offline=True), video, at, batch_size=batch_size, name=name)
+        snaps = snapshots_at(StreamProcessor(self, offline=True), video, at, frames_per_call, name=name)
         try:
             for snap in snaps:
                 yield snap.memory

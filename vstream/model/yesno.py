@@ -12,8 +12,9 @@ prefill (up to the rounding of batched products). `yes_no_scores_shared` scores 
 prompt up to the end of the memory is the same for all, so it runs once and its KV cache serves each condition's
 question; the world's watch evaluation uses it. `score_pairs` takes any list of (memory, condition) pairs (the due
 watches of many streams) and runs both: pairs over one memory tensor share its prefix, the others go in right-padded
-batches, at most `MAX_BATCH` prompts a forward; a batch that raises is scored again pair by pair, so a bad memory (NaN
-tokens, the wrong width) or a bad condition fails only its own pairs, which get their exception instead of a score.
+batches, at most `PROMPTS_PER_FORWARD` prompts a forward; a batch that raises is scored again pair by pair, so a bad
+memory (NaN tokens, the wrong width) or a bad condition fails only its own pairs, which get their exception instead of
+a score.
 
 What this module does not do (yet): batch the prefill with the engine's other work, share a prefix across streams or
 cache the condition's prompt prefix; it is eager transformers forwards, to be run where the model may run (the engine
@@ -35,7 +36,7 @@ from vstream.model.splice import splice
 YES_SPELLINGS = ("Yes", " Yes", "yes", " yes", "YES")
 NO_SPELLINGS = ("No", " No", "no", " no", "NO")
 MAX_CONDITION_CHARS = 500
-MAX_BATCH = 32
+PROMPTS_PER_FORWARD = 32
 """Most prompts in one forward of `score_pairs` (more pairs run in several): bounds a batch's activations, so that
 one evaluation of many streams' watches never builds an unbounded batch."""
 
@@ -146,12 +147,13 @@ def yes_no_score(model, memory_tokens: torch.Tensor, condition: str) -> float:
     return _log_odds(logits, ids, [condition])[0]
 
 
-def score_pairs(model, pairs: Sequence[tuple[torch.Tensor, str]], max_batch: int = MAX_BATCH) -> list:
+def score_pairs(model, pairs: Sequence[tuple[torch.Tensor, str]],
+                prompts_per_forward: int = PROMPTS_PER_FORWARD) -> list:
     """The yes/no score of each (memory tokens [N, D], condition) pair, or the exception that scoring it raised (see
     the module docstring): pairs whose tokens are one tensor share its prefix (`yes_no_scores_shared`), the others
-    run in right-padded batches (`yes_no_scores`), at most `max_batch` prompts a forward."""
-    if max_batch < 1:
-        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    run in right-padded batches (`yes_no_scores`), at most `prompts_per_forward` prompts a forward."""
+    if prompts_per_forward < 1:
+        raise ValueError(f"prompts_per_forward must be >= 1, got {prompts_per_forward}")
     by_memory: dict[int, list[int]] = {}
     for i, (tokens, _) in enumerate(pairs):
         by_memory.setdefault(id(tokens), []).append(i)  # `pairs` holds every tensor: no id is reused meanwhile
@@ -162,16 +164,17 @@ def score_pairs(model, pairs: Sequence[tuple[torch.Tensor, str]], max_batch: int
             singles += group
             continue
         tokens = pairs[group[0]][0]
-        for chunk in _chunks(group, max_batch):
+        for chunk in _chunks(group, prompts_per_forward):
             _score_chunk(out, chunk, lambda c, m=tokens: yes_no_scores_shared(model, m, [pairs[i][1] for i in c]))
-    for chunk in _chunks(singles, max_batch):
+    for chunk in _chunks(singles, prompts_per_forward):
         _score_chunk(out, chunk, lambda c: yes_no_scores(model, [pairs[i] for i in c]))
     return out
 
 
-def scorer(model, max_batch: int = MAX_BATCH) -> Callable[[Sequence[tuple[torch.Tensor, str]]], list]:
+def scorer(model, prompts_per_forward: int = PROMPTS_PER_FORWARD) -> Callable[[Sequence[tuple[torch.Tensor, str]]],
+                                                                              list]:
     """`score_pairs` bound to `model`: what `vstream.engine.watches.evaluate_due` scores with."""
-    return functools.partial(score_pairs, model, max_batch=max_batch)
+    return functools.partial(score_pairs, model, prompts_per_forward=prompts_per_forward)
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:

@@ -7,9 +7,9 @@ the oldest events (it can tell: the first id it gets is not `last_id + 1`). The 
 each stream's latest snapshot and the watches due on it, and scores the due watches of ALL streams in one call on the
 engine thread (`Engine.call`; `vstream.engine.watches.evaluate_streams` with `vstream.model.yesno.scorer`: the recent
 parts first, then the full memories where a recent score came near its band; conditions over one memory share its
-prefix, the others are batched across streams, at most `max_batch` prompts a forward), waiting for it off the event
-loop. A stream whose snapshot or scores fail fails only its own watches, which back off. Events go to the stream's
-feed, from which the SSE route and every realtime socket of the stream read; a `watch.triggered` event carries
+prefix, the others are batched across streams, at most `prompts_per_forward` prompts a forward), waiting for it off
+the event loop. A stream whose snapshot or scores fail fails only its own watches, which back off. Events go to the
+stream's feed, from which the SSE route and every realtime socket of the stream read; a `watch.triggered` event carries
 `thumbnail_url`, the stream's frame route (`GET /v1/streams/{id}/frames?t=...`, relative to the server) for the kept
 thumbnail nearest its stream time (null when none is kept within `THUMBNAIL_WITHIN_S`).
 
@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from vstream.engine.watches import ESCALATED, FAILED, FULL, RECENT, TRIGGERED, Watch, evaluate_streams
-from vstream.model.yesno import MAX_BATCH, scorer
+from vstream.model.yesno import PROMPTS_PER_FORWARD, scorer
 from vstream.server.metrics import WATCH_TICK_BUCKETS, Histogram
 
 log = logging.getLogger("vstream.server")
@@ -108,9 +108,10 @@ class WatchBoard:
 class Watcher:
     """One thread that, at most every `tick_s`, scores the due watches of every stream in one engine call."""
 
-    def __init__(self, state, tick_s: float = 0.1, timeout_s: float = 60.0, max_batch: int = MAX_BATCH):
+    def __init__(self, state, tick_s: float = 0.1, timeout_s: float = 60.0,
+                 prompts_per_forward: int = PROMPTS_PER_FORWARD):
         self.state, self.tick_s, self.timeout_s = state, tick_s, timeout_s
-        self._score = scorer(state.model, max_batch)
+        self._score = scorer(state.model, prompts_per_forward)
         self.evaluations = collections.Counter(dict.fromkeys((RECENT, ESCALATED, FULL, FAILED), 0))
         """Evaluations by how they ended, over the server's life (`vstream.engine.watches`)."""
         self.tick_seconds = Histogram(WATCH_TICK_BUCKETS)
