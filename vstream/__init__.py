@@ -43,6 +43,7 @@ def load(
     vision_tower: str | Path | None = None,
     seed: int = 0,
     eager: bool | None = None,
+    lora: str | Path | None = None,
 ) -> FlashVStream:
     """Load a model: a preset name (random weights from `seed`), a released Flash-VStream directory or a vstream
     directory.
@@ -51,12 +52,14 @@ def load(
     the config's on CUDA and float32 on the CPU; `memory_mode` (`paper` or `official`) overrides the config's;
     `vision_tower` names a local CLIP directory for a released config that names a hub id; `eager=True` keeps the
     reference forward passes, `eager=False` runs the static-cache decoder and the fused tower (None: those for a
-    LLaMA decoder on CUDA, eager elsewhere). See `vstream.model.loading.load`.
+    LLaMA decoder on CUDA, eager elsewhere); `lora` names a LoRA adapter directory (PEFT's layout, such as the one
+    Flash-VStream-Qwen's training writes) merged into a Qwen2-VL / Qwen2.5-VL model's weights. See
+    `vstream.model.loading.load`.
     """
     from vstream.model.loading import load as _load
 
     return _load(path_or_preset, device=device, dtype=dtype, memory_mode=memory_mode, vision_tower=vision_tower,
-                 seed=seed, eager=eager)
+                 seed=seed, eager=eager, lora=lora)
 
 
 def __getattr__(name: str):

@@ -89,6 +89,7 @@ def load(
     vision_tower: str | Path | None = None,
     seed: int = 0,
     eager: bool | None = None,
+    lora: str | Path | None = None,
 ) -> FlashVStream:
     """Load a preset name (random weights from `seed`), a released-format directory or a vstream directory.
 
@@ -99,16 +100,20 @@ def load(
     `eager=True` keeps the reference paths (transformers' forward for the LLM and the tower); `eager=False` answers
     through the static-cache decoder (`FlashVStream.use_static_decoder`) and runs the tower's fused forward
     (`VisionTower.use_fused`); None (the default) is eager except for a LLaMA decoder on CUDA, where the other paths
-    were measured. Each stage logs one line on the `vstream.load` logger (see `Stages`).
+    were measured. `lora` names a LoRA adapter directory (PEFT's layout) merged into a Qwen model's weights (see
+    `vstream.model.qwen.adapter`). Each stage logs one line on the `vstream.load` logger (see `Stages`).
     """
     device = resolve_device(device)
-    if is_qwen(path_or_preset):  # Flash-VStream-Qwen: a Qwen preset or a Hugging Face Qwen2(.5)-VL directory
+    if is_qwen(path_or_preset):  # Flash-VStream-Qwen: a Qwen preset, a Hugging Face Qwen2(.5)-VL or release directory
         if memory_mode not in (None, "flash"):
             raise ConfigError(f"a Qwen2-VL / Qwen2.5-VL model runs Flash Memory: memory_mode must be 'flash' or "
                               f"None, got {memory_mode!r}")
-        return load_qwen(path_or_preset, device, _dtype(dtype), seed=seed)
+        return load_qwen(path_or_preset, device, _dtype(dtype), seed=seed, lora=lora)
     if memory_mode == "flash":
         raise ConfigError(f"memory_mode 'flash' needs a Qwen2-VL / Qwen2.5-VL model, got {str(path_or_preset)!r}")
+    if lora is not None:
+        raise ConfigError(f"lora= merges a LoRA adapter into a Qwen2-VL / Qwen2.5-VL model; {str(path_or_preset)!r} "
+                          f"is not one")
     stages = Stages(Path(str(path_or_preset)).name or str(path_or_preset), device)
     with stages("config") as stage:
         kind, path, cfg = _resolve(path_or_preset, vision_tower)

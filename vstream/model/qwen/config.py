@@ -58,6 +58,9 @@ class QwenModelConfig:
     """Conversation template (`vstream.model.prompts.TEMPLATES`)."""
     vision: VisionShape = field(default_factory=VisionShape)
     """The square frame side at the budget (read by the server's warm-up)."""
+    pca_dim: int = 32
+    """The release's `flash_memory_temporal_pca_dim`, kept as read. It changes nothing: the release's temporal method
+    (`kmeans_ordered`) clusters the full small-pass features; see `vstream.model.qwen.release`."""
 
     def __post_init__(self) -> None:
         if self.backbone not in BACKBONES:
@@ -135,7 +138,9 @@ def _hf(model_type: str, text: dict, vision: dict, ids: dict) -> dict:
 
 
 _ARCH = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
-_QWEN2_VL_7B_VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16, "mlp_ratio": 4,
+# Qwen2-VL-7B's vision tower: also the defaults of transformers' Qwen2-VL vision config, which a saved config.json
+# may leave out (see vstream.model.qwen.release)
+QWEN2_VL_7B_VISION = {"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "num_heads": 16, "mlp_ratio": 4,
                        "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
                        "hidden_act": "quick_gelu"}
 _QWEN25_VL_7B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
@@ -150,7 +155,7 @@ _TINY_PIXELS = {"max_pixels": 112 * 112, "min_pixels": 56 * 56, "vision": Vision
 QWEN_PRESETS: dict[str, QwenModelConfig] = {
     # Flash-VStream-Qwen: Qwen2-VL-7B shapes, the spec's defaults (60 CSM + 30 DAM units, 11,520 tokens).
     "flash-vstream-qwen-7b": QwenModelConfig(
-        name="flash-vstream-qwen-7b", backbone="qwen2_vl", hf=_hf("qwen2_vl", _TEXT_7B, _QWEN2_VL_7B_VISION, TINY_IDS)),
+        name="flash-vstream-qwen-7b", backbone="qwen2_vl", hf=_hf("qwen2_vl", _TEXT_7B, QWEN2_VL_7B_VISION, TINY_IDS)),
     # The same memory on Qwen2.5-VL-7B shapes (window attention ViT, absolute-time M-RoPE).
     "qwen2.5-vl-7b-flash": QwenModelConfig(
         name="qwen2.5-vl-7b-flash", backbone="qwen2_5_vl",

@@ -6,6 +6,11 @@ names, `model.layers.*` / `visual.*`, to its modules'); every weight must be fou
 may be left over, else a `ConfigError` lists them. The frame budget comes from the directory's
 preprocessor_config.json (`min_pixels` / `max_pixels`) when it has one, else the spec's default (448 x 448).
 Nothing is downloaded: the path must exist locally.
+
+The authors' Flash-VStream-Qwen release (`model_type` flash_vstream_qwen2_vl) loads the same way: its config is read
+as the Qwen2-VL config it stands for, its memory fields set the Flash Memory sizes, and its frame budget is capped at
+the release's (`vstream.model.qwen.release`). `lora=` merges a PEFT LoRA adapter directory, such as the one their
+training writes, into the loaded weights (`vstream.model.qwen.adapter`).
 """
 
 from __future__ import annotations
@@ -18,24 +23,28 @@ from pathlib import Path
 import torch
 
 from vstream.errors import ConfigError, MissingPathError
+from vstream.model.qwen.adapter import adapter_only_error, is_adapter, merge_adapter
 from vstream.model.qwen.config import BACKBONES, QWEN_PRESETS, QwenModelConfig, VisionShape, qwen_preset
+from vstream.model.qwen.release import RELEASE_MAX_PIXELS, is_release, memory_of, plain_config
 
 log = logging.getLogger("vstream.load")
 
 
 def is_qwen(path_or_preset) -> bool:
-    """Whether `load` should build a Qwen model: a Qwen preset name, or a directory whose config.json has a Qwen2-VL /
-    Qwen2.5-VL `model_type`."""
+    """Whether `load` should build a Qwen model: a Qwen preset name, a directory whose config.json has a Qwen2-VL /
+    Qwen2.5-VL `model_type` or is the Flash-VStream-Qwen release's, or a LoRA adapter directory (which `load` refuses
+    with a message naming its base)."""
     name = str(path_or_preset)
-    if name in QWEN_PRESETS:
+    if name in QWEN_PRESETS or is_adapter(name):
         return True
     config = Path(name) / "config.json"
     if not config.is_file():
         return False
     try:
-        return json.loads(config.read_text()).get("model_type") in BACKBONES
+        raw = json.loads(config.read_text())
     except (OSError, ValueError):
         return False
+    return raw.get("model_type") in BACKBONES or is_release(raw)
 
 
 def read_qwen_config(path_or_preset) -> QwenModelConfig:
@@ -44,14 +53,24 @@ def read_qwen_config(path_or_preset) -> QwenModelConfig:
     if name in QWEN_PRESETS:
         return qwen_preset(name)
     path = Path(name)
+    if is_adapter(path):
+        raise adapter_only_error(path)
     raw = json.loads((path / "config.json").read_text())
+    release = is_release(raw)
+    if release:
+        raw, fields = plain_config(raw)
+        memory, pca_dim = memory_of(fields, str(path / "config.json"))
     cfg = QwenModelConfig(name=path.name, backbone=raw["model_type"], hf=_nested(raw), dtype="bfloat16")
+    if release:
+        cfg.memory, cfg.pca_dim = memory, pca_dim
     pre = path / "preprocessor_config.json"
     if pre.is_file():
         p = json.loads(pre.read_text())
         size = p.get("size") or {}
         cfg.min_pixels = int(p.get("min_pixels") or size.get("shortest_edge") or cfg.min_pixels)
         cfg.max_pixels = int(p.get("max_pixels") or size.get("longest_edge") or cfg.max_pixels)
+    if release:
+        cfg.max_pixels = min(cfg.max_pixels, RELEASE_MAX_PIXELS)
     factor = cfg.patch * cfg.merge
     cfg.vision = VisionShape(image_size=max(factor, math.isqrt(cfg.max_pixels) // factor * factor))
     return cfg
@@ -127,18 +146,22 @@ def load_qwen_directory(path: str | Path, device="cpu", dtype=torch.float32):
     if any(problems.values()) or info.get("error_msgs"):
         raise ConfigError(f"the weights of {path} do not fit its {cfg.backbone} config: {problems} "
                           f"{info.get('error_msgs') or ''}".strip())
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # the config as read here: transformers would otherwise read config.json again, and the release's is not its own
+    tokenizer = AutoTokenizer.from_pretrained(path, config=hf_config(cfg), local_files_only=True)
     return FlashVStreamQwen(cfg, hf.eval(), tokenizer)
 
 
-def load_qwen(path_or_preset, device: torch.device, dtype: torch.dtype | None, seed: int = 0):
-    """`vstream.load` for Qwen presets and directories: float32 on the CPU unless `dtype` says otherwise."""
+def load_qwen(path_or_preset, device: torch.device, dtype: torch.dtype | None, seed: int = 0, lora=None):
+    """`vstream.load` for Qwen presets and directories: float32 on the CPU unless `dtype` says otherwise; `lora`: a
+    LoRA adapter directory merged into the weights."""
     cfg = read_qwen_config(path_or_preset)
     target = dtype or (getattr(torch, cfg.dtype) if device.type == "cuda" else torch.float32)
     if str(path_or_preset) in QWEN_PRESETS:
         model = build_random_qwen(cfg, seed=seed, device=device, dtype=target)
     else:
         model = load_qwen_directory(path_or_preset, device=device, dtype=target)
+    if lora is not None:
+        merge_adapter(model, lora)
     model.cfg.dtype = str(target).removeprefix("torch.")
     log.info("%s: %s, %s on %s", model.cfg.name, model.cfg.backbone, model.cfg.dtype, device)
     return model.eval()
