@@ -38,7 +38,6 @@ class FlashVStreamQwen(nn.Module):
     """A Hugging Face Qwen2-VL / Qwen2.5-VL model (`hf`) with Flash Memory; see the module docstring."""
 
     vision = None  # no CLIP tower (the engine captures none); the Qwen tower runs inside the memory updates
-    fast = None
     prefix_slots = 0  # memory prefixes kept for answers (`enable_prefix_cache`); 0: every answer prefills it all
 
     def __init__(self, cfg: QwenModelConfig, hf_model: nn.Module, tokenizer):
@@ -67,14 +66,14 @@ class FlashVStreamQwen(nn.Module):
         c = self.cfg
         return resize_frames(frames, c.patch * c.merge, c.min_pixels, c.max_pixels)
 
-    def encode_crops(self, crops: torch.Tensor, batch_size: int = 32, graphs=None) -> torch.Tensor:
+    def encode_crops(self, crops: torch.Tensor, frames_per_call: int = 32, graphs=None) -> torch.Tensor:
         """uint8 [n, H, W, 3] from `crop` -> normalised pixels [n, 3 H, W] on the model's device (the memory runs the
-        tower per 2-frame unit; `batch_size` and `graphs` are accepted for the engine and not used)."""
+        tower per 2-frame unit; `frames_per_call` and `graphs` are accepted for the engine and not used)."""
         x = normalise_frames(crops.to(self.device, non_blocking=True)).to(self.dtype)
         return x.reshape(x.shape[0], 3 * x.shape[2], x.shape[3])
 
-    def encode(self, frames: Sequence[np.ndarray], batch_size: int = 32) -> torch.Tensor:
-        return self.encode_crops(torch.from_numpy(self.crop(frames)), batch_size=batch_size)
+    def encode(self, frames: Sequence[np.ndarray], frames_per_call: int = 32) -> torch.Tensor:
+        return self.encode_crops(torch.from_numpy(self.crop(frames)), frames_per_call=frames_per_call)
 
     def new_memory(self) -> QwenStreamMemory:
         return QwenStreamMemory(self)
