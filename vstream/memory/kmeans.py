@@ -21,6 +21,7 @@ can still say which frames its kept centroid shows: the memories take their time
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +29,7 @@ from typing import Literal
 import torch
 
 EmptyPolicy = Literal["keep", "python_random"]
+log = logging.getLogger(__name__)
 
 _BASES: dict[tuple, torch.Tensor] = {}  # fingerprint bases by (row length, device): constants, not memory state
 _MAX_PRINT_VALUES = 1 << 20  # int16 values per row for which every fingerprint sum stays below 2^53
@@ -78,12 +80,32 @@ class KMeansResult:
 def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """[..., T, F], [..., K, F] -> [..., T, K] squared Euclidean distances, float32, via |x|^2 - 2 x.c + |c|^2 (clamped
     at 0); leading dimensions are a batch of independent problems."""
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and c.dtype == x.dtype and x.dim() <= 3:
+    if x.dtype in (torch.float16, torch.bfloat16) and c.dtype == x.dtype and x.dim() <= 3 and _half_products(x.device):
         return _half_squared_distances(x, c)
     x = x.float()
     c = c.float()
     d = (x * x).sum(-1, keepdim=True) - 2.0 * (x @ c.transpose(-1, -2)) + (c * c).sum(-1)[..., None, :]
     return d.clamp_min_(0.0)
+
+
+_HALF_PRODUCTS: dict[torch.device, bool] = {}  # whether a device's matrix products take out_dtype=float32
+
+
+def _half_products(device: torch.device) -> bool:
+    """Whether half-precision matrix products on `device` can return float32 (`out_dtype`): CUDA builds that have it,
+    asked once per device, outside any graph capture (inside one, the float32 path runs)."""
+    if device.type != "cuda":
+        return False
+    if device not in _HALF_PRODUCTS:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        one = torch.ones(1, 1, dtype=torch.float16, device=device)
+        try:
+            _HALF_PRODUCTS[device] = torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            log.warning("this build's matrix products take no out_dtype: half-precision distances copy to float32")
+            _HALF_PRODUCTS[device] = False
+    return _HALF_PRODUCTS[device]
 
 
 def _half_squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
