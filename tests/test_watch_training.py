@@ -17,7 +17,7 @@ from vstream.model.loading import load
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX, prompt_parts
 from vstream.model.splice import splice
 from vstream.model.yesno import watch_question, yes_no_ids, yes_no_scores_shared
-from vstream.synth.world import COLOUR_NAMES, SHAPES, generate_stream, split_seeds
+from vstream.synth.world import COLOUR_NAMES, SHAPES, generate_stream, questions_at, split_seeds
 from vstream.synth.world.timeline import Event, ObjectTrack, WorldTimeline
 from vstream.synth.world.watches import WATCH_TYPES, condition_text, holds, make_watch_tasks
 from vstream.train.data import collate
@@ -121,6 +121,16 @@ def test_watch_questions_follow_the_truth_are_balanced_and_hard():
     assert hard > 0.5 * sum(n for (t, a), n in counts.items() if not a and t != "scene"), "mostly hard negatives"
 
 
+def test_world_questions_at_one_time_are_those_it_would_ask_then():
+    stream = generate_stream(11)
+    rng = np.random.default_rng(0)
+    assert questions_at(stream, 0, 3, rng) == []
+    for t in range(1, stream.duration):
+        qas = questions_at(stream, t, 3, rng)
+        assert 1 <= len(qas) <= 3 and len({q.question for q in qas}) == len(qas)
+        assert all(q.time == t and q.answer in q.choices for q in qas)
+
+
 def _scorer_segments(template, tokenizer, conditions):
     before, _ = prompt_parts(template, watch_question(conditions[0]), tokenizer)
     return before, [prompt_parts(template, watch_question(c), tokenizer)[1] for c in conditions]
@@ -155,7 +165,7 @@ def test_packed_questions_are_the_scorers_prompts_with_the_answer(which, request
 def test_packed_questions_score_and_train_as_if_asked_alone():
     """The packed sequence's logits at each question's last prompt token give the scorer's yes/no log-odds of that
     question over the same memory; its loss through the training module equals that of the questions as separate
-    single-turn conversations, with the SDPA (boolean) mask and with the eager (additive) one."""
+    single-turn conversations, under SDPA's boolean mask and the eager additive one."""
     torch.manual_seed(0)
     model = load("tiny", device="cpu").float()
     model.eval()
@@ -200,7 +210,7 @@ def test_world_config_with_watches_builds_batches_and_trains(tmp_path):
 
     raw = {"stage": "finetune", "model": "tiny", "output_dir": str(tmp_path / "run"), "device": "cpu",
            "data": {"kind": "world", "split": "train", "streams": 4, "max_questions": 1, "watches": 2,
-                    "watch_questions": 5, "frame_size": 64},
+                    "watch_questions": 5, "watch_qa": 2, "frame_size": 64},
            "max_steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_ratio": 0.0, "save_steps": 2, "logging_steps": 1}
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -209,7 +219,7 @@ def test_world_config_with_watches_builds_batches_and_trains(tmp_path):
     item = dataset[0]
     assert len(item) == 3 and sum("segments" in e for e in item) == 2
     batch = collate_fn([item, dataset[1]])
-    assert batch["segments"].shape == batch["input_ids"].shape and int(batch["segments"].max()) == 5
+    assert batch["segments"].shape == batch["input_ids"].shape and int(batch["segments"].max()) in (5, 6, 7)
     loss = module(**batch)["loss"]
     loss.backward()
     assert torch.isfinite(loss) and model.mm_projector[0].weight.grad is not None

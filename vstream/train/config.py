@@ -46,6 +46,9 @@ class DataConfig:
     (`vstream.train.watch_data`)."""
     watch_questions: int = 12
     """Questions of one watch conversation (one of them "the background changes"; at least 2)."""
+    watch_qa: int = 0
+    """The world's own questions asked at each watch conversation's time, packed with its questions over the same
+    memory (a few tokens each, where a conversation of its own costs a whole memory)."""
     max_questions: int = 12
     """Most conversations taken from one stream pass (one memory snapshot each)."""
     json: str = ""

@@ -13,7 +13,7 @@ Example (one conversation over one snapshot), as tensors:
 - `abstract_inputs` [T, P_abs^2, D]: the frames seen so far, pooled to P_abs;
 - `input_ids`, `labels`: the conversation tokenised by `build_training_example` (one `IMAGE_TOKEN_INDEX` where the
   memory goes; none for a text-only record);
-- `segments` (watch conversations only, `vstream.train.watch_data.WatchQuestions`): per id, 0 for the part shared by
+- `segments` (questions packed over one memory only, `vstream.train.watch_data`): per id, 0 for the part shared by
   all questions (up to the memory), i for the i-th question's own prompt and answer (`pack_questions`).
 """
 
@@ -38,7 +38,7 @@ from vstream.errors import ConfigError, DataError, MissingPathError
 from vstream.memory import AbstractAttention, PaperStarMemory
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN, build_training_example
 from vstream.train.config import DataConfig
-from vstream.train.watch_data import WatchQuestions, pack_questions
+from vstream.train.watch_data import PackedQuestions, WatchQuestions, pack_questions
 
 
 class SnapshotBuilder:
@@ -99,12 +99,12 @@ def tokenize(template: str, conversations: list[dict], tokenizer) -> tuple[torch
 
 
 def make_examples(builder: SnapshotBuilder, features, times, convs, template: str, tokenizer) -> list[dict]:
-    """convs: [(time, conversations or `WatchQuestions`)] -> examples (see the module docstring)."""
+    """convs: [(time, conversations, or questions packed over one memory)] -> examples (see the module docstring)."""
     snaps = builder.snapshots(features, times, [t for t, _ in convs])
     examples = []
     for (rest, abs_inputs), (_, conversation) in zip(snaps, convs):
         example = {"rest": rest, "abstract_inputs": abs_inputs}
-        if isinstance(conversation, WatchQuestions):
+        if isinstance(conversation, (PackedQuestions, WatchQuestions)):
             example["input_ids"], example["labels"], example["segments"] = pack_questions(template, conversation,
                                                                                           tokenizer)
         else:

@@ -5,8 +5,9 @@ A watch scores a condition as the log-odds of "Yes" against "No" at the end of i
 train that score, a watch conversation takes a stream time t and several conditions of the world's watch types
 (`vstream.synth.world.watches`), each answered "Yes" or "No" by `holds(..., t)`, the ground truth a watch should follow.
 
-Several questions share one memory in one training sequence (`pack_questions`): the part before the memory and the
-memory come once, then each question's own prompt tokens and answer. `segments` numbers the parts (0 the shared one,
+Several questions share one memory in one training sequence (`pack_questions`, which also takes the world's own
+questions asked at the same time, `PackedQuestions`): the part before the memory and the memory come once, then each
+question's own prompt tokens and answer. `segments` numbers the parts (0 the shared one,
 i the i-th question), so that the trainer lets each question attend to the shared part and its own tokens only, at
 the positions it would have alone: every question is trained exactly as the scorer asks it, at the cost of its own
 tokens (~30) rather than of a whole memory (~700).
@@ -42,11 +43,27 @@ YES, NO = "Yes", "No"
 
 
 @dataclass(frozen=True)
+class PackedQuestions:
+    """Single-turn questions over one memory, each with its answer, to train in one sequence (`pack_questions`)."""
+
+    questions: tuple[str, ...]
+    answers: tuple[str, ...]
+
+    def __add__(self, other: PackedQuestions) -> PackedQuestions:
+        return PackedQuestions(self.questions + other.questions, self.answers + other.answers)
+
+
+@dataclass(frozen=True)
 class WatchQuestions:
     """Conditions to ask over one memory, each with its answer (True: "Yes")."""
 
     conditions: tuple[str, ...]
     answers: tuple[bool, ...]
+
+    def packed(self) -> PackedQuestions:
+        """The conditions as the watch scorer asks them (`watch_question`), answered "Yes" or "No"."""
+        return PackedQuestions(tuple(watch_question(c) for c in self.conditions),
+                               tuple(YES if a else NO for a in self.answers))
 
 
 def sample_time(stream: WorldTimeline, rng: np.random.Generator) -> float:
@@ -106,33 +123,35 @@ def _weighted_order(items: list[tuple[str, float]], rng: np.random.Generator) ->
     return [items[i] for i in rng.choice(len(items), len(items), replace=False, p=p)]
 
 
-def pack_questions(template: str, questions: WatchQuestions,
+def pack_questions(template: str, questions: PackedQuestions | WatchQuestions,
                    tokenizer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(input_ids, labels, segments) of the questions over one memory (see the module docstring): the ids before the
     memory and its `IMAGE_TOKEN_INDEX` once (segment 0), then per question (segment i from 1) the ids after the memory
-    of its watch prompt and its supervised answer. Each question's prompt ids are checked equal to the scorer's."""
+    of its prompt and its supervised answer. Each question's prompt ids are checked equal to its inference prompt's
+    (`prompt_parts`, which the watch scorer asks)."""
+    if isinstance(questions, WatchQuestions):
+        questions = questions.packed()
     ids: list[int] = []
     labels: list[int] = []
     segments: list[int] = []
-    for i, (condition, answer) in enumerate(zip(questions.conditions, questions.answers), start=1):
-        question = watch_question(condition)
+    for i, (question, answer) in enumerate(zip(questions.questions, questions.answers), start=1):
         before, after = prompt_parts(template, question, tokenizer)
         one_ids, one_labels = build_training_example(
             template, [{"from": "human", "value": IMAGE_TOKEN + "\n" + question},
-                       {"from": "gpt", "value": YES if answer else NO}], tokenizer)
+                       {"from": "gpt", "value": answer}], tokenizer)
         cut = len(before) + 1
         if one_ids[:cut + len(after)] != [*before, IMAGE_TOKEN_INDEX, *after] or all(x < 0 for x in one_labels):
-            raise DataError(f"the training tokens of {question!r} do not start with its watch prompt's tokens (the "
+            raise DataError(f"the training tokens of {question!r} do not start with its prompt's tokens (the "
                             "answer merged with the prompt's last tokens)")
         if not ids:
             ids, labels, segments = list(one_ids[:cut]), list(one_labels[:cut]), [0] * cut
         elif ids[:cut] != one_ids[:cut]:
-            raise DataError("the watch prompts differ before the memory: expected the question after the image")
+            raise DataError("the prompts differ before the memory: expected the question after the image")
         ids += one_ids[cut:]
         labels += one_labels[cut:]
         segments += [i] * (len(one_ids) - cut)
     if not ids:
-        raise DataError("a watch conversation needs at least one question")
+        raise DataError("packed questions need at least one question")
     return torch.tensor(ids), torch.tensor(labels), torch.tensor(segments)
 
 

@@ -22,7 +22,7 @@ from vstream.errors import ConfigError
 from vstream.synth import world as w
 from vstream.train.config import DataConfig
 from vstream.train.data import SnapshotBuilder, make_examples
-from vstream.train.watch_data import sample_time, watch_questions
+from vstream.train.watch_data import PackedQuestions, sample_time, watch_questions
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four")
 
@@ -71,7 +71,10 @@ class WorldQADataset(Dataset):
                 convs.append((float(t), _turn(INVENTORY_QUESTION, inventory(stream, float(t)))))
             for _ in range(self.data.watches):
                 t = sample_time(stream, rng)
-                convs.append((t, watch_questions(stream, t, rng, self.data.watch_questions)))
+                packed = watch_questions(stream, t, rng, self.data.watch_questions).packed()
+                qas = w.questions_at(stream, int(t), self.data.watch_qa, rng)
+                world = PackedQuestions(tuple(q.question for q in qas), tuple(q.answer for q in qas))
+                convs.append((t, packed + world))
             return sorted(convs, key=lambda c: c[0])
         times = sorted(rng.choice(stream.duration, min(self.data.max_questions, stream.duration), replace=False))
         return [(float(t), _turn("", caption(stream.state_at(float(t))))) for t in times]
