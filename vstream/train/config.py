@@ -40,6 +40,15 @@ class DataConfig:
     inventory: int = 0
     """World `qa` only: extra training conversations per stream asking which objects have appeared so far, in order
     (a dense target for reading the temporal memory; never part of the evaluation)."""
+    watches: int = 0
+    """World `qa` only: extra watch conversations per stream, each at its own time: `watch_questions` yes/no
+    questions asked as a watch asks them over that one memory, answered from the world's ground truth
+    (`vstream.train.watch_data`)."""
+    watch_questions: int = 12
+    """Questions of one watch conversation (one of them "the background changes"; at least 2)."""
+    watch_qa: int = 0
+    """The world's own questions asked at each watch conversation's time, packed with its questions over the same
+    memory (a few tokens each, where a conversation of its own costs a whole memory)."""
     max_questions: int = 12
     """Most conversations taken from one stream pass (one memory snapshot each)."""
     json: str = ""
@@ -127,6 +136,9 @@ class TrainConfig:
             raise ConfigError(f"data.kind must be 'world' or 'llava', got {self.data.kind!r}")
         if self.data.kind == "llava" and not self.data.json:
             raise ConfigError("data.kind 'llava' needs data.json (the LLaVA JSON list)")
+        if self.data.watches < 0 or (self.data.watches and self.data.watch_questions < 2):
+            raise ConfigError(f"data.watches must be >= 0 and data.watch_questions >= 2, got {self.data.watches} and "
+                              f"{self.data.watch_questions}")
         if self.stage == "vision" and self.data.kind != "world":
             raise ConfigError("the vision stage learns from the world's label maps: data.kind must be 'world'")
 

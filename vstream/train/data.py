@@ -12,7 +12,9 @@ Example (one conversation over one snapshot), as tensors:
 - `rest` [N_rest, D]: the snapshot's temporal | retrieved | spatial tokens, in `MemoryRead` order;
 - `abstract_inputs` [T, P_abs^2, D]: the frames seen so far, pooled to P_abs;
 - `input_ids`, `labels`: the conversation tokenised by `build_training_example` (one `IMAGE_TOKEN_INDEX` where the
-  memory goes; none for a text-only record).
+  memory goes; none for a text-only record);
+- `segments` (questions packed over one memory only, `vstream.train.watch_data`): per id, 0 for the part shared by
+  all questions (up to the memory), i for the i-th question's own prompt and answer (`pack_questions`).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from vstream.errors import ConfigError, DataError, MissingPathError
 from vstream.memory import AbstractAttention, PaperStarMemory
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN, build_training_example
 from vstream.train.config import DataConfig
+from vstream.train.watch_data import PackedQuestions, WatchQuestions, pack_questions
 
 
 class SnapshotBuilder:
@@ -96,12 +99,17 @@ def tokenize(template: str, conversations: list[dict], tokenizer) -> tuple[torch
 
 
 def make_examples(builder: SnapshotBuilder, features, times, convs, template: str, tokenizer) -> list[dict]:
-    """convs: [(time, conversations)] -> examples (see the module docstring)."""
+    """convs: [(time, conversations, or questions packed over one memory)] -> examples (see the module docstring)."""
     snaps = builder.snapshots(features, times, [t for t, _ in convs])
     examples = []
     for (rest, abs_inputs), (_, conversation) in zip(snaps, convs):
-        ids, labels = tokenize(template, conversation, tokenizer)
-        examples.append({"rest": rest, "abstract_inputs": abs_inputs, "input_ids": ids, "labels": labels})
+        example = {"rest": rest, "abstract_inputs": abs_inputs}
+        if isinstance(conversation, (PackedQuestions, WatchQuestions)):
+            example["input_ids"], example["labels"], example["segments"] = pack_questions(template, conversation,
+                                                                                          tokenizer)
+        else:
+            example["input_ids"], example["labels"] = tokenize(template, conversation, tokenizer)
+        examples.append(example)
     return examples
 
 
@@ -190,7 +198,8 @@ def _read_image(path: Path) -> np.ndarray:
 
 
 def collate(items: Iterable[list[dict] | dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Dataset items (each a list of examples) -> one padded batch of examples."""
+    """Dataset items (each a list of examples) -> one padded batch of examples; `segments` (0 where an example has
+    none, -1 in padding) when one of them has them."""
     examples = [e for item in items for e in (item if isinstance(item, list) else [item])]
     b = len(examples)
     d = max(e["rest"].shape[-1] for e in examples)
@@ -212,4 +221,8 @@ def collate(items: Iterable[list[dict] | dict], pad_id: int) -> dict[str, torch.
         batch["labels"][i, : len(e["labels"])] = e["labels"]
         batch["rest"][i, : e["rest"].shape[0]] = e["rest"]
         batch["abstract_inputs"][i, : e["abstract_inputs"].shape[0]] = e["abstract_inputs"]
+    if any("segments" in e for e in examples):
+        batch["segments"] = torch.full((b, n_ids), -1, dtype=torch.long)
+        for i, e in enumerate(examples):
+            batch["segments"][i, : len(e["input_ids"])] = e.get("segments", 0)
     return batch

@@ -2,7 +2,10 @@
 
 `MemoryQAModule` wraps a `FlashVStream`: it finishes each example's memory (abstract slots recomputed with autograd,
 then the rest of the snapshot), projects it, splices it at the `<image>` position exactly as inference does
-(`FlashVStream.prompt_embeds`), and takes the LLM's next-token loss on the supervised answer tokens.
+(`FlashVStream.prompt_embeds`), and takes the LLM's next-token loss on the supervised answer tokens. A batch with
+`segments` (questions packed over one memory, `vstream.train.watch_data`) runs each packed question as if asked
+alone (`packed_attention`: it sees the shared part and itself, at the positions it would have alone). On the CPU a
+shared part's KV cache repeated for each question costs more than the masked attention over the whole sequence.
 `TowerPretrainModule` trains a vision tower from scratch with per-patch class targets.
 """
 
@@ -15,6 +18,7 @@ from vstream.memory.star import abstract_slots
 from vstream.model.prompts import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from vstream.model.splice import splice
 from vstream.model.vlm import FlashVStream
+from vstream.train.watch_data import packed_attention
 
 
 class MemoryQAModule(nn.Module):
@@ -22,7 +26,7 @@ class MemoryQAModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, labels, lengths, rest, rest_lengths, abstract_inputs, abstract_lengths):
+    def forward(self, input_ids, labels, lengths, rest, rest_lengths, abstract_inputs, abstract_lengths, segments=None):
         m = self.model
         cfg = m.cfg.memory
         k, p = cfg.abstract_length, cfg.abstract_size**2
@@ -45,19 +49,60 @@ class MemoryQAModule(nn.Module):
             seq, lab = splice(ids, embed, vision[b], labels=lab)  # one memory per conversation (splice checks)
             seqs.append(seq)
             labs.append(lab)
-        longest = max(s.shape[0] for s in seqs)
-        embeds = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[-1])
-        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=embeds.device)
-        target = torch.full((len(seqs), longest), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
-        for b, (s, lab) in enumerate(zip(seqs, labs)):
-            embeds[b, : s.shape[0]] = s
-            mask[b, : s.shape[0]] = 1
-            target[b, : s.shape[0]] = lab
-        out = m.llm(inputs_embeds=embeds, attention_mask=mask, labels=target)
+        segs = [None] * len(seqs)
+        if segments is not None:  # the memory's tokens join the shared part: segment 0 comes first
+            segs = [torch.cat([segments.new_zeros(q.shape[0] - int(lengths[b])), segments[b, : int(lengths[b])]])
+                    for b, q in enumerate(seqs)]
+        packed = [b for b, s in enumerate(segs) if s is not None and bool((s > 0).any())]
+        plain = [b for b in range(len(seqs)) if b not in packed]
+        # On the CPU each sequence runs alone: its cost is per token there, and padding would be pure waste.
+        groups = [[b] for b in plain] if seqs[0].device.type == "cpu" else [plain] if plain else []
+        total, count = 0.0, 0
+        for group in groups:
+            loss, n = self._loss([seqs[b] for b in group], [labs[b] for b in group])
+            total, count = total + loss, count + n
+        for b in packed:  # alone: the packed attention mask spans one sequence's square, padding would add to it
+            loss, n = self._loss([seqs[b]], [labs[b]], [segs[b]])
+            total, count = total + loss, count + n
+        loss = total / max(count, 1)
         # A batch of short streams (fewer frames than abstract slots) never runs the attention; a zero-weighted term
         # keeps its parameters in the graph so that data-parallel gradient reduction sees the same parameters each step.
         idle = sum(p.sum() for p in m.attention_model.parameters() if p.requires_grad)
-        return {"loss": out.loss + 0.0 * idle}
+        return {"loss": loss + 0.0 * idle}
+
+    def _causal(self):
+        llm = self.model.llm
+        return llm.get_base_model() if hasattr(llm, "get_base_model") else llm  # a peft model's LoRA'd LLM
+
+    def _loss(self, seqs, labs, segs=None) -> tuple[torch.Tensor, int]:
+        """(sum of the next-token losses over the supervised tokens, their number) of right-padded sequences (with
+        `segs`: packed ones, under `packed_attention`)."""
+        causal = self._causal()
+        longest = max(q.shape[0] for q in seqs)
+        embeds = seqs[0].new_zeros(len(seqs), longest, seqs[0].shape[-1])
+        mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=embeds.device)
+        target = torch.full((len(seqs), longest), IGNORE_INDEX, dtype=torch.long, device=embeds.device)
+        for b, (q, lab) in enumerate(zip(seqs, labs)):
+            embeds[b, : q.shape[0]] = q
+            mask[b, : q.shape[0]] = 1
+            target[b, : q.shape[0]] = lab
+        extra = {"attention_mask": mask}
+        if segs is not None:
+            eager = causal.config._attn_implementation == "eager"
+            extra["attention_mask"], extra["position_ids"] = packed_attention(segs, longest, boolean=not eager,
+                                                                              dtype=embeds.dtype)
+            extra = {k: v.to(embeds.device) for k, v in extra.items()}
+        hidden = causal.get_decoder()(inputs_embeds=embeds, use_cache=False, **extra).last_hidden_state  # [B, L, H]
+        return self._supervised(causal, hidden, target)
+
+    @staticmethod
+    def _supervised(causal, hidden, target) -> tuple[torch.Tensor, int]:
+        """(summed cross-entropy, count) of the next tokens that are supervised; the vocabulary's logits are made at
+        those positions only (a few answer tokens per question)."""
+        shifted = target[:, 1:]
+        where = shifted != IGNORE_INDEX
+        logits = causal.get_output_embeddings()(hidden[:, :-1][where]).float()  # [n, V]
+        return nn.functional.cross_entropy(logits, shifted[where], reduction="sum"), int(where.sum())
 
 
 class TowerPretrainModule(nn.Module):

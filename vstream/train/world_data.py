@@ -1,8 +1,9 @@
 """Training data made on the fly from the procedural world (`vstream.synth.world`): no files, deterministic by seed.
 
 - `WorldQADataset`: one stream per item; its frames at the model's sample fps, rendered and passed through the same
-  preprocessing as decoded video; the world's question/answer pairs (task `qa`) or captions of the screen at random
-  moments (task `captions`, for the projector stage), each at its own stream time.
+  preprocessing as decoded video; the world's question/answer pairs (task `qa`, with `inventory` and `watches`
+  conversations if asked: `vstream.train.watch_data`) or captions of the screen at random moments (task `captions`,
+  for the projector stage), each at its own stream time.
 - `WorldFrameDataset`: single frames with per-patch class shares from the world's label maps, for `vision` training.
 
 `augment` imitates what a video file does to a rendered frame (4:2:0 chroma subsampling) and adds pixel noise, so a
@@ -21,6 +22,7 @@ from vstream.errors import ConfigError
 from vstream.synth import world as w
 from vstream.train.config import DataConfig
 from vstream.train.data import SnapshotBuilder, make_examples
+from vstream.train.watch_data import PackedQuestions, sample_time, watch_questions
 
 NUMBER_WORDS = ("no", "one", "two", "three", "four")
 
@@ -67,6 +69,12 @@ class WorldQADataset(Dataset):
             for t in sorted(rng.choice(range(2, stream.duration), min(self.data.inventory, stream.duration - 2),
                                        replace=False)):
                 convs.append((float(t), _turn(INVENTORY_QUESTION, inventory(stream, float(t)))))
+            for _ in range(self.data.watches):
+                t = sample_time(stream, rng)
+                packed = watch_questions(stream, t, rng, self.data.watch_questions).packed()
+                qas = w.questions_at(stream, int(t), self.data.watch_qa, rng)
+                world = PackedQuestions(tuple(q.question for q in qas), tuple(q.answer for q in qas))
+                convs.append((t, packed + world))
             return sorted(convs, key=lambda c: c[0])
         times = sorted(rng.choice(stream.duration, min(self.data.max_questions, stream.duration), replace=False))
         return [(float(t), _turn("", caption(stream.state_at(float(t))))) for t in times]

@@ -157,6 +157,23 @@ def make_questions(stream: WorldTimeline, seed: int | None = None) -> list[World
     return sorted(out, key=lambda qa: qa.time)
 
 
+def questions_at(stream: WorldTimeline, t: int, n: int, rng: np.random.Generator) -> list[WorldQuestion]:
+    """Up to `n` different questions answerable at the integer time t (none before 1 s), the types in a random order
+    and in turn, each drawn as `make_questions` draws one."""
+    if t < 1:
+        return []
+    facts, out, asked = _Facts(stream), [], set()
+    types = [str(x) for x in rng.permutation(QUESTION_TYPES)]
+    while len(out) < n and types:
+        qtype = types.pop(0)
+        qa = _pick(rng, facts, qtype, range(t, t + 1), asked, set())
+        if qa is not None and qa.question not in asked:
+            out.append(qa)
+            asked.add(qa.question)
+            types.append(qtype)
+    return out
+
+
 def _pick(rng: np.random.Generator, facts: _Facts, qtype: str, times: range, asked: set[str],
           asked_at: set[tuple[float, str]]) -> WorldQuestion | None:
     """A random question of `qtype` at one of `times`: a subtype uniformly among those possible, then a question,

@@ -13,6 +13,19 @@ object of the shape takes), so false alarms are counted on conditions with nothi
 Every event falls at k + 0.5 s (see `timeline`), so the first frame sampled at 1 fps that shows it is at k + 1. A
 stream's (colour, shape) pair belongs to one object at most, so each condition but `scene` happens at most once.
 
+`holds(stream, type, colour, shape, t)` says whether a condition is true at stream time t, the answer a model's watch
+should give (a watch training target): yes from its event for as long as what happened stays so, so that a watch at
+threshold 0 fires once at each event (the first frame after it) and at no other time, which is what
+`vstream.eval.world_watches` rewards:
+- `appear`: while an object of that colour and shape is on screen, from its appearance (a pair on screen from the
+  start is undefined, None: the evaluator never asks about it);
+- `leave`: from when that object went, for the rest of the stream (undefined once the object took another colour:
+  it did not go, and the evaluator asks about an object under the colour it left in);
+- `recolour`: while the object that turned that colour is on screen in it (an object shown in that colour from its
+  start never turned it: no);
+- `scene`: for `SCENE_WINDOW_S` seconds after each scene change, so that the watch can clear between changes.
+A pair never shown is no for all three object types.
+
 This module does not score a model (`vstream.eval.world_watches` does) and draws no frames.
 """
 
@@ -27,6 +40,19 @@ from vstream.synth.world.timeline import WorldTimeline
 
 WATCH_TYPES = ("appear", "leave", "recolour", "scene")
 """Condition types of the watch tasks."""
+SCENE_WINDOW_S = 4.0
+"""How long after a scene change "the background changes" holds (`holds`)."""
+
+
+def condition_text(type_: str, colour: str | None = None, shape: str | None = None) -> str:
+    """A condition of the type as the watch tasks phrase it: "a red circle appears", "the red circle leaves", "the
+    circle turns red", "the background changes"."""
+    if type_ == "scene":
+        return "the background changes"
+    if type_ not in WATCH_TYPES or colour not in COLOUR_NAMES or shape not in SHAPES:
+        raise ValueError(f"no {type_!r} condition of colour {colour!r} and shape {shape!r}")
+    return {"appear": f"a {colour} {shape} appears", "leave": f"the {colour} {shape} leaves",
+            "recolour": f"the {shape} turns {colour}"}[type_]
 
 
 @dataclass(frozen=True)
@@ -66,20 +92,59 @@ def make_watch_tasks(stream: WorldTimeline, negatives: int = 1, seed: int | None
     seed, same tasks."""
     rng = np.random.default_rng([stream.seed, 2] if seed is None else seed)
     shown = {(c, o.shape) for o in stream.objects.values() for _, c in o.colours}
-    tasks = [WatchTask("appear", f"a {c} {s} appears", (t,)) for (c, s), t in sorted(_appearances(stream).items())]
-    tasks += [WatchTask("leave", f"the {c} {s} leaves", (t,)) for (c, s), t in sorted(_leavings(stream).items())]
-    tasks += [WatchTask("recolour", f"the {s} turns {c}", (t,)) for (c, s), t in sorted(_recolourings(stream).items())]
+    tasks = [WatchTask(kind, condition_text(kind, c, s), (t,))
+             for kind, times in (("appear", _appearances(stream)), ("leave", _leavings(stream)),
+                                 ("recolour", _recolourings(stream)))
+             for (c, s), t in sorted(times.items())]
     scenes = tuple(e.time for e in stream.events if e.kind == "scene")
     if scenes:
-        tasks.append(WatchTask("scene", "the background changes", scenes))
+        tasks.append(WatchTask("scene", condition_text("scene"), scenes))
     never = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in shown]
     for i in rng.permutation(len(never))[:negatives]:
         c, s = never[i]
-        tasks.append(WatchTask("appear", f"a {c} {s} appears", ()))
+        tasks.append(WatchTask("appear", condition_text("appear", c, s), ()))
     for i in rng.permutation(len(never))[:negatives]:
         c, s = never[i]
-        tasks.append(WatchTask("recolour", f"the {s} turns {c}", ()))
+        tasks.append(WatchTask("recolour", condition_text("recolour", c, s), ()))
     staying = sorted((o.colours[-1][1], o.shape) for o in stream.objects.values() if o.disappear is None)
     for c, s in staying[:negatives]:  # on screen to the end, in its last colour
-        tasks.append(WatchTask("leave", f"the {c} {s} leaves", ()))
+        tasks.append(WatchTask("leave", condition_text("leave", c, s), ()))
     return tasks
+
+
+def _shown_span(stream: WorldTimeline, colour: str, shape: str) -> tuple[float, float, str, str] | None:
+    """(from, until, how it began, how it ended) of the one stretch the pair is on screen, or None if never:
+    began "start" (on screen at 0), "appear" or "recolour"; ended "leave", "recolour" or "end"."""
+    for o in stream.objects.values():
+        if o.shape != shape:
+            continue
+        for i, (since, c) in enumerate(o.colours):
+            if c != colour:
+                continue
+            start = max(since, o.appear)
+            began = "start" if start == 0 else "recolour" if since > o.appear else "appear"
+            if i + 1 < len(o.colours):
+                return start, o.colours[i + 1][0], began, "recolour"
+            if o.disappear is not None:
+                return start, o.disappear, began, "leave"
+            return start, float("inf"), began, "end"
+    return None
+
+
+def holds(stream: WorldTimeline, type_: str, colour: str | None, shape: str | None, t: float) -> bool | None:
+    """Whether the condition of the type holds at stream time t, or None where it is undefined (see the module
+    docstring)."""
+    if type_ == "scene":
+        return any(e.time <= t < e.time + SCENE_WINDOW_S for e in stream.events if e.kind == "scene")
+    condition_text(type_, colour, shape)  # a known type, colour and shape
+    span = _shown_span(stream, colour, shape)
+    if span is None:
+        return False
+    start, until, began, ended = span
+    if type_ == "appear":
+        return None if began == "start" else start <= t < until
+    if type_ == "leave":
+        if ended == "recolour":
+            return False if t < until else None
+        return ended == "leave" and t >= until
+    return began == "recolour" and start <= t < until
