@@ -158,8 +158,6 @@ def test_tower_is_frozen_and_encode_batches():
     pixels = torch.randn(5, 3, 224, 224, dtype=torch.float64)
     out = tower.encode(pixels, frames_per_call=2)
     assert out.shape == (5, tower.num_tokens, cfg.hidden_size) and out.dtype == torch.float32
-    with pytest.warns(DeprecationWarning, match="now called frames_per_call"):
-        assert torch.equal(tower.encode(pixels, batch_size=2), out)  # the old name still works
     with torch.no_grad():
         torch.testing.assert_close(out, tower(pixels.float()), atol=1e-5, rtol=0)
     assert tower.nbytes == sum(p.numel() * 4 for p in tower.parameters())

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import re
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -160,15 +159,10 @@ class VisionTower(nn.Module):
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, frames_per_call: int = 64,
-               graphs: dict[int, "_CapturedTower"] | None = None, *, batch_size: int | None = None) -> torch.Tensor:
+               graphs: dict[int, "_CapturedTower"] | None = None) -> torch.Tensor:
         """Patch features [n, grid*grid, D] of pixel values [n, 3, S, S], `frames_per_call` frames a call of the tower,
         in the tower's dtype and device; through `graphs` (from `capture`) when given. The result is an inference
-        tensor: `.clone()` it before using it where autograd records. `batch_size` is the old name of
-        `frames_per_call` (deprecated)."""
-        if batch_size is not None:
-            warnings.warn("VisionTower.encode's batch_size is now called frames_per_call", DeprecationWarning,
-                          stacklevel=3)
-            frames_per_call = batch_size
+        tensor: `.clone()` it before using it where autograd records."""
         if frames_per_call < 1:
             raise ValueError(f"frames_per_call must be >= 1, got {frames_per_call}")
         weight = self.clip.embeddings.patch_embedding.weight

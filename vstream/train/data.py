@@ -60,10 +60,10 @@ class SnapshotBuilder:
         self.attention = AbstractAttention(cfg.vision.hidden_size, cfg.memory.attention_dim)
 
     @torch.no_grad()
-    def encode(self, frames: Sequence[np.ndarray], batch_size: int = 64) -> torch.Tensor:
+    def encode(self, frames: Sequence[np.ndarray], frames_per_call: int = 64) -> torch.Tensor:
         if self.tower is None:
             raise ValueError("this dataset reads frames but no vision tower was given")
-        return self.tower.encode(preprocess_frames(frames, self.cfg.vision), batch_size=batch_size).clone().float()
+        return self.tower.encode(preprocess_frames(frames, self.cfg.vision), frames_per_call).clone().float()
 
     def new_memory(self) -> PaperStarMemory:
         c = self.cfg
