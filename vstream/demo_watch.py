@@ -18,10 +18,9 @@ from vstream.synth.world.timeline import WorldTimeline
 from vstream.synth.world.watches import WatchTask, make_watch_tasks
 
 
-THRESHOLDS = {"demo": 1.75}
-"""The watch threshold per model name (others: the server's default, 0). The demo model's "yes" leans positive for
-any condition, so 0 fires at once; 1.75 sits between the `appear` thresholds cross-validated in docs/watches/ (1.5
-and 2.0)."""
+THRESHOLDS: dict[str, float] = {}
+"""The watch threshold per model name where it is not the server's default, 0. The demo model was trained on watch
+questions (docs/demo-model/training.md, step 6), so 0 is its threshold too (docs/watches/)."""
 
 
 def threshold_for(model: str) -> float:
