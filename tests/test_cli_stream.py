@@ -90,6 +90,9 @@ def test_run_exits_cleanly_on_ctrl_c(long_clip):
     proc = subprocess.Popen(
         [sys.executable, "-m", "vstream.cli", "run", str(long_clip), "--speed", "1"], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ | {"PYTHONWARNINGS": "ignore"},
+        # a shell without job control starts background commands with SIGINT ignored, and the child would inherit
+        # that (Python then installs no KeyboardInterrupt): give it the terminal's default, as Ctrl-C meets it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         for line in proc.stderr:  # wait until the stream is being ingested
