@@ -121,6 +121,35 @@ def test_watch_questions_follow_the_truth_are_balanced_and_hard():
     assert hard > 0.5 * sum(n for (t, a), n in counts.items() if not a and t != "scene"), "mostly hard negatives"
 
 
+def test_times_drawn_next_to_weighted_kinds_and_false_conditions_capped_per_true_one():
+    def tally(near, weights, false_per_true):
+        counts, near_kind, sizes = collections.Counter(), collections.Counter(), []
+        for seed in split_seeds("train", 60):
+            stream = generate_stream(seed)
+            rng = np.random.default_rng(seed)
+            t = sample_time(stream, rng, near, weights)
+            kinds = {e.kind for e in stream.events if abs(e.time - t) < 3}
+            near_kind.update(kinds)
+            q = watch_questions(stream, t, rng, 24, false_per_true)
+            assert list(q.answers) == [holds(stream, *PARSE[c], t) for c in q.conditions]
+            per_type = collections.Counter((PARSE[c][0], a) for c, a in zip(q.conditions, q.answers))
+            for type_ in ("appear", "leave", "recolour"):
+                if false_per_true and per_type[type_, True]:
+                    assert per_type[type_, False] <= false_per_true * per_type[type_, True], per_type
+            counts.update(per_type)
+            sizes.append(len(q.conditions))
+        return counts, near_kind, sizes
+
+    plain, plain_near, plain_sizes = tally(0.6, None, 0.0)
+    capped, capped_near, capped_sizes = tally(0.9, {"recolour": 8, "scene": 8}, 1.0)
+    assert set(plain_sizes) == {24} and 2 <= min(capped_sizes) and max(capped_sizes) <= 24
+    assert capped_near["recolour"] + capped_near["scene"] > plain_near["recolour"] + plain_near["scene"]
+
+    def share(counts, type_):
+        return counts[type_, True] / (counts[type_, True] + counts[type_, False])
+    assert share(capped, "recolour") > 2 * share(plain, "recolour"), (plain, capped)
+
+
 def test_world_questions_at_one_time_are_those_it_would_ask_then():
     stream = generate_stream(11)
     rng = np.random.default_rng(0)
@@ -229,3 +258,12 @@ def test_world_config_with_watches_builds_batches_and_trains(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ValueError, match="watch_questions >= 2"):
         load_config(path)
+    for bad, match in (({"watch_kind_weights": {"recolor": 2}}, "event kinds of .*'recolour'.*got .*recolor"),
+                       ({"watch_near": 1.5}, r"watch_near must lie in \[0, 1\].*got 1.5"),
+                       ({"watch_false_per_true": -1}, "watch_false_per_true be >= 0.*-1")):
+        raw["data"] |= {"watch_questions": 12, **bad}
+        path.write_text(yaml.safe_dump(raw))
+        with pytest.raises(ValueError, match=match):
+            load_config(path)
+        for key in bad:
+            del raw["data"][key]

@@ -46,6 +46,14 @@ class DataConfig:
     (`vstream.train.watch_data`)."""
     watch_questions: int = 12
     """Questions of one watch conversation (one of them "the background changes"; at least 2)."""
+    watch_near: float = 0.6
+    """How often a watch conversation's time sits next to an event of the stream (`watch_data.sample_time`)."""
+    watch_kind_weights: dict[str, float] = field(default_factory=dict)
+    """Weights of the event kinds ("appear", "disappear", "recolour", "scene") when a time is drawn next to an event;
+    a kind not named weighs 1 (empty: every kind of the stream equally)."""
+    watch_false_per_true: float = 0.0
+    """> 0: at most this many false conditions per true one of each object type, and no filling of free places
+    (`watch_data.watch_questions`); 0: half true where there are enough, free places filled with false ones."""
     watch_qa: int = 0
     """The world's own questions asked at each watch conversation's time, packed with its questions over the same
     memory (a few tokens each, where a conversation of its own costs a whole memory)."""
@@ -139,6 +147,13 @@ class TrainConfig:
         if self.data.watches < 0 or (self.data.watches and self.data.watch_questions < 2):
             raise ConfigError(f"data.watches must be >= 0 and data.watch_questions >= 2, got {self.data.watches} and "
                               f"{self.data.watch_questions}")
+        if not 0 <= self.data.watch_near <= 1 or self.data.watch_false_per_true < 0:
+            raise ConfigError(f"data.watch_near must lie in [0, 1] and data.watch_false_per_true be >= 0, got "
+                              f"{self.data.watch_near} and {self.data.watch_false_per_true}")
+        kinds = {"appear", "disappear", "recolour", "scene"}
+        if set(self.data.watch_kind_weights) - kinds or any(v < 0 for v in self.data.watch_kind_weights.values()):
+            raise ConfigError(f"data.watch_kind_weights must map event kinds of {sorted(kinds)} to weights >= 0, got "
+                              f"{self.data.watch_kind_weights}")
         if self.stage == "vision" and self.data.kind != "world":
             raise ConfigError("the vision stage learns from the world's label maps: data.kind must be 'world'")
 

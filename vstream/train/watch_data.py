@@ -25,7 +25,8 @@ This module draws no frames and builds no memory (`vstream.train.world_data` doe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,13 +67,19 @@ class WatchQuestions:
                                tuple(YES if a else NO for a in self.answers))
 
 
-def sample_time(stream: WorldTimeline, rng: np.random.Generator) -> float:
-    """A whole second of the stream: 60 % of the time next to an event (an event kind of the stream first, so that the
-    rarer recolourings and scene changes come as often as the others; the last frame before it one time in three, else
-    the first frame showing it or, 40 % of those times, one of the next two), else any frame."""
+def sample_time(stream: WorldTimeline, rng: np.random.Generator, near: float = 0.6,
+                kind_weights: Mapping[str, float] | None = None) -> float:
+    """A whole second of the stream: with probability `near`, next to an event (an event kind of the stream first,
+    drawn in proportion to `kind_weights`, 1 for a kind it does not name, so that the rarer recolourings and scene
+    changes come as often as the others or more; the last frame before it one time in three, else the first frame
+    showing it or, 40 % of those times, one of the next two), else any frame."""
     kinds = sorted({e.kind for e in stream.events})
-    if kinds and rng.random() < 0.6:
-        kind = kinds[int(rng.integers(len(kinds)))]
+    if kinds and rng.random() < near:
+        if kind_weights:
+            weights = np.asarray([kind_weights.get(k, 1.0) for k in kinds], dtype=np.float64)
+            kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
+        else:
+            kind = kinds[int(rng.integers(len(kinds)))]
         events = [e.time for e in stream.events if e.kind == kind]
         event = events[int(rng.integers(len(events)))]
         if rng.random() < 1 / 3:
@@ -81,8 +88,13 @@ def sample_time(stream: WorldTimeline, rng: np.random.Generator) -> float:
     return float(rng.integers(stream.duration))
 
 
-def watch_questions(stream: WorldTimeline, t: float, rng: np.random.Generator, n: int) -> WatchQuestions:
-    """`n` >= 2 conditions over the memory at t with their ground truth (see the module docstring), in random order."""
+def watch_questions(stream: WorldTimeline, t: float, rng: np.random.Generator, n: int,
+                    false_per_true: float = 0.0) -> WatchQuestions:
+    """`n` >= 2 conditions over the memory at t with their ground truth (see the module docstring), in random order.
+    `false_per_true` > 0 caps each object type's false conditions at that many per true one (at least one false one
+    is asked; a type with no true one gets ceil(false_per_true) false ones) and leaves places empty rather than fill
+    them: fewer questions, but no type is taught mostly "No" (its share of "Yes" at least 1 / (1 + false_per_true)
+    wherever it has true conditions)."""
     if n < 2:
         raise ValueError(f"a watch conversation asks at least 2 questions, got {n}")
     seen = {(o.colour, o.shape) for k in range(int(t) + 1) for o in stream.state_at(float(k)).objects}
@@ -105,12 +117,15 @@ def watch_questions(stream: WorldTimeline, t: float, rng: np.random.Generator, n
         no = _weighted_order(no, rng)
         n_yes = min(len(yes), quota // 2 + int(rng.integers(2)) * (quota % 2))
         n_no = min(len(no), quota - n_yes, max(n_yes, 1))  # no more false than true ones, if few true ones at t
+        if false_per_true > 0:
+            n_yes = min(len(yes), max(1, round(quota / (1 + false_per_true))))
+            n_no = min(len(no), quota - n_yes, math.ceil(false_per_true * max(n_yes, 1)))
         picked += [(c, True) for c in yes[:n_yes]] + [(c, False) for c, _ in no[:n_no]]
         spare_yes += yes[n_yes:]
         spare_no += no[n_no:]
-    left = n - len(picked)  # filled with the types' other true conditions first, then false ones
-    picked += [(spare_yes[i], True) for i in rng.permutation(len(spare_yes))[:left]]
-    picked += [(c, False) for c, _ in _weighted_order(spare_no, rng)[: n - len(picked)]]
+    if false_per_true <= 0:  # the free places: the types' other true conditions first, then false ones
+        picked += [(spare_yes[i], True) for i in rng.permutation(len(spare_yes))[: n - len(picked)]]
+        picked += [(c, False) for c, _ in _weighted_order(spare_no, rng)[: n - len(picked)]]
     order = rng.permutation(len(picked))
     return WatchQuestions(tuple(picked[i][0] for i in order), tuple(picked[i][1] for i in order))
 

@@ -70,8 +70,9 @@ class WorldQADataset(Dataset):
                                        replace=False)):
                 convs.append((float(t), _turn(INVENTORY_QUESTION, inventory(stream, float(t)))))
             for _ in range(self.data.watches):
-                t = sample_time(stream, rng)
-                packed = watch_questions(stream, t, rng, self.data.watch_questions).packed()
+                t = sample_time(stream, rng, self.data.watch_near, self.data.watch_kind_weights)
+                packed = watch_questions(stream, t, rng, self.data.watch_questions,
+                                         self.data.watch_false_per_true).packed()
                 qas = w.questions_at(stream, int(t), self.data.watch_qa, rng)
                 world = PackedQuestions(tuple(q.question for q in qas), tuple(q.answer for q in qas))
                 convs.append((t, packed + world))
