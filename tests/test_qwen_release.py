@@ -14,11 +14,15 @@ import pytest
 import torch
 
 import vstream
+from helpers import vstream_cli
 from vstream.errors import ConfigError, MissingPathError
+from vstream.eval.play import play
 from vstream.model.loading import read_config
 from vstream.model.processor import StreamProcessor
 from vstream.model.qwen.adapter import merge_adapter
 from vstream.model.qwen.release import RELEASE_MEMORY, release_fields
+from vstream.sources import open_source
+from vstream.synth.clips import write_test_video
 from vstream.testing.qwen_checkpoint import hub_name, write_qwen_checkpoint
 from vstream.testing.qwen_release import release_config, write_release_adapter, write_release_checkpoint
 
@@ -174,6 +178,25 @@ def test_an_adapter_merges_onto_a_base_directory_weight_by_weight(base, adapter,
     p.insert([float(t) for t in range(6)], frames=frames(6, seed=2))
     snap, pieces = p.ask("What is there?", max_new_tokens=4)
     assert snap.memory.num_tokens > 0 and isinstance("".join(pieces), str)
+
+
+@pytest.mark.slow
+def test_ask_with_lora_answers_as_the_merged_model_and_refuses_a_model_it_cannot_merge_into(base, adapter, tmp_path):
+    (folder, _), (adapter_dir, _) = base, adapter
+    video = write_test_video(tmp_path / "clip.mp4", seconds=4, fps=2, size=(160, 120))
+    args = ("ask", str(video), "What is there?", "--model", str(folder), "--device", "cpu", "--max-new-tokens", "4",
+            "--json")
+    merged = vstream_cli(*args, "--lora", str(adapter_dir))
+    plain = vstream_cli(*args)
+    assert merged.returncode == plain.returncode == 0, merged.stderr + plain.stderr
+    answer = json.loads(merged.stdout)["answers"][0]
+    model = vstream.load(str(folder), device="cpu", lora=str(adapter_dir))
+    frames, _ = open_source(str(video), fps=model.cfg.sample_fps)
+    expected = next(iter(play(model, frames, [(None, "What is there?")], max_new_tokens=4))).answer
+    assert answer["text"] == expected.text != json.loads(plain.stdout)["answers"][0]["text"], answer
+    wrong = vstream_cli(*args[:4], "tiny", *args[5:], "--lora", str(adapter_dir))
+    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
+    assert "lora= merges a LoRA adapter into a Qwen2-VL" in wrong.stderr
 
 
 def test_an_adapter_directory_alone_names_its_base_and_lora_needs_a_qwen_model(adapter):

@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, JsonOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt, SourceArg
+from vstream.cli.options import (DEFAULT_MODEL, DeviceOpt, JsonOpt, LoraOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt,
+                                 SourceArg)
 from vstream.errors import UserInputError
 
 
@@ -23,6 +24,7 @@ def ask(
     at: Annotated[Optional[list[float]], typer.Option(help="Stream time of each question (one per question).")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     memory_mode: MemoryModeOpt = None,
+    lora: LoraOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -37,7 +39,7 @@ def ask(
     times = _question_times(questions, at)
     frames, _ = open_source(source, fps=read_config(model).sample_fps)  # a bad source fails before the model loads
     show_progress()
-    m = vstream.load(model, device=device, memory_mode=memory_mode)
+    m = vstream.load(model, device=device, memory_mode=memory_mode, lora=lora)
     order = sorted(range(len(questions)), key=lambda i: math.inf if times[i] is None else times[i])
     answers: dict[int, dict] = {}
     plays = play(m, frames, [(times[i], questions[i]) for i in order], max_new_tokens=max_new_tokens, name=source)

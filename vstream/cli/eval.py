@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 
 from vstream.cli.extras import needs_extra
-from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, FramesPerCallOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt
+from vstream.cli.options import (DEFAULT_MODEL, DeviceOpt, FramesPerCallOpt, LoraOpt, MaxNewTokensOpt, MemoryModeOpt,
+                                 ModelOpt)
 from vstream.errors import UserInputError
 
 VisionTowerOpt = Annotated[
@@ -72,6 +73,7 @@ def eval_command(
     workers: Annotated[int, typer.Option(help="Processes over videos, each with its own model.")] = 1,
     device: DeviceOpt = "auto",
     vision_tower: VisionTowerOpt = None,
+    lora: LoraOpt = None,
 ) -> None:
     """Evaluate a model on a benchmark: predictions.jsonl (resumable), judgments, results.json, report.md, plots.
     `--mode both` runs offline then streaming, into OUT/offline and OUT/streaming."""
@@ -96,7 +98,7 @@ def eval_command(
                         max_new_tokens=max_new_tokens, frames_per_call=frames_per_call,
                         speed=None if one == "offline" else speed,
                         source="features" if features is not None else "video", originals=rvs_originals,
-                        device=device, vision_tower=vision_tower)
+                        device=device, vision_tower=vision_tower, lora=lora)
         _evaluate(bench, cfg, scorer, out / one if mode == "both" else out, workers)
 
 

@@ -26,6 +26,9 @@ DeviceOpt = Annotated[str, typer.Option(help=DEVICE_HELP)]
 SourceArg = Annotated[str, typer.Argument(help="Video file, URL (http/https/rtsp) or webcam:N.")]
 MemoryModeOpt = Annotated[Optional[str], typer.Option(help="paper or official (default: the model's).")]
 MaxNewTokensOpt = Annotated[Optional[int], typer.Option(help="Answer length limit in tokens.")]
+LoraOpt = Annotated[Optional[str], typer.Option(
+    "--lora", help="LoRA adapter folder (PEFT layout, as Flash-VStream-Qwen's training writes) merged into a Qwen2-VL "
+                   "/ Qwen2.5-VL --model.")]
 FramesPerCallOpt = Annotated[int, typer.Option("--frames-per-call", "--batch-size",
                                                help="Frames per call of the vision encoder (--batch-size: its old "
                                                     "name).")]

@@ -11,7 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt, SourceArg
+from vstream.cli.options import (DEFAULT_MODEL, DeviceOpt, LoraOpt, MaxNewTokensOpt, MemoryModeOpt, ModelOpt,
+                                 SourceArg)
 from vstream.errors import UserInputError
 
 
@@ -20,6 +21,7 @@ def run(
     speed: Annotated[Optional[float], typer.Option(help="Replay a file in simulated real time at this speed.")] = None,
     model: ModelOpt = DEFAULT_MODEL,
     memory_mode: MemoryModeOpt = None,
+    lora: LoraOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     device: DeviceOpt = "auto",
     watch: Annotated[Optional[list[str]], typer.Option(
@@ -39,7 +41,7 @@ def run(
     if speed is not None and speed <= 0:
         raise UserInputError(f"--speed must be > 0, got {speed}")
     show_progress()
-    m = vstream.load(model, device=device, memory_mode=memory_mode)
+    m = vstream.load(model, device=device, memory_mode=memory_mode, lora=lora)
     frames, live = open_source(source, fps=m.cfg.sample_fps, speed=speed)
     watches = [Watch(c, threshold=watch_threshold) for c in watch or []]
     for w in watches:

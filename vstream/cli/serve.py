@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from vstream.cli.extras import needs_extra
-from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, ModelOpt
+from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, LoraOpt, ModelOpt
 from vstream.errors import UserInputError
 
 # Durable streams, memory pages and the cluster (`--ray`): options as types, so that `serve` reads as their list.
@@ -43,6 +43,7 @@ WebhookSecretOpt = Annotated[Optional[str], typer.Option(envvar="VSTREAM_WEBHOOK
 
 def serve(
     model: ModelOpt = DEFAULT_MODEL,
+    lora: LoraOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     media_root: Annotated[
@@ -91,7 +92,7 @@ def serve(
 
         options = {"media_root": media_root, "max_streams": max_streams, "device": device,
                    "allow_private_sources": allow_private_sources, "memory_page": memory_page,
-                   "webhook_secret": webhook_secret}
+                   "webhook_secret": webhook_secret, "lora": lora}
         serve_cluster(model, state_dir=state_dir, host=host, port=port, snapshot_every=snapshot_every,
                       api_key=api_key, allowed_hosts=allowed_host or (), server_options=options, **cluster)
         return
@@ -99,7 +100,7 @@ def serve(
     run_server(model, host=host, port=port, media_root=media_root, api_key=api_key,
                max_streams=max_streams, device=device, allow_private_sources=allow_private_sources,
                drain_s=drain_seconds, allowed_hosts=allowed_host or (), state_dir=state_dir,
-               snapshot_every=snapshot_every, memory_page=memory_page, webhook_secret=webhook_secret)
+               snapshot_every=snapshot_every, memory_page=memory_page, webhook_secret=webhook_secret, lora=lora)
 
 
 def _check(media_root: Path | None, max_streams: int, drain_seconds: float, snapshot_every: float,

@@ -41,7 +41,7 @@ class ReplicaServer:
 
             host = ray.util.get_node_ip_address()
         self.id = replica_id
-        model = vstream.load(model_name, device=options.pop("device", "auto"))
+        model = vstream.load(model_name, device=options.pop("device", "auto"), lora=options.pop("lora", None))
         self.app = create_app(model, state_dir=Path(state_dir), restore=False,
                               allowed_hosts=default_allowed_hosts(host), **options)
         self.state = self.app.state.vstream

@@ -62,9 +62,14 @@ class RunConfig:
     """A local CLIP folder for a released checkpoint whose config names a hub id."""
     timeout: float = 600.0
     """Seconds any single wait on the engine may take."""
+    lora: str | None = None
+    """A LoRA adapter folder merged into a Qwen model (`vstream.load`)."""
 
     def key(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("device", "vision_tower", "timeout")}
+        """The fields that make two runs' predictions comparable (`lora` only when given, so that runs written before
+        it existed still resume)."""
+        skip = {"device", "vision_tower", "timeout"} | ({"lora"} if self.lora is None else set())
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
 # ---------------------------------------------------------------- resumable files
@@ -137,7 +142,8 @@ def _by_video(questions: list[Question]) -> dict[str, list[Question]]:
 def _load(cfg: RunConfig):
     import vstream
 
-    return vstream.load(cfg.model, device=cfg.device, memory_mode=cfg.memory_mode, vision_tower=cfg.vision_tower)
+    return vstream.load(cfg.model, device=cfg.device, memory_mode=cfg.memory_mode, vision_tower=cfg.vision_tower,
+                        lora=cfg.lora)
 
 
 _WORKER: dict = {}

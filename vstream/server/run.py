@@ -47,19 +47,19 @@ def serve(model_name_or_path: str, host: str = "127.0.0.1", port: int = 8000, me
           api_key: str | None = None, max_streams: int = 8, device: str = "auto", *,
           allow_private_sources: bool = False, drain_s: float = 10.0, limits: Limits | None = None,
           allowed_hosts: Iterable[str] = (), state_dir: Path | None = None, snapshot_every: float = 10.0,
-          memory_page: int | None = None, webhook_secret: str | None = None) -> None:
+          memory_page: int | None = None, webhook_secret: str | None = None, lora: str | None = None) -> None:
     """Load the model with `vstream.load` and serve until interrupted. The first SIGINT/SIGTERM drains (see
     `begin_drain`) for up to `drain_s` seconds, then stops; a second one stops at once. Requests may name the
     Host names `host` is bound as (`access.default_allowed_hosts`) and `allowed_hosts` ('*': any); with an API key
     and no `allowed_hosts`, any Host (see `access`). `state_dir`, `snapshot_every`: durable streams (`durable`);
     `memory_page`: streams per memory page (`EngineConfig.memory_page`; None: its default); `webhook_secret`: signs
-    watch webhooks (None: webhooks refused)."""
+    watch webhooks (None: webhooks refused); `lora`: an adapter folder merged into a Qwen model (`vstream.load`)."""
     import vstream
 
     extra = list(allowed_hosts)
     hosts = None if api_key is not None and not extra else [*access.default_allowed_hosts(host), *extra]
     access.allowed_hosts(hosts)  # a malformed name is an error before the model loads
-    model = vstream.load(model_name_or_path, device=device)
+    model = vstream.load(model_name_or_path, device=device, lora=lora)
     limits = limits or Limits()
     app = create_app(model, media_root, api_key, max_streams, allow_private_sources=allow_private_sources,
                      limits=limits, allowed_hosts=hosts or ["*"], state_dir=state_dir, snapshot_every=snapshot_every,
