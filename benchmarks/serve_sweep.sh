@@ -5,7 +5,8 @@
 #
 #   OUT=dir MODEL=flash-vstream-7b STREAMS="1 8 32 64 128 256" LOAD_S=30 WARMUP_S=2 bash benchmarks/serve_sweep.sh
 #
-# SERVE_ARGS: more options of `vstream serve` (e.g. "--memory-page 64").
+# SERVE_ARGS: more options of `vstream serve` (e.g. "--memory-page 64"); BENCH_ARGS: more of `vstream bench serve`
+# (e.g. "--watches 1": one standing question per stream on top of the question load).
 # WARMUP_S: seconds of frames before the first question (at 1 fps a memory reaches its steady state, where updates
 # replay a captured graph, after about temporal_length frames).
 set -euo pipefail
@@ -45,7 +46,7 @@ cpu_s() {  # CPU seconds (user + system) the server has used so far
 for n in $STREAMS; do
   cpu0=$(cpu_s); t0=$(date +%s.%N)
   python3 -m vstream bench serve --url "http://127.0.0.1:$PORT" --streams "$n" --seconds "$LOAD_S" \
-    --warmup "${WARMUP_S:-2}" --json \
+    --warmup "${WARMUP_S:-2}" --json ${BENCH_ARGS:-} \
     > "$OUT/serve-$n.json"
   python3 - "$OUT/serve-$n.json" "$n" "$cpu0" "$(cpu_s)" "$t0" "$(date +%s.%N)" <<'PY'
 import json, sys
