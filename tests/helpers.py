@@ -55,6 +55,11 @@ def in_process(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     return exit_.value.code or 0, out.out, out.err
 
 
+def api_client(base: str, auth: bool = True) -> httpx.Client:
+    """An HTTP client of the server at `base` (holding KEY unless `auth` is False), with the tests' deadline."""
+    return httpx.Client(base_url=base, headers=AUTH if auth else None, timeout=DEADLINE_S)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

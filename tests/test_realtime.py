@@ -18,7 +18,7 @@ from PIL import Image
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import AUTH, DEADLINE_S, EngineHook, KEY, cluster_server, recv, running_server, wait_frames
+from helpers import AUTH, DEADLINE_S, EngineHook, KEY, api_client, cluster_server, recv, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.synth.clips import moving_shapes, write_test_video
@@ -67,7 +67,7 @@ def api_server(request, model, tmp_path_factory):
 
 @pytest.fixture
 def client(api_server):
-    with httpx.Client(base_url=api_server[0], headers=AUTH, timeout=DEADLINE_S) as c:
+    with api_client(api_server[0]) as c:
         yield c
 
 

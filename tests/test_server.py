@@ -15,7 +15,8 @@ from openai import OpenAI
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
-from helpers import AUTH, DEADLINE_S, KEY, EngineHook, assert_error, cluster_server, running_server, wait_frames
+from helpers import (AUTH, DEADLINE_S, KEY, EngineHook, api_client, assert_error, cluster_server, running_server,
+                     wait_frames)
 from vstream.server import create_app
 from vstream.synth.clips import write_test_video
 
@@ -52,7 +53,7 @@ def api_server(request, model, media, tmp_path_factory):
 
 @pytest.fixture
 def client(api_server):
-    with httpx.Client(base_url=api_server[0], headers=AUTH, timeout=DEADLINE_S) as c:
+    with api_client(api_server[0]) as c:
         yield c
 
 

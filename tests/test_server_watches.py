@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import time
 
-import httpx
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from helpers import AUTH, DEADLINE_S, KEY, assert_error, nan_memory, running_server, wait_frames, wait_until
+from helpers import AUTH, DEADLINE_S, KEY, api_client, assert_error, nan_memory, running_server, wait_frames, wait_until
 from vstream.engine.watches import Watch
 from vstream.server import create_app
 from vstream.server.state import Limits, ServerState
@@ -43,7 +42,7 @@ def server(app):
 
 @pytest.fixture
 def client(server):
-    with httpx.Client(base_url=server, headers=AUTH, timeout=DEADLINE_S) as c:
+    with api_client(server) as c:
         yield c
 
 

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from helpers import AUTH, DEADLINE_S, KEY, assert_error, running_server, wait_frames
+from helpers import AUTH, DEADLINE_S, KEY, api_client, assert_error, running_server, wait_frames
 from vstream.server import create_app
 from vstream.server.state import Limits
 from vstream.server.webhooks import backoff
@@ -96,7 +96,7 @@ def server(model, media):
 
 @pytest.fixture
 def client(server):
-    with httpx.Client(base_url=server, headers=AUTH, timeout=DEADLINE_S) as c:
+    with api_client(server) as c:
         yield c
 
 
