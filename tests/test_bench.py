@@ -98,6 +98,27 @@ def test_bench_rejects_bad_options():
     assert out.returncode == 2 and "--preset must be one of" in out.stderr
 
 
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # what a machine without CUDA looks like to torch, on any machine
+CUDA_ONLY = ["pages"]
+
+
+@pytest.mark.parametrize("command", CUDA_ONLY)
+def test_cuda_only_benchmarks_say_so_in_one_line_without_cuda(command):
+    out = vstream_cli("bench", command, timeout=120, env=NO_CUDA)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"error: `vstream bench {command}` needs a CUDA device, and torch sees none here\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pages", "--streams", "64,0"], "--streams must hold integers >= 1, got '64,0'"),
+    (["pages", "--streams", "64 256"], "--streams must be comma-separated integers, got '64 256'"),
+    (["pages", "--rounds", "0"], "--rounds must be an integer >= 1, got 0"),
+])
+def test_bench_options_are_checked_before_anything_runs(args, message):
+    out = vstream_cli("bench", *args, timeout=120, env=NO_CUDA)
+    assert out.returncode == 2 and out.stderr == f"error: {message}\n"
+
+
 # ---------------------------------------------------------------- the fast path equals the eager path
 
 

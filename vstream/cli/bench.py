@@ -19,7 +19,8 @@ from typing import Annotated, Optional
 import typer
 
 from vstream.cli.extras import needs_extra
-from vstream.cli.options import BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, resolve_device_option
+from vstream.cli.options import (BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, comma_ints,
+                                 resolve_device_option)
 from vstream.errors import UserInputError
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")]
@@ -46,16 +47,6 @@ def _stat(s: dict) -> str:
     return f"median {s['median_ms']:.3f} ms, p95 {s['p95_ms']:.3f} ms" if s.get("count") else "-"
 
 
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise UserInputError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserInputError(f"--{name} must hold integers >= 1, got {text!r}")
-    return values
-
-
 def bench_memory(
     preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
@@ -69,7 +60,7 @@ def bench_memory(
     from vstream.bench import memory_benchmark
 
     model, load = _model(preset, device)
-    r = memory_benchmark(model, lengths=_ints(lengths, "lengths"), repeats=repeats,
+    r = memory_benchmark(model, lengths=comma_ints(lengths, "lengths"), repeats=repeats,
                          cuda_graph=cuda_graph) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
@@ -95,7 +86,7 @@ def bench_encode(
     from vstream.bench import encode_benchmark
 
     model, load = _model(preset, device)
-    r = encode_benchmark(model, frame_counts=_ints(batches, "batches"), repeats=repeats) | {"load": load}
+    r = encode_benchmark(model, frame_counts=comma_ints(batches, "batches"), repeats=repeats) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -161,8 +152,8 @@ def bench_streams(
     if seconds <= 0 or question_interval <= 0:
         raise UserInputError(f"--seconds and --question-interval must be > 0, got {seconds} and {question_interval}")
     model, load = _model(preset, device)
-    r = streams_benchmark(model, counts=_ints(counts, "counts"), seconds=seconds, question_interval=question_interval,
-                          max_new_tokens=max_new_tokens) | {"load": load}
+    r = streams_benchmark(model, counts=comma_ints(counts, "counts"), seconds=seconds,
+                          question_interval=question_interval, max_new_tokens=max_new_tokens) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -215,7 +206,7 @@ def bench_all(
     if "ceilings" in wanted and model.device.type == "cuda":
         results["ceilings"] = bench.ceilings(model.device)
     typer.echo(json.dumps(results))
-    for part, run in _all_runs(model, _ints(lengths, "lengths"), _ints(counts, "counts"), seconds).items():
+    for part, run in _all_runs(model, comma_ints(lengths, "lengths"), comma_ints(counts, "counts"), seconds).items():
         if part in wanted:
             t0 = time.perf_counter()
             try:

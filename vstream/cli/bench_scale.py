@@ -1,0 +1,44 @@
+"""`vstream bench {pages,decode,cluster}`: how costs grow with the streams served together: memory updates by pages of
+streams, decode steps batched across answers, engine replicas of a cluster. Each prints one JSON object (`pages`: one
+JSON line per stream count), as the scripts of benchmarks/ that they replace printed them.
+
+The measurements are `vstream.bench.pages`, `vstream.bench.decode` and `vstream.bench.cluster`; this module checks
+the options and prints the results.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+import typer
+
+from vstream.cli.options import DeviceOpt, comma_ints, cuda_device_option
+from vstream.errors import UserInputError
+
+
+def _at_least(minimum: int, **values: int) -> None:
+    for name, value in values.items():
+        if value < minimum:
+            raise UserInputError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
+
+
+def bench_pages(
+    streams: Annotated[str, typer.Option(help="Numbers of streams, comma-separated.")] = "64,256",
+    page: Annotated[int, typer.Option(help="Streams per memory page.")] = 64,
+    rounds: Annotated[int, typer.Option(help="Timed rounds (every stream one frame) per stream count.")] = 20,
+    profile: Annotated[bool, typer.Option(
+        help="Also print the device kernels of one eager page update after each line.")] = False,
+    device: DeviceOpt = "cuda",
+) -> None:
+    """Memory updates of N streams per round on CUDA: each memory replaying its own graph, against memory pages (one
+    batched update per page); one JSON line per stream count."""
+    counts = comma_ints(streams, "streams")
+    _at_least(1, page=page, rounds=rounds)
+    where = cuda_device_option(device, "bench pages")
+    from vstream.bench.pages import pages_benchmark
+
+    for row, kernels in pages_benchmark(counts, page=page, rounds=rounds, device=where, kernels=profile):
+        typer.echo(json.dumps(row))
+        if kernels is not None:
+            typer.echo(kernels)
