@@ -99,7 +99,7 @@ def test_bench_rejects_bad_options():
 
 
 NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # what a machine without CUDA looks like to torch, on any machine
-CUDA_ONLY = ["pages"]
+CUDA_ONLY = ["pages", "profile"]
 
 
 @pytest.mark.parametrize("command", CUDA_ONLY)
@@ -113,6 +113,7 @@ def test_cuda_only_benchmarks_say_so_in_one_line_without_cuda(command):
     (["pages", "--streams", "64,0"], "--streams must hold integers >= 1, got '64,0'"),
     (["pages", "--streams", "64 256"], "--streams must be comma-separated integers, got '64 256'"),
     (["pages", "--rounds", "0"], "--rounds must be an integer >= 1, got 0"),
+    (["profile", "--updates", "0"], "--updates must be an integer >= 1, got 0"),
 ])
 def test_bench_options_are_checked_before_anything_runs(args, message):
     out = vstream_cli("bench", *args, timeout=120, env=NO_CUDA)

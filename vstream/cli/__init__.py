@@ -37,6 +37,7 @@ COMMANDS: dict[str, Callable[..., None] | dict[str, Callable[..., None]]] = {
         "encode": bench.bench_encode,
         "answer": bench.bench_answer,
         "streams": bench.bench_streams,
+        "profile": bench.bench_profile,
         "all": bench.bench_all,
         "stream": bench.bench_stream,
         "serve": bench.bench_serve,

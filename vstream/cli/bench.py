@@ -1,6 +1,7 @@
-"""`vstream bench {memory,encode,answer,streams,all,stream,serve}`: benchmarks that print what they ran on and their
-medians/p95. `all` runs the in-process ones with one model load for a GPU lease (what benchmarks/gpu.sh calls);
-`serve` is the load generator against a server (`vstream.loadgen`); the others run in process.
+"""`vstream bench {memory,encode,answer,streams,profile,all,stream,serve}`: benchmarks that print what they ran on and
+their medians/p95. `all` runs the in-process ones with one model load for a GPU lease (what benchmarks/gpu.sh calls,
+with `profile`: the memory update's kernels); `serve` is the load generator against a server (`vstream.loadgen`); the
+others run in process. The benchmarks of many streams at once are in `bench_scale`.
 
 `--preset` picks the model shape (random weights): `tiny` runs on the CPU in seconds, `flash-vstream-7b` is the released
 model's shape (CLIP ViT-L/14, a 7B LLaMA) and wants a GPU. The fast path (fused tower, CUDA graphs, static KV cache)
@@ -19,7 +20,7 @@ from typing import Annotated, Optional
 import typer
 
 from vstream.cli.extras import needs_extra
-from vstream.cli.options import (BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, comma_ints,
+from vstream.cli.options import (BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, comma_ints, cuda_device_option,
                                  resolve_device_option)
 from vstream.errors import UserInputError
 
@@ -162,6 +163,22 @@ def bench_streams(
         typer.echo(f"  {row['streams']:>3} streams: first token {_stat(row['first_token'])} "
                    f"({row['answered']}/{row['questions']} answered); {row['frames']}/{row['frames_expected']} "
                    f"frames ingested, {row['frames_dropped']} dropped")
+
+
+def bench_profile(
+    device: DeviceOpt = "cuda",
+    updates: Annotated[int, typer.Option(help="Memory updates profiled from the CUDA graph, then eagerly.")] = 50,
+) -> None:
+    """torch.profiler tables (CUDA) of the steady memory update in the released shapes (fp16): graph replays, then
+    eager updates; which kernels the update's time goes to."""
+    if updates < 1:
+        raise UserInputError(f"--updates must be an integer >= 1, got {updates}")
+    where = cuda_device_option(device, "bench profile")
+    from vstream.bench.profile import memory_profile_tables
+
+    for name, table in memory_profile_tables(where, updates).items():
+        typer.echo(f"== {name}")
+        typer.echo(table)
 
 
 ALL_PARTS = ("ceilings", "answer", "encode", "memory", "streams", "profile")
