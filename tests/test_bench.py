@@ -88,6 +88,20 @@ def test_bench_all_writes_each_part_after_one_load(tmp_path):
     assert not (tmp_path / "profile.txt").exists()
 
 
+@pytest.mark.slow
+def test_bench_qwen_tiny():
+    r = json.loads(cli("qwen", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--units", "10,30", "--streams", "1,2",
+                       "--repeats", "1", "--decode-tokens", "4").stdout)
+    assert r["preset"] == "tiny-qwen2.5-vl" and r["device"] == "cpu" and r["dtype"] == "torch.float32"
+    memory = r["memory"]
+    assert memory["10"]["state_bytes"] == memory["30"]["state_bytes"] == r["state_bytes_config"]  # flat
+    assert memory["30"]["update_ms"] > 0 and memory["syncs_in_update"] == "not checked (CPU)"
+    assert [row["frames"] for row in r["ingest"].values()] == [2, 4]
+    answer = r["answer"]
+    assert answer["memory_tokens"] == r["max_tokens"] and answer["decode_tokens"] == 4
+    assert answer["ttft_cached_prefix_ms"] > 0 and answer["ttft_fresh_prefill_ms"] > 0
+
+
 def test_bench_all_rejects_unknown_parts():
     out = vstream_cli("bench", "all", "--preset", "tiny", "--parts", "memory,warp", timeout=120)
     assert out.returncode == 2 and "--parts must name some of ceilings,answer" in out.stderr
@@ -114,6 +128,10 @@ def test_cuda_only_benchmarks_say_so_in_one_line_without_cuda(command):
     (["pages", "--streams", "64 256"], "--streams must be comma-separated integers, got '64 256'"),
     (["pages", "--rounds", "0"], "--rounds must be an integer >= 1, got 0"),
     (["profile", "--updates", "0"], "--updates must be an integer >= 1, got 0"),
+    (["qwen", "--units", "100,10"], "--units must increase from one count to the next, got '100,10'"),
+    (["qwen", "--dtype", "half"], "--dtype must be one of float32, float16, bfloat16, got 'half'"),
+    (["qwen", "--preset", "tiny"], "--preset must be one of ['flash-vstream-qwen-7b', 'qwen2.5-vl-7b-flash', "
+                                   "'tiny-qwen2-vl', 'tiny-qwen2.5-vl'], got 'tiny'"),
 ])
 def test_bench_options_are_checked_before_anything_runs(args, message):
     out = vstream_cli("bench", *args, timeout=120, env=NO_CUDA)

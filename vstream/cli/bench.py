@@ -21,7 +21,7 @@ import typer
 
 from vstream.cli.extras import needs_extra
 from vstream.cli.options import (BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, comma_ints, cuda_device_option,
-                                 resolve_device_option)
+                                 positive_ints, resolve_device_option)
 from vstream.errors import UserInputError
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")]
@@ -171,8 +171,7 @@ def bench_profile(
 ) -> None:
     """torch.profiler tables (CUDA) of the steady memory update in the released shapes (fp16): graph replays, then
     eager updates; which kernels the update's time goes to."""
-    if updates < 1:
-        raise UserInputError(f"--updates must be an integer >= 1, got {updates}")
+    positive_ints(updates=updates)
     where = cuda_device_option(device, "bench profile")
     from vstream.bench.profile import memory_profile_tables
 

@@ -13,14 +13,7 @@ from typing import Annotated
 
 import typer
 
-from vstream.cli.options import DeviceOpt, comma_ints, cuda_device_option
-from vstream.errors import UserInputError
-
-
-def _at_least(minimum: int, **values: int) -> None:
-    for name, value in values.items():
-        if value < minimum:
-            raise UserInputError(f"--{name.replace('_', '-')} must be an integer >= {minimum}, got {value}")
+from vstream.cli.options import DeviceOpt, comma_ints, cuda_device_option, positive_ints
 
 
 def bench_pages(
@@ -34,7 +27,7 @@ def bench_pages(
     """Memory updates of N streams per round on CUDA: each memory replaying its own graph, against memory pages (one
     batched update per page); one JSON line per stream count."""
     counts = comma_ints(streams, "streams")
-    _at_least(1, page=page, rounds=rounds)
+    positive_ints(page=page, rounds=rounds)
     where = cuda_device_option(device, "bench pages")
     from vstream.bench.pages import pages_benchmark
 

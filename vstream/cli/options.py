@@ -1,5 +1,5 @@
 """Option types and defaults that several commands of `vstream` share, the checks of `--device` (any device, or a CUDA
-one) and of comma-separated integers.
+one) and of integer options.
 
 This module declares options only: it registers no command and loads nothing (the commands import what they run).
 """
@@ -50,6 +50,13 @@ def cuda_device_option(name: str, command: str) -> torch.device:
         raise UserInputError(f"--device: `vstream {command}` runs on CUDA only: expected auto, cuda or cuda:N, got "
                              f"{name!r}")
     return device
+
+
+def positive_ints(**values: int) -> None:
+    """UserInputError naming the option (`decode_tokens` is `--decode-tokens`) of the first value below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
 
 
 def comma_ints(text: str, name: str) -> tuple[int, ...]:
