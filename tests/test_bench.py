@@ -102,6 +102,17 @@ def test_bench_qwen_tiny():
     assert answer["ttft_cached_prefix_ms"] > 0 and answer["ttft_fresh_prefill_ms"] > 0
 
 
+@pytest.mark.slow
+def test_bench_decode_tiny():
+    r = json.loads(cli("decode", "--preset", "tiny", "--device", "cpu", "--batches", "1,3", "--prompt", "40", "--seq",
+                       "64", "--repeats", "3").stdout)
+    check_environment(r["env"])
+    assert r["prompt_tokens"] == 40 and r["max_seq_len"] == 64 and set(r["batched"]) == {"1", "3"}
+    three = r["batched"]["3"]
+    assert three["median_ms"] > 0 and three["per_answer_ms"] == pytest.approx(three["median_ms"] / 3)
+    assert r["ratio_to_smallest_batch"]["1"] == 1.0
+
+
 def test_bench_all_rejects_unknown_parts():
     out = vstream_cli("bench", "all", "--preset", "tiny", "--parts", "memory,warp", timeout=120)
     assert out.returncode == 2 and "--parts must name some of ceilings,answer" in out.stderr
@@ -128,6 +139,9 @@ def test_cuda_only_benchmarks_say_so_in_one_line_without_cuda(command):
     (["pages", "--streams", "64 256"], "--streams must be comma-separated integers, got '64 256'"),
     (["pages", "--rounds", "0"], "--rounds must be an integer >= 1, got 0"),
     (["profile", "--updates", "0"], "--updates must be an integer >= 1, got 0"),
+    (["decode", "--prompt", "1000"], "--seq must hold --prompt + 3 warm-up steps + --repeats positions (1053), "
+                                     "got 1024"),
+    (["decode", "--batches", "1,x"], "--batches must be comma-separated integers, got '1,x'"),
     (["qwen", "--units", "100,10"], "--units must increase from one count to the next, got '100,10'"),
     (["qwen", "--dtype", "half"], "--dtype must be one of float32, float16, bfloat16, got 'half'"),
     (["qwen", "--preset", "tiny"], "--preset must be one of ['flash-vstream-qwen-7b', 'qwen2.5-vl-7b-flash', "

@@ -42,6 +42,7 @@ COMMANDS: dict[str, Callable[..., None] | dict[str, Callable[..., None]]] = {
         "stream": bench.bench_stream,
         "serve": bench.bench_serve,
         "pages": bench_scale.bench_pages,
+        "decode": bench_scale.bench_decode,
         "qwen": bench_models.bench_qwen,
     },
 }

@@ -13,7 +13,8 @@ from typing import Annotated
 
 import typer
 
-from vstream.cli.options import DeviceOpt, comma_ints, cuda_device_option, positive_ints
+from vstream.cli.options import DeviceOpt, comma_ints, cuda_device_option, positive_ints, resolve_device_option
+from vstream.errors import UserInputError
 
 
 def bench_pages(
@@ -35,3 +36,30 @@ def bench_pages(
         typer.echo(json.dumps(row))
         if kernels is not None:
             typer.echo(kernels)
+
+
+def bench_decode(
+    preset: Annotated[str, typer.Option(help="Preset of the LLM's shape (random weights).")] = "flash-vstream-7b",
+    device: DeviceOpt = "cuda",
+    batches: Annotated[str, typer.Option(help="Answers decoded together (batch sizes), comma-separated.")
+                       ] = "1,8,32,64",
+    prompt: Annotated[int, typer.Option(help="Prompt positions prefilled in every slot.")] = 745,
+    seq: Annotated[int, typer.Option(help="KV cache positions per slot.")] = 1024,
+    repeats: Annotated[int, typer.Option(help="Timed steps per batch size.")] = 50,
+) -> None:
+    """Decode-step time of the batched decoder at several batch sizes, every slot holding a memory-sized prompt."""
+    from vstream.bench.decode import WARMUP_STEPS, decode_benchmark
+    from vstream.config import PRESETS
+
+    if preset not in PRESETS:
+        raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    sizes = comma_ints(batches, "batches")
+    positive_ints(prompt=prompt, seq=seq, repeats=repeats)
+    if prompt + WARMUP_STEPS + repeats > seq:
+        raise UserInputError(f"--seq must hold --prompt + {WARMUP_STEPS} warm-up steps + --repeats positions "
+                             f"({prompt + WARMUP_STEPS + repeats}), got {seq}")
+    where = resolve_device_option(device)
+    from vstream.bench import load_bench_model
+
+    model, _, _ = load_bench_model(preset, where)
+    typer.echo(json.dumps(decode_benchmark(model, sizes, prompt=prompt, seq=seq, repeats=repeats), indent=1))
