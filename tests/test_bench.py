@@ -113,6 +113,20 @@ def test_bench_decode_tiny():
     assert r["ratio_to_smallest_batch"]["1"] == 1.0
 
 
+@pytest.mark.slow
+def test_bench_startup_tiny_in_fresh_processes():
+    r = json.loads(cli("startup", "--model", "tiny", "--device", "cpu", "--repeats", "2").stdout)
+    assert r["host_cpus"] >= 1 and len(r["runs"]) == 1
+    run = r["runs"][0]
+    assert run["model"] == "tiny" and run["device"] == "cpu" and run["param_dtype"] == "float32"
+    assert run["repeats"] == 2 and len(run["load_s_all"]) == 2 and run["load_s"] in run["load_s_all"]
+    assert {"config", "modules", "weights", "ready"} <= set(run["stages"])
+    assert 0 < run["import_s"] < run["to_ready_s"] < run["process_s"]
+    out = vstream_cli("bench", "startup", "--model", "nope", "--device", "cpu", timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: loading 'nope' in a fresh process was refused: ")
+    assert len(out.stderr.splitlines()) == 1
+
+
 def test_bench_all_rejects_unknown_parts():
     out = vstream_cli("bench", "all", "--preset", "tiny", "--parts", "memory,warp", timeout=120)
     assert out.returncode == 2 and "--parts must name some of ceilings,answer" in out.stderr

@@ -44,6 +44,7 @@ COMMANDS: dict[str, Callable[..., None] | dict[str, Callable[..., None]]] = {
         "pages": bench_scale.bench_pages,
         "decode": bench_scale.bench_decode,
         "qwen": bench_models.bench_qwen,
+        "startup": bench_models.bench_startup,
     },
 }
 """Command name -> its function, or a group name -> its subcommands; `vstream --help` lists them in this order

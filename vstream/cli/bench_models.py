@@ -9,6 +9,7 @@ the options and prints the results.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -58,3 +59,37 @@ def bench_qwen(
     result = qwen_benchmark(preset, where, dtype, units=marks, streams=counts, repeats=repeats,
                             decode_tokens=decode_tokens, skip_model=skip_model)
     typer.echo(json.dumps(result, indent=2))
+
+
+def bench_startup(
+    model: Annotated[list[str], typer.Option("--model", "-m", help="Preset or model directory; repeat the option for "
+                                                                    "several.")] = ["flash-vstream-7b"],
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = None,
+    repeats: Annotated[int, typer.Option(help="Fresh processes per model; the median load is reported.")] = 1,
+    checkout: Annotated[Optional[Path], typer.Option(
+        help="A vstream checkout (the folder holding its vstream/) that the fresh processes import instead of this "
+             "one, to compare versions.")] = None,
+    write: Annotated[Optional[Path], typer.Option(
+        help="Write a released-format directory of the --model preset here (random float16 weights; ~14 GB for "
+             "flash-vstream-7b) and stop.")] = None,
+) -> None:
+    """Start-up time of `vstream.load` stage by stage, each load in a fresh process: import, CUDA context, each stage
+    of the load, the whole process, peak host and GPU memory."""
+    positive_ints(repeats=repeats)
+    dtype = _dtype(dtype)
+    if write is not None:
+        if len(model) != 1:
+            raise UserInputError(f"--write writes one preset: give one --model, got {len(model)}: {', '.join(model)}")
+        from vstream.bench.startup import write_released
+
+        written = write_released(model[0], write, progress=lambda line: typer.echo(line, err=True))
+        typer.echo(json.dumps({"written": str(written)}))
+        return
+    if checkout is not None and not (checkout / "vstream" / "__init__.py").is_file():
+        raise UserInputError(f"--checkout must be a folder holding the vstream package (vstream/__init__.py), got "
+                             f"{str(checkout)!r}")
+    where = str(resolve_device_option(device))
+    from vstream.bench.startup import startup_benchmark
+
+    typer.echo(json.dumps(startup_benchmark(model, where, dtype, repeats=repeats, checkout=checkout), indent=1))
