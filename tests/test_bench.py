@@ -127,6 +127,19 @@ def test_bench_startup_tiny_in_fresh_processes():
     assert len(out.stderr.splitlines()) == 1
 
 
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_cluster_one_replica_answers_and_ingests():
+    r = json.loads(cli("cluster", "--replicas", "1", "--streams", "1", "--clients", "1", "--seconds", "1",
+                       "--max-tokens", "2").stdout)
+    assert r["options"] == {"replicas": "1", "streams": 1, "clients": 1, "seconds": 1.0, "max_tokens": 2,
+                            "threads": 1, "model": "tiny"}
+    [run] = r["runs"]
+    assert run["replicas"] == 1 and sum(run["streams_per_replica"].values()) == 1 and r["ratios"] == {}
+    assert run["questions"]["answers"] > 0 and set(run["questions"]["statuses"]) == {"200"}
+    assert run["frames"]["sent"] > 0 and run["directory"]["route_calls_per_s"] > 0
+
+
 def test_bench_all_rejects_unknown_parts():
     out = vstream_cli("bench", "all", "--preset", "tiny", "--parts", "memory,warp", timeout=120)
     assert out.returncode == 2 and "--parts must name some of ceilings,answer" in out.stderr
@@ -156,6 +169,8 @@ def test_cuda_only_benchmarks_say_so_in_one_line_without_cuda(command):
     (["decode", "--prompt", "1000"], "--seq must hold --prompt + 3 warm-up steps + --repeats positions (1053), "
                                      "got 1024"),
     (["decode", "--batches", "1,x"], "--batches must be comma-separated integers, got '1,x'"),
+    (["cluster", "--replicas", "2,0"], "--replicas must hold integers >= 1, got '2,0'"),
+    (["cluster", "--seconds", "0"], "--seconds must be > 0, got 0"),
     (["qwen", "--units", "100,10"], "--units must increase from one count to the next, got '100,10'"),
     (["qwen", "--dtype", "half"], "--dtype must be one of float32, float16, bfloat16, got 'half'"),
     (["qwen", "--preset", "tiny"], "--preset must be one of ['flash-vstream-qwen-7b', 'qwen2.5-vl-7b-flash', "

@@ -43,6 +43,7 @@ COMMANDS: dict[str, Callable[..., None] | dict[str, Callable[..., None]]] = {
         "serve": bench.bench_serve,
         "pages": bench_scale.bench_pages,
         "decode": bench_scale.bench_decode,
+        "cluster": bench_scale.bench_cluster,
         "qwen": bench_models.bench_qwen,
         "startup": bench_models.bench_startup,
     },

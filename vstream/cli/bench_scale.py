@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from vstream.cli.extras import needs_extra
 from vstream.cli.options import DeviceOpt, comma_ints, cuda_device_option, positive_ints, resolve_device_option
 from vstream.errors import UserInputError
 
@@ -63,3 +64,27 @@ def bench_decode(
 
     model, _, _ = load_bench_model(preset, where)
     typer.echo(json.dumps(decode_benchmark(model, sizes, prompt=prompt, seq=seq, repeats=repeats), indent=1))
+
+
+def bench_cluster(
+    replicas: Annotated[str, typer.Option(help="Numbers of engine replicas, one cluster each, comma-separated.")
+                        ] = "1,2",
+    streams: Annotated[int, typer.Option(help="Push streams created through the ingress.")] = 8,
+    clients: Annotated[int, typer.Option(help="Clients asking questions back to back.")] = 8,
+    seconds: Annotated[float, typer.Option(help="Seconds of the question phase, and of the frame phase.")] = 20.0,
+    max_tokens: Annotated[int, typer.Option(help="max_tokens of each question.")] = 16,
+    threads: Annotated[int, typer.Option(help="torch CPU threads per replica.")] = 1,
+    model: Annotated[str, typer.Option("--model", "-m", help="The replicas' model (preset or directory).")] = "tiny",
+) -> None:
+    """Throughput of a cluster on a local Ray instance (the CPU) at several numbers of replicas, through its ingress:
+    answers/s, frames/s and the directory's route calls/s."""
+    sizes = comma_ints(replicas, "replicas")
+    positive_ints(streams=streams, clients=clients, max_tokens=max_tokens, threads=threads)
+    if not seconds > 0:
+        raise UserInputError(f"--seconds must be > 0, got {seconds:g}")
+    needs_extra("ray", "bench cluster")
+    needs_extra("server", "bench cluster")  # the ingress, and the client's httpx and websockets
+    from vstream.bench.cluster import ClusterLoad, cluster_benchmark
+
+    load = ClusterLoad(streams=streams, clients=clients, seconds=seconds, max_tokens=max_tokens)
+    typer.echo(json.dumps(cluster_benchmark(sizes, load, threads=threads, model=model), indent=1))
