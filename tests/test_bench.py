@@ -127,6 +127,17 @@ def test_bench_startup_tiny_in_fresh_processes():
     assert len(out.stderr.splitlines()) == 1
 
 
+@pytest.mark.slow
+def test_bench_demo_paths_agree_on_the_cpu():
+    """The tiny preset stands in for the demo model (minutes on the CPU): on the CPU the paths must agree."""
+    r = json.loads(cli("demo-paths", "--model", "tiny", "--device", "cpu", "--streams", "1").stdout)
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["streams"] == 1 and r["questions"] > 0
+    assert r["fused"] is False and r["differing"] == []
+    assert r["same_text"] == {"fast_vs_eager": 1.0, "kernel_vs_loop_memory": 1.0}
+    assert set(r["accuracy"]) == set(r["answer_ms_median"]) == {"fast_kernel_memory", "eager_kernel_memory",
+                                                                "eager_loop_memory"}
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_bench_cluster_one_replica_answers_and_ingests():
@@ -171,6 +182,8 @@ def test_cuda_only_benchmarks_say_so_in_one_line_without_cuda(command):
     (["decode", "--batches", "1,x"], "--batches must be comma-separated integers, got '1,x'"),
     (["cluster", "--replicas", "2,0"], "--replicas must hold integers >= 1, got '2,0'"),
     (["cluster", "--seconds", "0"], "--seconds must be > 0, got 0"),
+    (["demo-paths", "--streams", "0"], "--streams must be an integer >= 1, got 0"),
+    (["demo-paths", "--dtype", "fp16"], "--dtype must be one of float32, float16, bfloat16, got 'fp16'"),
     (["qwen", "--units", "100,10"], "--units must increase from one count to the next, got '100,10'"),
     (["qwen", "--dtype", "half"], "--dtype must be one of float32, float16, bfloat16, got 'half'"),
     (["qwen", "--preset", "tiny"], "--preset must be one of ['flash-vstream-qwen-7b', 'qwen2.5-vl-7b-flash', "

@@ -46,6 +46,7 @@ COMMANDS: dict[str, Callable[..., None] | dict[str, Callable[..., None]]] = {
         "cluster": bench_scale.bench_cluster,
         "qwen": bench_models.bench_qwen,
         "startup": bench_models.bench_startup,
+        "demo-paths": bench_models.bench_demo_paths,
     },
 }
 """Command name -> its function, or a group name -> its subcommands; `vstream --help` lists them in this order

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli.options import DeviceOpt, comma_ints, positive_ints, resolve_device_option
+from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, comma_ints, positive_ints, resolve_device_option
 from vstream.errors import UserInputError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -93,3 +93,20 @@ def bench_startup(
     from vstream.bench.startup import startup_benchmark
 
     typer.echo(json.dumps(startup_benchmark(model, where, dtype, repeats=repeats, checkout=checkout), indent=1))
+
+
+def bench_demo_paths(
+    streams: Annotated[int, typer.Option(help="Held-out world streams whose questions are asked.")] = 20,
+    dtype: Annotated[str, typer.Option(help=f"One of {', '.join(DTYPES)}.")] = "float32",
+    device: DeviceOpt = "cuda",
+    model: Annotated[str, typer.Option("--model", "-m", help="Model whose paths are compared (preset or "
+                                                             "directory).")] = DEFAULT_MODEL,
+) -> None:
+    """The trained demo model's fast path against its eager path, and memories from the k-means kernel against the
+    PyTorch loop, on held-out world questions: accuracy, agreement and answer latency of each."""
+    positive_ints(streams=streams)
+    dtype = _dtype(dtype)
+    where = resolve_device_option(device)
+    from vstream.bench.demo_paths import demo_paths_benchmark
+
+    typer.echo(json.dumps(demo_paths_benchmark(streams, dtype, where, model_name=model), indent=1))
