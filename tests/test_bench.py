@@ -1,5 +1,6 @@
-"""The benchmarks run end to end on the CPU with the tiny preset (so they cannot rot), and the fast path they measure
-gives the eager path's results: the same greedy tokens, the same tower features up to rounding."""
+"""The benchmarks run end to end on the CPU with the tiny presets (so they cannot rot), those that need CUDA say so in
+one line, every option is checked before anything loads, and the fast path they measure gives the eager path's
+results: the same greedy tokens, the same tower features up to rounding."""
 
 import json
 
