@@ -1,7 +1,8 @@
 """`vstream bench {memory,encode,answer,streams,profile,all,stream,serve}`: benchmarks that print what they ran on and
 their medians/p95. `all` runs the in-process ones with one model load for a GPU lease (what benchmarks/gpu.sh calls,
 with `profile`: the memory update's kernels); `serve` is the load generator against a server (`vstream.loadgen`); the
-others run in process. The benchmarks of many streams at once are in `bench_scale`.
+others run in process. The benchmarks of many streams at once are in `bench_scale`, those of other models (Qwen, the
+demo model, load time) in `bench_models`.
 
 `--preset` picks the model shape (random weights): `tiny` runs on the CPU in seconds, `flash-vstream-7b` is the released
 model's shape (CLIP ViT-L/14, a 7B LLaMA) and wants a GPU. The fast path (fused tower, CUDA graphs, static KV cache)
