@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything the GPU figures of BENCHMARKS.md come from, on one lent GPU, writing to $OUT (default ./gpu-out):
 # the CUDA tests, the fused kernels' checks, the memory update at growing lengths (eager and from its CUDA graph),
-# its kernel profile, and `vstream bench all` (ceilings, answer, encode, memory, streams, profile) in the
-# flash-vstream-7b shapes, in one process with one model load.
+# its kernel profile (`vstream bench profile`), and `vstream bench all` (ceilings, answer, encode, memory, streams,
+# profile) in the flash-vstream-7b shapes, in one process with one model load.
 # Usage: bash benchmarks/gpu.sh [parts...]   e.g. bash benchmarks/gpu.sh answer profile
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -14,7 +14,7 @@ for graph in --no-cuda-graph --cuda-graph; do
   python -m vstream bench memory --preset flash-vstream-7b --device cuda --lengths 100,1000,10000 --repeats 200 \
     $graph --json > "$OUT/memory_update$graph.json"
 done
-python benchmarks/profile_memory.py > "$OUT/profile_memory.txt" 2>&1
+python -m vstream bench profile > "$OUT/profile_memory.txt" 2>&1
 parts=${*:-ceilings answer encode memory streams profile}
 python -m vstream bench all --preset flash-vstream-7b --device cuda --out "$OUT" --parts "${parts// /,}" \
   --counts 16,32,64,96,128 2>&1 | grep -v "Loading weights" | tee "$OUT/all.log"

@@ -1,5 +1,6 @@
-"""The benchmarks run end to end on the CPU with the tiny preset (so they cannot rot), and the fast path they measure
-gives the eager path's results: the same greedy tokens, the same tower features up to rounding."""
+"""The benchmarks run end to end on the CPU with the tiny presets (so they cannot rot), those that need CUDA say so in
+one line, every option is checked before anything loads, and the fast path they measure gives the eager path's
+results: the same greedy tokens, the same tower features up to rounding."""
 
 import json
 
@@ -88,6 +89,69 @@ def test_bench_all_writes_each_part_after_one_load(tmp_path):
     assert not (tmp_path / "profile.txt").exists()
 
 
+@pytest.mark.slow
+def test_bench_qwen_tiny():
+    r = json.loads(cli("qwen", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--units", "10,30", "--streams", "1,2",
+                       "--repeats", "1", "--decode-tokens", "4").stdout)
+    assert r["preset"] == "tiny-qwen2.5-vl" and r["device"] == "cpu" and r["dtype"] == "torch.float32"
+    memory = r["memory"]
+    assert memory["10"]["state_bytes"] == memory["30"]["state_bytes"] == r["state_bytes_config"]  # flat
+    assert memory["30"]["update_ms"] > 0 and memory["syncs_in_update"] == "not checked (CPU)"
+    assert [row["frames"] for row in r["ingest"].values()] == [2, 4]
+    answer = r["answer"]
+    assert answer["memory_tokens"] == r["max_tokens"] and answer["decode_tokens"] == 4
+    assert answer["ttft_cached_prefix_ms"] > 0 and answer["ttft_fresh_prefill_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_decode_tiny():
+    r = json.loads(cli("decode", "--preset", "tiny", "--device", "cpu", "--batches", "1,3", "--prompt", "40", "--seq",
+                       "64", "--repeats", "3").stdout)
+    check_environment(r["env"])
+    assert r["prompt_tokens"] == 40 and r["max_seq_len"] == 64 and set(r["batched"]) == {"1", "3"}
+    three = r["batched"]["3"]
+    assert three["median_ms"] > 0 and three["per_answer_ms"] == pytest.approx(three["median_ms"] / 3)
+    assert r["ratio_to_smallest_batch"]["1"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_startup_tiny_in_fresh_processes():
+    r = json.loads(cli("startup", "--model", "tiny", "--device", "cpu", "--repeats", "2").stdout)
+    assert r["host_cpus"] >= 1 and len(r["runs"]) == 1
+    run = r["runs"][0]
+    assert run["model"] == "tiny" and run["device"] == "cpu" and run["param_dtype"] == "float32"
+    assert run["repeats"] == 2 and len(run["load_s_all"]) == 2 and run["load_s"] in run["load_s_all"]
+    assert {"config", "modules", "weights", "ready"} <= set(run["stages"])
+    assert 0 < run["import_s"] < run["to_ready_s"] < run["process_s"]
+    out = vstream_cli("bench", "startup", "--model", "nope", "--device", "cpu", timeout=120)
+    assert out.returncode == 2 and out.stderr.startswith("error: loading 'nope' in a fresh process was refused: ")
+    assert len(out.stderr.splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_bench_demo_paths_agree_on_the_cpu():
+    """The tiny preset stands in for the demo model (minutes on the CPU): on the CPU the paths must agree."""
+    r = json.loads(cli("demo-paths", "--model", "tiny", "--device", "cpu", "--streams", "1").stdout)
+    assert r["device"] == "cpu" and r["dtype"] == "float32" and r["streams"] == 1 and r["questions"] > 0
+    assert r["fused"] is False and r["differing"] == []
+    assert r["same_text"] == {"fast_vs_eager": 1.0, "kernel_vs_loop_memory": 1.0}
+    assert set(r["accuracy"]) == set(r["answer_ms_median"]) == {"fast_kernel_memory", "eager_kernel_memory",
+                                                                "eager_loop_memory"}
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_bench_cluster_one_replica_answers_and_ingests():
+    r = json.loads(cli("cluster", "--replicas", "1", "--streams", "1", "--clients", "1", "--seconds", "1",
+                       "--max-tokens", "2").stdout)
+    assert r["options"] == {"replicas": "1", "streams": 1, "clients": 1, "seconds": 1.0, "max_tokens": 2,
+                            "threads": 1, "model": "tiny"}
+    [run] = r["runs"]
+    assert run["replicas"] == 1 and sum(run["streams_per_replica"].values()) == 1 and r["ratios"] == {}
+    assert run["questions"]["answers"] > 0 and set(run["questions"]["statuses"]) == {"200"}
+    assert run["frames"]["sent"] > 0 and run["directory"]["route_calls_per_s"] > 0
+
+
 def test_bench_all_rejects_unknown_parts():
     out = vstream_cli("bench", "all", "--preset", "tiny", "--parts", "memory,warp", timeout=120)
     assert out.returncode == 2 and "--parts must name some of ceilings,answer" in out.stderr
@@ -96,6 +160,39 @@ def test_bench_all_rejects_unknown_parts():
 def test_bench_rejects_bad_options():
     out = vstream_cli("bench", "memory", "--preset", "nope", timeout=120)
     assert out.returncode == 2 and "--preset must be one of" in out.stderr
+
+
+NO_CUDA = {"CUDA_VISIBLE_DEVICES": ""}  # what a machine without CUDA looks like to torch, on any machine
+CUDA_ONLY = ["pages", "profile"]
+
+
+@pytest.mark.parametrize("command", CUDA_ONLY)
+def test_cuda_only_benchmarks_say_so_in_one_line_without_cuda(command):
+    out = vstream_cli("bench", command, timeout=120, env=NO_CUDA)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr == f"error: `vstream bench {command}` needs a CUDA device, and torch sees none here\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["pages", "--streams", "64,0"], "--streams must hold integers >= 1, got '64,0'"),
+    (["pages", "--streams", "64 256"], "--streams must be comma-separated integers, got '64 256'"),
+    (["pages", "--rounds", "0"], "--rounds must be an integer >= 1, got 0"),
+    (["profile", "--updates", "0"], "--updates must be an integer >= 1, got 0"),
+    (["decode", "--prompt", "1000"], "--seq must hold --prompt + 3 warm-up steps + --repeats positions (1053), "
+                                     "got 1024"),
+    (["decode", "--batches", "1,x"], "--batches must be comma-separated integers, got '1,x'"),
+    (["cluster", "--replicas", "2,0"], "--replicas must hold integers >= 1, got '2,0'"),
+    (["cluster", "--seconds", "0"], "--seconds must be > 0, got 0"),
+    (["demo-paths", "--streams", "0"], "--streams must be an integer >= 1, got 0"),
+    (["demo-paths", "--dtype", "fp16"], "--dtype must be one of float32, float16, bfloat16, got 'fp16'"),
+    (["qwen", "--units", "100,10"], "--units must increase from one count to the next, got '100,10'"),
+    (["qwen", "--dtype", "half"], "--dtype must be one of float32, float16, bfloat16, got 'half'"),
+    (["qwen", "--preset", "tiny"], "--preset must be one of ['flash-vstream-qwen-7b', 'qwen2.5-vl-7b-flash', "
+                                   "'tiny-qwen2-vl', 'tiny-qwen2.5-vl'], got 'tiny'"),
+])
+def test_bench_options_are_checked_before_anything_runs(args, message):
+    out = vstream_cli("bench", *args, timeout=120, env=NO_CUDA)
+    assert out.returncode == 2 and out.stderr == f"error: {message}\n"
 
 
 # ---------------------------------------------------------------- the fast path equals the eager path

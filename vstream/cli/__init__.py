@@ -1,9 +1,9 @@
 """The `vstream` command line: the one table of its commands, the typer app built from it, and the entry point.
 
 Each command is a typed function in its own module of this package (`info`, `ask`, `run`, `demo`, `serve`, `eval`,
-`train`, `synth`, `bench`, `world`); shared option types are in `options`, the optional extras in `extras`. This module
-names the commands and registers them, nothing else: no command registers itself by being imported, and no command
-module imports this one.
+`train`, `synth`, `world`; the benchmarks in `bench`, `bench_scale` and `bench_models`); shared option types are in
+`options`, the optional extras in `extras`. This module names the commands and registers them, nothing else: no
+command registers itself by being imported, and no command module imports this one.
 
 `main` (the console script, `python -m vstream` and `python -m vstream.cli`) prints a `vstream.errors.VStreamError`
 (bad input: an option, a path, a config, a source, a missing extra) as one line on stderr and exits with code 2; every
@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import typer
 
-from vstream.cli import ask, bench, demo, info, run, serve, synth, train, world
+from vstream.cli import ask, bench, bench_models, bench_scale, demo, info, run, serve, synth, train, world
 from vstream.cli import eval as evaluation
 from vstream.errors import VStreamError
 
@@ -37,9 +37,16 @@ COMMANDS: dict[str, Callable[..., None] | dict[str, Callable[..., None]]] = {
         "encode": bench.bench_encode,
         "answer": bench.bench_answer,
         "streams": bench.bench_streams,
+        "profile": bench.bench_profile,
         "all": bench.bench_all,
         "stream": bench.bench_stream,
         "serve": bench.bench_serve,
+        "pages": bench_scale.bench_pages,
+        "decode": bench_scale.bench_decode,
+        "cluster": bench_scale.bench_cluster,
+        "qwen": bench_models.bench_qwen,
+        "startup": bench_models.bench_startup,
+        "demo-paths": bench_models.bench_demo_paths,
     },
 }
 """Command name -> its function, or a group name -> its subcommands; `vstream --help` lists them in this order

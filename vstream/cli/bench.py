@@ -1,6 +1,8 @@
-"""`vstream bench {memory,encode,answer,streams,all,stream,serve}`: benchmarks that print what they ran on and their
-medians/p95. `all` runs the in-process ones with one model load for a GPU lease (what benchmarks/gpu.sh calls);
-`serve` is the load generator against a server (`vstream.loadgen`); the others run in process.
+"""`vstream bench {memory,encode,answer,streams,profile,all,stream,serve}`: benchmarks that print what they ran on and
+their medians/p95. `all` runs the in-process ones with one model load for a GPU lease (what benchmarks/gpu.sh calls,
+with `profile`: the memory update's kernels); `serve` is the load generator against a server (`vstream.loadgen`); the
+others run in process. The benchmarks of many streams at once are in `bench_scale`, those of other models (Qwen, the
+demo model, load time) in `bench_models`.
 
 `--preset` picks the model shape (random weights): `tiny` runs on the CPU in seconds, `flash-vstream-7b` is the released
 model's shape (CLIP ViT-L/14, a 7B LLaMA) and wants a GPU. The fast path (fused tower, CUDA graphs, static KV cache)
@@ -19,7 +21,8 @@ from typing import Annotated, Optional
 import typer
 
 from vstream.cli.extras import needs_extra
-from vstream.cli.options import BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, resolve_device_option
+from vstream.cli.options import (BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, comma_ints, cuda_device_option,
+                                 positive_ints, resolve_device_option)
 from vstream.errors import UserInputError
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")]
@@ -46,16 +49,6 @@ def _stat(s: dict) -> str:
     return f"median {s['median_ms']:.3f} ms, p95 {s['p95_ms']:.3f} ms" if s.get("count") else "-"
 
 
-def _ints(text: str, name: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise UserInputError(f"--{name} must be comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise UserInputError(f"--{name} must hold integers >= 1, got {text!r}")
-    return values
-
-
 def bench_memory(
     preset: PresetOpt = BENCH_DEFAULT_PRESET,
     device: DeviceOpt = "auto",
@@ -69,7 +62,7 @@ def bench_memory(
     from vstream.bench import memory_benchmark
 
     model, load = _model(preset, device)
-    r = memory_benchmark(model, lengths=_ints(lengths, "lengths"), repeats=repeats,
+    r = memory_benchmark(model, lengths=comma_ints(lengths, "lengths"), repeats=repeats,
                          cuda_graph=cuda_graph) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
@@ -95,7 +88,7 @@ def bench_encode(
     from vstream.bench import encode_benchmark
 
     model, load = _model(preset, device)
-    r = encode_benchmark(model, frame_counts=_ints(batches, "batches"), repeats=repeats) | {"load": load}
+    r = encode_benchmark(model, frame_counts=comma_ints(batches, "batches"), repeats=repeats) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -161,8 +154,8 @@ def bench_streams(
     if seconds <= 0 or question_interval <= 0:
         raise UserInputError(f"--seconds and --question-interval must be > 0, got {seconds} and {question_interval}")
     model, load = _model(preset, device)
-    r = streams_benchmark(model, counts=_ints(counts, "counts"), seconds=seconds, question_interval=question_interval,
-                          max_new_tokens=max_new_tokens) | {"load": load}
+    r = streams_benchmark(model, counts=comma_ints(counts, "counts"), seconds=seconds,
+                          question_interval=question_interval, max_new_tokens=max_new_tokens) | {"load": load}
     if as_json:
         typer.echo(json.dumps(r, indent=2))
         return
@@ -171,6 +164,21 @@ def bench_streams(
         typer.echo(f"  {row['streams']:>3} streams: first token {_stat(row['first_token'])} "
                    f"({row['answered']}/{row['questions']} answered); {row['frames']}/{row['frames_expected']} "
                    f"frames ingested, {row['frames_dropped']} dropped")
+
+
+def bench_profile(
+    device: DeviceOpt = "cuda",
+    updates: Annotated[int, typer.Option(help="Memory updates profiled from the CUDA graph, then eagerly.")] = 50,
+) -> None:
+    """torch.profiler tables (CUDA) of the steady memory update in the released shapes (fp16): graph replays, then
+    eager updates; which kernels the update's time goes to."""
+    positive_ints(updates=updates)
+    where = cuda_device_option(device, "bench profile")
+    from vstream.bench.profile import memory_profile_tables
+
+    for name, table in memory_profile_tables(where, updates).items():
+        typer.echo(f"== {name}")
+        typer.echo(table)
 
 
 ALL_PARTS = ("ceilings", "answer", "encode", "memory", "streams", "profile")
@@ -215,7 +223,7 @@ def bench_all(
     if "ceilings" in wanted and model.device.type == "cuda":
         results["ceilings"] = bench.ceilings(model.device)
     typer.echo(json.dumps(results))
-    for part, run in _all_runs(model, _ints(lengths, "lengths"), _ints(counts, "counts"), seconds).items():
+    for part, run in _all_runs(model, comma_ints(lengths, "lengths"), comma_ints(counts, "counts"), seconds).items():
         if part in wanted:
             t0 = time.perf_counter()
             try:

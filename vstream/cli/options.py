@@ -1,4 +1,5 @@
-"""Option types and defaults that several commands of `vstream` share, and the check of `--device`.
+"""Option types and defaults that several commands of `vstream` share, the checks of `--device` (any device, or a CUDA
+one) and of integer options.
 
 This module declares options only: it registers no command and loads nothing (the commands import what they run).
 """
@@ -40,3 +41,33 @@ def resolve_device_option(name: str) -> torch.device:
         return resolve_device(name)
     except UserInputError as exc:
         raise UserInputError(f"--device: {exc}") from exc
+
+
+def cuda_device_option(name: str, command: str) -> torch.device:
+    """The CUDA device `--device NAME` means for `command`, which runs on CUDA only; UserInputError saying so when
+    torch sees no CUDA device or NAME is not one."""
+    if not torch.cuda.is_available():
+        raise UserInputError(f"`vstream {command}` needs a CUDA device, and torch sees none here")
+    device = resolve_device_option(name)
+    if device.type != "cuda":
+        raise UserInputError(f"--device: `vstream {command}` runs on CUDA only: expected auto, cuda or cuda:N, got "
+                             f"{name!r}")
+    return device
+
+
+def positive_ints(**values: int) -> None:
+    """UserInputError naming the option (`decode_tokens` is `--decode-tokens`) of the first value below 1."""
+    for name, value in values.items():
+        if value < 1:
+            raise UserInputError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value}")
+
+
+def comma_ints(text: str, name: str) -> tuple[int, ...]:
+    """`--NAME 1,8,32` -> (1, 8, 32); UserInputError naming the option unless every value is an integer >= 1."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserInputError(f"--{name} must be comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise UserInputError(f"--{name} must hold integers >= 1, got {text!r}")
+    return values

@@ -216,7 +216,7 @@ class _Stage:
 
 class Stages:
     """The clock of one load. Each stage ends with one INFO record on the `vstream.load` logger, "name: stage 1.23 s
-    (note)", carrying `stage` and `seconds` attributes for programs (benchmarks/startup.py); on a GPU the clock stops
+    (note)", carrying `stage` and `seconds` attributes for programs (`vstream bench startup`); on a GPU the clock stops
     after the stage's queued work has run. `ready()` logs the total."""
 
     def __init__(self, name: str, device: torch.device):

@@ -1,21 +1,22 @@
-"""Throughput of the cluster (`vstream serve --ray`) with 1 and with 2 engine replicas of the tiny model on the CPU,
-through its ingress, measured from the client side on a local Ray instance this script starts for each size.
+"""Throughput of the cluster (`vstream serve --ray`) at several numbers of engine replicas of a model on the CPU,
+through its ingress, measured from the client side on a local Ray instance started for each size
+(`cluster_benchmark`, what `vstream bench cluster` runs; the [ray] extra).
 
-    PYTHONPATH=. python benchmarks/cluster_scaling.py --replicas 1,2 --streams 8 --clients 8 --seconds 20
-
-For each size: S push streams are created (placed by the directory) and fed 4 frames each; then, for `--seconds`,
-C clients ask questions back to back (closed loop, `max_tokens` each, stream i % S) -> answers per second and their
-latency; then, for `--seconds`, every stream pushes timed JPEG frames (one per sampling slot, so none is skipped) as
-fast as their acks come -> frames ingested per second (the owners' counts) and frames dropped. Each replica runs
-torch with `--threads` threads. The ingress and this client share the machine with the replicas: on 2 cores the
-ratio is a floor, not what separate machines give. Prints one JSON object.
+For each size: S push streams are created (placed by the directory) and fed 4 frames each; then, for `seconds`, C
+clients ask questions back to back (closed loop, `max_tokens` each, stream i % S) -> answers per second and their
+latency; then, for `seconds`, every stream pushes timed JPEG frames (one per sampling slot, so none is skipped) as fast
+as their acks come -> frames ingested per second (the owners' counts) and frames dropped; and the directory alone:
+C concurrent `route` calls to the fleet actor -> calls per second. Each replica runs torch with `threads` threads. The
+ingress and this client share the machine with the replicas: on 2 cores the ratio is a floor, not what separate
+machines give. One server through its API is `vstream bench serve` (`vstream.loadgen`).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
+import dataclasses
+import functools
 import io
 import json
 import os
@@ -36,38 +37,51 @@ from vstream.cluster.ingress import create_ingress
 from vstream.cluster.run import start_fleet
 from vstream.stats import percentile
 
+WARM_FRAMES = 4
+"""Frames every stream is fed, and has ingested, before the question phase."""
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--replicas", default="1,2")
-    ap.add_argument("--streams", type=int, default=8)
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--model", default="tiny")
-    args = ap.parse_args()
-    runs = [run(int(n), args) for n in args.replicas.split(",")]
+
+@dataclasses.dataclass(frozen=True)
+class ClusterLoad:
+    """The client side of one run."""
+
+    streams: int = 8
+    """Push streams created through the ingress."""
+    clients: int = 8
+    """Concurrent clients asking questions back to back (and concurrent directory callers)."""
+    seconds: float = 20.0
+    """Length of the question phase and of the frame phase each."""
+    max_tokens: int = 16
+    """max_tokens of each question."""
+
+
+def cluster_benchmark(replicas=(1, 2), load: ClusterLoad = ClusterLoad(), threads: int = 1,
+                      model: str = "tiny") -> dict:
+    """One run per count of `replicas`, and each larger run's answers/s and frames/s over the first run's."""
+    runs = [run_cluster(n, load, threads, model) for n in replicas]
     base = runs[0]
     ratios = {f"{r['replicas']}/{base['replicas']}": {
         "answers_per_s": round(r["questions"]["answers_per_s"] / base["questions"]["answers_per_s"], 2),
         "frames_per_s": round(r["frames"]["ingested_per_s"] / base["frames"]["ingested_per_s"], 2)} for r in runs[1:]}
     env = {"cpus": os.cpu_count(), "torch": torch.__version__, "ray": ray.__version__, "date": time.strftime("%F %T")}
-    print(json.dumps({"environment": env, "options": vars(args), "runs": runs, "ratios": ratios}, indent=1))
+    options = {"replicas": ",".join(map(str, replicas)), **dataclasses.asdict(load), "threads": threads,
+               "model": model}  # the keys and order of the options the script of benchmarks/ printed
+    return {"environment": env, "options": options, "runs": runs, "ratios": ratios}
 
 
-def run(replicas: int, args) -> dict:
-    """One cluster of `replicas`, its streams, the question phase and the frame phase."""
+def run_cluster(replicas: int, load: ClusterLoad, threads: int, model: str) -> dict:
+    """One cluster of `replicas` on a fresh local Ray instance: its streams, the question, frame and directory
+    phases."""
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as state_dir:
             t0 = time.perf_counter()
-            fleet = start_fleet(args.model, Path(state_dir), replicas, {"device": "cpu", "max_streams": 64},
-                                threads=args.threads)
+            fleet = start_fleet(model, Path(state_dir), replicas, {"device": "cpu", "max_streams": 64},
+                                threads=threads)
             ready_s = time.perf_counter() - t0
-            with serving(create_ingress(fleet, None)) as base:
-                result = asyncio.run(load(base, args))
-            result["directory"] = asyncio.run(lookups(fleet, args.clients, min(args.seconds, 5.0)))
+            with Serving(create_ingress(fleet, None)) as base:
+                result = asyncio.run(_load(base, load))
+            result["directory"] = asyncio.run(_lookups(fleet, load.clients, min(load.seconds, 5.0)))
             placement = {r["id"]: len(r["streams"]) for r in ray.get(fleet.listing.remote())["replicas"]}
             ray.get(fleet.stop.remote())
     finally:
@@ -75,7 +89,7 @@ def run(replicas: int, args) -> dict:
     return {"replicas": replicas, "ready_s": round(ready_s, 1), "streams_per_replica": placement, **result}
 
 
-class serving:
+class Serving:
     """An app served by uvicorn on a free loopback port in a thread (the context's value is its base URL)."""
 
     def __init__(self, app):
@@ -94,28 +108,29 @@ class serving:
         self.thread.join(10)
 
 
-async def load(base: str, args) -> dict:
+async def _load(base: str, load: ClusterLoad) -> dict:
+    """The streams created and warmed, then the question phase and the frame phase."""
     async with httpx.AsyncClient(base_url=base, timeout=60) as client:
         ids = []
-        for _ in range(args.streams):
+        for _ in range(load.streams):
             r = await client.post("/v1/streams", json={"source": {"type": "push"}})
             r.raise_for_status()
             ids.append(r.json()["id"])
-        await asyncio.gather(*(push(base, sid, range(4), time.monotonic() + 60) for sid in ids))
-        await settle(client, ids, 4)
-        questions = await ask_loop(client, ids, args)
-        before = await encoded(client, ids)
-        deadline = time.monotonic() + args.seconds
-        pushed = await asyncio.gather(*(push(base, sid, range(4, 1 << 30), deadline) for sid in ids))
+        await asyncio.gather(*(_push(base, sid, range(WARM_FRAMES), time.monotonic() + 60) for sid in ids))
+        await _settle(client, ids, WARM_FRAMES)
+        questions = await _ask_loop(client, ids, load)
+        before = await _encoded(client, ids)
+        deadline = time.monotonic() + load.seconds
+        pushed = await asyncio.gather(*(_push(base, sid, range(WARM_FRAMES, 1 << 30), deadline) for sid in ids))
         await asyncio.sleep(1.0)  # the last frames leave the owners' queues
-        after = await encoded(client, ids)
+        after = await _encoded(client, ids)
     ingested = sum(after[s][0] - before[s][0] for s in ids)
     frames = {"sent": sum(pushed), "ingested": ingested, "dropped": sum(after[s][1] - before[s][1] for s in ids),
-              "ingested_per_s": round(ingested / args.seconds, 1)}
+              "ingested_per_s": round(ingested / load.seconds, 1)}
     return {"questions": questions, "frames": frames}
 
 
-async def lookups(fleet, callers: int, seconds: float) -> dict:
+async def _lookups(fleet, callers: int, seconds: float) -> dict:
     """The directory alone: `callers` concurrent `route` calls to the fleet actor, back to back, as the ingress
     makes one per request -> calls per second and their latency."""
     listing = await fleet.listing.remote()
@@ -135,10 +150,11 @@ async def lookups(fleet, callers: int, seconds: float) -> dict:
             "latency_ms": p50_p95_ms(latencies, 2)}
 
 
-async def ask_loop(client: httpx.AsyncClient, ids: list[str], args) -> dict:
+async def _ask_loop(client: httpx.AsyncClient, ids: list[str], load: ClusterLoad) -> dict:
+    """`load.clients` closed-loop askers for `load.seconds`: answers, their statuses, answers/s and latency."""
     latencies, statuses = [], {}
-    deadline = time.monotonic() + args.seconds
-    body = {"messages": [{"role": "user", "content": "What is on the screen?"}], "max_tokens": args.max_tokens}
+    deadline = time.monotonic() + load.seconds
+    body = {"messages": [{"role": "user", "content": "What is on the screen?"}], "max_tokens": load.max_tokens}
 
     async def worker(k: int) -> None:
         i = k
@@ -148,10 +164,10 @@ async def ask_loop(client: httpx.AsyncClient, ids: list[str], args) -> dict:
             statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
             if r.status_code == 200:
                 latencies.append(time.perf_counter() - t0)
-            i += args.clients
+            i += load.clients
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker(k) for k in range(args.clients)))
+    await asyncio.gather(*(worker(k) for k in range(load.clients)))
     wall = time.perf_counter() - t0
     return {"answers": len(latencies), "statuses": statuses, "answers_per_s": round(len(latencies) / wall, 1),
             "latency_ms": p50_p95_ms(latencies, 1)}
@@ -164,19 +180,15 @@ def p50_p95_ms(seconds: list[float], digits: int) -> dict:
             for q in (0.5, 0.95)}
 
 
-FRAME = None
-
-
+@functools.cache
 def jpeg() -> str:
-    global FRAME
-    if FRAME is None:
-        out = io.BytesIO()
-        Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), np.uint8)).save(out, "JPEG")
-        FRAME = base64.b64encode(out.getvalue()).decode()
-    return FRAME
+    """One random 320 x 240 JPEG frame, base64, the same for every push."""
+    out = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), np.uint8)).save(out, "JPEG")
+    return base64.b64encode(out.getvalue()).decode()
 
 
-async def push(base: str, stream_id: str, slots, deadline: float) -> int:
+async def _push(base: str, stream_id: str, slots, deadline: float) -> int:
     """Frames at times 0, 1, 2... (one per 1-fps slot) as fast as acked, until `deadline` -> frames sent."""
     sent = 0
     async with ws_connect(base.replace("http://", "ws://") + f"/v1/realtime?stream_id={stream_id}",
@@ -192,18 +204,16 @@ async def push(base: str, stream_id: str, slots, deadline: float) -> int:
     return sent
 
 
-async def encoded(client: httpx.AsyncClient, ids: list[str]) -> dict[str, tuple[int, int]]:
+async def _encoded(client: httpx.AsyncClient, ids: list[str]) -> dict[str, tuple[int, int]]:
+    """Frames encoded and frames dropped so far, per stream, as its owner counts them."""
     views = [(await client.get(f"/v1/streams/{sid}")).json()["stats"] for sid in ids]
     return {sid: (v["frames_encoded"], v["frames_dropped_total"]) for sid, v in zip(ids, views)}
 
 
-async def settle(client: httpx.AsyncClient, ids: list[str], count: int) -> None:
+async def _settle(client: httpx.AsyncClient, ids: list[str], count: int) -> None:
+    """Wait until every stream has ingested `count` frames (TimeoutError after 60 s)."""
     deadline = time.monotonic() + 60
-    while min(v[0] for v in (await encoded(client, ids)).values()) < count:
+    while min(v[0] for v in (await _encoded(client, ids)).values()) < count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the first {count} frames of every stream were not ingested within 60 s")
         await asyncio.sleep(0.1)
-
-
-if __name__ == "__main__":
-    main()

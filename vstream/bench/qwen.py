@@ -1,43 +1,65 @@
-"""Flash-VStream-Qwen costs for a preset with random weights: Flash Memory update per unit (flat from 10^2 to 10^4+
-units, state bytes and device memory flat), ingest through the tower's two passes batched across streams, time to first
-token over a full memory (fresh prefill, and from the memory's KV cached off the question's path: `MemoryPrefix`),
-and decode ms/token at batch 1. Prints one JSON object.
-
-    # the lent GPU (H100/H200), the issue's shapes:
-    python benchmarks/flash_qwen.py --preset qwen2.5-vl-7b-flash --device cuda
-    # the CPU, a tiny preset (seconds):
-    python benchmarks/flash_qwen.py --preset tiny-qwen2.5-vl --device cpu --units 10,100,300 --streams 1,2
+"""Flash-VStream-Qwen costs for a preset with random weights (`qwen_benchmark`, what `vstream bench qwen` runs): the
+Flash Memory update per unit (flat from 10^2 to 10^4+ units, state bytes and device memory flat), ingest through the
+tower's two passes batched across streams, time to first token over a full memory (fresh prefill, and from the
+memory's KV cached off the question's path: `MemoryPrefix`), and decode ms/token at batch 1.
 
 Features fed to the memory are random (a fresh unit each update), so every update clusters; the tower and the LLM
-have transformers' random initialisation. Timing: CUDA events on CUDA (synchronised once per measured window, never
-inside the memory's updates), perf_counter on the CPU.
+have transformers' random initialisation. Timing: the host clock after a synchronisation on CUDA (once per measured
+window, never inside the memory's updates), `perf_counter` on the CPU. The CLIP/LLaMA model's costs are
+`vstream.bench.memory`, `encode` and `answer`.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
 from vstream.memory.flash import FlashMemory, FlashRead
-from vstream.model.qwen.config import qwen_preset
-from vstream.model.qwen.loading import build_random_qwen
-from vstream.model.qwen.prefix import MemoryPrefix
+
+QUESTION = "What happened in the video so far?"
 
 
-def clock(device: torch.device):
+def qwen_benchmark(preset: str = "qwen2.5-vl-7b-flash", device: torch.device | str = "cuda", dtype: str | None = None,
+                   units=(100, 1000, 10000), streams=(1, 8, 32, 64), repeats: int = 5, decode_tokens: int = 64,
+                   skip_model: bool = False) -> dict:
+    """The memory section at each count of `units` (increasing) and, unless `skip_model`, the tower's ingest of each
+    count of `streams` units at once and the answer over the memory as the last count left it. `dtype`: the preset's
+    on CUDA, float32 on the CPU when None."""
+    from vstream.model.qwen.config import qwen_preset
+    from vstream.model.qwen.loading import build_random_qwen
+
+    device = torch.device(device)
+    cfg = qwen_preset(preset)
+    dtype = getattr(torch, dtype or (cfg.dtype if device.type == "cuda" else "float32"))
+    result = {"preset": preset, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "dtype": str(dtype), "torch": torch.__version__, "max_tokens": cfg.max_tokens,
+              "state_bytes_config": cfg.state_bytes(str(dtype).removeprefix("torch."))}
+    result["memory"], mem = _memory(cfg, device, dtype, list(units))
+    if not skip_model:
+        model = build_random_qwen(cfg, device=device, dtype=dtype)
+        result["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        result["ingest"] = _ingest(model, cfg, device, streams, repeats)
+        result["answer"] = _answer(model, full_read(mem, cfg), device, repeats, decode_tokens)
+        if device.type == "cuda":
+            result["max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
+    return result
+
+
+def clock(device: torch.device) -> Callable[[], float]:
     """A () -> seconds function that waits for the device's queued work."""
     def now() -> float:
         if device.type == "cuda":
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(device)
         return time.perf_counter()
     return now
 
 
-def bench_memory(cfg, device, dtype, marks: list[int]) -> tuple[dict, FlashMemory]:
+def _memory(cfg, device: torch.device, dtype: torch.dtype, marks: list[int]) -> tuple[dict, FlashMemory]:
+    """Milliseconds per update between marks, state bytes and allocated device memory at each; the sync check."""
     small_n, full_n = cfg.unit_patches()
     mem = FlashMemory(cfg.memory, cfg.feature_dim, small_n, full_n, cfg.merge**2, device, dtype)
     gen = torch.Generator(device).manual_seed(0)
@@ -51,13 +73,13 @@ def bench_memory(cfg, device, dtype, marks: list[int]) -> tuple[dict, FlashMemor
             mem.update(small, full, times[i : i + 1])
         per = (now() - t0) / (mark - done) * 1000
         out[mark] = {"update_ms": per, "state_bytes": mem.nbytes,
-                     "device_allocated_bytes": torch.cuda.memory_allocated() if device.type == "cuda" else None}
+                     "device_allocated_bytes": torch.cuda.memory_allocated(device) if device.type == "cuda" else None}
         done = mark
     out["syncs_in_update"] = _sync_check(mem, cfg, device, dtype)
     return out, mem
 
 
-def _sync_check(mem: FlashMemory, cfg, device, dtype) -> str:
+def _sync_check(mem: FlashMemory, cfg, device: torch.device, dtype: torch.dtype) -> str:
     """Run one steady update under torch's sync debug mode "error" (CUDA only)."""
     if device.type != "cuda":
         return "not checked (CPU)"
@@ -65,7 +87,7 @@ def _sync_check(mem: FlashMemory, cfg, device, dtype) -> str:
     small = torch.randn(1, small_n, cfg.feature_dim, device=device, dtype=dtype)
     full = torch.randn(1, full_n, cfg.feature_dim, device=device, dtype=dtype)
     t = torch.full((1,), 1e6, dtype=torch.float64, device=device)
-    torch.cuda.synchronize()
+    torch.cuda.synchronize(device)
     torch.cuda.set_sync_debug_mode("error")
     try:
         mem.update(small, full, t)
@@ -76,7 +98,8 @@ def _sync_check(mem: FlashMemory, cfg, device, dtype) -> str:
         torch.cuda.set_sync_debug_mode(0)
 
 
-def bench_ingest(model, cfg, device, streams: list[int], repeats: int) -> dict:
+def _ingest(model, cfg, device: torch.device, streams, repeats: int) -> dict:
+    """Median seconds and frames/s of the tower's two passes over one unit (two frames) of each of `u` streams."""
     side = cfg.vision.image_size
     now, out = clock(device), {}
     for u in streams:
@@ -94,8 +117,7 @@ def bench_ingest(model, cfg, device, streams: list[int], repeats: int) -> dict:
 
 
 def full_read(mem: FlashMemory, cfg) -> FlashRead:
-    import dataclasses
-
+    """The memory's read with the frame count and patch grids a prompt needs, as the model's own read gives them."""
     p = cfg.patch * cfg.merge
     side = cfg.vision.image_size
     small_side = (side // cfg.small_pool) // p
@@ -103,12 +125,16 @@ def full_read(mem: FlashMemory, cfg) -> FlashRead:
     return dataclasses.replace(mem.read(), frames_seen=2 * mem.units_seen, extra={"grids": grids})
 
 
-def bench_answer(model, read: FlashRead, device, repeats: int, decode_tokens: int) -> dict:
-    now, q = clock(device), "What happened in the video so far?"
+def _answer(model, read: FlashRead, device: torch.device, repeats: int, decode_tokens: int) -> dict:
+    """Time to first token by a fresh prefill and from the cached memory prefix (medians past a first untimed run),
+    the prefix's refresh, and decode ms/token over `decode_tokens`."""
+    from vstream.model.qwen.prefix import MemoryPrefix
+
+    now = clock(device)
     fresh = []
     for _ in range(repeats + 1):
         t0 = now()
-        embeds, pos = model.prompt(read, q)
+        embeds, pos = model.prompt(read, QUESTION)
         next(model.iter_tokens(embeds, pos, max_new_tokens=1, stop=set()))
         fresh.append(now() - t0)
     prefix, refresh, cached = MemoryPrefix(model), [], []
@@ -117,9 +143,9 @@ def bench_answer(model, read: FlashRead, device, repeats: int, decode_tokens: in
         prefix.refresh(read)
         refresh.append(now() - t0)
         t0 = now()
-        next(prefix.iter_tokens(q, max_new_tokens=1, stop=set()))
+        next(prefix.iter_tokens(QUESTION, max_new_tokens=1, stop=set()))
         cached.append(now() - t0)
-    embeds, pos = model.prompt(read, q)
+    embeds, pos = model.prompt(read, QUESTION)
     t0 = now()
     n = len(list(model.iter_tokens(embeds, pos, max_new_tokens=decode_tokens + 1, stop=set())))
     total = now() - t0
@@ -134,36 +160,3 @@ def bench_answer(model, read: FlashRead, device, repeats: int, decode_tokens: in
         "decode_ms_per_token": (total - first) / max(1, n - 1) * 1000,
         "decode_tokens": n - 1,
     }
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="qwen2.5-vl-7b-flash")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--dtype", default=None, help="default: the preset's on CUDA, float32 on the CPU")
-    ap.add_argument("--units", default="100,1000,10000", help="memory updates at which to report (increasing)")
-    ap.add_argument("--streams", default="1,8,32,64", help="units encoded together (one per stream)")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--decode-tokens", type=int, default=64)
-    ap.add_argument("--skip-model", action="store_true", help="the memory section only (no tower, no LLM)")
-    args = ap.parse_args()
-    device = torch.device(args.device)
-    cfg = qwen_preset(args.preset)
-    dtype = getattr(torch, args.dtype or (cfg.dtype if device.type == "cuda" else "float32"))
-    result = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "dtype": str(dtype), "torch": torch.__version__, "max_tokens": cfg.max_tokens,
-              "state_bytes_config": cfg.state_bytes(str(dtype).removeprefix("torch."))}
-    marks = [int(x) for x in args.units.split(",")]
-    result["memory"], mem = bench_memory(cfg, device, dtype, marks)
-    if not args.skip_model:
-        model = build_random_qwen(cfg, device=device, dtype=dtype)
-        result["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
-        result["ingest"] = bench_ingest(model, cfg, device, [int(x) for x in args.streams.split(",")], args.repeats)
-        result["answer"] = bench_answer(model, full_read(mem, cfg), device, args.repeats, args.decode_tokens)
-        if device.type == "cuda":
-            result["max_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    print(json.dumps(result, indent=2))
-
-
-if __name__ == "__main__":
-    main()
