@@ -13,6 +13,8 @@ from vstream.cli.options import (DEFAULT_MODEL, DeviceOpt, FramesPerCallOpt, Lor
                                  ModelOpt)
 from vstream.errors import UserInputError
 
+SpeedOpt = Annotated[Optional[float], typer.Option(
+    help="Streaming: replay live at this multiple of real time (default: simulated time).")]
 VisionTowerOpt = Annotated[
     Optional[str], typer.Option(help="Local CLIP folder, for a released checkpoint whose config names a hub id.")
 ]
@@ -64,8 +66,7 @@ def eval_command(
     features: Annotated[Optional[Path], typer.Option(help="Folder of feature files to use instead of videos.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: eval/BENCHMARK-MODE).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate only the first N questions.")] = None,
-    speed: Annotated[Optional[float], typer.Option(help="Streaming: replay live at this multiple of real time "
-                                                         "(default: simulated time).")] = None,
+    speed: SpeedOpt = None,
     max_new_tokens: MaxNewTokensOpt = None,
     rvs_originals: Annotated[bool, typer.Option(help="RVS: ask every question on the original long video at its "
                                                      "end_time (videos named by original_video).")] = False,
