@@ -13,7 +13,8 @@ from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionCo
 
 from vstream.config import VisionConfig, preset
 from vstream.encoder.preprocess import preprocess_frames, resized_size, to_rgb
-from vstream.encoder.tower import VisionTower, clip_config, load_clip_directory, load_clip_weights
+from vstream.encoder.clip_weights import load_clip_directory, load_clip_weights
+from vstream.encoder.tower import VisionTower, clip_config
 
 
 @pytest.fixture(scope="module")

@@ -31,14 +31,14 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaFor
 
 from vstream.devices import resolve_device
 from vstream.config import PRESETS, MemoryConfig, ModelConfig, VisionConfig, preset
-from vstream.encoder.tower import (
-    VisionTower,
+from vstream.encoder.clip_weights import (
     clip_init_std,
     load_clip_directory,
     load_clip_weights,
     materialise_position_ids,
     vision_config_from_dir,
 )
+from vstream.encoder.tower import VisionTower
 from vstream.errors import ConfigError, MissingPathError
 from vstream.model.qwen.loading import is_qwen, load_qwen, read_qwen_config
 from vstream.model.tokenizers import build_tiny_tokenizer, load_tokenizer
