@@ -12,7 +12,8 @@ import vstream
 from vstream.cli import app
 from vstream.eval.datasets import load_benchmark
 from vstream.eval.features import extract_features
-from vstream.eval.runner import PREDICTIONS, RunConfig, run_predictions
+from vstream.errors import UserInputError
+from vstream.eval.runner import PREDICTIONS, RunConfig, check_run_file, run_predictions
 from vstream.synth.clips import write_test_video
 
 
@@ -166,3 +167,12 @@ def test_cli_eval_errors_exit_2(data, tmp_path):
     assert proc.returncode == 2
     assert "record '1', field video: no video file for 'v9'" in proc.stderr
     assert main  # the console entry point maps DatasetError (a VStreamError) to exit code 2
+
+
+def test_a_run_names_its_lora_adapter_only_when_it_has_one(tmp_path):
+    plain = RunConfig(benchmark="open", mode="offline", model="tiny")
+    adapted = RunConfig(benchmark="open", mode="offline", model="tiny", lora="adapters/run1")
+    assert "lora" not in plain.key() and adapted.key() == plain.key() | {"lora": "adapters/run1"}
+    check_run_file(tmp_path, plain)  # a run written before `lora` existed still resumes
+    with pytest.raises(UserInputError, match=r"another run .*'lora': \(None, 'adapters/run1'\)"):
+        check_run_file(tmp_path, adapted)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import vstream
-from helpers import vstream_cli
+from helpers import free_port, vstream_cli
 from vstream.errors import ConfigError, MissingPathError
 from vstream.eval.play import play
 from vstream.model.loading import read_config
@@ -195,8 +195,11 @@ def test_ask_with_lora_answers_as_the_merged_model_and_refuses_a_model_it_cannot
     expected = next(iter(play(model, frames, [(None, "What is there?")], max_new_tokens=4))).answer
     assert answer["text"] == expected.text != json.loads(plain.stdout)["answers"][0]["text"], answer
     wrong = vstream_cli(*args[:4], "tiny", *args[5:], "--lora", str(adapter_dir))
-    assert wrong.returncode != 0 and "Traceback" not in wrong.stderr
-    assert "lora= merges a LoRA adapter into a Qwen2-VL" in wrong.stderr
+    served = vstream_cli("serve", "--model", "tiny", "--device", "cpu", "--port", str(free_port()), "--lora",
+                         str(adapter_dir))  # the adapter reaches the server's load, which refuses it before serving
+    for out in (wrong, served):
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert "lora= merges a LoRA adapter into a Qwen2-VL" in out.stderr
 
 
 def test_an_adapter_directory_alone_names_its_base_and_lora_needs_a_qwen_model(adapter):
