@@ -22,7 +22,7 @@ import typer
 
 from vstream.cli.extras import needs_extra
 from vstream.cli.options import (BENCH_DEFAULT_PRESET, DeviceOpt, JsonOpt, ModelOpt, comma_ints, cuda_device_option,
-                                 positive_ints, resolve_device_option)
+                                 known_preset, positive_ints, resolve_device_option)
 from vstream.errors import UserInputError
 
 PresetOpt = Annotated[str, typer.Option("--preset", help="Preset of the model shape (random weights).")]
@@ -32,8 +32,7 @@ def _model(preset: str, device: str):
     from vstream.bench import load_bench_model
     from vstream.config import PRESETS
 
-    if preset not in PRESETS:
-        raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    known_preset(preset, PRESETS)
     device = str(resolve_device_option(device))
     model, built, warm = load_bench_model(preset, device)
     return model, {"build_s": round(built, 2), "fast_path_warmup_s": round(warm, 2)}

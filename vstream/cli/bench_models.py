@@ -14,7 +14,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from vstream.cli.options import DEFAULT_MODEL, DeviceOpt, comma_ints, positive_ints, resolve_device_option
+from vstream.cli.options import (DEFAULT_MODEL, DeviceOpt, comma_ints, known_preset, positive_ints,
+                                 resolve_device_option)
 from vstream.errors import UserInputError
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -45,8 +46,7 @@ def bench_qwen(
     streams, time to first token (fresh and from the cached memory prefix), decode ms/token."""
     from vstream.model.qwen.config import QWEN_PRESETS
 
-    if preset not in QWEN_PRESETS:
-        raise UserInputError(f"--preset must be one of {sorted(QWEN_PRESETS)}, got {preset!r}")
+    known_preset(preset, QWEN_PRESETS)
     marks = comma_ints(units, "units")
     if list(marks) != sorted(set(marks)):
         raise UserInputError(f"--units must increase from one count to the next, got {units!r}")

@@ -14,7 +14,8 @@ from typing import Annotated
 import typer
 
 from vstream.cli.extras import needs_extra
-from vstream.cli.options import DeviceOpt, comma_ints, cuda_device_option, positive_ints, resolve_device_option
+from vstream.cli.options import (DeviceOpt, comma_ints, cuda_device_option, known_preset, positive_ints,
+                                 resolve_device_option)
 from vstream.errors import UserInputError
 
 
@@ -52,8 +53,7 @@ def bench_decode(
     from vstream.bench.decode import WARMUP_STEPS, decode_benchmark
     from vstream.config import PRESETS
 
-    if preset not in PRESETS:
-        raise UserInputError(f"--preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    known_preset(preset, PRESETS)
     sizes = comma_ints(batches, "batches")
     positive_ints(prompt=prompt, seq=seq, repeats=repeats)
     if prompt + WARMUP_STEPS + repeats > seq:

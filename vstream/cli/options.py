@@ -55,6 +55,13 @@ def cuda_device_option(name: str, command: str) -> torch.device:
     return device
 
 
+def known_preset(name: str, presets) -> str:
+    """`--preset NAME` when `presets` holds it, else UserInputError listing them."""
+    if name not in presets:
+        raise UserInputError(f"--preset must be one of {sorted(presets)}, got {name!r}")
+    return name
+
+
 def positive_ints(**values: int) -> None:
     """UserInputError naming the option (`decode_tokens` is `--decode-tokens`) of the first value below 1."""
     for name, value in values.items():
