@@ -92,7 +92,7 @@ def test_bench_all_writes_each_part_after_one_load(tmp_path):
 @pytest.mark.slow
 def test_bench_qwen_tiny():
     r = json.loads(cli("qwen", "--preset", "tiny-qwen2.5-vl", "--device", "cpu", "--units", "10,30", "--streams", "1,2",
-                       "--repeats", "1", "--decode-tokens", "4").stdout)
+                       "--repeats", "1", "--decode-tokens", "4", "--batches", "1,2").stdout)
     assert r["preset"] == "tiny-qwen2.5-vl" and r["device"] == "cpu" and r["dtype"] == "torch.float32"
     memory = r["memory"]
     assert memory["10"]["state_bytes"] == memory["30"]["state_bytes"] == r["state_bytes_config"]  # flat
@@ -101,6 +101,9 @@ def test_bench_qwen_tiny():
     answer = r["answer"]
     assert answer["memory_tokens"] == r["max_tokens"] and answer["decode_tokens"] == 4
     assert answer["ttft_cached_prefix_ms"] > 0 and answer["ttft_fresh_prefill_ms"] > 0
+    engine = r["engine_answer"]  # the path the product answers on
+    assert engine["memory_tokens"] == r["max_tokens"] and engine["ttft_cached_prefix_ms"] > 0
+    assert {k: v["steps"] for k, v in engine["decode"].items()} == {"1": 4, "2": 4}
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Flash-VStream-Qwen costs for a preset with random weights (`qwen_benchmark`, what `vstream bench qwen` runs): the
 Flash Memory update per unit (flat from 10^2 to 10^4+ units, state bytes and device memory flat), ingest through the
 tower's two passes batched across streams, time to first token over a full memory (fresh prefill, and from the
-memory's KV cached off the question's path: `MemoryPrefix`), and decode ms/token at batch 1.
+memory's KV cached off the question's path: `MemoryPrefix`), and decode ms/token, both by the model's own generation
+and through the engine's batched answers (`BatchAnswerer`, the path the product answers on).
 
 Features fed to the memory are random (a fresh unit each update), so every update clusters; the tower and the LLM
 have transformers' random initialisation. Timing: the host clock after a synchronisation on CUDA (once per measured
@@ -25,10 +26,11 @@ QUESTION = "What happened in the video so far?"
 
 def qwen_benchmark(preset: str = "qwen2.5-vl-7b-flash", device: torch.device | str = "cuda", dtype: str | None = None,
                    units=(100, 1000, 10000), streams=(1, 8, 32, 64), repeats: int = 5, decode_tokens: int = 64,
-                   skip_model: bool = False) -> dict:
+                   skip_model: bool = False, batches=(1, 8)) -> dict:
     """The memory section at each count of `units` (increasing) and, unless `skip_model`, the tower's ingest of each
-    count of `streams` units at once and the answer over the memory as the last count left it. `dtype`: the preset's
-    on CUDA, float32 on the CPU when None."""
+    count of `streams` units at once and the answer over the memory as the last count left it, by the model's own
+    generation (`answer`) and by the engine's batched answers (`engine_answer`, what `serve`, `run` and `ask` use) at
+    each of `batches` answers in flight. `dtype`: the preset's on CUDA, float32 on the CPU when None."""
     from vstream.model.qwen.config import qwen_preset
     from vstream.model.qwen.loading import build_random_qwen
 
@@ -43,7 +45,9 @@ def qwen_benchmark(preset: str = "qwen2.5-vl-7b-flash", device: torch.device | s
         model = build_random_qwen(cfg, device=device, dtype=dtype)
         result["weights_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
         result["ingest"] = _ingest(model, cfg, device, streams, repeats)
-        result["answer"] = _answer(model, full_read(mem, cfg), device, repeats, decode_tokens)
+        read = full_read(mem, cfg)
+        result["answer"] = _answer(model, read, device, repeats, decode_tokens)
+        result["engine_answer"] = engine_answer(model, read, device, repeats, decode_tokens, batches)
         if device.type == "cuda":
             result["max_allocated_bytes"] = torch.cuda.max_memory_allocated(device)
     return result
@@ -160,3 +164,54 @@ def _answer(model, read: FlashRead, device: torch.device, repeats: int, decode_t
         "decode_ms_per_token": (total - first) / max(1, n - 1) * 1000,
         "decode_tokens": n - 1,
     }
+
+
+def engine_answer(model, read: FlashRead, device: torch.device, repeats: int, decode_tokens: int,
+                  batches=(1, 8)) -> dict:
+    """The answer as the engine gives it (`BatchAnswerer`, CUDA graphs on CUDA): time to the first token of one
+    question over the full memory, prefilled whole and from the memory's prefix cached off its path (what the engine
+    prepares after each round), and the batched decode step with each of `batches` answers in flight (ms per step, so
+    per token of each answer). Medians past a first untimed run."""
+    from vstream.engine.scheduler import EngineConfig
+    from vstream.model.batch_answer import BatchAnswerer
+
+    cuda = device.type == "cuda"
+    now = clock(device)
+    chunk = EngineConfig().prefill_chunk  # the engine's: a long prompt is prefilled in chunks of it
+    answerer = BatchAnswerer(model, max_batch=max(batches), prefill_chunk=chunk, cuda_graph=cuda)
+
+    def first_token() -> float:
+        t0 = now()
+        request = answerer.submit(read.tokens, QUESTION, max_new_tokens=2, memory=read)
+        while not request.tokens:
+            answerer.run_once()
+        elapsed = now() - t0
+        answerer.run_until_idle()
+        return elapsed
+
+    out = {"memory_tokens": read.num_tokens, "max_seq_len": answerer.decoder.max_seq_len}
+    out["ttft_fresh_prefill_ms"] = statistics.median([first_token() for _ in range(repeats + 1)][1:]) * 1000
+    if hasattr(model, "enable_prefix_cache"):
+        model.enable_prefix_cache(slots=1)
+        model.prepare_answers([read])
+        out["ttft_cached_prefix_ms"] = statistics.median([first_token() for _ in range(repeats + 1)][1:]) * 1000
+        model.prefix_slots = 0  # off again: the decode steps below prefill in full
+        model._prefixes.clear()
+    steps = {}
+    for b in batches:
+        requests = [answerer.submit(read.tokens, QUESTION, max_new_tokens=decode_tokens + 2, memory=read)
+                    for _ in range(b)]
+        while not all(r.tokens for r in requests):
+            answerer.run_once()
+        answerer.run_once()  # every slot decoding
+        t0 = now()
+        n = 0
+        while n < decode_tokens and all(r.finish_reason is None for r in requests):
+            answerer.run_once()
+            n += 1
+        steps[str(b)] = {"ms_per_step": (now() - t0) / max(n, 1) * 1000, "steps": n}
+        for r in requests:
+            r.cancel()
+        answerer.run_until_idle()
+    out["decode"] = steps
+    return out

@@ -41,6 +41,8 @@ def bench_qwen(
     repeats: Annotated[int, typer.Option(help="Timed repeats of each ingest and first token.")] = 5,
     decode_tokens: Annotated[int, typer.Option(help="Tokens decoded for the ms/token figure.")] = 64,
     skip_model: Annotated[bool, typer.Option(help="The memory section only (no tower, no LLM).")] = False,
+    batches: Annotated[str, typer.Option(help="Answers in flight for the engine's batched decode step, "
+                                              "comma-separated.")] = "1,8",
 ) -> None:
     """Flash-VStream-Qwen costs with random weights: memory update per unit up to 10^4+ units, ingest batched across
     streams, time to first token (fresh and from the cached memory prefix), decode ms/token."""
@@ -51,13 +53,14 @@ def bench_qwen(
     if list(marks) != sorted(set(marks)):
         raise UserInputError(f"--units must increase from one count to the next, got {units!r}")
     counts = comma_ints(streams, "streams")
+    in_flight = comma_ints(batches, "batches")
     positive_ints(repeats=repeats, decode_tokens=decode_tokens)
     dtype = _dtype(dtype)
     where = resolve_device_option(device)
     from vstream.bench.qwen import qwen_benchmark
 
     result = qwen_benchmark(preset, where, dtype, units=marks, streams=counts, repeats=repeats,
-                            decode_tokens=decode_tokens, skip_model=skip_model)
+                            decode_tokens=decode_tokens, skip_model=skip_model, batches=in_flight)
     typer.echo(json.dumps(result, indent=2))
 
 

@@ -83,14 +83,14 @@ class EngineConfig:
     first."""
     seed: int = 0
     """Seed of the sampled answers' noise."""
-    memory_page: int = 0
+    memory_page: int | None = None
     """Paper-mode memories of this many streams share a `MemoryPage`, so that a round updates all of a page's steady
     memories that have a frame in one batched update (one graph replay on CUDA) instead of one update per stream; 0:
-    each memory alone. Off by default until the pages' current form (rows gathered, one graph per batch size) has run
-    on a GPU: its first form measured 3.2x less device time per round than one replay per stream (BENCHMARKS.md)."""
+    each memory alone; None: 64 on CUDA, 0 on the CPU. On an H100 (2026-12-08, 7B shapes) a round of 256 streams took
+    16.3 ms of device time in pages of 64 against 85.1 ms alone (`vstream bench pages`, BENCHMARKS.md)."""
 
     def __post_init__(self):
-        if self.memory_page < 0:
+        if self.memory_page is not None and self.memory_page < 0:
             raise ValueError(f"EngineConfig.memory_page must be >= 0, got {self.memory_page}")
         for name in ("frames_per_round", "answer_slots", "max_waiting", "prefill_chunk"):
             if getattr(self, name) < 1:
@@ -290,6 +290,7 @@ class Engine:
         self.tower_graphs = (model.vision.capture(c.tower_graph_sizes) if self.graphs and model.vision is not None
                              else None)
         self.batched = batchable(model.llm)
+        self.memory_page = c.memory_page if c.memory_page is not None else 64 if cuda else 0
         slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU is compute-bound: more slots gain little
         chunk = c.prefill_chunk if cuda else min(c.prefill_chunk, 256)
         self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=chunk, max_waiting=c.max_waiting,
@@ -350,7 +351,7 @@ class Engine:
     def new_memory(self):
         """A lane's streaming memory: a row of a memory page (a new page when all are full) when pages are on and
         the memory is paper-mode, else the model's own."""
-        model, size = self.model, self.config.memory_page
+        model, size = self.model, self.memory_page
         if not (size and model.cfg.memory.mode == "paper"):
             return model.new_memory()
         with self._lock:
