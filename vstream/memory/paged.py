@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from vstream.config import MemoryConfig
-from vstream.devices import graph_sizes
+from vstream.devices import capture, graph_sizes
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import squared_distances
@@ -221,5 +221,5 @@ class _Batch:
                 page.step(self.index, self.features, self.times)
         torch.cuda.current_stream(page.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=page.graph_pool):
+        with capture(self.graph, page.graph_pool):
             page.step(self.index, self.features, self.times)

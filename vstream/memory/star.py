@@ -35,6 +35,7 @@ import torch
 
 from vstream import kernels
 from vstream.config import MemoryConfig
+from vstream.devices import capture
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import KMeansResult, exact_copies, lloyd_frozen, squared_distances, weighted_kmeans
@@ -523,7 +524,7 @@ class CapturedUpdate:
                     run()
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with capture(graph, self.pool):
                 run()
         finally:
             m.load_state_dict(state)

@@ -34,8 +34,9 @@ makes its M-RoPE a plain 1-D RoPE at that one number (tested to the bit): one po
 - `steps`, `slot_steps`, `widest_step`: the steps run, the slot-tokens they advanced and the most slots one advanced:
   how much the batch shared its steps.
 
-Where Triton runs, prefills go through the fused layers of `static_decode.FusedLayers` (the single-answer fast path's),
-writing into the slot's rows of the cache; the step stays unfused (one graph replay either way).
+Where Triton runs, prefills and the step go through the fused layers of `static_decode.FusedLayers` (the single-answer
+fast path's), writing into the slot's rows of the cache (the step's RoPE stays in torch: each slot at its own
+position); a step is one graph replay either way.
 
 What this module does not do: pick which request gets a slot, build prompts or M-RoPE positions (the model's),
 detokenise, check stop conditions (all the host's, in `vstream.model.batch_answer`), top-p sampling, or sliding-window
@@ -63,8 +64,8 @@ class BatchDecoder:
 
     def __init__(self, llm, max_batch: int, max_seq_len: int, cuda_graph: bool | None = None, seed: int = 0,
                  fused: bool | None = None, span_step: int = 128):
-        """`fused`: prefill through the fused kernels of `FusedLayers` (None: where they run; LLaMA only). `span_step`:
-        the step's key spans are its multiples below `max_seq_len`, and `max_seq_len`."""
+        """`fused`: prefill and step through the fused kernels of `FusedLayers` (None: where they run; LLaMA only).
+        `span_step`: the step's key spans are its multiples below `max_seq_len`, and `max_seq_len`."""
         parts = TextDecoder.of(llm)
         cfg = parts.config
         if max_seq_len < 2 or max_seq_len > cfg.max_position_embeddings:
@@ -302,7 +303,10 @@ class BatchDecoder:
         def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
             return c.k[i, :b, :, :n], c.v[i, :b, :, :n]
 
-        logits = self._forward(x, cos, sin, write, read, mask, False)
+        if self.fused is not None:
+            logits = self.fused.step(x, cos, sin, write, read, mask)
+        else:
+            logits = self._forward(x, cos, sin, write, read, mask, False)
         tokens.copy_(torch.where(active, self._pick(logits, self.temperature[:b]), tokens))
         lengths.add_(active.long())
         self.rope_pos[:b].add_(active.float())  # float32 + 1, as transformers' Qwen decoding advances

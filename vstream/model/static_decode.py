@@ -89,6 +89,40 @@ class FusedLayers:
         return self.llm.lm_head(h)
 
 
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write, read, mask: torch.Tensor
+             ) -> torch.Tensor:
+        """One decode position for each of b sequences (the batched step of `vstream.model.batch_decode`): x [b, 1, H]
+        at per-row RoPE `cos`/`sin` [b, 1, 1, Dh]; `write(i, k, v)` stores layer i's new keys and values [b, Hkv, 1,
+        Dh], `read(i)` gives the (keys, values) [b, Hkv, n, Dh] the rows attend to under `mask` [b, 1, 1, n] ->
+        logits [b, V]. The projections, residual adds, norms and SiLU-gate fused as in `forward`; RoPE in torch (each
+        row at its own position)."""
+        b = x.shape[0]
+        hq, hkv, dh = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
+        x = x.reshape(b, -1).clone()  # the residual stream, updated in place from here on
+        weights = [layer.input_layernorm.weight for layer in self.layers] + [self.llm.model.norm.weight]
+        h = kernels.rms_norm(x, weights[0], self.eps)
+        for i, layer in enumerate(self.layers):
+            a = layer.self_attn
+            qkv = F.linear(h, self.qkv[i])  # [b, (Hq + 2 Hkv) Dh]
+            q = _rotate(qkv[:, :hq].view(b, 1, self.heads, dh).transpose(1, 2), cos, sin)
+            k = _rotate(qkv[:, hq : hq + hkv].view(b, 1, self.kv_heads, dh).transpose(1, 2), cos, sin)
+            write(i, k, qkv[:, hq + hkv :].view(b, 1, self.kv_heads, dh).transpose(1, 2))
+            keys, values = read(i)
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling,
+                                                 enable_gqa=self.kv_heads != self.heads)
+            h = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
+                                 residual=a.o_proj(out.transpose(1, 2).reshape(b, -1)))
+            mlp = layer.mlp.down_proj(kernels.silu_mul(F.linear(h, self.gate_up[i])))
+            h = kernels.rms_norm(x, weights[i + 1], self.eps, residual=mlp)
+        return self.llm.lm_head(h)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it (rotate_half)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+
+
 @torch.no_grad()
 def concatenated_weights(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per layer, the q/k/v weights [(Hq + 2 Hkv) Dh, H] and the gate/up weights [2 I, H] stored concatenated, the
