@@ -106,3 +106,52 @@ def test_deferred_updates_run_together_when_read_and_a_released_memory_says_so()
         paged[0].read()
     with pytest.raises(RuntimeError, match="released from its memory page"):
         paged[0].update(scene(0, 1), torch.zeros(1, dtype=torch.float64))
+
+
+def assert_same_memory(a, b, where):
+    ra, rb = a.read(), b.read()  # a read runs the page's queued updates first
+    assert a.frames_seen == b.frames_seen and (a.n_tem, a.n_abs, a.n_ret) == (b.n_tem, b.n_abs, b.n_ret), where
+    for name in ("buffer", "buffer_tem", "buffer_time", "count", "retrieved", "tem_weight"):  # exactly
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m: f"{where} {name}: {m}")
+    torch.testing.assert_close(a.tem_span, b.tem_span, equal_nan=True)
+    torch.testing.assert_close(a.temporal, b.temporal)
+    torch.testing.assert_close(a.abstract, b.abstract)
+    torch.testing.assert_close(ra.tokens, rb.tokens)
+    assert ra.counts == rb.counts, where
+
+
+@pytest.mark.parametrize("cfg", [CFG, MemoryConfig(mode="paper", temporal_length=5, abstract_length=5,
+                                                   retrieved_length=3, buffer_length=7)],
+                         ids=["a middle phase", "fill then steady"])
+def test_fill_phase_updates_batched_equal_each_memory_alone(cfg):
+    """Streams that start one step apart sit at different counts in one batched fill-phase update; through the fill
+    phase (and, where the temporal and abstract lengths differ, the phase between, which runs on each row), into the
+    steady one, every memory equals one updating alone after every step."""
+    torch.manual_seed(0)
+    attention = AbstractAttention(D, 8).eval()
+    page = MemoryPage(cfg, D, attention, GRID, 8, "cpu", torch.float32)
+    streams, steps = 5, 3 * cfg.temporal_length
+    paged, alone, frames = [], [], [scene(i, steps) for i in range(streams)]
+    fills = 0
+    for step in range(steps):
+        if step < streams:  # one more stream joins
+            paged.append(page.new_memory())
+            alone.append(PaperStarMemory(cfg, D, attention, GRID))
+        fills += sum(m.filling for m in paged) > 1  # a batch of fill-phase frames at different counts
+        for i, (p, a) in enumerate(zip(paged, alone)):
+            k = step - i
+            stamp = torch.tensor([float(k)], dtype=torch.float64)
+            p.update(frames[i][k : k + 1], stamp)  # queued on the page, run together when read
+            a.update(frames[i][k : k + 1], stamp)
+        for i, (p, a) in enumerate(zip(paged, alone)):
+            assert_same_memory(p, a, (step, i))
+    assert fills >= 3 and all(m.steady for m in paged)
+
+
+def test_a_fill_phase_update_refuses_memories_past_their_fill_phase():
+    page, _ = make_page(capacity=2)
+    memory = page.new_memory()
+    memory.update(scene(0, 12), torch.arange(12, dtype=torch.float64))  # steady by now
+    with pytest.raises(ValueError, match="distinct filling memories"):
+        page.fill_update([memory], scene(0, 1), torch.zeros(1, dtype=torch.float64))

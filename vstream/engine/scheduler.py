@@ -169,7 +169,7 @@ class Lane:
         self.engine = engine
         self.processor = StreamProcessor(engine.model, history=history, new_memory=engine.new_memory)
         memory = self.processor.memory
-        if engine.graphs and hasattr(memory, "enable_cuda_graph"):  # a page's memory: for its fill phase
+        if engine.graphs and hasattr(memory, "enable_cuda_graph"):  # its own graphs: updates a page does not batch
             memory.enable_cuda_graph(engine.graph_pool())
         self.queue = FrameQueue(queue_size)
         self.frames_per_round, self.live = frames_per_round, live  # this stream's share of a round

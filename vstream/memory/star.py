@@ -162,8 +162,8 @@ def paper_state_layout(cfg: MemoryConfig, dim: int, dtype: torch.dtype) -> dict[
 
 class PaperStarMemory(StarMemoryBase):
     """The paper's STAR memory with carried cluster weights and a bounded ring buffer. A memory of a `MemoryPage`
-    (`page` set) hands its steady one-frame updates to the page, which runs them for all its memories at once when
-    any of them is read next (or `page.flush()`)."""
+    (`page` set) hands its one-frame updates (steady or filling) to the page, which runs them for all its memories at
+    once when any of them is read next (or `page.flush()`)."""
 
     released = False  # its page gave its row to another memory
 
@@ -217,7 +217,9 @@ class PaperStarMemory(StarMemoryBase):
         """Add a chunk of frames: features [n, grid^2, D] (or [n, P_spa^2, D]), times [n] stream seconds."""
         self._check_held()
         if self.page is not None:
-            if self.steady and features.shape[0] == 1 and features.shape[1] == self.grid**2 and times is not None:
+            self.page.settle(self)  # a frame of its own still queued runs first: its phase is read from its counts
+            if (self.steady or self.filling) and features.shape[0] == 1 and features.shape[1] == self.grid**2 and \
+                    times is not None:
                 self.page.queue(self, features, times)
                 return
             self.page.flush()
