@@ -3,9 +3,11 @@ replaying its own captured update, against memory pages (one batched update per 
 page's graph), which is what the engine's round runs.
 
 Released memory shapes (D = 1024, a 16 x 16 grid, fp16), random features, every memory steady (its filling phase
-done) before the timed rounds. Times are milliseconds of device time per round (every stream one frame), CUDA events
-around the whole round, median and p95 over the rounds. CUDA only: both sides replay CUDA graphs. The engine's own
-scheduling of pages is not measured here (`vstream bench streams` and `serve` run the engine).
+done) before the timed rounds; then the same for fresh memories in their fill phase (`fill`: each frame appended as a
+cluster, batched by pages since the fill phase has its batched form), rounds capped so that none leaves it. Times are
+milliseconds of device time per round (every stream one frame), CUDA events around the whole round, median and p95
+over the rounds. CUDA only: both sides replay CUDA graphs. The engine's own scheduling of pages is not measured here
+(`vstream bench streams` and `serve` run the engine).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def pages_benchmark(streams=(64, 256), page: int = 64, rounds: int = 20, device:
         times = torch.full((n,), 1e3, dtype=torch.float64, device=device)
         row = {"streams": n, "each_alone": _each_alone(cfg, att, template, frames, times, rounds)}
         row |= _by_pages(cfg, att, template, frames, times, page, rounds)
+        row["fill"] = _fill_phase(cfg, att, frames, times, page, min(rounds, cfg.temporal_length - CAPTURE_ROUNDS - 1))
         table = _page_kernels(cfg, att, template, frames, times, min(n, page)) if kernels else None
         torch.cuda.empty_cache()
         yield row, table
@@ -79,6 +82,30 @@ def _by_pages(cfg, att, template, frames: torch.Tensor, times: torch.Tensor, pag
 
     return {"pages": len(pages), "page": page, "paged": _timed_rounds(by_pages, rounds),
             "page_state_bytes": pages[0].nbytes, "gpu": torch.cuda.get_device_name(frames.device)}
+
+
+def _fill_phase(cfg, att, frames: torch.Tensor, times: torch.Tensor, page: int, rounds: int) -> dict:
+    """Rounds of fresh memories in their fill phase: each alone (its own fill graph) and by pages."""
+    alone = [PaperStarMemory(cfg, D, att, GRID, device=frames.device, dtype=torch.float16) for _ in frames]
+    for m in alone:
+        m.enable_cuda_graph()
+    pages = [MemoryPage(cfg, D, att, GRID, page, frames.device, torch.float16) for _ in range(-(-len(frames) // page))]
+    paged = [pages[i // page].new_memory() for i in range(len(frames))]
+
+    def each(r: int) -> None:
+        for i, m in enumerate(alone):
+            m.update(frames[i : i + 1], times[i : i + 1] + r)
+
+    def by_pages(r: int) -> None:
+        for i, m in enumerate(paged):
+            m.update(frames[i : i + 1], times[i : i + 1] + r)
+        for p in pages:
+            p.flush()
+
+    out = {"each_alone": _timed_rounds(each, rounds), "paged": _timed_rounds(by_pages, rounds)}
+    if not all(m.filling for m in paged):
+        raise RuntimeError("a memory left its fill phase during the fill rounds")
+    return out
 
 
 def _copy_state(memories: list[PaperStarMemory], template: PaperStarMemory) -> None:
