@@ -6,15 +6,17 @@ directory weight by weight."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 
+import httpx
 import numpy as np
 import pytest
 import torch
 
 import vstream
-from helpers import free_port, vstream_cli
+from helpers import DEADLINE_S, free_port, vstream_cli, vstream_serve, wait_ready, wait_until
 from vstream.errors import ConfigError, MissingPathError
 from vstream.eval.play import play
 from vstream.model.loading import read_config
@@ -260,3 +262,60 @@ def test_a_full_tensor_in_the_adapter_replaces_the_parameter_it_names(adapter, t
     merge_adapter(model, edit(adapter[0], tmp_path, config={"modules_to_save": ["lm_head"]},
                               tensors={"base_model.model.lm_head.weight": head}))
     assert torch.equal(model.hf.lm_head.weight, head)
+
+
+@pytest.mark.slow
+def test_serve_with_lora_answers_as_the_merged_model(base, adapter, tmp_path):
+    """`vstream serve --lora`: a file stream played to its end and asked over the OpenAI API gets the answer the
+    merged model gives offline over the same frames, which is not the base model's."""
+    (folder, _), (adapter_dir, _) = base, adapter
+    video = write_test_video(tmp_path / "clip.mp4", seconds=4, fps=2, size=(160, 120))
+    question = "What is there?"
+    answers = {}
+    for name, lora in (("merged", str(adapter_dir)), ("base", None)):
+        model = vstream.load(str(folder), device="cpu", lora=lora)
+        frames, _ = open_source(str(video), fps=model.cfg.sample_fps)
+        answers[name] = next(iter(play(model, frames, [(None, question)], max_new_tokens=4))).answer.text
+    assert answers["merged"] != answers["base"]
+    port = free_port()
+    base_url = f"http://127.0.0.1:{port}"
+    proc = vstream_serve("--model", str(folder), "--lora", str(adapter_dir), "--device", "cpu", "--port", str(port),
+                         "--media-root", str(tmp_path), "--drain-seconds", "0")
+    try:
+        wait_ready(proc, base_url)
+        with httpx.Client(base_url=base_url, timeout=DEADLINE_S) as client:
+            made = client.post("/v1/streams", json={"source": {"type": "file", "path": "clip.mp4"}})
+            assert made.status_code == 201, made.text
+            sid = made.json()["id"]
+            wait_until(lambda: client.get(f"/v1/streams/{sid}").json()["state"] == "finished",
+                       "the file stream played to its end")
+            done = client.post("/v1/chat/completions", json={
+                "model": sid, "messages": [{"role": "user", "content": question}], "max_tokens": 4})
+            assert done.status_code == 200, done.text
+            assert done.json()["choices"][0]["message"]["content"] == answers["merged"]
+    finally:
+        proc.terminate()
+        proc.wait(DEADLINE_S)
+
+
+@pytest.mark.slow
+def test_eval_with_lora_predicts_as_the_merged_model(base, adapter, tmp_path):
+    """An eval run with `lora` loads the adapter onto its model directory: its predictions are the merged model's,
+    not the base model's."""
+    from vstream.eval.datasets import load_benchmark
+    from vstream.eval.runner import RunConfig, run_predictions
+
+    (folder, _), (adapter_dir, _) = base, adapter
+    (tmp_path / "videos").mkdir()
+    write_test_video(tmp_path / "videos" / "v0.mp4", seconds=4, fps=2, size=(160, 120))
+    records = [{"video_id": "v0", "question": "What is there?", "id": f"q{t}", "answer": "a square",
+                **({"time": t} if t else {})} for t in (2, None)]
+    (tmp_path / "test_qa.json").write_text(json.dumps(records))
+    bench = load_benchmark("open", tmp_path)
+    cfg = RunConfig(benchmark="open", mode="offline", model=str(folder), max_new_tokens=4, lora=str(adapter_dir))
+    loaded = run_predictions(bench, cfg, tmp_path / "lora")  # the runner loads the model and its adapter
+    merged = run_predictions(bench, cfg, tmp_path / "merged",
+                             model=vstream.load(str(folder), device="cpu", lora=str(adapter_dir)))
+    plain = run_predictions(bench, dataclasses.replace(cfg, lora=None), tmp_path / "plain")
+    preds = [{r["id"]: r["pred"] for r in records} for records in (loaded, merged, plain)]
+    assert preds[0] == preds[1] != preds[2] and set(preds[0]) == {"q2", "qNone"}
