@@ -145,6 +145,31 @@ def test_pre_merger_features_merge_to_the_towers_own_output(qwen):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_the_towers_batched_attention_equals_its_own_forward_in_fewer_calls(qwen, monkeypatch):
+    """The tower's attention batched over runs of equal windows and frames (`vision_attention`, installed at load)
+    gives transformers' own per-sequence forward's features, with frames of several windows and two frame sizes (the
+    two passes) in one call, in fewer attention calls."""
+    rng = torch.Generator().manual_seed(3)
+    full = torch.randn(6, 3, 224, 336, generator=rng)
+    small = small_pass(full)
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *a, **k: calls.append(a[0].shape[0]) or sdpa(*a, **k))
+    batched = qwen.tower.features(full, small)
+    n_batched, calls[:] = len(calls), []
+    blocks = qwen.hf.model.visual.blocks
+    forwards = [block.attn.__dict__.pop("forward") for block in blocks]  # transformers' own forward
+    try:
+        own = qwen.tower.features(full, small)
+    finally:
+        for block, forward in zip(blocks, forwards):
+            block.attn.forward = forward
+    assert 0 < n_batched < len(calls) and max(calls) == 1  # its own: one sequence a call
+    for got, want in zip(batched, own):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_stream_memory_is_bounded_and_cites_unit_times(qwen):
     """A directory's model runs the spec's 60 + 30 units; a smaller memory here so that 20 units are clustered."""
     qwen.cfg.memory = FlashMemoryConfig(csm_length=6, dam_length=3)

@@ -18,6 +18,7 @@ import torch
 
 from vstream.encoder.qwen_preprocess import patchify_units, small_pass
 from vstream.memory.flash import FlashMemory, FlashRead
+from vstream.model.qwen import vision_attention
 
 
 class QwenTower:
@@ -25,6 +26,7 @@ class QwenTower:
 
     def __init__(self, visual, backbone: str):
         self.visual, self.backbone = visual, backbone
+        vision_attention.install(visual)  # one attention call per run of equal windows or frames, not per one
         cfg = visual.config
         self.patch, self.merge = cfg.patch_size, cfg.spatial_merge_size
 
