@@ -190,6 +190,59 @@ def test_stream_memory_is_bounded_and_cites_unit_times(qwen):
         p.insert([50.0], frames=frames(1, size=(200, 200)))
 
 
+def test_units_of_several_streams_go_through_the_tower_together_and_equal_each_stream_alone(qwen):
+    """Memories sharing a `UnitBatcher` (as the engine's streams do): a round of frames from three streams of two
+    frame sizes is encoded in one tower call per size when the memories are read, and every memory then equals one
+    fed alone; a stream whose units fail to encode gets the error at its next read, the others go on."""
+    from vstream.model.processor import publish_snapshots
+
+    batcher = qwen.unit_batcher()
+
+    def batched():
+        memory = qwen.new_memory()
+        memory.batcher = batcher
+        return memory
+
+    sizes = [(120, 160), (120, 160), (90, 160)]
+    together = [StreamProcessor(qwen, new_memory=batched) for _ in sizes]
+    alone = [StreamProcessor(qwen) for _ in sizes]
+    rounds = 5
+    for r in range(rounds):
+        times = [float(4 * r + k) for k in range(4)]
+        for i, size in enumerate(sizes):
+            pictures = frames(4, size=size, seed=10 * i + r)
+            together[i].insert(times, frames=pictures, publish=False)
+            alone[i].insert(times, frames=pictures)
+        publish_snapshots(together)
+    assert batcher.units == rounds * 2 * len(sizes) and batcher.calls == rounds * 2  # per round: one call per size
+    for mine, its in zip(together, alone):
+        a, b = mine.snapshot().memory, its.snapshot().memory
+        assert a.frames_seen == b.frames_seen == 4 * rounds and a.counts == b.counts
+        torch.testing.assert_close(a.tokens, b.tokens, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.temporal_spans, b.temporal_spans)
+
+    tower, calls = batcher.tower, []
+    real = tower.features
+
+    def failing(full, small):  # a unit of blank frames (each channel constant) fails to encode
+        calls.append(full.shape[0])
+        if any(bool((unit == unit[:, :, :1, :1]).all()) for unit in full.view(-1, 2, *full.shape[1:])):
+            raise RuntimeError("bad unit")
+        return real(full, small)
+
+    tower.features = failing
+    try:
+        bad = np.zeros((120, 160, 3), np.uint8)
+        for i, pictures in enumerate(([bad, bad], frames(2, seed=7))):
+            together[i].insert([100.0, 101.0], frames=pictures, publish=False)
+        for _ in range(2):  # at every read: the stream lost units, its lane ends with the error
+            with pytest.raises(RuntimeError, match="encoding this stream's frames failed: bad unit"):
+                together[0].memory.read()
+        assert together[1].memory.read().frames_seen == 4 * rounds + 2 and calls == [4, 2, 2]
+    finally:
+        tower.features = real
+
+
 def test_prompt_splices_the_merged_memory_at_am_rope_positions(qwen):
     p = StreamProcessor(qwen)
     p.insert([float(t) for t in range(20)], frames=frames(20, seed=3))

@@ -296,6 +296,7 @@ class Engine:
         self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=chunk, max_waiting=c.max_waiting,
                                       seed=c.seed, cuda_graph=self.graphs) if self.batched else None)
         self.eager = EagerAnswerer(model, c.max_waiting)
+        self.unit_batcher = model.unit_batcher() if hasattr(model, "unit_batcher") else None
         self._prepare = getattr(model, "prepare_answers", None)  # the Qwen models' memory prefixes (off by default)
         self.warmup_s = time.perf_counter() - t0
         self.lanes: list[Lane] = []
@@ -350,10 +351,14 @@ class Engine:
 
     def new_memory(self):
         """A lane's streaming memory: a row of a memory page (a new page when all are full) when pages are on and
-        the memory is paper-mode, else the model's own."""
+        the memory is paper-mode, else the model's own (a Qwen model's sharing the engine's `UnitBatcher`, so that a
+        round's units of all streams go through the tower in one call)."""
         model, size = self.model, self.memory_page
         if not (size and model.cfg.memory.mode == "paper"):
-            return model.new_memory()
+            memory = model.new_memory()
+            if self.unit_batcher is not None:  # a Qwen stream: its units go through the tower with the others'
+                memory.batcher = self.unit_batcher
+            return memory
         with self._lock:
             page = next((p for p in self.pages if p.free), None)
             if page is None:

@@ -30,7 +30,7 @@ from vstream.model.generate import _check_sampling, default_stop_ids, stream_tex
 from vstream.model.prompts import prompt_parts, stop_strings
 from vstream.model.qwen.config import QwenModelConfig
 from vstream.model.qwen.prefix import MemoryPrefix, decode
-from vstream.model.qwen.stream_memory import QwenStreamMemory, QwenTower
+from vstream.model.qwen.stream_memory import QwenStreamMemory, QwenTower, UnitBatcher
 from vstream.model.vlm import FlashVStream
 
 
@@ -77,6 +77,11 @@ class FlashVStreamQwen(nn.Module):
 
     def new_memory(self) -> QwenStreamMemory:
         return QwenStreamMemory(self)
+
+    def unit_batcher(self) -> UnitBatcher:
+        """A batcher that encodes the units of the memories given it in one tower call (the engine's, for all its
+        streams)."""
+        return UnitBatcher(self.tower, self.cfg)
 
     # ---------------------------------------------------------------- the memory's KV off the question's path
 

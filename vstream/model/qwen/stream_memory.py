@@ -7,6 +7,12 @@ The first frame fixes the stream's frame size and allocates the state (the memor
 on nothing is allocated and a frame of another size is an error. A unit's time is its first frame's. A frame that
 waits for its pair is not yet in the memory (the read shows the units completed so far).
 
+Many streams' units go through the tower together when their memories share a `UnitBatcher` (the engine gives one to
+every Qwen stream's memory): a memory then queues each completed unit, and the batcher runs every queued unit of
+every memory in one tower call (per frame size) when any of them is read next, then updates each memory with its own
+units in order. The tower attends within each frame, so a unit's features do not depend on the others in its batch
+(up to the rounding of the batch's matrix products).
+
 What this module does not do: resize frames (the model's `crop`), apply the merger or build prompts.
 """
 
@@ -70,10 +76,56 @@ class QwenTower:
         return groups[torch.argsort(window_index.to(hidden.device))].reshape(hidden.shape)
 
 
+class UnitBatcher:
+    """Units queued by many streams' memories, through the tower in one call per frame size (`flush`); see the module
+    docstring. Used from one thread (the engine's)."""
+
+    def __init__(self, tower: QwenTower, cfg):
+        self.tower, self.cfg = tower, cfg
+        self._queued: list[tuple[QwenStreamMemory, torch.Tensor, torch.Tensor]] = []  # (memory, pair, time [1])
+        self.calls = 0  # tower calls made
+        self.units = 0  # units they encoded
+
+    def queue(self, memory: "QwenStreamMemory", pair: torch.Tensor, time: torch.Tensor) -> None:
+        self._queued.append((memory, pair, time))
+
+    def pending(self, memory: "QwenStreamMemory") -> bool:
+        return any(m is memory for m, _, _ in self._queued)
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Encode every queued unit and update each memory with its own, in the order they were queued. When a batch
+        fails, its memories' units run one memory at a time, and only a memory whose own units fail keeps the error
+        (raised at its every read from then on)."""
+        queued, self._queued = self._queued, []
+        by_size: dict[tuple[int, int], list[tuple[QwenStreamMemory, torch.Tensor, torch.Tensor]]] = {}
+        for item in queued:
+            by_size.setdefault(tuple(item[1].shape[-2:]), []).append(item)
+        for items in by_size.values():
+            try:
+                self._encode(items)
+            except Exception:  # noqa: BLE001  the batch failed: memory by memory, so that only a failing one errs
+                for memory in dict.fromkeys(m for m, _, _ in items):
+                    try:
+                        self._encode([item for item in items if item[0] is memory])
+                    except Exception as error:  # noqa: BLE001  this stream's units failed: raised at its next read
+                        memory.error = error
+
+    def _encode(self, items: list) -> None:
+        full = torch.cat([pair for _, pair, _ in items])  # [2u, 3, H, W]
+        small, feats = self.tower.features(full, small_pass(full, self.cfg.small_pool, self.cfg.patch * self.cfg.merge))
+        self.calls += 1
+        self.units += len(items)
+        for i, (memory, _, time) in enumerate(items):
+            memory.flash.update(small[i : i + 1], feats[i : i + 1], time)
+
+
 class QwenStreamMemory:
     """Frames -> units -> Flash Memory; see the module docstring."""
 
     page = None  # never a row of a memory page
+    batcher: UnitBatcher | None = None  # set: units are queued on it and encoded with other streams' units
+    error: BaseException | None = None  # an encoding of this memory's queued units failed (raised at every read)
 
     def __init__(self, model):
         self.model, self.cfg = model, model.cfg
@@ -127,9 +179,20 @@ class QwenStreamMemory:
         self.pending = torch.zeros(3, h, w, dtype=self.dtype, device=self.device)
 
     def _unit(self, pair: torch.Tensor) -> None:
+        if self.batcher is not None:
+            self.batcher.queue(self, pair, self.pending_time.clone())
+            return
         c = self.cfg
         small, full = self.tower.features(pair, small_pass(pair, c.small_pool, c.patch * c.merge))
         self.flash.update(small, full, self.pending_time)
+
+    def settle(self) -> None:
+        """Run the units this memory has queued on its batcher (with every other queued unit); raise the error of a
+        failed encoding of its units (at every read from then on)."""
+        if self.batcher is not None and self.batcher.pending(self):
+            self.batcher.flush()
+        if self.error is not None:  # for good: the stream lost those units (the engine ends it with the error)
+            raise RuntimeError(f"encoding this stream's frames failed: {self.error}") from self.error
 
     # ---------------------------------------------------------------- read and budgets
 
@@ -140,6 +203,7 @@ class QwenStreamMemory:
         return {"full": (h // p, w // p), "small": (hs // p, ws // p)}
 
     def read(self) -> FlashRead:
+        self.settle()
         if self.flash is None:
             empty = torch.zeros(0, dtype=torch.float64, device=self.device)
             return FlashRead(tokens=torch.zeros(0, self.cfg.feature_dim, dtype=self.dtype, device=self.device),
@@ -162,12 +226,15 @@ class QwenStreamMemory:
 
     @property
     def num_tokens(self) -> int:
+        self.settle()
         return sum(self.flash.counts().values()) if self.flash is not None else 0
 
     def counts(self) -> dict[str, int]:
+        self.settle()
         return self.flash.counts() if self.flash is not None else {"retrieved": 0, "temporal": 0}
 
     def state_dict(self) -> dict:
+        self.settle()
         if self.flash is None:
             return {"size": None, "frames_seen": self.frames_seen}
         return {"size": self.size, "flash": self.flash.state_dict(), "pending": self.pending.clone(),
@@ -175,6 +242,7 @@ class QwenStreamMemory:
                 "frames_seen": self.frames_seen}
 
     def load_state_dict(self, state: dict) -> None:
+        self.settle()
         self.frames_seen = int(state["frames_seen"])
         if state["size"] is None:
             return
