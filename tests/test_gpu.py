@@ -349,3 +349,31 @@ def test_half_precision_distances_equal_the_float32_ones_and_copies_match_compar
         assert torch.equal(got.cpu().argmin(-1), want.argmin(-1))
     same = exact_copies(x.cuda()).cpu()
     assert torch.equal(same, (x[..., :, None, :] == x[..., None, :, :]).all(-1)) and same[1, 5, 2]
+
+
+def test_flash_memory_steady_update_from_its_graph_equals_eager_and_never_synchronises():
+    """Flash Memory (Qwen) at small shapes in float32: the steady update replayed from its captured graph against the
+    eager update, unit by unit past the fill phase, and no host synchronisation in a replay."""
+    from vstream.memory.flash import FlashMemory, FlashMemoryConfig
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = FlashMemoryConfig(csm_length=6, dam_length=3)
+    graphed, eager = (FlashMemory(cfg, 32, 16, 64, 4, "cuda", torch.float32) for _ in range(2))
+    graphed.enable_cuda_graph()
+    gen = torch.Generator("cuda").manual_seed(0)
+    static = torch.randn(1, 16, 32, device="cuda", generator=gen)  # a static scene half the time: exact copies
+    for i in range(30):
+        small = static if i % 2 else torch.randn(1, 16, 32, device="cuda", generator=gen)
+        full = torch.randn(1, 64, 32, device="cuda", generator=gen)
+        t = torch.full((1,), 2.0 * i, dtype=torch.float64, device="cuda")
+        if i == 29:
+            with no_host_sync():
+                graphed.update(small, full, t)
+        else:
+            graphed.update(small, full, t)
+        eager.update(small, full, t)
+    assert graphed.graph is not None and graphed.units_seen == eager.units_seen == 30
+    a, b = graphed.read(), eager.read()
+    torch.testing.assert_close(a.tokens, b.tokens)
+    torch.testing.assert_close(a.temporal_spans, b.temporal_spans)
+    assert torch.equal(graphed.rep_slot, eager.rep_slot) and torch.equal(graphed.csm_weight, eager.csm_weight)

@@ -66,6 +66,8 @@ def _memory(cfg, device: torch.device, dtype: torch.dtype, marks: list[int]) -> 
     """Milliseconds per update between marks, state bytes and allocated device memory at each; the sync check."""
     small_n, full_n = cfg.unit_patches()
     mem = FlashMemory(cfg.memory, cfg.feature_dim, small_n, full_n, cfg.merge**2, device, dtype)
+    if device.type == "cuda":  # as the engine runs it: the steady update replayed from its graph
+        mem.enable_cuda_graph()
     gen = torch.Generator(device).manual_seed(0)
     now, out, done = clock(device), {}, 0
     times = torch.arange(marks[-1], dtype=torch.float64, device=device) * 2.0

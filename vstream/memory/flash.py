@@ -22,6 +22,10 @@ Bounded: every state tensor is allocated at construction and written in place; n
 update reads the device from the host (host counters only). The unbounded released behaviour (every unit's features
 kept) is not reproduced: a unit that stops being any cluster's representative is gone for good.
 
+On CUDA (`enable_cuda_graph`) the steady update (every cluster filled: write the unit, cluster, choose
+representatives, all in fixed shapes) is captured once in a CUDA graph and replayed: one launch per unit instead of
+about a hundred small kernels, which made the eager update launch-bound (6-9 ms per unit on an H100, BENCHMARKS.md).
+
 What this module does not do: run the tower, pair frames into units, apply the merger or build M-RoPE position ids
 (see `vstream.model.qwen`). A slow literal version of the same algorithm is `vstream.memory.flash_reference`.
 """
@@ -33,6 +37,7 @@ from typing import ClassVar
 
 import torch
 
+from vstream.devices import capture
 from vstream.memory.kmeans import KMeansResult, exact_copies
 from vstream.memory.star import MemoryRead, cluster_spans, nearest_most_recent, span_sources
 from vstream.memory.state import HeldState
@@ -205,6 +210,19 @@ class FlashMemory(HeldState):
             setattr(self, name, torch.full(shape, fill, dtype=dt, device=self.device))
         self.units_seen = 0  # host counter: units inserted
         self.n_csm = 0  # host counter: filled clusters
+        self.graph: torch.cuda.CUDAGraph | None = None  # the steady update, once captured
+        self._graph_pool = self._static = None  # set by `enable_cuda_graph`: its pool, its inputs (small, full, time)
+
+    def enable_cuda_graph(self, pool=None) -> None:
+        """Replay the steady update from a CUDA graph, captured at its first use. `pool`: a graph pool handle shared
+        with graphs that never run at the same time (the engine's), or None for the graph's own."""
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the memory on a CUDA device, it is on {self.device}")
+        c = self.dim
+        self._graph_pool = pool
+        self._static = (torch.zeros(self.n_small, c, dtype=self.dtype, device=self.device),
+                        torch.zeros(self.n_full, c, dtype=self.dtype, device=self.device),
+                        torch.zeros((), dtype=torch.float64, device=self.device))
 
     # ---------------------------------------------------------------- budgets
 
@@ -226,13 +244,42 @@ class FlashMemory(HeldState):
         update free of host synchronisation). Units are added one at a time."""
         small, full, times = self._check(small, full, times)
         for i in range(small.shape[0]):
-            self._write_unit(small[i], full[i], times[i])
             if self.n_csm < self.cfg.csm_length:
+                self._write_unit(small[i], full[i], times[i])
                 self._fill(small[i], times[i])
+                self._choose_representatives()
+            elif self._static is not None:
+                for static, value in zip(self._static, (small[i], full[i], times[i])):
+                    static.copy_(value)
+                if self.graph is None:
+                    self.graph = self._capture()
+                self.graph.replay()
             else:
-                self._cluster(small[i], times[i])
-            self._choose_representatives()
+                self._steady(small[i], full[i], times[i])
             self.units_seen += 1
+
+    def _steady(self, small, full, t) -> None:
+        """One unit once every cluster is filled: fixed shapes throughout."""
+        self._write_unit(small, full, t)
+        self._cluster(small, t)
+        self._choose_representatives()
+
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        """The steady update on the static inputs, captured; the warm-up and capture leave the state as it was."""
+        state = self.state_dict()
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up on a side stream, as capture requires
+                    self._steady(*self._static)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with capture(graph, self._graph_pool):
+                self._steady(*self._static)
+        finally:
+            self.load_state_dict(state)
+        return graph
 
     def _check(self, small, full, times) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         want = {"small": (self.n_small, small), "full": (self.n_full, full)}

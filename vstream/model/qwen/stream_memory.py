@@ -126,6 +126,7 @@ class QwenStreamMemory:
     page = None  # never a row of a memory page
     batcher: UnitBatcher | None = None  # set: units are queued on it and encoded with other streams' units
     error: BaseException | None = None  # an encoding of this memory's queued units failed (raised at every read)
+    _graphs: tuple | None = None  # set by `enable_cuda_graph`: (the graph pool,)
 
     def __init__(self, model):
         self.model, self.cfg = model, model.cfg
@@ -176,6 +177,8 @@ class QwenStreamMemory:
         n_full = (h // c.patch) * (w // c.patch)
         n_small = (self.small_size[0] // c.patch) * (self.small_size[1] // c.patch)
         self.flash = FlashMemory(c.memory, c.feature_dim, n_small, n_full, c.merge**2, self.device, self.dtype)
+        if self._graphs is not None:
+            self.flash.enable_cuda_graph(self._graphs[0])
         self.pending = torch.zeros(3, h, w, dtype=self.dtype, device=self.device)
 
     def _unit(self, pair: torch.Tensor) -> None:
@@ -185,6 +188,15 @@ class QwenStreamMemory:
         c = self.cfg
         small, full = self.tower.features(pair, small_pass(pair, c.small_pool, c.patch * c.merge))
         self.flash.update(small, full, self.pending_time)
+
+    def enable_cuda_graph(self, pool=None) -> None:
+        """Replay the memory's steady updates from a CUDA graph (`FlashMemory.enable_cuda_graph`; the memory is made
+        at the first frame). `pool`: the engine's graph pool, or None."""
+        if self.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the memory on a CUDA device, it is on {self.device}")
+        self._graphs = (pool,)
+        if self.flash is not None:
+            self.flash.enable_cuda_graph(pool)
 
     def settle(self) -> None:
         """Run the units this memory has queued on its batcher (with every other queued unit); raise the error of a
