@@ -88,7 +88,6 @@ class FusedLayers:
                 h = kernels.rms_norm(x[-1:], weights[-1], self.eps, residual=mlp[-1:])
         return self.llm.lm_head(h)
 
-
     def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write, read, mask: torch.Tensor
              ) -> torch.Tensor:
         """One decode position for each of b sequences (the batched step of `vstream.model.batch_decode`): x [b, 1, H]
