@@ -311,3 +311,58 @@ def test_decoder_refuses_embeds_of_the_wrong_shape_or_dtype(model):
         decoder.prefill(slot, torch.zeros(1, 3, 64, dtype=torch.float16))
     with pytest.raises(ValueError, match=r"slot 0 needs 2000 positions, the KV cache holds 961 per slot"):
         decoder.prefill(slot, torch.zeros(1, 2000 - decoder.cache.prefix_len, 64))
+
+
+def test_the_fused_step_composes_its_kernels_as_the_unfused_step(model, monkeypatch):
+    """The batched step through `FusedLayers.step` (one q/k/v and one gate/up product, residual + RMSNorm and SiLU-gate
+    as kernels) against the unfused step, on the CPU: the Triton kernels are replaced by their torch definitions
+    (`kernel_checks.py` checks the kernels against those on the GPU), so this checks the step's composition: slots at
+    different lengths decode the same tokens for 12 steps, with the same keys written."""
+    from vstream import kernels
+
+    def rms_norm(x, weight, eps, residual=None):
+        if residual is not None:
+            x.add_(residual)
+        h = x.float()
+        return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+    def silu_mul(gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    monkeypatch.setattr(kernels, "rms_norm", rms_norm)
+    monkeypatch.setattr(kernels, "silu_mul", silu_mul)
+    llm = model.llm
+    norms = [layer.input_layernorm.weight for layer in llm.model.layers] + [llm.model.norm.weight] + \
+        [layer.post_attention_layernorm.weight for layer in llm.model.layers]
+    saved = [w.detach().clone() for w in norms]
+    with torch.no_grad():  # norms of their own (the random model's are all ones), so a mixed-up one shows
+        for i, w in enumerate(norms):
+            w.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(i))
+    try:
+        runs = decode_both(llm)
+    finally:
+        with torch.no_grad():
+            for w, old in zip(norms, saved):
+                w.copy_(old)
+    assert runs[0][0] == runs[1][0]
+    torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
+
+
+def decode_both(llm) -> list:
+    """(tokens of 12 steps, keys) of three slots decoded by the unfused step, then by the fused one."""
+    from vstream.model.batch_decode import BatchDecoder
+    from vstream.model.static_decode import FusedLayers
+
+    runs = []
+    for fused in (False, True):
+        decoder = BatchDecoder(llm, 3, 64, cuda_graph=False, fused=False)  # prefills unfused (rope_to_cache is Triton)
+        torch.manual_seed(1)
+        for n in (5, 9, 7):
+            slot = decoder.cache.acquire()
+            decoder.prefill(slot, torch.randn(1, n, llm.config.hidden_size))
+        if fused:
+            decoder.fused = FusedLayers(llm, decoder.cos, decoder.sin)
+        tokens = [decoder.step().tolist() for _ in range(12)]
+        runs.append((tokens, decoder.cache.k.clone()))
+    return runs
