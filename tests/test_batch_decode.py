@@ -313,11 +313,14 @@ def test_decoder_refuses_embeds_of_the_wrong_shape_or_dtype(model):
         decoder.prefill(slot, torch.zeros(1, 2000 - decoder.cache.prefix_len, 64))
 
 
-def test_the_fused_step_composes_its_kernels_as_the_unfused_step(model, monkeypatch):
-    """The batched step through `FusedLayers.step` (one q/k/v and one gate/up product, residual + RMSNorm and SiLU-gate
-    as kernels) against the unfused step, on the CPU: the Triton kernels are replaced by their torch definitions
-    (`kernel_checks.py` checks the kernels against those on the GPU), so this checks the step's composition: slots at
-    different lengths decode the same tokens for 12 steps, with the same keys written."""
+@pytest.mark.parametrize("which", ["llama", "qwen2.5-vl"])
+def test_the_fused_step_composes_its_kernels_as_the_unfused_step(model, monkeypatch, which):
+    """The batched step through `FusedStep` (one q/k/v product with its biases, one gate/up product, residual +
+    RMSNorm and SiLU-gate as kernels) against the unfused step, on the CPU, for the tiny LLaMA and the tiny Qwen2.5-VL
+    text model: the Triton kernels are replaced by their torch definitions (`kernel_checks.py` checks the kernels
+    against those on the GPU), so this checks the step's composition. Norms and biases of their own, so that a
+    mixed-up or missing one shows; slots at different lengths decode the same tokens for 12 steps and write the
+    same keys."""
     from vstream import kernels
 
     def rms_norm(x, weight, eps, residual=None):
@@ -332,37 +335,53 @@ def test_the_fused_step_composes_its_kernels_as_the_unfused_step(model, monkeypa
 
     monkeypatch.setattr(kernels, "rms_norm", rms_norm)
     monkeypatch.setattr(kernels, "silu_mul", silu_mul)
-    llm = model.llm
-    norms = [layer.input_layernorm.weight for layer in llm.model.layers] + [llm.model.norm.weight] + \
-        [layer.post_attention_layernorm.weight for layer in llm.model.layers]
-    saved = [w.detach().clone() for w in norms]
-    with torch.no_grad():  # norms of their own (the random model's are all ones), so a mixed-up one shows
-        for i, w in enumerate(norms):
+    if which == "llama":
+        llm = model.llm
+    else:
+        from vstream.model.qwen.config import qwen_preset
+        from vstream.model.qwen.loading import build_random_qwen
+
+        torch.manual_seed(0)
+        llm = build_random_qwen(qwen_preset("tiny-qwen2.5-vl"), device="cpu", dtype=torch.float32).hf
+    from vstream.model.text_decoder import TextDecoder
+
+    parts = TextDecoder.of(llm)
+    norms = [w for layer in parts.layers for w in (layer.input_layernorm.weight,
+                                                   layer.post_attention_layernorm.weight)] + [parts.norm.weight]
+    biases = [p.bias for layer in parts.layers for p in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                                                         layer.self_attn.v_proj) if p.bias is not None]
+    assert len(biases) == (0 if which == "llama" else 3 * len(parts.layers))
+    saved = [w.detach().clone() for w in norms + biases]
+    with torch.no_grad():  # norms and q/k/v biases of their own (the random models' are ones and zeros)
+        for i, w in enumerate(norms + biases):
             w.uniform_(0.5, 1.5, generator=torch.Generator().manual_seed(i))
     try:
-        runs = decode_both(llm)
+        runs = decode_both(llm, parts)
     finally:
         with torch.no_grad():
-            for w, old in zip(norms, saved):
+            for w, old in zip(norms + biases, saved):
                 w.copy_(old)
     assert runs[0][0] == runs[1][0]
     torch.testing.assert_close(runs[0][1], runs[1][1], rtol=1e-5, atol=1e-5)
 
 
-def decode_both(llm) -> list:
-    """(tokens of 12 steps, keys) of three slots decoded by the unfused step, then by the fused one."""
+def decode_both(llm, parts) -> list:
+    """(tokens of 12 steps, keys) of three slots decoded by the unfused step, then by the fused one (prefills
+    unfused: the LLaMA prefill's fused RoPE is a Triton kernel)."""
     from vstream.model.batch_decode import BatchDecoder
-    from vstream.model.static_decode import FusedLayers
+    from vstream.model.static_decode import FusedStep
 
     runs = []
     for fused in (False, True):
-        decoder = BatchDecoder(llm, 3, 64, cuda_graph=False, fused=False)  # prefills unfused (rope_to_cache is Triton)
+        decoder = BatchDecoder(llm, 3, 64, cuda_graph=False, fused=False)
         torch.manual_seed(1)
         for n in (5, 9, 7):
             slot = decoder.cache.acquire()
-            decoder.prefill(slot, torch.randn(1, n, llm.config.hidden_size))
+            positions = None if decoder.cos is not None else torch.arange(n, dtype=torch.float32) * 1.5
+            decoder.prefill(slot, torch.randn(1, n, parts.config.hidden_size), positions=positions)
         if fused:
-            decoder.fused = FusedLayers(llm, decoder.cos, decoder.sin)
+            decoder.fused_step = FusedStep(parts)
+        assert decoder.fused_step is (None if not fused else decoder.fused_step)
         tokens = [decoder.step().tolist() for _ in range(12)]
         runs.append((tokens, decoder.cache.k.clone()))
     return runs

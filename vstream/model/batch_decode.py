@@ -34,9 +34,10 @@ makes its M-RoPE a plain 1-D RoPE at that one number (tested to the bit): one po
 - `steps`, `slot_steps`, `widest_step`: the steps run, the slot-tokens they advanced and the most slots one advanced:
   how much the batch shared its steps.
 
-Where Triton runs, prefills and the step go through the fused layers of `static_decode.FusedLayers` (the single-answer
-fast path's), writing into the slot's rows of the cache (the step's RoPE stays in torch: each slot at its own
-position); a step is one graph replay either way.
+Where Triton runs, a LLaMA model's prefills go through the fused layers of `static_decode.FusedLayers` (the
+single-answer fast path's), writing into the slot's rows of the cache, and the step of a LLaMA or Qwen model through
+`static_decode.FusedStep` (the same kernels; its RoPE stays in torch: each slot at its own position); a step is one
+graph replay either way.
 
 What this module does not do: pick which request gets a slot, build prompts or M-RoPE positions (the model's),
 detokenise, check stop conditions (all the host's, in `vstream.model.batch_answer`), top-p sampling, or sliding-window
@@ -54,7 +55,7 @@ from torch.nn.attention.bias import causal_lower_right
 from vstream.devices import graph_sizes
 from vstream.model.batch_cache import SlotCache
 from vstream.model.generate import _check_embeds
-from vstream.model.static_decode import FusedLayers
+from vstream.model.static_decode import FusedLayers, FusedStep
 from vstream.model.text_decoder import TextDecoder
 
 
@@ -64,7 +65,7 @@ class BatchDecoder:
 
     def __init__(self, llm, max_batch: int, max_seq_len: int, cuda_graph: bool | None = None, seed: int = 0,
                  fused: bool | None = None, span_step: int = 128):
-        """`fused`: prefill and step through the fused kernels of `FusedLayers` (None: where they run; LLaMA only).
+        """`fused`: prefill (LLaMA only) and step through the fused kernels (None: where they run).
         `span_step`: the step's key spans are its multiples below `max_seq_len`, and `max_seq_len`."""
         parts = TextDecoder.of(llm)
         cfg = parts.config
@@ -91,9 +92,11 @@ class BatchDecoder:
             with torch.inference_mode():
                 cos, sin = parts.rotary(weight[:1], self.positions[None])  # [1, S_max, Dh] in the model dtype
             self.cos, self.sin = cos[0], sin[0]
+        step_fused = FusedStep.possible(parts) if fused is None else fused
         if fused is None:
             fused = not parts.mrope and FusedLayers.possible(llm)
         self.fused = FusedLayers(llm, self.cos, self.sin) if fused else None
+        self.fused_step = FusedStep(parts) if step_fused else None
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)  # [B] fed to the next step
         self.rope_pos = torch.zeros(max_batch, device=self.device)  # [B] float32 RoPE position of that token
         self.active = torch.zeros(max_batch, dtype=torch.bool, device=self.device)  # [B] slots the step advances
@@ -303,8 +306,8 @@ class BatchDecoder:
         def read(i: int) -> tuple[torch.Tensor, torch.Tensor]:
             return c.k[i, :b, :, :n], c.v[i, :b, :, :n]
 
-        if self.fused is not None:
-            logits = self.fused.step(x, cos, sin, write, read, mask)
+        if self.fused_step is not None:
+            logits = self.fused_step(x, cos, sin, write, read, mask)
         else:
             logits = self._forward(x, cos, sin, write, read, mask, False)
         tokens.copy_(torch.where(active, self._pick(logits, self.temperature[:b]), tokens))

@@ -88,21 +88,84 @@ class FusedLayers:
                 h = kernels.rms_norm(x[-1:], weights[-1], self.eps, residual=mlp[-1:])
         return self.llm.lm_head(h)
 
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write, read, mask: torch.Tensor
-             ) -> torch.Tensor:
-        """One decode position for each of b sequences (the batched step of `vstream.model.batch_decode`): x [b, 1, H]
-        at per-row RoPE `cos`/`sin` [b, 1, 1, Dh]; `write(i, k, v)` stores layer i's new keys and values [b, Hkv, 1,
-        Dh], `read(i)` gives the (keys, values) [b, Hkv, n, Dh] the rows attend to under `mask` [b, 1, 1, n] ->
-        logits [b, V]. The projections, residual adds, norms and SiLU-gate fused as in `forward`; RoPE in torch (each
-        row at its own position)."""
+
+@torch.no_grad()
+def concatenated_weights(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer of a LLaMA model, the q/k/v weights [(Hq + 2 Hkv) Dh, H] and the gate/up weights [2 I, H] stored
+    concatenated (`concatenated_projections`)."""
+    qkv, gate_up, _ = concatenated_projections(list(llm.model.layers))
+    return qkv, gate_up
+
+
+@torch.no_grad()
+def concatenated_projections(layers: list) -> tuple[list[torch.Tensor], list[torch.Tensor], list | None]:
+    """Per decoder layer, the q/k/v weights [(Hq + 2 Hkv) Dh, H], the gate/up weights [2 I, H] and, where the q/k/v
+    projections have biases (Qwen2), their biases [(Hq + 2 Hkv) Dh] (else None), each stored concatenated and the
+    projections' own parameters pointed at views of them (nothing held twice); done once per model, kept on its first
+    layer."""
+    done = layers[0].__dict__.get("_vstream_concatenated")
+    if done is not None:
+        return done
+    biased = layers[0].self_attn.q_proj.bias is not None
+    qkv, gate_up, qkv_bias = [], [], [] if biased else None
+    for layer in layers:
+        a, m = layer.self_attn, layer.mlp
+        joins = [(qkv, (a.q_proj, a.k_proj, a.v_proj), "weight"), (gate_up, (m.gate_proj, m.up_proj), "weight")]
+        if biased:
+            joins.append((qkv_bias, (a.q_proj, a.k_proj, a.v_proj), "bias"))
+        for out, parts, name in joins:
+            joined = torch.cat([getattr(p, name) for p in parts])
+            row = 0
+            for p in parts:
+                n = getattr(p, name).shape[0]
+                getattr(p, name).data = joined[row : row + n]
+                row += n
+            out.append(joined)
+    layers[0].__dict__["_vstream_concatenated"] = (qkv, gate_up, qkv_bias)
+    return qkv, gate_up, qkv_bias
+
+
+class FusedStep:
+    """One decode position for each of b sequences through the fused kernels (the batched step of
+    `vstream.model.batch_decode`), for a LLaMA decoder or a Qwen2-VL / Qwen2.5-VL text model (`TextDecoder` parts):
+    one q/k/v product (with its biases, Qwen2) and one gate/up product over weights stored concatenated, the residual
+    add + RMSNorm and the SiLU-gate as one kernel each; RoPE in torch, each row at its own position (a decoded Qwen
+    token is text: its M-RoPE is a 1-D RoPE at one number)."""
+
+    def __init__(self, parts):
+        cfg = parts.config
+        self.parts, self.layers = parts, parts.layers
+        self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.eps = cfg.rms_norm_eps
+        self.qkv, self.gate_up, self.qkv_bias = concatenated_projections(self.layers)
+
+    @staticmethod
+    def possible(parts) -> bool:
+        """Triton runs on the model's device, the MLP is SiLU-gated without biases, the output projection has none,
+        and the q/k/v projections all have biases or none do."""
+        cfg, layers = parts.config, parts.layers
+        unbiased = [m for layer in layers for m in (layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.up_proj,
+                                                     layer.mlp.down_proj)]
+        biases = {p.bias is not None for layer in layers
+                  for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)}
+        return (kernels.available(parts.embed.weight.device) and cfg.hidden_act == "silu"
+                and all(getattr(m, "bias", None) is None for m in unbiased) and len(biases) == 1)
+
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write, read, mask: torch.Tensor
+                 ) -> torch.Tensor:
+        """x [b, 1, H] at per-row RoPE `cos`/`sin` [b, 1, 1, Dh]; `write(i, k, v)` stores layer i's new keys and
+        values [b, Hkv, 1, Dh], `read(i)` gives the (keys, values) [b, Hkv, n, Dh] the rows attend to under `mask`
+        [b, 1, 1, n] -> logits [b, V]."""
         b = x.shape[0]
         hq, hkv, dh = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
         x = x.reshape(b, -1).clone()  # the residual stream, updated in place from here on
-        weights = [layer.input_layernorm.weight for layer in self.layers] + [self.llm.model.norm.weight]
+        weights = [layer.input_layernorm.weight for layer in self.layers] + [self.parts.norm.weight]
         h = kernels.rms_norm(x, weights[0], self.eps)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
-            qkv = F.linear(h, self.qkv[i])  # [b, (Hq + 2 Hkv) Dh]
+            bias = None if self.qkv_bias is None else self.qkv_bias[i]
+            qkv = F.linear(h, self.qkv[i], bias)  # [b, (Hq + 2 Hkv) Dh]
             q = _rotate(qkv[:, :hq].view(b, 1, self.heads, dh).transpose(1, 2), cos, sin)
             k = _rotate(qkv[:, hq : hq + hkv].view(b, 1, self.kv_heads, dh).transpose(1, 2), cos, sin)
             write(i, k, qkv[:, hq + hkv :].view(b, 1, self.kv_heads, dh).transpose(1, 2))
@@ -113,35 +176,13 @@ class FusedLayers:
                                  residual=a.o_proj(out.transpose(1, 2).reshape(b, -1)))
             mlp = layer.mlp.down_proj(kernels.silu_mul(F.linear(h, self.gate_up[i])))
             h = kernels.rms_norm(x, weights[i + 1], self.eps, residual=mlp)
-        return self.llm.lm_head(h)
+        return self.parts.lm_head(h)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE as transformers applies it (rotate_half)."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-@torch.no_grad()
-def concatenated_weights(llm) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per layer, the q/k/v weights [(Hq + 2 Hkv) Dh, H] and the gate/up weights [2 I, H] stored concatenated, the
-    projections' weights pointed at views of them (no weight held twice); done once per model, kept on it."""
-    done = llm.__dict__.get("_vstream_concatenated")
-    if done is not None:
-        return done
-    qkv, gate_up = [], []
-    for layer in llm.model.layers:
-        a, m = layer.self_attn, layer.mlp
-        for out, parts in ((qkv, (a.q_proj, a.k_proj, a.v_proj)), (gate_up, (m.gate_proj, m.up_proj))):
-            joined = torch.cat([p.weight for p in parts])
-            row = 0
-            for p in parts:
-                n = p.weight.shape[0]
-                p.weight.data = joined[row : row + n]
-                row += n
-            out.append(joined)
-    llm.__dict__["_vstream_concatenated"] = (qkv, gate_up)
-    return qkv, gate_up
 
 
 class StaticLlama:
