@@ -321,3 +321,19 @@ def test_memories_sharing_pages_equal_each_stream_processed_alone(model):
         assert lane.snapshot.spatial_times == processor.snapshot().spatial_times
         assert lane.snapshot.retrieved_times == processor.snapshot().retrieved_times
     assert all(not p.members for p in engine.pages)  # every ended lane gave its row back
+
+
+def test_answer_slots_fit_the_kv_budget(model):
+    """`slot_kv_bytes` is what a slot's KV cache takes (the cache the answerer allocates), and `kv_slots` keeps the
+    slots within the budget: the wanted count when it fits, fewer when not, never none."""
+    from vstream.engine.scheduler import kv_slots, slot_kv_bytes
+    from vstream.model.batch_answer import BatchAnswerer
+
+    cache = BatchAnswerer(model, max_batch=2).cache
+    per_slot = slot_kv_bytes(model)
+    assert per_slot * 2 == (cache.k.numel() + cache.v.numel()) * cache.k.element_size()
+    assert kv_slots(32, per_slot, 100 * per_slot, 0.5) == 32
+    assert kv_slots(32, per_slot, 20 * per_slot, 0.5) == 10
+    assert kv_slots(32, per_slot, per_slot, 0.5) == 1
+    with pytest.raises(ValueError, match=r"kv_fraction must be in \(0, 1\], got 0"):
+        EngineConfig(kv_fraction=0)

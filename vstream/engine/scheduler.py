@@ -69,7 +69,11 @@ class EngineConfig:
     round_every_s: float = 0.05
     """While answers are decoding, a round of frames starts at most this often."""
     answer_slots: int = 32
-    """Answers decoded together in one batched step (a KV-cache slot each)."""
+    """Answers decoded together in one batched step (a KV-cache slot each); on CUDA fewer when their KV cache would
+    take more than `kv_fraction` of the device memory free when the engine is made (`kv_slots`)."""
+    kv_fraction: float = 0.5
+    """The most of the free device memory the answer slots' KV cache may take (a Qwen 7B slot holds a full memory:
+    about 690 MB at 12,032 positions)."""
     max_waiting: int = 256
     """Questions waiting for a slot; `ask` refuses one more."""
     prefill_chunk: int = 1024
@@ -95,6 +99,8 @@ class EngineConfig:
         for name in ("frames_per_round", "answer_slots", "max_waiting", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.kv_fraction <= 1:
+            raise ValueError(f"EngineConfig.kv_fraction must be in (0, 1], got {self.kv_fraction}")
         if not self.round_every_s >= 0:
             raise ValueError(f"EngineConfig.round_every_s must be >= 0, got {self.round_every_s}")
 
@@ -292,6 +298,13 @@ class Engine:
         self.batched = batchable(model.llm)
         self.memory_page = c.memory_page if c.memory_page is not None else 64 if cuda else 0
         slots = c.answer_slots if cuda else min(c.answer_slots, 4)  # the CPU is compute-bound: more slots gain little
+        if cuda and self.batched:
+            per_slot = slot_kv_bytes(model)
+            slots = kv_slots(slots, per_slot, torch.cuda.mem_get_info(model.device)[0], c.kv_fraction)
+            if slots < c.answer_slots:
+                log.warning("%d answer slots instead of %d: each holds %.0f MB of KV cache, and at most %.0f %% of the "
+                            "free device memory goes to them (EngineConfig.kv_fraction)", slots, c.answer_slots,
+                            per_slot / 1e6, 100 * c.kv_fraction)
         chunk = c.prefill_chunk if cuda else min(c.prefill_chunk, 256)
         self.answers = (BatchAnswerer(model, max_batch=slots, prefill_chunk=chunk, max_waiting=c.max_waiting,
                                       seed=c.seed, cuda_graph=self.graphs) if self.batched else None)
@@ -657,6 +670,24 @@ class Engine:
         for lane in lanes:
             if not lane.done.is_set() or lane.error is None:
                 lane.snapshot = lane.processor.snapshot()  # one reference swap publishes it
+
+
+def slot_kv_bytes(model) -> int:
+    """Bytes of one answer slot's KV cache for `model` (keys and values of every layer at a slot's positions)."""
+    from vstream.model.batch_answer import LlamaPrompts
+    from vstream.model.text_decoder import TextDecoder
+
+    prompts = model.slot_prompts() if hasattr(model, "slot_prompts") else LlamaPrompts(model)
+    cfg = TextDecoder.of(model.llm).config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * prompts.max_seq_len() * \
+        model.dtype.itemsize
+
+
+def kv_slots(wanted: int, per_slot: int, free: int, fraction: float) -> int:
+    """How many answer slots of `per_slot` bytes fit in `fraction` of `free` bytes: `wanted` at most, 1 at least (a
+    device that cannot hold one slot fails when the cache is made, saying how much it asked for)."""
+    return max(1, min(wanted, int(fraction * free) // max(per_slot, 1)))
 
 
 class _MemoryTokens:
