@@ -377,3 +377,28 @@ def test_flash_memory_steady_update_from_its_graph_equals_eager_and_never_synchr
     torch.testing.assert_close(a.tokens, b.tokens)
     torch.testing.assert_close(a.temporal_spans, b.temporal_spans)
     assert torch.equal(graphed.rep_slot, eager.rep_slot) and torch.equal(graphed.csm_weight, eager.csm_weight)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2.5-vl", "tiny-qwen2-vl"])
+def test_the_qwen_towers_batched_attention_on_cuda_equals_its_own_forward(preset):
+    """On the GPU (sdpa's CUDA kernels, float32 without TF32): the tower's attention batched over runs of equal windows
+    and frames gives transformers' own per-sequence forward's features, both passes of several units in one call."""
+    from vstream.encoder.qwen_preprocess import small_pass
+    from vstream.model.qwen.config import qwen_preset
+    from vstream.model.qwen.loading import build_random_qwen
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    model = build_random_qwen(qwen_preset(preset), device="cuda", dtype=torch.float32)
+    full = torch.randn(6, 3, 224, 336, device="cuda")
+    small = small_pass(full)
+    batched = model.tower.features(full, small)
+    blocks = model.hf.model.visual.blocks
+    forwards = [block.attn.__dict__.pop("forward") for block in blocks]
+    try:
+        own = model.tower.features(full, small)
+    finally:
+        for block, forward in zip(blocks, forwards):
+            block.attn.forward = forward
+    for got, want in zip(batched, own):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
