@@ -366,22 +366,22 @@ def test_the_fused_step_composes_its_kernels_as_the_unfused_step(model, monkeypa
 
 
 def decode_both(llm, parts) -> list:
-    """(tokens of 12 steps, keys) of three slots decoded by the unfused step, then by the fused one (prefills
-    unfused: the LLaMA prefill's fused RoPE is a Triton kernel)."""
+    """(tokens of 12 steps, keys) of three slots, each prompt prefilled in two chunks (the second attends to the
+    first), decoded unfused, then fused (a LLaMA prefill stays unfused here: its fused RoPE is a Triton kernel)."""
     from vstream.model.batch_decode import BatchDecoder
     from vstream.model.static_decode import FusedStep
 
     runs = []
     for fused in (False, True):
         decoder = BatchDecoder(llm, 3, 64, cuda_graph=False, fused=False)
+        decoder.fused_step = FusedStep(parts) if fused else None  # a Qwen prefill goes through it too
         torch.manual_seed(1)
         for n in (5, 9, 7):
             slot = decoder.cache.acquire()
             positions = None if decoder.cos is not None else torch.arange(n, dtype=torch.float32) * 1.5
-            decoder.prefill(slot, torch.randn(1, n, parts.config.hidden_size), positions=positions)
-        if fused:
-            decoder.fused_step = FusedStep(parts)
-        assert decoder.fused_step is (None if not fused else decoder.fused_step)
+            embeds = torch.randn(1, n, parts.config.hidden_size)
+            decoder.prefill(slot, embeds[:, :3], last=False, positions=None if positions is None else positions[:3])
+            decoder.prefill(slot, embeds[:, 3:], positions=None if positions is None else positions[3:])
         tokens = [decoder.step().tolist() for _ in range(12)]
         runs.append((tokens, decoder.cache.k.clone()))
     return runs

@@ -35,9 +35,9 @@ makes its M-RoPE a plain 1-D RoPE at that one number (tested to the bit): one po
   how much the batch shared its steps.
 
 Where Triton runs, a LLaMA model's prefills go through the fused layers of `static_decode.FusedLayers` (the
-single-answer fast path's), writing into the slot's rows of the cache, and the step of a LLaMA or Qwen model through
-`static_decode.FusedStep` (the same kernels; its RoPE stays in torch: each slot at its own position); a step is one
-graph replay either way.
+single-answer fast path's), writing into the slot's rows of the cache, and a Qwen model's prefills and every step
+through `static_decode.FusedStep` (the same kernels but RoPE, which stays in torch: each slot at its own position, a
+Qwen prompt at its M-RoPE positions); a step is one graph replay either way.
 
 What this module does not do: pick which request gets a slot, build prompts or M-RoPE positions (the model's),
 detokenise, check stop conditions (all the host's, in `vstream.model.batch_answer`), top-p sampling, or sliding-window
@@ -221,7 +221,10 @@ class BatchDecoder:
             logits = self._forward(embeds, self.cos[start:end], self.sin[start:end], write, read, mask, causal)
         else:
             cos, sin = self._rotary(positions.reshape(-1, 1, s))  # [1, S, Dh]
-            logits = self._forward(embeds, cos, sin, write, read, mask, causal)
+            if self.fused_step is not None:  # a Qwen prompt: its own M-RoPE positions, the fused kernels
+                logits = self.fused_step(embeds, cos, sin, write, read, mask, causal)
+            else:
+                logits = self._forward(embeds, cos, sin, write, read, mask, causal)
         c.host_lengths[slot] = end
         return logits
 

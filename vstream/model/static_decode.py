@@ -126,8 +126,9 @@ def concatenated_projections(layers: list) -> tuple[list[torch.Tensor], list[tor
 
 
 class FusedStep:
-    """One decode position for each of b sequences through the fused kernels (the batched step of
-    `vstream.model.batch_decode`), for a LLaMA decoder or a Qwen2-VL / Qwen2.5-VL text model (`TextDecoder` parts):
+    """One decode position for each of b sequences (the batched step of `vstream.model.batch_decode`), or a chunk of
+    one sequence's prompt (a Qwen prefill, at its M-RoPE positions), through the fused kernels, for a LLaMA decoder or
+    a Qwen2-VL / Qwen2.5-VL text model (`TextDecoder` parts):
     one q/k/v product (with its biases, Qwen2) and one gate/up product over weights stored concatenated, the residual
     add + RMSNorm and the SiLU-gate as one kernel each; RoPE in torch, each row at its own position (a decoded Qwen
     token is text: its M-RoPE is a 1-D RoPE at one number)."""
@@ -152,30 +153,36 @@ class FusedStep:
         return (kernels.available(parts.embed.weight.device) and cfg.hidden_act == "silu"
                 and all(getattr(m, "bias", None) is None for m in unbiased) and len(biases) == 1)
 
-    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write, read, mask: torch.Tensor
-                 ) -> torch.Tensor:
-        """x [b, 1, H] at per-row RoPE `cos`/`sin` [b, 1, 1, Dh]; `write(i, k, v)` stores layer i's new keys and
-        values [b, Hkv, 1, Dh], `read(i)` gives the (keys, values) [b, Hkv, n, Dh] the rows attend to under `mask`
-        [b, 1, 1, n] -> logits [b, V]."""
-        b = x.shape[0]
+    def __call__(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, write, read, mask: torch.Tensor | None,
+                 causal: bool = False) -> torch.Tensor:
+        """x [b, s, H] (a step: s = 1, one row per slot; a prefill: b = 1) at RoPE `cos`/`sin` broadcasting against
+        [b, heads, s, Dh] (a step's [b, 1, 1, Dh], each slot at its own position; a Qwen prefill's [1, s, Dh] from its
+        M-RoPE positions); `write(i, k, v)` stores layer i's new keys and values [b, Hkv, s, Dh], `read(i)` gives the
+        (keys, values) [b, Hkv, n, Dh] the rows attend to under `mask` (or `causal`) -> logits of each row's last
+        position [b, V]."""
+        b, s = x.shape[:2]
         hq, hkv, dh = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.head_dim
-        x = x.reshape(b, -1).clone()  # the residual stream, updated in place from here on
+        x = x.reshape(b * s, -1).clone()  # the residual stream, updated in place from here on
         weights = [layer.input_layernorm.weight for layer in self.layers] + [self.parts.norm.weight]
         h = kernels.rms_norm(x, weights[0], self.eps)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             bias = None if self.qkv_bias is None else self.qkv_bias[i]
-            qkv = F.linear(h, self.qkv[i], bias)  # [b, (Hq + 2 Hkv) Dh]
-            q = _rotate(qkv[:, :hq].view(b, 1, self.heads, dh).transpose(1, 2), cos, sin)
-            k = _rotate(qkv[:, hq : hq + hkv].view(b, 1, self.kv_heads, dh).transpose(1, 2), cos, sin)
-            write(i, k, qkv[:, hq + hkv :].view(b, 1, self.kv_heads, dh).transpose(1, 2))
+            qkv = F.linear(h, self.qkv[i], bias)  # [b s, (Hq + 2 Hkv) Dh]
+            q = _rotate(qkv[:, :hq].view(b, s, self.heads, dh).transpose(1, 2), cos, sin)
+            k = _rotate(qkv[:, hq : hq + hkv].view(b, s, self.kv_heads, dh).transpose(1, 2), cos, sin)
+            write(i, k, qkv[:, hq + hkv :].view(b, s, self.kv_heads, dh).transpose(1, 2))
             keys, values = read(i)
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=a.scaling,
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=a.scaling,
                                                  enable_gqa=self.kv_heads != self.heads)
             h = kernels.rms_norm(x, layer.post_attention_layernorm.weight, self.eps,
-                                 residual=a.o_proj(out.transpose(1, 2).reshape(b, -1)))
+                                 residual=a.o_proj(out.transpose(1, 2).reshape(b * s, -1)))
             mlp = layer.mlp.down_proj(kernels.silu_mul(F.linear(h, self.gate_up[i])))
-            h = kernels.rms_norm(x, weights[i + 1], self.eps, residual=mlp)
+            if i + 1 < len(self.layers) or s == 1:
+                h = kernels.rms_norm(x, weights[i + 1], self.eps, residual=mlp)
+            else:  # only each row's last position reaches the head
+                h = kernels.rms_norm(x.view(b, s, -1)[:, -1].contiguous(), weights[-1], self.eps,
+                                     residual=mlp.view(b, s, -1)[:, -1].contiguous())
         return self.parts.lm_head(h)
 
 
