@@ -26,13 +26,16 @@ import torch
 
 def install(visual) -> int:
     """Batch the packed attention of every block of `visual` (a transformers Qwen2-VL / Qwen2.5-VL vision model) ->
-    how many attention modules now run batched (0 when the model attends with a flash implementation)."""
+    how many attention modules now run batched (0 when the model attends with a flash implementation, or its
+    modeling code lacks the parts this replaces: transformers' own forward then runs)."""
     implementation = str(getattr(visual.config, "_attn_implementation", None) or "eager")
-    if "flash" in implementation:
-        return 0
     modeling = importlib.import_module(type(visual).__module__)
-    rotary = modeling.apply_rotary_pos_emb_vision
-    attention = _interface(implementation, modeling.eager_attention_forward)
+    rotary = getattr(modeling, "apply_rotary_pos_emb_vision", None)
+    eager = getattr(modeling, "eager_attention_forward", None)
+    known = all(hasattr(block.attn, name) for block in visual.blocks for name in ("qkv", "proj", "num_heads"))
+    if "flash" in implementation or rotary is None or eager is None or not known:
+        return 0  # a flash kernel, or a transformers whose tower this does not know: its own forward stays
+    attention = _interface(implementation, eager)
     runs = _Runs()
     count = 0
     for block in visual.blocks:
