@@ -334,6 +334,10 @@ def test_server_answers_from_a_qwen_stream(qwen, clip):
         assert view["tokens"]["total"] == view["tokens"]["retrieved"] + view["tokens"]["temporal"] > 0
         assert [f["time"] for f in view["retrieved"]] == answer["vstream"]["retrieved_times"]
         assert sum(c["weight"] for c in view["temporal"]) == 4 and view["bytes"] > 0  # 8 frames = 4 units
+        metrics = dict(line.rsplit(" ", 1) for line in client.get("/metrics").text.splitlines()
+                       if line.startswith("vstream:engine_tower"))  # the units went through the engine's batcher
+        units, calls = (float(metrics[f"vstream:engine_tower_{k}_total"]) for k in ("units", "calls"))
+        assert units >= 4 and 1 <= calls <= units
 
 
 def test_answers_from_the_cached_memory_prefix_equal_a_fresh_prefill(qwen):

@@ -232,3 +232,4 @@ def test_metrics(client, stream_id):
     ttft = "vstream:time_to_first_token_seconds"
     assert values[f'{ttft}_bucket{{le="+Inf"}}'] == values[f"{ttft}_count"]
     assert 0 < values["vstream:time_to_first_token_seconds_sum"] < 60
+    assert values["vstream:engine_answer_slots"] >= 1 and values["vstream:engine_memory_page_updates_total"] >= 0

@@ -436,7 +436,9 @@ class Engine:
                 "answer_slots": self.answers.decoder.max_batch if self.answers is not None else 1,
                 "cuda_graphs": self.graphs, "warmup_s": self.warmup_s,
                 "busy_s": dict(self.seconds), "memory_pages": len(self.pages),
-                "memory_page_updates": sum(p.updates for p in self.pages)}
+                "memory_page_updates": sum(p.updates for p in self.pages)} | (
+                    {} if self.unit_batcher is None else
+                    {"tower_calls": self.unit_batcher.calls, "tower_units": self.unit_batcher.units})
 
     def _ensure_thread(self) -> None:
         if not self.threaded:

@@ -70,6 +70,15 @@ def render_metrics(state: ServerState) -> str:
         lines += _header("engine_busy_seconds_total", "counter", "The engine thread's wall time in rounds of frames "
                          "and in answer iterations (waits for the device included).")
         lines += [f'vstream:engine_busy_seconds_total{{work="{k}"}} {v:.6f}' for k, v in engine.seconds.items()]
+        lines += sample("engine_answer_slots", "gauge", "Answers decoded together at most (KV-cache slots).",
+                         engine.stats()["answer_slots"])
+        lines += sample("engine_memory_page_updates_total", "counter", "Batched memory updates run by memory pages.",
+                         sum(page.updates for page in engine.pages))
+        if engine.unit_batcher is not None:
+            lines += sample("engine_tower_calls_total", "counter", "Tower calls encoding Qwen streams' units.",
+                             engine.unit_batcher.calls)
+            lines += sample("engine_tower_units_total", "counter", "Qwen streams' units those calls encoded.",
+                             engine.unit_batcher.units)
     device = state.model.device
     if device.type == "cuda":  # the allocator's own counters: no device synchronisation
         import torch
