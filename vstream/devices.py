@@ -1,7 +1,8 @@
 """Which torch device a name means: `auto` (the default everywhere) is CUDA when torch sees one, else the CPU.
 
 This module names devices, the batch sizes a captured graph is kept for, the CUDA memory pools that captured graphs
-share, and how a graph is captured while other work runs (`capture`); it does not move tensors or load models.
+share, and how a graph is captured while other work runs (`capture`, `warm_capture`); it does not move tensors or
+load models.
 """
 
 from __future__ import annotations
@@ -79,3 +80,18 @@ def capture(graph: torch.cuda.CUDAGraph, pool=None, stream: torch.cuda.Stream | 
             yield
         finally:
             graph.capture_end()
+
+
+def warm_capture(run, pool=None, device: torch.device | str | None = None) -> torch.cuda.CUDAGraph:
+    """`run()` twice on a side stream (the warm-up capture requires: kernels chosen, workspaces allocated), then
+    captured (`capture`) into a new graph, returned. What the runs write is the caller's to undo."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with capture(graph, pool):
+        run()
+    return graph

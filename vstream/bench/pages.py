@@ -55,57 +55,55 @@ def pages_benchmark(streams=(64, 256), page: int = 64, rounds: int = 20, device:
 
 def _each_alone(cfg, att, template, frames: torch.Tensor, times: torch.Tensor, rounds: int) -> dict:
     """A round of one memory per stream, each replaying its own captured update."""
-    alone = [PaperStarMemory(cfg, D, att, GRID, device=frames.device, dtype=torch.float16) for _ in frames]
+    alone = _alone(cfg, att, frames)
     _copy_state(alone, template)
-    for m in alone:
-        m.enable_cuda_graph()
-
-    def each(r: int) -> None:
-        for i, m in enumerate(alone):
-            m.update(frames[i : i + 1], times[i : i + 1] + r)
-
-    return _timed_rounds(each, rounds)
+    return _timed_rounds(_round(alone, [], frames, times), rounds)
 
 
 def _by_pages(cfg, att, template, frames: torch.Tensor, times: torch.Tensor, page: int, rounds: int) -> dict:
     """A round of the streams' memories by pages of `page`: each memory queues its frame, each page runs them in one
     batched update replayed from its graph."""
-    pages = [MemoryPage(cfg, D, att, GRID, page, frames.device, torch.float16) for _ in range(-(-len(frames) // page))]
-    paged = [pages[i // page].new_memory() for i in range(len(frames))]
+    pages, paged = _paged(cfg, att, frames, page)
     _copy_state(paged, template)
-
-    def by_pages(r: int) -> None:
-        for i, m in enumerate(paged):
-            m.update(frames[i : i + 1], times[i : i + 1] + r)
-        for p in pages:
-            p.flush()
-
-    return {"pages": len(pages), "page": page, "paged": _timed_rounds(by_pages, rounds),
+    return {"pages": len(pages), "page": page, "paged": _timed_rounds(_round(paged, pages, frames, times), rounds),
             "page_state_bytes": pages[0].nbytes, "gpu": torch.cuda.get_device_name(frames.device)}
 
 
 def _fill_phase(cfg, att, frames: torch.Tensor, times: torch.Tensor, page: int, rounds: int) -> dict:
     """Rounds of fresh memories in their fill phase: each alone (its own fill graph) and by pages."""
+    alone = _alone(cfg, att, frames)
+    pages, paged = _paged(cfg, att, frames, page)
+    out = {"each_alone": _timed_rounds(_round(alone, [], frames, times), rounds),
+           "paged": _timed_rounds(_round(paged, pages, frames, times), rounds)}
+    if not all(m.filling for m in paged):
+        raise RuntimeError("a memory left its fill phase during the fill rounds")
+    return out
+
+
+def _alone(cfg, att, frames: torch.Tensor) -> list[PaperStarMemory]:
+    """A memory per stream, each replaying its own captured update."""
     alone = [PaperStarMemory(cfg, D, att, GRID, device=frames.device, dtype=torch.float16) for _ in frames]
     for m in alone:
         m.enable_cuda_graph()
+    return alone
+
+
+def _paged(cfg, att, frames: torch.Tensor, page: int) -> tuple[list[MemoryPage], list[PaperStarMemory]]:
+    """Pages of `page` streams, and a memory per stream in them."""
     pages = [MemoryPage(cfg, D, att, GRID, page, frames.device, torch.float16) for _ in range(-(-len(frames) // page))]
-    paged = [pages[i // page].new_memory() for i in range(len(frames))]
+    return pages, [pages[i // page].new_memory() for i in range(len(frames))]
 
-    def each(r: int) -> None:
-        for i, m in enumerate(alone):
-            m.update(frames[i : i + 1], times[i : i + 1] + r)
 
-    def by_pages(r: int) -> None:
-        for i, m in enumerate(paged):
+def _round(memories: list[PaperStarMemory], pages: list[MemoryPage], frames: torch.Tensor,
+           times: torch.Tensor) -> Callable[[int], None]:
+    """Round r: every memory takes its stream's frame at its time + r; then the pages run what was queued."""
+    def run(r: int) -> None:
+        for i, m in enumerate(memories):
             m.update(frames[i : i + 1], times[i : i + 1] + r)
         for p in pages:
             p.flush()
 
-    out = {"each_alone": _timed_rounds(each, rounds), "paged": _timed_rounds(by_pages, rounds)}
-    if not all(m.filling for m in paged):
-        raise RuntimeError("a memory left its fill phase during the fill rounds")
-    return out
+    return run
 
 
 def _copy_state(memories: list[PaperStarMemory], template: PaperStarMemory) -> None:

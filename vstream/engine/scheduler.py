@@ -676,13 +676,12 @@ class Engine:
 
 def slot_kv_bytes(model) -> int:
     """Bytes of one answer slot's KV cache for `model` (keys and values of every layer at a slot's positions)."""
-    from vstream.model.batch_answer import LlamaPrompts
+    from vstream.model.batch_answer import slot_prompts
     from vstream.model.text_decoder import TextDecoder
 
-    prompts = model.slot_prompts() if hasattr(model, "slot_prompts") else LlamaPrompts(model)
     cfg = TextDecoder.of(model.llm).config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * prompts.max_seq_len() * \
+    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * slot_prompts(model).max_seq_len() * \
         model.dtype.itemsize
 
 

@@ -37,7 +37,7 @@ from typing import ClassVar
 
 import torch
 
-from vstream.devices import capture
+from vstream.devices import warm_capture
 from vstream.memory.kmeans import KMeansResult, exact_copies
 from vstream.memory.star import MemoryRead, cluster_spans, nearest_most_recent, span_sources
 from vstream.memory.state import HeldState
@@ -268,18 +268,9 @@ class FlashMemory(HeldState):
         """The steady update on the static inputs, captured; the warm-up and capture leave the state as it was."""
         state = self.state_dict()
         try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up on a side stream, as capture requires
-                    self._steady(*self._static)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with capture(graph, self._graph_pool):
-                self._steady(*self._static)
+            return warm_capture(lambda: self._steady(*self._static), self._graph_pool, self.device)
         finally:
             self.load_state_dict(state)
-        return graph
 
     def _check(self, small, full, times) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         want = {"small": (self.n_small, small), "full": (self.n_full, full)}

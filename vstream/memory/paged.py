@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from vstream.config import MemoryConfig
-from vstream.devices import capture, graph_sizes
+from vstream.devices import graph_sizes, warm_capture
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import squared_distances
@@ -298,12 +298,4 @@ class _Batch:
             return
         self.index[: self.size].fill_(page.capacity)
         self.index[self.size :].zero_()  # a fill phase's counts: the scratch row's first cluster and slot
-        side = torch.cuda.Stream(page.device)
-        side.wait_stream(torch.cuda.current_stream(page.device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream(page.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with capture(self.graph, page.graph_pool):
-            self._step()
+        self.graph = warm_capture(self._step, page.graph_pool, page.device)

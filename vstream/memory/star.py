@@ -35,7 +35,7 @@ import torch
 
 from vstream import kernels
 from vstream.config import MemoryConfig
-from vstream.devices import capture
+from vstream.devices import warm_capture
 from vstream.encoder.pooling import pyramid
 from vstream.memory.attention import AbstractAttention
 from vstream.memory.kmeans import KMeansResult, exact_copies, lloyd_frozen, squared_distances, weighted_kmeans
@@ -519,15 +519,6 @@ class CapturedUpdate:
         m = self.memory
         state = m.state_dict()  # the warm-up and capture runs must leave no trace: restore afterwards
         try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up on a side stream, as graph capture requires
-                    run()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with capture(graph, self.pool):
-                run()
+            return warm_capture(run, self.pool)
         finally:
             m.load_state_dict(state)
-        return graph

@@ -100,6 +100,11 @@ class LlamaPrompts:
         return SlotPrompt(embeds[:, len(self._prefix) :])
 
 
+def slot_prompts(model):
+    """How `model`'s prompts go into the slots: its own `slot_prompts()` (a Qwen model's) or `LlamaPrompts`."""
+    return model.slot_prompts() if hasattr(model, "slot_prompts") else LlamaPrompts(model)
+
+
 class Request:
     """One question's answer. Iterate it for the text pieces (blocks until each comes); `cancel()` stops it.
 
@@ -151,7 +156,7 @@ class BatchAnswerer:
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.model = model
-        self.prompts = model.slot_prompts() if hasattr(model, "slot_prompts") else LlamaPrompts(model)
+        self.prompts = slot_prompts(model)
         max_seq_len = self.prompts.max_seq_len() if max_seq_len is None else max_seq_len
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
         self.decoder = BatchDecoder(model.llm, max_batch, max_seq_len, cuda_graph=cuda_graph, seed=seed,

@@ -55,7 +55,7 @@ from torch.nn.attention.bias import causal_lower_right
 from vstream.devices import graph_sizes
 from vstream.model.batch_cache import SlotCache
 from vstream.model.generate import _check_embeds
-from vstream.model.static_decode import FusedLayers, FusedStep
+from vstream.model.static_decode import FusedLayers, FusedStep, rope
 from vstream.model.text_decoder import TextDecoder
 
 
@@ -119,11 +119,6 @@ class BatchDecoder:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    @staticmethod
-    def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
     def _attend(self, i: int, h: torch.Tensor, cos, sin, write, read, mask, causal: bool) -> torch.Tensor:
         # h: [B, S, H]; cos/sin broadcast against [B, H, S, Dh];
         # write(i, k, v) stores keys, read(i) gives the visible ones
@@ -132,7 +127,7 @@ class BatchDecoder:
         q = a.q_proj(h).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # [B, Hq, S, Dh]
         k = a.k_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, S, Dh]
         v = a.v_proj(h).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         write(i, k, v)
         keys, values = read(i)  # [B, Hkv, S_keys, Dh]
         if self.kv_heads != self.heads:

@@ -169,8 +169,8 @@ class FusedStep:
             a = layer.self_attn
             bias = None if self.qkv_bias is None else self.qkv_bias[i]
             qkv = F.linear(h, self.qkv[i], bias)  # [b s, (Hq + 2 Hkv) Dh]
-            q = _rotate(qkv[:, :hq].view(b, s, self.heads, dh).transpose(1, 2), cos, sin)
-            k = _rotate(qkv[:, hq : hq + hkv].view(b, s, self.kv_heads, dh).transpose(1, 2), cos, sin)
+            q = rope(qkv[:, :hq].view(b, s, self.heads, dh).transpose(1, 2), cos, sin)
+            k = rope(qkv[:, hq : hq + hkv].view(b, s, self.kv_heads, dh).transpose(1, 2), cos, sin)
             write(i, k, qkv[:, hq + hkv :].view(b, s, self.kv_heads, dh).transpose(1, 2))
             keys, values = read(i)
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=causal, scale=a.scaling,
@@ -186,8 +186,8 @@ class FusedStep:
         return self.parts.lm_head(h)
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE as transformers applies it (rotate_half)."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as transformers applies it (rotate_half), `cos`/`sin` broadcasting against x [..., Dh]."""
     half = x.shape[-1] // 2
     return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
@@ -248,11 +248,6 @@ class StaticLlama:
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return weight * h.to(x.dtype)
 
-    def _rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
-
     def _attend(self, i: int, h: torch.Tensor, cos, sin, write, keys_upto: int, mask, causal: bool) -> torch.Tensor:
         # h: [1, S, H]; cos/sin: [S, Dh]; keys are read from cache positions [0, keys_upto)
         a = self.layers[i].self_attn
@@ -260,7 +255,7 @@ class StaticLlama:
         q = a.q_proj(h).view(1, s, self.heads, self.head_dim).transpose(1, 2)  # [1, Hq, S, Dh]
         k = a.k_proj(h).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)  # [1, Hkv, S, Dh]
         v = a.v_proj(h).view(1, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = self._rope(q, cos, sin), self._rope(k, cos, sin)
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         write(self.k_cache[i], k)
         write(self.v_cache[i], v)
         keys, values = self.k_cache[i][:, :, :keys_upto], self.v_cache[i][:, :, :keys_upto]

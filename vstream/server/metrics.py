@@ -70,15 +70,16 @@ def render_metrics(state: ServerState) -> str:
         lines += _header("engine_busy_seconds_total", "counter", "The engine thread's wall time in rounds of frames "
                          "and in answer iterations (waits for the device included).")
         lines += [f'vstream:engine_busy_seconds_total{{work="{k}"}} {v:.6f}' for k, v in engine.seconds.items()]
+        stats = engine.stats()
         lines += sample("engine_answer_slots", "gauge", "Answers decoded together at most (KV-cache slots).",
-                         engine.stats()["answer_slots"])
+                         stats["answer_slots"])
         lines += sample("engine_memory_page_updates_total", "counter", "Batched memory updates run by memory pages.",
-                         sum(page.updates for page in engine.pages))
-        if engine.unit_batcher is not None:
+                         stats["memory_page_updates"])
+        if "tower_calls" in stats:  # Qwen streams
             lines += sample("engine_tower_calls_total", "counter", "Tower calls encoding Qwen streams' units.",
-                             engine.unit_batcher.calls)
+                             stats["tower_calls"])
             lines += sample("engine_tower_units_total", "counter", "Qwen streams' units those calls encoded.",
-                             engine.unit_batcher.units)
+                             stats["tower_units"])
     device = state.model.device
     if device.type == "cuda":  # the allocator's own counters: no device synchronisation
         import torch
