@@ -180,6 +180,7 @@ class Lane:
         self.queue = FrameQueue(queue_size)
         self.frames_per_round, self.live = frames_per_round, live  # this stream's share of a round
         self.counters = Counters()
+        self.inserted = 0  # frames in the memory that no published snapshot holds yet (then counted as encoded)
         self.error: BaseException | None = None
         self.snapshot: Snapshot | None = None
         self.done = threading.Event()  # the stream ended and every queued frame was ingested (or it failed)
@@ -612,7 +613,7 @@ class Engine:
     def _insert(self, lane: Lane, items: list, features: torch.Tensor) -> None:
         try:
             lane.processor.insert([t for t, _ in items], features=features, publish=False)
-            lane.counters.encoded += len(items)
+            lane.inserted += len(items)
         except Exception as error:  # this stream's frames or memory failed: it ends, the others go on  # noqa: BLE001
             lane.fail(error)
 
@@ -672,6 +673,8 @@ class Engine:
         for lane in lanes:
             if not lane.done.is_set() or lane.error is None:
                 lane.snapshot = lane.processor.snapshot()  # one reference swap publishes it
+                lane.counters.encoded += lane.inserted  # counted once a published snapshot holds them
+                lane.inserted = 0
 
 
 def slot_kv_bytes(model) -> int:
